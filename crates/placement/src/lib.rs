@@ -1,1 +1,273 @@
+//! The shard planner. It runs on the elected leader only and is a pure function of what
+//! the leader sees, so it can be tested exhaustively and every instance would compute
+//! the same answer from the same input.
+//!
+//! Properties (each has a property test below):
+//! - **balanced**: once moves settle, every active member holds ⌊S/N⌋ or ⌈S/N⌉ shards;
+//! - **minimal movement**: one member joining or leaving among N moves about S/N shards;
+//! - **idempotent**: `plan` with its own output as the previous assignment returns it again;
+//! - **rate-limited**: at most `max_moves` owned shards are assigned away from their owner
+//!   at once (unowned shards are not moves: nothing has to be handed off).
 
+use std::collections::HashMap;
+
+use leasehold_types::MemberId;
+
+/// What the leader sees when it plans.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// Members that may receive shards (registered and not draining).
+    pub active: &'a [MemberId],
+    /// Current owner of each shard from the shard keys; `None` when unowned. Its length is
+    /// the shard count.
+    pub owners: &'a [Option<MemberId>],
+    /// The previous assignment; empty when there is none yet.
+    pub previous: &'a [Option<MemberId>],
+    /// How many owned shards may be assigned away from their owner at once.
+    pub max_moves: usize,
+}
+
+/// Computes the desired owner of every shard.
+///
+/// A shard assigned to a member other than its owner is a move: the owner hands it off,
+/// then the assigned member acquires it. `None` is only returned when there is no active
+/// member at all.
+pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
+    let shard_count = input.owners.len();
+    let mut members: Vec<&MemberId> = input.active.iter().collect();
+    members.sort();
+    members.dedup();
+    if members.is_empty() {
+        // Nobody can take shards: leave everything where it is.
+        return input.owners.to_vec();
+    }
+    let index: HashMap<&MemberId, usize> = members.iter().enumerate().map(|(i, m)| (*m, i)).collect();
+    let active = |m: &Option<MemberId>| m.as_ref().and_then(|m| index.get(m).copied());
+    let owner: Vec<Option<usize>> = input.owners.iter().map(active).collect();
+    let previous = |s: usize| input.previous.get(s).and_then(active);
+
+    // Quotas depend on the member set only, which keeps repeated plans stable.
+    let n = members.len();
+    let quota: Vec<usize> = (0..n)
+        .map(|i| shard_count / n + usize::from(i < shard_count % n))
+        .collect();
+
+    // Start from the previous assignment (moves in flight stay), else the current owner.
+    let mut target: Vec<Option<usize>> = (0..shard_count).map(|s| previous(s).or(owner[s])).collect();
+    let mut count = vec![0usize; n];
+    for t in target.iter().flatten() {
+        count[*t] += 1;
+    }
+
+    // Take shards away from members above quota: first those whose move has not happened
+    // yet (cheap to cancel), then the highest shard numbers.
+    for m in 0..n {
+        if count[m] <= quota[m] {
+            continue;
+        }
+        let mut held: Vec<usize> = (0..shard_count).filter(|&s| target[s] == Some(m)).collect();
+        held.sort_by_key(|&s| (owner[s] == Some(m), std::cmp::Reverse(s)));
+        for &s in held.iter().take(count[m] - quota[m]) {
+            target[s] = None;
+        }
+        count[m] = quota[m];
+    }
+
+    // Give unassigned shards back to their owner when it has room (no move needed) ...
+    for s in 0..shard_count {
+        if let (None, Some(o)) = (target[s], owner[s]) {
+            if count[o] < quota[o] {
+                target[s] = Some(o);
+                count[o] += 1;
+            }
+        }
+    }
+    // ... and the rest to the member furthest below quota.
+    for t in target.iter_mut().filter(|t| t.is_none()) {
+        let m = (0..n)
+            .max_by_key(|&m| (quota[m] - count[m], std::cmp::Reverse(m)))
+            .expect("members is not empty");
+        *t = Some(m);
+        count[m] += 1;
+    }
+
+    // Rate limit: moves already in flight stay; new moves are admitted up to the budget,
+    // shards of members that are leaving first.
+    let is_move = |s: usize, t: &[Option<usize>]| input.owners[s].is_some() && t[s] != owner[s];
+    let in_flight = (0..shard_count)
+        .filter(|&s| is_move(s, &target) && previous(s).is_some() && previous(s) == target[s])
+        .count();
+    let mut budget = input.max_moves.saturating_sub(in_flight);
+    let mut new_moves: Vec<usize> = (0..shard_count)
+        .filter(|&s| is_move(s, &target) && !(previous(s).is_some() && previous(s) == target[s]))
+        .collect();
+    new_moves.sort_by_key(|&s| (owner[s].is_some(), s));
+
+    let mut out: Vec<Option<MemberId>> = target
+        .iter()
+        .map(|t| t.map(|m| members[m].clone()))
+        .collect();
+    for s in new_moves {
+        if budget > 0 {
+            budget -= 1;
+        } else {
+            out[s] = input.owners[s].clone();
+        }
+    }
+    out
+}
+
+/// Number of owned shards whose assignment differs from their owner.
+pub fn pending_moves(owners: &[Option<MemberId>], assignment: &[Option<MemberId>]) -> usize {
+    owners
+        .iter()
+        .zip(assignment)
+        .filter(|(o, a)| o.is_some() && o != a)
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn ids(n: usize) -> Vec<MemberId> {
+        (0..n).map(|i| MemberId(format!("m{i}"))).collect()
+    }
+
+    fn counts(assignment: &[Option<MemberId>], members: &[MemberId]) -> Vec<usize> {
+        members
+            .iter()
+            .map(|m| assignment.iter().filter(|a| a.as_ref() == Some(m)).count())
+            .collect()
+    }
+
+    fn assert_balanced(assignment: &[Option<MemberId>], members: &[MemberId]) {
+        let s = assignment.len();
+        let n = members.len();
+        assert!(assignment.iter().all(|a| a.as_ref().is_some_and(|a| members.contains(a))));
+        for c in counts(assignment, members) {
+            assert!(c >= s / n && c <= s.div_ceil(n), "count {c} outside {}..{}", s / n, s.div_ceil(n));
+        }
+    }
+
+    /// Simulates moves completing: owners become what was assigned.
+    fn settle(members: &[MemberId], owners: Vec<Option<MemberId>>, max_moves: usize) -> (Vec<Option<MemberId>>, usize) {
+        let mut owners = owners;
+        let mut previous = Vec::new();
+        for round in 0..1000 {
+            let a = plan(PlanInput { active: members, owners: &owners, previous: &previous, max_moves });
+            if a == owners {
+                return (owners, round);
+            }
+            owners = a.clone();
+            previous = a;
+        }
+        panic!("did not settle");
+    }
+
+    fn arb_state() -> impl Strategy<Value = (usize, Vec<Option<usize>>, Vec<Option<usize>>, usize)> {
+        (1usize..8, 1usize..300).prop_flat_map(|(n, s)| {
+            let slot = proptest::option::of(0..n + 2); // indices ≥ n are members that left
+            (
+                Just(n),
+                proptest::collection::vec(slot.clone(), s),
+                proptest::collection::vec(slot, s),
+                0usize..400,
+            )
+        })
+    }
+
+    fn to_ids(v: &[Option<usize>]) -> Vec<Option<MemberId>> {
+        v.iter().map(|o| o.map(|i| MemberId(format!("m{i}")))).collect()
+    }
+
+    proptest! {
+        #[test]
+        fn unlimited_plans_are_balanced((n, owners, previous, _) in arb_state()) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves: usize::MAX });
+            assert_balanced(&a, &members);
+        }
+
+        #[test]
+        fn plans_are_idempotent((n, owners, previous, max_moves) in arb_state()) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves });
+            let b = plan(PlanInput { active: &members, owners: &owners, previous: &a, max_moves });
+            prop_assert_eq!(a, b);
+        }
+
+        #[test]
+        fn new_moves_respect_the_limit((n, owners, _, max_moves) in arb_state()) {
+            let members = ids(n);
+            let owners = to_ids(&owners);
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &[], max_moves });
+            prop_assert!(pending_moves(&owners, &a) <= max_moves);
+        }
+
+        #[test]
+        fn limited_plans_converge_to_balance((n, owners, _, max_moves) in arb_state()) {
+            let members = ids(n);
+            let max_moves = max_moves.max(1);
+            let (settled, _) = settle(&members, to_ids(&owners), max_moves);
+            assert_balanced(&settled, &members);
+        }
+
+        #[test]
+        fn a_join_moves_about_one_share(n in 1usize..10, s in 1usize..1100) {
+            let members = ids(n);
+            let (balanced, _) = settle(&members, vec![None; s], usize::MAX);
+            let grown = ids(n + 1);
+            let a = plan(PlanInput { active: &grown, owners: &balanced, previous: &balanced, max_moves: usize::MAX });
+            let moved = pending_moves(&balanced, &a);
+            // The newcomer's share, plus at most one shard per member from re-deciding who
+            // holds the remainder.
+            prop_assert!(moved <= s.div_ceil(n + 1) + n, "moved {} of {} shards", moved, s);
+        }
+
+        #[test]
+        fn a_leave_moves_only_the_leavers_shards_and_the_remainder(n in 2usize..10, s in 1usize..1100, leaver in 0usize..10) {
+            let members = ids(n);
+            let (balanced, _) = settle(&members, vec![None; s], usize::MAX);
+            let gone = MemberId(format!("m{}", leaver % n));
+            let rest: Vec<MemberId> = members.iter().filter(|m| **m != gone).cloned().collect();
+            // The leaver's lease expired: its shards are unowned.
+            let owners: Vec<Option<MemberId>> = balanced.iter().map(|o| o.clone().filter(|o| *o != gone)).collect();
+            let a = plan(PlanInput { active: &rest, owners: &owners, previous: &balanced, max_moves: usize::MAX });
+            assert_balanced(&a, &rest);
+            prop_assert!(pending_moves(&owners, &a) <= n, "moved {} owned shards", pending_moves(&owners, &a));
+        }
+    }
+
+    #[test]
+    fn three_members_get_341_or_342_of_1024() {
+        let members = ids(3);
+        let a = plan(PlanInput { active: &members, owners: &vec![None; 1024], previous: &[], max_moves: 16 });
+        let mut c = counts(&a, &members);
+        c.sort();
+        assert_eq!(c, vec![341, 341, 342]);
+    }
+
+    #[test]
+    fn draining_members_move_first_under_a_limit() {
+        let members = ids(3);
+        let mut owners: Vec<Option<MemberId>> = vec![None; 30];
+        for (s, o) in owners.iter_mut().enumerate() {
+            *o = Some(MemberId(format!("m{}", s % 4))); // m3 is draining
+        }
+        let a = plan(PlanInput { active: &members, owners: &owners, previous: &[], max_moves: 5 });
+        let moved: Vec<usize> = (0..30).filter(|&s| owners[s] != a[s]).collect();
+        assert_eq!(moved.len(), 5);
+        assert!(moved.iter().all(|&s| s % 4 == 3), "moved {moved:?}");
+    }
+
+    #[test]
+    fn no_active_members_leaves_owners_in_place() {
+        let owners = vec![Some(MemberId::new("gone")), None];
+        assert_eq!(plan(PlanInput { active: &[], owners: &owners, previous: &[], max_moves: 1 }), owners);
+    }
+}
