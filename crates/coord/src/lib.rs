@@ -1,1 +1,401 @@
+//! Coordination through etcd: who owns which shard, and how that changes.
+//!
+//! One [`Coord`] per instance runs three tasks:
+//! - the **lease keeper** holds one etcd lease for the instance and keeps
+//!   [`LeaseClock::valid_until`] current; when etcd reports the lease gone it drops every
+//!   shard and takes a new lease;
+//! - the **watcher** keeps the routing table ([`View`]) from a snapshot plus a watch, and
+//!   resynchronises from a new snapshot when the watch is cancelled or compacted;
+//! - the **reconciler** registers the member, campaigns for leadership, plans on the
+//!   leader, acquires shards assigned here and hands off shards assigned elsewhere.
+//!
+//! Ownership is decided only by etcd transactions on `create_revision == 0`, so two
+//! instances with stale views can never both own a shard.
 
+mod keys;
+mod lease;
+mod reconcile;
+mod table;
+mod view;
+mod watcher;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
+use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
+use leasehold_types::{Epoch, MemberId, ShardId};
+use tokio::sync::{watch, Notify, OnceCell};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::keys::{ClusterConfig, Keys, MemberState};
+pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
+pub use crate::view::{Member, ShardOwner, View};
+
+/// Errors of the coordination layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error(
+        "cluster {cluster:?} in etcd has shard_count {stored_shards} and hash_version {stored_hash}, \
+         this instance is configured with shard_count {shards} and hash_version {hash}; \
+         shard count and hash cannot change for an existing cluster"
+    )]
+    ConfigMismatch { cluster: String, stored_shards: u32, stored_hash: u32, shards: u32, hash: u32 },
+    #[error("member {0:?} is not registered")]
+    UnknownMember(String),
+    #[error("not connected to etcd yet")]
+    NotConnected,
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Settings of the coordination layer.
+#[derive(Debug, Clone)]
+pub struct CoordOptions {
+    pub cluster: String,
+    pub member_id: MemberId,
+    /// gRPC address peers and clients use.
+    pub address: String,
+    pub admin_address: String,
+    pub etcd_endpoints: Vec<String>,
+    pub shard_count: u32,
+    pub lease_ttl: Duration,
+    /// How many owned shards the leader moves at once.
+    pub max_moves: usize,
+    pub version: String,
+}
+
+impl CoordOptions {
+    /// Time subtracted from a keepalive's granted TTL when computing `valid_until`.
+    pub fn safety_margin(&self) -> Duration {
+        (self.lease_ttl / 5).max(Duration::from_millis(200))
+    }
+
+    /// Time allowed for one etcd request.
+    fn op_timeout(&self) -> Duration {
+        self.lease_ttl.clamp(Duration::from_secs(1), Duration::from_secs(5))
+    }
+}
+
+/// Notified when this instance gains or loses a shard (the handler's optional hooks).
+pub trait ShardListener: Send + Sync + 'static {
+    fn acquired(&self, shard: ShardId, epoch: Epoch);
+    fn released(&self, shard: ShardId, epoch: Epoch);
+}
+
+/// A listener that ignores everything.
+pub struct NoListener;
+
+impl ShardListener for NoListener {
+    fn acquired(&self, _: ShardId, _: Epoch) {}
+    fn released(&self, _: ShardId, _: Epoch) {}
+}
+
+/// The lease this instance currently holds. `generation` grows on every grant and loss.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Session {
+    pub lease: i64,
+    pub generation: u64,
+}
+
+struct Metrics {
+    shards_owned: Arc<Gauge>,
+    lease_slack: Arc<Gauge>,
+    handoff: Arc<Histogram>,
+    acquired: Arc<Counter>,
+    released: Arc<Counter>,
+    leases_lost: Arc<Counter>,
+    watch_resyncs: Arc<Counter>,
+}
+
+impl Metrics {
+    fn new(r: &Registry) -> Self {
+        Self {
+            shards_owned: r.gauge("leasehold_shards_owned", "Shards this instance owns.", ""),
+            lease_slack: r.gauge(
+                "leasehold_lease_slack_seconds",
+                "Time left until the lease's valid_until at the last keepalive (negative: expired).",
+                "",
+            ),
+            handoff: r.histogram("leasehold_handoff_duration_seconds", "Time to hand off one shard.", ""),
+            acquired: r.counter("leasehold_shard_acquisitions_total", "Shards acquired.", ""),
+            released: r.counter("leasehold_shard_releases_total", "Shards released or lost.", ""),
+            leases_lost: r.counter("leasehold_leases_lost_total", "Leases etcd reported expired.", ""),
+            watch_resyncs: r.counter("leasehold_watch_resyncs_total", "Routing table snapshots taken.", ""),
+        }
+    }
+}
+
+struct Inner {
+    opts: CoordOptions,
+    keys: Keys,
+    table: Arc<ShardTable>,
+    client: OnceCell<Client>,
+    view: watch::Sender<Arc<View>>,
+    session: watch::Sender<Session>,
+    draining: AtomicBool,
+    wake: Notify,
+    listener: Arc<dyn ShardListener>,
+    metrics: Metrics,
+}
+
+/// Handle to the coordination layer. Cheap to clone.
+#[derive(Clone)]
+pub struct Coord {
+    inner: Arc<Inner>,
+}
+
+impl Coord {
+    pub fn new(opts: CoordOptions, listener: Arc<dyn ShardListener>, registry: &Registry) -> Self {
+        let lease = Arc::new(LeaseClock::default());
+        let table = Arc::new(ShardTable::new(opts.shard_count, lease));
+        Self {
+            inner: Arc::new(Inner {
+                keys: Keys::new(&opts.cluster),
+                view: watch::channel(Arc::new(View::empty(opts.shard_count))).0,
+                session: watch::channel(Session::default()).0,
+                table,
+                client: OnceCell::new(),
+                draining: AtomicBool::new(false),
+                wake: Notify::new(),
+                listener,
+                metrics: Metrics::new(registry),
+                opts,
+            }),
+        }
+    }
+
+    pub fn options(&self) -> &CoordOptions {
+        &self.inner.opts
+    }
+
+    pub fn member_id(&self) -> &MemberId {
+        &self.inner.opts.member_id
+    }
+
+    pub fn table(&self) -> &Arc<ShardTable> {
+        &self.inner.table
+    }
+
+    /// The current routing table.
+    pub fn view(&self) -> Arc<View> {
+        self.inner.view.borrow().clone()
+    }
+
+    pub fn subscribe_view(&self) -> watch::Receiver<Arc<View>> {
+        self.inner.view.subscribe()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Acquire)
+    }
+
+    /// Ready = registered in the routing table, table synced, lease valid.
+    pub fn readiness(&self) -> Result<(), &'static str> {
+        let view = self.view();
+        if !view.synced {
+            return Err("routing table not synced");
+        }
+        if !view.members.contains_key(self.member_id()) {
+            return Err("member not registered");
+        }
+        if self.table().lease().valid_until().is_none() {
+            return Err("lease not valid");
+        }
+        if self.is_draining() {
+            return Err("draining");
+        }
+        Ok(())
+    }
+
+    /// Connects to etcd (retrying with backoff until `cancel`), checks the cluster config,
+    /// then runs the keeper, watcher and reconciler until `cancel`.
+    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+        let Some(client) = self.connect(&cancel).await? else { return Ok(()) };
+        let _ = self.inner.client.set(client);
+        let tasks = [
+            tokio::spawn(self.clone().keeper(cancel.clone())),
+            tokio::spawn(self.clone().watcher(cancel.clone())),
+            tokio::spawn(self.clone().reconciler(cancel.clone())),
+        ];
+        for t in tasks {
+            if let Err(e) = t.await {
+                tracing::error!(error = %e, "coordination task failed");
+            }
+        }
+        Ok(())
+    }
+
+    async fn connect(&self, cancel: &CancellationToken) -> Result<Option<Client>, Error> {
+        let opts = &self.inner.opts;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = async {
+                let connect = ConnectOptions::new()
+                    .with_connect_timeout(Duration::from_secs(2))
+                    .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
+                    .with_keep_alive_while_idle(true);
+                let client = Client::connect(&opts.etcd_endpoints, Some(connect)).await?;
+                self.ensure_config(client.clone()).await?;
+                Ok::<_, Error>(client)
+            };
+            let result = tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                r = tokio::time::timeout(opts.op_timeout(), attempt) => r.unwrap_or(Err(Error::Timeout(opts.op_timeout()))),
+            };
+            match result {
+                Ok(client) => {
+                    tracing::info!(endpoints = ?opts.etcd_endpoints, cluster = %opts.cluster, "connected to etcd");
+                    return Ok(Some(client));
+                }
+                Err(e @ Error::ConfigMismatch { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(endpoints = ?opts.etcd_endpoints, error = %e, retry_in = ?backoff, "etcd unreachable, retrying");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Writes the cluster config if absent, else checks it matches ours.
+    async fn ensure_config(&self, mut client: Client) -> Result<(), Error> {
+        let opts = &self.inner.opts;
+        let ours = ClusterConfig::new(opts.shard_count);
+        let key = self.inner.keys.config();
+        let value = serde_json::to_vec(&ours).expect("config serialises");
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.clone(), value, None)])
+            .or_else([TxnOp::get(key, None)]);
+        let resp = client.txn(txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        for op in resp.op_responses() {
+            if let etcd_client::TxnOpResponse::Get(get) = op {
+                if let Some(kv) = get.kvs().first() {
+                    let stored: ClusterConfig = serde_json::from_slice(kv.value())
+                        .map_err(|e| Error::Other(format!("unreadable cluster config in etcd: {e}")))?;
+                    if stored != ours {
+                        return Err(Error::ConfigMismatch {
+                            cluster: opts.cluster.clone(),
+                            stored_shards: stored.shard_count,
+                            stored_hash: stored.hash_version,
+                            shards: ours.shard_count,
+                            hash: ours.hash_version,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn client(&self) -> Result<Client, Error> {
+        self.inner.client.get().cloned().ok_or(Error::NotConnected)
+    }
+
+    /// Runs one etcd request with the operation timeout.
+    async fn etcd<T>(&self, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
+        let t = self.inner.opts.op_timeout();
+        tokio::time::timeout(t, f).await.map_err(|_| Error::Timeout(t))?.map_err(Error::from)
+    }
+
+    /// Marks a member draining so the leader moves all its shards away.
+    pub async fn drain_member(&self, id: &MemberId) -> Result<Member, Error> {
+        if id == self.member_id() {
+            self.start_draining().await?;
+        } else {
+            let view = self.view();
+            let member = view.members.get(id).ok_or_else(|| Error::UnknownMember(id.to_string()))?;
+            let key = self.inner.keys.member(id);
+            let value = keys::MemberValue {
+                address: member.address.clone(),
+                admin_address: member.admin_address.clone(),
+                state: MemberState::Draining,
+                version: String::new(),
+            };
+            let txn = Txn::new()
+                .when([Compare::lease(key.clone(), CompareOp::Equal, member.lease)])
+                .and_then([TxnOp::put(
+                    key,
+                    serde_json::to_vec(&value).expect("member serialises"),
+                    Some(PutOptions::new().with_lease(member.lease)),
+                )]);
+            let mut client = self.client()?;
+            if !self.etcd(client.txn(txn)).await?.succeeded() {
+                return Err(Error::UnknownMember(id.to_string()));
+            }
+        }
+        let mut member = self
+            .view()
+            .members
+            .get(id)
+            .cloned()
+            .ok_or_else(|| Error::UnknownMember(id.to_string()))?;
+        member.state = MemberState::Draining;
+        Ok(member)
+    }
+
+    async fn start_draining(&self) -> Result<(), Error> {
+        self.inner.draining.store(true, Ordering::Release);
+        self.inner.table.bump();
+        let session = *self.inner.session.borrow();
+        if session.lease != 0 {
+            self.register(session).await?;
+        }
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Graceful leave, step one: mark this member draining, wait until the leader moved
+    /// every shard away (or `timeout`), then hand off whatever is left directly.
+    pub async fn drain(&self, timeout: Duration) {
+        if let Err(e) = self.start_draining().await {
+            tracing::warn!(error = %e, "could not mark member draining; releasing shards directly");
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.inner.table.subscribe();
+        while !self.inner.table.held().is_empty() {
+            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+                break;
+            }
+        }
+        let left = self.inner.table.held();
+        if !left.is_empty() {
+            tracing::warn!(shards = left.len(), "drain timed out; releasing remaining shards");
+            let handoffs = left.into_iter().map(|(s, _)| self.clone().handoff(s));
+            futures::future::join_all(handoffs).await;
+        }
+    }
+
+    /// Graceful leave, last step: revoke the lease so member and leader keys vanish now.
+    pub async fn revoke(&self) {
+        let session = *self.inner.session.borrow();
+        self.inner.table.lease().invalidate();
+        if session.lease == 0 {
+            return;
+        }
+        let Ok(client) = self.client() else { return };
+        match self.etcd(client.lease_client().revoke(session.lease)).await {
+            Ok(_) => tracing::info!(lease = session.lease, "lease revoked"),
+            Err(e) => tracing::warn!(error = %e, "lease revoke failed; etcd expires it after the TTL"),
+        }
+    }
+
+    /// Updates metrics that are cheaper to compute when scraped.
+    pub fn refresh_metrics(&self) {
+        let m = &self.inner.metrics;
+        m.lease_slack.set(self.inner.table.lease().slack());
+        m.shards_owned.set(self.inner.table.held().len() as f64);
+    }
+}

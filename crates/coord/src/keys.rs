@@ -1,0 +1,173 @@
+//! The etcd keyspace under `/leasehold/<cluster>/` and the JSON values stored in it.
+
+use leasehold_types::{MemberId, ShardId, HASH_VERSION};
+use serde::{Deserialize, Serialize};
+
+/// Key layout of one cluster.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// A key of the cluster's keyspace, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    Config,
+    Member(MemberId),
+    Leader,
+    Assignment,
+    Shard(ShardId),
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Self {
+        Self { prefix: format!("/leasehold/{cluster}/") }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn config(&self) -> String {
+        format!("{}config", self.prefix)
+    }
+
+    pub fn member(&self, id: &MemberId) -> String {
+        format!("{}members/{}", self.prefix, id)
+    }
+
+    pub fn leader(&self) -> String {
+        format!("{}leader", self.prefix)
+    }
+
+    pub fn assignment(&self) -> String {
+        format!("{}assignment", self.prefix)
+    }
+
+    pub fn shard(&self, shard: ShardId) -> String {
+        format!("{}shards/{}", self.prefix, shard.0)
+    }
+
+    /// Parses a key of this cluster; `None` for keys this version does not know.
+    pub fn parse(&self, key: &[u8]) -> Option<Key> {
+        let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        match rest {
+            "config" => Some(Key::Config),
+            "leader" => Some(Key::Leader),
+            "assignment" => Some(Key::Assignment),
+            _ => {
+                if let Some(id) = rest.strip_prefix("members/") {
+                    Some(Key::Member(MemberId::new(id)))
+                } else {
+                    rest.strip_prefix("shards/")?.parse().ok().map(|n| Key::Shard(ShardId(n)))
+                }
+            }
+        }
+    }
+}
+
+/// Value of `config`: written once by the first instance, checked by every later one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub shard_count: u32,
+    pub hash_version: u32,
+}
+
+impl ClusterConfig {
+    pub fn new(shard_count: u32) -> Self {
+        Self { shard_count, hash_version: HASH_VERSION }
+    }
+}
+
+/// State of a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Active,
+    Draining,
+}
+
+impl MemberState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Draining => "draining",
+        }
+    }
+}
+
+/// Value of `members/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberValue {
+    /// gRPC address peers and clients use.
+    pub address: String,
+    /// Admin HTTP address.
+    pub admin_address: String,
+    pub state: MemberState,
+    pub version: String,
+}
+
+/// Value of `shards/<n>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardValue {
+    pub owner: MemberId,
+    pub address: String,
+}
+
+/// Value of `assignment`: the leader's desired owner of every shard.
+///
+/// Stored compactly as a member table plus one index per shard (−1: none), so 1024
+/// shards take a few kilobytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssignmentValue {
+    pub version: u64,
+    pub members: Vec<MemberId>,
+    pub shards: Vec<i32>,
+}
+
+impl AssignmentValue {
+    pub fn encode(version: u64, shards: &[Option<MemberId>]) -> Self {
+        let mut members: Vec<MemberId> = shards.iter().flatten().cloned().collect();
+        members.sort();
+        members.dedup();
+        let shards = shards
+            .iter()
+            .map(|m| match m {
+                Some(m) => members.binary_search(m).map_or(-1, |i| i as i32),
+                None => -1,
+            })
+            .collect();
+        Self { version, members, shards }
+    }
+
+    pub fn decode(&self) -> Vec<Option<MemberId>> {
+        self.shards
+            .iter()
+            .map(|&i| usize::try_from(i).ok().and_then(|i| self.members.get(i).cloned()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let k = Keys::new("prod");
+        let m = MemberId::new("leasehold-0");
+        assert_eq!(k.parse(k.member(&m).as_bytes()), Some(Key::Member(m)));
+        assert_eq!(k.parse(k.shard(ShardId(17)).as_bytes()), Some(Key::Shard(ShardId(17))));
+        assert_eq!(k.parse(k.leader().as_bytes()), Some(Key::Leader));
+        assert_eq!(k.parse(b"/leasehold/other/leader"), None);
+        assert_eq!(k.parse(b"/leasehold/prod/shards/x"), None);
+    }
+
+    #[test]
+    fn assignment_round_trips() {
+        let a = vec![Some(MemberId::new("b")), None, Some(MemberId::new("a"))];
+        let v = AssignmentValue::encode(3, &a);
+        assert_eq!(v.shards, vec![1, -1, 0]);
+        assert_eq!(v.decode(), a);
+    }
+}

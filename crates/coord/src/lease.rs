@@ -1,0 +1,127 @@
+//! The lease keeper: one etcd lease per instance, kept alive by hand.
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Coord, Session};
+
+enum End {
+    Cancelled,
+    Expired,
+}
+
+impl Coord {
+    pub(crate) async fn keeper(self, cancel: CancellationToken) {
+        let opts = self.inner.opts.clone();
+        let ttl_secs = opts.lease_ttl.as_secs().max(1) as i64;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let sent = Instant::now();
+            let grant = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = async {
+                    let client = self.client()?;
+                    self.etcd(client.lease_client().grant(ttl_secs, None)).await
+                } => r,
+            };
+            let (id, ttl) = match grant {
+                Ok(g) => (g.id(), Duration::from_secs(g.ttl().max(0) as u64)),
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?backoff, "lease grant failed, retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+            };
+            backoff = Duration::from_millis(100);
+            self.set_valid(sent, ttl);
+            self.inner.session.send_modify(|s| {
+                *s = Session { lease: id, generation: s.generation + 1 };
+            });
+            tracing::info!(lease = id, ttl = ?ttl, "lease granted");
+
+            match self.keep_alive(id, ttl, &cancel).await {
+                End::Cancelled => return,
+                End::Expired => {
+                    self.inner.metrics.leases_lost.inc();
+                    self.inner.table.lease().invalidate();
+                    self.inner.session.send_modify(|s| {
+                        *s = Session { lease: 0, generation: s.generation + 1 };
+                    });
+                    let dropped = self.inner.table.drop_all();
+                    for (shard, epoch) in &dropped {
+                        self.inner.listener.released(*shard, *epoch);
+                    }
+                    self.inner.metrics.released.add(dropped.len() as u64);
+                    tracing::warn!(lease = id, dropped = dropped.len(), "lease expired; dropped all shards, rejoining");
+                }
+            }
+        }
+    }
+
+    fn set_valid(&self, sent: Instant, ttl: Duration) {
+        let until = sent + ttl.saturating_sub(self.inner.opts.safety_margin());
+        self.inner.table.lease().set_valid_until(until);
+        self.inner.metrics.lease_slack.set(self.inner.table.lease().slack());
+        self.inner.table.bump();
+    }
+
+    /// Sends a keepalive every TTL/3 and reads its answer. Returns when etcd reports the
+    /// lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the stream, as
+    /// the lease may well survive a short etcd outage.
+    async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
+        let interval = (ttl / 3).max(Duration::from_millis(100));
+        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        loop {
+            let sent = Instant::now();
+            if stream.is_none() {
+                let opened = async {
+                    let client = self.client()?;
+                    self.etcd(client.lease_client().keep_alive(id)).await
+                };
+                match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r } {
+                    Ok(s) => stream = Some(s),
+                    Err(e) => tracing::warn!(lease = id, error = %e, "keepalive stream failed to open"),
+                }
+            }
+            if let Some((keeper, answers)) = stream.as_mut() {
+                let round = async {
+                    keeper.keep_alive().await?;
+                    answers.message().await
+                };
+                let answer = tokio::select! {
+                    _ = cancel.cancelled() => return End::Cancelled,
+                    r = tokio::time::timeout(interval, round) => r,
+                };
+                match answer {
+                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        self.set_valid(sent, Duration::from_secs(resp.ttl() as u64));
+                    }
+                    Ok(Ok(Some(_))) => return End::Expired,
+                    Ok(Ok(None)) => {
+                        tracing::warn!(lease = id, "keepalive stream closed");
+                        stream = None;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(lease = id, error = %e, "keepalive failed");
+                        stream = None;
+                    }
+                    Err(_) => {
+                        tracing::warn!(lease = id, "keepalive unanswered");
+                        stream = None;
+                    }
+                }
+            }
+            let next = sent + interval;
+            tokio::select! {
+                _ = cancel.cancelled() => return End::Cancelled,
+                _ = tokio::time::sleep_until(next.into()) => {}
+            }
+        }
+    }
+}
