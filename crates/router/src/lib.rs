@@ -1,1 +1,359 @@
+//! The call path. Any instance accepts any key:
+//!
+//! 1. the key's shard is the stable hash of the key (`leasehold-types`);
+//! 2. the call joins the key's mailbox on the accepting instance, so calls for a key leave
+//!    it one at a time in arrival order;
+//! 3. if this instance owns the shard and its lease is valid, the handler runs here;
+//!    if a peer owns it, the call is forwarded once; if nobody does (or the shard is
+//!    moving, or the lease is past `valid_until`) the call is held until that changes or
+//!    its deadline passes;
+//! 4. a peer that is not the owner any more answers "not owner" with its view, and the
+//!    sender waits for its routing table to catch up and tries again.
 
+mod handler;
+mod mailbox;
+mod peers;
+mod service;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use leasehold_coord::{Blocked, Coord};
+use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
+use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
+use tokio::sync::{oneshot, Semaphore};
+use tonic::{Code, Status};
+
+pub use crate::handler::{CallSource, EchoHandler, GrpcHandler, HandleCall, Handler};
+pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
+use crate::mailbox::Mailboxes;
+use crate::peers::{Forwarded, Peers};
+
+/// Limits of the call path.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// Largest accepted payload in bytes.
+    pub max_payload: usize,
+    /// Deadline of a call whose client sets none, and the longest deadline accepted.
+    pub request_timeout: Duration,
+    /// Handler calls running at once on this instance (different keys).
+    pub max_concurrency: usize,
+    /// Calls queued per key before `RESOURCE_EXHAUSTED`.
+    pub mailbox_capacity: usize,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            max_payload: 4 << 20,
+            request_timeout: Duration::from_secs(5),
+            max_concurrency: 1024,
+            mailbox_capacity: 1024,
+        }
+    }
+}
+
+/// The answer to a call.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub payload: Bytes,
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    pub owner: MemberId,
+}
+
+/// Why a call did not produce a reply.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    #[error("{0}")]
+    Unavailable(String),
+    /// The receiver of a forwarded call does not own the shard (its view attached).
+    #[error("not the owner of shard {shard}")]
+    NotOwner { shard: ShardId, owner: Option<MemberId>, epoch: Epoch },
+    /// The handler's own answer, passed through unchanged.
+    #[error("{0}")]
+    Handler(Status),
+}
+
+impl From<CallError> for Status {
+    fn from(e: CallError) -> Status {
+        match e {
+            CallError::InvalidArgument(m) => Status::invalid_argument(m),
+            CallError::ResourceExhausted(m) => Status::resource_exhausted(m),
+            CallError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+            CallError::Unavailable(m) => Status::unavailable(m),
+            e @ CallError::NotOwner { .. } => Status::failed_precondition(e.to_string()),
+            CallError::Handler(s) => s,
+        }
+    }
+}
+
+/// How a call reached this instance.
+#[derive(Debug, Clone)]
+enum Origin {
+    /// Accepted here from a client: may be forwarded once.
+    Entry,
+    /// Forwarded by a peer: runs here or is answered "not owner".
+    Forwarded,
+}
+
+struct Job {
+    key: String,
+    shard: ShardId,
+    payload: Bytes,
+    deadline: Instant,
+    origin: Origin,
+    source: CallSource,
+    reply: oneshot::Sender<Result<Reply, CallError>>,
+}
+
+struct Metrics {
+    ok: Arc<Counter>,
+    failed: Arc<Counter>,
+    forwards: Arc<Counter>,
+    not_owner_retries: Arc<Counter>,
+    held: Arc<Counter>,
+    handler_latency: Arc<Histogram>,
+    mailboxes: Arc<Gauge>,
+}
+
+struct Inner {
+    coord: Coord,
+    handler: Arc<dyn Handler>,
+    opts: RouterOptions,
+    mailboxes: Arc<Mailboxes<Job>>,
+    peers: Peers,
+    concurrency: Semaphore,
+    metrics: Metrics,
+}
+
+/// The call path of one instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Router {
+    inner: Arc<Inner>,
+}
+
+impl Router {
+    pub fn new(coord: Coord, handler: Arc<dyn Handler>, opts: RouterOptions, registry: &Registry) -> Self {
+        let metrics = Metrics {
+            ok: registry.counter("leasehold_calls_total", "Calls accepted by this instance, by result.", "result=\"ok\""),
+            failed: registry.counter("leasehold_calls_total", "Calls accepted by this instance, by result.", "result=\"error\""),
+            forwards: registry.counter("leasehold_forwards_total", "Calls forwarded to the owning peer.", ""),
+            not_owner_retries: registry.counter(
+                "leasehold_not_owner_retries_total",
+                "Forwards answered \"not owner\" and retried after the routing table caught up.",
+                "",
+            ),
+            held: registry.counter("leasehold_held_calls_total", "Times a call waited for an owner, a handoff or the lease.", ""),
+            handler_latency: registry.histogram("leasehold_handler_duration_seconds", "Handler call latency at the owner.", ""),
+            mailboxes: registry.gauge("leasehold_active_mailboxes", "Keys with queued or running calls.", ""),
+        };
+        let max_message = opts.max_payload + (1 << 20);
+        Self {
+            inner: Arc::new(Inner {
+                mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
+                peers: Peers::new(max_message),
+                concurrency: Semaphore::new(opts.max_concurrency),
+                coord,
+                handler,
+                opts,
+                metrics,
+            }),
+        }
+    }
+
+    pub fn coord(&self) -> &Coord {
+        &self.inner.coord
+    }
+
+    pub fn options(&self) -> &RouterOptions {
+        &self.inner.opts
+    }
+
+    pub fn refresh_metrics(&self) {
+        self.inner.metrics.mailboxes.set(self.inner.mailboxes.active() as f64);
+    }
+
+    /// Checks a key and payload against the limits.
+    pub fn validate(&self, key: &str, payload: &[u8]) -> Result<(), CallError> {
+        if key.is_empty() {
+            return Err(CallError::InvalidArgument("key must not be empty".into()));
+        }
+        if payload.len() > self.inner.opts.max_payload {
+            return Err(CallError::InvalidArgument(format!(
+                "payload is {} bytes; the limit (max_payload) is {} bytes",
+                payload.len(),
+                self.inner.opts.max_payload
+            )));
+        }
+        Ok(())
+    }
+
+    /// The deadline of a call given the client's timeout, capped by `request_timeout`.
+    pub fn deadline(&self, client_timeout: Option<Duration>) -> Instant {
+        let limit = self.inner.opts.request_timeout;
+        Instant::now() + client_timeout.map_or(limit, |t| t.min(limit))
+    }
+
+    /// Runs a call accepted by this instance, wherever its key lives.
+    pub async fn call(&self, key: String, payload: Bytes, deadline: Instant, source: CallSource) -> Result<Reply, CallError> {
+        let result = self.submit(key, payload, deadline, Origin::Entry, source).await;
+        match &result {
+            Ok(_) => self.inner.metrics.ok.inc(),
+            Err(_) => self.inner.metrics.failed.inc(),
+        }
+        result
+    }
+
+    /// Runs a call forwarded by a peer; never forwards it again.
+    async fn serve_forwarded(&self, key: String, payload: Bytes, deadline: Instant, source: CallSource) -> Result<Reply, CallError> {
+        self.submit(key, payload, deadline, Origin::Forwarded, source).await
+    }
+
+    async fn submit(&self, key: String, payload: Bytes, deadline: Instant, origin: Origin, source: CallSource) -> Result<Reply, CallError> {
+        self.validate(&key, &payload)?;
+        let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
+        let (tx, rx) = oneshot::channel();
+        let job = Job { key, shard, payload, deadline, origin, source, reply: tx };
+        let key = job.key.clone();
+        let this = self.clone();
+        self.inner
+            .mailboxes
+            .submit(&key, job, move |job| {
+                let this = this.clone();
+                async move { this.process(job).await }
+            })
+            .map_err(|_| {
+                CallError::ResourceExhausted(format!(
+                    "{} calls already queued for key {key:?} (mailbox_capacity)",
+                    self.inner.opts.mailbox_capacity
+                ))
+            })?;
+        rx.await.unwrap_or_else(|_| Err(CallError::Unavailable("call dropped while shutting down".into())))
+    }
+
+    /// Runs one job from a key's mailbox.
+    async fn process(&self, job: Job) {
+        if job.reply.is_closed() {
+            return; // the caller gave up; do not run work nobody waits for
+        }
+        let result = self.route(&job).await;
+        let _ = job.reply.send(result);
+    }
+
+    async fn route(&self, job: &Job) -> Result<Reply, CallError> {
+        let coord = &self.inner.coord;
+        let table = coord.table();
+        let mut changes = table.subscribe();
+        let mut waited = false;
+        let mut reason = "no owner";
+        loop {
+            changes.borrow_and_update();
+            if Instant::now() >= job.deadline {
+                return Err(CallError::DeadlineExceeded(format!(
+                    "deadline passed while waiting for shard {} ({reason})",
+                    job.shard
+                )));
+            }
+            match table.try_start(job.shard) {
+                Ok(guard) => {
+                    drop(guard);
+                    match self.execute(job).await {
+                        Err(Blocked::NotOwned) => continue,
+                        Err(Blocked::Moving) => reason = "shard moving",
+                        Err(Blocked::LeaseInvalid) => reason = "lease not valid",
+                        Ok(result) => return result,
+                    }
+                }
+                Err(Blocked::Moving) => reason = "shard moving",
+                Err(Blocked::LeaseInvalid) => reason = "lease not valid",
+                Err(Blocked::NotOwned) => {
+                    if let Origin::Forwarded = job.origin {
+                        let view = coord.view();
+                        let owner = view.owner(job.shard);
+                        return Err(CallError::NotOwner {
+                            shard: job.shard,
+                            owner: owner.map(|o| o.owner.clone()),
+                            epoch: owner.map_or(Epoch::NONE, |o| o.epoch),
+                        });
+                    }
+                    let view = coord.view();
+                    match view.owner(job.shard) {
+                        Some(o) if o.owner != *coord.member_id() => {
+                            self.inner.metrics.forwards.inc();
+                            match self.inner.peers.forward(&o.address, job, o.epoch).await {
+                                Forwarded::Done(result) => return result,
+                                Forwarded::NotOwner => {
+                                    self.inner.metrics.not_owner_retries.inc();
+                                    reason = "owner changed";
+                                }
+                                Forwarded::Unreachable(e) => {
+                                    tracing::debug!(peer = %o.owner, error = %e, "peer unreachable");
+                                    reason = "owner unreachable";
+                                }
+                            }
+                            // Give the routing table a moment to catch up before retrying.
+                            let pause = Instant::now() + Duration::from_millis(10);
+                            tokio::time::sleep_until(pause.min(job.deadline).into()).await;
+                        }
+                        _ => reason = "no owner",
+                    }
+                }
+            }
+            if !waited {
+                waited = true;
+                self.inner.metrics.held.inc();
+            }
+            // Hold until ownership, the routing table or the lease changes.
+            let _ = tokio::time::timeout_at(job.deadline.into(), changes.changed()).await;
+        }
+    }
+
+    /// Runs the handler for a job at this owner. `Err(Blocked)` when the shard stopped
+    /// being startable while waiting for a concurrency permit.
+    async fn execute(&self, job: &Job) -> Result<Result<Reply, CallError>, Blocked> {
+        let permit = match tokio::time::timeout_at(job.deadline.into(), self.inner.concurrency.acquire()).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Ok(Err(CallError::ResourceExhausted(format!(
+                    "no handler slot free before the deadline ({} calls running, max_concurrency)",
+                    self.inner.opts.max_concurrency
+                ))))
+            }
+        };
+        let coord = &self.inner.coord;
+        let guard = coord.table().try_start(job.shard)?;
+        let deadline = job.deadline.min(guard.valid_until);
+        let call = HandleCall {
+            key: job.key.clone(),
+            payload: job.payload.clone(),
+            shard: job.shard,
+            epoch: guard.epoch,
+            owner: coord.member_id().clone(),
+            source: job.source.clone(),
+            deadline,
+        };
+        let started = Instant::now();
+        let result = tokio::time::timeout_at(deadline.into(), self.inner.handler.handle(call)).await;
+        self.inner.metrics.handler_latency.observe(started.elapsed());
+        let epoch = guard.epoch;
+        drop(guard);
+        drop(permit);
+        Ok(match result {
+            Ok(Ok(payload)) => Ok(Reply { payload, shard: job.shard, epoch, owner: coord.member_id().clone() }),
+            Ok(Err(status)) if status.code() == Code::Unavailable => Err(CallError::Unavailable(status.message().to_owned())),
+            Ok(Err(status)) => Err(CallError::Handler(status)),
+            Err(_) => Err(CallError::DeadlineExceeded(format!(
+                "handler did not answer within its deadline of {:?}",
+                deadline.saturating_duration_since(started)
+            ))),
+        })
+    }
+}

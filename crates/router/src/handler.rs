@@ -1,0 +1,144 @@
+//! Handlers: the user's code that runs for a key at its owner.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use leasehold_coord::ShardListener;
+use leasehold_proto::v1::{self as pb, entity_handler_client::EntityHandlerClient};
+use leasehold_types::{Epoch, MemberId, ShardId};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// Where a call came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CallSource {
+    /// An `Entities.Call`, accepted by the instance `entry`.
+    Grpc { entry: MemberId },
+    /// A Kafka record.
+    Kafka { topic: String, partition: i32, offset: i64 },
+}
+
+/// One handler invocation.
+#[derive(Debug, Clone)]
+pub struct HandleCall {
+    pub key: String,
+    pub payload: Bytes,
+    pub shard: ShardId,
+    /// Fencing token: grows with every new owner of the shard.
+    pub epoch: Epoch,
+    pub owner: MemberId,
+    pub source: CallSource,
+    /// min(request deadline, lease valid_until): the handler must be done by then.
+    pub deadline: Instant,
+}
+
+/// The embedded handler interface: implement it to link Leasehold into a Rust program.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>>;
+}
+
+/// Answers every call with its payload (benchmarks, demos, smoke tests).
+pub struct EchoHandler;
+
+impl Handler for EchoHandler {
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>> {
+        Box::pin(futures::future::ready(Ok(call.payload)))
+    }
+}
+
+/// Calls an application's `EntityHandler` service (sidecar style, any language).
+#[derive(Clone)]
+pub struct GrpcHandler {
+    url: Arc<str>,
+    client: EntityHandlerClient<Channel>,
+    events: mpsc::Sender<(bool, ShardId, Epoch)>,
+}
+
+impl GrpcHandler {
+    /// Connects lazily to `http://host:port`; calls made while it is down fail with
+    /// `UNAVAILABLE`. Must be created inside a tokio runtime (it starts the task that
+    /// delivers shard notifications in order).
+    pub fn new(url: &str, max_message: usize, owner: MemberId) -> Result<Self, String> {
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("invalid handler address {url:?}: {e}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10));
+        let client = EntityHandlerClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(max_message)
+            .max_encoding_message_size(max_message);
+        let (events, rx) = mpsc::channel(4096);
+        tokio::spawn(notify_loop(url.to_owned(), owner, client.clone(), rx));
+        Ok(Self { url: url.into(), client, events })
+    }
+}
+
+impl Handler for GrpcHandler {
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>> {
+        let mut client = self.client.clone();
+        let url = self.url.clone();
+        Box::pin(async move {
+            let timeout = call.deadline.saturating_duration_since(Instant::now());
+            let source = match call.source {
+                CallSource::Grpc { entry } => pb::source::Kind::Grpc(pb::GrpcSource { entry: entry.0 }),
+                CallSource::Kafka { topic, partition, offset } => {
+                    pb::source::Kind::Kafka(pb::KafkaSource { topic, partition, offset })
+                }
+            };
+            let mut request = tonic::Request::new(pb::HandleRequest {
+                key: call.key,
+                payload: call.payload,
+                shard: call.shard.0,
+                epoch: call.epoch.0,
+                owner: call.owner.0,
+                source: Some(pb::Source { kind: Some(source) }),
+            });
+            request.set_timeout(timeout);
+            match client.handle(request).await {
+                Ok(resp) => Ok(resp.into_inner().payload),
+                // A status without metadata is the transport's, not the application's.
+                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => Err(Status::unavailable(
+                    format!("handler at {url} unreachable: {}", s.message()),
+                )),
+                Err(s) => Err(s),
+            }
+        })
+    }
+}
+
+impl ShardListener for GrpcHandler {
+    fn acquired(&self, shard: ShardId, epoch: Epoch) {
+        let _ = self.events.try_send((true, shard, epoch));
+    }
+
+    fn released(&self, shard: ShardId, epoch: Epoch) {
+        let _ = self.events.try_send((false, shard, epoch));
+    }
+}
+
+/// Delivers ShardAcquired / ShardReleased in the order they happened. Applications that
+/// do not implement them answer UNIMPLEMENTED, which is fine.
+async fn notify_loop(
+    url: String,
+    owner: MemberId,
+    mut client: EntityHandlerClient<Channel>,
+    mut rx: mpsc::Receiver<(bool, ShardId, Epoch)>,
+) {
+    while let Some((acquired, shard, epoch)) = rx.recv().await {
+        let mut request = tonic::Request::new(pb::ShardEvent { shard: shard.0, epoch: epoch.0, owner: owner.0.clone() });
+        request.set_timeout(Duration::from_secs(2));
+        let result = if acquired {
+            client.shard_acquired(request).await
+        } else {
+            client.shard_released(request).await
+        };
+        if let Err(s) = result {
+            if s.code() != tonic::Code::Unimplemented {
+                tracing::debug!(handler = %url, %shard, %epoch, acquired, error = %s, "shard notification failed");
+            }
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! gRPC services of the call path: the client-facing `Entities` and the internal `Peer`.
+
+use std::time::Duration;
+
+use leasehold_proto::v1::{self as pb, entities_server::Entities, forward_response, peer_server::Peer};
+use leasehold_types::{shard_for_key, MemberId};
+use tonic::metadata::MetadataValue;
+use tonic::{Request, Response, Status};
+
+use crate::peers::ORIGIN_HEADER;
+use crate::{CallError, CallSource, Router};
+
+/// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn client_timeout<T>(request: &Request<T>) -> Option<Duration> {
+    request
+        .metadata()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+}
+
+/// `leasehold.v1.Entities`.
+pub struct EntitiesService {
+    router: Router,
+}
+
+impl EntitiesService {
+    pub fn new(router: Router) -> Self {
+        Self { router }
+    }
+}
+
+#[tonic::async_trait]
+impl Entities for EntitiesService {
+    async fn call(&self, request: Request<pb::CallRequest>) -> Result<Response<pb::CallResponse>, Status> {
+        let deadline = self.router.deadline(client_timeout(&request));
+        let req = request.into_inner();
+        let source = CallSource::Grpc { entry: self.router.coord().member_id().clone() };
+        let reply = self.router.call(req.key, req.payload, deadline, source).await?;
+        Ok(Response::new(pb::CallResponse {
+            payload: reply.payload,
+            shard: reply.shard.0,
+            epoch: reply.epoch.0,
+            owner: reply.owner.0,
+        }))
+    }
+
+    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+        let key = request.into_inner().key;
+        if key.is_empty() {
+            return Err(Status::invalid_argument("key must not be empty"));
+        }
+        let view = self.router.coord().view();
+        let shard = shard_for_key(key.as_bytes(), view.shard_count());
+        let owner = view.owner(shard);
+        Ok(Response::new(pb::LocateResponse {
+            shard: shard.0,
+            owner: owner.map(|o| o.owner.0.clone()).unwrap_or_default(),
+            address: owner.map(|o| o.address.clone()).unwrap_or_default(),
+            epoch: owner.map_or(0, |o| o.epoch.0),
+        }))
+    }
+}
+
+/// `leasehold.v1.Peer`: the receiving end of the forwarding hop.
+pub struct PeerService {
+    router: Router,
+}
+
+impl PeerService {
+    pub fn new(router: Router) -> Self {
+        Self { router }
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
+        let deadline = self.router.deadline(client_timeout(&request));
+        let req = request.into_inner();
+        let source = CallSource::Grpc { entry: MemberId(req.entry) };
+        let result = match self.router.serve_forwarded(req.key, req.payload, deadline, source).await {
+            Ok(r) => forward_response::Result::Ok(pb::CallResponse {
+                payload: r.payload,
+                shard: r.shard.0,
+                epoch: r.epoch.0,
+                owner: r.owner.0,
+            }),
+            Err(CallError::NotOwner { shard, owner, epoch }) => forward_response::Result::NotOwner(pb::NotOwner {
+                shard: shard.0,
+                owner: owner.map(|o| o.0).unwrap_or_default(),
+                epoch: epoch.0,
+            }),
+            Err(e) => {
+                let mut status = Status::from(e);
+                status.metadata_mut().insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
+                return Err(status);
+            }
+        };
+        Ok(Response::new(pb::ForwardResponse { result: Some(result) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+}
