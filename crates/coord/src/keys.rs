@@ -21,7 +21,9 @@ pub enum Key {
 
 impl Keys {
     pub fn new(cluster: &str) -> Self {
-        Self { prefix: format!("/leasehold/{cluster}/") }
+        Self {
+            prefix: format!("/leasehold/{cluster}/"),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -59,7 +61,10 @@ impl Keys {
                 if let Some(id) = rest.strip_prefix("members/") {
                     Some(Key::Member(MemberId::new(id)))
                 } else {
-                    rest.strip_prefix("shards/")?.parse().ok().map(|n| Key::Shard(ShardId(n)))
+                    rest.strip_prefix("shards/")?
+                        .parse()
+                        .ok()
+                        .map(|n| Key::Shard(ShardId(n)))
                 }
             }
         }
@@ -75,7 +80,10 @@ pub struct ClusterConfig {
 
 impl ClusterConfig {
     pub fn new(shard_count: u32) -> Self {
-        Self { shard_count, hash_version: HASH_VERSION }
+        Self {
+            shard_count,
+            hash_version: HASH_VERSION,
+        }
     }
 }
 
@@ -137,13 +145,21 @@ impl AssignmentValue {
                 None => -1,
             })
             .collect();
-        Self { version, members, shards }
+        Self {
+            version,
+            members,
+            shards,
+        }
     }
 
     pub fn decode(&self) -> Vec<Option<MemberId>> {
         self.shards
             .iter()
-            .map(|&i| usize::try_from(i).ok().and_then(|i| self.members.get(i).cloned()))
+            .map(|&i| {
+                usize::try_from(i)
+                    .ok()
+                    .and_then(|i| self.members.get(i).cloned())
+            })
             .collect()
     }
 }
@@ -157,7 +173,10 @@ mod tests {
         let k = Keys::new("prod");
         let m = MemberId::new("leasehold-0");
         assert_eq!(k.parse(k.member(&m).as_bytes()), Some(Key::Member(m)));
-        assert_eq!(k.parse(k.shard(ShardId(17)).as_bytes()), Some(Key::Shard(ShardId(17))));
+        assert_eq!(
+            k.parse(k.shard(ShardId(17)).as_bytes()),
+            Some(Key::Shard(ShardId(17)))
+        );
         assert_eq!(k.parse(k.leader().as_bytes()), Some(Key::Leader));
         assert_eq!(k.parse(b"/leasehold/other/leader"), None);
         assert_eq!(k.parse(b"/leasehold/prod/shards/x"), None);

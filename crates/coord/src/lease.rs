@@ -41,7 +41,10 @@ impl Coord {
             backoff = Duration::from_millis(100);
             self.set_valid(sent, ttl);
             self.inner.session.send_modify(|s| {
-                *s = Session { lease: id, generation: s.generation + 1 };
+                *s = Session {
+                    lease: id,
+                    generation: s.generation + 1,
+                };
             });
             tracing::info!(lease = id, ttl = ?ttl, "lease granted");
 
@@ -51,14 +54,21 @@ impl Coord {
                     self.inner.metrics.leases_lost.inc();
                     self.inner.table.lease().invalidate();
                     self.inner.session.send_modify(|s| {
-                        *s = Session { lease: 0, generation: s.generation + 1 };
+                        *s = Session {
+                            lease: 0,
+                            generation: s.generation + 1,
+                        };
                     });
                     let dropped = self.inner.table.drop_all();
                     for (shard, epoch) in &dropped {
                         self.inner.listener.released(*shard, *epoch);
                     }
                     self.inner.metrics.released.add(dropped.len() as u64);
-                    tracing::warn!(lease = id, dropped = dropped.len(), "lease expired; dropped all shards, rejoining");
+                    tracing::warn!(
+                        lease = id,
+                        dropped = dropped.len(),
+                        "lease expired; dropped all shards, rejoining"
+                    );
                 }
             }
         }
@@ -67,7 +77,10 @@ impl Coord {
     fn set_valid(&self, sent: Instant, ttl: Duration) {
         let until = sent + ttl.saturating_sub(self.inner.opts.safety_margin());
         self.inner.table.lease().set_valid_until(until);
-        self.inner.metrics.lease_slack.set(self.inner.table.lease().slack());
+        self.inner
+            .metrics
+            .lease_slack
+            .set(self.inner.table.lease().slack());
         self.inner.table.bump();
     }
 
@@ -84,9 +97,12 @@ impl Coord {
                     let client = self.client()?;
                     self.etcd(client.lease_client().keep_alive(id)).await
                 };
-                match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r } {
+                match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r }
+                {
                     Ok(s) => stream = Some(s),
-                    Err(e) => tracing::warn!(lease = id, error = %e, "keepalive stream failed to open"),
+                    Err(e) => {
+                        tracing::warn!(lease = id, error = %e, "keepalive stream failed to open")
+                    }
                 }
             }
             if let Some((keeper, answers)) = stream.as_mut() {

@@ -45,7 +45,13 @@ pub enum Error {
          this instance is configured with shard_count {shards} and hash_version {hash}; \
          shard count and hash cannot change for an existing cluster"
     )]
-    ConfigMismatch { cluster: String, stored_shards: u32, stored_hash: u32, shards: u32, hash: u32 },
+    ConfigMismatch {
+        cluster: String,
+        stored_shards: u32,
+        stored_hash: u32,
+        shards: u32,
+        hash: u32,
+    },
     #[error("member {0:?} is not registered")]
     UnknownMember(String),
     #[error("not connected to etcd yet")]
@@ -78,7 +84,8 @@ impl CoordOptions {
 
     /// Time allowed for one etcd request.
     fn op_timeout(&self) -> Duration {
-        self.lease_ttl.clamp(Duration::from_secs(1), Duration::from_secs(5))
+        self.lease_ttl
+            .clamp(Duration::from_secs(1), Duration::from_secs(5))
     }
 }
 
@@ -216,7 +223,9 @@ impl Coord {
     /// Connects to etcd (retrying with backoff until `cancel`), checks the cluster config,
     /// then runs the keeper, watcher and reconciler until `cancel`.
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
-        let Some(client) = self.connect(&cancel).await? else { return Ok(()) };
+        let Some(client) = self.connect(&cancel).await? else {
+            return Ok(());
+        };
         let _ = self.inner.client.set(client);
         let tasks = [
             tokio::spawn(self.clone().keeper(cancel.clone())),
@@ -283,8 +292,10 @@ impl Coord {
         for op in resp.op_responses() {
             if let etcd_client::TxnOpResponse::Get(get) = op {
                 if let Some(kv) = get.kvs().first() {
-                    let stored: ClusterConfig = serde_json::from_slice(kv.value())
-                        .map_err(|e| Error::Other(format!("unreadable cluster config in etcd: {e}")))?;
+                    let stored: ClusterConfig =
+                        serde_json::from_slice(kv.value()).map_err(|e| {
+                            Error::Other(format!("unreadable cluster config in etcd: {e}"))
+                        })?;
                     if stored != ours {
                         return Err(Error::ConfigMismatch {
                             cluster: opts.cluster.clone(),
@@ -305,9 +316,15 @@ impl Coord {
     }
 
     /// Runs one etcd request with the operation timeout.
-    async fn etcd<T>(&self, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Error> {
+    async fn etcd<T>(
+        &self,
+        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, Error> {
         let t = self.inner.opts.op_timeout();
-        tokio::time::timeout(t, f).await.map_err(|_| Error::Timeout(t))?.map_err(Error::from)
+        tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| Error::Timeout(t))?
+            .map_err(Error::from)
     }
 
     /// Marks a member draining so the leader moves all its shards away.
@@ -316,7 +333,10 @@ impl Coord {
             self.start_draining().await?;
         } else {
             let view = self.view();
-            let member = view.members.get(id).ok_or_else(|| Error::UnknownMember(id.to_string()))?;
+            let member = view
+                .members
+                .get(id)
+                .ok_or_else(|| Error::UnknownMember(id.to_string()))?;
             let key = self.inner.keys.member(id);
             let value = keys::MemberValue {
                 address: member.address.clone(),
@@ -366,13 +386,19 @@ impl Coord {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.inner.table.subscribe();
         while !self.inner.table.held().is_empty() {
-            if tokio::time::timeout_at(deadline, changes.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, changes.changed())
+                .await
+                .is_err()
+            {
                 break;
             }
         }
         let left = self.inner.table.held();
         if !left.is_empty() {
-            tracing::warn!(shards = left.len(), "drain timed out; releasing remaining shards");
+            tracing::warn!(
+                shards = left.len(),
+                "drain timed out; releasing remaining shards"
+            );
             let handoffs = left.into_iter().map(|(s, _)| self.clone().handoff(s));
             futures::future::join_all(handoffs).await;
         }
@@ -388,7 +414,9 @@ impl Coord {
         let Ok(client) = self.client() else { return };
         match self.etcd(client.lease_client().revoke(session.lease)).await {
             Ok(_) => tracing::info!(lease = session.lease, "lease revoked"),
-            Err(e) => tracing::warn!(error = %e, "lease revoke failed; etcd expires it after the TTL"),
+            Err(e) => {
+                tracing::warn!(error = %e, "lease revoke failed; etcd expires it after the TTL")
+            }
         }
     }
 

@@ -51,7 +51,10 @@ impl Coord {
                 continue;
             }
             let me = self.member_id().clone();
-            if view.members.get(&me).is_some_and(|m| m.state == MemberState::Draining)
+            if view
+                .members
+                .get(&me)
+                .is_some_and(|m| m.state == MemberState::Draining)
                 && !self.inner.draining.swap(true, Ordering::AcqRel)
             {
                 tracing::info!("member marked draining");
@@ -69,7 +72,11 @@ impl Coord {
     /// Writes `members/<id>` attached to the session's lease.
     pub(crate) async fn register(&self, session: Session) -> Result<(), Error> {
         let opts = &self.inner.opts;
-        let state = if self.is_draining() { MemberState::Draining } else { MemberState::Active };
+        let state = if self.is_draining() {
+            MemberState::Draining
+        } else {
+            MemberState::Active
+        };
         let value = MemberValue {
             address: opts.address.clone(),
             admin_address: opts.admin_address.clone(),
@@ -96,7 +103,11 @@ impl Coord {
             None => {
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key, me.as_str(), Some(PutOptions::new().with_lease(session.lease)))]);
+                    .and_then([TxnOp::put(
+                        key,
+                        me.as_str(),
+                        Some(PutOptions::new().with_lease(session.lease)),
+                    )]);
                 if self.etcd(client.txn(txn)).await?.succeeded() {
                     tracing::info!(member = %me, "elected leader");
                 }
@@ -114,14 +125,28 @@ impl Coord {
             .filter(|m| m.state == MemberState::Active)
             .map(|m| m.id.clone())
             .collect();
-        let owners: Vec<Option<MemberId>> = view.shards.iter().map(|s| s.as_ref().map(|s| s.owner.clone())).collect();
-        let previous: &[Option<MemberId>] = if view.assignment_version == 0 { &[] } else { &view.assignment };
-        let assignment = plan(PlanInput { active: &active, owners: &owners, previous, max_moves: self.inner.opts.max_moves });
+        let owners: Vec<Option<MemberId>> = view
+            .shards
+            .iter()
+            .map(|s| s.as_ref().map(|s| s.owner.clone()))
+            .collect();
+        let previous: &[Option<MemberId>] = if view.assignment_version == 0 {
+            &[]
+        } else {
+            &view.assignment
+        };
+        let assignment = plan(PlanInput {
+            active: &active,
+            owners: &owners,
+            previous,
+            max_moves: self.inner.opts.max_moves,
+        });
         if view.assignment_version > 0 && assignment == view.assignment {
             return Ok(());
         }
         let version = view.assignment_version + 1;
-        let value = serde_json::to_vec(&AssignmentValue::encode(version, &assignment)).expect("assignment serialises");
+        let value = serde_json::to_vec(&AssignmentValue::encode(version, &assignment))
+            .expect("assignment serialises");
         // Only the holder of the leader key (by lease) may write the assignment.
         let txn = Txn::new()
             .when([Compare::lease(key, CompareOp::Equal, session.lease)])
@@ -150,22 +175,32 @@ impl Coord {
         if wanted.is_empty() {
             return;
         }
-        let value = serde_json::to_vec(&ShardValue { owner: me.clone(), address: self.inner.opts.address.clone() })
-            .expect("shard value serialises");
+        let value = serde_json::to_vec(&ShardValue {
+            owner: me.clone(),
+            address: self.inner.opts.address.clone(),
+        })
+        .expect("shard value serialises");
         let attempts = futures::stream::iter(wanted).map(|shard| {
             let value = value.clone();
             async move {
                 let key = self.inner.keys.shard(shard);
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(key, value, Some(PutOptions::new().with_lease(session.lease)))]);
+                    .and_then([TxnOp::put(
+                        key,
+                        value,
+                        Some(PutOptions::new().with_lease(session.lease)),
+                    )]);
                 let mut client = self.client()?;
                 let resp = self.etcd(client.txn(txn)).await?;
                 let revision = resp.header().map_or(0, |h| h.revision());
                 Ok::<_, Error>((shard, resp.succeeded().then_some(Epoch(revision as u64))))
             }
         });
-        let results: Vec<_> = attempts.buffer_unordered(ACQUIRE_CONCURRENCY).collect().await;
+        let results: Vec<_> = attempts
+            .buffer_unordered(ACQUIRE_CONCURRENCY)
+            .collect()
+            .await;
         let mut acquired = 0;
         for result in results {
             match result {
@@ -181,7 +216,11 @@ impl Coord {
         }
         if acquired > 0 {
             self.inner.metrics.acquired.add(acquired);
-            tracing::info!(shards = acquired, owned = table.held().len(), "shards acquired");
+            tracing::info!(
+                shards = acquired,
+                owned = table.held().len(),
+                "shards acquired"
+            );
         }
     }
 
@@ -207,13 +246,19 @@ impl Coord {
         let table = &self.inner.table;
         let started = Instant::now();
         // None: not owned, or another handoff of this shard is already running.
-        let Some(epoch) = table.begin_move(shard) else { return };
+        let Some(epoch) = table.begin_move(shard) else {
+            return;
+        };
         table.wait_idle(shard).await;
         let key = self.inner.keys.shard(shard);
         let mut backoff = Duration::from_millis(50);
         loop {
             let txn = Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, epoch.0 as i64)])
+                .when([Compare::create_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    epoch.0 as i64,
+                )])
                 .and_then([TxnOp::delete(key.clone(), None)]);
             let result = async {
                 let mut client = self.client()?;
@@ -243,11 +288,15 @@ impl Coord {
     fn check_lost(&self, view: &View) {
         let me = self.member_id();
         for (shard, state) in self.inner.table.held() {
-            let LocalState::Owned(epoch) = state else { continue };
+            let LocalState::Owned(epoch) = state else {
+                continue;
+            };
             if view.revision < epoch.0 as i64 {
                 continue; // the view has not seen our acquisition yet
             }
-            let ours = view.owner(shard).is_some_and(|o| o.owner == *me && o.epoch == epoch);
+            let ours = view
+                .owner(shard)
+                .is_some_and(|o| o.owner == *me && o.epoch == epoch);
             if !ours {
                 tracing::warn!(%shard, %epoch, "shard key gone from etcd; dropping it");
                 self.inner.table.set_not_owned(shard);

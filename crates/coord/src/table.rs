@@ -23,7 +23,10 @@ pub struct LeaseClock {
 
 impl Default for LeaseClock {
     fn default() -> Self {
-        Self { base: Instant::now(), valid_until: AtomicU64::new(0) }
+        Self {
+            base: Instant::now(),
+            valid_until: AtomicU64::new(0),
+        }
     }
 }
 
@@ -117,7 +120,14 @@ impl Drop for CallGuard<'_> {
 impl ShardTable {
     pub fn new(shard_count: u32, lease: Arc<LeaseClock>) -> Self {
         Self {
-            slots: (0..shard_count).map(|_| Mutex::new(Slot { state: LocalState::NotOwned, in_flight: 0 })).collect(),
+            slots: (0..shard_count)
+                .map(|_| {
+                    Mutex::new(Slot {
+                        state: LocalState::NotOwned,
+                        in_flight: 0,
+                    })
+                })
+                .collect(),
             idle: (0..shard_count).map(|_| Notify::new()).collect(),
             lease,
             changed: watch::channel(0).0,
@@ -126,7 +136,9 @@ impl ShardTable {
     }
 
     fn slot(&self, shard: ShardId) -> std::sync::MutexGuard<'_, Slot> {
-        self.slots[shard.0 as usize].lock().expect("shard slot lock")
+        self.slots[shard.0 as usize]
+            .lock()
+            .expect("shard slot lock")
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -146,7 +158,12 @@ impl ShardTable {
             LocalState::Owned(epoch) => {
                 let valid_until = self.lease.valid_until().ok_or(Blocked::LeaseInvalid)?;
                 slot.in_flight += 1;
-                Ok(CallGuard { table: self, shard, epoch, valid_until })
+                Ok(CallGuard {
+                    table: self,
+                    shard,
+                    epoch,
+                    valid_until,
+                })
             }
         }
     }
@@ -188,7 +205,9 @@ impl ShardTable {
     /// Stops new work on `shard`; returns its epoch if it was owned.
     pub fn begin_move(&self, shard: ShardId) -> Option<Epoch> {
         let mut slot = self.slot(shard);
-        let LocalState::Owned(epoch) = slot.state else { return None };
+        let LocalState::Owned(epoch) = slot.state else {
+            return None;
+        };
         slot.state = LocalState::Moving(epoch);
         drop(slot);
         self.bump();
@@ -281,6 +300,9 @@ mod tests {
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
         drop(guard);
-        tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

@@ -73,7 +73,11 @@ impl View {
 
     /// Number of shards each member owns.
     pub fn owned_by(&self, member: &MemberId) -> usize {
-        self.shards.iter().flatten().filter(|s| s.owner == *member).count()
+        self.shards
+            .iter()
+            .flatten()
+            .filter(|s| s.owner == *member)
+            .count()
     }
 
     /// Applies a put (`Some(value)`) or delete (`None`) of one key.
@@ -81,15 +85,25 @@ impl View {
         let Some(key) = keys.parse(key) else { return };
         match (key, put) {
             (Key::Config, _) => {}
-            (Key::Member(id), Some((value, _, lease))) => match serde_json::from_slice::<MemberValue>(value) {
-                Ok(v) => {
-                    self.members.insert(
-                        id.clone(),
-                        Member { id, address: v.address, admin_address: v.admin_address, state: v.state, lease },
-                    );
+            (Key::Member(id), Some((value, _, lease))) => {
+                match serde_json::from_slice::<MemberValue>(value) {
+                    Ok(v) => {
+                        self.members.insert(
+                            id.clone(),
+                            Member {
+                                id,
+                                address: v.address,
+                                admin_address: v.admin_address,
+                                state: v.state,
+                                lease,
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %id, error = %e, "ignoring unreadable member value")
+                    }
                 }
-                Err(e) => tracing::warn!(member = %id, error = %e, "ignoring unreadable member value"),
-            },
+            }
             (Key::Member(id), None) => {
                 self.members.remove(&id);
             }
@@ -97,32 +111,41 @@ impl View {
                 self.leader = Some(MemberId::new(String::from_utf8_lossy(value)));
             }
             (Key::Leader, None) => self.leader = None,
-            (Key::Assignment, Some((value, _, _))) => match serde_json::from_slice::<AssignmentValue>(value) {
-                Ok(v) if v.shards.len() == self.shards.len() => {
-                    self.assignment_version = v.version;
-                    self.assignment = v.decode();
+            (Key::Assignment, Some((value, _, _))) => {
+                match serde_json::from_slice::<AssignmentValue>(value) {
+                    Ok(v) if v.shards.len() == self.shards.len() => {
+                        self.assignment_version = v.version;
+                        self.assignment = v.decode();
+                    }
+                    Ok(v) => tracing::warn!(
+                        shards = v.shards.len(),
+                        "ignoring assignment for another shard count"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "ignoring unreadable assignment"),
                 }
-                Ok(v) => tracing::warn!(shards = v.shards.len(), "ignoring assignment for another shard count"),
-                Err(e) => tracing::warn!(error = %e, "ignoring unreadable assignment"),
-            },
+            }
             (Key::Assignment, None) => {
                 self.assignment_version = 0;
                 self.assignment.iter_mut().for_each(|a| *a = None);
             }
             (Key::Shard(shard), put) => {
-                let Some(slot) = self.shards.get_mut(shard.0 as usize) else { return };
+                let Some(slot) = self.shards.get_mut(shard.0 as usize) else {
+                    return;
+                };
                 *slot = match put {
-                    Some((value, create_revision, _)) => match serde_json::from_slice::<ShardValue>(value) {
-                        Ok(v) => Some(ShardOwner {
-                            owner: v.owner,
-                            address: v.address,
-                            epoch: Epoch(create_revision as u64),
-                        }),
-                        Err(e) => {
-                            tracing::warn!(%shard, error = %e, "ignoring unreadable shard value");
-                            None
+                    Some((value, create_revision, _)) => {
+                        match serde_json::from_slice::<ShardValue>(value) {
+                            Ok(v) => Some(ShardOwner {
+                                owner: v.owner,
+                                address: v.address,
+                                epoch: Epoch(create_revision as u64),
+                            }),
+                            Err(e) => {
+                                tracing::warn!(%shard, error = %e, "ignoring unreadable shard value");
+                                None
+                            }
                         }
-                    },
+                    }
                     None => None,
                 };
             }
@@ -138,16 +161,35 @@ mod tests {
     fn applies_puts_and_deletes() {
         let keys = Keys::new("c");
         let mut v = View::empty(4);
-        let shard = serde_json::to_vec(&ShardValue { owner: MemberId::new("a"), address: "x:1".into() }).unwrap();
-        v.apply(&keys, keys.shard(ShardId(2)).as_bytes(), Some((&shard, 42, 7)));
+        let shard = serde_json::to_vec(&ShardValue {
+            owner: MemberId::new("a"),
+            address: "x:1".into(),
+        })
+        .unwrap();
+        v.apply(
+            &keys,
+            keys.shard(ShardId(2)).as_bytes(),
+            Some((&shard, 42, 7)),
+        );
         assert_eq!(v.owner(ShardId(2)).unwrap().epoch, Epoch(42));
         assert_eq!(v.unowned(), 3);
         v.apply(&keys, keys.shard(ShardId(2)).as_bytes(), None);
         assert_eq!(v.unowned(), 4);
         // A shard outside the configured count is ignored, not a panic.
-        v.apply(&keys, keys.shard(ShardId(9)).as_bytes(), Some((&shard, 43, 7)));
-        let a = serde_json::to_vec(&AssignmentValue::encode(5, &[None, Some(MemberId::new("a")), None, None])).unwrap();
+        v.apply(
+            &keys,
+            keys.shard(ShardId(9)).as_bytes(),
+            Some((&shard, 43, 7)),
+        );
+        let a = serde_json::to_vec(&AssignmentValue::encode(
+            5,
+            &[None, Some(MemberId::new("a")), None, None],
+        ))
+        .unwrap();
         v.apply(&keys, keys.assignment().as_bytes(), Some((&a, 50, 0)));
-        assert_eq!((v.assignment_version, v.assigned(ShardId(1)).cloned()), (5, Some(MemberId::new("a"))));
+        assert_eq!(
+            (v.assignment_version, v.assigned(ShardId(1)).cloned()),
+            (5, Some(MemberId::new("a")))
+        );
     }
 }

@@ -17,7 +17,9 @@ impl Coord {
                 Ok(()) => return,
                 Err(e) => {
                     if synced_before {
-                        self.inner.view.send_modify(|v| Arc::make_mut(v).synced = false);
+                        self.inner
+                            .view
+                            .send_modify(|v| Arc::make_mut(v).synced = false);
                     }
                     tracing::warn!(error = %e, retry_in = ?backoff, "routing table watch lost; taking a new snapshot");
                 }
@@ -39,16 +41,28 @@ impl Coord {
             .await?;
         let mut view = View::empty(self.inner.opts.shard_count);
         for kv in snapshot.kvs() {
-            view.apply(keys, kv.key(), Some((kv.value(), kv.create_revision(), kv.lease())));
+            view.apply(
+                keys,
+                kv.key(),
+                Some((kv.value(), kv.create_revision(), kv.lease())),
+            );
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());
         view.synced = true;
         self.inner.metrics.watch_resyncs.inc();
-        tracing::info!(revision = view.revision, members = view.members.len(), "routing table synced");
+        tracing::info!(
+            revision = view.revision,
+            members = view.members.len(),
+            "routing table synced"
+        );
         self.publish(&view);
 
-        let options = WatchOptions::new().with_prefix().with_start_revision(view.revision + 1);
-        let mut stream = self.etcd(client.watch(keys.prefix(), Some(options))).await?;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(view.revision + 1);
+        let mut stream = self
+            .etcd(client.watch(keys.prefix(), Some(options)))
+            .await?;
         loop {
             let msg = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),

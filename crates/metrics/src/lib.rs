@@ -143,7 +143,10 @@ impl Registry {
                 last_name = &e.name;
             }
             let braces = |extra: &str| -> String {
-                let parts: Vec<&str> = [e.labels.as_str(), extra].into_iter().filter(|s| !s.is_empty()).collect();
+                let parts: Vec<&str> = [e.labels.as_str(), extra]
+                    .into_iter()
+                    .filter(|s| !s.is_empty())
+                    .collect();
                 if parts.is_empty() {
                     String::new()
                 } else {
@@ -161,7 +164,13 @@ impl Registry {
                     let mut cumulative = 0;
                     for (i, b) in BUCKETS.iter().enumerate() {
                         cumulative += h.buckets[i].load(Ordering::Relaxed);
-                        let _ = writeln!(out, "{}_bucket{} {}", e.name, braces(&format!("le=\"{b}\"")), cumulative);
+                        let _ = writeln!(
+                            out,
+                            "{}_bucket{} {}",
+                            e.name,
+                            braces(&format!("le=\"{b}\"")),
+                            cumulative
+                        );
                     }
                     let count = h.count();
                     let _ = writeln!(out, "{}_bucket{} {}", e.name, braces("le=\"+Inf\""), count);

@@ -41,7 +41,8 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
         // Nobody can take shards: leave everything where it is.
         return input.owners.to_vec();
     }
-    let index: HashMap<&MemberId, usize> = members.iter().enumerate().map(|(i, m)| (*m, i)).collect();
+    let index: HashMap<&MemberId, usize> =
+        members.iter().enumerate().map(|(i, m)| (*m, i)).collect();
     let active = |m: &Option<MemberId>| m.as_ref().and_then(|m| index.get(m).copied());
     let owner: Vec<Option<usize>> = input.owners.iter().map(active).collect();
     let previous = |s: usize| input.previous.get(s).and_then(active);
@@ -53,7 +54,8 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
         .collect();
 
     // Start from the previous assignment (moves in flight stay), else the current owner.
-    let mut target: Vec<Option<usize>> = (0..shard_count).map(|s| previous(s).or(owner[s])).collect();
+    let mut target: Vec<Option<usize>> =
+        (0..shard_count).map(|s| previous(s).or(owner[s])).collect();
     let mut count = vec![0usize; n];
     for t in target.iter().flatten() {
         count[*t] += 1;
@@ -82,11 +84,13 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
             }
         }
     }
-    // ... and the rest to the member furthest below quota.
+    // ... and the rest, in shard order, to members below quota in member order, so each
+    // member receives contiguous runs (readable shard maps).
+    let mut m = 0;
     for t in target.iter_mut().filter(|t| t.is_none()) {
-        let m = (0..n)
-            .max_by_key(|&m| (quota[m] - count[m], std::cmp::Reverse(m)))
-            .expect("members is not empty");
+        while count[m] >= quota[m] {
+            m += 1; // quotas add up to the shard count, so a receiver is always left
+        }
         *t = Some(m);
         count[m] += 1;
     }
@@ -146,18 +150,34 @@ mod tests {
     fn assert_balanced(assignment: &[Option<MemberId>], members: &[MemberId]) {
         let s = assignment.len();
         let n = members.len();
-        assert!(assignment.iter().all(|a| a.as_ref().is_some_and(|a| members.contains(a))));
+        assert!(assignment
+            .iter()
+            .all(|a| a.as_ref().is_some_and(|a| members.contains(a))));
         for c in counts(assignment, members) {
-            assert!(c >= s / n && c <= s.div_ceil(n), "count {c} outside {}..{}", s / n, s.div_ceil(n));
+            assert!(
+                c >= s / n && c <= s.div_ceil(n),
+                "count {c} outside {}..{}",
+                s / n,
+                s.div_ceil(n)
+            );
         }
     }
 
     /// Simulates moves completing: owners become what was assigned.
-    fn settle(members: &[MemberId], owners: Vec<Option<MemberId>>, max_moves: usize) -> (Vec<Option<MemberId>>, usize) {
+    fn settle(
+        members: &[MemberId],
+        owners: Vec<Option<MemberId>>,
+        max_moves: usize,
+    ) -> (Vec<Option<MemberId>>, usize) {
         let mut owners = owners;
         let mut previous = Vec::new();
         for round in 0..1000 {
-            let a = plan(PlanInput { active: members, owners: &owners, previous: &previous, max_moves });
+            let a = plan(PlanInput {
+                active: members,
+                owners: &owners,
+                previous: &previous,
+                max_moves,
+            });
             if a == owners {
                 return (owners, round);
             }
@@ -167,7 +187,8 @@ mod tests {
         panic!("did not settle");
     }
 
-    fn arb_state() -> impl Strategy<Value = (usize, Vec<Option<usize>>, Vec<Option<usize>>, usize)> {
+    fn arb_state() -> impl Strategy<Value = (usize, Vec<Option<usize>>, Vec<Option<usize>>, usize)>
+    {
         (1usize..8, 1usize..300).prop_flat_map(|(n, s)| {
             let slot = proptest::option::of(0..n + 2); // indices ≥ n are members that left
             (
@@ -180,7 +201,9 @@ mod tests {
     }
 
     fn to_ids(v: &[Option<usize>]) -> Vec<Option<MemberId>> {
-        v.iter().map(|o| o.map(|i| MemberId(format!("m{i}")))).collect()
+        v.iter()
+            .map(|o| o.map(|i| MemberId(format!("m{i}"))))
+            .collect()
     }
 
     proptest! {
@@ -246,7 +269,12 @@ mod tests {
     #[test]
     fn three_members_get_341_or_342_of_1024() {
         let members = ids(3);
-        let a = plan(PlanInput { active: &members, owners: &vec![None; 1024], previous: &[], max_moves: 16 });
+        let a = plan(PlanInput {
+            active: &members,
+            owners: &vec![None; 1024],
+            previous: &[],
+            max_moves: 16,
+        });
         let mut c = counts(&a, &members);
         c.sort();
         assert_eq!(c, vec![341, 341, 342]);
@@ -259,7 +287,12 @@ mod tests {
         for (s, o) in owners.iter_mut().enumerate() {
             *o = Some(MemberId(format!("m{}", s % 4))); // m3 is draining
         }
-        let a = plan(PlanInput { active: &members, owners: &owners, previous: &[], max_moves: 5 });
+        let a = plan(PlanInput {
+            active: &members,
+            owners: &owners,
+            previous: &[],
+            max_moves: 5,
+        });
         let moved: Vec<usize> = (0..30).filter(|&s| owners[s] != a[s]).collect();
         assert_eq!(moved.len(), 5);
         assert!(moved.iter().all(|&s| s % 4 == 3), "moved {moved:?}");
@@ -268,6 +301,14 @@ mod tests {
     #[test]
     fn no_active_members_leaves_owners_in_place() {
         let owners = vec![Some(MemberId::new("gone")), None];
-        assert_eq!(plan(PlanInput { active: &[], owners: &owners, previous: &[], max_moves: 1 }), owners);
+        assert_eq!(
+            plan(PlanInput {
+                active: &[],
+                owners: &owners,
+                previous: &[],
+                max_moves: 1
+            }),
+            owners
+        );
     }
 }

@@ -8,5 +8,4 @@ pub mod v1 {
 }
 
 /// Encoded `FileDescriptorSet` of every Leasehold proto, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("leasehold_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("leasehold_descriptor");

@@ -18,7 +18,11 @@ pub enum CallSource {
     /// An `Entities.Call`, accepted by the instance `entry`.
     Grpc { entry: MemberId },
     /// A Kafka record.
-    Kafka { topic: String, partition: i32, offset: i64 },
+    Kafka {
+        topic: String,
+        partition: i32,
+        offset: i64,
+    },
 }
 
 /// One handler invocation.
@@ -72,7 +76,11 @@ impl GrpcHandler {
             .max_encoding_message_size(max_message);
         let (events, rx) = mpsc::channel(4096);
         tokio::spawn(notify_loop(url.to_owned(), owner, client.clone(), rx));
-        Ok(Self { url: url.into(), client, events })
+        Ok(Self {
+            url: url.into(),
+            client,
+            events,
+        })
     }
 }
 
@@ -83,10 +91,18 @@ impl Handler for GrpcHandler {
         Box::pin(async move {
             let timeout = call.deadline.saturating_duration_since(Instant::now());
             let source = match call.source {
-                CallSource::Grpc { entry } => pb::source::Kind::Grpc(pb::GrpcSource { entry: entry.0 }),
-                CallSource::Kafka { topic, partition, offset } => {
-                    pb::source::Kind::Kafka(pb::KafkaSource { topic, partition, offset })
+                CallSource::Grpc { entry } => {
+                    pb::source::Kind::Grpc(pb::GrpcSource { entry: entry.0 })
                 }
+                CallSource::Kafka {
+                    topic,
+                    partition,
+                    offset,
+                } => pb::source::Kind::Kafka(pb::KafkaSource {
+                    topic,
+                    partition,
+                    offset,
+                }),
             };
             let mut request = tonic::Request::new(pb::HandleRequest {
                 key: call.key,
@@ -100,9 +116,9 @@ impl Handler for GrpcHandler {
             match client.handle(request).await {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
-                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => Err(Status::unavailable(
-                    format!("handler at {url} unreachable: {}", s.message()),
-                )),
+                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => Err(
+                    Status::unavailable(format!("handler at {url} unreachable: {}", s.message())),
+                ),
                 Err(s) => Err(s),
             }
         })
@@ -128,7 +144,11 @@ async fn notify_loop(
     mut rx: mpsc::Receiver<(bool, ShardId, Epoch)>,
 ) {
     while let Some((acquired, shard, epoch)) = rx.recv().await {
-        let mut request = tonic::Request::new(pb::ShardEvent { shard: shard.0, epoch: epoch.0, owner: owner.0.clone() });
+        let mut request = tonic::Request::new(pb::ShardEvent {
+            shard: shard.0,
+            epoch: epoch.0,
+            owner: owner.0.clone(),
+        });
         request.set_timeout(Duration::from_secs(2));
         let result = if acquired {
             client.shard_acquired(request).await

@@ -26,9 +26,9 @@ use tokio::sync::{oneshot, Semaphore};
 use tonic::{Code, Status};
 
 pub use crate::handler::{CallSource, EchoHandler, GrpcHandler, HandleCall, Handler};
-pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
 use crate::mailbox::Mailboxes;
 use crate::peers::{Forwarded, Peers};
+pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
 
 /// Limits of the call path.
 #[derive(Debug, Clone)]
@@ -76,7 +76,11 @@ pub enum CallError {
     Unavailable(String),
     /// The receiver of a forwarded call does not own the shard (its view attached).
     #[error("not the owner of shard {shard}")]
-    NotOwner { shard: ShardId, owner: Option<MemberId>, epoch: Epoch },
+    NotOwner {
+        shard: ShardId,
+        owner: Option<MemberId>,
+        epoch: Epoch,
+    },
     /// The handler's own answer, passed through unchanged.
     #[error("{0}")]
     Handler(Status),
@@ -141,19 +145,48 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(coord: Coord, handler: Arc<dyn Handler>, opts: RouterOptions, registry: &Registry) -> Self {
+    pub fn new(
+        coord: Coord,
+        handler: Arc<dyn Handler>,
+        opts: RouterOptions,
+        registry: &Registry,
+    ) -> Self {
         let metrics = Metrics {
-            ok: registry.counter("leasehold_calls_total", "Calls accepted by this instance, by result.", "result=\"ok\""),
-            failed: registry.counter("leasehold_calls_total", "Calls accepted by this instance, by result.", "result=\"error\""),
-            forwards: registry.counter("leasehold_forwards_total", "Calls forwarded to the owning peer.", ""),
+            ok: registry.counter(
+                "leasehold_calls_total",
+                "Calls accepted by this instance, by result.",
+                "result=\"ok\"",
+            ),
+            failed: registry.counter(
+                "leasehold_calls_total",
+                "Calls accepted by this instance, by result.",
+                "result=\"error\"",
+            ),
+            forwards: registry.counter(
+                "leasehold_forwards_total",
+                "Calls forwarded to the owning peer.",
+                "",
+            ),
             not_owner_retries: registry.counter(
                 "leasehold_not_owner_retries_total",
                 "Forwards answered \"not owner\" and retried after the routing table caught up.",
                 "",
             ),
-            held: registry.counter("leasehold_held_calls_total", "Times a call waited for an owner, a handoff or the lease.", ""),
-            handler_latency: registry.histogram("leasehold_handler_duration_seconds", "Handler call latency at the owner.", ""),
-            mailboxes: registry.gauge("leasehold_active_mailboxes", "Keys with queued or running calls.", ""),
+            held: registry.counter(
+                "leasehold_held_calls_total",
+                "Times a call waited for an owner, a handoff or the lease.",
+                "",
+            ),
+            handler_latency: registry.histogram(
+                "leasehold_handler_duration_seconds",
+                "Handler call latency at the owner.",
+                "",
+            ),
+            mailboxes: registry.gauge(
+                "leasehold_active_mailboxes",
+                "Keys with queued or running calls.",
+                "",
+            ),
         };
         let max_message = opts.max_payload + (1 << 20);
         Self {
@@ -178,7 +211,10 @@ impl Router {
     }
 
     pub fn refresh_metrics(&self) {
-        self.inner.metrics.mailboxes.set(self.inner.mailboxes.active() as f64);
+        self.inner
+            .metrics
+            .mailboxes
+            .set(self.inner.mailboxes.active() as f64);
     }
 
     /// Checks a key and payload against the limits.
@@ -203,8 +239,16 @@ impl Router {
     }
 
     /// Runs a call accepted by this instance, wherever its key lives.
-    pub async fn call(&self, key: String, payload: Bytes, deadline: Instant, source: CallSource) -> Result<Reply, CallError> {
-        let result = self.submit(key, payload, deadline, Origin::Entry, source).await;
+    pub async fn call(
+        &self,
+        key: String,
+        payload: Bytes,
+        deadline: Instant,
+        source: CallSource,
+    ) -> Result<Reply, CallError> {
+        let result = self
+            .submit(key, payload, deadline, Origin::Entry, source)
+            .await;
         match &result {
             Ok(_) => self.inner.metrics.ok.inc(),
             Err(_) => self.inner.metrics.failed.inc(),
@@ -213,15 +257,37 @@ impl Router {
     }
 
     /// Runs a call forwarded by a peer; never forwards it again.
-    async fn serve_forwarded(&self, key: String, payload: Bytes, deadline: Instant, source: CallSource) -> Result<Reply, CallError> {
-        self.submit(key, payload, deadline, Origin::Forwarded, source).await
+    async fn serve_forwarded(
+        &self,
+        key: String,
+        payload: Bytes,
+        deadline: Instant,
+        source: CallSource,
+    ) -> Result<Reply, CallError> {
+        self.submit(key, payload, deadline, Origin::Forwarded, source)
+            .await
     }
 
-    async fn submit(&self, key: String, payload: Bytes, deadline: Instant, origin: Origin, source: CallSource) -> Result<Reply, CallError> {
+    async fn submit(
+        &self,
+        key: String,
+        payload: Bytes,
+        deadline: Instant,
+        origin: Origin,
+        source: CallSource,
+    ) -> Result<Reply, CallError> {
         self.validate(&key, &payload)?;
         let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
         let (tx, rx) = oneshot::channel();
-        let job = Job { key, shard, payload, deadline, origin, source, reply: tx };
+        let job = Job {
+            key,
+            shard,
+            payload,
+            deadline,
+            origin,
+            source,
+            reply: tx,
+        };
         let key = job.key.clone();
         let this = self.clone();
         self.inner
@@ -236,7 +302,11 @@ impl Router {
                     self.inner.opts.mailbox_capacity
                 ))
             })?;
-        rx.await.unwrap_or_else(|_| Err(CallError::Unavailable("call dropped while shutting down".into())))
+        rx.await.unwrap_or_else(|_| {
+            Err(CallError::Unavailable(
+                "call dropped while shutting down".into(),
+            ))
+        })
     }
 
     /// Runs one job from a key's mailbox.
@@ -319,15 +389,18 @@ impl Router {
     /// Runs the handler for a job at this owner. `Err(Blocked)` when the shard stopped
     /// being startable while waiting for a concurrency permit.
     async fn execute(&self, job: &Job) -> Result<Result<Reply, CallError>, Blocked> {
-        let permit = match tokio::time::timeout_at(job.deadline.into(), self.inner.concurrency.acquire()).await {
-            Ok(Ok(p)) => p,
-            _ => {
-                return Ok(Err(CallError::ResourceExhausted(format!(
+        let permit =
+            match tokio::time::timeout_at(job.deadline.into(), self.inner.concurrency.acquire())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => {
+                    return Ok(Err(CallError::ResourceExhausted(format!(
                     "no handler slot free before the deadline ({} calls running, max_concurrency)",
                     self.inner.opts.max_concurrency
                 ))))
-            }
-        };
+                }
+            };
         let coord = &self.inner.coord;
         let guard = coord.table().try_start(job.shard)?;
         let deadline = job.deadline.min(guard.valid_until);
@@ -341,14 +414,25 @@ impl Router {
             deadline,
         };
         let started = Instant::now();
-        let result = tokio::time::timeout_at(deadline.into(), self.inner.handler.handle(call)).await;
-        self.inner.metrics.handler_latency.observe(started.elapsed());
+        let result =
+            tokio::time::timeout_at(deadline.into(), self.inner.handler.handle(call)).await;
+        self.inner
+            .metrics
+            .handler_latency
+            .observe(started.elapsed());
         let epoch = guard.epoch;
         drop(guard);
         drop(permit);
         Ok(match result {
-            Ok(Ok(payload)) => Ok(Reply { payload, shard: job.shard, epoch, owner: coord.member_id().clone() }),
-            Ok(Err(status)) if status.code() == Code::Unavailable => Err(CallError::Unavailable(status.message().to_owned())),
+            Ok(Ok(payload)) => Ok(Reply {
+                payload,
+                shard: job.shard,
+                epoch,
+                owner: coord.member_id().clone(),
+            }),
+            Ok(Err(status)) if status.code() == Code::Unavailable => {
+                Err(CallError::Unavailable(status.message().to_owned()))
+            }
             Ok(Err(status)) => Err(CallError::Handler(status)),
             Err(_) => Err(CallError::DeadlineExceeded(format!(
                 "handler did not answer within its deadline of {:?}",

@@ -21,7 +21,10 @@ pub(crate) struct Full;
 
 impl<J: Send + 'static> Mailboxes<J> {
     pub(crate) fn new(capacity: usize) -> Self {
-        Self { stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(), capacity }
+        Self {
+            stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
+            capacity,
+        }
     }
 
     fn stripe(&self, key: &str) -> &Mutex<HashMap<String, mpsc::Sender<J>>> {
@@ -76,7 +79,10 @@ impl<J: Send + 'static> Mailboxes<J> {
 
     /// Number of keys with queued or running work.
     pub(crate) fn active(&self) -> usize {
-        self.stripes.iter().map(|s| s.lock().expect("mailbox lock").len()).sum()
+        self.stripes
+            .iter()
+            .map(|s| s.lock().expect("mailbox lock").len())
+            .sum()
     }
 }
 
@@ -102,17 +108,21 @@ mod tests {
             done.push(rx);
             let (running, peak, order) = (running.clone(), peak.clone(), order.clone());
             let job = (key.to_owned(), i, tx);
-            let ok = boxes.submit(key, job, move |(key, i, tx): (String, u32, oneshot::Sender<()>)| {
-                let (running, peak, order) = (running.clone(), peak.clone(), order.clone());
-                async move {
-                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                    peak.fetch_max(now, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                    order.lock().unwrap().push((key, i));
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    let _ = tx.send(());
-                }
-            });
+            let ok = boxes.submit(
+                key,
+                job,
+                move |(key, i, tx): (String, u32, oneshot::Sender<()>)| {
+                    let (running, peak, order) = (running.clone(), peak.clone(), order.clone());
+                    async move {
+                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_micros(200)).await;
+                        order.lock().unwrap().push((key, i));
+                        running.fetch_sub(1, Ordering::SeqCst);
+                        let _ = tx.send(());
+                    }
+                },
+            );
             assert!(ok.is_ok());
         }
         for rx in done {
@@ -120,8 +130,15 @@ mod tests {
         }
         let order = order.lock().unwrap();
         for key in ["a", "b"] {
-            let seq: Vec<u32> = order.iter().filter(|(k, _)| k == key).map(|(_, i)| *i).collect();
-            assert!(seq.windows(2).all(|w| w[0] < w[1]), "key {key} out of order");
+            let seq: Vec<u32> = order
+                .iter()
+                .filter(|(k, _)| k == key)
+                .map(|(_, i)| *i)
+                .collect();
+            assert!(
+                seq.windows(2).all(|w| w[0] < w[1]),
+                "key {key} out of order"
+            );
         }
         // Two keys: never more than two at once, and they did overlap.
         assert_eq!(peak.load(Ordering::SeqCst), 2);

@@ -30,7 +30,10 @@ pub(crate) struct Peers {
 
 impl Peers {
     pub(crate) fn new(max_message: usize) -> Self {
-        Self { channels: RwLock::new(HashMap::new()), max_message }
+        Self {
+            channels: RwLock::new(HashMap::new()),
+            max_message,
+        }
     }
 
     fn client(&self, address: &str) -> Result<PeerClient<Channel>, String> {
@@ -80,7 +83,9 @@ impl Peers {
                 Some(forward_response::Result::NotOwner(_)) => Forwarded::NotOwner,
                 None => Forwarded::Unreachable("empty forward response".into()),
             },
-            Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => Forwarded::Done(Err(CallError::Handler(s))),
+            Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => {
+                Forwarded::Done(Err(CallError::Handler(s)))
+            }
             Err(s) => Forwarded::Unreachable(s.to_string()),
         }
     }

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use leasehold_proto::v1::{self as pb, entities_server::Entities, forward_response, peer_server::Peer};
+use leasehold_proto::v1::{
+    self as pb, entities_server::Entities, forward_response, peer_server::Peer,
+};
 use leasehold_types::{shard_for_key, MemberId};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
@@ -49,11 +51,19 @@ impl EntitiesService {
 
 #[tonic::async_trait]
 impl Entities for EntitiesService {
-    async fn call(&self, request: Request<pb::CallRequest>) -> Result<Response<pb::CallResponse>, Status> {
+    async fn call(
+        &self,
+        request: Request<pb::CallRequest>,
+    ) -> Result<Response<pb::CallResponse>, Status> {
         let deadline = self.router.deadline(client_timeout(&request));
         let req = request.into_inner();
-        let source = CallSource::Grpc { entry: self.router.coord().member_id().clone() };
-        let reply = self.router.call(req.key, req.payload, deadline, source).await?;
+        let source = CallSource::Grpc {
+            entry: self.router.coord().member_id().clone(),
+        };
+        let reply = self
+            .router
+            .call(req.key, req.payload, deadline, source)
+            .await?;
         Ok(Response::new(pb::CallResponse {
             payload: reply.payload,
             shard: reply.shard.0,
@@ -62,7 +72,10 @@ impl Entities for EntitiesService {
         }))
     }
 
-    async fn locate(&self, request: Request<pb::LocateRequest>) -> Result<Response<pb::LocateResponse>, Status> {
+    async fn locate(
+        &self,
+        request: Request<pb::LocateRequest>,
+    ) -> Result<Response<pb::LocateResponse>, Status> {
         let key = request.into_inner().key;
         if key.is_empty() {
             return Err(Status::invalid_argument("key must not be empty"));
@@ -92,29 +105,46 @@ impl PeerService {
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    async fn forward(&self, request: Request<pb::ForwardRequest>) -> Result<Response<pb::ForwardResponse>, Status> {
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
         let deadline = self.router.deadline(client_timeout(&request));
         let req = request.into_inner();
-        let source = CallSource::Grpc { entry: MemberId(req.entry) };
-        let result = match self.router.serve_forwarded(req.key, req.payload, deadline, source).await {
+        let source = CallSource::Grpc {
+            entry: MemberId(req.entry),
+        };
+        let result = match self
+            .router
+            .serve_forwarded(req.key, req.payload, deadline, source)
+            .await
+        {
             Ok(r) => forward_response::Result::Ok(pb::CallResponse {
                 payload: r.payload,
                 shard: r.shard.0,
                 epoch: r.epoch.0,
                 owner: r.owner.0,
             }),
-            Err(CallError::NotOwner { shard, owner, epoch }) => forward_response::Result::NotOwner(pb::NotOwner {
+            Err(CallError::NotOwner {
+                shard,
+                owner,
+                epoch,
+            }) => forward_response::Result::NotOwner(pb::NotOwner {
                 shard: shard.0,
                 owner: owner.map(|o| o.0).unwrap_or_default(),
                 epoch: epoch.0,
             }),
             Err(e) => {
                 let mut status = Status::from(e);
-                status.metadata_mut().insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
+                status
+                    .metadata_mut()
+                    .insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
                 return Err(status);
             }
         };
-        Ok(Response::new(pb::ForwardResponse { result: Some(result) }))
+        Ok(Response::new(pb::ForwardResponse {
+            result: Some(result),
+        }))
     }
 }
 

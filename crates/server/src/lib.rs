@@ -1,1 +1,7 @@
+//! The edges of a Leasehold instance: configuration, the admin surface, the gRPC server
+//! and the shutdown order. `main.rs` only parses arguments and maps errors to exit codes.
 
+pub mod admin;
+pub mod config;
+pub mod serve;
+pub mod status;

@@ -71,7 +71,9 @@ pub fn validate_member_id(id: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!("contains {c:?}; allowed are letters, digits, '.', '_' and '-'"));
+        return Err(format!(
+            "contains {c:?}; allowed are letters, digits, '.', '_' and '-'"
+        ));
     }
     Ok(())
 }
@@ -129,7 +131,11 @@ mod tests {
     fn hash_matches_published_vectors() {
         for &(key, hash, shard) in VECTORS {
             assert_eq!(key_hash(key.as_bytes()), hash, "hash of {key:?}");
-            assert_eq!(shard_for_key(key.as_bytes(), 1024), ShardId(shard), "shard of {key:?}");
+            assert_eq!(
+                shard_for_key(key.as_bytes(), 1024),
+                ShardId(shard),
+                "shard of {key:?}"
+            );
         }
     }
 

@@ -1,0 +1,279 @@
+//! The admin surface: HTTP JSON on `--admin-listen`, and the same reads over gRPC.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Json;
+use leasehold_coord::{Coord, MemberState};
+use leasehold_metrics::Registry;
+use leasehold_proto::v1 as pb;
+use leasehold_router::Router;
+use leasehold_types::{MemberId, ShardId};
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct ClusterInfo {
+    pub cluster: String,
+    pub shard_count: u32,
+    pub leader: Option<String>,
+    pub assignment_version: u64,
+    pub members: usize,
+    pub unowned_shards: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ShardInfo {
+    pub shard: u32,
+    pub owner: Option<String>,
+    pub address: Option<String>,
+    pub epoch: u64,
+    /// `owned`, `moving` or `unowned`.
+    pub state: &'static str,
+    pub assigned_to: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MemberInfo {
+    pub id: String,
+    pub address: String,
+    pub admin_address: String,
+    pub state: &'static str,
+    pub shards: usize,
+}
+
+pub fn cluster_info(coord: &Coord) -> ClusterInfo {
+    let view = coord.view();
+    ClusterInfo {
+        cluster: coord.options().cluster.clone(),
+        shard_count: view.shard_count(),
+        leader: view.leader.as_ref().map(|l| l.0.clone()),
+        assignment_version: view.assignment_version,
+        members: view.members.len(),
+        unowned_shards: view.unowned(),
+    }
+}
+
+fn shard_info(coord: &Coord, shard: ShardId) -> ShardInfo {
+    let view = coord.view();
+    let owner = view.owner(shard);
+    let assigned = view.assigned(shard);
+    let state = match owner {
+        None => "unowned",
+        Some(o) if assigned.is_some_and(|a| *a != o.owner) => "moving",
+        Some(_) => "owned",
+    };
+    ShardInfo {
+        shard: shard.0,
+        owner: owner.map(|o| o.owner.0.clone()),
+        address: owner.map(|o| o.address.clone()),
+        epoch: owner.map_or(0, |o| o.epoch.0),
+        state,
+        assigned_to: assigned.map(|a| a.0.clone()),
+    }
+}
+
+pub fn shards(coord: &Coord) -> Vec<ShardInfo> {
+    (0..coord.options().shard_count)
+        .map(|s| shard_info(coord, ShardId(s)))
+        .collect()
+}
+
+pub fn members(coord: &Coord) -> Vec<MemberInfo> {
+    let view = coord.view();
+    view.members
+        .values()
+        .map(|m| MemberInfo {
+            id: m.id.0.clone(),
+            address: m.address.clone(),
+            admin_address: m.admin_address.clone(),
+            state: m.state.as_str(),
+            shards: view.owned_by(&m.id),
+        })
+        .collect()
+}
+
+#[derive(Clone)]
+struct AppState {
+    router: Router,
+    registry: Registry,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(serde_json::json!({ "error": message.into(), "status": status.as_u16() })),
+    )
+        .into_response()
+}
+
+/// The admin HTTP routes.
+pub fn http_routes(router: Router, registry: Registry) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/cluster", get(get_cluster))
+        .route("/v1/shards", get(get_shards))
+        .route("/v1/shards/{shard}", get(get_shard))
+        .route("/v1/members", get(get_members))
+        .route("/v1/members/{id}/drain", post(drain))
+        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see /v1/cluster, /v1/shards, /v1/members, /healthz, /readyz, /metrics") })
+        .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
+        .with_state(Arc::new(AppState { router, registry }))
+}
+
+async fn get_cluster(State(s): State<Arc<AppState>>) -> Response {
+    Json(cluster_info(s.router.coord())).into_response()
+}
+
+async fn get_shards(State(s): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "shards": shards(s.router.coord()) })).into_response()
+}
+
+async fn get_shard(State(s): State<Arc<AppState>>, Path(shard): Path<String>) -> Response {
+    let count = s.router.coord().options().shard_count;
+    match shard.parse::<u32>() {
+        Ok(n) if n < count => Json(shard_info(s.router.coord(), ShardId(n))).into_response(),
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("shard {shard:?} does not exist; shards are 0..{count}"),
+        ),
+    }
+}
+
+async fn get_members(State(s): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "members": members(s.router.coord()) })).into_response()
+}
+
+async fn drain(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match s.router.coord().drain_member(&MemberId(id.clone())).await {
+        Ok(m) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "id": m.id.0,
+                "state": MemberState::Draining.as_str(),
+                "address": m.address,
+                "admin_address": m.admin_address,
+            })),
+        )
+            .into_response(),
+        Err(leasehold_coord::Error::UnknownMember(_)) => error(
+            StatusCode::NOT_FOUND,
+            format!("member {id:?} is not registered"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not drain {id:?}: {e}"),
+        ),
+    }
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    match s.router.coord().readiness() {
+        Ok(()) => Json(serde_json::json!({ "ready": true })).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    s.router.coord().refresh_metrics();
+    s.router.refresh_metrics();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.registry.render(),
+    )
+        .into_response()
+}
+
+/// `leasehold.v1.Admin`.
+pub struct AdminService {
+    pub coord: Coord,
+}
+
+fn member_pb(m: MemberInfo) -> pb::MemberInfo {
+    pb::MemberInfo {
+        id: m.id,
+        address: m.address,
+        admin_address: m.admin_address,
+        state: m.state.into(),
+        shards: m.shards as u32,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get_cluster(
+        &self,
+        _: tonic::Request<pb::GetClusterRequest>,
+    ) -> Result<tonic::Response<pb::ClusterInfo>, tonic::Status> {
+        let c = cluster_info(&self.coord);
+        Ok(tonic::Response::new(pb::ClusterInfo {
+            cluster: c.cluster,
+            shard_count: c.shard_count,
+            leader: c.leader.unwrap_or_default(),
+            assignment_version: c.assignment_version,
+            members: c.members as u32,
+            unowned_shards: c.unowned_shards as u32,
+        }))
+    }
+
+    async fn list_shards(
+        &self,
+        _: tonic::Request<pb::ListShardsRequest>,
+    ) -> Result<tonic::Response<pb::ListShardsResponse>, tonic::Status> {
+        let shards = shards(&self.coord)
+            .into_iter()
+            .map(|s| pb::ShardInfo {
+                shard: s.shard,
+                owner: s.owner.unwrap_or_default(),
+                address: s.address.unwrap_or_default(),
+                epoch: s.epoch,
+                state: s.state.into(),
+                assigned_to: s.assigned_to.unwrap_or_default(),
+            })
+            .collect();
+        Ok(tonic::Response::new(pb::ListShardsResponse { shards }))
+    }
+
+    async fn list_members(
+        &self,
+        _: tonic::Request<pb::ListMembersRequest>,
+    ) -> Result<tonic::Response<pb::ListMembersResponse>, tonic::Status> {
+        let members = members(&self.coord).into_iter().map(member_pb).collect();
+        Ok(tonic::Response::new(pb::ListMembersResponse { members }))
+    }
+
+    async fn drain(
+        &self,
+        request: tonic::Request<pb::DrainRequest>,
+    ) -> Result<tonic::Response<pb::DrainResponse>, tonic::Status> {
+        let id = request.into_inner().member;
+        if id.is_empty() {
+            return Err(tonic::Status::invalid_argument("member must not be empty"));
+        }
+        match self.coord.drain_member(&MemberId(id.clone())).await {
+            Ok(m) => Ok(tonic::Response::new(pb::DrainResponse {
+                member: Some(pb::MemberInfo {
+                    id: m.id.0.clone(),
+                    address: m.address,
+                    admin_address: m.admin_address,
+                    state: "draining".into(),
+                    shards: self.coord.view().owned_by(&m.id) as u32,
+                }),
+            })),
+            Err(leasehold_coord::Error::UnknownMember(_)) => Err(tonic::Status::not_found(
+                format!("member {id:?} is not registered"),
+            )),
+            Err(e) => Err(tonic::Status::unavailable(format!(
+                "could not drain {id:?}: {e}"
+            ))),
+        }
+    }
+}

@@ -1,0 +1,591 @@
+//! Configuration: defaults → TOML file (`--config`) → `LEASEHOLD_*` environment → flags,
+//! then validation with messages that name the field.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use leasehold_types::validate_member_id;
+use serde::{Deserialize, Serialize};
+
+/// Flags of `leasehold serve`. Every value is optional here so that "not given" can fall
+/// back to the file, then to the default.
+#[derive(Debug, Default, Clone, Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (flags and environment override it).
+    #[arg(long, env = "LEASEHOLD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration as TOML and exit (after validating it).
+    #[arg(long)]
+    pub print_config: bool,
+    /// Instance id (unique in the cluster; the pod name on Kubernetes). Default: hostname.
+    #[arg(long, env = "LEASEHOLD_ID")]
+    pub id: Option<String>,
+    /// Cluster name; instances of one cluster share `/leasehold/<cluster>/` in etcd.
+    #[arg(long, env = "LEASEHOLD_CLUSTER")]
+    pub cluster: Option<String>,
+    /// etcd endpoints, comma separated.
+    #[arg(long, env = "LEASEHOLD_ETCD")]
+    pub etcd: Option<String>,
+    /// gRPC listen address.
+    #[arg(long, env = "LEASEHOLD_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin HTTP listen address.
+    #[arg(long, env = "LEASEHOLD_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// gRPC address peers and clients use. Default: the listen address.
+    #[arg(long, env = "LEASEHOLD_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Admin address shown to others. Default: the admin listen address.
+    #[arg(long, env = "LEASEHOLD_ADMIN_ADVERTISE")]
+    pub admin_advertise: Option<String>,
+    /// Number of shards (fixed for the life of a cluster).
+    #[arg(long, env = "LEASEHOLD_SHARDS")]
+    pub shards: Option<String>,
+    /// etcd lease TTL, e.g. 5s.
+    #[arg(long, env = "LEASEHOLD_LEASE_TTL")]
+    pub lease_ttl: Option<String>,
+    /// `echo`, or `grpc://HOST:PORT` of an application implementing EntityHandler.
+    #[arg(long, env = "LEASEHOLD_HANDLER")]
+    pub handler: Option<String>,
+    /// Deadline of a call whose client sets none, and the longest accepted.
+    #[arg(long, env = "LEASEHOLD_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// Largest accepted payload, e.g. 4MiB.
+    #[arg(long, env = "LEASEHOLD_MAX_PAYLOAD")]
+    pub max_payload: Option<String>,
+    /// Time a graceful shutdown waits for shards to move away before releasing them.
+    #[arg(long, env = "LEASEHOLD_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Handler calls running at once on this instance.
+    #[arg(long, env = "LEASEHOLD_MAX_CONCURRENCY")]
+    pub max_concurrency: Option<String>,
+    /// Calls queued per key before RESOURCE_EXHAUSTED.
+    #[arg(long, env = "LEASEHOLD_MAILBOX_CAPACITY")]
+    pub mailbox_capacity: Option<String>,
+    /// Owned shards the leader moves at once.
+    #[arg(long, env = "LEASEHOLD_MAX_MOVES")]
+    pub max_moves: Option<String>,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
+    #[arg(long, env = "LEASEHOLD_LOG")]
+    pub log: Option<String>,
+}
+
+/// A TOML scalar: numbers may be written bare, durations and sizes as strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Scalar {
+    Int(i64),
+    Str(String),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::Int(i) => i.to_string(),
+            Scalar::Str(s) => s,
+        }
+    }
+}
+
+/// The TOML file. Unknown keys are an error, so a typo never silently falls back.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub id: Option<Scalar>,
+    pub cluster: Option<Scalar>,
+    /// A list or a comma-separated string.
+    pub etcd: Option<Endpoints>,
+    pub listen: Option<Scalar>,
+    pub admin_listen: Option<Scalar>,
+    pub advertise: Option<Scalar>,
+    pub admin_advertise: Option<Scalar>,
+    pub shards: Option<Scalar>,
+    pub lease_ttl: Option<Scalar>,
+    pub handler: Option<Scalar>,
+    pub request_timeout: Option<Scalar>,
+    pub max_payload: Option<Scalar>,
+    pub drain_timeout: Option<Scalar>,
+    pub max_concurrency: Option<Scalar>,
+    pub mailbox_capacity: Option<Scalar>,
+    pub max_moves: Option<Scalar>,
+    pub log: Option<Scalar>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum Endpoints {
+    List(Vec<String>),
+    Str(String),
+}
+
+/// The handler that runs calls at the owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandlerKind {
+    Echo,
+    /// `http://HOST:PORT` of an EntityHandler service.
+    Grpc(String),
+}
+
+/// The effective, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub id: String,
+    pub cluster: String,
+    pub etcd: Vec<String>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub advertise: Option<String>,
+    pub admin_advertise: Option<String>,
+    pub shards: u32,
+    pub lease_ttl: Duration,
+    pub handler: HandlerKind,
+    pub request_timeout: Duration,
+    pub max_payload: usize,
+    pub drain_timeout: Duration,
+    pub max_concurrency: usize,
+    pub mailbox_capacity: usize,
+    pub max_moves: usize,
+    pub log: String,
+}
+
+/// A configuration error naming the field, its sources and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field} (--{flag} / LEASEHOLD_{env}): {message}")]
+    Field {
+        field: &'static str,
+        flag: String,
+        env: String,
+        message: String,
+    },
+    #[error("cannot read config file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+fn field_error(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Field {
+        field,
+        flag: field.replace('_', "-"),
+        env: field.to_uppercase(),
+        message: message.into(),
+    }
+}
+
+/// Parses sizes like `4194304`, `4MiB`, `512KiB`, `1GiB`, `4MB`.
+pub fn parse_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: usize = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size like 4MiB or 4194304"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        "KB" | "kB" => 1000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        u => {
+            return Err(format!(
+                "unknown size unit {u:?} (use B, KiB, MiB, GiB, KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+fn parse_duration(field: &'static str, s: &str) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(s).map_err(|e| {
+        field_error(
+            field,
+            format!("{s:?} is not a duration like 5s or 500ms: {e}"),
+        )
+    })
+}
+
+fn parse_count(field: &'static str, s: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| field_error(field, format!("{s:?} is not a whole number")))?;
+    if n < min || n > max {
+        return Err(field_error(field, format!("{n} is outside {min}..={max}")));
+    }
+    Ok(n)
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        field_error(
+            field,
+            format!("{s:?} is not an IP:PORT address like 0.0.0.0:7070"),
+        )
+    })
+}
+
+fn default_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "leasehold-0".into())
+}
+
+impl Config {
+    /// Merges flags/environment over the file over the defaults, then validates.
+    pub fn load(args: &ServeArgs) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?;
+                toml::from_str::<FileConfig>(&text).map_err(|e| ConfigError::File {
+                    path: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        Self::merge(args.clone(), file)
+    }
+
+    pub fn merge(a: ServeArgs, f: FileConfig) -> Result<Config, ConfigError> {
+        let pick = |cli: Option<String>, file: Option<Scalar>, default: &str| -> String {
+            cli.or(file.map(Scalar::into_string))
+                .unwrap_or_else(|| default.to_owned())
+        };
+        let id =
+            a.id.or(f.id.map(Scalar::into_string))
+                .unwrap_or_else(default_id);
+        validate_member_id(&id).map_err(|m| field_error("id", m))?;
+        let cluster = pick(a.cluster, f.cluster, "default");
+        validate_member_id(&cluster).map_err(|m| field_error("cluster", m))?;
+
+        let etcd: Vec<String> = match (a.etcd, f.etcd) {
+            (Some(s), _) | (None, Some(Endpoints::Str(s))) => {
+                s.split(',').map(|e| e.trim().to_owned()).collect()
+            }
+            (None, Some(Endpoints::List(l))) => l,
+            (None, None) => vec!["http://127.0.0.1:2379".into()],
+        };
+        let etcd: Vec<String> = etcd.into_iter().filter(|e| !e.is_empty()).collect();
+        if etcd.is_empty() {
+            return Err(field_error("etcd", "at least one endpoint is required"));
+        }
+        for e in &etcd {
+            let host = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            if !host.contains(':') || host.contains('/') {
+                return Err(field_error(
+                    "etcd",
+                    format!("{e:?} is not an endpoint like http://127.0.0.1:2379"),
+                ));
+            }
+        }
+
+        let listen = parse_addr("listen", &pick(a.listen, f.listen, "0.0.0.0:7070"))?;
+        let admin_listen = parse_addr(
+            "admin_listen",
+            &pick(a.admin_listen, f.admin_listen, "0.0.0.0:7071"),
+        )?;
+        let advertise = a
+            .advertise
+            .or(f.advertise.map(Scalar::into_string))
+            .filter(|s| !s.is_empty());
+        let admin_advertise = a
+            .admin_advertise
+            .or(f.admin_advertise.map(Scalar::into_string))
+            .filter(|s| !s.is_empty());
+        for (field, value) in [
+            ("advertise", &advertise),
+            ("admin_advertise", &admin_advertise),
+        ] {
+            if let Some(v) = value {
+                if v.contains("://") || !v.contains(':') {
+                    return Err(field_error(
+                        field,
+                        format!("{v:?} is not a HOST:PORT address"),
+                    ));
+                }
+            }
+        }
+
+        let shards = parse_count("shards", &pick(a.shards, f.shards, "1024"), 1, 65_536)? as u32;
+        let lease_ttl = parse_duration("lease_ttl", &pick(a.lease_ttl, f.lease_ttl, "5s"))?;
+        if lease_ttl < Duration::from_secs(2) || lease_ttl.subsec_nanos() != 0 {
+            return Err(field_error("lease_ttl", format!("{lease_ttl:?}: must be whole seconds, at least 2s (etcd leases have second granularity)")));
+        }
+        let handler = match pick(a.handler, f.handler, "echo").as_str() {
+            "echo" => HandlerKind::Echo,
+            h => match h.strip_prefix("grpc://") {
+                Some(addr) if addr.contains(':') && !addr.contains('/') => {
+                    HandlerKind::Grpc(format!("http://{addr}"))
+                }
+                _ => {
+                    return Err(field_error(
+                        "handler",
+                        format!("{h:?}: use `echo` or `grpc://HOST:PORT`"),
+                    ))
+                }
+            },
+        };
+        let request_timeout = parse_duration(
+            "request_timeout",
+            &pick(a.request_timeout, f.request_timeout, "5s"),
+        )?;
+        if request_timeout.is_zero() {
+            return Err(field_error("request_timeout", "must be positive"));
+        }
+        let max_payload_raw = pick(a.max_payload, f.max_payload, "4MiB");
+        let max_payload =
+            parse_size(&max_payload_raw).map_err(|m| field_error("max_payload", m))?;
+        if max_payload == 0 || max_payload > 256 << 20 {
+            return Err(field_error(
+                "max_payload",
+                format!("{max_payload} bytes is outside 1 B..=256 MiB"),
+            ));
+        }
+        let drain_timeout = parse_duration(
+            "drain_timeout",
+            &pick(a.drain_timeout, f.drain_timeout, "10s"),
+        )?;
+        let max_concurrency = parse_count(
+            "max_concurrency",
+            &pick(a.max_concurrency, f.max_concurrency, "1024"),
+            1,
+            1 << 20,
+        )? as usize;
+        let mailbox_capacity = parse_count(
+            "mailbox_capacity",
+            &pick(a.mailbox_capacity, f.mailbox_capacity, "1024"),
+            1,
+            1 << 20,
+        )? as usize;
+        let max_moves = parse_count(
+            "max_moves",
+            &pick(a.max_moves, f.max_moves, "256"),
+            1,
+            1 << 20,
+        )? as usize;
+        let log = pick(a.log, f.log, "info");
+        Ok(Config {
+            id,
+            cluster,
+            etcd,
+            listen,
+            admin_listen,
+            advertise,
+            admin_advertise,
+            shards,
+            lease_ttl,
+            handler,
+            request_timeout,
+            max_payload,
+            drain_timeout,
+            max_concurrency,
+            mailbox_capacity,
+            max_moves,
+            log,
+        })
+    }
+
+    /// The effective configuration as the TOML file that would reproduce it.
+    pub fn to_toml(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            id: &'a str,
+            cluster: &'a str,
+            etcd: &'a [String],
+            listen: String,
+            admin_listen: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            advertise: &'a Option<String>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            admin_advertise: &'a Option<String>,
+            shards: u32,
+            lease_ttl: String,
+            handler: String,
+            request_timeout: String,
+            max_payload: usize,
+            drain_timeout: String,
+            max_concurrency: usize,
+            mailbox_capacity: usize,
+            max_moves: usize,
+            log: &'a str,
+        }
+        let d = |d: Duration| humantime::format_duration(d).to_string();
+        toml::to_string(&Out {
+            id: &self.id,
+            cluster: &self.cluster,
+            etcd: &self.etcd,
+            listen: self.listen.to_string(),
+            admin_listen: self.admin_listen.to_string(),
+            advertise: &self.advertise,
+            admin_advertise: &self.admin_advertise,
+            shards: self.shards,
+            lease_ttl: d(self.lease_ttl),
+            handler: match &self.handler {
+                HandlerKind::Echo => "echo".into(),
+                HandlerKind::Grpc(url) => url.replacen("http://", "grpc://", 1),
+            },
+            request_timeout: d(self.request_timeout),
+            max_payload: self.max_payload,
+            drain_timeout: d(self.drain_timeout),
+            max_concurrency: self.max_concurrency,
+            mailbox_capacity: self.mailbox_capacity,
+            max_moves: self.max_moves,
+            log: &self.log,
+        })
+        .expect("config serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> ServeArgs {
+        ServeArgs {
+            id: Some("a".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let c = Config::merge(args(), FileConfig::default()).unwrap();
+        assert_eq!(c.shards, 1024);
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        assert_eq!(c.request_timeout, Duration::from_secs(5));
+        assert_eq!(c.max_payload, 4 << 20);
+        assert_eq!(c.handler, HandlerKind::Echo);
+        assert_eq!(c.etcd, vec!["http://127.0.0.1:2379".to_string()]);
+    }
+
+    #[test]
+    fn flags_override_the_file_and_the_file_overrides_defaults() {
+        let file: FileConfig = toml::from_str(
+            "shards = 64\nlease_ttl = \"3s\"\netcd = [\"http://e1:2379\", \"http://e2:2379\"]",
+        )
+        .unwrap();
+        let a = ServeArgs {
+            shards: Some("128".into()),
+            ..args()
+        };
+        let c = Config::merge(a, file).unwrap();
+        assert_eq!(c.shards, 128);
+        assert_eq!(c.lease_ttl, Duration::from_secs(3));
+        assert_eq!(c.etcd.len(), 2);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: Vec<(ServeArgs, &str)> = vec![
+            (
+                ServeArgs {
+                    shards: Some("0".into()),
+                    ..args()
+                },
+                "invalid shards (--shards / LEASEHOLD_SHARDS)",
+            ),
+            (
+                ServeArgs {
+                    lease_ttl: Some("fast".into()),
+                    ..args()
+                },
+                "invalid lease_ttl",
+            ),
+            (
+                ServeArgs {
+                    lease_ttl: Some("1500ms".into()),
+                    ..args()
+                },
+                "invalid lease_ttl",
+            ),
+            (
+                ServeArgs {
+                    handler: Some("http://x:1".into()),
+                    ..args()
+                },
+                "invalid handler",
+            ),
+            (
+                ServeArgs {
+                    max_payload: Some("4 parsecs".into()),
+                    ..args()
+                },
+                "invalid max_payload",
+            ),
+            (
+                ServeArgs {
+                    listen: Some("nowhere".into()),
+                    ..args()
+                },
+                "invalid listen",
+            ),
+            (
+                ServeArgs {
+                    etcd: Some("etcd".into()),
+                    ..args()
+                },
+                "invalid etcd",
+            ),
+            (
+                ServeArgs {
+                    id: Some("a b".into()),
+                    ..Default::default()
+                },
+                "invalid id",
+            ),
+        ];
+        for (a, want) in cases {
+            let err = Config::merge(a, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with(want), "{err:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_rejected() {
+        let err = toml::from_str::<FileConfig>("shard = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `shard`"), "{err}");
+    }
+
+    #[test]
+    fn printed_config_reads_back_the_same() {
+        let c = Config::merge(
+            ServeArgs {
+                handler: Some("grpc://app:9000".into()),
+                ..args()
+            },
+            FileConfig::default(),
+        )
+        .unwrap();
+        let again =
+            Config::merge(ServeArgs::default(), toml::from_str(&c.to_toml()).unwrap()).unwrap();
+        assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4MiB"), Ok(4 << 20));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("4XB").is_err());
+    }
+}

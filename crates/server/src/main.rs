@@ -1,0 +1,118 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use leasehold_server::config::{Config, ServeArgs};
+use leasehold_server::serve::{serve, Listeners};
+use tracing_subscriber::EnvFilter;
+
+/// Leasehold: single-writer-per-key execution across many instances.
+#[derive(Parser)]
+#[command(name = "leasehold", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an instance.
+    Serve(ServeArgs),
+    /// Print members and shard ownership of a running cluster.
+    Status {
+        /// Admin URL of any instance.
+        #[arg(long, env = "LEASEHOLD_ADMIN", default_value = "http://127.0.0.1:7071")]
+        admin: String,
+        /// One row per shard instead of ranges per owner.
+        #[arg(long)]
+        shards: bool,
+    },
+}
+
+/// Exit codes from sysexits.h.
+const EX_USAGE: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Status { admin, shards } => match leasehold_server::status::run(&admin, shards) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+        },
+        Command::Serve(args) => {
+            let config = match Config::load(&args) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            if args.print_config {
+                print!("{}", config.to_toml());
+                return ExitCode::SUCCESS;
+            }
+            let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|e| {
+                eprintln!(
+                    "warning: invalid log filter {:?} ({e}); using info",
+                    config.log
+                );
+                EnvFilter::new("info")
+            });
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: cannot start the runtime: {e}");
+                    return ExitCode::from(EX_SOFTWARE);
+                }
+            };
+            runtime.block_on(async {
+                let listeners = match Listeners::bind(&config).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        return ExitCode::from(EX_UNAVAILABLE);
+                    }
+                };
+                match serve(config, listeners, shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        ExitCode::from(EX_SOFTWARE)
+                    }
+                }
+            })
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,233 @@
+//! `leasehold serve`: build the instance, run it, shut it down in order.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use leasehold_coord::{Coord, CoordOptions, NoListener, ShardListener};
+use leasehold_metrics::Registry;
+use leasehold_proto::v1::{
+    admin_server::AdminServer, entities_server::EntitiesServer, peer_server::PeerServer,
+};
+use leasehold_router::{
+    EchoHandler, EntitiesService, GrpcHandler, Handler, PeerService, Router, RouterOptions,
+};
+use leasehold_types::MemberId;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::admin::{self, AdminService};
+use crate::config::{Config, HandlerKind};
+
+/// The two listeners of an instance, bound before the runtime work starts so that tests
+/// and callers can use port 0.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+        let grpc = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
+        Ok(Self { grpc, admin })
+    }
+}
+
+/// The address others use for a bound socket: the advertised one if configured, else the
+/// bound address (with loopback standing in for an unspecified IP).
+fn advertised(configured: &Option<String>, bound: SocketAddr, field: &str) -> String {
+    if let Some(a) = configured {
+        return a.clone();
+    }
+    if bound.ip().is_unspecified() {
+        let a = format!("127.0.0.1:{}", bound.port());
+        tracing::warn!(field, address = %a, "listening on all interfaces without an advertised address; peers on other hosts cannot reach this instance");
+        return a;
+    }
+    bound.to_string()
+}
+
+/// Runs an instance until `shutdown` resolves, then leaves the cluster gracefully:
+/// not ready → drain shards → stop servers → revoke the lease.
+pub async fn serve(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let grpc_bound = listeners.grpc.local_addr()?;
+    let admin_bound = listeners.admin.local_addr()?;
+    let address = advertised(&config.advertise, grpc_bound, "advertise");
+    let admin_address = advertised(&config.admin_advertise, admin_bound, "admin_advertise");
+    let member = MemberId::new(config.id.clone());
+    let max_message = config.max_payload + (1 << 20);
+
+    let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) = match &config.handler {
+        HandlerKind::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
+        HandlerKind::Grpc(url) => {
+            let h = Arc::new(
+                GrpcHandler::new(url, max_message, member.clone()).map_err(anyhow::Error::msg)?,
+            );
+            (h.clone(), h)
+        }
+    };
+    let coord = Coord::new(
+        CoordOptions {
+            cluster: config.cluster.clone(),
+            member_id: member.clone(),
+            address: address.clone(),
+            admin_address: admin_address.clone(),
+            etcd_endpoints: config.etcd.clone(),
+            shard_count: config.shards,
+            lease_ttl: config.lease_ttl,
+            max_moves: config.max_moves,
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+        listener,
+        &registry,
+    );
+    let router = Router::new(
+        coord.clone(),
+        handler,
+        RouterOptions {
+            max_payload: config.max_payload,
+            request_timeout: config.request_timeout,
+            max_concurrency: config.max_concurrency,
+            mailbox_capacity: config.mailbox_capacity,
+        },
+        &registry,
+    );
+    tracing::info!(member = %member, cluster = %config.cluster, grpc = %grpc_bound, admin = %admin_bound, advertise = %address, shards = config.shards, "starting");
+
+    let coord_cancel = CancellationToken::new();
+    let servers_stop = CancellationToken::new();
+    let mut coord_task = tokio::spawn(coord.clone().run(coord_cancel.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(coord.clone(), health, servers_stop.clone()));
+    let grpc = grpc_server(router.clone(), coord.clone(), max_message, health_service)?;
+    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc_task = tokio::spawn({
+        let stop = servers_stop.clone();
+        async move {
+            grpc.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                .await
+        }
+    });
+    let admin_routes = admin::http_routes(router.clone(), registry.clone());
+    let admin_task = tokio::spawn({
+        let stop = servers_stop.clone();
+        async move {
+            axum::serve(listeners.admin, admin_routes)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        }
+    });
+
+    let failed = tokio::select! {
+        _ = shutdown => None,
+        r = &mut coord_task => Some(r),
+    };
+    if let Some(result) = failed {
+        servers_stop.cancel();
+        return match result {
+            Ok(Ok(())) => Err(anyhow::anyhow!("coordination stopped unexpectedly")),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(e.into()),
+        };
+    }
+
+    tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
+    let started = std::time::Instant::now();
+    coord.drain(config.drain_timeout).await;
+    tracing::info!(took = ?started.elapsed(), "drained; stopping servers");
+    servers_stop.cancel();
+    let stop_grace = Duration::from_secs(5);
+    if tokio::time::timeout(stop_grace, async {
+        let _ = grpc_task.await;
+        let _ = admin_task.await;
+        let _ = health_task.await;
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!("servers did not stop within {stop_grace:?}");
+    }
+    coord_cancel.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
+    coord.revoke().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Builds the gRPC server: every service on one port, configured in one place.
+fn grpc_server(
+    router: Router,
+    coord: Coord,
+    max_message: usize,
+    health: tonic_health::pb::health_server::HealthServer<
+        impl tonic_health::pb::health_server::Health,
+    >,
+) -> anyhow::Result<tonic::transport::server::Router> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(leasehold_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok(tonic::transport::Server::builder()
+        // Detect dead peers and clients on idle connections.
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
+        .add_service(
+            EntitiesServer::new(EntitiesService::new(router.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        // The forwarding hop between instances.
+        .add_service(
+            PeerServer::new(PeerService::new(router))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        )
+        // Admin reads and drain.
+        .add_service(AdminServer::new(AdminService { coord }))
+        // grpc.health.v1 and server reflection for tooling.
+        .add_service(health)
+        .add_service(reflection))
+}
+
+/// Mirrors `/readyz` into grpc.health.v1 (overall and for leasehold.v1.Entities).
+async fn report_health(
+    coord: Coord,
+    health: tonic_health::server::HealthReporter,
+    stop: CancellationToken,
+) {
+    let mut last = None;
+    loop {
+        let status = if coord.readiness().is_ok() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            health
+                .set_service_status("leasehold.v1.Entities", status)
+                .await;
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+}
