@@ -16,7 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run an instance.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print members and shard ownership of a running cluster.
     Status {
         /// Admin URL of any instance.
