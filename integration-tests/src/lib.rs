@@ -1,1 +1,355 @@
+//! Test harness: starts a real etcd and real `leasehold` processes on free loopback
+//! ports in temp dirs, keeps their logs (printed when a test fails), and kills what it
+//! started. Also an `EntityHandler` that checks the single-writer guarantee.
 
+pub mod checker;
+pub mod load;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_proto::v1::entities_client::EntitiesClient;
+use serde_json::Value;
+use tonic::transport::Channel;
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub async fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The `leasehold` binary: `$LEASEHOLD_BIN`, else next to the test executable's folder.
+pub fn leasehold_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("LEASEHOLD_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap(); // target/<profile>/deps → target/<profile>
+    let bin = dir.join("leasehold");
+    assert!(
+        bin.exists(),
+        "{} not found; build it with `cargo build --bin leasehold` or set LEASEHOLD_BIN",
+        bin.display()
+    );
+    bin
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// A single-node etcd on loopback.
+pub struct Etcd {
+    child: Option<Child>,
+    pub client_port: u16,
+    peer_port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let dir = tempfile::tempdir().unwrap();
+        let mut etcd = Etcd {
+            child: None,
+            client_port: free_port(),
+            peer_port: free_port(),
+            dir,
+        };
+        etcd.spawn();
+        etcd.wait_healthy().await;
+        etcd
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("etcd.log"))
+            .unwrap();
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", "default", "--data-dir"])
+            .arg(self.dir.path().join("data"))
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("default={peer}")])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("etcd not found: install Debian's etcd-server (make test does)");
+        self.child = Some(child);
+    }
+
+    async fn wait_healthy(&self) {
+        let url = format!("{}/health", self.endpoint());
+        wait_until(Duration::from_secs(20), "etcd to be healthy", || {
+            let body = ureq::get(&url)
+                .timeout(Duration::from_millis(500))
+                .call()
+                .ok()?
+                .into_string()
+                .ok()?;
+            body.contains("true").then_some(())
+        })
+        .await;
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same ports and data.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_healthy().await;
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- etcd log (tail) ---\n{}",
+                tail(&self.dir.path().join("etcd.log"), 20)
+            );
+        }
+        self.stop();
+    }
+}
+
+/// Settings for one instance; `args` are extra `serve` flags.
+#[derive(Debug, Clone)]
+pub struct InstanceSpec {
+    pub id: String,
+    pub etcd: String,
+    pub args: Vec<String>,
+}
+
+/// A `leasehold serve` process.
+pub struct Instance {
+    pub id: String,
+    pub grpc_port: u16,
+    pub admin_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Instance {
+    pub fn start(spec: &InstanceSpec) -> Instance {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join(format!("{}.log", spec.id));
+        let (grpc_port, admin_port) = (free_port(), free_port());
+        let child = Command::new(leasehold_bin())
+            .arg("serve")
+            .args(["--id", &spec.id, "--etcd", &spec.etcd])
+            .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(&spec.args)
+            .env("LEASEHOLD_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start leasehold");
+        Instance {
+            id: spec.id.clone(),
+            grpc_port,
+            admin_port,
+            child: Some(child),
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn admin_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`).
+    pub fn signal(&self, sig: &str) {
+        assert!(
+            send_signal(self.pid(), sig),
+            "kill -{sig} {} failed",
+            self.pid()
+        );
+    }
+
+    /// Waits for the process to exit; returns its exit code (None if killed by a signal).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let child = self.child.as_mut().expect("running");
+        let status = wait_until(timeout, "instance to exit", || child.try_wait().unwrap()).await;
+        self.child = None;
+        status.code()
+    }
+
+    pub fn get(&self, path: &str) -> Option<Value> {
+        get_json(&format!("{}{}", self.admin_url(), path))
+    }
+
+    pub fn ready(&self) -> bool {
+        ureq::get(&format!("{}/readyz", self.admin_url()))
+            .timeout(Duration::from_millis(500))
+            .call()
+            .is_ok()
+    }
+
+    pub async fn client(&self) -> EntitiesClient<Channel> {
+        let ch = tonic::transport::Endpoint::from_shared(self.grpc_url())
+            .unwrap()
+            .connect_lazy();
+        EntitiesClient::new(ch)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} log (tail) ---\n{}", self.id, tail(&self.log, 40));
+        }
+        if let Some(mut c) = self.child.take() {
+            send_signal(c.id() as i32, "CONT");
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn send_signal(pid: i32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// GET a JSON document; None on any error.
+pub fn get_json(url: &str) -> Option<Value> {
+    ureq::get(url)
+        .timeout(Duration::from_secs(2))
+        .call()
+        .ok()?
+        .into_json()
+        .ok()
+}
+
+/// Shard table from an admin endpoint: (shard, owner, epoch).
+pub fn shard_table(instance: &Instance) -> Option<Vec<(u64, Option<String>, u64)>> {
+    let v = instance.get("/v1/shards")?;
+    Some(
+        v["shards"]
+            .as_array()?
+            .iter()
+            .map(|s| {
+                (
+                    s["shard"].as_u64().unwrap(),
+                    s["owner"].as_str().map(str::to_owned),
+                    s["epoch"].as_u64().unwrap(),
+                )
+            })
+            .collect(),
+    )
+}
+
+/// A cluster of instances sharing one etcd.
+pub struct Cluster {
+    pub etcd: Etcd,
+    pub instances: Vec<Instance>,
+    pub args: Vec<String>,
+}
+
+impl Cluster {
+    pub async fn start(n: usize, args: &[&str]) -> Cluster {
+        let etcd = Etcd::start().await;
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let mut c = Cluster {
+            etcd,
+            instances: Vec::new(),
+            args,
+        };
+        for i in 0..n {
+            c.add(&format!("n{i}"));
+        }
+        c
+    }
+
+    pub fn add(&mut self, id: &str) -> &Instance {
+        let spec = InstanceSpec {
+            id: id.into(),
+            etcd: self.etcd.endpoint(),
+            args: self.args.clone(),
+        };
+        self.instances.push(Instance::start(&spec));
+        self.instances.last().unwrap()
+    }
+
+    /// Waits until every shard is owned by a live instance and the counts are balanced.
+    pub async fn wait_balanced(&self, timeout: Duration) -> Vec<(u64, Option<String>, u64)> {
+        let ids: Vec<String> = self.instances.iter().map(|i| i.id.clone()).collect();
+        let first = &self.instances[0];
+        wait_until(timeout, "all shards owned and balanced", || {
+            let table = shard_table(first)?;
+            let n = ids.len();
+            let s = table.len();
+            let counts: Vec<usize> = ids
+                .iter()
+                .map(|id| table.iter().filter(|t| t.1.as_deref() == Some(id)).count())
+                .collect();
+            let balanced = counts.iter().sum::<usize>() == s
+                && counts.iter().all(|&c| c >= s / n && c <= s.div_ceil(n));
+            balanced.then_some(table)
+        })
+        .await
+    }
+}

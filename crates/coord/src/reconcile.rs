@@ -287,6 +287,7 @@ impl Coord {
     /// Drops shards whose key the routing table shows gone or owned by another epoch.
     fn check_lost(&self, view: &View) {
         let me = self.member_id();
+        let mut lost = Vec::new();
         for (shard, state) in self.inner.table.held() {
             let LocalState::Owned(epoch) = state else {
                 continue;
@@ -298,10 +299,18 @@ impl Coord {
                 .owner(shard)
                 .is_some_and(|o| o.owner == *me && o.epoch == epoch);
             if !ours {
-                tracing::warn!(%shard, %epoch, "shard key gone from etcd; dropping it");
                 self.inner.table.set_not_owned(shard);
                 self.inner.listener.released(shard, epoch);
+                lost.push(shard.0);
             }
+        }
+        if !lost.is_empty() {
+            self.inner.metrics.released.add(lost.len() as u64);
+            tracing::warn!(
+                shards = lost.len(),
+                first = lost[0],
+                "shard keys gone from etcd (lease expired?); dropped them"
+            );
         }
     }
 }

@@ -358,7 +358,7 @@ impl Router {
                     match view.owner(job.shard) {
                         Some(o) if o.owner != *coord.member_id() => {
                             self.inner.metrics.forwards.inc();
-                            match self.inner.peers.forward(&o.address, job, o.epoch).await {
+                            match self.forward(job, &o.address, o.epoch, &mut changes).await {
                                 Forwarded::Done(result) => return result,
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
@@ -383,6 +383,31 @@ impl Router {
             }
             // Hold until ownership, the routing table or the lease changes.
             let _ = tokio::time::timeout_at(job.deadline.into(), changes.changed()).await;
+        }
+    }
+
+    /// Forwards a job to the owner at `epoch`, giving up early when the routing table
+    /// shows a new owner (the old one crashed or paused) so the call can follow it.
+    async fn forward(
+        &self,
+        job: &Job,
+        address: &str,
+        epoch: Epoch,
+        changes: &mut tokio::sync::watch::Receiver<u64>,
+    ) -> Forwarded {
+        let shard = job.shard;
+        let forward = self.inner.peers.forward(address, job, epoch);
+        tokio::pin!(forward);
+        loop {
+            tokio::select! {
+                result = &mut forward => return result,
+                changed = changes.changed() => {
+                    let current = self.inner.coord.view().owner(shard).map(|o| o.epoch);
+                    if changed.is_err() || current != Some(epoch) {
+                        return Forwarded::Unreachable(format!("owner of shard {shard} changed during the forward"));
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,150 @@
+//! An `EntityHandler` that checks Leasehold's guarantees from the application's side:
+//! no two concurrent calls for one key, and no call with an epoch older than one already
+//! seen for its shard (a stale owner still running).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use leasehold_proto::v1::entity_handler_server::{EntityHandler, EntityHandlerServer};
+use leasehold_proto::v1::{HandleRequest, HandleResponse, ShardEvent, ShardEventAck};
+use tokio::sync::oneshot;
+use tonic::{Request, Response, Status};
+
+#[derive(Default)]
+pub struct State {
+    running: HashMap<String, (String, u64)>,
+    /// Every violation, in words.
+    pub violations: Vec<String>,
+    pub calls: u64,
+    /// Key → owners that ran it.
+    pub owners: HashMap<String, BTreeSet<String>>,
+    /// Shard → largest epoch seen.
+    pub max_epoch: HashMap<u32, u64>,
+    /// Key → payloads in the order they ran.
+    pub history: HashMap<String, Vec<Vec<u8>>>,
+}
+
+#[derive(Clone)]
+struct Service {
+    state: Arc<Mutex<State>>,
+    delay: Duration,
+    /// Keys starting with this prefix fail with INTERNAL (for error-path tests).
+    fail_prefix: Option<String>,
+}
+
+#[tonic::async_trait]
+impl EntityHandler for Service {
+    async fn handle(
+        &self,
+        request: Request<HandleRequest>,
+    ) -> Result<Response<HandleResponse>, Status> {
+        let r = request.into_inner();
+        if self
+            .fail_prefix
+            .as_deref()
+            .is_some_and(|p| r.key.starts_with(p))
+        {
+            return Err(Status::internal(format!("checker refuses key {}", r.key)));
+        }
+        {
+            let s = &mut *self.state.lock().unwrap();
+            s.calls += 1;
+            if let Some((owner, epoch)) = s.running.get(&r.key) {
+                let v = format!(
+                    "key {}: call by {}@{} while {}@{} still runs",
+                    r.key, r.owner, r.epoch, owner, epoch
+                );
+                s.violations.push(v);
+            }
+            let max = *s.max_epoch.get(&r.shard).unwrap_or(&0);
+            if r.epoch < max {
+                let v = format!(
+                    "shard {}: call by {} with epoch {} after epoch {}",
+                    r.shard, r.owner, r.epoch, max
+                );
+                s.violations.push(v);
+            }
+            s.max_epoch.insert(r.shard, max.max(r.epoch));
+            s.running.insert(r.key.clone(), (r.owner.clone(), r.epoch));
+            s.owners
+                .entry(r.key.clone())
+                .or_default()
+                .insert(r.owner.clone());
+            s.history
+                .entry(r.key.clone())
+                .or_default()
+                .push(r.payload.to_vec());
+        }
+        if !self.delay.is_zero() {
+            tokio::time::sleep(self.delay).await;
+        }
+        self.state.lock().unwrap().running.remove(&r.key);
+        Ok(Response::new(HandleResponse { payload: r.payload }))
+    }
+
+    async fn shard_acquired(
+        &self,
+        _: Request<ShardEvent>,
+    ) -> Result<Response<ShardEventAck>, Status> {
+        Ok(Response::new(ShardEventAck {}))
+    }
+
+    async fn shard_released(
+        &self,
+        _: Request<ShardEvent>,
+    ) -> Result<Response<ShardEventAck>, Status> {
+        Ok(Response::new(ShardEventAck {}))
+    }
+}
+
+/// A running checker handler; stops when dropped.
+pub struct Checker {
+    pub port: u16,
+    pub state: Arc<Mutex<State>>,
+    _stop: oneshot::Sender<()>,
+}
+
+impl Checker {
+    /// Starts the checker on a free loopback port; each call takes `delay`.
+    pub async fn start(delay: Duration, fail_prefix: Option<&str>) -> Checker {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let svc = Service {
+            state: state.clone(),
+            delay,
+            fail_prefix: fail_prefix.map(str::to_owned),
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(EntityHandlerServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+        });
+        Checker {
+            port,
+            state,
+            _stop: tx,
+        }
+    }
+
+    pub fn handler_flag(&self) -> String {
+        format!("grpc://127.0.0.1:{}", self.port)
+    }
+
+    pub fn violations(&self) -> Vec<String> {
+        self.state.lock().unwrap().violations.clone()
+    }
+
+    pub fn calls(&self) -> u64 {
+        self.state.lock().unwrap().calls
+    }
+}

@@ -1,0 +1,506 @@
+//! Acceptance scenarios of the core: real `leasehold` processes against a real etcd.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_integration_tests::checker::Checker;
+use leasehold_integration_tests::load::{self, Load};
+use leasehold_integration_tests::{
+    leasehold_bin, shard_table, wait_until, Cluster, Etcd, Instance, InstanceSpec,
+};
+use leasehold_proto::v1::CallRequest;
+
+const TTL: Duration = Duration::from_secs(3);
+
+fn ttl_args<'a>(handler: &'a str) -> Vec<&'a str> {
+    vec![
+        "--lease-ttl",
+        "3s",
+        "--handler",
+        handler,
+        "--request-timeout",
+        "10s",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
+    let cluster = Cluster::start(3, &[]).await;
+    let started = Instant::now();
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    eprintln!("balanced after {:?}", started.elapsed());
+
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for (_, owner, epoch) in &table {
+        *counts.entry(owner.clone().unwrap()).or_default() += 1;
+        assert!(*epoch > 0);
+    }
+    let mut c: Vec<usize> = counts.values().copied().collect();
+    c.sort();
+    assert_eq!(c, vec![341, 341, 342]);
+
+    // Every instance's admin view and `leasehold status` agree with it.
+    for i in &cluster.instances {
+        wait_until(Duration::from_secs(5), "views to agree", || {
+            (shard_table(i)? == table).then_some(())
+        })
+        .await;
+        let ready = i.get("/readyz").unwrap();
+        assert_eq!(ready["ready"], true);
+    }
+    let out = std::process::Command::new(leasehold_bin())
+        .args([
+            "status",
+            "--shards",
+            "--admin",
+            &cluster.instances[1].admin_url(),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    for (shard, owner, epoch) in &table {
+        let row = text
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(&shard.to_string()))
+            .unwrap_or_else(|| panic!("shard {shard} missing from status output"));
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            (cols[1], cols[2]),
+            (owner.as_deref().unwrap(), epoch.to_string().as_str()),
+            "row {row:?}"
+        );
+    }
+    for id in ["n0", "n1", "n2"] {
+        let count = counts[id].to_string();
+        assert!(
+            text.lines()
+                .any(|l| l.split_whitespace().collect::<Vec<_>>()[..]
+                    .starts_with(&[id, "active", &count])),
+            "member {id} with {count} shards missing from:\n{text}"
+        );
+    }
+    let cluster_info = cluster.instances[2].get("/v1/cluster").unwrap();
+    assert_eq!(cluster_info["unowned_shards"], 0);
+    assert_eq!(cluster_info["members"], 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_calls_run_once_at_a_time_per_key() {
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let targets = load::targets(&cluster.instances).await;
+    let load = Load {
+        keys: 300,
+        concurrency: 64,
+        total: Some(10_000),
+        timeout: Duration::from_secs(10),
+        payload: 32,
+    };
+    let report = load::run(targets, load, Arc::new(AtomicBool::new(false))).await;
+    eprintln!(
+        "ok {} failed {} p50 {:?} p99 {:?}",
+        report.ok,
+        report.failed.len(),
+        report.percentile(0.5),
+        report.percentile(0.99)
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        &report.failed[..report.failed.len().min(10)]
+    );
+    assert_eq!(report.ok, 10_000);
+    assert_eq!(checker.calls(), 10_000);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    // No shard moved, so every key ran at exactly one owner.
+    let state = checker.state.lock().unwrap();
+    let multi: Vec<_> = state.owners.iter().filter(|(_, o)| o.len() != 1).collect();
+    assert!(multi.is_empty(), "keys run by several owners: {multi:?}");
+    // Calls forwarded between instances: all three instances ran handlers.
+    let owners: std::collections::BTreeSet<&String> = state.owners.values().flatten().collect();
+    assert_eq!(owners.len(), 3);
+}
+
+/// Runs a load in the background; returns its stop flag and handle.
+fn background(
+    targets: load::Targets,
+    keys: usize,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<load::Report>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = Load {
+        keys,
+        concurrency: 16,
+        total: None,
+        timeout: Duration::from_secs(10),
+        payload: 16,
+    };
+    let handle = tokio::spawn(load::run(targets, load, stop.clone()));
+    (stop, handle)
+}
+
+/// Takes an instance out of the load's targets and lets its in-flight calls finish.
+async fn take_out(targets: &load::Targets, id: &str) {
+    targets.write().unwrap().retain(|(name, _)| name != id);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_is_recovered_within_ttl_and_held_calls_succeed() {
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let mut cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    let before = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let targets = load::targets(&cluster.instances).await;
+    let (stop, load) = background(targets.clone(), 500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    take_out(&targets, "n2").await;
+    let killed_at = Instant::now();
+    cluster.instances[2].signal("KILL");
+    let victim: Vec<u64> = before
+        .iter()
+        .filter(|s| s.1.as_deref() == Some("n2"))
+        .map(|s| s.0)
+        .collect();
+    let after = wait_until(
+        Duration::from_secs(10),
+        "n2's shards to be re-owned",
+        || {
+            let t = shard_table(&cluster.instances[0])?;
+            t.iter()
+                .all(|s| s.1.is_some() && s.1.as_deref() != Some("n2"))
+                .then_some(t)
+        },
+    )
+    .await;
+    let recovery = killed_at.elapsed();
+    eprintln!("recovered {} shards in {recovery:?}", victim.len());
+    assert!(
+        recovery <= TTL + Duration::from_secs(1),
+        "recovery took {recovery:?}"
+    );
+    for s in &victim {
+        assert!(
+            after[*s as usize].2 > before[*s as usize].2,
+            "epoch of shard {s} did not grow"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "ok {} failed {} p99 {:?} max {:?}",
+        report.ok,
+        report.failed.len(),
+        report.percentile(0.99),
+        report.percentile(1.0)
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        &report.failed[..report.failed.len().min(10)]
+    );
+    assert!(report.ok > 100);
+    // Calls for the victim's shards were held until the new owner appeared.
+    assert!(
+        report.percentile(1.0) > Duration::from_secs(1),
+        "no call was held across the failover"
+    );
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    cluster.instances.remove(2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_drains_and_exits_without_failing_a_call() {
+    let checker = Checker::start(Duration::from_millis(2), None).await;
+    let flag = checker.handler_flag();
+    let mut cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let targets = load::targets(&cluster.instances).await;
+    let (stop, load) = background(targets.clone(), 500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Calls keep arriving at n1 while it drains; only then does the balancer drop it.
+    let started = Instant::now();
+    cluster.instances[1].signal("TERM");
+    wait_until(Duration::from_secs(10), "n1 to report not ready", || {
+        (!cluster.instances[1].ready()).then_some(())
+    })
+    .await;
+    take_out(&targets, "n1").await;
+    let code = cluster.instances[1]
+        .wait_exit(Duration::from_secs(15))
+        .await;
+    eprintln!("n1 exited with {code:?} after {:?}", started.elapsed());
+    assert_eq!(code, Some(0));
+    let table = wait_until(Duration::from_secs(5), "n1's shards moved", || {
+        let t = shard_table(&cluster.instances[0])?;
+        t.iter()
+            .all(|s| s.1.as_deref().is_some_and(|o| o != "n1"))
+            .then_some(t)
+    })
+    .await;
+    assert_eq!(table.len(), 1024);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "ok {} failed {} refused-retries {}",
+        report.ok,
+        report.failed.len(),
+        report.refused_retries
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        &report.failed[..report.failed.len().min(10)]
+    );
+    assert!(report.ok > 100);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    assert!(cluster.instances[1].log_text().contains("lease revoked"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_owner_runs_no_handler_after_losing_its_shards() {
+    // Calls take 20 ms, so a stale owner running one would overlap the new owner.
+    let checker = Checker::start(Duration::from_millis(20), None).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    let before = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let targets = load::targets(&cluster.instances).await;
+    let (stop, load) = background(targets.clone(), 500);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    take_out(&targets, "n0").await;
+    let victim = &cluster.instances[0];
+    // Calls keep arriving at n0 through the peers? No: at its own port, queued while stopped.
+    let direct = victim.client().await;
+    victim.signal("STOP");
+    let queued = tokio::spawn(async move {
+        let mut direct = direct;
+        let mut results = Vec::new();
+        for i in 0..20 {
+            let mut req = tonic::Request::new(CallRequest {
+                key: format!("key-{i}"),
+                payload: "paused".into(),
+            });
+            req.set_timeout(Duration::from_secs(15));
+            results.push(direct.call(req).await.map(|r| r.into_inner().epoch));
+        }
+        results
+    });
+    let lost: Vec<u64> = before
+        .iter()
+        .filter(|s| s.1.as_deref() == Some("n0"))
+        .map(|s| s.0)
+        .collect();
+    wait_until(Duration::from_secs(10), "n0's shards re-owned", || {
+        let t = shard_table(&cluster.instances[1])?;
+        lost.iter()
+            .all(|&s| t[s as usize].1.as_deref().is_some_and(|o| o != "n0"))
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    victim.signal("CONT");
+
+    // The resumed process rejoins and serves again.
+    wait_until(Duration::from_secs(15), "n0 ready again", || {
+        victim.ready().then_some(())
+    })
+    .await;
+    let queued = queued.await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "ok {} failed {}; calls queued at the paused owner: {queued:?}",
+        report.ok,
+        report.failed.len()
+    );
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        &report.failed[..report.failed.len().min(10)]
+    );
+    assert!(
+        queued.iter().all(|r| r.is_ok()),
+        "calls sent to the paused instance: {queued:?}"
+    );
+    let after = shard_table(&cluster.instances[1]).unwrap();
+    for s in &lost {
+        assert!(
+            after[*s as usize].2 > before[*s as usize].2,
+            "epoch of shard {s} did not grow"
+        );
+    }
+    assert!(
+        victim.log_text().contains("lease expired"),
+        "n0 did not notice it lost its lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_clear_errors_and_the_process_keeps_serving() {
+    // An instance whose handler is not running.
+    let dead_handler = format!(
+        "grpc://127.0.0.1:{}",
+        leasehold_integration_tests::free_port()
+    );
+    let cluster = Cluster::start(
+        1,
+        &[
+            "--max-payload",
+            "1KiB",
+            "--lease-ttl",
+            "3s",
+            "--handler",
+            &dead_handler,
+        ],
+    )
+    .await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let i = &cluster.instances[0];
+    let mut client = i.client().await;
+    let call = |key: &str, n: usize| CallRequest {
+        key: key.into(),
+        payload: vec![7u8; n].into(),
+    };
+
+    let e = client.call(call("", 1)).await.unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::InvalidArgument, "key must not be empty")
+    );
+    let e = client.call(call("k", 2048)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(
+        e.message().contains("2048 bytes") && e.message().contains("max_payload"),
+        "{}",
+        e.message()
+    );
+    let e = client.call(call("k", 10)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable);
+    assert!(
+        e.message().contains("handler at http://127.0.0.1") && e.message().contains("unreachable"),
+        "{}",
+        e.message()
+    );
+    let e = client
+        .locate(leasehold_proto::v1::LocateRequest { key: String::new() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+
+    // Admin: unknown paths and shards are 404 with JSON, unknown members too.
+    for (method, path, status) in [
+        ("GET", "/v2/nothing", 404),
+        ("GET", "/v1/shards/1024", 404),
+        ("GET", "/v1/shards/x", 404),
+        ("POST", "/v1/members/ghost/drain", 404),
+        ("DELETE", "/v1/cluster", 405),
+    ] {
+        let url = format!("{}{}", i.admin_url(), path);
+        let err = ureq::request(method, &url).call().unwrap_err();
+        let ureq::Error::Status(code, resp) = err else {
+            panic!("{method} {path}: transport error")
+        };
+        assert_eq!(code, status, "{method} {path}");
+        let body: serde_json::Value = resp.into_json().unwrap();
+        assert!(
+            body["error"].as_str().is_some_and(|m| !m.is_empty()),
+            "{method} {path}: {body}"
+        );
+    }
+
+    // Still serving: with a handler up, the same instance answers calls.
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let spec = InstanceSpec {
+        id: "n9".into(),
+        etcd: cluster.etcd.endpoint(),
+        args: vec![
+            "--lease-ttl".into(),
+            "3s".into(),
+            "--handler".into(),
+            checker.handler_flag(),
+        ],
+    };
+    let good = Instance::start(&spec);
+    wait_until(Duration::from_secs(10), "n9 ready", || {
+        good.ready().then_some(())
+    })
+    .await;
+    let mut c = good.client().await;
+    let mut ok = 0;
+    for k in 0..50 {
+        if c.call(call(&format!("k{k}"), 10)).await.is_ok() {
+            ok += 1;
+        }
+    }
+    // Keys owned by n0 still fail (its handler is down): the error, not a hang or a panic.
+    assert!(ok > 0);
+    assert!(i.ready(), "the instance with bad input stopped being ready");
+    let m = ureq::get(&format!("{}/metrics", i.admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(m.contains("leasehold_calls_total{result=\"error\"}"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
+    let mut etcd = Etcd::start().await;
+    let endpoint = etcd.endpoint();
+    etcd.stop();
+    let spec = InstanceSpec {
+        id: "late".into(),
+        etcd: endpoint,
+        args: vec!["--lease-ttl".into(), "3s".into()],
+    };
+    let i = Instance::start(&spec);
+    wait_until(Duration::from_secs(10), "retry log line", || {
+        i.log_text()
+            .contains("etcd unreachable, retrying")
+            .then_some(())
+    })
+    .await;
+    let r = ureq::get(&format!("{}/readyz", i.admin_url())).call();
+    assert!(
+        matches!(r, Err(ureq::Error::Status(503, _))),
+        "ready without etcd"
+    );
+    assert_eq!(i.get("/healthz").unwrap()["status"], "ok");
+    etcd.restart().await;
+    wait_until(Duration::from_secs(15), "ready once etcd is up", || {
+        i.ready().then_some(())
+    })
+    .await;
+}
+
+#[test]
+fn invalid_configuration_exits_non_zero_naming_the_field() {
+    let out = std::process::Command::new(leasehold_bin())
+        .args(["serve", "--id", "x", "--lease-ttl", "soon"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("lease_ttl") && err.contains("--lease-ttl"),
+        "{err}"
+    );
+    let out = std::process::Command::new(leasehold_bin())
+        .args(["serve", "--id", "x", "--print-config"])
+        .env("LEASEHOLD_SHARDS", "64")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("shards = 64"));
+}
