@@ -482,6 +482,24 @@ async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
         i.ready().then_some(())
     })
     .await;
+
+    wait_until(Duration::from_secs(10), "every shard owned", || {
+        (i.get("/v1/cluster")?["unowned_shards"] == 0).then_some(())
+    })
+    .await;
+    // etcd gone again, then SIGTERM: the drain cannot complete, but the exit is bounded
+    // by drain_timeout + lease TTL.
+    etcd.stop();
+    let stopped = Instant::now();
+    let mut i = i;
+    i.signal("TERM");
+    let code = i.wait_exit(Duration::from_secs(10 + 3 + 5)).await;
+    eprintln!("exited {code:?} after {:?} without etcd", stopped.elapsed());
+    assert!(
+        stopped.elapsed() > Duration::from_secs(3),
+        "exited without trying to drain"
+    );
+    assert_eq!(code, Some(0));
 }
 
 #[test]

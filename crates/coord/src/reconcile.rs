@@ -202,6 +202,7 @@ impl Coord {
             .collect()
             .await;
         let mut acquired = 0;
+        let (mut failed, mut last_error) = (0, None);
         for result in results {
             match result {
                 Ok((shard, Some(epoch))) => {
@@ -211,8 +212,14 @@ impl Coord {
                     }
                 }
                 Ok((_, None)) => {} // someone else still holds it; the watch will tell
-                Err(e) => tracing::warn!(error = %e, "shard acquisition failed"),
+                Err(e) => {
+                    failed += 1;
+                    last_error = Some(e);
+                }
             }
+        }
+        if let Some(e) = last_error {
+            tracing::warn!(shards = failed, error = %e, "shard acquisition failed");
         }
         if acquired > 0 {
             self.inner.metrics.acquired.add(acquired);

@@ -26,6 +26,30 @@ enum Command {
         #[arg(long)]
         shards: bool,
     },
+    /// Send one call through any instance and print the answer and who ran it.
+    Call {
+        /// gRPC address of any instance.
+        #[arg(long, env = "LEASEHOLD_ADDR", default_value = "http://127.0.0.1:7070")]
+        addr: String,
+        /// Entity key.
+        #[arg(long)]
+        key: String,
+        /// Payload (UTF-8 text).
+        #[arg(long, default_value = "")]
+        payload: String,
+        /// Call timeout.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Print the shard, owner and epoch of a key.
+    Locate {
+        /// gRPC address of any instance.
+        #[arg(long, env = "LEASEHOLD_ADDR", default_value = "http://127.0.0.1:7070")]
+        addr: String,
+        /// Entity key.
+        #[arg(long)]
+        key: String,
+    },
 }
 
 /// Exit codes from sysexits.h.
@@ -45,6 +69,17 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_UNAVAILABLE)
             }
         },
+        Command::Call {
+            addr,
+            key,
+            payload,
+            timeout,
+        } => client_command(leasehold_server::client::call(
+            &addr, &key, payload, timeout,
+        )),
+        Command::Locate { addr, key } => {
+            client_command(leasehold_server::client::locate(&addr, &key))
+        }
         Command::Serve(args) => {
             let config = match Config::load(&args) {
                 Ok(c) => c,
@@ -94,6 +129,23 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+    }
+}
+
+fn client_command(f: impl std::future::Future<Output = anyhow::Result<String>>) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    match runtime.block_on(f) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(EX_UNAVAILABLE)
         }
     }
 }

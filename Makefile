@@ -1,0 +1,44 @@
+# Leasehold. `make run` starts a local cluster; `make test` runs every test.
+# Both install what they need (etcd-server, protobuf-compiler) first, idempotently.
+
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/leasehold/target
+export CARGO_TERM_COLOR ?= never
+DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
+RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
+
+.PHONY: all deps build test fmt-check clippy unit integration run bench fmt
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+build: deps
+	cargo build --bin leasehold
+
+fmt:
+	cargo fmt --all
+
+fmt-check:
+	cargo fmt --all -- --check
+
+clippy: deps
+	cargo clippy --workspace --all-targets -- -D warnings
+
+unit: deps
+	cargo test --workspace --exclude leasehold-integration-tests
+
+# Real etcd and real leasehold processes; one scenario at a time (2-core machines).
+integration: build
+	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
+
+test: deps fmt-check clippy unit integration
+
+run: build
+	LEASEHOLD_BIN=$(DEBUG_BIN) scripts/run-local.sh
+
+# Figures into docs/BENCHMARKS.md (release build; takes a few minutes).
+bench: deps
+	cargo build --release --bin leasehold --bin leasehold-bench
+	LEASEHOLD_BIN=$(RELEASE_BIN) $(CARGO_TARGET_DIR)/release/leasehold-bench --out docs/BENCHMARKS.md

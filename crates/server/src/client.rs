@@ -1,0 +1,66 @@
+//! `leasehold call` and `leasehold locate`: a client in the terminal.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use leasehold_proto::v1::{entities_client::EntitiesClient, CallRequest, LocateRequest};
+use tonic::transport::Endpoint;
+
+async fn connect(addr: &str) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid address {addr:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    Ok(EntitiesClient::new(channel))
+}
+
+pub async fn call(
+    addr: &str,
+    key: &str,
+    payload: String,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let mut client = connect(addr).await?;
+    let mut request = tonic::Request::new(CallRequest {
+        key: key.into(),
+        payload: payload.into(),
+    });
+    request.set_timeout(timeout);
+    let r = client
+        .call(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    Ok(format!(
+        "key {key:?} shard {} epoch {} owner {}: {}",
+        r.shard,
+        r.epoch,
+        r.owner,
+        String::from_utf8_lossy(&r.payload)
+    ))
+}
+
+pub async fn locate(addr: &str, key: &str) -> anyhow::Result<String> {
+    let mut client = connect(addr).await?;
+    let r = client
+        .locate(LocateRequest { key: key.into() })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let owner = if r.owner.is_empty() {
+        "-".to_owned()
+    } else {
+        format!("{} at {}", r.owner, r.address)
+    };
+    Ok(format!(
+        "key {key:?} shard {} epoch {} owner {owner}",
+        r.shard, r.epoch
+    ))
+}
