@@ -14,7 +14,7 @@ use leasehold_proto::v1::CallRequest;
 
 const TTL: Duration = Duration::from_secs(3);
 
-fn ttl_args<'a>(handler: &'a str) -> Vec<&'a str> {
+fn ttl_args(handler: &str) -> Vec<&str> {
     vec![
         "--lease-ttl",
         "3s",
