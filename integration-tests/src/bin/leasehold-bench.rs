@@ -1,0 +1,281 @@
+//! `make bench`: the core's speed and memory targets, each measured against a baseline
+//! taken in the same run on the same machine, written to docs/BENCHMARKS.md.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_integration_tests::load::{self, Load};
+use leasehold_integration_tests::{free_port, shard_table, wait_until, Cluster};
+use leasehold_proto::v1::entities_client::EntitiesClient;
+use leasehold_proto::v1::entities_server::{Entities, EntitiesServer};
+use leasehold_proto::v1::{CallRequest, CallResponse, LocateRequest, LocateResponse};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// The baseline: a plain tonic server answering Call with its payload.
+struct RawEcho;
+
+#[tonic::async_trait]
+impl Entities for RawEcho {
+    async fn call(&self, r: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
+        let r = r.into_inner();
+        Ok(Response::new(CallResponse { payload: r.payload, shard: 0, epoch: 0, owner: String::new() }))
+    }
+
+    async fn locate(&self, _: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        Err(Status::unimplemented("raw echo"))
+    }
+}
+
+fn raw_server(port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(EntitiesServer::new(RawEcho))
+            .serve(format!("127.0.0.1:{port}").parse().unwrap())
+            .await
+            .unwrap();
+    });
+}
+
+fn client(url: &str) -> EntitiesClient<Channel> {
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().tcp_nodelay(true).connect_lazy();
+    EntitiesClient::new(ch)
+}
+
+/// Calls per second over `secs` with `concurrency` callers and random keys.
+async fn throughput(c: EntitiesClient<Channel>, concurrency: usize, secs: u64) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (mut c, done, errors, stop) = (c.clone(), done.clone(), errors.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let req = CallRequest { key: format!("k{w}-{}", i % 997), payload: vec![1u8; 64].into() };
+                match c.call(req).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // warm-up
+    let start = (done.load(Ordering::Relaxed), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let rate = (done.load(Ordering::Relaxed) - start.0) as f64 / start.1.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(errors.load(Ordering::Relaxed), 0, "calls failed during the throughput run");
+    rate
+}
+
+/// p50 / p99 of sequential calls for `keys`.
+async fn latency(mut c: EntitiesClient<Channel>, keys: &[String], rounds: usize) -> (Duration, Duration) {
+    let mut l = Vec::new();
+    for r in 0..rounds {
+        let key = &keys[r % keys.len()];
+        let t = Instant::now();
+        c.call(CallRequest { key: key.clone(), payload: vec![1u8; 64].into() }).await.unwrap();
+        l.push(t.elapsed());
+    }
+    l.sort();
+    (l[l.len() / 2], l[l.len() * 99 / 100])
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+struct Row {
+    name: &'static str,
+    measured: String,
+    baseline: String,
+    target: &'static str,
+    met: bool,
+}
+
+async fn bench() -> Vec<Row> {
+    let mut rows = Vec::new();
+    let conc = 32;
+    let secs = 5;
+
+    // 1. Owner path vs a raw tonic echo server, same client, alternating twice.
+    {
+        let port = free_port();
+        let exe = std::env::current_exe().unwrap();
+        let mut raw = std::process::Command::new(exe).args(["raw-server", &port.to_string()]).spawn().unwrap();
+        let cluster = Cluster::start(1, &["--max-concurrency", "4096"]).await;
+        cluster.wait_balanced(Duration::from_secs(10)).await;
+        let raw_c = client(&format!("http://127.0.0.1:{port}"));
+        let lh_c = cluster.instances[0].client().await;
+        let (mut raw_best, mut lh_best) = (0f64, 0f64);
+        for _ in 0..2 {
+            raw_best = raw_best.max(throughput(raw_c.clone(), conc, secs).await);
+            lh_best = lh_best.max(throughput(lh_c.clone(), conc, secs).await);
+        }
+        let _ = raw.kill();
+        let ratio = lh_best / raw_best;
+        eprintln!("owner path {lh_best:.0}/s raw {raw_best:.0}/s ratio {ratio:.2}");
+        rows.push(Row {
+            name: "owner-path Call throughput (1 instance, echo, 32 callers)",
+            measured: format!("{lh_best:.0} calls/s"),
+            baseline: format!("raw tonic echo {raw_best:.0} calls/s → ratio {ratio:.2}"),
+            target: "≥ 0.8× raw",
+            met: ratio >= 0.8,
+        });
+    }
+
+    // 2. Forwarded vs direct latency (2 instances; keys owned by n0).
+    {
+        let cluster = Cluster::start(2, &[]).await;
+        let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+        let count = table.len() as u32;
+        let keys: Vec<String> = (0..10_000)
+            .map(|i| format!("key-{i}"))
+            .filter(|k| table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize].1.as_deref() == Some("n0"))
+            .take(200)
+            .collect();
+        let direct = cluster.instances[0].client().await;
+        let forwarded = cluster.instances[1].client().await;
+        latency(direct.clone(), &keys, 500).await; // warm-up both paths
+        latency(forwarded.clone(), &keys, 500).await;
+        let (d50, d99) = latency(direct, &keys, 3000).await;
+        let (f50, f99) = latency(forwarded, &keys, 3000).await;
+        let ratio = f50.as_secs_f64() / d50.as_secs_f64();
+        rows.push(Row {
+            name: "forwarded Call p50 (sequential, 2 instances)",
+            measured: format!("p50 {f50:?}, p99 {f99:?}"),
+            baseline: format!("direct-to-owner p50 {d50:?}, p99 {d99:?} → ratio {ratio:.2}"),
+            target: "≤ 1.5× direct p50",
+            met: ratio <= 1.5,
+        });
+    }
+
+    // 3. Idle RSS with 1024 shards, against an idle etcd-free baseline of the same binary.
+    {
+        let cluster = Cluster::start(3, &[]).await;
+        cluster.wait_balanced(Duration::from_secs(10)).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let rss: Vec<u64> = cluster.instances.iter().map(|i| rss_kib(i.pid())).collect();
+        let single = {
+            let c1 = Cluster::start(1, &[]).await;
+            c1.wait_balanced(Duration::from_secs(10)).await;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            rss_kib(c1.instances[0].pid())
+        };
+        let max = *rss.iter().max().unwrap();
+        rows.push(Row {
+            name: "idle RSS per instance, 1024 shards",
+            measured: format!("3 instances: {} MiB max; 1 instance owning all 1024: {:.1} MiB", fmt_mib(max), single as f64 / 1024.0),
+            baseline: "—".into(),
+            target: "≤ 30 MB",
+            met: max.max(single) * 1024 <= 30_000_000,
+        });
+    }
+
+    // 4. Recovery after SIGKILL (default TTL 5 s) and 5. SIGTERM drain, both under load.
+    for (scenario, signal) in [("kill", "KILL"), ("term2", "TERM"), ("term3", "TERM")] {
+        let n = if scenario == "term2" { 2 } else { 3 };
+        let mut cluster = Cluster::start(n, &[]).await;
+        let before = cluster.wait_balanced(Duration::from_secs(10)).await;
+        let targets = load::targets(&cluster.instances).await;
+        let victim = cluster.instances.len() - 1;
+        let victim_id = cluster.instances[victim].id.clone();
+        let moved = before.iter().filter(|s| s.1.as_deref() == Some(victim_id.as_str())).count();
+        let stop = Arc::new(AtomicBool::new(false));
+        let spec = Load { keys: 1000, concurrency: 16, total: None, timeout: Duration::from_secs(10), payload: 64 };
+        let loader = tokio::spawn(load::run(targets.clone(), spec, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        targets.write().unwrap().retain(|(id, _)| *id != victim_id);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let t = Instant::now();
+        cluster.instances[victim].signal(signal);
+        let took = if signal == "KILL" {
+            wait_until(Duration::from_secs(20), "shards re-owned", || {
+                let table = shard_table(&cluster.instances[0])?;
+                table.iter().all(|s| s.1.is_some() && s.1.as_deref() != Some(victim_id.as_str())).then_some(())
+            })
+            .await;
+            t.elapsed()
+        } else {
+            cluster.instances[victim].wait_exit(Duration::from_secs(20)).await;
+            t.elapsed()
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, Ordering::Relaxed);
+        let report = loader.await.unwrap();
+        if signal == "KILL" {
+            cluster.instances.remove(victim);
+            rows.push(Row {
+                name: "recovery after SIGKILL (lease TTL 5 s, 3 instances, under load)",
+                measured: format!("{took:.2?} for {moved} shards; {} calls ok, {} failed", report.ok, report.failed.len()),
+                baseline: "TTL 5 s".into(),
+                target: "≤ TTL + 1 s",
+                met: took <= Duration::from_secs(6) && report.failed.is_empty(),
+            });
+        } else {
+            rows.push(Row {
+                name: if n == 2 { "SIGTERM drain to exit (2 instances, 1024 shards)" } else { "SIGTERM drain to exit (3 instances, 1024 shards)" },
+                measured: format!("{took:.2?} moving {moved} shards; {} calls ok, {} failed", report.ok, report.failed.len()),
+                baseline: "—".into(),
+                target: "≤ 2 s, 0 failed calls",
+                met: took <= Duration::from_secs(2) && report.failed.is_empty(),
+            });
+        }
+    }
+    rows
+}
+
+fn fmt_mib(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("raw-server") {
+        raw_server(args[2].parse().unwrap());
+        return;
+    }
+    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rows = rt.block_on(bench());
+    let mut md = String::new();
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(md, "Reproduce with `make bench` (release build; writes this file). Measured {} on {} ({} cores).", now(), host(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let _ = writeln!(md, "Every figure is compared with a baseline or target measured in the same run; these machines are noisy, so read ratios, not absolute numbers.\n");
+    let _ = writeln!(md, "| benchmark | measured | baseline (same run) | target | met |");
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    for r in &rows {
+        let _ = writeln!(md, "| {} | {} | {} | {} | {} |", r.name, r.measured, r.baseline, r.target, if r.met { "yes" } else { "**no**" });
+    }
+    print!("{md}");
+    if let Some(path) = out {
+        let notes = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_owned()))
+            .unwrap_or_default();
+        std::fs::write(&path, format!("{md}{notes}")).unwrap();
+        eprintln!("wrote {path}");
+    }
+}
+
+fn now() -> String {
+    std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+}
+
+fn host() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .unwrap_or_else(|| "unknown CPU".into())
+}
