@@ -98,16 +98,17 @@ pub struct ShardTable {
 }
 
 /// Proof that a handler call started on an owned shard; dropping it ends the call.
+/// Owned (not borrowed) so it can move into the task that runs the handler.
 #[derive(Debug)]
-pub struct CallGuard<'a> {
-    table: &'a ShardTable,
+pub struct CallGuard {
+    table: Arc<ShardTable>,
     shard: ShardId,
     pub epoch: Epoch,
     /// The call must end before this instant.
     pub valid_until: Instant,
 }
 
-impl Drop for CallGuard<'_> {
+impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut slot = self.table.slot(self.shard);
         slot.in_flight -= 1;
@@ -150,7 +151,7 @@ impl ShardTable {
     }
 
     /// Starts a handler call if this instance owns `shard` and its lease is valid.
-    pub fn try_start(&self, shard: ShardId) -> Result<CallGuard<'_>, Blocked> {
+    pub fn try_start(self: &Arc<Self>, shard: ShardId) -> Result<CallGuard, Blocked> {
         let mut slot = self.slot(shard);
         match slot.state {
             LocalState::NotOwned => Err(Blocked::NotOwned),
@@ -159,7 +160,7 @@ impl ShardTable {
                 let valid_until = self.lease.valid_until().ok_or(Blocked::LeaseInvalid)?;
                 slot.in_flight += 1;
                 Ok(CallGuard {
-                    table: self,
+                    table: self.clone(),
                     shard,
                     epoch,
                     valid_until,
@@ -261,10 +262,10 @@ impl ShardTable {
 mod tests {
     use super::*;
 
-    fn table() -> ShardTable {
+    fn table() -> Arc<ShardTable> {
         let lease = Arc::new(LeaseClock::default());
         lease.set_valid_until(Instant::now() + Duration::from_secs(60));
-        ShardTable::new(4, lease)
+        Arc::new(ShardTable::new(4, lease))
     }
 
     #[test]
@@ -288,7 +289,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_move_waits_for_in_flight_calls() {
-        let t = Arc::new(table());
+        let t = table();
         assert!(t.set_owned(0, ShardId(0), Epoch(3)));
         let guard = t.try_start(ShardId(0)).unwrap();
         assert_eq!(t.begin_move(ShardId(0)), Some(Epoch(3)));

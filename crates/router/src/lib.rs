@@ -22,11 +22,11 @@ use bytes::Bytes;
 use leasehold_coord::{Blocked, Coord};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 
 pub use crate::handler::{CallSource, EchoHandler, GrpcHandler, HandleCall, Handler};
-use crate::mailbox::Mailboxes;
+use crate::mailbox::{Mailboxes, Turn};
 use crate::peers::{Forwarded, Peers};
 pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
 
@@ -115,7 +115,6 @@ struct Job {
     deadline: Instant,
     origin: Origin,
     source: CallSource,
-    reply: oneshot::Sender<Result<Reply, CallError>>,
 }
 
 struct Metrics {
@@ -132,9 +131,9 @@ struct Inner {
     coord: Coord,
     handler: Arc<dyn Handler>,
     opts: RouterOptions,
-    mailboxes: Arc<Mailboxes<Job>>,
+    mailboxes: Arc<Mailboxes>,
     peers: Peers,
-    concurrency: Semaphore,
+    concurrency: Arc<Semaphore>,
     metrics: Metrics,
 }
 
@@ -193,7 +192,7 @@ impl Router {
             inner: Arc::new(Inner {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
                 peers: Peers::new(max_message),
-                concurrency: Semaphore::new(opts.max_concurrency),
+                concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 coord,
                 handler,
                 opts,
@@ -278,7 +277,19 @@ impl Router {
     ) -> Result<Reply, CallError> {
         self.validate(&key, &payload)?;
         let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
-        let (tx, rx) = oneshot::channel();
+        let waiting = self.inner.mailboxes.enter(&key).map_err(|_| {
+            CallError::ResourceExhausted(format!(
+                "{} calls already queued for key {key:?} (mailbox_capacity)",
+                self.inner.opts.mailbox_capacity
+            ))
+        })?;
+        let turn = tokio::time::timeout_at(deadline.into(), waiting.turn())
+            .await
+            .map_err(|_| {
+                CallError::DeadlineExceeded(format!(
+                    "deadline passed while queued behind earlier calls for key {key:?}"
+                ))
+            })?;
         let job = Job {
             key,
             shard,
@@ -286,39 +297,11 @@ impl Router {
             deadline,
             origin,
             source,
-            reply: tx,
         };
-        let key = job.key.clone();
-        let this = self.clone();
-        self.inner
-            .mailboxes
-            .submit(&key, job, move |job| {
-                let this = this.clone();
-                async move { this.process(job).await }
-            })
-            .map_err(|_| {
-                CallError::ResourceExhausted(format!(
-                    "{} calls already queued for key {key:?} (mailbox_capacity)",
-                    self.inner.opts.mailbox_capacity
-                ))
-            })?;
-        rx.await.unwrap_or_else(|_| {
-            Err(CallError::Unavailable(
-                "call dropped while shutting down".into(),
-            ))
-        })
+        self.route(&job, Arc::new(turn)).await
     }
 
-    /// Runs one job from a key's mailbox.
-    async fn process(&self, job: Job) {
-        if job.reply.is_closed() {
-            return; // the caller gave up; do not run work nobody waits for
-        }
-        let result = self.route(&job).await;
-        let _ = job.reply.send(result);
-    }
-
-    async fn route(&self, job: &Job) -> Result<Reply, CallError> {
+    async fn route(&self, job: &Job, turn: Arc<Turn>) -> Result<Reply, CallError> {
         let coord = &self.inner.coord;
         let table = coord.table();
         let mut changes = table.subscribe();
@@ -335,7 +318,7 @@ impl Router {
             match table.try_start(job.shard) {
                 Ok(guard) => {
                     drop(guard);
-                    match self.execute(job).await {
+                    match self.execute(job, &turn).await {
                         Err(Blocked::NotOwned) => continue,
                         Err(Blocked::Moving) => reason = "shard moving",
                         Err(Blocked::LeaseInvalid) => reason = "lease not valid",
@@ -413,53 +396,65 @@ impl Router {
 
     /// Runs the handler for a job at this owner. `Err(Blocked)` when the shard stopped
     /// being startable while waiting for a concurrency permit.
-    async fn execute(&self, job: &Job) -> Result<Result<Reply, CallError>, Blocked> {
-        let permit =
-            match tokio::time::timeout_at(job.deadline.into(), self.inner.concurrency.acquire())
-                .await
-            {
-                Ok(Ok(p)) => p,
-                _ => {
-                    return Ok(Err(CallError::ResourceExhausted(format!(
+    ///
+    /// The handler runs in its own task that holds the shard's call guard and the key's
+    /// turn: if the caller goes away mid-call, the call still counts as in flight (a
+    /// handoff waits for it) and the next call for the key waits for it, until the
+    /// handler answers or its deadline passes.
+    async fn execute(
+        &self,
+        job: &Job,
+        turn: &Arc<Turn>,
+    ) -> Result<Result<Reply, CallError>, Blocked> {
+        let acquire = self.inner.concurrency.clone().acquire_owned();
+        let permit = match tokio::time::timeout_at(job.deadline.into(), acquire).await {
+            Ok(Ok(p)) => p,
+            _ => {
+                return Ok(Err(CallError::ResourceExhausted(format!(
                     "no handler slot free before the deadline ({} calls running, max_concurrency)",
                     self.inner.opts.max_concurrency
                 ))))
-                }
-            };
+            }
+        };
         let coord = &self.inner.coord;
         let guard = coord.table().try_start(job.shard)?;
         let deadline = job.deadline.min(guard.valid_until);
+        let epoch = guard.epoch;
         let call = HandleCall {
             key: job.key.clone(),
             payload: job.payload.clone(),
             shard: job.shard,
-            epoch: guard.epoch,
+            epoch,
             owner: coord.member_id().clone(),
             source: job.source.clone(),
             deadline,
         };
+        let handle = self.inner.handler.handle(call);
+        let latency = self.inner.metrics.handler_latency.clone();
+        let turn = turn.clone();
         let started = Instant::now();
-        let result =
-            tokio::time::timeout_at(deadline.into(), self.inner.handler.handle(call)).await;
-        self.inner
-            .metrics
-            .handler_latency
-            .observe(started.elapsed());
-        let epoch = guard.epoch;
-        drop(guard);
-        drop(permit);
+        let run = tokio::spawn(async move {
+            let result = tokio::time::timeout_at(deadline.into(), handle).await;
+            latency.observe(started.elapsed());
+            drop((guard, permit, turn));
+            result
+        });
+        let result = run
+            .await
+            .map_err(|e| CallError::Unavailable(format!("handler task failed: {e}")));
         Ok(match result {
-            Ok(Ok(payload)) => Ok(Reply {
+            Err(e) => Err(e),
+            Ok(Ok(Ok(payload))) => Ok(Reply {
                 payload,
                 shard: job.shard,
                 epoch,
                 owner: coord.member_id().clone(),
             }),
-            Ok(Err(status)) if status.code() == Code::Unavailable => {
+            Ok(Ok(Err(status))) if status.code() == Code::Unavailable => {
                 Err(CallError::Unavailable(status.message().to_owned()))
             }
-            Ok(Err(status)) => Err(CallError::Handler(status)),
-            Err(_) => Err(CallError::DeadlineExceeded(format!(
+            Ok(Ok(Err(status))) => Err(CallError::Handler(status)),
+            Ok(Err(_)) => Err(CallError::DeadlineExceeded(format!(
                 "handler did not answer within its deadline of {:?}",
                 deadline.saturating_duration_since(started)
             ))),

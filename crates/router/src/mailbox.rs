@@ -1,25 +1,46 @@
-//! Per-key mailboxes: one queue and one task per active key, so calls for a key run one
-//! at a time in arrival order while other keys run in parallel. A mailbox task exits as
-//! soon as its queue is empty (passivation), so idle keys cost nothing.
+//! Per-key turns: calls for one key take turns in arrival order, calls for different
+//! keys run in parallel.
+//!
+//! A key with no call in progress has no entry. The first call inserts an empty queue and
+//! runs at once (no task, no channel); later calls queue a wake-up and wait; a finishing
+//! call hands its turn to the next waiter, or removes the entry when nobody waits
+//! (passivation). Queues are bounded: a full one refuses the call.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use leasehold_types::key_hash;
-use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
-/// Lock stripes of the mailbox map, to keep unrelated keys off one lock.
+/// Lock stripes of the key map, to keep unrelated keys off one lock.
 const STRIPES: usize = 64;
 
-pub(crate) struct Mailboxes<J> {
-    stripes: Vec<Mutex<HashMap<String, mpsc::Sender<J>>>>,
+type Waiters = VecDeque<oneshot::Sender<()>>;
+
+pub(crate) struct Mailboxes {
+    stripes: Vec<Mutex<HashMap<String, Waiters>>>,
     capacity: usize,
 }
 
-/// The queue of `key` is full.
+/// The queue of the key is full.
+#[derive(Debug)]
 pub(crate) struct Full;
 
-impl<J: Send + 'static> Mailboxes<J> {
+/// The right to run the next call for a key; dropping it passes the turn on.
+pub(crate) struct Turn {
+    boxes: Arc<Mailboxes>,
+    key: String,
+}
+
+/// A queued call waiting for its turn. Dropping it (the caller gave up) is safe: a turn
+/// handed to it in the meantime is passed on.
+pub(crate) struct Waiting {
+    boxes: Arc<Mailboxes>,
+    key: String,
+    rx: Option<oneshot::Receiver<()>>,
+}
+
+impl Mailboxes {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
             stripes: (0..STRIPES).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -27,57 +48,49 @@ impl<J: Send + 'static> Mailboxes<J> {
         }
     }
 
-    fn stripe(&self, key: &str) -> &Mutex<HashMap<String, mpsc::Sender<J>>> {
-        &self.stripes[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
+    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Waiters>> {
+        self.stripes[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
+            .lock()
+            .expect("mailbox lock")
     }
 
-    /// Queues `job` for `key`; starts the key's task with `run` when it has none.
-    pub(crate) fn submit<F, Fut>(self: &Arc<Self>, key: &str, job: J, run: F) -> Result<(), Full>
-    where
-        F: Fn(J) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
-    {
-        let mut map = self.stripe(key).lock().expect("mailbox lock");
-        let job = match map.get(key) {
-            Some(tx) => match tx.try_send(job) {
-                Ok(()) => return Ok(()),
-                Err(mpsc::error::TrySendError::Full(_)) => return Err(Full),
-                Err(mpsc::error::TrySendError::Closed(job)) => job,
-            },
-            None => job,
-        };
-        let (tx, rx) = mpsc::channel(self.capacity);
-        tx.try_send(job).map_err(|_| Full)?;
-        map.insert(key.to_owned(), tx);
-        drop(map);
-        let this = self.clone();
-        let key = key.to_owned();
-        tokio::spawn(async move { this.drain(key, rx, run).await });
-        Ok(())
-    }
-
-    async fn drain<F, Fut>(self: Arc<Self>, key: String, mut rx: mpsc::Receiver<J>, run: F)
-    where
-        F: Fn(J) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        loop {
-            match rx.try_recv() {
-                Ok(job) => run(job).await,
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    // Senders push under the same lock, so an empty queue here stays empty.
-                    let mut map = self.stripe(&key).lock().expect("mailbox lock");
-                    if rx.is_empty() {
-                        map.remove(&key);
-                        return;
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => return,
+    /// Joins the queue of `key`.
+    pub(crate) fn enter(self: &Arc<Self>, key: &str) -> Result<Waiting, Full> {
+        let mut map = self.stripe(key);
+        let rx = match map.get_mut(key) {
+            None => {
+                map.insert(key.to_owned(), VecDeque::new());
+                None
             }
-        }
+            Some(waiters) if waiters.len() >= self.capacity => return Err(Full),
+            Some(waiters) => {
+                let (tx, rx) = oneshot::channel();
+                waiters.push_back(tx);
+                Some(rx)
+            }
+        };
+        Ok(Waiting {
+            boxes: self.clone(),
+            key: key.to_owned(),
+            rx,
+        })
     }
 
-    /// Number of keys with queued or running work.
+    fn pass_on(&self, key: &str) {
+        let mut map = self.stripe(key);
+        let Some(waiters) = map.get_mut(key) else {
+            return;
+        };
+        while let Some(next) = waiters.pop_front() {
+            if next.send(()).is_ok() {
+                return;
+            }
+            // that caller gave up; try the one behind it
+        }
+        map.remove(key);
+    }
+
+    /// Number of keys with a call in progress.
     pub(crate) fn active(&self) -> usize {
         self.stripes
             .iter()
@@ -86,12 +99,44 @@ impl<J: Send + 'static> Mailboxes<J> {
     }
 }
 
+impl Waiting {
+    /// Waits until every earlier call for the key has finished.
+    pub(crate) async fn turn(mut self) -> Turn {
+        if let Some(rx) = self.rx.as_mut() {
+            // The sender is only dropped after a successful send or by `pass_on`
+            // skipping us, which happens only once our receiver is gone.
+            let _ = rx.await;
+        }
+        self.rx = None;
+        Turn {
+            boxes: self.boxes.clone(),
+            key: std::mem::take(&mut self.key),
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if rx.try_recv().is_ok() {
+                // The turn arrived but its caller left: hand it to the next one.
+                self.boxes.pass_on(&self.key);
+            }
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        self.boxes.pass_on(&self.key);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
-
-    use tokio::sync::oneshot;
 
     use super::*;
 
@@ -101,40 +146,32 @@ mod tests {
         let running = Arc::new(AtomicUsize::new(0));
         let peak = Arc::new(AtomicUsize::new(0));
         let order = Arc::new(Mutex::new(Vec::new()));
-        let mut done = Vec::new();
+        let mut tasks = Vec::new();
         for i in 0..200u32 {
             let key = if i % 2 == 0 { "a" } else { "b" };
-            let (tx, rx) = oneshot::channel();
-            done.push(rx);
+            // Enter in order (as calls arrive), then run concurrently.
+            let waiting = boxes.enter(key).unwrap();
             let (running, peak, order) = (running.clone(), peak.clone(), order.clone());
-            let job = (key.to_owned(), i, tx);
-            let ok = boxes.submit(
-                key,
-                job,
-                move |(key, i, tx): (String, u32, oneshot::Sender<()>)| {
-                    let (running, peak, order) = (running.clone(), peak.clone(), order.clone());
-                    async move {
-                        let now = running.fetch_add(1, Ordering::SeqCst) + 1;
-                        peak.fetch_max(now, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_micros(200)).await;
-                        order.lock().unwrap().push((key, i));
-                        running.fetch_sub(1, Ordering::SeqCst);
-                        let _ = tx.send(());
-                    }
-                },
-            );
-            assert!(ok.is_ok());
+            tasks.push(tokio::spawn(async move {
+                let _turn = waiting.turn().await;
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                order.lock().unwrap().push((key, i));
+                running.fetch_sub(1, Ordering::SeqCst);
+            }));
         }
-        for rx in done {
-            rx.await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
         }
         let order = order.lock().unwrap();
         for key in ["a", "b"] {
             let seq: Vec<u32> = order
                 .iter()
-                .filter(|(k, _)| k == key)
+                .filter(|(k, _)| *k == key)
                 .map(|(_, i)| *i)
                 .collect();
+            assert_eq!(seq.len(), 100);
             assert!(
                 seq.windows(2).all(|w| w[0] < w[1]),
                 "key {key} out of order"
@@ -142,23 +179,38 @@ mod tests {
         }
         // Two keys: never more than two at once, and they did overlap.
         assert_eq!(peak.load(Ordering::SeqCst), 2);
-        assert_eq!(boxes.active(), 0, "idle mailboxes are dropped");
+        assert_eq!(boxes.active(), 0, "idle keys are dropped");
     }
 
     #[tokio::test]
-    async fn a_full_queue_is_refused() {
+    async fn a_full_queue_is_refused_and_callers_that_leave_pass_their_turn_on() {
         let boxes = Arc::new(Mailboxes::new(2));
-        let (gate_tx, gate_rx) = tokio::sync::watch::channel(false);
-        let run = move |_: u32| {
-            let mut gate = gate_rx.clone();
-            async move {
-                let _ = gate.wait_for(|open| *open).await;
-            }
-        };
-        // Current-thread runtime: the task does not start until we yield, so the queue fills.
-        assert!(boxes.submit("k", 1, run.clone()).is_ok());
-        assert!(boxes.submit("k", 2, run.clone()).is_ok());
-        assert!(boxes.submit("k", 3, run.clone()).is_err());
-        gate_tx.send(true).unwrap();
+        let first = boxes.enter("k").unwrap().turn().await;
+        let second = boxes.enter("k").unwrap();
+        let third = boxes.enter("k").unwrap();
+        assert!(
+            boxes.enter("k").is_err(),
+            "a third waiter exceeds capacity 2"
+        );
+        drop(second); // gave up while waiting
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(1), third.turn())
+            .await
+            .expect("turn passed on");
+        drop(third);
+        assert_eq!(boxes.active(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_turn_handed_to_a_departed_caller_is_not_lost() {
+        let boxes = Arc::new(Mailboxes::new(10));
+        let first = boxes.enter("k").unwrap().turn().await;
+        let second = boxes.enter("k").unwrap();
+        let third = boxes.enter("k").unwrap();
+        drop(first); // hands the turn to `second` ...
+        drop(second); // ... which leaves without using it
+        tokio::time::timeout(Duration::from_secs(1), third.turn())
+            .await
+            .expect("turn passed on");
     }
 }

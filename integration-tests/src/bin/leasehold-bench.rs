@@ -21,7 +21,12 @@ struct RawEcho;
 impl Entities for RawEcho {
     async fn call(&self, r: Request<CallRequest>) -> Result<Response<CallResponse>, Status> {
         let r = r.into_inner();
-        Ok(Response::new(CallResponse { payload: r.payload, shard: 0, epoch: 0, owner: String::new() }))
+        Ok(Response::new(CallResponse {
+            payload: r.payload,
+            shard: 0,
+            epoch: 0,
+            owner: String::new(),
+        }))
     }
 
     async fn locate(&self, _: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
@@ -30,7 +35,10 @@ impl Entities for RawEcho {
 }
 
 fn raw_server(port: u16) {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -42,7 +50,10 @@ fn raw_server(port: u16) {
 }
 
 fn client(url: &str) -> EntitiesClient<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(url.to_owned()).unwrap().tcp_nodelay(true).connect_lazy();
+    let ch = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .tcp_nodelay(true)
+        .connect_lazy();
     EntitiesClient::new(ch)
 }
 
@@ -58,7 +69,10 @@ async fn throughput(c: EntitiesClient<Channel>, concurrency: usize, secs: u64) -
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let req = CallRequest { key: format!("k{w}-{}", i % 997), payload: vec![1u8; 64].into() };
+                let req = CallRequest {
+                    key: format!("k{w}-{}", i % 997),
+                    payload: vec![1u8; 64].into(),
+                };
                 match c.call(req).await {
                     Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
@@ -74,17 +88,30 @@ async fn throughput(c: EntitiesClient<Channel>, concurrency: usize, secs: u64) -
     for t in tasks {
         t.await.unwrap();
     }
-    assert_eq!(errors.load(Ordering::Relaxed), 0, "calls failed during the throughput run");
+    assert_eq!(
+        errors.load(Ordering::Relaxed),
+        0,
+        "calls failed during the throughput run"
+    );
     rate
 }
 
 /// p50 / p99 of sequential calls for `keys`.
-async fn latency(mut c: EntitiesClient<Channel>, keys: &[String], rounds: usize) -> (Duration, Duration) {
+async fn latency(
+    mut c: EntitiesClient<Channel>,
+    keys: &[String],
+    rounds: usize,
+) -> (Duration, Duration) {
     let mut l = Vec::new();
     for r in 0..rounds {
         let key = &keys[r % keys.len()];
         let t = Instant::now();
-        c.call(CallRequest { key: key.clone(), payload: vec![1u8; 64].into() }).await.unwrap();
+        c.call(CallRequest {
+            key: key.clone(),
+            payload: vec![1u8; 64].into(),
+        })
+        .await
+        .unwrap();
         l.push(t.elapsed());
     }
     l.sort();
@@ -93,7 +120,14 @@ async fn latency(mut c: EntitiesClient<Channel>, keys: &[String], rounds: usize)
 
 fn rss_kib(pid: i32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find(|l| l.starts_with("VmRSS:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 struct Row {
@@ -113,7 +147,10 @@ async fn bench() -> Vec<Row> {
     {
         let port = free_port();
         let exe = std::env::current_exe().unwrap();
-        let mut raw = std::process::Command::new(exe).args(["raw-server", &port.to_string()]).spawn().unwrap();
+        let mut raw = std::process::Command::new(exe)
+            .args(["raw-server", &port.to_string()])
+            .spawn()
+            .unwrap();
         let cluster = Cluster::start(1, &["--max-concurrency", "4096"]).await;
         cluster.wait_balanced(Duration::from_secs(10)).await;
         let raw_c = client(&format!("http://127.0.0.1:{port}"));
@@ -124,6 +161,7 @@ async fn bench() -> Vec<Row> {
             lh_best = lh_best.max(throughput(lh_c.clone(), conc, secs).await);
         }
         let _ = raw.kill();
+        let _ = raw.wait();
         let ratio = lh_best / raw_best;
         eprintln!("owner path {lh_best:.0}/s raw {raw_best:.0}/s ratio {ratio:.2}");
         rows.push(Row {
@@ -142,7 +180,12 @@ async fn bench() -> Vec<Row> {
         let count = table.len() as u32;
         let keys: Vec<String> = (0..10_000)
             .map(|i| format!("key-{i}"))
-            .filter(|k| table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize].1.as_deref() == Some("n0"))
+            .filter(|k| {
+                table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
+                    .1
+                    .as_deref()
+                    == Some("n0")
+            })
             .take(200)
             .collect();
         let direct = cluster.instances[0].client().await;
@@ -176,7 +219,11 @@ async fn bench() -> Vec<Row> {
         let max = *rss.iter().max().unwrap();
         rows.push(Row {
             name: "idle RSS per instance, 1024 shards",
-            measured: format!("3 instances: {} MiB max; 1 instance owning all 1024: {:.1} MiB", fmt_mib(max), single as f64 / 1024.0),
+            measured: format!(
+                "3 instances: {} MiB max; 1 instance owning all 1024: {:.1} MiB",
+                fmt_mib(max),
+                single as f64 / 1024.0
+            ),
             baseline: "—".into(),
             target: "≤ 30 MB",
             met: max.max(single) * 1024 <= 30_000_000,
@@ -191,9 +238,18 @@ async fn bench() -> Vec<Row> {
         let targets = load::targets(&cluster.instances).await;
         let victim = cluster.instances.len() - 1;
         let victim_id = cluster.instances[victim].id.clone();
-        let moved = before.iter().filter(|s| s.1.as_deref() == Some(victim_id.as_str())).count();
+        let moved = before
+            .iter()
+            .filter(|s| s.1.as_deref() == Some(victim_id.as_str()))
+            .count();
         let stop = Arc::new(AtomicBool::new(false));
-        let spec = Load { keys: 1000, concurrency: 16, total: None, timeout: Duration::from_secs(10), payload: 64 };
+        let spec = Load {
+            keys: 1000,
+            concurrency: 16,
+            total: None,
+            timeout: Duration::from_secs(10),
+            payload: 64,
+        };
         let loader = tokio::spawn(load::run(targets.clone(), spec, stop.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         targets.write().unwrap().retain(|(id, _)| *id != victim_id);
@@ -203,12 +259,17 @@ async fn bench() -> Vec<Row> {
         let took = if signal == "KILL" {
             wait_until(Duration::from_secs(20), "shards re-owned", || {
                 let table = shard_table(&cluster.instances[0])?;
-                table.iter().all(|s| s.1.is_some() && s.1.as_deref() != Some(victim_id.as_str())).then_some(())
+                table
+                    .iter()
+                    .all(|s| s.1.is_some() && s.1.as_deref() != Some(victim_id.as_str()))
+                    .then_some(())
             })
             .await;
             t.elapsed()
         } else {
-            cluster.instances[victim].wait_exit(Duration::from_secs(20)).await;
+            cluster.instances[victim]
+                .wait_exit(Duration::from_secs(20))
+                .await;
             t.elapsed()
         };
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -218,15 +279,27 @@ async fn bench() -> Vec<Row> {
             cluster.instances.remove(victim);
             rows.push(Row {
                 name: "recovery after SIGKILL (lease TTL 5 s, 3 instances, under load)",
-                measured: format!("{took:.2?} for {moved} shards; {} calls ok, {} failed", report.ok, report.failed.len()),
+                measured: format!(
+                    "{took:.2?} for {moved} shards; {} calls ok, {} failed",
+                    report.ok,
+                    report.failed.len()
+                ),
                 baseline: "TTL 5 s".into(),
                 target: "≤ TTL + 1 s",
                 met: took <= Duration::from_secs(6) && report.failed.is_empty(),
             });
         } else {
             rows.push(Row {
-                name: if n == 2 { "SIGTERM drain to exit (2 instances, 1024 shards)" } else { "SIGTERM drain to exit (3 instances, 1024 shards)" },
-                measured: format!("{took:.2?} moving {moved} shards; {} calls ok, {} failed", report.ok, report.failed.len()),
+                name: if n == 2 {
+                    "SIGTERM drain to exit (2 instances, 1024 shards)"
+                } else {
+                    "SIGTERM drain to exit (3 instances, 1024 shards)"
+                },
+                measured: format!(
+                    "{took:.2?} moving {moved} shards; {} calls ok, {} failed",
+                    report.ok,
+                    report.failed.len()
+                ),
                 baseline: "—".into(),
                 target: "≤ 2 s, 0 failed calls",
                 met: took <= Duration::from_secs(2) && report.failed.is_empty(),
@@ -246,17 +319,35 @@ fn main() {
         raw_server(args[2].parse().unwrap());
         return;
     }
-    let out = args.iter().position(|a| a == "--out").and_then(|i| args.get(i + 1)).cloned();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let rows = rt.block_on(bench());
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(md, "Reproduce with `make bench` (release build; writes this file). Measured {} on {} ({} cores).", now(), host(), std::thread::available_parallelism().map_or(0, |n| n.get()));
     let _ = writeln!(md, "Every figure is compared with a baseline or target measured in the same run; these machines are noisy, so read ratios, not absolute numbers.\n");
-    let _ = writeln!(md, "| benchmark | measured | baseline (same run) | target | met |");
+    let _ = writeln!(
+        md,
+        "| benchmark | measured | baseline (same run) | target | met |"
+    );
     let _ = writeln!(md, "|---|---|---|---|---|");
     for r in &rows {
-        let _ = writeln!(md, "| {} | {} | {} | {} | {} |", r.name, r.measured, r.baseline, r.target, if r.met { "yes" } else { "**no**" });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            r.name,
+            r.measured,
+            r.baseline,
+            r.target,
+            if r.met { "yes" } else { "**no**" }
+        );
     }
     print!("{md}");
     if let Some(path) = out {
@@ -270,12 +361,21 @@ fn main() {
 }
 
 fn now() -> String {
-    std::process::Command::new("date").arg("-u").arg("+%Y-%m-%d %H:%M UTC").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default()
+    std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d %H:%M UTC")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn host() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into())
 }
