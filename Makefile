@@ -33,7 +33,9 @@ unit: deps
 integration: build
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
-test: deps fmt-check clippy unit integration
+# Ends with one line adding up every test binary's result.
+test: deps fmt-check clippy
+	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration
 
 run: build
 	LEASEHOLD_BIN=$(DEBUG_BIN) scripts/run-local.sh
