@@ -386,19 +386,20 @@ impl Coord {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.inner.table.subscribe();
         while !self.inner.table.held().is_empty() {
+            if !self.others_active() {
+                tracing::info!("no other active member to take the shards; releasing them");
+                break;
+            }
             if tokio::time::timeout_at(deadline, changes.changed())
                 .await
                 .is_err()
             {
+                tracing::warn!("drain timed out; releasing remaining shards");
                 break;
             }
         }
         let left = self.inner.table.held();
         if !left.is_empty() {
-            tracing::warn!(
-                shards = left.len(),
-                "drain timed out; releasing remaining shards"
-            );
             let handoffs = left.into_iter().map(|(s, _)| self.clone().handoff(s));
             // Bounded: with etcd unreachable the keys expire with the lease anyway.
             let bound = self.inner.opts.lease_ttl;
@@ -411,6 +412,16 @@ impl Coord {
                 );
             }
         }
+    }
+
+    /// True when another member is registered and active (someone can take shards).
+    fn others_active(&self) -> bool {
+        let view = self.view();
+        view.synced
+            && view
+                .members
+                .values()
+                .any(|m| m.id != *self.member_id() && m.state == MemberState::Active)
     }
 
     /// Graceful leave, last step: revoke the lease so member and leader keys vanish now.

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use leasehold_coord::{Blocked, Coord};
+use leasehold_coord::{Blocked, CallGuard, Coord};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
 use tokio::sync::Semaphore;
@@ -341,7 +341,10 @@ impl Router {
                     match view.owner(job.shard) {
                         Some(o) if o.owner != *coord.member_id() => {
                             self.inner.metrics.forwards.inc();
-                            match self.forward(job, &o.address, o.epoch, &mut changes).await {
+                            // Boxed: the forward future is large and the owner path should not carry it.
+                            match Box::pin(self.forward(job, &o.address, o.epoch, &mut changes))
+                                .await
+                            {
                                 Forwarded::Done(result) => return result,
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
@@ -397,10 +400,10 @@ impl Router {
     /// Runs the handler for a job at this owner. `Err(Blocked)` when the shard stopped
     /// being startable while waiting for a concurrency permit.
     ///
-    /// The handler runs in its own task that holds the shard's call guard and the key's
-    /// turn: if the caller goes away mid-call, the call still counts as in flight (a
-    /// handoff waits for it) and the next call for the key waits for it, until the
-    /// handler answers or its deadline passes.
+    /// The handler call holds the shard's call guard and the key's turn until it ends:
+    /// if the caller goes away mid-call, the rest of the call moves to a task (see
+    /// [`Running`]), so it still counts as in flight (a handoff waits for it) and the next
+    /// call for the key still waits for it, until the handler answers or its deadline.
     async fn execute(
         &self,
         job: &Job,
@@ -429,35 +432,123 @@ impl Router {
             source: job.source.clone(),
             deadline,
         };
-        let handle = self.inner.handler.handle(call);
-        let latency = self.inner.metrics.handler_latency.clone();
-        let turn = turn.clone();
         let started = Instant::now();
-        let run = tokio::spawn(async move {
-            let result = tokio::time::timeout_at(deadline.into(), handle).await;
-            latency.observe(started.elapsed());
-            drop((guard, permit, turn));
-            result
-        });
-        let result = run
-            .await
-            .map_err(|e| CallError::Unavailable(format!("handler task failed: {e}")));
+        let handle = self.inner.handler.handle(call);
+        let running = Running {
+            call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),
+            hold: Some((guard, permit, turn.clone())),
+        };
+        let result = running.await;
+        self.inner
+            .metrics
+            .handler_latency
+            .observe(started.elapsed());
         Ok(match result {
-            Err(e) => Err(e),
-            Ok(Ok(Ok(payload))) => Ok(Reply {
+            Ok(Ok(payload)) => Ok(Reply {
                 payload,
                 shard: job.shard,
                 epoch,
                 owner: coord.member_id().clone(),
             }),
-            Ok(Ok(Err(status))) if status.code() == Code::Unavailable => {
+            Ok(Err(status)) if status.code() == Code::Unavailable => {
                 Err(CallError::Unavailable(status.message().to_owned()))
             }
-            Ok(Ok(Err(status))) => Err(CallError::Handler(status)),
-            Ok(Err(_)) => Err(CallError::DeadlineExceeded(format!(
+            Ok(Err(status)) => Err(CallError::Handler(status)),
+            Err(_) => Err(CallError::DeadlineExceeded(format!(
                 "handler did not answer within its deadline of {:?}",
                 deadline.saturating_duration_since(started)
             ))),
         })
+    }
+}
+
+type HandlerResult = Result<Result<Bytes, Status>, tokio::time::error::Elapsed>;
+
+/// A handler call in progress, with what it holds: the shard's call guard, a concurrency
+/// permit and the key's turn. Awaited inline (no task per call); if it is dropped before
+/// it finished (the caller went away), the remainder runs to completion in a task and
+/// only then releases what it holds.
+struct Running {
+    call: Option<futures::future::BoxFuture<'static, HandlerResult>>,
+    hold: Option<(CallGuard, tokio::sync::OwnedSemaphorePermit, Arc<Turn>)>,
+}
+
+impl std::future::Future for Running {
+    type Output = HandlerResult;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<HandlerResult> {
+        let call = self.call.as_mut().expect("polled after completion");
+        let result = std::task::ready!(call.as_mut().poll(cx));
+        self.call = None;
+        self.hold = None;
+        std::task::Poll::Ready(result)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let (Some(call), hold) = (self.call.take(), self.hold.take()) {
+            tokio::spawn(async move {
+                let _ = call.await;
+                drop(hold);
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use leasehold_coord::{LeaseClock, ShardTable};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_call_whose_caller_left_keeps_its_shard_and_key_until_the_handler_ends() {
+        let lease = Arc::new(LeaseClock::default());
+        lease.set_valid_until(Instant::now() + Duration::from_secs(60));
+        let table = Arc::new(ShardTable::new(4, lease));
+        assert!(table.set_owned(0, ShardId(1), Epoch(5)));
+        let boxes = Arc::new(Mailboxes::new(8));
+        let turn = Arc::new(boxes.enter("k").unwrap().turn().await);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let handler = async move {
+            let _ = finished.await;
+            Ok::<_, Status>(Bytes::new())
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let running = Running {
+            call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
+            hold: Some((table.try_start(ShardId(1)).unwrap(), permit, turn)),
+        };
+        // The caller gives up while the handler still runs.
+        assert!(tokio::time::timeout(Duration::from_millis(20), running)
+            .await
+            .is_err());
+        assert_eq!(
+            table.in_flight(ShardId(1)),
+            1,
+            "a handoff must still wait for the call"
+        );
+        let next = boxes.enter("k").unwrap();
+        let next_turn = tokio::spawn(next.turn());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !next_turn.is_finished(),
+            "the next call for the key must still wait"
+        );
+        finish.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), table.wait_idle(ShardId(1)))
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), next_turn)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

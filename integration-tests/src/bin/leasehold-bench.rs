@@ -319,6 +319,17 @@ fn main() {
         raw_server(args[2].parse().unwrap());
         return;
     }
+    if args.get(1).map(String::as_str) == Some("load") {
+        // Load one address for profiling: leasehold-bench load URL SECONDS
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let rate =
+            rt.block_on(async { throughput(client(&args[2]), 32, args[3].parse().unwrap()).await });
+        println!("{rate:.0} calls/s");
+        return;
+    }
     let out = args
         .iter()
         .position(|a| a == "--out")
