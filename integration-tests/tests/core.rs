@@ -82,6 +82,69 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
             "member {id} with {count} shards missing from:\n{text}"
         );
     }
+    // gRPC health (serving = ready) and server reflection on the gRPC port.
+    let channel = tonic::transport::Endpoint::from_shared(cluster.instances[0].grpc_url())
+        .unwrap()
+        .connect_lazy();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "leasehold.v1.Entities"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            r.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    }
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = reflection
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        answers.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("no service list")
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in [
+        "leasehold.v1.Entities",
+        "leasehold.v1.Admin",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from reflection: {names:?}"
+        );
+    }
+    let mut admin = leasehold_proto::v1::admin_client::AdminClient::new(
+        tonic::transport::Endpoint::from_shared(cluster.instances[1].grpc_url())
+            .unwrap()
+            .connect_lazy(),
+    );
+    let info = admin
+        .get_cluster(leasehold_proto::v1::GetClusterRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (info.shard_count, info.members, info.unowned_shards),
+        (1024, 3, 0)
+    );
+
     let cluster_info = cluster.instances[2].get("/v1/cluster").unwrap();
     assert_eq!(cluster_info["unowned_shards"], 0);
     assert_eq!(cluster_info["members"], 3);
