@@ -148,6 +148,57 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
     let cluster_info = cluster.instances[2].get("/v1/cluster").unwrap();
     assert_eq!(cluster_info["unowned_shards"], 0);
     assert_eq!(cluster_info["members"], 3);
+    assert_eq!(cluster_info["self"], "n2");
+
+    // The CLI the Helm chart's probes and hooks use: health, then drain (preStop).
+    let cli = |args: &[&str]| {
+        std::process::Command::new(leasehold_bin())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["health", "--addr", &cluster.instances[2].grpc_url()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(&[
+        "drain",
+        "--admin",
+        &cluster.instances[2].admin_url(),
+        "--wait",
+        "10s",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = shard_table(&cluster.instances[0]).unwrap();
+    assert!(
+        table
+            .iter()
+            .all(|s| s.1.as_deref().is_some_and(|o| o != "n2")),
+        "n2 still owns shards after drain"
+    );
+    let members = cluster.instances[0].get("/v1/members").unwrap();
+    let n2 = members["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "n2")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (n2["state"].as_str(), n2["shards"].as_u64()),
+        (Some("draining"), Some(0))
+    );
+    let out = cli(&["health", "--addr", &cluster.instances[2].grpc_url()]);
+    assert!(
+        !out.status.success(),
+        "a draining instance must not report serving"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

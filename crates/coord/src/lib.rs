@@ -69,6 +69,8 @@ pub struct CoordOptions {
     pub address: String,
     pub admin_address: String,
     pub etcd_endpoints: Vec<String>,
+    /// etcd user name and password, when etcd authentication is enabled.
+    pub etcd_user: Option<(String, String)>,
     pub shard_count: u32,
     pub lease_ttl: Duration,
     /// How many owned shards the leader moves at once.
@@ -249,6 +251,10 @@ impl Coord {
                     .with_connect_timeout(Duration::from_secs(2))
                     .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
                     .with_keep_alive_while_idle(true);
+                let connect = match &opts.etcd_user {
+                    Some((user, password)) => connect.with_user(user, password),
+                    None => connect,
+                };
                 let client = Client::connect(&opts.etcd_endpoints, Some(connect)).await?;
                 self.ensure_config(client.clone()).await?;
                 Ok::<_, Error>(client)

@@ -17,6 +17,9 @@ use serde::Serialize;
 #[derive(Debug, Serialize)]
 pub struct ClusterInfo {
     pub cluster: String,
+    /// The member id of the instance answering.
+    #[serde(rename = "self")]
+    pub self_id: String,
     pub shard_count: u32,
     pub leader: Option<String>,
     pub assignment_version: u64,
@@ -48,6 +51,7 @@ pub fn cluster_info(coord: &Coord) -> ClusterInfo {
     let view = coord.view();
     ClusterInfo {
         cluster: coord.options().cluster.clone(),
+        self_id: coord.member_id().0.clone(),
         shard_count: view.shard_count(),
         leader: view.leader.as_ref().map(|l| l.0.clone()),
         assignment_version: view.assignment_version,

@@ -64,3 +64,34 @@ pub async fn locate(addr: &str, key: &str) -> anyhow::Result<String> {
         r.shard, r.epoch
     ))
 }
+
+/// `leasehold health`: the standard gRPC health check (serving = ready).
+pub async fn health(addr: &str, service: &str) -> anyhow::Result<String> {
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
+    let url = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid address {addr:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to {url}"))?;
+    let status = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner()
+        .status;
+    let status = ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown);
+    if status != ServingStatus::Serving {
+        anyhow::bail!("{url} is {}", status.as_str_name());
+    }
+    Ok(format!("{url} is SERVING"))
+}

@@ -28,6 +28,12 @@ pub struct ServeArgs {
     /// etcd endpoints, comma separated.
     #[arg(long, env = "LEASEHOLD_ETCD")]
     pub etcd: Option<String>,
+    /// etcd user name (with etcd authentication enabled).
+    #[arg(long, env = "LEASEHOLD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// etcd password; prefer the environment variable over the flag.
+    #[arg(long, env = "LEASEHOLD_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
     /// gRPC listen address.
     #[arg(long, env = "LEASEHOLD_LISTEN")]
     pub listen: Option<String>,
@@ -97,6 +103,8 @@ pub struct FileConfig {
     pub cluster: Option<Scalar>,
     /// A list or a comma-separated string.
     pub etcd: Option<Endpoints>,
+    pub etcd_username: Option<Scalar>,
+    pub etcd_password: Option<Scalar>,
     pub listen: Option<Scalar>,
     pub admin_listen: Option<Scalar>,
     pub advertise: Option<Scalar>,
@@ -134,6 +142,8 @@ pub struct Config {
     pub id: String,
     pub cluster: String,
     pub etcd: Vec<String>,
+    /// etcd user and password (both set, or neither).
+    pub etcd_user: Option<(String, String)>,
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub advertise: Option<String>,
@@ -296,6 +306,30 @@ impl Config {
             }
         }
 
+        let etcd_user = match (
+            a.etcd_username
+                .or(f.etcd_username.map(Scalar::into_string))
+                .filter(|s| !s.is_empty()),
+            a.etcd_password
+                .or(f.etcd_password.map(Scalar::into_string))
+                .filter(|s| !s.is_empty()),
+        ) {
+            (Some(u), Some(p)) => Some((u, p)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(field_error(
+                    "etcd_password",
+                    "required when etcd_username is set",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(field_error(
+                    "etcd_username",
+                    "required when etcd_password is set",
+                ))
+            }
+        };
+
         let listen = parse_addr("listen", &pick(a.listen, f.listen, "0.0.0.0:7070"))?;
         let admin_listen = parse_addr(
             "admin_listen",
@@ -385,6 +419,7 @@ impl Config {
             id,
             cluster,
             etcd,
+            etcd_user,
             listen,
             admin_listen,
             advertise,
@@ -409,6 +444,10 @@ impl Config {
             id: &'a str,
             cluster: &'a str,
             etcd: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            etcd_username: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            etcd_password: Option<&'static str>,
             listen: String,
             admin_listen: String,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -431,6 +470,9 @@ impl Config {
             id: &self.id,
             cluster: &self.cluster,
             etcd: &self.etcd,
+            etcd_username: self.etcd_user.as_ref().map(|(u, _)| u.as_str()),
+            // Never printed: the effective config ends up in logs and tickets.
+            etcd_password: self.etcd_user.as_ref().map(|_| "<redacted>"),
             listen: self.listen.to_string(),
             admin_listen: self.admin_listen.to_string(),
             advertise: &self.advertise,
@@ -580,6 +622,26 @@ mod tests {
         let again =
             Config::merge(ServeArgs::default(), toml::from_str(&c.to_toml()).unwrap()).unwrap();
         assert_eq!(again.to_toml(), c.to_toml());
+    }
+
+    #[test]
+    fn etcd_credentials_come_in_pairs_and_are_never_printed() {
+        let a = ServeArgs {
+            etcd_username: Some("lh".into()),
+            ..args()
+        };
+        let err = Config::merge(a, FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("invalid etcd_password"), "{err}");
+        let a = ServeArgs {
+            etcd_username: Some("lh".into()),
+            etcd_password: Some("s3cret".into()),
+            ..args()
+        };
+        let c = Config::merge(a, FileConfig::default()).unwrap();
+        assert_eq!(c.etcd_user, Some(("lh".into(), "s3cret".into())));
+        assert!(!c.to_toml().contains("s3cret"));
     }
 
     #[test]

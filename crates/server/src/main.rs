@@ -41,6 +41,27 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Mark an instance draining and wait until its shards moved away (the preStop hook).
+    Drain {
+        /// Admin URL of the instance to drain (or of any instance, with --member).
+        #[arg(long, env = "LEASEHOLD_ADMIN", default_value = "http://127.0.0.1:7071")]
+        admin: String,
+        /// Member id to drain; default: the instance behind --admin.
+        #[arg(long)]
+        member: Option<String>,
+        /// How long to wait for the shards to move.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Check an instance with the standard gRPC health service (exit 0 when serving).
+    Health {
+        /// gRPC address of the instance.
+        #[arg(long, env = "LEASEHOLD_ADDR", default_value = "http://127.0.0.1:7070")]
+        addr: String,
+        /// Service name to check; empty: the whole server.
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Print the shard, owner and epoch of a key.
     Locate {
         /// gRPC address of any instance.
@@ -77,6 +98,23 @@ fn main() -> ExitCode {
         } => client_command(leasehold_server::client::call(
             &addr, &key, payload, timeout,
         )),
+        Command::Drain {
+            admin,
+            member,
+            wait,
+        } => match leasehold_server::status::drain(&admin, member.as_deref(), wait) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(EX_UNAVAILABLE)
+            }
+        },
+        Command::Health { addr, service } => {
+            client_command(leasehold_server::client::health(&addr, &service))
+        }
         Command::Locate { addr, key } => {
             client_command(leasehold_server::client::locate(&addr, &key))
         }

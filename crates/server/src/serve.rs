@@ -87,6 +87,7 @@ pub async fn serve(
             address: address.clone(),
             admin_address: admin_address.clone(),
             etcd_endpoints: config.etcd.clone(),
+            etcd_user: config.etcd_user.clone(),
             shard_count: config.shards,
             lease_ttl: config.lease_ttl,
             max_moves: config.max_moves,

@@ -165,3 +165,36 @@ mod tests {
         assert_eq!(ranges(&[5]), "5");
     }
 }
+
+/// `leasehold drain`: marks the member behind `admin` draining (or `member`, when given)
+/// and waits until it owns no shard. Used as the Kubernetes preStop hook.
+pub fn drain(admin: &str, member: Option<&str>, wait: Duration) -> anyhow::Result<String> {
+    let id = match member {
+        Some(m) => m.to_owned(),
+        None => fetch::<serde_json::Value>(admin, "/v1/cluster")?["self"]
+            .as_str()
+            .context("admin endpoint did not say which member it is")?
+            .to_owned(),
+    };
+    let url = format!("{}/v1/members/{id}/drain", admin.trim_end_matches('/'));
+    ureq::post(&url)
+        .timeout(Duration::from_secs(5))
+        .call()
+        .with_context(|| format!("POST {url}"))?;
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let members: Members = fetch(admin, "/v1/members")?;
+        let owned = members
+            .members
+            .iter()
+            .find(|m| m.id == id)
+            .map_or(0, |m| m.shards);
+        if owned == 0 {
+            return Ok(format!("member {id} drained"));
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!("member {id} still owns {owned} shards after {wait:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
