@@ -154,18 +154,6 @@ pub fn run(admin: &str, per_shard: bool) -> anyhow::Result<String> {
     Ok(out)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::ranges;
-
-    #[test]
-    fn shard_ranges_are_compact() {
-        assert_eq!(ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
-        assert_eq!(ranges(&[]), "");
-        assert_eq!(ranges(&[5]), "5");
-    }
-}
-
 /// `leasehold drain`: marks the member behind `admin` draining (or `member`, when given)
 /// and waits until it owns no shard. Used as the Kubernetes preStop hook.
 pub fn drain(admin: &str, member: Option<&str>, wait: Duration) -> anyhow::Result<String> {
@@ -196,5 +184,17 @@ pub fn drain(admin: &str, member: Option<&str>, wait: Duration) -> anyhow::Resul
             anyhow::bail!("member {id} still owns {owned} shards after {wait:?}");
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn shard_ranges_are_compact() {
+        assert_eq!(ranges(&[0, 1, 2, 3, 7, 9, 10]), "0-3,7,9-10");
+        assert_eq!(ranges(&[]), "");
+        assert_eq!(ranges(&[5]), "5");
     }
 }
