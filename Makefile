@@ -7,12 +7,16 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all deps build test fmt-check clippy unit integration run bench fmt
+.PHONY: all deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
 
 all: build
 
 deps:
 	@scripts/install-deps.sh
+
+# helm (go install, pinned) and the manifest validator, into $(HOME)/.cache/leasehold/bin.
+helm-deps:
+	@scripts/install-helm.sh
 
 build: deps
 	cargo build --bin leasehold
@@ -34,8 +38,13 @@ integration: build
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps fmt-check clippy
-	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration
+test: deps helm-deps fmt-check clippy
+	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test
+
+# Chart: lint, render, strict validation against Kubernetes API types, the binary on
+# the rendered config (lock-step), and values the schema must reject.
+helm-test: build helm-deps
+	LEASEHOLD_BIN=$(DEBUG_BIN) helm/test-chart.sh
 
 run: build
 	LEASEHOLD_BIN=$(DEBUG_BIN) scripts/run-local.sh

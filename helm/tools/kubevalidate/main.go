@@ -1,0 +1,274 @@
+// kubevalidate checks rendered Helm output against Kubernetes' own API types.
+//
+// Every document is decoded strictly (unknown fields and wrong types fail) into the
+// k8s.io/api type for its apiVersion and kind; names and labels are checked with
+// apimachinery's validation. The two CRDs the chart can render (ServiceMonitor, KEDA
+// ScaledObject) are not in k8s.io/api and are checked against local structs of the
+// fields the chart uses.
+//
+// With -extract DIR it also writes what the lock-step test needs: the leasehold
+// container's config file, arguments and environment, the preStop command, and the
+// commands of the helm test pod.
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+
+	appsv1 "k8s.io/api/apps/v1"
+	autoscalingv2 "k8s.io/api/autoscaling/v2"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	policyv1 "k8s.io/api/policy/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/validation"
+	"sigs.k8s.io/yaml"
+)
+
+// ServiceMonitor: the fields of monitoring.coreos.com/v1 the chart renders.
+type ServiceMonitor struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		Selector  metav1.LabelSelector `json:"selector"`
+		Endpoints []struct {
+			Port     string `json:"port"`
+			Path     string `json:"path"`
+			Interval string `json:"interval"`
+		} `json:"endpoints"`
+	} `json:"spec"`
+}
+
+// ScaledObject: the fields of keda.sh/v1alpha1 the chart renders.
+type ScaledObject struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		ScaleTargetRef struct {
+			Name string `json:"name"`
+		} `json:"scaleTargetRef"`
+		MinReplicaCount *int32 `json:"minReplicaCount"`
+		MaxReplicaCount *int32 `json:"maxReplicaCount"`
+		PollingInterval *int32 `json:"pollingInterval"`
+		CooldownPeriod  *int32 `json:"cooldownPeriod"`
+		Triggers        []struct {
+			Type     string            `json:"type"`
+			Metadata map[string]string `json:"metadata"`
+		} `json:"triggers"`
+	} `json:"spec"`
+}
+
+func newObject(apiVersion, kind string) (interface{}, bool) {
+	switch apiVersion + "/" + kind {
+	case "v1/ConfigMap":
+		return &corev1.ConfigMap{}, true
+	case "v1/Service":
+		return &corev1.Service{}, true
+	case "v1/ServiceAccount":
+		return &corev1.ServiceAccount{}, true
+	case "v1/Pod":
+		return &corev1.Pod{}, true
+	case "apps/v1/Deployment":
+		return &appsv1.Deployment{}, true
+	case "apps/v1/StatefulSet":
+		return &appsv1.StatefulSet{}, true
+	case "policy/v1/PodDisruptionBudget":
+		return &policyv1.PodDisruptionBudget{}, true
+	case "networking.k8s.io/v1/NetworkPolicy":
+		return &networkingv1.NetworkPolicy{}, true
+	case "autoscaling/v2/HorizontalPodAutoscaler":
+		return &autoscalingv2.HorizontalPodAutoscaler{}, true
+	case "monitoring.coreos.com/v1/ServiceMonitor":
+		return &ServiceMonitor{}, true
+	case "keda.sh/v1alpha1/ScaledObject":
+		return &ScaledObject{}, true
+	}
+	return nil, false
+}
+
+func checkMeta(m metav1.ObjectMeta) []string {
+	var errs []string
+	for _, e := range validation.IsDNS1123Subdomain(m.Name) {
+		errs = append(errs, fmt.Sprintf("metadata.name %q: %s", m.Name, e))
+	}
+	for k, v := range m.Labels {
+		for _, e := range validation.IsQualifiedName(k) {
+			errs = append(errs, fmt.Sprintf("label key %q: %s", k, e))
+		}
+		for _, e := range validation.IsValidLabelValue(v) {
+			errs = append(errs, fmt.Sprintf("label %q value %q: %s", k, v, e))
+		}
+	}
+	return errs
+}
+
+var separator = regexp.MustCompile(`(?m)^---\s*$`)
+
+func main() {
+	extract := flag.String("extract", "", "directory to write the leasehold container's config, args and env to")
+	flag.Parse()
+	input, err := io.ReadAll(os.Stdin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	var failures []string
+	var configMaps []*corev1.ConfigMap
+	var deployments []*appsv1.Deployment
+	var pods []*corev1.Pod
+	count := 0
+	for _, doc := range separator.Split(string(input), -1) {
+		if strings.TrimSpace(stripComments(doc)) == "" {
+			continue
+		}
+		js, err := yaml.YAMLToJSON([]byte(doc))
+		if err != nil {
+			failures = append(failures, fmt.Sprintf("not YAML: %v", err))
+			continue
+		}
+		var tm metav1.TypeMeta
+		if err := json.Unmarshal(js, &tm); err != nil || tm.Kind == "" {
+			failures = append(failures, fmt.Sprintf("document without apiVersion/kind: %.80s", doc))
+			continue
+		}
+		obj, ok := newObject(tm.APIVersion, tm.Kind)
+		if !ok {
+			failures = append(failures, fmt.Sprintf("%s %s: not a known API type", tm.APIVersion, tm.Kind))
+			continue
+		}
+		dec := json.NewDecoder(bytes.NewReader(js))
+		dec.DisallowUnknownFields()
+		if err := dec.Decode(obj); err != nil {
+			failures = append(failures, fmt.Sprintf("%s %s: %v", tm.APIVersion, tm.Kind, err))
+			continue
+		}
+		count++
+		var meta metav1.ObjectMeta
+		switch o := obj.(type) {
+		case *corev1.ConfigMap:
+			meta = o.ObjectMeta
+			configMaps = append(configMaps, o)
+		case *appsv1.Deployment:
+			meta = o.ObjectMeta
+			deployments = append(deployments, o)
+		case *corev1.Pod:
+			meta = o.ObjectMeta
+			pods = append(pods, o)
+		case *corev1.Service:
+			meta = o.ObjectMeta
+		case *corev1.ServiceAccount:
+			meta = o.ObjectMeta
+		case *appsv1.StatefulSet:
+			meta = o.ObjectMeta
+		case *policyv1.PodDisruptionBudget:
+			meta = o.ObjectMeta
+		case *networkingv1.NetworkPolicy:
+			meta = o.ObjectMeta
+		case *autoscalingv2.HorizontalPodAutoscaler:
+			meta = o.ObjectMeta
+		case *ServiceMonitor:
+			meta = o.ObjectMeta
+		case *ScaledObject:
+			meta = o.ObjectMeta
+		}
+		for _, e := range checkMeta(meta) {
+			failures = append(failures, fmt.Sprintf("%s %s: %s", tm.Kind, meta.Name, e))
+		}
+	}
+	if *extract != "" && len(failures) == 0 {
+		if err := writeExtract(*extract, configMaps, deployments, pods); err != nil {
+			failures = append(failures, err.Error())
+		}
+	}
+	for _, f := range failures {
+		fmt.Fprintln(os.Stderr, "invalid:", f)
+	}
+	if len(failures) > 0 {
+		os.Exit(1)
+	}
+	fmt.Printf("%d manifests valid\n", count)
+}
+
+func stripComments(doc string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(doc, "\n") {
+		if !strings.HasPrefix(strings.TrimSpace(line), "#") {
+			b.WriteString(line)
+			b.WriteString("\n")
+		}
+	}
+	return b.String()
+}
+
+// Values the kubelet would fill in, for running the container's command locally.
+var fieldValues = map[string]string{"metadata.name": "leasehold-0", "status.podIP": "10.0.0.1"}
+
+var varRef = regexp.MustCompile(`\$\(([A-Za-z_][A-Za-z0-9_]*)\)`)
+
+func writeExtract(dir string, cms []*corev1.ConfigMap, deps []*appsv1.Deployment, pods []*corev1.Pod) error {
+	if len(deps) != 1 {
+		return fmt.Errorf("expected one Deployment, found %d", len(deps))
+	}
+	var c *corev1.Container
+	for i := range deps[0].Spec.Template.Spec.Containers {
+		if deps[0].Spec.Template.Spec.Containers[i].Name == "leasehold" {
+			c = &deps[0].Spec.Template.Spec.Containers[i]
+		}
+	}
+	if c == nil {
+		return fmt.Errorf("no container named leasehold")
+	}
+	var config string
+	for _, cm := range cms {
+		if s, ok := cm.Data["config.toml"]; ok {
+			config = s
+		}
+	}
+	if config == "" {
+		return fmt.Errorf("no ConfigMap with config.toml")
+	}
+	env := map[string]string{}
+	var lines []string
+	for _, e := range c.Env {
+		v := e.Value
+		if e.ValueFrom != nil {
+			switch {
+			case e.ValueFrom.FieldRef != nil:
+				v = fieldValues[e.ValueFrom.FieldRef.FieldPath]
+			case e.ValueFrom.SecretKeyRef != nil:
+				v = "secret-" + e.ValueFrom.SecretKeyRef.Key
+			}
+		}
+		v = varRef.ReplaceAllStringFunc(v, func(m string) string { return env[varRef.FindStringSubmatch(m)[1]] })
+		env[e.Name] = v
+		lines = append(lines, e.Name+"="+v)
+	}
+	files := map[string]string{
+		"config.toml": config,
+		"args.txt":    strings.Join(append(append([]string{}, c.Command...), c.Args...), "\n") + "\n",
+		"env.txt":     strings.Join(lines, "\n") + "\n",
+	}
+	if c.Lifecycle != nil && c.Lifecycle.PreStop != nil && c.Lifecycle.PreStop.Exec != nil {
+		files["prestop.txt"] = strings.Join(c.Lifecycle.PreStop.Exec.Command, "\n") + "\n"
+	}
+	var hooks []string
+	for _, p := range pods {
+		for _, pc := range p.Spec.Containers {
+			hooks = append(hooks, strings.Join(pc.Args, "\t"))
+		}
+	}
+	files["hooks.txt"] = strings.Join(hooks, "\n") + "\n"
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(content), 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
