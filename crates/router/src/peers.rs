@@ -60,9 +60,22 @@ impl Peers {
             Ok(c) => c,
             Err(e) => return Forwarded::Unreachable(e),
         };
-        let entry = match &job.source {
-            CallSource::Grpc { entry } => entry.0.clone(),
-            CallSource::Kafka { .. } => String::new(),
+        let (entry, source) = match &job.source {
+            CallSource::Grpc { entry } => (entry.0.clone(), None),
+            CallSource::Kafka {
+                topic,
+                partition,
+                offset,
+            } => (
+                String::new(),
+                Some(pb::Source {
+                    kind: Some(pb::source::Kind::Kafka(pb::KafkaSource {
+                        topic: topic.clone(),
+                        partition: *partition,
+                        offset: *offset,
+                    })),
+                }),
+            ),
         };
         let mut request = tonic::Request::new(pb::ForwardRequest {
             key: job.key.clone(),
@@ -70,6 +83,7 @@ impl Peers {
             shard: job.shard.0,
             expected_epoch: expected.0,
             entry,
+            source,
         });
         request.set_timeout(job.deadline.saturating_duration_since(Instant::now()));
         match client.forward(request).await {

@@ -111,8 +111,15 @@ impl Peer for PeerService {
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         let deadline = self.router.deadline(client_timeout(&request));
         let req = request.into_inner();
-        let source = CallSource::Grpc {
-            entry: MemberId(req.entry),
+        let source = match req.source.and_then(|s| s.kind) {
+            Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka {
+                topic: k.topic,
+                partition: k.partition,
+                offset: k.offset,
+            },
+            _ => CallSource::Grpc {
+                entry: MemberId(req.entry),
+            },
         };
         let result = match self
             .router

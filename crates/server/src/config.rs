@@ -76,6 +76,21 @@ pub struct ServeArgs {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
     #[arg(long, env = "LEASEHOLD_LOG")]
     pub log: Option<String>,
+    /// Kafka bootstrap servers of the (first) Kafka source.
+    #[arg(long, env = "LEASEHOLD_KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+    /// Topics to consume, comma separated.
+    #[arg(long, env = "LEASEHOLD_KAFKA_TOPIC")]
+    pub kafka_topic: Option<String>,
+    /// Consumer group id.
+    #[arg(long, env = "LEASEHOLD_KAFKA_GROUP")]
+    pub kafka_group: Option<String>,
+    /// Where the entity key comes from: key, json:/pointer or header:NAME.
+    #[arg(long, env = "LEASEHOLD_KAFKA_KEY")]
+    pub kafka_key: Option<String>,
+    /// Dead-letter topic.
+    #[arg(long, env = "LEASEHOLD_KAFKA_DLQ_TOPIC")]
+    pub kafka_dlq_topic: Option<String>,
 }
 
 /// A TOML scalar: numbers may be written bare, durations and sizes as strings.
@@ -119,6 +134,27 @@ pub struct FileConfig {
     pub mailbox_capacity: Option<Scalar>,
     pub max_moves: Option<Scalar>,
     pub log: Option<Scalar>,
+    /// Kafka sources (`[[kafka]]` tables).
+    pub kafka: Option<Vec<KafkaFile>>,
+}
+
+/// One `[[kafka]]` table of the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaFile {
+    pub name: Option<String>,
+    pub brokers: Option<String>,
+    pub topics: Option<Endpoints>,
+    pub group: Option<String>,
+    pub key: Option<String>,
+    pub dlq_topic: Option<String>,
+    pub max_in_flight_per_partition: Option<Scalar>,
+    pub max_in_flight: Option<Scalar>,
+    pub retry_attempts: Option<Scalar>,
+    pub retry_backoff: Option<Scalar>,
+    pub commit_interval: Option<Scalar>,
+    /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, ...).
+    pub properties: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -158,6 +194,7 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub max_moves: usize,
     pub log: String,
+    pub kafka: Vec<leasehold_kafka::SourceOptions>,
 }
 
 /// A configuration error naming the field, its sources and the problem.
@@ -168,6 +205,12 @@ pub enum ConfigError {
         field: &'static str,
         flag: String,
         env: String,
+        message: String,
+    },
+    #[error("invalid kafka[{index}].{field}: {message}")]
+    Kafka {
+        index: usize,
+        field: String,
         message: String,
     },
     #[error("cannot read config file {path}: {message}")]
@@ -249,6 +292,86 @@ fn default_id() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "leasehold-0".into())
+}
+
+fn kafka_error(i: usize, field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Kafka {
+        index: i,
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+fn kafka_source(
+    i: usize,
+    k: KafkaFile,
+    cluster: &str,
+) -> Result<leasehold_kafka::SourceOptions, ConfigError> {
+    let brokers = k
+        .brokers
+        .filter(|b| !b.is_empty())
+        .ok_or_else(|| kafka_error(i, "brokers", "required (host:port, comma separated)"))?;
+    let topics: Vec<String> = match k.topics {
+        Some(Endpoints::Str(s)) => s
+            .split(',')
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect(),
+        Some(Endpoints::List(l)) => l,
+        None => Vec::new(),
+    };
+    if topics.is_empty() {
+        return Err(kafka_error(i, "topics", "at least one topic is required"));
+    }
+    let name = k.name.unwrap_or_else(|| topics[0].clone());
+    let key: leasehold_kafka::KeySource = k
+        .key
+        .as_deref()
+        .unwrap_or("key")
+        .parse()
+        .map_err(|m: String| kafka_error(i, "key", m))?;
+    let count = |field: &str, v: Option<Scalar>, default: u64| -> Result<u64, ConfigError> {
+        match v.map(Scalar::into_string) {
+            None => Ok(default),
+            Some(s) => s
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| {
+                    kafka_error(i, field, format!("{s:?} is not a positive whole number"))
+                }),
+        }
+    };
+    let duration =
+        |field: &str, v: Option<Scalar>, default: &str| -> Result<Duration, ConfigError> {
+            let s = v
+                .map(Scalar::into_string)
+                .unwrap_or_else(|| default.to_owned());
+            humantime::parse_duration(&s)
+                .map_err(|e| kafka_error(i, field, format!("{s:?} is not a duration: {e}")))
+        };
+    Ok(leasehold_kafka::SourceOptions {
+        group: k
+            .group
+            .filter(|g| !g.is_empty())
+            .unwrap_or_else(|| format!("leasehold-{cluster}-{name}")),
+        name,
+        brokers,
+        topics,
+        key,
+        dlq_topic: k.dlq_topic.filter(|t| !t.is_empty()),
+        max_in_flight_per_partition: count(
+            "max_in_flight_per_partition",
+            k.max_in_flight_per_partition,
+            1000,
+        )? as usize,
+        max_in_flight: count("max_in_flight", k.max_in_flight, 10_000)? as usize,
+        retry_attempts: count("retry_attempts", k.retry_attempts, 5)? as u32,
+        retry_backoff: duration("retry_backoff", k.retry_backoff, "100ms")?,
+        commit_interval: duration("commit_interval", k.commit_interval, "1s")?,
+        properties: k.properties.unwrap_or_default(),
+    })
 }
 
 impl Config {
@@ -415,6 +538,33 @@ impl Config {
             1 << 20,
         )? as usize;
         let log = pick(a.log, f.log, "info");
+
+        // Kafka: the [[kafka]] tables; the --kafka-* flags override the first one (or
+        // define it when the file has none).
+        let mut sources = f.kafka.unwrap_or_default();
+        let flags = [
+            &a.kafka_brokers,
+            &a.kafka_topic,
+            &a.kafka_group,
+            &a.kafka_key,
+            &a.kafka_dlq_topic,
+        ];
+        if flags.iter().any(|f| f.is_some()) {
+            if sources.is_empty() {
+                sources.push(KafkaFile::default());
+            }
+            let first = &mut sources[0];
+            first.brokers = a.kafka_brokers.or(first.brokers.take());
+            first.topics = a.kafka_topic.map(Endpoints::Str).or(first.topics.take());
+            first.group = a.kafka_group.or(first.group.take());
+            first.key = a.kafka_key.or(first.key.take());
+            first.dlq_topic = a.kafka_dlq_topic.or(first.dlq_topic.take());
+        }
+        let kafka = sources
+            .into_iter()
+            .enumerate()
+            .map(|(i, k)| kafka_source(i, k, &cluster))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Config {
             id,
             cluster,
@@ -434,6 +584,7 @@ impl Config {
             mailbox_capacity,
             max_moves,
             log,
+            kafka,
         })
     }
 
@@ -464,6 +615,24 @@ impl Config {
             mailbox_capacity: usize,
             max_moves: usize,
             log: &'a str,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            kafka: Vec<KafkaOut<'a>>,
+        }
+        #[derive(Serialize)]
+        struct KafkaOut<'a> {
+            name: &'a str,
+            brokers: &'a str,
+            topics: &'a [String],
+            group: &'a str,
+            key: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            dlq_topic: &'a Option<String>,
+            max_in_flight_per_partition: usize,
+            max_in_flight: usize,
+            retry_attempts: u32,
+            retry_backoff: String,
+            commit_interval: String,
+            properties: std::collections::BTreeMap<&'a str, &'a str>,
         }
         let d = |d: Duration| humantime::format_duration(d).to_string();
         toml::to_string(&Out {
@@ -490,6 +659,38 @@ impl Config {
             mailbox_capacity: self.mailbox_capacity,
             max_moves: self.max_moves,
             log: &self.log,
+            kafka: self
+                .kafka
+                .iter()
+                .map(|k| KafkaOut {
+                    name: &k.name,
+                    brokers: &k.brokers,
+                    topics: &k.topics,
+                    group: &k.group,
+                    key: k.key.to_string(),
+                    dlq_topic: &k.dlq_topic,
+                    max_in_flight_per_partition: k.max_in_flight_per_partition,
+                    max_in_flight: k.max_in_flight,
+                    retry_attempts: k.retry_attempts,
+                    retry_backoff: d(k.retry_backoff),
+                    commit_interval: d(k.commit_interval),
+                    // Values of sasl.* and ssl.* may be secrets: keys only.
+                    properties: k
+                        .properties
+                        .keys()
+                        .map(|key| {
+                            (
+                                key.as_str(),
+                                if key.starts_with("sasl.") || key.starts_with("ssl.") {
+                                    "<redacted>"
+                                } else {
+                                    k.properties[key].as_str()
+                                },
+                            )
+                        })
+                        .collect(),
+                })
+                .collect(),
         })
         .expect("config serialises")
     }
@@ -642,6 +843,55 @@ mod tests {
         let c = Config::merge(a, FileConfig::default()).unwrap();
         assert_eq!(c.etcd_user, Some(("lh".into(), "s3cret".into())));
         assert!(!c.to_toml().contains("s3cret"));
+    }
+
+    #[test]
+    fn kafka_sources_come_from_the_file_and_flags() {
+        let file: FileConfig = toml::from_str(
+            "[[kafka]]\nbrokers = \"b:9092\"\ntopics = [\"orders\"]\nkey = \"json:/account\"\n[kafka.properties]\n\"sasl.password\" = \"pw\"\n",
+        )
+        .unwrap();
+        let a = ServeArgs {
+            kafka_dlq_topic: Some("orders-dlq".into()),
+            ..args()
+        };
+        let c = Config::merge(a, file).unwrap();
+        let k = &c.kafka[0];
+        assert_eq!(
+            (k.name.as_str(), k.group.as_str()),
+            ("orders", "leasehold-default-orders")
+        );
+        assert_eq!(k.dlq_topic.as_deref(), Some("orders-dlq"));
+        assert_eq!(k.key.to_string(), "json:/account");
+        assert!(!c.to_toml().contains("pw"), "secrets printed");
+        let again = Config::merge(
+            ServeArgs::default(),
+            toml::from_str(&c.to_toml().replace("<redacted>", "pw")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again.kafka[0].topics, vec!["orders".to_string()]);
+
+        let a = ServeArgs {
+            kafka_topic: Some("t".into()),
+            ..args()
+        };
+        let err = Config::merge(a, FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid kafka[0].brokers: required (host:port, comma separated)"
+        );
+        let a = ServeArgs {
+            kafka_brokers: Some("b:1".into()),
+            kafka_topic: Some("t".into()),
+            kafka_key: Some("json:x".into()),
+            ..args()
+        };
+        assert!(Config::merge(a, FileConfig::default())
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid kafka[0].key"));
     }
 
     #[test]

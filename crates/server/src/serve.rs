@@ -109,6 +109,23 @@ pub async fn serve(
     );
     tracing::info!(member = %member, cluster = %config.cluster, grpc = %grpc_bound, admin = %admin_bound, advertise = %address, shards = config.shards, "starting");
 
+    // Kafka sources dispatch through the same call path as gRPC calls.
+    let kafka_cancel = CancellationToken::new();
+    let mut kafka_tasks = tokio::task::JoinSet::new();
+    for source in &config.kafka {
+        let dispatcher = Arc::new(RouterDispatch {
+            router: router.clone(),
+        });
+        let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &registry);
+        let cancel = kafka_cancel.clone();
+        let name = source.name.clone();
+        kafka_tasks.spawn(async move {
+            if let Err(e) = ingest.run(cancel).await {
+                tracing::error!(source = %name, error = %e, "kafka source failed");
+            }
+        });
+    }
+
     let coord_cancel = CancellationToken::new();
     let servers_stop = CancellationToken::new();
     let mut coord_task = tokio::spawn(coord.clone().run(coord_cancel.clone()));
@@ -147,6 +164,10 @@ pub async fn serve(
         };
     }
 
+    // Stop intake first: Kafka sources stop fetching, finish or abandon in-flight
+    // messages and commit their watermarks while every shard is still served.
+    kafka_cancel.cancel();
+    while kafka_tasks.join_next().await.is_some() {}
     tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
     let started = std::time::Instant::now();
     coord.drain(config.drain_timeout).await;
@@ -168,6 +189,33 @@ pub async fn serve(
     coord.revoke().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Runs Kafka messages through the call path: the key's owner runs the handler.
+struct RouterDispatch {
+    router: Router,
+}
+
+impl leasehold_kafka::Dispatcher for RouterDispatch {
+    fn dispatch(
+        &self,
+        call: leasehold_kafka::KafkaCall,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let router = self.router.clone();
+        Box::pin(async move {
+            let deadline = router.deadline(None);
+            let source = leasehold_router::CallSource::Kafka {
+                topic: call.topic,
+                partition: call.partition,
+                offset: call.offset,
+            };
+            router
+                .call(call.key, call.payload, deadline, source)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 /// Builds the gRPC server: every service on one port, configured in one place.
