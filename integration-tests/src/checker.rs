@@ -23,6 +23,8 @@ pub struct State {
     pub max_epoch: HashMap<u32, u64>,
     /// Key → payloads in the order they ran.
     pub history: HashMap<String, Vec<Vec<u8>>>,
+    /// Kafka calls in the order they started: (key, partition, offset, owner).
+    pub kafka: Vec<(String, i32, i64, String)>,
 }
 
 #[derive(Clone)]
@@ -40,6 +42,12 @@ impl EntityHandler for Service {
         request: Request<HandleRequest>,
     ) -> Result<Response<HandleResponse>, Status> {
         let r = request.into_inner();
+        if let Some(leasehold_proto::v1::source::Kind::Kafka(k)) =
+            r.source.as_ref().and_then(|s| s.kind.as_ref())
+        {
+            let entry = (r.key.clone(), k.partition, k.offset, r.owner.clone());
+            self.state.lock().unwrap().kafka.push(entry);
+        }
         if self
             .fail_prefix
             .as_deref()

@@ -3,6 +3,7 @@
 //! started. Also an `EntityHandler` that checks the single-writer guarantee.
 
 pub mod checker;
+pub mod kafka;
 pub mod load;
 
 use std::net::TcpListener;

@@ -1,0 +1,140 @@
+//! Kafka ingestion scenarios: a real Apache Kafka broker (KRaft), a real etcd and real
+//! `leasehold` processes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use leasehold_integration_tests::checker::Checker;
+use leasehold_integration_tests::kafka::Kafka;
+use leasehold_integration_tests::{wait_until, Cluster};
+
+/// `n` JSON messages over `keys` accounts, each with a per-account sequence number.
+fn messages(n: usize, keys: usize, start: usize) -> Vec<Vec<u8>> {
+    (start..start + n)
+        .map(|i| format!(r#"{{"account":"acct-{}","seq":{},"amount":1}}"#, i % keys, i / keys).into_bytes())
+        .collect()
+}
+
+/// Distinct (partition, offset) handled so far.
+fn handled(checker: &Checker) -> BTreeSet<(i32, i64)> {
+    checker.state.lock().unwrap().kafka.iter().map(|(_, p, o, _)| (*p, *o)).collect()
+}
+
+/// For every key and partition, messages were handled for the first time in offset order.
+fn assert_first_handling_in_offset_order(checker: &Checker) {
+    let state = checker.state.lock().unwrap();
+    let mut seen: BTreeSet<(i32, i64)> = BTreeSet::new();
+    let mut last: HashMap<(String, i32), i64> = HashMap::new();
+    for (key, partition, offset, _) in &state.kafka {
+        if !seen.insert((*partition, *offset)) {
+            continue; // a repeat (at-least-once) is allowed
+        }
+        let prev = last.insert((key.clone(), *partition), *offset);
+        if let Some(prev) = prev {
+            assert!(prev < *offset, "key {key} partition {partition}: offset {offset} first handled after {prev}");
+        }
+    }
+}
+
+fn source_args<'a>(kafka: &'a str, topic: &'a str, group: &'a str, handler: &'a str) -> Vec<&'a str> {
+    vec![
+        "--lease-ttl", "3s", "--request-timeout", "10s", "--handler", handler,
+        "--kafka-brokers", kafka, "--kafka-topic", topic, "--kafka-group", group, "--kafka-key", "json:/account",
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("payments", 6).await;
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let brokers = kafka.brokers();
+    let handler = checker.handler_flag();
+    let mut cluster = Cluster::start(3, &source_args(&brokers, "payments", "ledger", &handler)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+
+    let started = Instant::now();
+    kafka.produce("payments", &messages(50_000, 1000, 0)).await;
+    wait_until(Duration::from_secs(120), "50 000 messages handled by 3 instances", || (handled(&checker).len() >= 50_000).then_some(())).await;
+    eprintln!("3 instances: 50 000 messages in {:?}", started.elapsed());
+
+    // Scale past the partition count: 8 instances, 6 partitions.
+    for i in 3..8 {
+        cluster.add(&format!("n{i}"));
+    }
+    cluster.wait_balanced(Duration::from_secs(20)).await;
+    let second = checker.state.lock().unwrap().kafka.len();
+    let started = Instant::now();
+    kafka.produce("payments", &messages(50_000, 1000, 50_000)).await;
+    wait_until(Duration::from_secs(120), "100 000 messages handled", || (handled(&checker).len() >= 100_000).then_some(())).await;
+    eprintln!("8 instances: 50 000 messages in {:?}", started.elapsed());
+
+    let owners: BTreeSet<String> = checker.state.lock().unwrap().kafka[second..].iter().map(|c| c.3.clone()).collect();
+    assert_eq!(owners.len(), 8, "instances that ran handlers after scaling: {owners:?}");
+    assert_eq!(handled(&checker).len(), 100_000);
+    assert_first_handling_in_offset_order(&checker);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    let end = kafka.end_offsets("payments", 6);
+    assert_eq!(end.iter().sum::<i64>(), 100_000);
+    wait_until(Duration::from_secs(15), "offsets committed to the end", || (kafka.committed("ledger", "payments", 6) == end).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("orders", 3).await;
+    kafka.create_topic("orders-dlq", 1).await;
+    // The handler refuses every key starting with "poison".
+    let checker = Checker::start(Duration::ZERO, Some("poison")).await;
+    let brokers = kafka.brokers();
+    let handler = checker.handler_flag();
+    let mut args = source_args(&brokers, "orders", "orders-app", &handler);
+    args.extend(["--kafka-dlq-topic", "orders-dlq"]);
+    let cluster = Cluster::start(2, &args).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+
+    let mut values = messages(3000, 100, 0);
+    values.insert(10, b"not json at all".to_vec());
+    values.insert(500, br#"{"customer":"no account field"}"#.to_vec());
+    values.insert(1500, br#"{"account":""}"#.to_vec());
+    for i in 0..5 {
+        values.insert(2000 + i, format!(r#"{{"account":"poison-{i}","seq":0}}"#).into_bytes());
+    }
+    kafka.produce("orders", &values).await;
+
+    let dlq = kafka.read_all("orders-dlq", 8, Duration::from_secs(60));
+    let reasons: Vec<String> = dlq
+        .iter()
+        .map(|(_, _, _, h)| h.iter().find(|(k, _)| k == "leasehold.reason").map(|(_, v)| v.clone()).unwrap_or_default())
+        .collect();
+    assert_eq!(dlq.len(), 8, "dead letters: {reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("not JSON")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("/account not found")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("empty")), "{reasons:?}");
+    assert_eq!(reasons.iter().filter(|r| r.contains("handler failed") && r.contains("checker refuses key poison")).count(), 5, "{reasons:?}");
+    for (_, _, value, headers) in &dlq {
+        let h: HashMap<&str, &str> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        assert_eq!(h.get("leasehold.source.topic"), Some(&"orders"));
+        assert!(h.contains_key("leasehold.source.partition") && h.contains_key("leasehold.source.offset"));
+        assert!(!value.is_empty(), "dead letter lost its value");
+    }
+    // Everything else was handled, and the group committed to the end: nothing stalled.
+    let per_partition = |c: &Checker| {
+        let s = c.state.lock().unwrap();
+        let mut m: std::collections::BTreeMap<i32, BTreeSet<i64>> = Default::default();
+        for c in s.kafka.iter() {
+            m.entry(c.1).or_default().insert(c.2);
+        }
+        m.into_iter().map(|(p, o)| (p, o.len(), o.last().copied())).collect::<Vec<_>>()
+    };
+    eprintln!("handled per partition: {:?}; end offsets {:?}", per_partition(&checker), kafka.end_offsets("orders", 3));
+    wait_until(Duration::from_secs(60), "3000 good messages handled", || {
+        let s = checker.state.lock().unwrap();
+        let good: BTreeSet<(i32, i64)> = s.kafka.iter().filter(|c| !c.0.starts_with("poison")).map(|c| (c.1, c.2)).collect();
+        (good.len() >= 3000).then_some(())
+    })
+    .await;
+    let end = kafka.end_offsets("orders", 3);
+    wait_until(Duration::from_secs(15), "offsets committed past the poison", || (kafka.committed("orders-app", "orders", 3) == end).then_some(())).await;
+    assert_first_handling_in_offset_order(&checker);
+}
