@@ -7,12 +7,16 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
+.PHONY: all deps kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
 
 all: build
 
 deps:
 	@scripts/install-deps.sh
+
+# Apache Kafka's jars from Maven Central, for the broker the tests and `make run` start.
+kafka-deps:
+	@scripts/install-kafka.sh
 
 # helm (go install, pinned) and the manifest validator, into $(HOME)/.cache/leasehold/bin.
 helm-deps:
@@ -33,12 +37,12 @@ clippy: deps
 unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
 
-# Real etcd and real leasehold processes; one scenario at a time (2-core machines).
-integration: build
+# Real etcd, real Kafka and real leasehold processes; one scenario at a time (2-core machines).
+integration: build kafka-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps helm-deps fmt-check clippy
+test: deps kafka-deps helm-deps fmt-check clippy
 	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test
 
 # Chart: lint, render, strict validation against Kubernetes API types, the binary on

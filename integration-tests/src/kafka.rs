@@ -16,9 +16,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use crate::{free_port, wait_until};
 
 fn libs() -> PathBuf {
-    std::env::var("LEASEHOLD_KAFKA_LIBS").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/leasehold/kafka/libs")
-    })
+    std::env::var("LEASEHOLD_KAFKA_LIBS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/leasehold/kafka/libs")
+        })
 }
 
 /// A single-node Kafka broker; killed on drop.
@@ -32,7 +34,11 @@ pub struct Kafka {
 impl Kafka {
     pub async fn start() -> Kafka {
         let libs = libs();
-        assert!(libs.join(".pom.sha256").exists(), "Kafka jars missing in {}: run scripts/install-kafka.sh (make test does)", libs.display());
+        assert!(
+            libs.join(".pom.sha256").exists(),
+            "Kafka jars missing in {}: run scripts/install-kafka.sh (make test does)",
+            libs.display()
+        );
         let dir = tempfile::tempdir().unwrap();
         let (port, controller_port) = (free_port(), free_port());
         let props = format!(
@@ -48,12 +54,29 @@ impl Kafka {
         std::fs::write(dir.path().join("server.properties"), props).unwrap();
         let cp = format!("{}/*", libs.display());
         let format = Command::new("java")
-            .args(["-cp", &cp, "kafka.tools.StorageTool", "format", "-t", "lh-test-cluster-0000001", "-c"])
+            .args([
+                "-cp",
+                &cp,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                "lh-test-cluster-0000001",
+                "-c",
+            ])
             .arg(dir.path().join("server.properties"))
             .output()
             .expect("java not found");
-        assert!(format.status.success(), "kafka storage format failed: {}", String::from_utf8_lossy(&format.stderr));
-        let mut k = Kafka { child: None, port, controller_port, dir };
+        assert!(
+            format.status.success(),
+            "kafka storage format failed: {}",
+            String::from_utf8_lossy(&format.stderr)
+        );
+        let mut k = Kafka {
+            child: None,
+            port,
+            controller_port,
+            dir,
+        };
         k.spawn();
         k.wait_ready().await;
         k
@@ -61,9 +84,20 @@ impl Kafka {
 
     fn spawn(&mut self) {
         let cp = format!("{}/*", libs().display());
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("broker.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("broker.log"))
+            .unwrap();
         let child = Command::new("java")
-            .args(["-Xms256m", "-Xmx768m", "-XX:+UseG1GC", "-cp", &cp, "kafka.Kafka"])
+            .args([
+                "-Xms256m",
+                "-Xmx768m",
+                "-XX:+UseG1GC",
+                "-cp",
+                &cp,
+                "kafka.Kafka",
+            ])
             .arg(self.dir.path().join("server.properties"))
             .stdout(Stdio::null())
             .stderr(log)
@@ -74,10 +108,19 @@ impl Kafka {
 
     async fn wait_ready(&self) {
         let brokers = self.brokers();
-        wait_until(Duration::from_secs(60), "kafka broker to answer metadata", || {
-            let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).create().ok()?;
-            c.fetch_metadata(None, Duration::from_millis(1000)).ok().map(|_| ())
-        })
+        wait_until(
+            Duration::from_secs(60),
+            "kafka broker to answer metadata",
+            || {
+                let c: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &brokers)
+                    .create()
+                    .ok()?;
+                c.fetch_metadata(None, Duration::from_millis(1000))
+                    .ok()
+                    .map(|_| ())
+            },
+        )
         .await;
     }
 
@@ -100,9 +143,15 @@ impl Kafka {
     }
 
     pub async fn create_topic(&self, name: &str, partitions: i32) {
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", self.brokers()).create().unwrap();
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .create()
+            .unwrap();
         let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
-        let r = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+        let r = admin
+            .create_topics([&topic], &AdminOptions::new())
+            .await
+            .unwrap();
         for t in r {
             t.unwrap_or_else(|(n, e)| panic!("create topic {n}: {e}"));
         }
@@ -119,36 +168,16 @@ impl Kafka {
 
     /// Produces `values` with null keys (the partitioner spreads them), in order.
     pub async fn produce(&self, topic: &str, values: &[Vec<u8>]) {
-        let p = self.producer();
-        let mut pending = Vec::new();
-        for v in values {
-            let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&v[..]);
-            loop {
-                match p.send_result(record) {
-                    Ok(f) => {
-                        pending.push(f);
-                        break;
-                    }
-                    Err((e, r)) => {
-                        record = r;
-                        assert!(matches!(e, rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull)), "{e}");
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-            }
-            if pending.len() >= 10_000 {
-                for f in pending.drain(..) {
-                    f.await.unwrap().unwrap();
-                }
-            }
-        }
-        for f in pending {
-            f.await.unwrap().unwrap();
-        }
+        send_all(&self.producer(), topic, values).await;
     }
 
     /// Reads a whole topic: (partition, offset, value, headers).
-    pub fn read_all(&self, topic: &str, expect: usize, timeout: Duration) -> Vec<(i32, i64, Vec<u8>, Vec<(String, String)>)> {
+    pub fn read_all(
+        &self,
+        topic: &str,
+        expect: usize,
+        timeout: Duration,
+    ) -> Vec<(i32, i64, Vec<u8>, Vec<(String, String)>)> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", format!("reader-{}", rand::random::<u64>()))
@@ -163,9 +192,24 @@ impl Kafka {
             if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
                 let headers = m
                     .headers()
-                    .map(|h| h.iter().map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())).collect())
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
-                out.push((m.partition(), m.offset(), m.payload().unwrap_or_default().to_vec(), headers));
+                out.push((
+                    m.partition(),
+                    m.offset(),
+                    m.payload().unwrap_or_default().to_vec(),
+                    headers,
+                ));
             }
         }
         out
@@ -173,7 +217,11 @@ impl Kafka {
 
     /// Committed offsets of a group for a topic's partitions (-1: none).
     pub fn committed(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
-        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.brokers()).set("group.id", group).create().unwrap();
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .set("group.id", group)
+            .create()
+            .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..partitions {
             tpl.add_partition(topic, p);
@@ -189,8 +237,17 @@ impl Kafka {
 
     /// High watermarks (end offsets) per partition.
     pub fn end_offsets(&self, topic: &str, partitions: i32) -> Vec<i64> {
-        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", self.brokers()).create().unwrap();
-        (0..partitions).map(|p| c.fetch_watermarks(topic, p, Duration::from_secs(10)).unwrap().1).collect()
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.brokers())
+            .create()
+            .unwrap();
+        (0..partitions)
+            .map(|p| {
+                c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                    .unwrap()
+                    .1
+            })
+            .collect()
     }
 
     pub fn log_tail(&self) -> String {
@@ -207,5 +264,42 @@ impl Drop for Kafka {
         }
         self.stop();
         let _ = self.controller_port;
+    }
+}
+
+/// Enqueues every value at once (null keys), then waits for every delivery.
+pub async fn send_all(p: &FutureProducer, topic: &str, values: &[Vec<u8>]) {
+    let mut pending = Vec::new();
+    for v in values {
+        let mut record: FutureRecord<'_, (), [u8]> = FutureRecord::to(topic).payload(&v[..]);
+        loop {
+            match p.send_result(record) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((e, r)) => {
+                    record = r;
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "{e}"
+                    );
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+        if pending.len() >= 10_000 {
+            for f in pending.drain(..) {
+                f.await.unwrap().unwrap();
+            }
+        }
+    }
+    for f in pending {
+        f.await.unwrap().unwrap();
     }
 }

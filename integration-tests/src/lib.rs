@@ -335,6 +335,17 @@ impl Cluster {
         self.instances.last().unwrap()
     }
 
+    /// Starts instance `i` again with the same id (after it was killed or stopped).
+    pub fn restart(&mut self, i: usize) {
+        let id = self.instances[i].id.clone();
+        let spec = InstanceSpec {
+            id,
+            etcd: self.etcd.endpoint(),
+            args: self.args.clone(),
+        };
+        self.instances[i] = Instance::start(&spec);
+    }
+
     /// Waits until every shard is owned by a live instance and the counts are balanced.
     pub async fn wait_balanced(&self, timeout: Duration) -> Vec<(u64, Option<String>, u64)> {
         let ids: Vec<String> = self.instances.iter().map(|i| i.id.clone()).collect();

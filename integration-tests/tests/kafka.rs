@@ -11,13 +11,27 @@ use leasehold_integration_tests::{wait_until, Cluster};
 /// `n` JSON messages over `keys` accounts, each with a per-account sequence number.
 fn messages(n: usize, keys: usize, start: usize) -> Vec<Vec<u8>> {
     (start..start + n)
-        .map(|i| format!(r#"{{"account":"acct-{}","seq":{},"amount":1}}"#, i % keys, i / keys).into_bytes())
+        .map(|i| {
+            format!(
+                r#"{{"account":"acct-{}","seq":{},"amount":1}}"#,
+                i % keys,
+                i / keys
+            )
+            .into_bytes()
+        })
         .collect()
 }
 
 /// Distinct (partition, offset) handled so far.
 fn handled(checker: &Checker) -> BTreeSet<(i32, i64)> {
-    checker.state.lock().unwrap().kafka.iter().map(|(_, p, o, _)| (*p, *o)).collect()
+    checker
+        .state
+        .lock()
+        .unwrap()
+        .kafka
+        .iter()
+        .map(|(_, p, o, _)| (*p, *o))
+        .collect()
 }
 
 /// For every key and partition, messages were handled for the first time in offset order.
@@ -31,15 +45,40 @@ fn assert_first_handling_in_offset_order(checker: &Checker) {
         }
         let prev = last.insert((key.clone(), *partition), *offset);
         if let Some(prev) = prev {
-            assert!(prev < *offset, "key {key} partition {partition}: offset {offset} first handled after {prev}");
+            assert!(
+                prev < *offset,
+                "key {key} partition {partition}: offset {offset} first handled after {prev}"
+            );
         }
     }
 }
 
-fn source_args<'a>(kafka: &'a str, topic: &'a str, group: &'a str, handler: &'a str) -> Vec<&'a str> {
+fn source_args<'a>(
+    kafka: &'a str,
+    topic: &'a str,
+    group: &'a str,
+    handler: &'a str,
+) -> Vec<&'a str> {
     vec![
-        "--lease-ttl", "3s", "--request-timeout", "10s", "--handler", handler,
-        "--kafka-brokers", kafka, "--kafka-topic", topic, "--kafka-group", group, "--kafka-key", "json:/account",
+        "--lease-ttl",
+        "3s",
+        "--request-timeout",
+        "10s",
+        "--handler",
+        handler,
+        "--kafka-brokers",
+        kafka,
+        "--kafka-topic",
+        topic,
+        "--kafka-group",
+        group,
+        "--kafka-key",
+        "json:/account",
+        // A killed consumer's partitions move after this long (the broker's minimum).
+        "--kafka-property",
+        "session.timeout.ms=6000",
+        "--kafka-property",
+        "heartbeat.interval.ms=1000",
     ]
 }
 
@@ -50,12 +89,18 @@ async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     let checker = Checker::start(Duration::ZERO, None).await;
     let brokers = kafka.brokers();
     let handler = checker.handler_flag();
-    let mut cluster = Cluster::start(3, &source_args(&brokers, "payments", "ledger", &handler)).await;
+    let mut cluster =
+        Cluster::start(3, &source_args(&brokers, "payments", "ledger", &handler)).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
 
     let started = Instant::now();
     kafka.produce("payments", &messages(50_000, 1000, 0)).await;
-    wait_until(Duration::from_secs(120), "50 000 messages handled by 3 instances", || (handled(&checker).len() >= 50_000).then_some(())).await;
+    wait_until(
+        Duration::from_secs(120),
+        "50 000 messages handled by 3 instances",
+        || (handled(&checker).len() >= 50_000).then_some(()),
+    )
+    .await;
     eprintln!("3 instances: 50 000 messages in {:?}", started.elapsed());
 
     // Scale past the partition count: 8 instances, 6 partitions.
@@ -65,18 +110,35 @@ async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     cluster.wait_balanced(Duration::from_secs(20)).await;
     let second = checker.state.lock().unwrap().kafka.len();
     let started = Instant::now();
-    kafka.produce("payments", &messages(50_000, 1000, 50_000)).await;
-    wait_until(Duration::from_secs(120), "100 000 messages handled", || (handled(&checker).len() >= 100_000).then_some(())).await;
+    kafka
+        .produce("payments", &messages(50_000, 1000, 50_000))
+        .await;
+    wait_until(Duration::from_secs(120), "100 000 messages handled", || {
+        (handled(&checker).len() >= 100_000).then_some(())
+    })
+    .await;
     eprintln!("8 instances: 50 000 messages in {:?}", started.elapsed());
 
-    let owners: BTreeSet<String> = checker.state.lock().unwrap().kafka[second..].iter().map(|c| c.3.clone()).collect();
-    assert_eq!(owners.len(), 8, "instances that ran handlers after scaling: {owners:?}");
+    let owners: BTreeSet<String> = checker.state.lock().unwrap().kafka[second..]
+        .iter()
+        .map(|c| c.3.clone())
+        .collect();
+    assert_eq!(
+        owners.len(),
+        8,
+        "instances that ran handlers after scaling: {owners:?}"
+    );
     assert_eq!(handled(&checker).len(), 100_000);
     assert_first_handling_in_offset_order(&checker);
     assert_eq!(checker.violations(), Vec::<String>::new());
     let end = kafka.end_offsets("payments", 6);
     assert_eq!(end.iter().sum::<i64>(), 100_000);
-    wait_until(Duration::from_secs(15), "offsets committed to the end", || (kafka.committed("ledger", "payments", 6) == end).then_some(())).await;
+    wait_until(
+        Duration::from_secs(15),
+        "offsets committed to the end",
+        || (kafka.committed("ledger", "payments", 6) == end).then_some(()),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -98,24 +160,51 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     values.insert(500, br#"{"customer":"no account field"}"#.to_vec());
     values.insert(1500, br#"{"account":""}"#.to_vec());
     for i in 0..5 {
-        values.insert(2000 + i, format!(r#"{{"account":"poison-{i}","seq":0}}"#).into_bytes());
+        values.insert(
+            2000 + i,
+            format!(r#"{{"account":"poison-{i}","seq":0}}"#).into_bytes(),
+        );
     }
     kafka.produce("orders", &values).await;
 
     let dlq = kafka.read_all("orders-dlq", 8, Duration::from_secs(60));
     let reasons: Vec<String> = dlq
         .iter()
-        .map(|(_, _, _, h)| h.iter().find(|(k, _)| k == "leasehold.reason").map(|(_, v)| v.clone()).unwrap_or_default())
+        .map(|(_, _, _, h)| {
+            h.iter()
+                .find(|(k, _)| k == "leasehold.reason")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
         .collect();
     assert_eq!(dlq.len(), 8, "dead letters: {reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("not JSON")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("/account not found")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("not JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("/account not found")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("empty")), "{reasons:?}");
-    assert_eq!(reasons.iter().filter(|r| r.contains("handler failed") && r.contains("checker refuses key poison")).count(), 5, "{reasons:?}");
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("handler failed") && r.contains("checker refuses key poison"))
+            .count(),
+        5,
+        "{reasons:?}"
+    );
     for (_, _, value, headers) in &dlq {
-        let h: HashMap<&str, &str> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let h: HashMap<&str, &str> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         assert_eq!(h.get("leasehold.source.topic"), Some(&"orders"));
-        assert!(h.contains_key("leasehold.source.partition") && h.contains_key("leasehold.source.offset"));
+        assert!(
+            h.contains_key("leasehold.source.partition")
+                && h.contains_key("leasehold.source.offset")
+        );
         assert!(!value.is_empty(), "dead letter lost its value");
     }
     // Everything else was handled, and the group committed to the end: nothing stalled.
@@ -125,16 +214,173 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
         for c in s.kafka.iter() {
             m.entry(c.1).or_default().insert(c.2);
         }
-        m.into_iter().map(|(p, o)| (p, o.len(), o.last().copied())).collect::<Vec<_>>()
+        m.into_iter()
+            .map(|(p, o)| (p, o.len(), o.last().copied()))
+            .collect::<Vec<_>>()
     };
-    eprintln!("handled per partition: {:?}; end offsets {:?}", per_partition(&checker), kafka.end_offsets("orders", 3));
-    wait_until(Duration::from_secs(60), "3000 good messages handled", || {
-        let s = checker.state.lock().unwrap();
-        let good: BTreeSet<(i32, i64)> = s.kafka.iter().filter(|c| !c.0.starts_with("poison")).map(|c| (c.1, c.2)).collect();
-        (good.len() >= 3000).then_some(())
-    })
+    eprintln!(
+        "handled per partition: {:?}; end offsets {:?}",
+        per_partition(&checker),
+        kafka.end_offsets("orders", 3)
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "3000 good messages handled",
+        || {
+            let s = checker.state.lock().unwrap();
+            let good: BTreeSet<(i32, i64)> = s
+                .kafka
+                .iter()
+                .filter(|c| !c.0.starts_with("poison"))
+                .map(|c| (c.1, c.2))
+                .collect();
+            (good.len() >= 3000).then_some(())
+        },
+    )
     .await;
     let end = kafka.end_offsets("orders", 3);
-    wait_until(Duration::from_secs(15), "offsets committed past the poison", || (kafka.committed("orders-app", "orders", 3) == end).then_some(())).await;
+    wait_until(
+        Duration::from_secs(15),
+        "offsets committed past the poison",
+        || (kafka.committed("orders-app", "orders", 3) == end).then_some(()),
+    )
+    .await;
     assert_first_handling_in_offset_order(&checker);
+}
+
+/// Produces `total` messages in batches over a while, in the background.
+fn produce_slowly(
+    kafka: &Kafka,
+    topic: &'static str,
+    total: usize,
+    batch: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let producer = kafka.producer();
+    tokio::spawn(async move {
+        let mut sent = 0;
+        while sent < total {
+            let values = messages(batch.min(total - sent), 500, sent);
+            leasehold_integration_tests::kafka::send_all(&producer, topic, &values).await;
+            sent += values.len();
+            tokio::time::sleep(pause).await;
+        }
+    })
+}
+
+/// Committed offsets never pass a message that was not handled: read the commits first,
+/// then what was handled (which only grows), and compare.
+fn assert_commits_cover_only_handled(
+    kafka: &Kafka,
+    checker: &Checker,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) {
+    let committed = kafka.committed(group, topic, partitions);
+    let done = handled(checker);
+    for (p, c) in committed.iter().enumerate() {
+        for o in 0..*c {
+            assert!(
+                done.contains(&(p as i32, o)),
+                "partition {p}: committed {c} but offset {o} was never handled"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_and_terminated_instances_lose_nothing_and_commit_only_handled_offsets() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("events", 6).await;
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let brokers = kafka.brokers();
+    let handler = checker.handler_flag();
+    let mut args = source_args(&brokers, "events", "projector", &handler);
+    args.extend(["--drain-timeout", "5s"]);
+    let mut cluster = Cluster::start(3, &args).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+
+    let total = 30_000;
+    let producer = produce_slowly(&kafka, "events", total, 1000, Duration::from_millis(300));
+    wait_until(Duration::from_secs(60), "consumption under way", || {
+        (handled(&checker).len() > 5000).then_some(())
+    })
+    .await;
+    assert_commits_cover_only_handled(&kafka, &checker, "projector", "events", 6);
+
+    let t0 = Instant::now();
+    cluster.instances[2].signal("KILL");
+    cluster.instances[1].signal("TERM");
+    let code = cluster.instances[1]
+        .wait_exit(Duration::from_secs(30))
+        .await;
+    assert_eq!(code, Some(0), "SIGTERM exit");
+    let _ = cluster.instances[2].wait_exit(Duration::from_secs(5)).await;
+    assert_commits_cover_only_handled(&kafka, &checker, "projector", "events", 6);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("n1 exited after {:?}", t0.elapsed());
+    cluster.restart(1);
+    cluster.restart(2);
+    producer.await.unwrap();
+    eprintln!(
+        "producer done after {:?}; handled {}",
+        t0.elapsed(),
+        handled(&checker).len()
+    );
+
+    wait_until(Duration::from_secs(120), "every message handled", || {
+        (handled(&checker).len() >= total).then_some(())
+    })
+    .await;
+    assert_commits_cover_only_handled(&kafka, &checker, "projector", "events", 6);
+    assert_first_handling_in_offset_order(&checker);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    let end = kafka.end_offsets("events", 6);
+    wait_until(
+        Duration::from_secs(20),
+        "offsets committed to the end",
+        || (kafka.committed("projector", "events", 6) == end).then_some(()),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_mid_stream_loses_nothing() {
+    let mut kafka = Kafka::start().await;
+    kafka.create_topic("ticks", 3).await;
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let brokers = kafka.brokers();
+    let handler = checker.handler_flag();
+    let cluster = Cluster::start(2, &source_args(&brokers, "ticks", "ticker", &handler)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+
+    kafka.produce("ticks", &messages(5000, 200, 0)).await;
+    wait_until(Duration::from_secs(60), "first half handled", || {
+        (handled(&checker).len() >= 5000).then_some(())
+    })
+    .await;
+    // The producer keeps writing into its buffer while the broker is down.
+    let producer = produce_slowly(&kafka, "ticks", 5000, 500, Duration::from_millis(200));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kafka.stop();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    kafka.restart().await;
+    producer.await.unwrap();
+    // produce_slowly numbers its messages from 0 again; 10 000 distinct offsets in all.
+    wait_until(
+        Duration::from_secs(120),
+        "every message handled after the outage",
+        || (handled(&checker).len() >= 10_000).then_some(()),
+    )
+    .await;
+    assert_first_handling_in_offset_order(&checker);
+    let end = kafka.end_offsets("ticks", 3);
+    assert_eq!(end.iter().sum::<i64>(), 10_000);
+    wait_until(
+        Duration::from_secs(30),
+        "offsets committed to the end",
+        || (kafka.committed("ticker", "ticks", 3) == end).then_some(()),
+    )
+    .await;
 }

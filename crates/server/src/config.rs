@@ -91,6 +91,9 @@ pub struct ServeArgs {
     /// Dead-letter topic.
     #[arg(long, env = "LEASEHOLD_KAFKA_DLQ_TOPIC")]
     pub kafka_dlq_topic: Option<String>,
+    /// librdkafka property KEY=VALUE for the (first) Kafka source; repeatable.
+    #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
+    pub kafka_properties: Vec<String>,
 }
 
 /// A TOML scalar: numbers may be written bare, durations and sizes as strings.
@@ -549,7 +552,7 @@ impl Config {
             &a.kafka_key,
             &a.kafka_dlq_topic,
         ];
-        if flags.iter().any(|f| f.is_some()) {
+        if flags.iter().any(|f| f.is_some()) || !a.kafka_properties.is_empty() {
             if sources.is_empty() {
                 sources.push(KafkaFile::default());
             }
@@ -559,6 +562,15 @@ impl Config {
             first.group = a.kafka_group.or(first.group.take());
             first.key = a.kafka_key.or(first.key.take());
             first.dlq_topic = a.kafka_dlq_topic.or(first.dlq_topic.take());
+            for p in &a.kafka_properties {
+                let (k, v) = p.split_once('=').ok_or_else(|| {
+                    field_error("kafka_property", format!("{p:?} is not KEY=VALUE"))
+                })?;
+                first
+                    .properties
+                    .get_or_insert_with(Default::default)
+                    .insert(k.trim().to_owned(), v.trim().to_owned());
+            }
         }
         let kafka = sources
             .into_iter()
