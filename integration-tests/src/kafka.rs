@@ -23,6 +23,9 @@ fn libs() -> PathBuf {
         })
 }
 
+/// A consumed record: (partition, offset, value, headers).
+pub type Record = (i32, i64, Vec<u8>, Vec<(String, String)>);
+
 /// A single-node Kafka broker; killed on drop.
 pub struct Kafka {
     child: Option<Child>,
@@ -172,12 +175,7 @@ impl Kafka {
     }
 
     /// Reads a whole topic: (partition, offset, value, headers).
-    pub fn read_all(
-        &self,
-        topic: &str,
-        expect: usize,
-        timeout: Duration,
-    ) -> Vec<(i32, i64, Vec<u8>, Vec<(String, String)>)> {
+    pub fn read_all(&self, topic: &str, expect: usize, timeout: Duration) -> Vec<Record> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.brokers())
             .set("group.id", format!("reader-{}", rand::random::<u64>()))
