@@ -50,8 +50,9 @@ test: deps kafka-deps helm-deps fmt-check clippy
 helm-test: build helm-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) helm/test-chart.sh
 
-run: build
-	LEASEHOLD_BIN=$(DEBUG_BIN) scripts/run-local.sh
+run: build kafka-deps
+	cargo build --bin leasehold-demo
+	LEASEHOLD_BIN=$(DEBUG_BIN) LEASEHOLD_DEMO_BIN=$(CARGO_TARGET_DIR)/debug/leasehold-demo scripts/run-local.sh
 
 # Figures into docs/BENCHMARKS.md (release build; takes a few minutes).
 bench: deps
