@@ -245,6 +245,32 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
         || (kafka.committed("orders-app", "orders", 3) == end).then_some(()),
     )
     .await;
+    // Metrics: dead letters counted, and lag drops to 0 once everything is done.
+    wait_until(Duration::from_secs(20), "lag metrics at 0", || {
+        let text: String = cluster
+            .instances
+            .iter()
+            .map(|i| {
+                ureq::get(&format!("{}/metrics", i.admin_url()))
+                    .call()
+                    .ok()
+                    .and_then(|r| r.into_string().ok())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let lags: Vec<f64> = text
+            .lines()
+            .filter(|l| l.starts_with("leasehold_kafka_lag{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        let dead: f64 = text
+            .lines()
+            .filter(|l| l.starts_with("leasehold_kafka_dead_lettered_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (lags.len() == 3 && lags.iter().all(|l| *l == 0.0) && dead == 8.0).then_some(())
+    })
+    .await;
     assert_first_handling_in_offset_order(&checker);
 }
 

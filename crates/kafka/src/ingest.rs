@@ -67,6 +67,9 @@ impl ConsumerContext for Context {
 
 type Done = Shared<BoxFuture<'static, ()>>;
 
+/// The partitions assigned now, by (topic, partition).
+type Partitions = Arc<Mutex<HashMap<(String, i32), Arc<Partition>>>>;
+
 /// State of one assigned partition. Replaced when the partition is assigned again, so
 /// work of an earlier assignment never stores offsets.
 struct Partition {
@@ -78,6 +81,7 @@ struct Partition {
     limit: Arc<Semaphore>,
     revoked: AtomicBool,
     watermark: Arc<Gauge>,
+    lag: Arc<Gauge>,
 }
 
 struct Metrics {
@@ -197,7 +201,12 @@ impl Ingest {
         tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, "kafka source started");
 
         let total = Arc::new(Semaphore::new(o.max_in_flight));
-        let mut partitions: HashMap<(String, i32), Arc<Partition>> = HashMap::new();
+        let partitions: Partitions = Default::default();
+        let lag_task = tokio::spawn(report_lag(
+            consumer.clone(),
+            partitions.clone(),
+            cancel.clone(),
+        ));
         let mut tasks = tokio::task::JoinSet::new();
         loop {
             let message = tokio::select! {
@@ -205,7 +214,7 @@ impl Ingest {
                 _ = cancel.cancelled() => break,
                 Some(Event::Revoked(list)) = events.recv() => {
                     for tp in list {
-                        if let Some(p) = partitions.remove(&tp) {
+                        if let Some(p) = partitions.lock().expect("partitions lock").remove(&tp) {
                             p.revoked.store(true, Ordering::Release);
                         }
                     }
@@ -225,6 +234,8 @@ impl Ingest {
             self.metrics.consumed.inc();
             let tp = (m.topic().to_owned(), m.partition());
             let part = partitions
+                .lock()
+                .expect("partitions lock")
                 .entry(tp.clone())
                 .or_insert_with(|| {
                     Arc::new(Partition {
@@ -237,6 +248,14 @@ impl Ingest {
                         watermark: self.registry.gauge(
                             "leasehold_kafka_commit_watermark",
                             "Offset stored for commit (lowest offset not done) per partition.",
+                            &format!(
+                                "source=\"{}\",topic=\"{}\",partition=\"{}\"",
+                                o.name, tp.0, tp.1
+                            ),
+                        ),
+                        lag: self.registry.gauge(
+                            "leasehold_kafka_lag",
+                            "Messages between the commit watermark and the partition's end.",
                             &format!(
                                 "source=\"{}\",topic=\"{}\",partition=\"{}\"",
                                 o.name, tp.0, tp.1
@@ -323,8 +342,47 @@ impl Ingest {
             tracing::debug!(source = %o.name, error = %e, "final commit");
         }
         consumer.unsubscribe();
+        lag_task.abort();
         tracing::info!(source = %o.name, "kafka source stopped");
         Ok(())
+    }
+}
+
+/// Every 5 s: consumer lag per assigned partition = end offset − commit watermark.
+/// Fetching end offsets blocks, so it runs on the blocking pool.
+async fn report_lag(
+    consumer: Arc<StreamConsumer<Context>>,
+    partitions: Partitions,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+        let parts: Vec<Arc<Partition>> = partitions
+            .lock()
+            .expect("partitions lock")
+            .values()
+            .cloned()
+            .collect();
+        let consumer = consumer.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            for p in parts {
+                if let Ok((_, high)) =
+                    consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1))
+                {
+                    let done_up_to = p
+                        .window
+                        .lock()
+                        .expect("window lock")
+                        .watermark()
+                        .unwrap_or(high);
+                    p.lag.set((high - done_up_to).max(0) as f64);
+                }
+            }
+        })
+        .await;
     }
 }
 
