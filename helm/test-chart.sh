@@ -69,6 +69,11 @@ for name in default all-options dev-etcd-hpa; do
     else
       fail "$name: effective config differs from the chart's" "$printed"
     fi
+    if [ "$(grep -c '^\[\[kafka\]\]' "$out/config.toml")" = "$(grep -c '^\[\[kafka\]\]' <<<"$printed")" ]; then
+      ok "$name: every Kafka source of the chart is in the effective config"
+    else
+      fail "$name: effective config differs from the chart's" "$printed"
+    fi
   else
     fail "$name: leasehold ${cmd[*]} rejects the rendered configuration" "$printed"
   fi
