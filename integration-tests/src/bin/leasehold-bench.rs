@@ -309,6 +309,175 @@ async fn bench() -> Vec<Row> {
     rows
 }
 
+/// Kafka: consume → route → no-op handler → commit with 3 instances, against a raw
+/// rdkafka consume-only loop over the same topic; then produce-to-handle latency at a
+/// fixed rate.
+async fn kafka_bench() -> Vec<Row> {
+    use leasehold_integration_tests::kafka::{send_all, Kafka};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::ClientConfig;
+
+    let total: usize = std::env::var("KAFKA_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let kafka = Kafka::start().await;
+    kafka.create_topic("bench", 6).await;
+    let pad = "x".repeat(150);
+    let values: Vec<Vec<u8>> = (0..total)
+        .map(|i| {
+            format!(
+                r#"{{"account":"acct-{}","seq":{i},"pad":"{pad}"}}"#,
+                i % 10_000
+            )
+            .into_bytes()
+        })
+        .collect();
+    let t = Instant::now();
+    send_all(&kafka.producer(), "bench", &values).await;
+    eprintln!(
+        "produced {total} messages of ~{} B in {:?}",
+        values[0].len(),
+        t.elapsed()
+    );
+    drop(values);
+
+    // Baseline: a raw consume-only loop.
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.brokers())
+        .set("group.id", "raw-baseline")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["bench"]).unwrap();
+    let mut n = 0;
+    let t = Instant::now();
+    while n < total {
+        consumer.recv().await.unwrap();
+        n += 1;
+    }
+    let raw = total as f64 / t.elapsed().as_secs_f64();
+    drop(consumer);
+    eprintln!("raw consume: {raw:.0} msg/s");
+
+    // Leasehold: 3 instances, echo handler, commit to the end.
+    let brokers = kafka.brokers();
+    let args = [
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-topic",
+        "bench",
+        "--kafka-group",
+        "lh-bench",
+        "--kafka-key",
+        "json:/account",
+    ];
+    let end = kafka.end_offsets("bench", 6);
+    // Timed from the start of the instances: they consume as soon as they are up.
+    let t = Instant::now();
+    let cluster = Cluster::start(3, &args).await;
+    wait_until(Duration::from_secs(1800), "all messages committed", || {
+        (kafka.committed("lh-bench", "bench", 6) == end).then_some(())
+    })
+    .await;
+    let lh = total as f64 / t.elapsed().as_secs_f64();
+    eprintln!("leasehold: {lh:.0} msg/s");
+    let mut rows = vec![Row {
+        name: "Kafka consume → route → no-op handler → commit (3 instances, 6 partitions)",
+        measured: format!("{lh:.0} msg/s over {total} messages of ~200 B"),
+        baseline: format!(
+            "raw rdkafka consume-only loop {raw:.0} msg/s → ratio {:.2}",
+            lh / raw
+        ),
+        target: "≥ 0.7× raw",
+        met: lh / raw >= 0.7,
+    }];
+
+    // Produce-to-handle latency at a fixed rate, from the end-to-end histogram.
+    let before = histogram(&cluster);
+    let rate = 1000;
+    let producer = kafka.producer();
+    let t = Instant::now();
+    for second in 0..10 {
+        let batch: Vec<Vec<u8>> = (0..rate)
+            .map(|i| format!(r#"{{"account":"acct-{}","pad":"{pad}"}}"#, i % 10_000).into_bytes())
+            .collect();
+        send_all(&producer, "bench", &batch).await;
+        tokio::time::sleep_until((t + Duration::from_secs(second + 1)).into()).await;
+    }
+    let end = kafka.end_offsets("bench", 6);
+    wait_until(Duration::from_secs(60), "latency run committed", || {
+        (kafka.committed("lh-bench", "bench", 6) == end).then_some(())
+    })
+    .await;
+    let after = histogram(&cluster);
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .zip(&before)
+        .map(|((le, a), (_, b))| (*le, a - b))
+        .collect();
+    let (p50, p99) = (quantile(&delta, 0.5), quantile(&delta, 0.99));
+    rows.push(Row {
+        name: "Kafka produce-to-handle latency (1000 msg/s for 10 s, 3 instances)",
+        measured: format!("p50 ≤ {p50} s, p99 ≤ {p99} s (histogram bucket bounds)"),
+        baseline: "—".into(),
+        target: "report",
+        met: true,
+    });
+    rows
+}
+
+/// Sum over instances of `leasehold_kafka_end_to_end_seconds` buckets: (le, count).
+fn histogram(cluster: &Cluster) -> Vec<(f64, f64)> {
+    let mut buckets: std::collections::BTreeMap<String, f64> = Default::default();
+    for i in &cluster.instances {
+        let text = ureq::get(&format!("{}/metrics", i.admin_url()))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("leasehold_kafka_end_to_end_seconds_bucket"))
+        {
+            let le = line
+                .split("le=\"")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap()
+                .to_owned();
+            let v: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            *buckets.entry(le).or_default() += v;
+        }
+    }
+    let mut v: Vec<(f64, f64)> = buckets
+        .into_iter()
+        .map(|(le, c)| {
+            (
+                if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                },
+                c,
+            )
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    v
+}
+
+/// Upper bound of the bucket holding quantile `q` of cumulative buckets.
+fn quantile(cumulative: &[(f64, f64)], q: f64) -> f64 {
+    let total = cumulative.last().map_or(0.0, |b| b.1);
+    cumulative
+        .iter()
+        .find(|(_, c)| *c >= total * q)
+        .map_or(f64::NAN, |b| b.0)
+}
+
 fn fmt_mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
@@ -339,7 +508,16 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let rows = rt.block_on(bench());
+    let only_kafka = args.iter().any(|a| a == "--kafka-only");
+    let rows = rt.block_on(async {
+        let mut rows = if only_kafka {
+            Vec::new()
+        } else {
+            bench().await
+        };
+        rows.extend(kafka_bench().await);
+        rows
+    });
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(md, "Reproduce with `make bench` (release build; writes this file). Measured {} on {} ({} cores).", now(), host(), std::thread::available_parallelism().map_or(0, |n| n.get()));
