@@ -119,6 +119,28 @@ async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     .await;
     eprintln!("8 instances: 50 000 messages in {:?}", started.elapsed());
 
+    // Messages for keys owned elsewhere travel over the peers' Dispatch streams.
+    let streamed: f64 = cluster
+        .instances
+        .iter()
+        .filter_map(|i| {
+            ureq::get(&format!("{}/metrics", i.admin_url()))
+                .call()
+                .ok()?
+                .into_string()
+                .ok()
+        })
+        .flat_map(|t| {
+            t.lines()
+                .filter(|l| l.starts_with("leasehold_peer_stream_calls_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum();
+    assert!(
+        streamed > 10_000.0,
+        "only {streamed} calls over dispatch streams"
+    );
     let owners: BTreeSet<String> = checker.state.lock().unwrap().kafka[second..]
         .iter()
         .map(|c| c.3.clone())

@@ -125,6 +125,7 @@ struct Metrics {
     held: Arc<Counter>,
     handler_latency: Arc<Histogram>,
     mailboxes: Arc<Gauge>,
+    stream_calls: Arc<Counter>,
 }
 
 struct Inner {
@@ -184,6 +185,11 @@ impl Router {
             mailboxes: registry.gauge(
                 "leasehold_active_mailboxes",
                 "Keys with queued or running calls.",
+                "",
+            ),
+            stream_calls: registry.counter(
+                "leasehold_peer_stream_calls_total",
+                "Forwarded calls received over peers' Dispatch streams (Kafka messages).",
                 "",
             ),
         };

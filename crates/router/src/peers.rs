@@ -1,11 +1,13 @@
 //! Pooled HTTP/2 channels to peers, and the forwarding hop.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use leasehold_proto::v1::{self as pb, forward_response, peer_client::PeerClient};
 use leasehold_types::{Epoch, MemberId};
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{CallError, CallSource, Job, Reply};
@@ -25,13 +27,37 @@ pub(crate) enum Forwarded {
 
 pub(crate) struct Peers {
     channels: RwLock<HashMap<String, PeerClient<Channel>>>,
+    /// One long-lived Dispatch stream per peer, for Kafka messages.
+    streams: Mutex<HashMap<String, Arc<PeerStream>>>,
     max_message: usize,
+}
+
+type Answer = Result<pb::DispatchResponse, String>;
+
+/// A Dispatch stream to one peer: requests go out on `tx`, answers are matched to
+/// `pending` by id. When the stream breaks, every pending call is answered
+/// "unreachable" and the next call opens a new stream.
+struct PeerStream {
+    tx: mpsc::Sender<pb::DispatchRequest>,
+    pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
+    next_id: AtomicU64,
+    closed: AtomicBool,
+}
+
+impl PeerStream {
+    fn fail_all(&self, why: &str) {
+        self.closed.store(true, Ordering::Release);
+        for (_, tx) in self.pending.lock().expect("pending lock").drain() {
+            let _ = tx.send(Err(why.to_owned()));
+        }
+    }
 }
 
 impl Peers {
     pub(crate) fn new(max_message: usize) -> Self {
         Self {
             channels: RwLock::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
             max_message,
         }
     }
@@ -53,6 +79,118 @@ impl Peers {
             .expect("peers lock")
             .insert(address.to_owned(), client.clone());
         Ok(client)
+    }
+
+    /// The peer's Dispatch stream, opened on first use or after it broke.
+    fn stream(&self, address: &str) -> Result<Arc<PeerStream>, String> {
+        let mut streams = self.streams.lock().expect("streams lock");
+        if let Some(s) = streams
+            .get(address)
+            .filter(|s| !s.closed.load(Ordering::Acquire))
+        {
+            return Ok(s.clone());
+        }
+        let mut client = self.client(address)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let stream = Arc::new(PeerStream {
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+        });
+        let reader = stream.clone();
+        let peer = address.to_owned();
+        tokio::spawn(async move {
+            let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+            match client.dispatch(outgoing).await {
+                Ok(answers) => {
+                    let mut answers = answers.into_inner();
+                    loop {
+                        match answers.message().await {
+                            Ok(Some(a)) => {
+                                if let Some(tx) =
+                                    reader.pending.lock().expect("pending lock").remove(&a.id)
+                                {
+                                    let _ = tx.send(Ok(a));
+                                }
+                            }
+                            Ok(None) => break reader.fail_all("dispatch stream ended"),
+                            Err(e) => {
+                                break reader.fail_all(&format!("dispatch stream failed: {e}"))
+                            }
+                        }
+                    }
+                }
+                Err(e) => reader.fail_all(&format!("dispatch stream to {peer} failed: {e}")),
+            }
+        });
+        streams.insert(address.to_owned(), stream.clone());
+        Ok(stream)
+    }
+
+    /// Sends a forwarded call over the peer's Dispatch stream.
+    async fn dispatch(&self, address: &str, request: pb::ForwardRequest, job: &Job) -> Forwarded {
+        let stream = match self.stream(address) {
+            Ok(s) => s,
+            Err(e) => return Forwarded::Unreachable(e),
+        };
+        let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        stream.pending.lock().expect("pending lock").insert(id, tx);
+        let timeout = job.deadline.saturating_duration_since(Instant::now());
+        let request = pb::DispatchRequest {
+            id,
+            call: Some(request),
+            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+        };
+        if stream.tx.send(request).await.is_err() {
+            stream.pending.lock().expect("pending lock").remove(&id);
+            stream.fail_all("dispatch stream closed");
+            return Forwarded::Unreachable("dispatch stream closed".into());
+        }
+        // Closed before our call was registered: nobody will answer it.
+        if stream.closed.load(Ordering::Acquire)
+            && stream
+                .pending
+                .lock()
+                .expect("pending lock")
+                .remove(&id)
+                .is_some()
+        {
+            return Forwarded::Unreachable("dispatch stream closed".into());
+        }
+        let answer = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(a)) => a,
+            Ok(Err(_)) => Err("dispatch stream dropped the call".into()),
+            Err(_) => {
+                stream.pending.lock().expect("pending lock").remove(&id);
+                Err("no answer before the deadline".into())
+            }
+        };
+        match answer {
+            Err(e) => Forwarded::Unreachable(e),
+            Ok(a) => match (a.answer, a.error) {
+                (_, Some(e)) => Forwarded::Done(Err(CallError::Handler(tonic::Status::new(
+                    tonic::Code::from(e.code),
+                    e.message,
+                )))),
+                (Some(answer), None) => Self::answer(answer, job),
+                (None, None) => Forwarded::Unreachable("empty dispatch answer".into()),
+            },
+        }
+    }
+
+    fn answer(answer: pb::ForwardResponse, job: &Job) -> Forwarded {
+        match answer.result {
+            Some(forward_response::Result::Ok(r)) => Forwarded::Done(Ok(Reply {
+                payload: r.payload,
+                shard: job.shard,
+                epoch: Epoch(r.epoch),
+                owner: MemberId(r.owner),
+            })),
+            Some(forward_response::Result::NotOwner(_)) => Forwarded::NotOwner,
+            None => Forwarded::Unreachable("empty forward response".into()),
+        }
     }
 
     pub(crate) async fn forward(&self, address: &str, job: &Job, expected: Epoch) -> Forwarded {
@@ -77,26 +215,22 @@ impl Peers {
                 }),
             ),
         };
-        let mut request = tonic::Request::new(pb::ForwardRequest {
+        let call = pb::ForwardRequest {
             key: job.key.clone(),
             payload: job.payload.clone(),
             shard: job.shard.0,
             expected_epoch: expected.0,
             entry,
             source,
-        });
+        };
+        // Kafka messages share one stream per peer instead of one RPC each.
+        if matches!(job.source, CallSource::Kafka { .. }) {
+            return self.dispatch(address, call, job).await;
+        }
+        let mut request = tonic::Request::new(call);
         request.set_timeout(job.deadline.saturating_duration_since(Instant::now()));
         match client.forward(request).await {
-            Ok(resp) => match resp.into_inner().result {
-                Some(forward_response::Result::Ok(r)) => Forwarded::Done(Ok(Reply {
-                    payload: r.payload,
-                    shard: job.shard,
-                    epoch: Epoch(r.epoch),
-                    owner: MemberId(r.owner),
-                })),
-                Some(forward_response::Result::NotOwner(_)) => Forwarded::NotOwner,
-                None => Forwarded::Unreachable("empty forward response".into()),
-            },
+            Ok(resp) => Self::answer(resp.into_inner(), job),
             Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => {
                 Forwarded::Done(Err(CallError::Handler(s)))
             }

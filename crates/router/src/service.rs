@@ -103,14 +103,14 @@ impl PeerService {
     }
 }
 
-#[tonic::async_trait]
-impl Peer for PeerService {
-    async fn forward(
+impl PeerService {
+    /// Runs one forwarded call; `Err` is the owner's error status for it.
+    async fn run(
         &self,
-        request: Request<pb::ForwardRequest>,
-    ) -> Result<Response<pb::ForwardResponse>, Status> {
-        let deadline = self.router.deadline(client_timeout(&request));
-        let req = request.into_inner();
+        req: pb::ForwardRequest,
+        timeout: Option<Duration>,
+    ) -> Result<pb::ForwardResponse, Status> {
+        let deadline = self.router.deadline(timeout);
         let source = match req.source.and_then(|s| s.kind) {
             Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka {
                 topic: k.topic,
@@ -141,17 +141,79 @@ impl Peer for PeerService {
                 owner: owner.map(|o| o.0).unwrap_or_default(),
                 epoch: epoch.0,
             }),
-            Err(e) => {
-                let mut status = Status::from(e);
+            Err(e) => return Err(Status::from(e)),
+        };
+        Ok(pb::ForwardResponse {
+            result: Some(result),
+        })
+    }
+}
+
+type DispatchStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<pb::DispatchResponse, Status>> + Send>,
+>;
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn forward(
+        &self,
+        request: Request<pb::ForwardRequest>,
+    ) -> Result<Response<pb::ForwardResponse>, Status> {
+        let timeout = client_timeout(&request);
+        match self.run(request.into_inner(), timeout).await {
+            Ok(r) => Ok(Response::new(r)),
+            Err(mut status) => {
                 status
                     .metadata_mut()
                     .insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
-                return Err(status);
+                Err(status)
             }
+        }
+    }
+
+    type DispatchStream = DispatchStream;
+
+    /// Runs every call arriving on the stream concurrently (the sender keeps per-key
+    /// order by sending a key's next call only after the previous one answered).
+    async fn dispatch(
+        &self,
+        request: Request<tonic::Streaming<pb::DispatchRequest>>,
+    ) -> Result<Response<DispatchStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let this = PeerService {
+            router: self.router.clone(),
         };
-        Ok(Response::new(pb::ForwardResponse {
-            result: Some(result),
-        }))
+        let this = std::sync::Arc::new(this);
+        tokio::spawn(async move {
+            while let Ok(Some(req)) = incoming.message().await {
+                this.router.inner.metrics.stream_calls.inc();
+                let (this, tx) = (this.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let Some(call) = req.call else { return };
+                    let timeout = Some(Duration::from_millis(u64::from(req.timeout_ms)));
+                    let response = match this.run(call, timeout).await {
+                        Ok(answer) => pb::DispatchResponse {
+                            id: req.id,
+                            answer: Some(answer),
+                            error: None,
+                        },
+                        Err(s) => pb::DispatchResponse {
+                            id: req.id,
+                            answer: None,
+                            error: Some(pb::DispatchError {
+                                code: s.code() as i32,
+                                message: s.message().to_owned(),
+                            }),
+                        },
+                    };
+                    let _ = tx.send(Ok(response)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }
 
