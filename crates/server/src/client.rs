@@ -6,7 +6,8 @@ use anyhow::Context;
 use leasehold_proto::v1::{entities_client::EntitiesClient, CallRequest, LocateRequest};
 use tonic::transport::Endpoint;
 
-async fn connect(addr: &str) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
+/// A connected channel to `addr` (`HOST:PORT` or a URL), and its URL.
+async fn channel(addr: &str) -> anyhow::Result<(tonic::transport::Channel, String)> {
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
@@ -18,7 +19,11 @@ async fn connect(addr: &str) -> anyhow::Result<EntitiesClient<tonic::transport::
         .connect()
         .await
         .with_context(|| format!("cannot connect to {url}"))?;
-    Ok(EntitiesClient::new(channel))
+    Ok((channel, url))
+}
+
+async fn connect(addr: &str) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
+    Ok(EntitiesClient::new(channel(addr).await?.0))
 }
 
 pub async fn call(
@@ -70,17 +75,7 @@ pub async fn health(addr: &str, service: &str) -> anyhow::Result<String> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
+    let (channel, url) = channel(addr).await?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.into(),

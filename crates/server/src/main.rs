@@ -80,16 +80,9 @@ const EX_SOFTWARE: u8 = 70;
 
 fn main() -> ExitCode {
     match Cli::parse().command {
-        Command::Status { admin, shards } => match leasehold_server::status::run(&admin, shards) {
-            Ok(table) => {
-                print!("{table}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(EX_UNAVAILABLE)
-            }
-        },
+        Command::Status { admin, shards } => {
+            report(leasehold_server::status::run(&admin, shards).map(|t| t.trim_end().to_owned()))
+        }
         Command::Call {
             addr,
             key,
@@ -102,16 +95,11 @@ fn main() -> ExitCode {
             admin,
             member,
             wait,
-        } => match leasehold_server::status::drain(&admin, member.as_deref(), wait) {
-            Ok(out) => {
-                println!("{out}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::from(EX_UNAVAILABLE)
-            }
-        },
+        } => report(leasehold_server::status::drain(
+            &admin,
+            member.as_deref(),
+            wait,
+        )),
         Command::Health { addr, service } => {
             client_command(leasehold_server::client::health(&addr, &service))
         }
@@ -176,7 +164,12 @@ fn client_command(f: impl std::future::Future<Output = anyhow::Result<String>>) 
         .enable_all()
         .build()
         .expect("runtime");
-    match runtime.block_on(f) {
+    report(runtime.block_on(f))
+}
+
+/// Prints a command's output, or its error with exit status 69.
+fn report(result: anyhow::Result<String>) -> ExitCode {
+    match result {
         Ok(out) => {
             println!("{out}");
             ExitCode::SUCCESS
