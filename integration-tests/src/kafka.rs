@@ -30,7 +30,6 @@ pub type Record = (i32, i64, Vec<u8>, Vec<(String, String)>);
 pub struct Kafka {
     child: Option<Child>,
     pub port: u16,
-    controller_port: u16,
     dir: tempfile::TempDir,
 }
 
@@ -77,7 +76,6 @@ impl Kafka {
         let mut k = Kafka {
             child: None,
             port,
-            controller_port,
             dir,
         };
         k.spawn();
@@ -261,7 +259,6 @@ impl Drop for Kafka {
             eprintln!("--- kafka log (tail) ---\n{}", self.log_tail());
         }
         self.stop();
-        let _ = self.controller_port;
     }
 }
 
