@@ -638,3 +638,72 @@ fn invalid_configuration_exits_non_zero_naming_the_field() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("shards = 64"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_outages_shorter_and_longer_than_the_ttl() {
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let mut cluster = Cluster::start(2, &ttl_args(&flag)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let resyncs = |i: &Instance| -> f64 {
+        let m = ureq::get(&format!("{}/metrics", i.admin_url()))
+            .call()
+            .unwrap()
+            .into_string()
+            .unwrap();
+        m.lines()
+            .find(|l| l.starts_with("leasehold_watch_resyncs_total"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap()
+    };
+    let mut client = cluster.instances[0].client().await;
+    let mut call = |n: u32| {
+        let mut req = tonic::Request::new(CallRequest {
+            key: format!("k{n}"),
+            payload: "p".into(),
+        });
+        req.set_timeout(Duration::from_secs(10));
+        req
+    };
+
+    // Shorter than the TTL: the routing table resynchronises; nothing else is visible.
+    let before = resyncs(&cluster.instances[0]);
+    cluster.etcd.restart().await;
+    wait_until(
+        Duration::from_secs(10),
+        "a new routing-table snapshot",
+        || (resyncs(&cluster.instances[0]) > before).then_some(()),
+    )
+    .await;
+    for n in 0..50 {
+        client
+            .call(call(n))
+            .await
+            .expect("call after a short etcd outage");
+    }
+    assert!(cluster.instances.iter().all(|i| i.ready()));
+
+    // Longer than the TTL: every instance stops (not ready), then recovers and calls
+    // succeed again once the shards are owned anew.
+    cluster.etcd.stop();
+    wait_until(
+        Duration::from_secs(10),
+        "instances not ready without etcd",
+        || cluster.instances.iter().all(|i| !i.ready()).then_some(()),
+    )
+    .await;
+    tokio::time::sleep(TTL + Duration::from_secs(2)).await;
+    cluster.etcd.restart().await;
+    cluster.wait_balanced(Duration::from_secs(20)).await;
+    wait_until(Duration::from_secs(10), "instances ready again", || {
+        cluster.instances.iter().all(|i| i.ready()).then_some(())
+    })
+    .await;
+    for n in 0..50 {
+        client
+            .call(call(n))
+            .await
+            .expect("call after a long etcd outage");
+    }
+    assert_eq!(checker.violations(), Vec::<String>::new());
+}
