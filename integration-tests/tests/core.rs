@@ -657,7 +657,7 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl() {
             .unwrap()
     };
     let mut client = cluster.instances[0].client().await;
-    let mut call = |n: u32| {
+    let call = |n: u32| {
         let mut req = tonic::Request::new(CallRequest {
             key: format!("k{n}"),
             payload: "p".into(),
