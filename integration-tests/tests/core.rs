@@ -578,7 +578,12 @@ async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
     let spec = InstanceSpec {
         id: "late".into(),
         etcd: endpoint,
-        args: vec!["--lease-ttl".into(), "3s".into()],
+        args: vec![
+            "--lease-ttl".into(),
+            "3s".into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
     };
     let i = Instance::start(&spec);
     wait_until(Duration::from_secs(10), "retry log line", || {
@@ -587,6 +592,21 @@ async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
             .then_some(())
     })
     .await;
+    // JSON log lines carry the message and structured fields.
+    let line = i
+        .log_text()
+        .lines()
+        .find(|l| l.contains("etcd unreachable"))
+        .unwrap()
+        .to_owned();
+    let json: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+    assert_eq!(json["fields"]["message"], "etcd unreachable, retrying");
+    assert!(
+        json["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty()),
+        "{line}"
+    );
     let r = ureq::get(&format!("{}/readyz", i.admin_url())).call();
     assert!(
         matches!(r, Err(ureq::Error::Status(503, _))),

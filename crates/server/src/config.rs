@@ -76,6 +76,9 @@ pub struct ServeArgs {
     /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
     #[arg(long, env = "LEASEHOLD_LOG")]
     pub log: Option<String>,
+    /// Log format: `text` (for terminals) or `json` (one object per line, for collectors).
+    #[arg(long, env = "LEASEHOLD_LOG_FORMAT")]
+    pub log_format: Option<String>,
     /// Kafka bootstrap servers of the (first) Kafka source.
     #[arg(long, env = "LEASEHOLD_KAFKA_BROKERS")]
     pub kafka_brokers: Option<String>,
@@ -137,6 +140,7 @@ pub struct FileConfig {
     pub mailbox_capacity: Option<Scalar>,
     pub max_moves: Option<Scalar>,
     pub log: Option<Scalar>,
+    pub log_format: Option<Scalar>,
     /// Kafka sources (`[[kafka]]` tables).
     pub kafka: Option<Vec<KafkaFile>>,
 }
@@ -197,6 +201,8 @@ pub struct Config {
     pub mailbox_capacity: usize,
     pub max_moves: usize,
     pub log: String,
+    /// Emit logs as JSON lines.
+    pub log_json: bool,
     pub kafka: Vec<leasehold_kafka::SourceOptions>,
 }
 
@@ -541,6 +547,16 @@ impl Config {
             1 << 20,
         )? as usize;
         let log = pick(a.log, f.log, "info");
+        let log_json = match pick(a.log_format, f.log_format, "text").as_str() {
+            "text" => false,
+            "json" => true,
+            other => {
+                return Err(field_error(
+                    "log_format",
+                    format!("{other:?}: use text or json"),
+                ))
+            }
+        };
 
         // Kafka: the [[kafka]] tables; the --kafka-* flags override the first one (or
         // define it when the file has none).
@@ -596,6 +612,7 @@ impl Config {
             mailbox_capacity,
             max_moves,
             log,
+            log_json,
             kafka,
         })
     }
@@ -627,6 +644,7 @@ impl Config {
             mailbox_capacity: usize,
             max_moves: usize,
             log: &'a str,
+            log_format: &'static str,
             #[serde(skip_serializing_if = "Vec::is_empty")]
             kafka: Vec<KafkaOut<'a>>,
         }
@@ -671,6 +689,7 @@ impl Config {
             mailbox_capacity: self.mailbox_capacity,
             max_moves: self.max_moves,
             log: &self.log,
+            log_format: if self.log_json { "json" } else { "text" },
             kafka: self
                 .kafka
                 .iter()

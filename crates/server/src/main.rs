@@ -125,10 +125,14 @@ fn main() -> ExitCode {
                 );
                 EnvFilter::new("info")
             });
-            tracing_subscriber::fmt()
+            let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .init();
+                .with_writer(std::io::stderr);
+            if config.log_json {
+                logs.json().init();
+            } else {
+                logs.init();
+            }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
