@@ -27,6 +27,18 @@ pub struct State {
     pub kafka: Vec<(String, i32, i64, String)>,
 }
 
+/// Removes a call from `running` when the handler finishes or is cancelled.
+struct Running {
+    state: Arc<Mutex<State>>,
+    key: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.state.lock().unwrap().running.remove(&self.key);
+    }
+}
+
 #[derive(Clone)]
 struct Service {
     state: Arc<Mutex<State>>,
@@ -84,10 +96,16 @@ impl EntityHandler for Service {
                 .or_default()
                 .push(r.payload.to_vec());
         }
+        // The call ends when this handler returns or is dropped: a caller that dies
+        // mid-call (SIGKILL) cancels it, and then it is not running any more.
+        let running = Running {
+            state: self.state.clone(),
+            key: r.key.clone(),
+        };
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        self.state.lock().unwrap().running.remove(&r.key);
+        drop(running);
         Ok(Response::new(HandleResponse { payload: r.payload }))
     }
 
