@@ -280,17 +280,27 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
                     .unwrap_or_default()
             })
             .collect();
-        let lags: Vec<f64> = text
+        // (partition, lag) of every series; an instance that lost a partition reports 0.
+        let lags: Vec<(String, f64)> = text
             .lines()
             .filter(|l| l.starts_with("leasehold_kafka_lag{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .filter_map(|l| {
+                let partition = l
+                    .split("partition=\"")
+                    .nth(1)?
+                    .split('"')
+                    .next()?
+                    .to_owned();
+                Some((partition, l.rsplit(' ').next()?.parse().ok()?))
+            })
             .collect();
         let dead: f64 = text
             .lines()
             .filter(|l| l.starts_with("leasehold_kafka_dead_lettered_total"))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
-        (lags.len() == 3 && lags.iter().all(|l| *l == 0.0) && dead == 8.0).then_some(())
+        let partitions: BTreeSet<&str> = lags.iter().map(|(p, _)| p.as_str()).collect();
+        (partitions.len() == 3 && lags.iter().all(|(_, l)| *l == 0.0) && dead == 8.0).then_some(())
     })
     .await;
     assert_first_handling_in_offset_order(&checker);

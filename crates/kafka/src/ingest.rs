@@ -202,6 +202,7 @@ impl Ingest {
 
         let total = Arc::new(Semaphore::new(o.max_in_flight));
         let partitions: Partitions = Default::default();
+        let mut series: HashMap<(String, i32), (Arc<Gauge>, Arc<Gauge>)> = HashMap::new();
         let lag_task = tokio::spawn(report_lag(
             consumer.clone(),
             partitions.clone(),
@@ -216,6 +217,7 @@ impl Ingest {
                     for tp in list {
                         if let Some(p) = partitions.lock().expect("partitions lock").remove(&tp) {
                             p.revoked.store(true, Ordering::Release);
+                            p.lag.set(0.0); // another instance reports it now
                         }
                     }
                     continue;
@@ -233,6 +235,26 @@ impl Ingest {
             };
             self.metrics.consumed.inc();
             let tp = (m.topic().to_owned(), m.partition());
+            // One series per partition for the life of the process, reused when the
+            // partition comes back (a second registration would duplicate the series).
+            let gauges = series.entry(tp.clone()).or_insert_with(|| {
+                let labels = format!(
+                    "source=\"{}\",topic=\"{}\",partition=\"{}\"",
+                    o.name, tp.0, tp.1
+                );
+                (
+                    self.registry.gauge(
+                        "leasehold_kafka_commit_watermark",
+                        "Offset stored for commit (lowest offset not done) per partition.",
+                        &labels,
+                    ),
+                    self.registry.gauge(
+                        "leasehold_kafka_lag",
+                        "Messages between the commit watermark and the partition's end.",
+                        &labels,
+                    ),
+                )
+            });
             let part = partitions
                 .lock()
                 .expect("partitions lock")
@@ -245,22 +267,8 @@ impl Ingest {
                         chains: Mutex::new(HashMap::new()),
                         limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
                         revoked: AtomicBool::new(false),
-                        watermark: self.registry.gauge(
-                            "leasehold_kafka_commit_watermark",
-                            "Offset stored for commit (lowest offset not done) per partition.",
-                            &format!(
-                                "source=\"{}\",topic=\"{}\",partition=\"{}\"",
-                                o.name, tp.0, tp.1
-                            ),
-                        ),
-                        lag: self.registry.gauge(
-                            "leasehold_kafka_lag",
-                            "Messages between the commit watermark and the partition's end.",
-                            &format!(
-                                "source=\"{}\",topic=\"{}\",partition=\"{}\"",
-                                o.name, tp.0, tp.1
-                            ),
-                        ),
+                        watermark: gauges.0.clone(),
+                        lag: gauges.1.clone(),
                     })
                 })
                 .clone();
