@@ -153,18 +153,27 @@ impl ShardTable {
     /// Starts a handler call if this instance owns `shard` and its lease is valid.
     pub fn try_start(self: &Arc<Self>, shard: ShardId) -> Result<CallGuard, Blocked> {
         let mut slot = self.slot(shard);
+        let (epoch, valid_until) = Self::startable(&slot, &self.lease)?;
+        slot.in_flight += 1;
+        Ok(CallGuard {
+            table: self.clone(),
+            shard,
+            epoch,
+            valid_until,
+        })
+    }
+
+    /// Whether a handler call could start on `shard` now, without starting one.
+    pub fn check(&self, shard: ShardId) -> Result<(), Blocked> {
+        Self::startable(&self.slot(shard), &self.lease).map(|_| ())
+    }
+
+    fn startable(slot: &Slot, lease: &LeaseClock) -> Result<(Epoch, Instant), Blocked> {
         match slot.state {
             LocalState::NotOwned => Err(Blocked::NotOwned),
             LocalState::Moving(_) => Err(Blocked::Moving),
             LocalState::Owned(epoch) => {
-                let valid_until = self.lease.valid_until().ok_or(Blocked::LeaseInvalid)?;
-                slot.in_flight += 1;
-                Ok(CallGuard {
-                    table: self.clone(),
-                    shard,
-                    epoch,
-                    valid_until,
-                })
+                Ok((epoch, lease.valid_until().ok_or(Blocked::LeaseInvalid)?))
             }
         }
     }

@@ -321,19 +321,18 @@ impl Router {
                     job.shard
                 )));
             }
-            match table.try_start(job.shard) {
-                Ok(guard) => {
-                    drop(guard);
-                    match self.execute(job, &turn).await {
-                        Err(Blocked::NotOwned) => continue,
-                        Err(Blocked::Moving) => reason = "shard moving",
-                        Err(Blocked::LeaseInvalid) => reason = "lease not valid",
-                        Ok(result) => return result,
-                    }
-                }
-                Err(Blocked::Moving) => reason = "shard moving",
-                Err(Blocked::LeaseInvalid) => reason = "lease not valid",
-                Err(Blocked::NotOwned) => {
+            // Startable here: run it (execute re-checks once it holds a permit).
+            let blocked = match table.check(job.shard) {
+                Ok(()) => match self.execute(job, &turn).await {
+                    Ok(result) => return result,
+                    Err(blocked) => blocked,
+                },
+                Err(blocked) => blocked,
+            };
+            match blocked {
+                Blocked::Moving => reason = "shard moving",
+                Blocked::LeaseInvalid => reason = "lease not valid",
+                Blocked::NotOwned => {
                     if let Origin::Forwarded = job.origin {
                         let view = coord.view();
                         let owner = view.owner(job.shard);

@@ -7,7 +7,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
-use leasehold_coord::{Coord, MemberState};
+use leasehold_coord::{Coord, MemberState, View};
 use leasehold_metrics::Registry;
 use leasehold_proto::v1 as pb;
 use leasehold_router::Router;
@@ -60,8 +60,7 @@ pub fn cluster_info(coord: &Coord) -> ClusterInfo {
     }
 }
 
-fn shard_info(coord: &Coord, shard: ShardId) -> ShardInfo {
-    let view = coord.view();
+fn shard_info(view: &View, shard: ShardId) -> ShardInfo {
     let owner = view.owner(shard);
     let assigned = view.assigned(shard);
     let state = match owner {
@@ -80,8 +79,10 @@ fn shard_info(coord: &Coord, shard: ShardId) -> ShardInfo {
 }
 
 pub fn shards(coord: &Coord) -> Vec<ShardInfo> {
-    (0..coord.options().shard_count)
-        .map(|s| shard_info(coord, ShardId(s)))
+    // One snapshot of the routing table for the whole list.
+    let view = coord.view();
+    (0..view.shard_count())
+        .map(|s| shard_info(&view, ShardId(s)))
         .collect()
 }
 
@@ -140,7 +141,9 @@ async fn get_shards(State(s): State<Arc<AppState>>) -> Response {
 async fn get_shard(State(s): State<Arc<AppState>>, Path(shard): Path<String>) -> Response {
     let count = s.router.coord().options().shard_count;
     match shard.parse::<u32>() {
-        Ok(n) if n < count => Json(shard_info(s.router.coord(), ShardId(n))).into_response(),
+        Ok(n) if n < count => {
+            Json(shard_info(&s.router.coord().view(), ShardId(n))).into_response()
+        }
         _ => error(
             StatusCode::NOT_FOUND,
             format!("shard {shard:?} does not exist; shards are 0..{count}"),
