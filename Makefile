@@ -1,5 +1,5 @@
 # Leasehold. `make run` starts a local cluster; `make test` runs every test.
-# Both install what they need (etcd-server, protobuf-compiler) first, idempotently.
+# Both install what they need first, idempotently; `make doctor` reports what is there.
 
 SHELL := /bin/bash
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/leasehold/target
@@ -7,10 +7,15 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all deps kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
 
 all: build
 
+# One line per prerequisite, checked as the build uses it; installs nothing, needs no network.
+doctor:
+	@scripts/doctor.sh
+
+# Debian packages (protoc with the well-known types, etcd, curl, iproute2, Java, Maven).
 deps:
 	@scripts/install-deps.sh
 
@@ -43,7 +48,13 @@ integration: build kafka-deps
 
 # Ends with one line adding up every test binary's result.
 test: deps kafka-deps helm-deps fmt-check clippy
-	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test
+	@scripts/doctor.sh
+	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install
+
+# The install path on a bare Debian 12 root (debootstrap, cached): install-deps must
+# install every system prerequisite and the doctor must see each one missing, then present.
+test-install:
+	@scripts/test-fresh-machine.sh
 
 # Chart: lint, render, strict validation against Kubernetes API types, the binary on
 # the rendered config (lock-step), and values the schema must reject.
@@ -51,6 +62,7 @@ helm-test: build helm-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) helm/test-chart.sh
 
 run: build kafka-deps
+	@scripts/doctor.sh cargo protoc etcd curl java maven kafka-jars
 	cargo build --bin leasehold-demo
 	LEASEHOLD_BIN=$(DEBUG_BIN) LEASEHOLD_DEMO_BIN=$(CARGO_TARGET_DIR)/debug/leasehold-demo scripts/run-local.sh
 

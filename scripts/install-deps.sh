@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Installs what building and testing Leasehold needs, once: Debian's etcd-server (the
-# real etcd the tests and `make run` start) and protobuf-compiler (protoc, used at build
-# time). Idempotent: does nothing when both are present.
+# `make deps`: installs, with apt, what building and testing Leasehold needs from
+# Debian: protoc with Google's well-known types (protobuf-compiler + libprotobuf-dev),
+# etcd-server, curl, iproute2, and Java/Maven when absent. Decides per capability
+# (scripts/prereqs.sh), not per command, and proves the result by checking again.
+# Idempotent: does nothing, and needs no network, when everything is present.
+#
+# --system-only: skip the Rust toolchain check (used by the fresh-machine test, which
+# runs this script in a bare Debian root without Rust).
 set -euo pipefail
+. "$(dirname "$0")/prereqs.sh"
 
-if ! command -v cargo >/dev/null; then
-  echo "error: cargo not found; install Rust (https://rustup.rs) first" >&2
+apt_items=(protoc etcd curl iproute2 java maven)
+if [ "${1:-}" != "--system-only" ] && ! check_cargo >/dev/null 2>&1; then
+  echo "error: cargo not found; ${PREREQ_FIX[cargo]}" >&2
   exit 1
 fi
 
 need=()
-command -v etcd >/dev/null || need+=(etcd-server)
-command -v protoc >/dev/null || need+=(protobuf-compiler)
-command -v curl >/dev/null || need+=(curl)
+for item in "${apt_items[@]}"; do
+  if ! "check_$item" >/dev/null 2>&1; then
+    # shellcheck disable=SC2206 # a list of package names
+    need+=(${PREREQ_APT[$item]})
+  fi
+done
 if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
@@ -20,8 +30,14 @@ if ((${#need[@]})); then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+
 # etcd-server's package starts a system etcd on 2379; ours run on their own ports, so
 # that one is harmless, but stop it where we can to keep the machine quiet.
 if command -v systemctl >/dev/null && systemctl is-active --quiet etcd 2>/dev/null; then
   systemctl stop etcd 2>/dev/null || true
+fi
+
+# Prove it: a package list that lacks a piece fails here, not deep inside a build.
+if ((${#need[@]})); then
+  exec "$(dirname "$0")/doctor.sh" "${apt_items[@]}"
 fi

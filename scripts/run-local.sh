@@ -14,21 +14,51 @@ payments="${PAYMENTS:-20000}"
 work="$(mktemp -d /tmp/leasehold-run.XXXXXX)"
 pids=()
 
+# A person's Ctrl-C is read as a key, not taken as a signal: make would die of that
+# SIGINT too and end `make run` with an error after a clean stop. Ctrl-C (or q) is
+# honoured at the next pause, and the terminal's signals come back while stopping, so a
+# second Ctrl-C still interrupts a stop that hangs.
+tty_state=""
+if [ -t 0 ]; then
+  tty_state="$(stty -g)"
+  # No signals from keys, no line buffering, no echo; a read waits at most 0.1 s. (bash's
+  # own `read -n` turns signals back on while it reads, so keys are read with dd.)
+  stty -isig -icanon -echo min 0 time 1
+fi
+pause() {
+  if [ -z "$tty_state" ]; then
+    sleep "$1"
+    return
+  fi
+  local key tenths i
+  tenths="$(awk -v s="$1" 'BEGIN { n = int(s * 10 + 0.5); print (n < 1 ? 1 : n) }')"
+  for ((i = 0; i < tenths; i++)); do
+    key="$(dd bs=1 count=1 2>/dev/null)"
+    if [ "$key" = $'\x03' ] || [ "$key" = q ]; then stop 0; fi
+  done
+}
+
+# Stops everything in order and exits with $1 (default: the status that brought us here).
 stop() {
+  local status="${1:-$?}"
   trap - INT TERM EXIT
+  if [ -n "$tty_state" ]; then stty "$tty_state"; fi
   echo
   echo "stopping (SIGTERM: instances drain, then exit)"
   # Instances and the app first (they drain through etcd and commit to Kafka), then
   # Kafka and etcd.
   for pid in "${pids[@]:3}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]:3}"; do wait "$pid" 2>/dev/null || true; done
-  for pid in "${pids[1]}" "${pids[2]}" "${pids[0]}"; do
+  for pid in "${pids[@]:1:2}" "${pids[@]:0:1}"; do
     kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   rm -rf "$work"
+  echo "stopped"
+  exit "$status"
 }
-trap stop INT TERM EXIT
+trap 'stop 0' INT TERM
+trap stop EXIT
 
 echo "work dir: $work"
 # setsid: Ctrl-C reaches only this script, which stops the others in order.
@@ -39,7 +69,7 @@ setsid etcd --name run --data-dir "$work/etcd" \
 pids+=($!)
 for _ in $(seq 100); do
   curl -fsS http://127.0.0.1:12379/health >/dev/null 2>&1 && break
-  sleep 0.1
+  pause 0.1
 done
 
 mkdir -p "$work/kafka"
@@ -66,7 +96,7 @@ echo "waiting for Kafka"
 for _ in $(seq 120); do
   java -cp "$libs/*" org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:19092 \
     --create --if-not-exists --topic payments --partitions 6 >/dev/null 2>&1 && break
-  sleep 0.5
+  pause 0.5
 done
 
 setsid "$demo" app --listen 127.0.0.1:19000 --store "$work/ledger" >"$work/ledger.log" 2>&1 &
@@ -86,7 +116,7 @@ for _ in $(seq 200); do
      curl -fsS http://127.0.0.1:17170/v1/cluster | grep -q '"members":3'; then
     break
   fi
-  sleep 0.1
+  pause 0.1
 done
 
 echo
@@ -103,7 +133,7 @@ echo "Kafka: $payments payments of 1 with null keys over 20 accounts, 6 partitio
 "$demo" produce --brokers 127.0.0.1:19092 --topic payments --messages "$payments"
 for _ in $(seq 600); do
   if "$demo" check --store "$work/ledger" --expected "$payments" 2>/dev/null | grep -q "no update lost"; then break; fi
-  sleep 0.2
+  pause 0.2
 done
 echo -n "with Leasehold:    "
 "$demo" check --store "$work/ledger" --expected "$payments"
@@ -124,7 +154,9 @@ Leasehold is running:
   metrics of the Kafka source                  curl -s http://127.0.0.1:17170/metrics | grep kafka
   logs                                         $work/*.log
 
-Ctrl-C stops everything.
+Ctrl-C (or q) stops everything.
 EOT
 if [ -n "${LEASEHOLD_RUN_ONCE:-}" ]; then exit 0; fi
-wait "${pids[0]}"
+while kill -0 "${pids[0]}" 2>/dev/null; do pause 1; done
+echo "etcd exited; see $work/etcd.log" >&2
+exit 1

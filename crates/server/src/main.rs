@@ -127,6 +127,7 @@ fn main() -> ExitCode {
             });
             let logs = tracing_subscriber::fmt()
                 .with_env_filter(filter)
+                .with_ansi(log_colour())
                 .with_writer(std::io::stderr);
             if config.log_json {
                 logs.json().init();
@@ -161,6 +162,14 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+/// Colour only for a person at a terminal: files and pipes get plain text, and
+/// `NO_COLOR` (any non-empty value, see no-color.org) turns colour off everywhere.
+fn log_colour() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
 }
 
 fn client_command(f: impl std::future::Future<Output = anyhow::Result<String>>) -> ExitCode {
