@@ -98,6 +98,8 @@ for _ in $(seq 120); do
     --create --if-not-exists --topic payments --partitions 6 >/dev/null 2>&1 && break
   pause 0.5
 done
+java -cp "$libs/*" org.apache.kafka.tools.TopicCommand --bootstrap-server 127.0.0.1:19092 \
+  --create --if-not-exists --topic payments-dlq --partitions 1 >/dev/null 2>&1
 
 setsid "$demo" app --listen 127.0.0.1:19000 --store "$work/ledger" >"$work/ledger.log" 2>&1 &
 pids+=($!)
@@ -106,7 +108,7 @@ for i in 0 1 2; do
   setsid "$bin" serve --id "node-$i" --cluster demo --etcd http://127.0.0.1:12379 \
     --listen "127.0.0.1:1707$i" --admin-listen "127.0.0.1:1717$i" \
     --handler grpc://127.0.0.1:19000 --kafka-brokers 127.0.0.1:19092 --kafka-topic payments \
-    --kafka-group ledger --kafka-key json:/account >"$work/node-$i.log" 2>&1 &
+    --kafka-group ledger --kafka-key json:/account --kafka-dlq-topic payments-dlq >"$work/node-$i.log" 2>&1 &
   pids+=($!)
 done
 

@@ -134,7 +134,15 @@ pub struct Checker {
 impl Checker {
     /// Starts the checker on a free loopback port; each call takes `delay`.
     pub async fn start(delay: Duration, fail_prefix: Option<&str>) -> Checker {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(0, delay, fail_prefix).await
+    }
+
+    /// Starts the checker on a given loopback port (0: any free one), e.g. one that
+    /// instances were pointed at before their handler existed.
+    pub async fn start_on(port: u16, delay: Duration, fail_prefix: Option<&str>) -> Checker {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(Mutex::new(State::default()));
         let svc = Service {

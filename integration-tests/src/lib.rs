@@ -5,6 +5,7 @@
 pub mod checker;
 pub mod kafka;
 pub mod load;
+pub mod proxy;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -66,16 +67,23 @@ pub struct Etcd {
     pub client_port: u16,
     peer_port: u16,
     dir: tempfile::TempDir,
+    extra: Vec<String>,
 }
 
 impl Etcd {
     pub async fn start() -> Etcd {
+        Self::start_with(&[]).await
+    }
+
+    /// Starts etcd with extra flags (e.g. `--auth-token-ttl`).
+    pub async fn start_with(extra: &[&str]) -> Etcd {
         let dir = tempfile::tempdir().unwrap();
         let mut etcd = Etcd {
             child: None,
             client_port: free_port(),
             peer_port: free_port(),
             dir,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         etcd.spawn();
         etcd.wait_healthy().await;
@@ -110,6 +118,7 @@ impl Etcd {
                 &peer,
             ])
             .args(["--initial-cluster", &format!("default={peer}")])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -464,11 +464,9 @@ async fn a_paused_owner_runs_no_handler_after_losing_its_shards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_gets_clear_errors_and_the_process_keeps_serving() {
-    // An instance whose handler is not running.
-    let dead_handler = format!(
-        "grpc://127.0.0.1:{}",
-        leasehold_integration_tests::free_port()
-    );
+    // An instance whose handler stops after it took its shards.
+    let handler = Checker::start(Duration::ZERO, None).await;
+    let handler_flag = handler.handler_flag();
     let cluster = Cluster::start(
         1,
         &[
@@ -477,11 +475,12 @@ async fn bad_input_gets_clear_errors_and_the_process_keeps_serving() {
             "--lease-ttl",
             "3s",
             "--handler",
-            &dead_handler,
+            &handler_flag,
         ],
     )
     .await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
+    drop(handler);
     let i = &cluster.instances[0];
     let mut client = i.client().await;
     let call = |key: &str, n: usize| CallRequest {
@@ -501,7 +500,17 @@ async fn bad_input_gets_clear_errors_and_the_process_keeps_serving() {
         "{}",
         e.message()
     );
-    let e = client.call(call("k", 10)).await.unwrap_err();
+    // The handler's server stops gracefully; until it has, calls may still succeed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let e = loop {
+        match client.call(call("k", 10)).await {
+            Err(e) => break e,
+            Ok(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Ok(_) => panic!("calls still succeed 10 s after the handler stopped"),
+        }
+    };
     assert_eq!(e.code(), tonic::Code::Unavailable);
     assert!(
         e.message().contains("handler at http://127.0.0.1") && e.message().contains("unreachable"),

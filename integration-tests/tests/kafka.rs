@@ -53,13 +53,18 @@ fn assert_first_handling_in_offset_order(checker: &Checker) {
     }
 }
 
+/// A source on `topic` whose messages that cannot be handled go to `dlq` (which the test
+/// creates; every source needs one, or an explicit skip policy).
 fn source_args<'a>(
     kafka: &'a str,
     topic: &'a str,
     group: &'a str,
     handler: &'a str,
+    dlq: &'a str,
 ) -> Vec<&'a str> {
     vec![
+        "--kafka-dlq-topic",
+        dlq,
         "--lease-ttl",
         "3s",
         "--request-timeout",
@@ -86,11 +91,15 @@ fn source_args<'a>(
 async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     let kafka = Kafka::start().await;
     kafka.create_topic("payments", 6).await;
+    kafka.create_topic("payments-dlq", 1).await;
     let checker = Checker::start(Duration::ZERO, None).await;
     let brokers = kafka.brokers();
     let handler = checker.handler_flag();
-    let mut cluster =
-        Cluster::start(3, &source_args(&brokers, "payments", "ledger", &handler)).await;
+    let mut cluster = Cluster::start(
+        3,
+        &source_args(&brokers, "payments", "ledger", &handler, "payments-dlq"),
+    )
+    .await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
 
     let started = Instant::now();
@@ -172,8 +181,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     let checker = Checker::start(Duration::ZERO, Some("poison")).await;
     let brokers = kafka.brokers();
     let handler = checker.handler_flag();
-    let mut args = source_args(&brokers, "orders", "orders-app", &handler);
-    args.extend(["--kafka-dlq-topic", "orders-dlq"]);
+    let args = source_args(&brokers, "orders", "orders-app", &handler, "orders-dlq");
     let cluster = Cluster::start(2, &args).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
 
@@ -351,10 +359,11 @@ fn assert_commits_cover_only_handled(
 async fn killed_and_terminated_instances_lose_nothing_and_commit_only_handled_offsets() {
     let kafka = Kafka::start().await;
     kafka.create_topic("events", 6).await;
+    kafka.create_topic("events-dlq", 1).await;
     let checker = Checker::start(Duration::from_millis(1), None).await;
     let brokers = kafka.brokers();
     let handler = checker.handler_flag();
-    let mut args = source_args(&brokers, "events", "projector", &handler);
+    let mut args = source_args(&brokers, "events", "projector", &handler, "events-dlq");
     args.extend(["--drain-timeout", "5s"]);
     let mut cluster = Cluster::start(3, &args).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
@@ -407,10 +416,15 @@ async fn killed_and_terminated_instances_lose_nothing_and_commit_only_handled_of
 async fn a_broker_outage_mid_stream_loses_nothing() {
     let mut kafka = Kafka::start().await;
     kafka.create_topic("ticks", 3).await;
+    kafka.create_topic("ticks-dlq", 1).await;
     let checker = Checker::start(Duration::ZERO, None).await;
     let brokers = kafka.brokers();
     let handler = checker.handler_flag();
-    let cluster = Cluster::start(2, &source_args(&brokers, "ticks", "ticker", &handler)).await;
+    let cluster = Cluster::start(
+        2,
+        &source_args(&brokers, "ticks", "ticker", &handler, "ticks-dlq"),
+    )
+    .await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
 
     kafka.produce("ticks", &messages(5000, 200, 0)).await;
@@ -441,4 +455,115 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
         || (kafka.committed("ticker", "ticks", 3) == end).then_some(()),
     )
     .await;
+}
+
+/// Hole 6: a message that has not reached a handler yet (no owner, handler down) is
+/// waited for; it used to count as a handler failure and be dead-lettered within seconds,
+/// after which later messages for its key ran first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn messages_wait_for_an_owner_and_a_handler_instead_of_being_dead_lettered() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("orders", 3).await;
+    kafka.create_topic("orders-dlq", 1).await;
+    let port = leasehold_integration_tests::free_port();
+    let handler = format!("grpc://127.0.0.1:{port}");
+    let brokers = kafka.brokers();
+    let mut args = source_args(&brokers, "orders", "orders-app", &handler, "orders-dlq");
+    // Short deadlines: every dispatch attempt ends within a second while nobody can run it.
+    let at = args.iter().position(|a| *a == "10s").unwrap();
+    args[at] = "1s";
+    let cluster = Cluster::start(2, &args).await;
+    kafka.produce("orders", &messages(600, 30, 0)).await;
+    // Longer than every retry and backoff of the dead-letter path together.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(
+        kafka
+            .read_all("orders-dlq", 1, Duration::from_secs(2))
+            .is_empty(),
+        "messages were dead-lettered while no handler could run them"
+    );
+    let checker = Checker::start_on(port, Duration::ZERO, None).await;
+    cluster.wait_balanced(Duration::from_secs(15)).await;
+    wait_until(Duration::from_secs(60), "600 messages handled", || {
+        (handled(&checker).len() == 600).then_some(())
+    })
+    .await;
+    assert_first_handling_in_offset_order(&checker);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    assert!(kafka
+        .read_all("orders-dlq", 1, Duration::from_secs(2))
+        .is_empty());
+    let metrics = ureq::get(&format!("{}/metrics", cluster.instances[0].admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("leasehold_kafka_routing_waits_total") && !l.ends_with(" 0")),
+        "no routing wait counted"
+    );
+}
+
+/// Hole 9: a partition at its in-flight limit is paused; it used to block the single
+/// consumer loop, so every other partition (and the group's rebalances) waited for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_saturated_partition_is_paused_and_the_others_go_on() {
+    use rdkafka::producer::FutureRecord;
+
+    let kafka = Kafka::start().await;
+    kafka.create_topic("events", 2).await;
+    kafka.create_topic("events-dlq", 1).await;
+    // Each call takes 30 ms; partition 0 may have one message in flight at a time.
+    let checker = Checker::start(Duration::from_millis(30), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("leasehold.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "lease_ttl = \"3s\"\nhandler = \"{}\"\n[[kafka]]\nbrokers = \"{}\"\ntopics = [\"events\"]\n\
+             group = \"projector\"\nkey = \"json:/account\"\ndlq_topic = \"events-dlq\"\n\
+             max_in_flight_per_partition = 1\n",
+            checker.handler_flag(),
+            kafka.brokers()
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(1, &["--config", config.to_str().unwrap()]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let producer = kafka.producer();
+    let values = messages(60, 60, 0);
+    for (partition, values) in [(0, &values[..]), (1, &values[..5])] {
+        for v in values {
+            producer
+                .send(
+                    FutureRecord::<(), _>::to("events")
+                        .partition(partition)
+                        .payload(v),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    wait_until(Duration::from_secs(60), "65 messages handled", || {
+        (handled(&checker).len() == 65).then_some(())
+    })
+    .await;
+    let order: Vec<i32> = checker
+        .state
+        .lock()
+        .unwrap()
+        .kafka
+        .iter()
+        .map(|k| k.1)
+        .collect();
+    let last_of_1 = order.iter().rposition(|&p| p == 1).unwrap();
+    let before = order[..last_of_1].iter().filter(|&&p| p == 0).count();
+    eprintln!("partition 0 messages handled before partition 1 was done: {before} of 60");
+    assert!(
+        before < 30,
+        "partition 1 waited for partition 0: {before} of its messages ran first"
+    );
 }

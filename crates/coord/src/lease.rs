@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use tokio_util::sync::CancellationToken;
 
-use crate::{Coord, Session};
+use crate::{Coord, Error, Session};
 
 enum End {
     Cancelled,
@@ -100,6 +100,14 @@ impl Coord {
                 match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r }
                 {
                     Ok(s) => stream = Some(s),
+                    // Opening sends a first keepalive; etcd answers TTL 0 for a lease it
+                    // no longer has, which the client reports as "lease not found". That
+                    // lease is gone for good (it expired while etcd was out of reach).
+                    Err(Error::Etcd(etcd_client::Error::LeaseKeepAliveError(e)))
+                        if e.contains("not found") =>
+                    {
+                        return End::Expired;
+                    }
                     Err(e) => {
                         tracing::warn!(lease = id, error = %e, "keepalive stream failed to open")
                     }

@@ -21,7 +21,8 @@ mod watcher;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
@@ -56,6 +57,9 @@ pub enum Error {
     UnknownMember(String),
     #[error("not connected to etcd yet")]
     NotConnected,
+    /// An essential task ended (or panicked) while the instance was running.
+    #[error("the {task} stopped unexpectedly: {why}")]
+    TaskEnded { task: &'static str, why: String },
     #[error("{0}")]
     Other(String),
 }
@@ -148,7 +152,10 @@ struct Inner {
     view: watch::Sender<Arc<View>>,
     session: watch::Sender<Session>,
     draining: AtomicBool,
+    /// Set until the handler first answers; no shard is taken before.
+    awaiting_handler: AtomicBool,
     wake: Notify,
+    liveness: Liveness,
     listener: Arc<dyn ShardListener>,
     metrics: Metrics,
 }
@@ -171,7 +178,9 @@ impl Coord {
                 table,
                 client: OnceCell::new(),
                 draining: AtomicBool::new(false),
+                awaiting_handler: AtomicBool::new(true),
                 wake: Notify::new(),
+                liveness: Liveness::default(),
                 listener,
                 metrics: Metrics::new(registry),
                 opts,
@@ -206,6 +215,9 @@ impl Coord {
 
     /// Ready = registered in the routing table, table synced, lease valid.
     pub fn readiness(&self) -> Result<(), &'static str> {
+        if self.inner.awaiting_handler.load(Ordering::Acquire) {
+            return Err("waiting for the handler to answer");
+        }
         let view = self.view();
         if !view.synced {
             return Err("routing table not synced");
@@ -222,24 +234,56 @@ impl Coord {
         Ok(())
     }
 
+    /// Live = the coordination tasks run and the reconciler passes its loop (`/healthz`).
+    /// Waiting for etcd is live; a stopped task or a loop stuck for minutes is not, and
+    /// only a restart helps then.
+    pub fn liveness(&self) -> Result<(), String> {
+        self.inner.liveness.check(Instant::now())
+    }
+
     /// Connects to etcd (retrying with backoff until `cancel`), checks the cluster config,
-    /// then runs the keeper, watcher and reconciler until `cancel`.
-    pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
+    /// then runs the keeper, watcher and reconciler until `cancel`. Any of them ending
+    /// before `cancel` (a panic, say) ends `run` with [`Error::TaskEnded`]: an instance
+    /// without one of them would stay up but never serve again.
+    ///
+    /// The reconciler (which registers the member and takes shards) starts only once
+    /// `handler_ready` resolves; the routing table is kept meanwhile, so calls accepted
+    /// here are forwarded to the owners.
+    pub async fn run(
+        self,
+        cancel: CancellationToken,
+        handler_ready: futures::future::BoxFuture<'static, ()>,
+    ) -> Result<(), Error> {
         let Some(client) = self.connect(&cancel).await? else {
             return Ok(());
         };
         let _ = self.inner.client.set(client);
-        let tasks = [
-            tokio::spawn(self.clone().keeper(cancel.clone())),
-            tokio::spawn(self.clone().watcher(cancel.clone())),
-            tokio::spawn(self.clone().reconciler(cancel.clone())),
+        let tasks: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)> = vec![
+            (
+                "lease keeper",
+                Box::pin(self.clone().keeper(cancel.clone())),
+            ),
+            (
+                "routing table watcher",
+                Box::pin(self.clone().watcher(cancel.clone())),
+            ),
+            ("reconciler", {
+                let (this, cancel) = (self.clone(), cancel.clone());
+                Box::pin(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = handler_ready => {}
+                    }
+                    this.inner.awaiting_handler.store(false, Ordering::Release);
+                    this.reconciler(cancel).await
+                })
+            }),
         ];
-        for t in tasks {
-            if let Err(e) = t.await {
-                tracing::error!(error = %e, "coordination task failed");
-            }
+        let result = supervise(tasks, &cancel).await;
+        if let Err(e) = &result {
+            self.inner.liveness.stopped(e.to_string());
         }
-        Ok(())
+        result
     }
 
     async fn connect(&self, cancel: &CancellationToken) -> Result<Option<Client>, Error> {
@@ -250,7 +294,14 @@ impl Coord {
                 let connect = ConnectOptions::new()
                     .with_connect_timeout(Duration::from_secs(2))
                     .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-                    .with_keep_alive_while_idle(true);
+                    .with_keep_alive_while_idle(true)
+                    // A member cut off from its cluster has no leader: with this, it
+                    // refuses requests and cancels watches ("no leader") instead of
+                    // serving a frozen routing table that still looks synced.
+                    .with_require_leader(true)
+                    // etcd's auth tokens expire (simple tokens after 5 idle minutes, all of
+                    // them on an etcd restart); authenticate again instead of failing.
+                    .with_auto_token_refresh(true);
                 let connect = match &opts.etcd_user {
                     Some((user, password)) => connect.with_user(user, password),
                     None => connect,
@@ -451,5 +502,140 @@ impl Coord {
         let m = &self.inner.metrics;
         m.lease_slack.set(self.inner.table.lease().slack());
         m.shards_owned.set(self.inner.table.held().len() as f64);
+    }
+}
+
+/// Runs essential tasks until `cancel`; the first to end before it ends them all with
+/// [`Error::TaskEnded`] naming it.
+pub(crate) async fn supervise(
+    tasks: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)>,
+    cancel: &CancellationToken,
+) -> Result<(), Error> {
+    let mut set = tokio::task::JoinSet::new();
+    for (name, task) in tasks {
+        set.spawn(async move {
+            task.await;
+            name
+        });
+    }
+    let mut result = Ok(());
+    while let Some(ended) = set.join_next().await {
+        // After cancel, or once one failed and the rest were aborted, endings are expected.
+        if cancel.is_cancelled() || result.is_err() {
+            continue;
+        }
+        let (task, why) = match ended {
+            Ok(name) => (name, "it returned".to_owned()),
+            Err(e) if e.is_panic() => ("coordination task", format!("it panicked: {e}")),
+            Err(e) => ("coordination task", e.to_string()),
+        };
+        tracing::error!(task, why, "essential task ended; stopping the instance");
+        result = Err(Error::TaskEnded { task, why });
+        set.abort_all();
+    }
+    result
+}
+
+/// What `/healthz` reports: whether the coordination loop still runs and makes progress.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// When the reconciler last began a pass (None before its first).
+    last_pass: Mutex<Option<Instant>>,
+    stopped: Mutex<Option<String>>,
+}
+
+impl Liveness {
+    /// A reconciler pass is bounded by etcd timeouts; one that has not begun for this
+    /// long is stuck.
+    const STALL: Duration = Duration::from_secs(120);
+
+    fn pass(&self, now: Instant) {
+        *self.last_pass.lock().expect("liveness lock") = Some(now);
+    }
+
+    fn stopped(&self, why: String) {
+        *self.stopped.lock().expect("liveness lock") = Some(why);
+    }
+
+    fn check(&self, now: Instant) -> Result<(), String> {
+        if let Some(why) = self.stopped.lock().expect("liveness lock").as_ref() {
+            return Err(why.clone());
+        }
+        match *self.last_pass.lock().expect("liveness lock") {
+            Some(at) if now.saturating_duration_since(at) > Self::STALL => Err(format!(
+                "the reconciler has not run for {:?}",
+                now.saturating_duration_since(at)
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_essential_task_that_ends_ends_the_others_with_its_name() {
+        let cancel = CancellationToken::new();
+        let forever = |c: CancellationToken| -> futures::future::BoxFuture<'static, ()> {
+            Box::pin(async move { c.cancelled().await })
+        };
+        let tasks = vec![
+            ("lease keeper", forever(cancel.clone())),
+            (
+                "reconciler",
+                Box::pin(async {}) as futures::future::BoxFuture<'static, ()>,
+            ),
+        ];
+        let err = tokio::time::timeout(Duration::from_secs(5), supervise(tasks, &cancel))
+            .await
+            .expect("supervise returns when a task ends")
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::TaskEnded {
+                    task: "reconciler",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let tasks = vec![(
+            "watcher",
+            Box::pin(async { panic!("boom") }) as futures::future::BoxFuture<'static, ()>,
+        )];
+        let err = supervise(tasks, &cancel).await.unwrap_err();
+        assert!(err.to_string().contains("panicked"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tasks_ending_on_cancel_are_not_failures() {
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let tasks = vec![(
+            "reconciler",
+            Box::pin(async move { c.cancelled().await }) as futures::future::BoxFuture<'static, ()>,
+        )];
+        cancel.cancel();
+        supervise(tasks, &cancel).await.unwrap();
+    }
+
+    #[test]
+    fn liveness_fails_when_the_loop_stalls_or_a_task_stopped() {
+        let l = Liveness::default();
+        let t0 = Instant::now();
+        assert!(l.check(t0).is_ok(), "waiting for the first pass is live");
+        l.pass(t0);
+        assert!(l.check(t0 + Duration::from_secs(60)).is_ok());
+        assert!(l
+            .check(t0 + Liveness::STALL + Duration::from_secs(1))
+            .is_err());
+        l.pass(t0 + Duration::from_secs(200));
+        assert!(l.check(t0 + Duration::from_secs(201)).is_ok());
+        l.stopped("the reconciler stopped".into());
+        assert!(l.check(t0 + Duration::from_secs(201)).is_err());
     }
 }

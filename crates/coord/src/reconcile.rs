@@ -12,6 +12,56 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::{AssignmentValue, MemberState, MemberValue, ShardValue};
 use crate::{Coord, Error, LocalState, Session, View};
 
+/// What to do with a shard key attached to this instance's lease that its table lacks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repair {
+    /// Assigned here: take it as owned, with the key's create revision as epoch.
+    Adopt,
+    /// Assigned elsewhere (or draining): delete it so the assignee can acquire it.
+    Delete,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OrphanKey {
+    pub shard: ShardId,
+    pub epoch: Epoch,
+    pub action: Repair,
+}
+
+/// Shard keys the view shows attached to `lease` (this instance's) while the local table
+/// does not hold the shard, and what to do with each. Pure: the caller checks each one
+/// against etcd before acting.
+pub(crate) fn orphans(
+    view: &View,
+    me: &MemberId,
+    lease: i64,
+    draining: bool,
+    local: impl Fn(ShardId) -> LocalState,
+) -> Vec<OrphanKey> {
+    if lease == 0 || !view.synced {
+        return Vec::new();
+    }
+    (0..view.shard_count())
+        .map(ShardId)
+        .filter_map(|shard| {
+            let owner = view.owner(shard)?;
+            if owner.lease != lease || owner.owner != *me || local(shard) != LocalState::NotOwned {
+                return None;
+            }
+            let action = if !draining && view.assigned(shard) == Some(me) {
+                Repair::Adopt
+            } else {
+                Repair::Delete
+            };
+            Some(OrphanKey {
+                shard,
+                epoch: owner.epoch,
+                action,
+            })
+        })
+        .collect()
+}
+
 /// How many shard acquisitions run at once.
 const ACQUIRE_CONCURRENCY: usize = 64;
 
@@ -31,6 +81,7 @@ impl Coord {
                 _ = self.inner.wake.notified() => {}
                 _ = tick.tick() => {}
             }
+            self.inner.liveness.pass(Instant::now());
             // Let a burst of watch events land before acting on it.
             tokio::time::sleep(Duration::from_millis(5)).await;
             let session = *session_rx.borrow_and_update();
@@ -63,6 +114,7 @@ impl Coord {
                 tracing::warn!(error = %e, "leader step failed");
             }
             self.check_lost(&view);
+            self.repair(&view, session).await;
             self.acquire(&view, session).await;
             self.release(&view);
             self.refresh_metrics();
@@ -291,6 +343,65 @@ impl Coord {
         }
     }
 
+    /// Repairs shard keys attached to this instance's lease that its table does not hold.
+    ///
+    /// Nobody serves such a shard until it is repaired: peers route to this instance,
+    /// which answers "not owner". They appear when an acquisition committed but its answer
+    /// was lost (timeout), or when a shard was dropped on a view that ran ahead of its
+    /// events. Runs between the acquisitions of this loop, so none is in flight; every
+    /// repair is checked against etcd, never decided on the view alone.
+    async fn repair(&self, view: &View, session: Session) {
+        let table = &self.inner.table;
+        let repairs = orphans(
+            view,
+            self.member_id(),
+            session.lease,
+            self.is_draining(),
+            |s| table.state(s),
+        );
+        for repair in repairs {
+            let generation = table.generation();
+            let (shard, epoch) = (repair.shard, repair.epoch);
+            let key = self.inner.keys.shard(shard);
+            let txn = match repair.action {
+                Repair::Adopt => Txn::new()
+                    .when([
+                        Compare::create_revision(key.clone(), CompareOp::Equal, epoch.0 as i64),
+                        Compare::lease(key.clone(), CompareOp::Equal, session.lease),
+                    ])
+                    .and_then([TxnOp::get(key, None)]),
+                Repair::Delete => Txn::new()
+                    .when([Compare::create_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        epoch.0 as i64,
+                    )])
+                    .and_then([TxnOp::delete(key, None)]),
+            };
+            let result = async {
+                let mut client = self.client()?;
+                self.etcd(client.txn(txn)).await
+            }
+            .await;
+            match (result, repair.action) {
+                (Ok(r), Repair::Adopt) if r.succeeded() => {
+                    if table.set_owned(generation, shard, epoch) {
+                        self.inner.listener.acquired(shard, epoch);
+                        self.inner.metrics.acquired.inc();
+                        tracing::warn!(%shard, %epoch, "adopted a shard key held by this instance's lease but missing from its table");
+                    }
+                }
+                (Ok(r), Repair::Delete) if r.succeeded() => {
+                    tracing::warn!(%shard, %epoch, "deleted a shard key held by this instance's lease but assigned elsewhere");
+                }
+                (Ok(_), _) => {} // gone or replaced meanwhile: the view was behind
+                (Err(e), _) => {
+                    tracing::warn!(%shard, error = %e, "shard key repair failed; retrying on the next pass")
+                }
+            }
+        }
+    }
+
     /// Drops shards whose key the routing table shows gone or owned by another epoch.
     fn check_lost(&self, view: &View) {
         let me = self.member_id();
@@ -319,5 +430,77 @@ impl Coord {
                 "shard keys gone from etcd (lease expired?); dropped them"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ShardOwner;
+
+    fn view_with(owners: &[(u32, &str, u64, i64)], assigned: &[(u32, &str)]) -> View {
+        let mut v = View::empty(4);
+        v.synced = true;
+        v.assignment_version = 1;
+        for &(s, owner, epoch, lease) in owners {
+            v.shards[s as usize] = Some(ShardOwner {
+                owner: MemberId::new(owner),
+                address: String::new(),
+                epoch: Epoch(epoch),
+                lease,
+            });
+        }
+        for &(s, m) in assigned {
+            v.assignment[s as usize] = Some(MemberId::new(m));
+        }
+        v
+    }
+
+    #[test]
+    fn keys_on_our_lease_missing_locally_are_adopted_or_deleted() {
+        let me = MemberId::new("a");
+        let view = view_with(
+            &[
+                (0, "a", 10, 7),
+                (1, "a", 11, 7),
+                (2, "a", 12, 7),
+                (3, "b", 13, 9),
+            ],
+            &[(0, "a"), (1, "b"), (2, "a"), (3, "b")],
+        );
+        // Shard 2 is held locally; shard 3 belongs to another member's lease.
+        let local = |s: ShardId| {
+            if s.0 == 2 {
+                LocalState::Owned(Epoch(12))
+            } else {
+                LocalState::NotOwned
+            }
+        };
+        assert_eq!(
+            orphans(&view, &me, 7, false, local),
+            vec![
+                OrphanKey {
+                    shard: ShardId(0),
+                    epoch: Epoch(10),
+                    action: Repair::Adopt
+                },
+                OrphanKey {
+                    shard: ShardId(1),
+                    epoch: Epoch(11),
+                    action: Repair::Delete
+                },
+            ]
+        );
+        // Draining: nothing is adopted.
+        assert!(orphans(&view, &me, 7, true, local)
+            .iter()
+            .all(|o| o.action == Repair::Delete));
+        // Keys of an earlier lease of ours are not touched (they expire with it).
+        assert!(orphans(&view, &me, 8, false, local).is_empty());
+        // No lease, or a view not synced: nothing.
+        assert!(orphans(&view, &me, 0, false, local).is_empty());
+        let mut unsynced = view.clone();
+        unsynced.synced = false;
+        assert!(orphans(&unsynced, &me, 7, false, local).is_empty());
     }
 }

@@ -24,6 +24,8 @@ pub struct ShardOwner {
     pub owner: MemberId,
     pub address: String,
     pub epoch: Epoch,
+    /// Lease the shard key is attached to (the owner's lease when it was acquired).
+    pub lease: i64,
 }
 
 /// A consistent picture of the cluster at one etcd revision.
@@ -133,12 +135,13 @@ impl View {
                     return;
                 };
                 *slot = match put {
-                    Some((value, create_revision, _)) => {
+                    Some((value, create_revision, lease)) => {
                         match serde_json::from_slice::<ShardValue>(value) {
                             Ok(v) => Some(ShardOwner {
                                 owner: v.owner,
                                 address: v.address,
                                 epoch: Epoch(create_revision as u64),
+                                lease,
                             }),
                             Err(e) => {
                                 tracing::warn!(%shard, error = %e, "ignoring unreadable shard value");

@@ -59,6 +59,7 @@ impl Coord {
 
         let options = WatchOptions::new()
             .with_prefix()
+            .with_progress_notify()
             .with_start_revision(view.revision + 1);
         let mut stream = self
             .etcd(client.watch(keys.prefix(), Some(options)))
@@ -79,8 +80,16 @@ impl Coord {
                 )));
             }
             if resp.events().is_empty() {
+                // A progress notification: every event up to its header revision was sent.
+                if let Some(h) = resp.header().filter(|h| h.revision() > view.revision) {
+                    view.revision = h.revision();
+                    self.publish(&view);
+                }
                 continue;
             }
+            // Only the events say how far the view got: a response's header revision can
+            // run ahead of events still to come in later responses, and the reconciler
+            // trusts `view.revision` to decide that a shard key it does not see is gone.
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let put = match ev.event_type() {
@@ -89,9 +98,6 @@ impl Coord {
                 };
                 view.apply(keys, kv.key(), put);
                 view.revision = view.revision.max(kv.mod_revision());
-            }
-            if let Some(h) = resp.header() {
-                view.revision = view.revision.max(h.revision());
             }
             self.publish(&view);
         }

@@ -1,6 +1,6 @@
 //! The consumer loop of one source.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -15,21 +15,18 @@ use rdkafka::consumer::{
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::window::Window;
-use crate::{Dispatcher, Error, KafkaCall, SourceOptions};
+use crate::{DispatchError, Dispatcher, Error, KafkaCall, OnFailure, SourceOptions};
 
-/// Rebalance events, forwarded out of librdkafka's callback (which runs inside the
-/// poll and must not block).
-enum Event {
-    Revoked(Vec<(String, i32)>),
-}
-
+/// The consumer's context: rebalance callbacks run inside the poll and must not block,
+/// so they only flip flags and make non-blocking calls.
 struct Context {
     source: String,
-    events: mpsc::UnboundedSender<Event>,
+    partitions: Partitions,
 }
 
 impl ClientContext for Context {}
@@ -44,22 +41,41 @@ impl ConsumerContext for Context {
                     .map(|e| (e.topic().to_owned(), e.partition()))
                     .collect();
                 tracing::info!(source = %self.source, partitions = ?parts, "partitions revoked; committing their watermark");
+                // Marked here, inside the poll that revokes them, so no message of theirs
+                // waiting in this instance starts after this point: the new assignee
+                // re-reads from the watermark, and a stale copy must not run after it
+                // handled newer offsets.
+                let mut map = self.partitions.lock().expect("partitions lock");
+                for tp in &parts {
+                    if let Some(p) = map.remove(tp) {
+                        p.revoke();
+                    }
+                }
+                drop(map);
                 // Commit what is stored for them without blocking the poll.
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
                     tracing::debug!(source = %self.source, error = %e, "commit on revoke");
                 }
-                let _ = self.events.send(Event::Revoked(parts));
             }
-            Rebalance::Assign(list) => {
-                let parts: Vec<(String, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
-                tracing::info!(source = %self.source, partitions = ?parts, "partitions assigned");
-            }
+            Rebalance::Assign(_) => {}
             Rebalance::Error(e) => {
                 tracing::warn!(source = %self.source, error = %e, "rebalance error")
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let parts: Vec<(String, i32)> = list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect();
+            tracing::info!(source = %self.source, partitions = ?parts, "partitions assigned");
+            // A partition paused for back-pressure when it was revoked may come back
+            // paused; its new state starts empty, so fetch it again.
+            if let Err(e) = consumer.resume(list) {
+                tracing::debug!(source = %self.source, error = %e, "resume on assign");
             }
         }
     }
@@ -80,8 +96,37 @@ struct Partition {
     chains: Mutex<HashMap<String, Done>>,
     limit: Arc<Semaphore>,
     revoked: AtomicBool,
+    /// Messages consumed while the partition was at its in-flight limit, in offset order;
+    /// the partition is paused while any wait here, so the consumer loop never blocks.
+    parked: Mutex<VecDeque<Parked>>,
     watermark: Arc<Gauge>,
     lag: Arc<Gauge>,
+}
+
+impl Partition {
+    /// This instance no longer has the partition: nothing of it starts or stores again.
+    fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.parked.lock().expect("parked lock").clear();
+        self.lag.set(0.0); // another instance reports it now
+    }
+
+    fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    fn list(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.topic, self.partition);
+        tpl
+    }
+}
+
+/// A consumed message waiting for room in its partition.
+struct Parked {
+    record: Record,
+    key: Result<String, String>,
+    timestamp: Option<i64>,
 }
 
 struct Metrics {
@@ -92,6 +137,9 @@ struct Metrics {
     in_flight: Arc<Gauge>,
     latency: Arc<Histogram>,
     store_errors: Arc<Counter>,
+    waits: Arc<Counter>,
+    skipped: Arc<Counter>,
+    paused: Arc<Gauge>,
 }
 
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
@@ -142,6 +190,21 @@ impl Ingest {
                 "Offset stores Kafka refused.",
                 &l,
             ),
+            waits: registry.counter(
+                "leasehold_kafka_routing_waits_total",
+                "Dispatches that did not reach a handler (no owner, lease, unreachable) and were retried.",
+                &l,
+            ),
+            skipped: registry.counter(
+                "leasehold_kafka_skipped_total",
+                "Messages that could not be handled and were skipped (on_failure = skip).",
+                &l,
+            ),
+            paused: registry.gauge(
+                "leasehold_kafka_paused_partitions",
+                "Partitions paused because their in-flight limit is reached.",
+                &l,
+            ),
         };
         Self {
             opts,
@@ -166,7 +229,7 @@ impl Ingest {
             source_name: o.name.clone(),
             error,
         };
-        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let partitions: Partitions = Default::default();
         let mut config = self.client_config();
         config
             .set("group.id", &o.group)
@@ -183,46 +246,35 @@ impl Ingest {
             config
                 .create_with_context(Context {
                     source: o.name.clone(),
-                    events: events_tx,
+                    partitions: partitions.clone(),
                 })
                 .map_err(kafka)?,
         );
         let topics: Vec<&str> = o.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(kafka)?;
         let producer: Option<FutureProducer> = match &o.dlq_topic {
-            Some(_) => Some(
+            Some(_) if o.on_failure == OnFailure::DeadLetter => Some(
                 self.client_config()
                     .set("enable.idempotence", "true")
                     .create()
                     .map_err(kafka)?,
             ),
-            None => None,
+            _ => None,
         };
-        tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, "kafka source started");
+        tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, on_failure = o.on_failure.as_str(), "kafka source started");
 
         let total = Arc::new(Semaphore::new(o.max_in_flight));
-        let partitions: Partitions = Default::default();
         let mut series: HashMap<(String, i32), (Arc<Gauge>, Arc<Gauge>)> = HashMap::new();
         let lag_task = tokio::spawn(report_lag(
             consumer.clone(),
             partitions.clone(),
             cancel.clone(),
         ));
-        let mut tasks = tokio::task::JoinSet::new();
+        let tasks = TaskTracker::new();
         loop {
             let message = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                Some(Event::Revoked(list)) = events.recv() => {
-                    for tp in list {
-                        if let Some(p) = partitions.lock().expect("partitions lock").remove(&tp) {
-                            p.revoked.store(true, Ordering::Release);
-                            p.lag.set(0.0); // another instance reports it now
-                        }
-                    }
-                    continue;
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
                 m = consumer.recv() => m,
             };
             let m = match message {
@@ -267,32 +319,27 @@ impl Ingest {
                         chains: Mutex::new(HashMap::new()),
                         limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
                         revoked: AtomicBool::new(false),
+                        parked: Mutex::new(VecDeque::new()),
                         watermark: gauges.0.clone(),
                         lag: gauges.1.clone(),
                     })
                 })
                 .clone();
-            // Back-pressure: wait for room (bounded by handler deadlines), then go on.
-            let permits = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = acquire(&total, &part.limit) => p,
-            };
-            let offset = m.offset();
-            part.window.lock().expect("window lock").start(offset);
-            self.metrics.in_flight.add(1);
-            let payload = Bytes::copy_from_slice(m.payload().unwrap_or_default());
             let key = o.key.extract(m.key(), m.payload(), |name| {
                 m.headers()
                     .and_then(|h| h.iter().find(|hd| hd.key == name).and_then(|hd| hd.value))
             });
-            let timestamp = m.timestamp().to_millis();
-            let record = Record {
-                topic: tp.0.clone(),
-                partition: tp.1,
-                offset,
-                key: m.key().map(Bytes::copy_from_slice),
-                payload,
-                headers: m.headers().map(|h| h.detach()),
+            let parked = Parked {
+                timestamp: m.timestamp().to_millis(),
+                record: Record {
+                    topic: tp.0.clone(),
+                    partition: tp.1,
+                    offset: m.offset(),
+                    key: m.key().map(Bytes::copy_from_slice),
+                    payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+                    headers: m.headers().map(|h| h.detach()),
+                },
+                key,
             };
             drop(m);
             let worker = Worker {
@@ -303,48 +350,43 @@ impl Ingest {
                 metrics: self.metrics.clone(),
                 part: part.clone(),
             };
-            match key {
-                Err(reason) => {
-                    tasks.spawn(async move {
-                        worker.dead_letter(&record, &format!("key: {reason}")).await;
-                        worker.finish(offset, timestamp);
-                        drop(permits);
-                    });
+            // Back-pressure without blocking this loop (which must keep polling for the
+            // group and its rebalance callbacks): a partition at its limit is paused, and
+            // its messages wait in order until a drain task has room for them.
+            let mut queue = part.parked.lock().expect("parked lock");
+            if part.is_revoked() {
+                continue; // revoked while this message was being read
+            }
+            if queue.is_empty() {
+                if let Some(permits) = try_acquire(&total, &part.limit) {
+                    let run = worker.start(parked, permits);
+                    drop(queue);
+                    tasks.spawn(run);
+                    continue;
                 }
-                Ok(key) => {
-                    let (done_tx, done_rx) = oneshot::channel::<()>();
-                    let done: Done = done_rx.map(|_| ()).boxed().shared();
-                    let previous = part
-                        .chains
-                        .lock()
-                        .expect("chains lock")
-                        .insert(key.clone(), done.clone());
-                    tasks.spawn(async move {
-                        if let Some(previous) = previous {
-                            previous.await; // the previous message with this key, same partition
-                        }
-                        worker.handle(key.clone(), &record).await;
-                        worker.finish(offset, timestamp);
-                        let _ = done_tx.send(());
-                        let mut chains = worker.part.chains.lock().expect("chains lock");
-                        if chains.get(&key).is_some_and(|d| d.ptr_eq(&done)) {
-                            chains.remove(&key);
-                        }
-                        drop(permits);
-                    });
+                if let Err(e) = consumer.pause(&part.list()) {
+                    tracing::warn!(source = %o.name, topic = %tp.0, partition = tp.1, error = %e, "pausing a full partition failed");
                 }
+                self.metrics.paused.add(1);
+                tracing::debug!(source = %o.name, topic = %tp.0, partition = tp.1, "partition at its in-flight limit; paused");
+                queue.push_back(parked);
+                drop(queue);
+                tasks.spawn(drain(worker, total.clone(), tasks.clone()));
+            } else {
+                queue.push_back(parked);
             }
         }
 
         // Shutdown: stop fetching, give in-flight messages a bounded time, commit.
         let grace = Duration::from_secs(10);
         tracing::info!(source = %o.name, in_flight = tasks.len(), "kafka source stopping");
-        if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-            .await
-            .is_err()
-        {
+        tasks.close();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(source = %o.name, left = tasks.len(), "in-flight messages abandoned (not committed)");
-            tasks.abort_all();
+        }
+        // Whatever still runs must not store an offset after the final commit.
+        for p in partitions.lock().expect("partitions lock").values() {
+            p.revoked.store(true, Ordering::Release);
         }
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(source = %o.name, error = %e, "final commit");
@@ -353,6 +395,35 @@ impl Ingest {
         lag_task.abort();
         tracing::info!(source = %o.name, "kafka source stopped");
         Ok(())
+    }
+}
+
+/// Starts a paused partition's waiting messages, in order, as room frees up; resumes the
+/// partition once none is left. Ends when the partition is revoked.
+async fn drain(worker: Worker, total: Arc<Semaphore>, tasks: TaskTracker) {
+    let part = worker.part.clone();
+    loop {
+        let permits = acquire(&total, &part.limit).await;
+        let mut queue = part.parked.lock().expect("parked lock");
+        if part.is_revoked() {
+            worker.metrics.paused.add(-1);
+            return;
+        }
+        let Some(next) = queue.pop_front() else {
+            unreachable!("a drain task runs only while messages are parked");
+        };
+        // Started under the queue's lock, so the consumer loop cannot start a later
+        // message of this partition first.
+        let run = worker.clone_for(&part).start(next, permits);
+        tasks.spawn(run);
+        if queue.is_empty() {
+            if let Err(e) = worker.consumer.resume(&part.list()) {
+                tracing::warn!(topic = %part.topic, partition = part.partition, error = %e, "resuming a partition failed");
+            }
+            worker.metrics.paused.add(-1);
+            tracing::debug!(topic = %part.topic, partition = part.partition, "partition resumed");
+            return;
+        }
     }
 }
 
@@ -394,13 +465,18 @@ async fn report_lag(
     }
 }
 
-async fn acquire(
-    total: &Arc<Semaphore>,
-    part: &Arc<Semaphore>,
-) -> (OwnedSemaphorePermit, OwnedSemaphorePermit) {
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+async fn acquire(total: &Arc<Semaphore>, part: &Arc<Semaphore>) -> Permits {
     let p = part.clone().acquire_owned().await.expect("semaphore open");
     let t = total.clone().acquire_owned().await.expect("semaphore open");
     (p, t)
+}
+
+fn try_acquire(total: &Arc<Semaphore>, part: &Arc<Semaphore>) -> Option<Permits> {
+    let p = part.clone().try_acquire_owned().ok()?;
+    let t = total.clone().try_acquire_owned().ok()?;
+    Some((p, t))
 }
 
 /// A consumed message, detached from the consumer's buffer.
@@ -423,8 +499,64 @@ struct Worker {
 }
 
 impl Worker {
-    /// Dispatches with retries; dead-letters after the last attempt (or retries forever
-    /// without a dead-letter topic, so nothing is lost).
+    fn clone_for(&self, part: &Arc<Partition>) -> Worker {
+        Worker {
+            opts: self.opts.clone(),
+            dispatcher: self.dispatcher.clone(),
+            producer: self.producer.clone(),
+            consumer: self.consumer.clone(),
+            metrics: self.metrics.clone(),
+            part: part.clone(),
+        }
+    }
+
+    /// Registers a message with its partition (window, per-key chain) now, in offset
+    /// order, and returns the work that handles it. Call with the partition's queue
+    /// locked.
+    fn start(self, m: Parked, permits: Permits) -> impl std::future::Future<Output = ()> {
+        let Parked {
+            record,
+            key,
+            timestamp,
+        } = m;
+        let offset = record.offset;
+        self.part.window.lock().expect("window lock").start(offset);
+        self.metrics.in_flight.add(1);
+        let chain = key.map(|key| {
+            let (done_tx, done_rx) = oneshot::channel::<()>();
+            let done: Done = done_rx.map(|_| ()).boxed().shared();
+            let previous = self
+                .part
+                .chains
+                .lock()
+                .expect("chains lock")
+                .insert(key.clone(), done.clone());
+            (key, previous, done_tx, done)
+        });
+        async move {
+            match chain {
+                Err(reason) => self.fail(&record, &format!("key: {reason}")).await,
+                Ok((key, previous, done_tx, done)) => {
+                    if let Some(previous) = previous {
+                        previous.await; // the previous message with this key, same partition
+                    }
+                    self.handle(key.clone(), &record).await;
+                    let _ = done_tx.send(());
+                    let mut chains = self.part.chains.lock().expect("chains lock");
+                    if chains.get(&key).is_some_and(|d| d.ptr_eq(&done)) {
+                        chains.remove(&key);
+                    }
+                }
+            }
+            self.finish(offset, timestamp);
+            drop(permits);
+        }
+    }
+
+    /// Dispatches until handled. Routing unavailability is waited for (never a failure);
+    /// the handler's own errors are retried `retry_attempts` times, then the message
+    /// fails (dead-letter or skip). Stops when the partition is revoked: the new
+    /// assignee re-reads the message.
     async fn handle(&self, key: String, r: &Record) {
         let call = KafkaCall {
             key,
@@ -434,31 +566,53 @@ impl Worker {
             offset: r.offset,
         };
         let mut attempt = 0u32;
+        let mut waits = 0u32;
         loop {
-            attempt += 1;
-            if self.part.revoked.load(Ordering::Acquire) && attempt > 1 {
-                return; // another instance owns the partition now and will re-read it
+            if self.part.is_revoked() {
+                return;
             }
-            match self.dispatcher.dispatch(call.clone()).await {
+            let backoff = match self.dispatcher.dispatch(call.clone()).await {
                 Ok(()) => {
                     self.metrics.handled.inc();
                     return;
                 }
-                Err(reason) => {
-                    if self.producer.is_some() && attempt >= self.opts.retry_attempts {
+                Err(DispatchError::Rejected(reason)) => {
+                    self.fail(r, &format!("rejected: {reason}")).await;
+                    return;
+                }
+                Err(DispatchError::Handler(reason)) => {
+                    attempt += 1;
+                    if attempt >= self.opts.retry_attempts {
                         let why = format!("handler failed {attempt} times; last error: {reason}");
-                        self.dead_letter(r, &why).await;
+                        self.fail(r, &why).await;
                         return;
                     }
                     self.metrics.retries.inc();
-                    let backoff = self
-                        .opts
+                    tracing::debug!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, attempt, error = %reason, "handler failed; retrying");
+                    self.opts
                         .retry_backoff
                         .saturating_mul(1 << (attempt - 1).min(6))
-                        .min(Duration::from_secs(10));
-                    tracing::debug!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, attempt, error = %reason, "handler failed; retrying");
-                    tokio::time::sleep(backoff).await;
                 }
+                Err(DispatchError::Unavailable(reason)) => {
+                    waits += 1;
+                    self.metrics.waits.inc();
+                    if waits == 1 || waits.is_power_of_two() {
+                        tracing::info!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, waits, reason = %reason, "message not reached a handler yet; waiting");
+                    }
+                    self.opts.retry_backoff.saturating_mul(1 << waits.min(5))
+                }
+            };
+            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+        }
+    }
+
+    /// A message that cannot be handled: dead-lettered, or skipped, as configured.
+    async fn fail(&self, r: &Record, reason: &str) {
+        match self.opts.on_failure {
+            OnFailure::DeadLetter => self.dead_letter(r, reason).await,
+            OnFailure::Skip => {
+                self.metrics.skipped.inc();
+                tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, "message cannot be handled; skipped (on_failure = skip)");
             }
         }
     }
@@ -467,8 +621,7 @@ impl Worker {
     /// in headers; retries the write until it is acknowledged.
     async fn dead_letter(&self, r: &Record, reason: &str) {
         let (Some(producer), Some(topic)) = (&self.producer, &self.opts.dlq_topic) else {
-            tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, "message cannot be handled and no dead-letter topic is configured; skipping it");
-            return;
+            unreachable!("on_failure = dead-letter is validated to have a dead-letter topic");
         };
         let partition = r.partition.to_string();
         let offset = r.offset.to_string();
@@ -518,7 +671,7 @@ impl Worker {
         }
         let watermark = self.part.window.lock().expect("window lock").finish(offset);
         let Some(watermark) = watermark else { return };
-        if self.part.revoked.load(Ordering::Acquire) {
+        if self.part.is_revoked() {
             return;
         }
         let mut tpl = TopicPartitionList::new();

@@ -38,8 +38,9 @@ pub struct SourceOptions {
     pub group: String,
     pub key: KeySource,
     /// Where messages go that cannot be handled (no key, or the handler kept failing).
-    /// Without one, such messages are retried until they succeed.
     pub dlq_topic: Option<String>,
+    /// What happens to such messages; `DeadLetter` requires `dlq_topic`.
+    pub on_failure: OnFailure,
     pub max_in_flight_per_partition: usize,
     pub max_in_flight: usize,
     pub retry_attempts: u32,
@@ -59,9 +60,45 @@ pub struct KafkaCall {
     pub offset: i64,
 }
 
+/// What happens to a message that cannot be handled: its key cannot be extracted, the
+/// call path rejects it for good, or the handler kept failing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Written to the dead-letter topic with the reason in a header, then committed.
+    DeadLetter,
+    /// Logged with its offset and reason, counted (`leasehold_kafka_skipped_total`), and
+    /// committed past: the message is lost, by the configuration's choice.
+    Skip,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::DeadLetter => "dead-letter",
+            OnFailure::Skip => "skip",
+        }
+    }
+}
+
+/// Why a message was not handled, as far as ingestion must tell the cases apart.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DispatchError {
+    /// The handler itself answered with an error, or did not answer within its deadline:
+    /// retried with back-off, then dead-lettered (or skipped).
+    #[error("handler failed: {0}")]
+    Handler(String),
+    /// The call path refused the message for good (an empty key, a payload over the
+    /// limit): dead-lettered (or skipped) at once.
+    #[error("rejected: {0}")]
+    Rejected(String),
+    /// The message did not reach a handler: no owner yet, lease not valid, owner or
+    /// handler unreachable, queues full. Waited for with back-off, never dead-lettered:
+    /// sending live messages away would let later messages for the key overtake them.
+    #[error("not reached a handler: {0}")]
+    Unavailable(String),
+}
+
 /// Gets a message to its key's owner and runs the handler there (the call path).
 pub trait Dispatcher: Send + Sync + 'static {
-    /// `Err` carries the reason (the handler's error, or why the owner was not
-    /// reached); the message is retried, then dead-lettered with the last reason.
-    fn dispatch(&self, call: KafkaCall) -> BoxFuture<'static, Result<(), String>>;
+    fn dispatch(&self, call: KafkaCall) -> BoxFuture<'static, Result<(), DispatchError>>;
 }

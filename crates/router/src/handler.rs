@@ -42,6 +42,13 @@ pub struct HandleCall {
 /// The embedded handler interface: implement it to link Leasehold into a Rust program.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>>;
+
+    /// Whether the handler can take calls now. An instance takes no shard before this
+    /// succeeds once, so a new member whose handler is still starting does not pull
+    /// shards away from members that can serve them.
+    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
 }
 
 /// Answers every call with its payload (benchmarks, demos, smoke tests).
@@ -57,6 +64,7 @@ impl Handler for EchoHandler {
 #[derive(Clone)]
 pub struct GrpcHandler {
     url: Arc<str>,
+    endpoint: Endpoint,
     client: EntityHandlerClient<Channel>,
     events: mpsc::Sender<(bool, ShardId, Epoch)>,
 }
@@ -71,13 +79,14 @@ impl GrpcHandler {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client = EntityHandlerClient::new(endpoint.connect_lazy())
+        let client = EntityHandlerClient::new(endpoint.clone().connect_lazy())
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let (events, rx) = mpsc::channel(4096);
         tokio::spawn(notify_loop(url.to_owned(), owner, client.clone(), rx));
         Ok(Self {
             url: url.into(),
+            endpoint,
             client,
             events,
         })
@@ -85,6 +94,18 @@ impl GrpcHandler {
 }
 
 impl Handler for GrpcHandler {
+    /// Ready once an HTTP/2 connection to the application succeeds.
+    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+        let (endpoint, url) = (self.endpoint.clone(), self.url.clone());
+        Box::pin(async move {
+            endpoint
+                .connect()
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("handler at {url} unreachable: {e}"))
+        })
+    }
+
     fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>> {
         let mut client = self.client.clone();
         let url = self.url.clone();

@@ -84,6 +84,39 @@ pub enum CallError {
     /// The handler's own answer, passed through unchanged.
     #[error("{0}")]
     Handler(Status),
+    /// The handler did not answer within its deadline.
+    #[error("{0}")]
+    HandlerTimeout(String),
+}
+
+impl CallError {
+    /// Stable name of the variant, carried across the peer hop so the entry instance can
+    /// tell the handler's own failure from a call that never reached a handler.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CallError::InvalidArgument(_) => "invalid_argument",
+            CallError::ResourceExhausted(_) => "resource_exhausted",
+            CallError::DeadlineExceeded(_) => "deadline_exceeded",
+            CallError::Unavailable(_) => "unavailable",
+            CallError::NotOwner { .. } => "not_owner",
+            CallError::Handler(_) => "handler",
+            CallError::HandlerTimeout(_) => "handler_timeout",
+        }
+    }
+
+    /// Rebuilds an owner's error from its status and [`CallError::kind`]; an unknown kind
+    /// is the handler's (the status passes through unchanged).
+    pub(crate) fn from_remote(status: Status, kind: &str) -> CallError {
+        let m = status.message().to_owned();
+        match kind {
+            "invalid_argument" => CallError::InvalidArgument(m),
+            "resource_exhausted" => CallError::ResourceExhausted(m),
+            "deadline_exceeded" => CallError::DeadlineExceeded(m),
+            "unavailable" => CallError::Unavailable(m),
+            "handler_timeout" => CallError::HandlerTimeout(m),
+            _ => CallError::Handler(status),
+        }
+    }
 }
 
 impl From<CallError> for Status {
@@ -95,17 +128,19 @@ impl From<CallError> for Status {
             CallError::Unavailable(m) => Status::unavailable(m),
             e @ CallError::NotOwner { .. } => Status::failed_precondition(e.to_string()),
             CallError::Handler(s) => s,
+            CallError::HandlerTimeout(m) => Status::deadline_exceeded(m),
         }
     }
 }
 
 /// How a call reached this instance.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 enum Origin {
     /// Accepted here from a client: may be forwarded once.
     Entry,
-    /// Forwarded by a peer: runs here or is answered "not owner".
-    Forwarded,
+    /// Forwarded by a peer that expects this instance to own the shard at `expected`:
+    /// runs here only at that epoch, else is answered "not owner".
+    Forwarded { expected: Epoch },
 }
 
 struct Job {
@@ -261,16 +296,24 @@ impl Router {
         result
     }
 
-    /// Runs a call forwarded by a peer; never forwards it again.
+    /// Runs a call forwarded by a peer; never forwards it again. `expected` is the epoch
+    /// the sender routed by (`Epoch::NONE`: any).
     async fn serve_forwarded(
         &self,
         key: String,
         payload: Bytes,
         deadline: Instant,
         source: CallSource,
+        expected: Epoch,
     ) -> Result<Reply, CallError> {
-        self.submit(key, payload, deadline, Origin::Forwarded, source)
-            .await
+        self.submit(
+            key,
+            payload,
+            deadline,
+            Origin::Forwarded { expected },
+            source,
+        )
+        .await
     }
 
     async fn submit(
@@ -333,7 +376,7 @@ impl Router {
                 Blocked::Moving => reason = "shard moving",
                 Blocked::LeaseInvalid => reason = "lease not valid",
                 Blocked::NotOwned => {
-                    if let Origin::Forwarded = job.origin {
+                    if let Origin::Forwarded { .. } = job.origin {
                         let view = coord.view();
                         let owner = view.owner(job.shard);
                         return Err(CallError::NotOwner {
@@ -426,6 +469,18 @@ impl Router {
         };
         let coord = &self.inner.coord;
         let guard = coord.table().try_start(job.shard)?;
+        // A forwarded copy runs only under the ownership its sender routed it to. Checked
+        // when its turn came, not on arrival: a copy that waited here while the shard
+        // moved away and back must not run after newer calls for its key ran elsewhere.
+        if let Origin::Forwarded { expected } = job.origin {
+            if expected != Epoch::NONE && expected != guard.epoch {
+                return Ok(Err(CallError::NotOwner {
+                    shard: job.shard,
+                    owner: Some(coord.member_id().clone()),
+                    epoch: guard.epoch,
+                }));
+            }
+        }
         let deadline = job.deadline.min(guard.valid_until);
         let epoch = guard.epoch;
         let call = HandleCall {
@@ -459,7 +514,7 @@ impl Router {
                 Err(CallError::Unavailable(status.message().to_owned()))
             }
             Ok(Err(status)) => Err(CallError::Handler(status)),
-            Err(_) => Err(CallError::DeadlineExceeded(format!(
+            Err(_) => Err(CallError::HandlerTimeout(format!(
                 "handler did not answer within its deadline of {:?}",
                 deadline.saturating_duration_since(started)
             ))),

@@ -15,6 +15,8 @@ use crate::{CallError, CallSource, Job, Reply};
 /// Metadata key set on every status the Peer service returns, so the sender can tell
 /// the receiver's answer from a transport failure.
 pub(crate) const ORIGIN_HEADER: &str = "leasehold-origin";
+/// Metadata key carrying [`CallError::kind`] on such a status.
+pub(crate) const KIND_HEADER: &str = "leasehold-error-kind";
 
 pub(crate) enum Forwarded {
     /// The owner answered (the handler's reply or its error).
@@ -170,10 +172,10 @@ impl Peers {
         match answer {
             Err(e) => Forwarded::Unreachable(e),
             Ok(a) => match (a.answer, a.error) {
-                (_, Some(e)) => Forwarded::Done(Err(CallError::Handler(tonic::Status::new(
-                    tonic::Code::from(e.code),
-                    e.message,
-                )))),
+                (_, Some(e)) => Forwarded::Done(Err(CallError::from_remote(
+                    tonic::Status::new(tonic::Code::from(e.code), e.message),
+                    &e.kind,
+                ))),
                 (Some(answer), None) => Self::answer(answer, job),
                 (None, None) => Forwarded::Unreachable("empty dispatch answer".into()),
             },
@@ -232,7 +234,13 @@ impl Peers {
         match client.forward(request).await {
             Ok(resp) => Self::answer(resp.into_inner(), job),
             Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => {
-                Forwarded::Done(Err(CallError::Handler(s)))
+                let kind = s
+                    .metadata()
+                    .get(KIND_HEADER)
+                    .and_then(|k| k.to_str().ok())
+                    .unwrap_or("handler")
+                    .to_owned();
+                Forwarded::Done(Err(CallError::from_remote(s, &kind)))
             }
             Err(s) => Forwarded::Unreachable(s.to_string()),
         }

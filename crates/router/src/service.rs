@@ -5,11 +5,11 @@ use std::time::Duration;
 use leasehold_proto::v1::{
     self as pb, entities_server::Entities, forward_response, peer_server::Peer,
 };
-use leasehold_types::{shard_for_key, MemberId};
+use leasehold_types::{shard_for_key, Epoch, MemberId};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::peers::ORIGIN_HEADER;
+use crate::peers::{KIND_HEADER, ORIGIN_HEADER};
 use crate::{CallError, CallSource, Router};
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
@@ -104,12 +104,12 @@ impl PeerService {
 }
 
 impl PeerService {
-    /// Runs one forwarded call; `Err` is the owner's error status for it.
+    /// Runs one forwarded call; `Err` is the owner's error for it.
     async fn run(
         &self,
         req: pb::ForwardRequest,
         timeout: Option<Duration>,
-    ) -> Result<pb::ForwardResponse, Status> {
+    ) -> Result<pb::ForwardResponse, CallError> {
         let deadline = self.router.deadline(timeout);
         let source = match req.source.and_then(|s| s.kind) {
             Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka {
@@ -123,7 +123,13 @@ impl PeerService {
         };
         let result = match self
             .router
-            .serve_forwarded(req.key, req.payload, deadline, source)
+            .serve_forwarded(
+                req.key,
+                req.payload,
+                deadline,
+                source,
+                Epoch(req.expected_epoch),
+            )
             .await
         {
             Ok(r) => forward_response::Result::Ok(pb::CallResponse {
@@ -141,7 +147,7 @@ impl PeerService {
                 owner: owner.map(|o| o.0).unwrap_or_default(),
                 epoch: epoch.0,
             }),
-            Err(e) => return Err(Status::from(e)),
+            Err(e) => return Err(e),
         };
         Ok(pb::ForwardResponse {
             result: Some(result),
@@ -162,10 +168,12 @@ impl Peer for PeerService {
         let timeout = client_timeout(&request);
         match self.run(request.into_inner(), timeout).await {
             Ok(r) => Ok(Response::new(r)),
-            Err(mut status) => {
-                status
-                    .metadata_mut()
-                    .insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
+            Err(e) => {
+                let kind = e.kind();
+                let mut status = Status::from(e);
+                let metadata = status.metadata_mut();
+                metadata.insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
+                metadata.insert(KIND_HEADER, MetadataValue::from_static(kind));
                 Err(status)
             }
         }
@@ -198,14 +206,19 @@ impl Peer for PeerService {
                             answer: Some(answer),
                             error: None,
                         },
-                        Err(s) => pb::DispatchResponse {
-                            id: req.id,
-                            answer: None,
-                            error: Some(pb::DispatchError {
-                                code: s.code() as i32,
-                                message: s.message().to_owned(),
-                            }),
-                        },
+                        Err(e) => {
+                            let kind = e.kind().to_owned();
+                            let s = Status::from(e);
+                            pb::DispatchResponse {
+                                id: req.id,
+                                answer: None,
+                                error: Some(pb::DispatchError {
+                                    code: s.code() as i32,
+                                    message: s.message().to_owned(),
+                                    kind,
+                                }),
+                            }
+                        }
                     };
                     let _ = tx.send(Ok(response)).await;
                 });

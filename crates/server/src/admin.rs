@@ -122,7 +122,7 @@ pub fn http_routes(router: Router, registry: Registry) -> axum::Router {
         .route("/v1/shards/{shard}", get(get_shard))
         .route("/v1/members", get(get_members))
         .route("/v1/members/{id}/drain", post(drain))
-        .route("/healthz", get(|| async { Json(serde_json::json!({ "status": "ok" })) }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see /v1/cluster, /v1/shards, /v1/members, /healthz, /readyz, /metrics") })
@@ -175,6 +175,19 @@ async fn drain(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Respon
             StatusCode::SERVICE_UNAVAILABLE,
             format!("could not drain {id:?}: {e}"),
         ),
+    }
+}
+
+/// Live while the coordination tasks run and make progress (Kubernetes restarts the pod
+/// otherwise); an instance waiting for etcd is live.
+async fn healthz(State(s): State<Arc<AppState>>) -> Response {
+    match s.router.coord().liveness() {
+        Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "status": "failing", "reason": reason })),
+        )
+            .into_response(),
     }
 }
 

@@ -94,6 +94,10 @@ pub struct ServeArgs {
     /// Dead-letter topic.
     #[arg(long, env = "LEASEHOLD_KAFKA_DLQ_TOPIC")]
     pub kafka_dlq_topic: Option<String>,
+    /// What happens to a message that cannot be handled: dead-letter (needs a dead-letter
+    /// topic) or skip (logged and counted, then committed past).
+    #[arg(long, env = "LEASEHOLD_KAFKA_ON_FAILURE")]
+    pub kafka_on_failure: Option<String>,
     /// librdkafka property KEY=VALUE for the (first) Kafka source; repeatable.
     #[arg(long = "kafka-property", value_name = "KEY=VALUE")]
     pub kafka_properties: Vec<String>,
@@ -155,6 +159,7 @@ pub struct KafkaFile {
     pub group: Option<String>,
     pub key: Option<String>,
     pub dlq_topic: Option<String>,
+    pub on_failure: Option<String>,
     pub max_in_flight_per_partition: Option<Scalar>,
     pub max_in_flight: Option<Scalar>,
     pub retry_attempts: Option<Scalar>,
@@ -360,6 +365,31 @@ fn kafka_source(
             humantime::parse_duration(&s)
                 .map_err(|e| kafka_error(i, field, format!("{s:?} is not a duration: {e}")))
         };
+    let dlq_topic = k.dlq_topic.filter(|t| !t.is_empty());
+    let on_failure = match k.on_failure.as_deref().map(str::trim) {
+        None | Some("dead-letter") => leasehold_kafka::OnFailure::DeadLetter,
+        Some("skip") => leasehold_kafka::OnFailure::Skip,
+        Some(other) => {
+            return Err(kafka_error(
+                i,
+                "on_failure",
+                format!("{other:?} is not one of \"dead-letter\", \"skip\""),
+            ))
+        }
+    };
+    // Without somewhere to put them, messages that cannot be handled would be lost
+    // silently; losing them must be a choice the configuration states.
+    if on_failure == leasehold_kafka::OnFailure::DeadLetter && dlq_topic.is_none() {
+        return Err(kafka_error(
+            i,
+            "dlq_topic",
+            "is required: messages that cannot be handled (no key, or the handler kept failing) \
+             go there (on_failure = \"dead-letter\", the default); set dlq_topic \
+             (--kafka-dlq-topic), or on_failure = \"skip\" (--kafka-on-failure skip) to log, \
+             count and skip them"
+                .to_owned(),
+        ));
+    }
     Ok(leasehold_kafka::SourceOptions {
         group: k
             .group
@@ -369,7 +399,8 @@ fn kafka_source(
         brokers,
         topics,
         key,
-        dlq_topic: k.dlq_topic.filter(|t| !t.is_empty()),
+        dlq_topic,
+        on_failure,
         max_in_flight_per_partition: count(
             "max_in_flight_per_partition",
             k.max_in_flight_per_partition,
@@ -567,6 +598,7 @@ impl Config {
             &a.kafka_group,
             &a.kafka_key,
             &a.kafka_dlq_topic,
+            &a.kafka_on_failure,
         ];
         if flags.iter().any(|f| f.is_some()) || !a.kafka_properties.is_empty() {
             if sources.is_empty() {
@@ -578,6 +610,7 @@ impl Config {
             first.group = a.kafka_group.or(first.group.take());
             first.key = a.kafka_key.or(first.key.take());
             first.dlq_topic = a.kafka_dlq_topic.or(first.dlq_topic.take());
+            first.on_failure = a.kafka_on_failure.or(first.on_failure.take());
             for p in &a.kafka_properties {
                 let (k, v) = p.split_once('=').ok_or_else(|| {
                     field_error("kafka_property", format!("{p:?} is not KEY=VALUE"))
@@ -657,6 +690,7 @@ impl Config {
             key: String,
             #[serde(skip_serializing_if = "Option::is_none")]
             dlq_topic: &'a Option<String>,
+            on_failure: &'a str,
             max_in_flight_per_partition: usize,
             max_in_flight: usize,
             retry_attempts: u32,
@@ -700,6 +734,7 @@ impl Config {
                     group: &k.group,
                     key: k.key.to_string(),
                     dlq_topic: &k.dlq_topic,
+                    on_failure: k.on_failure.as_str(),
                     max_in_flight_per_partition: k.max_in_flight_per_partition,
                     max_in_flight: k.max_in_flight,
                     retry_attempts: k.retry_attempts,
@@ -923,6 +958,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("invalid kafka[0].key"));
+    }
+
+    #[test]
+    fn a_source_without_a_dead_letter_topic_must_choose_to_skip() {
+        let source = || ServeArgs {
+            kafka_brokers: Some("b:1".into()),
+            kafka_topic: Some("t".into()),
+            ..args()
+        };
+        let err = Config::merge(source(), FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("invalid kafka[0].dlq_topic: is required")
+                && err.contains("on_failure = \"skip\""),
+            "{err}"
+        );
+        let skip = ServeArgs {
+            kafka_on_failure: Some("skip".into()),
+            ..source()
+        };
+        let c = Config::merge(skip, FileConfig::default()).unwrap();
+        assert_eq!(c.kafka[0].on_failure, leasehold_kafka::OnFailure::Skip);
+        assert!(c.to_toml().contains("on_failure = \"skip\""));
+        let dlq = ServeArgs {
+            kafka_dlq_topic: Some("t-dlq".into()),
+            ..source()
+        };
+        let c = Config::merge(dlq, FileConfig::default()).unwrap();
+        assert_eq!(
+            c.kafka[0].on_failure,
+            leasehold_kafka::OnFailure::DeadLetter
+        );
+        let bad = ServeArgs {
+            kafka_on_failure: Some("drop".into()),
+            ..source()
+        };
+        assert!(Config::merge(bad, FileConfig::default())
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid kafka[0].on_failure"));
     }
 
     #[test]

@@ -98,7 +98,7 @@ pub async fn serve(
     );
     let router = Router::new(
         coord.clone(),
-        handler,
+        handler.clone(),
         RouterOptions {
             max_payload: config.max_payload,
             request_timeout: config.request_timeout,
@@ -120,15 +120,20 @@ pub async fn serve(
         let cancel = kafka_cancel.clone();
         let name = source.name.clone();
         kafka_tasks.spawn(async move {
-            if let Err(e) = ingest.run(cancel).await {
-                tracing::error!(source = %name, error = %e, "kafka source failed");
+            match ingest.run(cancel.clone()).await {
+                Ok(()) if cancel.is_cancelled() => Ok(()),
+                Ok(()) => Err(anyhow::anyhow!("kafka source {name} stopped unexpectedly")),
+                Err(e) => Err(anyhow::Error::new(e).context(format!("kafka source {name}"))),
             }
         });
     }
 
     let coord_cancel = CancellationToken::new();
     let servers_stop = CancellationToken::new();
-    let mut coord_task = tokio::spawn(coord.clone().run(coord_cancel.clone()));
+    let mut coord_task = tokio::spawn(coord.clone().run(
+        coord_cancel.clone(),
+        Box::pin(handler_ready(handler.clone())),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(coord.clone(), health, servers_stop.clone()));
@@ -151,23 +156,35 @@ pub async fn serve(
         }
     });
 
-    let failed = tokio::select! {
-        _ = shutdown => None,
-        r = &mut coord_task => Some(r),
-    };
-    if let Some(result) = failed {
-        servers_stop.cancel();
-        return match result {
-            Ok(Ok(())) => Err(anyhow::anyhow!("coordination stopped unexpectedly")),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(e.into()),
-        };
+    // An essential task that ends ends the process with an error: an instance without
+    // its coordination or one of its Kafka sources would stay up and do nothing.
+    let mut fatal = None;
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut coord_task => {
+            servers_stop.cancel();
+            kafka_cancel.cancel();
+            return match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("coordination stopped unexpectedly")),
+                Ok(Err(e)) => Err(e.into()),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Some(r) = kafka_tasks.join_next() => {
+            let e = r.unwrap_or_else(|e| Err(e.into())).err();
+            tracing::error!(error = ?e, "kafka source ended; shutting down");
+            fatal = Some(e.unwrap_or_else(|| anyhow::anyhow!("a kafka source stopped")));
+        }
     }
 
     // Stop intake first: Kafka sources stop fetching, finish or abandon in-flight
     // messages and commit their watermarks while every shard is still served.
     kafka_cancel.cancel();
-    while kafka_tasks.join_next().await.is_some() {}
+    while let Some(r) = kafka_tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            tracing::error!(error = %e, "kafka source failed while stopping");
+        }
+    }
     tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
     let started = std::time::Instant::now();
     coord.drain(config.drain_timeout).await;
@@ -188,10 +205,35 @@ pub async fn serve(
     let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
     coord.revoke().await;
     tracing::info!("stopped");
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }
 
 /// Runs Kafka messages through the call path: the key's owner runs the handler.
+/// Resolves once the handler answers, retrying with back-off: an instance takes no shard
+/// before (its calls would only fail or wait).
+async fn handler_ready(handler: Arc<dyn Handler>) {
+    let mut backoff = Duration::from_millis(100);
+    let mut tries = 0u32;
+    loop {
+        match handler.ready().await {
+            Ok(()) => {
+                if tries > 0 {
+                    tracing::info!("handler answers; taking shards");
+                }
+                return;
+            }
+            Err(e) => {
+                tries += 1;
+                if tries == 1 || tries.is_power_of_two() {
+                    tracing::warn!(error = %e, tries, "waiting for the handler before taking shards");
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
 struct RouterDispatch {
     router: Router,
 }
@@ -200,7 +242,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
     fn dispatch(
         &self,
         call: leasehold_kafka::KafkaCall,
-    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+    ) -> futures::future::BoxFuture<'static, Result<(), leasehold_kafka::DispatchError>> {
         let router = self.router.clone();
         Box::pin(async move {
             let deadline = router.deadline(None);
@@ -213,12 +255,28 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
                 .call(call.key, call.payload, deadline, source)
                 .await
                 .map(|_| ())
-                .map_err(|e| e.to_string())
+                .map_err(dispatch_error)
         })
     }
 }
 
 /// Builds the gRPC server: every service on one port, configured in one place.
+/// Only the handler's own answer is a handler failure; a call that did not reach a
+/// handler is waited for, and one the call path refuses for good is not retried.
+fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchError {
+    use leasehold_kafka::DispatchError as D;
+    use leasehold_router::CallError as C;
+    match e {
+        C::Handler(s) => D::Handler(format!("{:?}: {}", s.code(), s.message())),
+        e @ C::HandlerTimeout(_) => D::Handler(e.to_string()),
+        e @ C::InvalidArgument(_) => D::Rejected(e.to_string()),
+        e @ (C::ResourceExhausted(_)
+        | C::DeadlineExceeded(_)
+        | C::Unavailable(_)
+        | C::NotOwner { .. }) => D::Unavailable(e.to_string()),
+    }
+}
+
 fn grpc_server(
     router: Router,
     coord: Coord,
