@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt chaos chaos-short
 
 all: build
 
@@ -49,7 +49,7 @@ integration: build kafka-deps
 # Ends with one line adding up every test binary's result.
 test: deps kafka-deps helm-deps fmt-check clippy
 	@scripts/doctor.sh
-	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install
+	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
 
 # The install path on a bare Debian 12 root (debootstrap, cached): install-deps must
 # install every system prerequisite and the doctor must see each one missing, then present.
@@ -70,3 +70,21 @@ run: build kafka-deps
 bench: deps
 	cargo build --release --bin leasehold --bin leasehold-bench
 	LEASEHOLD_BIN=$(RELEASE_BIN) $(CARGO_TARGET_DIR)/release/leasehold-bench --out docs/BENCHMARKS.md
+
+# Randomized, seeded fault campaign against real processes in network namespaces (root):
+# partitions, isolation, SIGKILL/SIGSTOP, etcd leader kill and compaction, Kafka and handler
+# restarts. Writes docs/CHAOS.md; exits non-zero on any violation and prints the seed.
+# `make chaos RUNS=100 SEED=42` for the long campaign; DURATION is seconds of faults per run.
+RUNS ?= 3
+SEED ?=
+DURATION ?= 60
+chaos: build kafka-deps
+	cargo build -p leasehold-integration-tests --bin leasehold-chaos --bin leasehold-chaos-handler
+	LEASEHOLD_BIN=$(DEBUG_BIN) $(CARGO_TARGET_DIR)/debug/leasehold-chaos --runs $(RUNS) --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out docs/CHAOS.md
+
+# About 3 minutes: one run with 150 s of faults on a fixed schedule (part of `make test`;
+# its report goes to the build cache, not docs/).
+CHAOS_SHORT_SEED ?= 11
+chaos-short: build kafka-deps
+	cargo build -p leasehold-integration-tests --bin leasehold-chaos --bin leasehold-chaos-handler
+	LEASEHOLD_BIN=$(DEBUG_BIN) $(CARGO_TARGET_DIR)/debug/leasehold-chaos --runs 1 --duration 150 --seed $(if $(SEED),$(SEED),$(CHAOS_SHORT_SEED)) --out $(CARGO_TARGET_DIR)/chaos-short.md

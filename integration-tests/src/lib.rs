@@ -2,9 +2,12 @@
 //! ports in temp dirs, keeps their logs (printed when a test fails), and kills what it
 //! started. Also an `EntityHandler` that checks the single-writer guarantee.
 
+pub mod chaos;
 pub mod checker;
+pub mod etcd_cluster;
 pub mod kafka;
 pub mod load;
+pub mod netns;
 pub mod proxy;
 
 use std::net::TcpListener;

@@ -328,3 +328,68 @@ async fn a_member_takes_no_shard_before_its_handler_answers() {
     wait_balanced(&[&a, &b], Duration::from_secs(15)).await;
     assert!(b.ready());
 }
+
+/// Hole 4: an instance attached to an etcd member cut off from its cluster used to keep
+/// a frozen routing table that still looked synced. With leader-requiring requests and
+/// watches the member refuses them, the table is marked unsynced, and once the member
+/// rejoins the instance syncs and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watch_on_an_etcd_member_cut_off_from_its_cluster_is_not_trusted() {
+    use leasehold_integration_tests::etcd_cluster::EtcdCluster;
+    use leasehold_integration_tests::netns::{self, Topology};
+
+    if !netns::is_root() {
+        eprintln!("skipped: network namespaces need root");
+        return;
+    }
+    netns::cleanup_stale();
+    let mut topo = Topology::new().unwrap();
+    let hosts: Vec<_> = (1..=3)
+        .map(|i| topo.add_host(&format!("e{i}"), 10 + i as u8).unwrap())
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = EtcdCluster::start(&hosts, dir.path()).await.unwrap();
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let a = start(
+        "a",
+        etcd.members[0].endpoint(),
+        args(&checker.handler_flag()),
+    );
+    let b = start(
+        "b",
+        etcd.members[2].endpoint(),
+        args(&checker.handler_flag()),
+    );
+    wait_balanced(&[&a, &b], Duration::from_secs(20)).await;
+
+    topo.partition("e3", "e1").unwrap();
+    topo.partition("e3", "e2").unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "b to stop trusting its routing table",
+        || {
+            let r = match ureq::get(&format!("{}/readyz", b.admin_url())).call() {
+                Err(ureq::Error::Status(503, resp)) => {
+                    resp.into_json::<serde_json::Value>().ok()?
+                }
+                _ => return None,
+            };
+            (r["reason"] == "routing table not synced").then_some(())
+        },
+    )
+    .await;
+    topo.heal_partition("e3", "e1").unwrap();
+    topo.heal_partition("e3", "e2").unwrap();
+    wait_until(Duration::from_secs(30), "b ready again", || {
+        b.ready().then_some(())
+    })
+    .await;
+    wait_balanced(&[&a, &b], Duration::from_secs(20)).await;
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    drop(etcd);
+    drop(topo);
+    assert!(
+        netns::nothing_left(),
+        "network namespaces or links left behind"
+    );
+}

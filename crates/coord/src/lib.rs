@@ -511,11 +511,16 @@ pub(crate) async fn supervise(
     tasks: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)>,
     cancel: &CancellationToken,
 ) -> Result<(), Error> {
+    use futures::FutureExt;
+
     let mut set = tokio::task::JoinSet::new();
     for (name, task) in tasks {
+        // Panics are caught inside, so the report names the task that panicked.
         set.spawn(async move {
-            task.await;
-            name
+            (
+                name,
+                std::panic::AssertUnwindSafe(task).catch_unwind().await,
+            )
         });
     }
     let mut result = Ok(());
@@ -525,8 +530,15 @@ pub(crate) async fn supervise(
             continue;
         }
         let (task, why) = match ended {
-            Ok(name) => (name, "it returned".to_owned()),
-            Err(e) if e.is_panic() => ("coordination task", format!("it panicked: {e}")),
+            Ok((name, Ok(()))) => (name, "it returned".to_owned()),
+            Ok((name, Err(panic))) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                (name, format!("it panicked: {message}"))
+            }
             Err(e) => ("coordination task", e.to_string()),
         };
         tracing::error!(task, why, "essential task ended; stopping the instance");
@@ -608,7 +620,10 @@ mod tests {
             Box::pin(async { panic!("boom") }) as futures::future::BoxFuture<'static, ()>,
         )];
         let err = supervise(tasks, &cancel).await.unwrap_err();
-        assert!(err.to_string().contains("panicked"), "{err}");
+        assert!(
+            err.to_string().contains("watcher") && err.to_string().contains("panicked: boom"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

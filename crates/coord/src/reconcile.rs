@@ -358,8 +358,12 @@ impl Coord {
             session.lease,
             self.is_draining(),
             |s| table.state(s),
-        );
-        for repair in repairs {
+        )
+        .into_iter()
+        // A shard dropped while calls still run on it is deleted only once they ended
+        // (a later pass): its next owner must not overlap them.
+        .filter(|r| r.action == Repair::Adopt || table.in_flight(r.shard) == 0);
+        let passes = futures::stream::iter(repairs).map(|repair| async move {
             let generation = table.generation();
             let (shard, epoch) = (repair.shard, repair.epoch);
             let key = self.inner.keys.shard(shard);
@@ -399,7 +403,11 @@ impl Coord {
                     tracing::warn!(%shard, error = %e, "shard key repair failed; retrying on the next pass")
                 }
             }
-        }
+        });
+        passes
+            .buffer_unordered(ACQUIRE_CONCURRENCY)
+            .collect::<Vec<()>>()
+            .await;
     }
 
     /// Drops shards whose key the routing table shows gone or owned by another epoch.

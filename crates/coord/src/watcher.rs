@@ -79,6 +79,11 @@ impl Coord {
                     resp.cancel_reason()
                 )));
             }
+            if resp.created() {
+                // The reply that confirms the watch: its header carries etcd's current
+                // revision, not how far the events sent so far go.
+                continue;
+            }
             if resp.events().is_empty() {
                 // A progress notification: every event up to its header revision was sent.
                 if let Some(h) = resp.header().filter(|h| h.revision() > view.revision) {

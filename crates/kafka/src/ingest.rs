@@ -96,6 +96,9 @@ struct Partition {
     chains: Mutex<HashMap<String, Done>>,
     limit: Arc<Semaphore>,
     revoked: AtomicBool,
+    /// Cancelled on revoke: a dispatch still waiting in this instance (for an owner, a
+    /// lease, its key's turn, a peer's answer) is dropped rather than run late.
+    cancel: CancellationToken,
     /// Messages consumed while the partition was at its in-flight limit, in offset order;
     /// the partition is paused while any wait here, so the consumer loop never blocks.
     parked: Mutex<VecDeque<Parked>>,
@@ -107,6 +110,7 @@ impl Partition {
     /// This instance no longer has the partition: nothing of it starts or stores again.
     fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
+        self.cancel.cancel();
         self.parked.lock().expect("parked lock").clear();
         self.lag.set(0.0); // another instance reports it now
     }
@@ -229,6 +233,12 @@ impl Ingest {
             source_name: o.name.clone(),
             error,
         };
+        if o.on_failure == OnFailure::DeadLetter && o.dlq_topic.is_none() {
+            return Err(Error::Config {
+                source_name: o.name.clone(),
+                message: "on_failure = dead-letter needs a dead-letter topic".into(),
+            });
+        }
         let partitions: Partitions = Default::default();
         let mut config = self.client_config();
         config
@@ -319,6 +329,7 @@ impl Ingest {
                         chains: Mutex::new(HashMap::new()),
                         limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
                         revoked: AtomicBool::new(false),
+                        cancel: CancellationToken::new(),
                         parked: Mutex::new(VecDeque::new()),
                         watermark: gauges.0.clone(),
                         lag: gauges.1.clone(),
@@ -384,9 +395,10 @@ impl Ingest {
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(source = %o.name, left = tasks.len(), "in-flight messages abandoned (not committed)");
         }
-        // Whatever still runs must not store an offset after the final commit.
+        // Whatever still waits is abandoned (the next assignee re-reads it), and nothing
+        // stores an offset after the final commit.
         for p in partitions.lock().expect("partitions lock").values() {
-            p.revoked.store(true, Ordering::Release);
+            p.revoke();
         }
         if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
             tracing::debug!(source = %o.name, error = %e, "final commit");
@@ -571,7 +583,13 @@ impl Worker {
             if self.part.is_revoked() {
                 return;
             }
-            let backoff = match self.dispatcher.dispatch(call.clone()).await {
+            let dispatched = tokio::select! {
+                r = self.dispatcher.dispatch(call.clone()) => r,
+                // Dropping the call path's future abandons a call that has not started
+                // (one already running finishes at its owner first).
+                _ = self.part.cancel.cancelled() => return,
+            };
+            let backoff = match dispatched {
                 Ok(()) => {
                     self.metrics.handled.inc();
                     return;
@@ -602,7 +620,8 @@ impl Worker {
                     self.opts.retry_backoff.saturating_mul(1 << waits.min(5))
                 }
             };
-            tokio::time::sleep(backoff.min(Duration::from_secs(5))).await;
+            let backoff = backoff.clamp(Duration::from_millis(10), Duration::from_secs(5));
+            tokio::time::sleep(backoff).await;
         }
     }
 

@@ -21,6 +21,11 @@ pub use crate::window::Window;
 /// Errors of Kafka ingestion.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("kafka source {source_name:?}: {message}")]
+    Config {
+        source_name: String,
+        message: String,
+    },
     #[error("kafka source {source_name:?}: {error}")]
     Kafka {
         source_name: String,

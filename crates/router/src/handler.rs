@@ -12,6 +12,21 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+/// Metadata key marking a status as "the handler could not be reached" (set by the
+/// transport, never by the application): such a call did not run and is retried as
+/// routing unavailability, whereas an `UNAVAILABLE` the application returns is its answer.
+pub const UNREACHABLE_MARK: &str = "leasehold-handler-unreachable";
+
+/// An `UNAVAILABLE` status saying the handler was not reached.
+pub fn unreachable(message: String) -> Status {
+    let mut s = Status::unavailable(message);
+    s.metadata_mut().insert(
+        UNREACHABLE_MARK,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    s
+}
+
 /// Where a call came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallSource {
@@ -138,7 +153,7 @@ impl Handler for GrpcHandler {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
                 Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => Err(
-                    Status::unavailable(format!("handler at {url} unreachable: {}", s.message())),
+                    unreachable(format!("handler at {url} unreachable: {}", s.message())),
                 ),
                 Err(s) => Err(s),
             }

@@ -25,7 +25,9 @@ use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
 use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 
-pub use crate::handler::{CallSource, EchoHandler, GrpcHandler, HandleCall, Handler};
+pub use crate::handler::{
+    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, UNREACHABLE_MARK,
+};
 use crate::mailbox::{Mailboxes, Turn};
 use crate::peers::{Forwarded, Peers};
 pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
@@ -510,7 +512,10 @@ impl Router {
                 epoch,
                 owner: coord.member_id().clone(),
             }),
-            Ok(Err(status)) if status.code() == Code::Unavailable => {
+            Ok(Err(status))
+                if status.code() == Code::Unavailable
+                    && status.metadata().get(handler::UNREACHABLE_MARK).is_some() =>
+            {
                 Err(CallError::Unavailable(status.message().to_owned()))
             }
             Ok(Err(status)) => Err(CallError::Handler(status)),

@@ -15,6 +15,9 @@ use crate::{CallError, CallSource, Job, Reply};
 /// Metadata key set on every status the Peer service returns, so the sender can tell
 /// the receiver's answer from a transport failure.
 pub(crate) const ORIGIN_HEADER: &str = "leasehold-origin";
+/// How long past a call's deadline the sender waits for the owner's answer.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
 /// Metadata key carrying [`CallError::kind`] on such a status.
 pub(crate) const KIND_HEADER: &str = "leasehold-error-kind";
 
@@ -161,7 +164,9 @@ impl Peers {
         {
             return Forwarded::Unreachable("dispatch stream closed".into());
         }
-        let answer = match tokio::time::timeout(timeout, rx).await {
+        // The owner's own deadline starts one hop later: wait a little past ours so a
+        // handler that timed out there is reported as such, not as a lost answer.
+        let answer = match tokio::time::timeout(timeout + ANSWER_GRACE, rx).await {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => Err("dispatch stream dropped the call".into()),
             Err(_) => {
