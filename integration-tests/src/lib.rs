@@ -19,13 +19,23 @@ use leasehold_proto::v1::entities_client::EntitiesClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough on a test machine).
+/// A free TCP port on 127.0.0.1 (bound and released). Never the same port twice in one
+/// process: the kernel readily hands a just-released port out again, and two instances
+/// of one test were given the same one.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
@@ -245,6 +255,22 @@ impl Instance {
 
     pub fn get(&self, path: &str) -> Option<Value> {
         get_json(&format!("{}{}", self.admin_url(), path))
+    }
+
+    /// Why `/readyz` says not ready (its 503 JSON `reason`); None when ready or unreachable.
+    pub fn unready_reason(&self) -> Option<String> {
+        match ureq::get(&format!("{}/readyz", self.admin_url()))
+            .timeout(Duration::from_millis(500))
+            .call()
+        {
+            Err(ureq::Error::Status(503, resp)) => resp
+                .into_json::<Value>()
+                .ok()?
+                .get("reason")?
+                .as_str()
+                .map(str::to_owned),
+            _ => None,
+        }
     }
 
     pub fn ready(&self) -> bool {

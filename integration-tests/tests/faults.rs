@@ -302,14 +302,8 @@ async fn a_member_takes_no_shard_before_its_handler_answers() {
         Duration::from_secs(10),
         "b to report it waits for its handler",
         || {
-            // 503 with the reason as JSON.
-            let r = match ureq::get(&format!("{}/readyz", b.admin_url())).call() {
-                Err(ureq::Error::Status(503, resp)) => {
-                    resp.into_json::<serde_json::Value>().ok()?
-                }
-                _ => return None,
-            };
-            (r["reason"] == "waiting for the handler to answer").then_some(())
+            (b.unready_reason().as_deref() == Some("waiting for the handler to answer"))
+                .then_some(())
         },
     )
     .await;
@@ -367,15 +361,7 @@ async fn a_watch_on_an_etcd_member_cut_off_from_its_cluster_is_not_trusted() {
     wait_until(
         Duration::from_secs(30),
         "b to stop trusting its routing table",
-        || {
-            let r = match ureq::get(&format!("{}/readyz", b.admin_url())).call() {
-                Err(ureq::Error::Status(503, resp)) => {
-                    resp.into_json::<serde_json::Value>().ok()?
-                }
-                _ => return None,
-            };
-            (r["reason"] == "routing table not synced").then_some(())
-        },
+        || (b.unready_reason().as_deref() == Some("routing table not synced")).then_some(()),
     )
     .await;
     topo.heal_partition("e3", "e1").unwrap();

@@ -35,11 +35,7 @@ impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
-                let parts: Vec<(String, i32)> = list
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
+                let parts = topic_partitions(list);
                 tracing::info!(source = %self.source, partitions = ?parts, "partitions revoked; committing their watermark");
                 // Marked here, inside the poll that revokes them, so no message of theirs
                 // waiting in this instance starts after this point: the new assignee
@@ -66,11 +62,7 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
-            let parts: Vec<(String, i32)> = list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect();
+            let parts = topic_partitions(list);
             tracing::info!(source = %self.source, partitions = ?parts, "partitions assigned");
             // A partition paused for back-pressure when it was revoked may come back
             // paused; its new state starts empty, so fetch it again.
@@ -79,6 +71,13 @@ impl ConsumerContext for Context {
             }
         }
     }
+}
+
+fn topic_partitions(list: &TopicPartitionList) -> Vec<(String, i32)> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 type Done = Shared<BoxFuture<'static, ()>>;
