@@ -95,6 +95,11 @@ rejects "schema: etcd endpoint form" "etcd/endpoints/0" --set 'etcd.endpoints[0]
 rejects "template: grace period must exceed the drain" "must exceed drainTimeoutSeconds" \
   --set terminationGracePeriodSeconds=10 --set drainTimeoutSeconds=20
 rejects "template: sidecar needs an image" "set handler.sidecar.image.repository" --set handler.type=sidecar
+rejects "template: a Kafka source needs a dead-letter topic or onFailure: skip" "set dlqTopic" \
+  --set 'kafka.sources[0].brokers=k:9092' --set 'kafka.sources[0].topics[0]=t'
+rejects "schema: onFailure values" "value must be one of" \
+  --set 'kafka.sources[0].brokers=k:9092' --set 'kafka.sources[0].topics[0]=t' \
+  --set 'kafka.sources[0].onFailure=drop'
 rejects "template: hpa and keda exclusive" "cannot both be enabled" \
   --set autoscaling.hpa.enabled=true --set autoscaling.keda.enabled=true \
   --set autoscaling.keda.kafka.bootstrapServers=k:9092 --set autoscaling.keda.kafka.consumerGroup=g \
