@@ -579,6 +579,13 @@ impl Worker {
         let mut attempt = 0u32;
         let mut waits = 0u32;
         loop {
+            // librdkafka marks the assignment lost as soon as its group session timed out,
+            // before the revoke callback is served on the next poll; the group may have
+            // given the partition to another member already.
+            if !self.part.is_revoked() && self.consumer.assignment_lost() {
+                tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, "group session lost; abandoning the partition's waiting messages");
+                self.part.revoke();
+            }
             if self.part.is_revoked() {
                 return;
             }

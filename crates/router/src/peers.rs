@@ -75,7 +75,11 @@ impl Peers {
             .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10));
+            // Notice a peer that stopped answering within ~3 s: pending calls fail over
+            // and the next one opens a new connection.
+            .http2_keep_alive_interval(Duration::from_secs(1))
+            .keep_alive_timeout(Duration::from_secs(2))
+            .keep_alive_while_idle(true);
         let client = PeerClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message);

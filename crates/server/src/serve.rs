@@ -291,8 +291,13 @@ fn grpc_server(
         .build_v1()?;
     Ok(tonic::transport::Server::builder()
         // Detect dead peers and clients on idle connections.
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        // A connection whose peer stops answering pings for 3 s is closed on this side.
+        // Requests a partitioned peer buffered before the cut then die with the
+        // connection instead of arriving, and running, when the network comes back —
+        // long after their sender gave up and a Kafka partition moved on (the broker's
+        // session timeout is at least 6 s).
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
         // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
         .add_service(
             EntitiesServer::new(EntitiesService::new(router.clone()))
