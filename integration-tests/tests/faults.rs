@@ -60,6 +60,12 @@ async fn wait_balanced(
     .await
 }
 
+/// `n` instances on one etcd with `checker` as their handler.
+async fn cluster(n: usize, checker: &Checker) -> Cluster {
+    let args = args(&checker.handler_flag());
+    Cluster::start(n, &args.iter().map(String::as_str).collect::<Vec<_>>()).await
+}
+
 /// A key whose shard is `shard` (of 1024).
 fn key_in(shard: u64) -> String {
     (0..)
@@ -130,14 +136,7 @@ async fn an_instance_cut_off_from_etcd_past_its_ttl_rejoins_by_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shard_keys_on_an_instances_lease_but_not_in_its_table_are_repaired() {
     let checker = Checker::start(Duration::ZERO, None).await;
-    let cluster = Cluster::start(
-        2,
-        &args(&checker.handler_flag())
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let cluster = cluster(2, &checker).await;
     let before = cluster.wait_balanced(Duration::from_secs(15)).await;
     let (n0, n1) = (&cluster.instances[0], &cluster.instances[1]);
     let adopt = before
@@ -244,14 +243,7 @@ async fn expired_etcd_auth_tokens_are_refreshed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forwarded_call_for_another_epoch_is_answered_not_owner() {
     let checker = Checker::start(Duration::ZERO, None).await;
-    let cluster = Cluster::start(
-        1,
-        &args(&checker.handler_flag())
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    let cluster = cluster(1, &checker).await;
     let table = cluster.wait_balanced(Duration::from_secs(15)).await;
     let n0 = &cluster.instances[0];
     let key = key_in(5);
