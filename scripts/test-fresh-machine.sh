@@ -65,31 +65,27 @@ cp -r "$here" "$root/src/scripts"
 mount -t proc proc "$root/proc"
 in_root() { chroot "$root" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root "$@"; }
 
-# Before: every system prerequisite is reported missing, each with its install command.
-before="$(in_root bash /src/scripts/doctor.sh "${system_items[@]}" 2>&1)" && status=0 || status=$?
-echo "$before" | sed 's/^/  bare root: /'
-reports_all_missing() {
-  [ "$status" -eq 1 ] || return 1
-  local item
+# The doctor's report on the root: exit status $1, and every system item on a line
+# starting with $2 ("MISSING " or "ok      ").
+reports_all() {
+  local want_status="$1" state="$2" report status=0 item
+  report="$(in_root bash /src/scripts/doctor.sh "${system_items[@]}" 2>&1)" || status=$?
+  echo "$report" | sed 's/^/  doctor: /'
+  [ "$status" -eq "$want_status" ] || return 1
   for item in "${system_items[@]}"; do
-    grep -q "^MISSING  $item " <<<"$before" || return 1
+    grep -q "^$state $item " <<<"$report" || return 1
   done
-  grep -q "→ make deps" <<<"$before"
+  # Whatever is missing comes with the command that installs it.
+  [ "$want_status" -eq 0 ] || grep -q "→ make deps" <<<"$report"
 }
-check doctor_reports_missing_on_a_bare_root reports_all_missing
+
+# Before: every system prerequisite is reported missing, each with its install command.
+check doctor_reports_missing_on_a_bare_root reports_all 1 "MISSING "
 
 # Install, as `make deps` does, then every check passes (install-deps ends with the doctor).
 installs() { in_root bash /src/scripts/install-deps.sh --system-only 2>&1 | grep -v -e '^debconf:' -e 'posix_openpt' -e 'invoke-rc.d' | sed 's/^/  install: /'; }
 check install_deps_installs_every_system_prerequisite installs
-after="$(in_root bash /src/scripts/doctor.sh "${system_items[@]}" 2>&1)" && status=0 || status=$?
-reports_all_ok() {
-  [ "$status" -eq 0 ] || return 1
-  local item
-  for item in "${system_items[@]}"; do
-    grep -q "^ok       $item " <<<"$after" || return 1
-  done
-}
-check doctor_reports_ok_after_install reports_all_ok
+check doctor_reports_ok_after_install reports_all 0 "ok      "
 
 # Idempotent and offline: with name resolution gone, a second run installs nothing and
 # succeeds.
