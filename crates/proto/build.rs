@@ -1,7 +1,9 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time: a build cache shared by clones in different places reuses the
+    // compiled build script.
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let files = ["entities", "handler", "peer", "admin"]
         .map(|name| root.join(format!("leasehold/v1/{name}.proto")));
     let descriptor = PathBuf::from(std::env::var("OUT_DIR")?).join("leasehold_descriptor.bin");

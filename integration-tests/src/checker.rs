@@ -25,6 +25,8 @@ pub struct State {
     pub history: HashMap<String, Vec<Vec<u8>>>,
     /// Kafka calls in the order they started: (key, partition, offset, owner).
     pub kafka: Vec<(String, i32, i64, String)>,
+    /// The consumer's claim (fence) each of those calls carried, in the same order.
+    pub kafka_fences: Vec<u64>,
 }
 
 /// Removes a call from `running` when the handler finishes or is cancelled.
@@ -58,7 +60,9 @@ impl EntityHandler for Service {
             r.source.as_ref().and_then(|s| s.kind.as_ref())
         {
             let entry = (r.key.clone(), k.partition, k.offset, r.owner.clone());
-            self.state.lock().unwrap().kafka.push(entry);
+            let mut s = self.state.lock().unwrap();
+            s.kafka.push(entry);
+            s.kafka_fences.push(k.fence);
         }
         if self
             .fail_prefix

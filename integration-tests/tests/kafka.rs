@@ -639,3 +639,100 @@ async fn a_revoked_partitions_queued_messages_do_not_run() {
     }
     assert_eq!(state.violations, Vec::<String>::new());
 }
+
+/// A consumer whose partition another group member claimed since (it was cut off and the
+/// group moved on) runs nothing more of it: its owner refuses the records (the claim
+/// arrives through etcd, before any record of the new claimant), it abandons the
+/// partition, and — as it is in fact still the assignee here — claims it again after a
+/// session timeout and re-reads from its last stored watermark, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("fenced", 1).await;
+    kafka.create_topic("fenced-dlq", 1).await;
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let brokers = kafka.brokers();
+    let handler = checker.handler_flag();
+    let args = source_args(&brokers, "fenced", "fencers", &handler, "fenced-dlq");
+    let cluster = Cluster::start(1, &args).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    kafka.produce("fenced", &messages(20, 4, 0)).await;
+    wait_until(
+        Duration::from_secs(30),
+        "the first 20 messages handled",
+        || (handled(&checker).len() == 20).then_some(()),
+    )
+    .await;
+    let first_claim = {
+        let s = checker.state.lock().unwrap();
+        assert!(
+            s.kafka_fences
+                .iter()
+                .all(|&f| f > 0 && f == s.kafka_fences[0]),
+            "every record carries the consumer's one claim: {:?}",
+            s.kafka_fences
+        );
+        s.kafka_fences[0]
+    };
+
+    // Another consumer of the group claims the partition (as the new assignee would).
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let key = "/leasehold/default/kafka-fences/fenced/0/fencers";
+    let claimed = etcd.put(key, "someone-else", None).await.unwrap();
+    let newer = claimed.header().unwrap().revision() as u64;
+    assert!(newer > first_claim);
+    let before = checker.state.lock().unwrap().kafka.len();
+    kafka.produce("fenced", &messages(20, 4, 20)).await;
+
+    // Nothing runs under the old claim; after a session timeout (6 s) the consumer, still
+    // the partition's assignee, claims it again and handles everything.
+    wait_until(Duration::from_secs(60), "all 40 messages handled", || {
+        (handled(&checker).len() == 40).then_some(())
+    })
+    .await;
+    {
+        let s = checker.state.lock().unwrap();
+        let stale: Vec<(i64, u64)> = s.kafka[before..]
+            .iter()
+            .zip(&s.kafka_fences[before..])
+            .filter(|(_, &f)| f < newer)
+            .map(|(k, &f)| (k.2, f))
+            .collect();
+        assert_eq!(
+            stale,
+            vec![],
+            "records ran under a superseded claim (offset, fence)"
+        );
+        assert_eq!(s.violations, Vec::<String>::new());
+    }
+    assert_first_handling_in_offset_order(&checker);
+    let n0 = &cluster.instances[0];
+    let log = n0.log_text();
+    assert!(
+        log.contains("partition claimed by another consumer"),
+        "the consumer says why it stopped the partition"
+    );
+    assert!(
+        log.contains("claiming it again"),
+        "and that it claimed it again"
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "offsets committed up to 40",
+        || (kafka.committed("fencers", "fenced", 1) == vec![40]).then_some(()),
+    )
+    .await;
+    let metrics = ureq::get(&format!("{}/metrics", n0.admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let fenced: f64 = metrics
+        .lines()
+        .find(|l| l.starts_with("leasehold_fenced_records_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0);
+    assert!(fenced >= 1.0, "owner counts refused records: {metrics}");
+}

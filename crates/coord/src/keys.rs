@@ -17,6 +17,16 @@ pub enum Key {
     Leader,
     Assignment,
     Shard(ShardId),
+    /// The latest claim of a Kafka partition by a consumer group member.
+    KafkaFence(PartitionRef),
+}
+
+/// A Kafka partition as read by one consumer group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PartitionRef {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
 }
 
 impl Keys {
@@ -50,6 +60,16 @@ impl Keys {
         format!("{}shards/{}", self.prefix, shard.0)
     }
 
+    /// `kafka-fences/<topic>/<partition>/<group>`: written by each new assignee of the
+    /// partition before it dispatches any record of it; its revision is the assignment's
+    /// fence. The group goes last because it may contain `/` (topic names cannot).
+    pub fn kafka_fence(&self, p: &PartitionRef) -> String {
+        format!(
+            "{}kafka-fences/{}/{}/{}",
+            self.prefix, p.topic, p.partition, p.group
+        )
+    }
+
     /// Parses a key of this cluster; `None` for keys this version does not know.
     pub fn parse(&self, key: &[u8]) -> Option<Key> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
@@ -60,6 +80,16 @@ impl Keys {
             _ => {
                 if let Some(id) = rest.strip_prefix("members/") {
                     Some(Key::Member(MemberId::new(id)))
+                } else if let Some(fence) = rest.strip_prefix("kafka-fences/") {
+                    let mut parts = fence.splitn(3, '/');
+                    let topic = parts.next()?.to_owned();
+                    let partition = parts.next()?.parse().ok()?;
+                    let group = parts.next()?.to_owned();
+                    Some(Key::KafkaFence(PartitionRef {
+                        group,
+                        topic,
+                        partition,
+                    }))
                 } else {
                     rest.strip_prefix("shards/")?
                         .parse()
@@ -180,6 +210,16 @@ mod tests {
         assert_eq!(k.parse(k.leader().as_bytes()), Some(Key::Leader));
         assert_eq!(k.parse(b"/leasehold/other/leader"), None);
         assert_eq!(k.parse(b"/leasehold/prod/shards/x"), None);
+        let p = PartitionRef {
+            group: "billing/eu".into(),
+            topic: "payments".into(),
+            partition: 3,
+        };
+        assert_eq!(
+            k.parse(k.kafka_fence(&p).as_bytes()),
+            Some(Key::KafkaFence(p))
+        );
+        assert_eq!(k.parse(b"/leasehold/prod/kafka-fences/t/x/g"), None);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::keys::{ClusterConfig, Keys, MemberState};
+pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
 pub use crate::view::{Member, ShardOwner, View};
 
@@ -382,6 +382,20 @@ impl Coord {
             .await
             .map_err(|_| Error::Timeout(t))?
             .map_err(Error::from)
+    }
+
+    /// Claims a Kafka partition for this instance's consumer (a new assignment of it):
+    /// returns the claim's fence, larger than every earlier claim of the partition.
+    /// Owners refuse records carrying a smaller fence than the latest they know, so a
+    /// consumer that lost the partition without noticing yet cannot run its records
+    /// after the new assignee started.
+    pub async fn claim_partition(&self, partition: &PartitionRef) -> Result<u64, Error> {
+        let key = self.inner.keys.kafka_fence(partition);
+        let value = self.member_id().0.clone();
+        let mut client = self.client()?;
+        let resp = self.etcd(client.put(key, value, None)).await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(revision as u64)
     }
 
     /// Marks a member draining so the leader moves all its shards away.

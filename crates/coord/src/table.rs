@@ -83,6 +83,9 @@ pub enum Blocked {
     Moving,
     /// The lease is past `valid_until`; the caller waits for a keepalive or the deadline.
     LeaseInvalid,
+    /// The routing table has not caught up with this instance's own acquisition of the
+    /// shard yet (what it knows of earlier owners' work may be incomplete).
+    Behind,
 }
 
 /// Ownership and in-flight counts for every shard of this instance.

@@ -1,11 +1,12 @@
 //! The routing table: every instance's local copy of the cluster's keyspace, built from a
 //! snapshot and kept current by a watch.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use leasehold_types::{Epoch, MemberId, ShardId};
 
-use crate::keys::{AssignmentValue, Key, Keys, MemberState, MemberValue, ShardValue};
+use crate::keys::{AssignmentValue, Key, Keys, MemberState, MemberValue, PartitionRef, ShardValue};
 
 /// A member as seen in the routing table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub struct View {
     pub assignment: Vec<Option<MemberId>>,
     /// Actual owner per shard.
     pub shards: Vec<Option<ShardOwner>>,
+    /// Latest fence (claim revision) per Kafka partition and consumer group.
+    pub fences: Arc<HashMap<PartitionRef, u64>>,
 }
 
 impl View {
@@ -54,7 +57,13 @@ impl View {
             assignment_version: 0,
             assignment: vec![None; shard_count as usize],
             shards: vec![None; shard_count as usize],
+            fences: Arc::default(),
         }
+    }
+
+    /// The latest claim of a partition this view has seen (0: none).
+    pub fn fence(&self, p: &PartitionRef) -> u64 {
+        self.fences.get(p).copied().unwrap_or(0)
     }
 
     pub fn shard_count(&self) -> u32 {
@@ -83,11 +92,21 @@ impl View {
     }
 
     /// Applies a put (`Some(value)`) or delete (`None`) of one key.
-    pub fn apply(&mut self, keys: &Keys, key: &[u8], put: Option<(&[u8], i64, i64)>) {
+    pub fn apply(&mut self, keys: &Keys, key: &[u8], put: Option<Put<'_>>) {
         let Some(key) = keys.parse(key) else { return };
-        match (key, put) {
+        match (
+            key,
+            put.map(|p| (p.value, p.create_revision, p.lease, p.mod_revision)),
+        ) {
             (Key::Config, _) => {}
-            (Key::Member(id), Some((value, _, lease))) => {
+            (Key::KafkaFence(p), Some((_, _, _, mod_revision))) => {
+                let fence = Arc::make_mut(&mut self.fences).entry(p).or_default();
+                *fence = (*fence).max(mod_revision as u64);
+            }
+            (Key::KafkaFence(p), None) => {
+                Arc::make_mut(&mut self.fences).remove(&p);
+            }
+            (Key::Member(id), Some((value, _, lease, _))) => {
                 match serde_json::from_slice::<MemberValue>(value) {
                     Ok(v) => {
                         self.members.insert(
@@ -109,11 +128,11 @@ impl View {
             (Key::Member(id), None) => {
                 self.members.remove(&id);
             }
-            (Key::Leader, Some((value, _, _))) => {
+            (Key::Leader, Some((value, _, _, _))) => {
                 self.leader = Some(MemberId::new(String::from_utf8_lossy(value)));
             }
             (Key::Leader, None) => self.leader = None,
-            (Key::Assignment, Some((value, _, _))) => {
+            (Key::Assignment, Some((value, _, _, _))) => {
                 match serde_json::from_slice::<AssignmentValue>(value) {
                     Ok(v) if v.shards.len() == self.shards.len() => {
                         self.assignment_version = v.version;
@@ -135,7 +154,7 @@ impl View {
                     return;
                 };
                 *slot = match put {
-                    Some((value, create_revision, lease)) => {
+                    Some((value, create_revision, lease, _)) => {
                         match serde_json::from_slice::<ShardValue>(value) {
                             Ok(v) => Some(ShardOwner {
                                 owner: v.owner,
@@ -156,9 +175,61 @@ impl View {
     }
 }
 
+/// A put as the view needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Put<'a> {
+    pub value: &'a [u8],
+    pub create_revision: i64,
+    pub mod_revision: i64,
+    pub lease: i64,
+}
+
+impl<'a> Put<'a> {
+    pub fn of(kv: &'a etcd_client::KeyValue) -> Self {
+        Self {
+            value: kv.value(),
+            create_revision: kv.create_revision(),
+            mod_revision: kv.mod_revision(),
+            lease: kv.lease(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn put(value: &[u8], create_revision: i64, lease: i64) -> Put<'_> {
+        Put {
+            value,
+            create_revision,
+            mod_revision: create_revision,
+            lease,
+        }
+    }
+
+    #[test]
+    fn keeps_the_latest_fence_per_partition() {
+        let keys = Keys::new("c");
+        let mut v = View::empty(4);
+        let p = PartitionRef {
+            group: "g".into(),
+            topic: "t".into(),
+            partition: 0,
+        };
+        assert_eq!(v.fence(&p), 0);
+        let key = keys.kafka_fence(&p);
+        v.apply(&keys, key.as_bytes(), Some(put(b"a", 10, 0)));
+        let mut newer = put(b"b", 10, 0);
+        newer.mod_revision = 15;
+        v.apply(&keys, key.as_bytes(), Some(newer));
+        assert_eq!(v.fence(&p), 15);
+        let other = PartitionRef {
+            partition: 1,
+            ..p.clone()
+        };
+        assert_eq!(v.fence(&other), 0);
+    }
 
     #[test]
     fn applies_puts_and_deletes() {
@@ -172,7 +243,7 @@ mod tests {
         v.apply(
             &keys,
             keys.shard(ShardId(2)).as_bytes(),
-            Some((&shard, 42, 7)),
+            Some(put(&shard, 42, 7)),
         );
         assert_eq!(v.owner(ShardId(2)).unwrap().epoch, Epoch(42));
         assert_eq!(v.unowned(), 3);
@@ -182,14 +253,14 @@ mod tests {
         v.apply(
             &keys,
             keys.shard(ShardId(9)).as_bytes(),
-            Some((&shard, 43, 7)),
+            Some(put(&shard, 43, 7)),
         );
         let a = serde_json::to_vec(&AssignmentValue::encode(
             5,
             &[None, Some(MemberId::new("a")), None, None],
         ))
         .unwrap();
-        v.apply(&keys, keys.assignment().as_bytes(), Some((&a, 50, 0)));
+        v.apply(&keys, keys.assignment().as_bytes(), Some(put(&a, 50, 0)));
         assert_eq!(
             (v.assignment_version, v.assigned(ShardId(1)).cloned()),
             (5, Some(MemberId::new("a")))

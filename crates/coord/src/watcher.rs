@@ -6,6 +6,7 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::view::Put;
 use crate::{Coord, Error, View};
 
 impl Coord {
@@ -41,11 +42,7 @@ impl Coord {
             .await?;
         let mut view = View::empty(self.inner.opts.shard_count);
         for kv in snapshot.kvs() {
-            view.apply(
-                keys,
-                kv.key(),
-                Some((kv.value(), kv.create_revision(), kv.lease())),
-            );
+            view.apply(keys, kv.key(), Some(Put::of(kv)));
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());
         view.synced = true;
@@ -98,7 +95,7 @@ impl Coord {
             for ev in resp.events() {
                 let Some(kv) = ev.kv() else { continue };
                 let put = match ev.event_type() {
-                    EventType::Put => Some((kv.value(), kv.create_revision(), kv.lease())),
+                    EventType::Put => Some(Put::of(kv)),
                     EventType::Delete => None,
                 };
                 view.apply(keys, kv.key(), put);

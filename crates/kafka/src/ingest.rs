@@ -1,9 +1,9 @@
 //! The consumer loop of one source.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
@@ -95,6 +95,14 @@ struct Partition {
     chains: Mutex<HashMap<String, Done>>,
     limit: Arc<Semaphore>,
     revoked: AtomicBool,
+    /// This consumer's claim of the partition, made before its first dispatch.
+    fence: tokio::sync::OnceCell<u64>,
+    /// When an owner refused a message because another consumer claimed the partition
+    /// since (see [`Partition::fenced`]).
+    fenced_at: Mutex<Option<Instant>>,
+    /// Where re-reading starts if this state is abandoned while the partition stays
+    /// assigned: the first offset consumed, then every stored watermark.
+    resume_from: AtomicI64,
     /// Cancelled on revoke: a dispatch still waiting in this instance (for an owner, a
     /// lease, its key's turn, a peer's answer) is dropped rather than run late.
     cancel: CancellationToken,
@@ -116,6 +124,22 @@ impl Partition {
 
     fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Another consumer claimed the partition since this one did: stop as on a revoke.
+    /// The group normally tells this consumer within a heartbeat; if it still has the
+    /// partition after its session timeout, it claims it again (see `reclaim_fenced`).
+    fn fenced(&self) {
+        let mut at = self.fenced_at.lock().expect("fenced lock");
+        if at.is_none() {
+            *at = Some(Instant::now());
+        }
+        drop(at);
+        self.revoke();
+    }
+
+    fn fenced_since(&self) -> Option<Instant> {
+        *self.fenced_at.lock().expect("fenced lock")
     }
 
     fn list(&self) -> TopicPartitionList {
@@ -143,6 +167,7 @@ struct Metrics {
     waits: Arc<Counter>,
     skipped: Arc<Counter>,
     paused: Arc<Gauge>,
+    fenced: Arc<Counter>,
 }
 
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
@@ -206,6 +231,11 @@ impl Ingest {
             paused: registry.gauge(
                 "leasehold_kafka_paused_partitions",
                 "Partitions paused because their in-flight limit is reached.",
+                &l,
+            ),
+            fenced: registry.counter(
+                "leasehold_kafka_fenced_partitions_total",
+                "Partitions this consumer stopped because another consumer of the group claimed them since.",
                 &l,
             ),
         };
@@ -280,10 +310,17 @@ impl Ingest {
             cancel.clone(),
         ));
         let tasks = TaskTracker::new();
+        let reclaim_after = session_timeout(&o.properties) + Duration::from_secs(1);
+        let mut reclaim_tick = tokio::time::interval(Duration::from_secs(1));
+        reclaim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let message = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
+                _ = reclaim_tick.tick() => {
+                    reclaim_fenced(&o.name, &consumer, &partitions, reclaim_after);
+                    continue;
+                }
                 m = consumer.recv() => m,
             };
             let m = match message {
@@ -328,6 +365,9 @@ impl Ingest {
                         chains: Mutex::new(HashMap::new()),
                         limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
                         revoked: AtomicBool::new(false),
+                        fence: tokio::sync::OnceCell::new(),
+                        fenced_at: Mutex::new(None),
+                        resume_from: AtomicI64::new(m.offset()),
                         cancel: CancellationToken::new(),
                         parked: Mutex::new(VecDeque::new()),
                         watermark: gauges.0.clone(),
@@ -435,6 +475,66 @@ async fn drain(worker: Worker, total: Arc<Semaphore>, tasks: TaskTracker) {
             tracing::debug!(topic = %part.topic, partition = part.partition, "partition resumed");
             return;
         }
+    }
+}
+
+/// librdkafka's `session.timeout.ms` for a source (its default: 45 s).
+fn session_timeout(properties: &std::collections::BTreeMap<String, String>) -> Duration {
+    properties
+        .get("session.timeout.ms")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(45), Duration::from_millis)
+}
+
+/// A partition whose claim was superseded normally leaves this consumer within a
+/// heartbeat (the group took it away). One still assigned here after a whole session
+/// timeout is this consumer's in the group's eyes: its abandoned state is dropped and the
+/// partition re-read from the last stored watermark under a new claim.
+fn reclaim_fenced(
+    source: &str,
+    consumer: &StreamConsumer<Context>,
+    partitions: &Partitions,
+    after: Duration,
+) {
+    let stale: Vec<((String, i32), Arc<Partition>)> = partitions
+        .lock()
+        .expect("partitions lock")
+        .iter()
+        .filter(|(_, p)| p.fenced_since().is_some_and(|t| t.elapsed() >= after))
+        .map(|(tp, p)| (tp.clone(), p.clone()))
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let assigned = match consumer.assignment() {
+        Ok(list) => topic_partitions(&list),
+        Err(e) => {
+            tracing::debug!(source, error = %e, "reading the assignment failed");
+            return;
+        }
+    };
+    for (tp, part) in stale {
+        if !assigned.contains(&tp) {
+            continue; // the revoke callback removes it
+        }
+        let from = part.resume_from.load(Ordering::Acquire);
+        // Runs in the consumer loop itself, so no message of the partition is taken
+        // between the seek and dropping the old state; librdkafka discards what it had
+        // fetched before the seek.
+        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::ZERO) {
+            tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
+            continue;
+        }
+        {
+            let mut map = partitions.lock().expect("partitions lock");
+            if map.get(&tp).is_some_and(|p| Arc::ptr_eq(p, &part)) {
+                map.remove(&tp); // the next message starts a new state and a new claim
+            }
+        }
+        if let Err(e) = consumer.resume(&part.list()) {
+            tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
+        }
+        tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
     }
 }
 
@@ -569,12 +669,14 @@ impl Worker {
     /// fails (dead-letter or skip). Stops when the partition is revoked: the new
     /// assignee re-reads the message.
     async fn handle(&self, key: String, r: &Record) {
-        let call = KafkaCall {
+        let mut call = KafkaCall {
             key,
             payload: r.payload.clone(),
+            group: self.opts.group.clone(),
             topic: r.topic.clone(),
             partition: r.partition,
             offset: r.offset,
+            fence: 0,
         };
         let mut attempt = 0u32;
         let mut waits = 0u32;
@@ -590,7 +692,7 @@ impl Worker {
                 return;
             }
             let dispatched = tokio::select! {
-                r = self.dispatcher.dispatch(call.clone()) => r,
+                r = self.claimed_dispatch(&mut call) => r,
                 // Dropping the call path's future abandons a call that has not started
                 // (one already running finishes at its owner first).
                 _ = self.part.cancel.cancelled() => return,
@@ -598,6 +700,14 @@ impl Worker {
             let backoff = match dispatched {
                 Ok(()) => {
                     self.metrics.handled.inc();
+                    return;
+                }
+                Err(DispatchError::Fenced(reason)) => {
+                    if self.part.fenced_since().is_none() {
+                        self.metrics.fenced.inc();
+                        tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason = %reason, "partition claimed by another consumer; abandoning its messages here (they are re-read there)");
+                    }
+                    self.part.fenced();
                     return;
                 }
                 Err(DispatchError::Rejected(reason)) => {
@@ -629,6 +739,20 @@ impl Worker {
             let backoff = backoff.clamp(Duration::from_millis(10), Duration::from_secs(5));
             tokio::time::sleep(backoff).await;
         }
+    }
+
+    /// Claims the partition on its first dispatch (once per assignment), then dispatches.
+    async fn claimed_dispatch(&self, call: &mut KafkaCall) -> Result<(), DispatchError> {
+        if call.fence == 0 {
+            let claim = || {
+                self.dispatcher
+                    .claim(&call.group, &call.topic, call.partition)
+            };
+            let fence = *self.part.fence.get_or_try_init(claim).await?;
+            tracing::debug!(source = %self.opts.name, topic = %call.topic, partition = call.partition, fence, "partition claimed");
+            call.fence = fence;
+        }
+        self.dispatcher.dispatch(call.clone()).await
     }
 
     /// A message that cannot be handled: dead-lettered, or skipped, as configured.
@@ -719,7 +843,10 @@ impl Worker {
                 .find_map(|e| e.error().err().map(|e| e.to_string()))
         });
         match failed {
-            None => self.part.watermark.set(watermark as f64),
+            None => {
+                self.part.watermark.set(watermark as f64);
+                self.part.resume_from.store(watermark, Ordering::Release);
+            }
             Some(e) => {
                 self.metrics.store_errors.inc();
                 tracing::debug!(topic = %self.part.topic, partition = self.part.partition, watermark, error = %e, "offset store refused (partition revoked?)");

@@ -60,9 +60,12 @@ pub struct SourceOptions {
 pub struct KafkaCall {
     pub key: String,
     pub payload: Bytes,
+    pub group: String,
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+    /// This consumer's claim of the partition (from [`Dispatcher::claim`]).
+    pub fence: u64,
 }
 
 /// What happens to a message that cannot be handled: its key cannot be extracted, the
@@ -101,9 +104,24 @@ pub enum DispatchError {
     /// sending live messages away would let later messages for the key overtake them.
     #[error("not reached a handler: {0}")]
     Unavailable(String),
+    /// Another member of the group claimed the partition since this consumer did: the
+    /// group gave it away (this consumer was cut off for about its session timeout). The
+    /// message did not run; nothing of the partition runs or commits here any more.
+    #[error("partition claimed by another consumer: {0}")]
+    Fenced(String),
 }
 
 /// Gets a message to its key's owner and runs the handler there (the call path).
 pub trait Dispatcher: Send + Sync + 'static {
     fn dispatch(&self, call: KafkaCall) -> BoxFuture<'static, Result<(), DispatchError>>;
+
+    /// Claims a partition newly assigned to this consumer before any of its messages is
+    /// dispatched; the answer (the fence) grows with every claim of the partition, and
+    /// owners refuse messages read under a superseded claim. `Unavailable` is retried.
+    fn claim(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> BoxFuture<'static, Result<u64, DispatchError>>;
 }

@@ -33,11 +33,52 @@ pub enum CallSource {
     /// An `Entities.Call`, accepted by the instance `entry`.
     Grpc { entry: MemberId },
     /// A Kafka record.
-    Kafka {
-        topic: String,
-        partition: i32,
-        offset: i64,
-    },
+    Kafka(KafkaRecord),
+}
+
+/// Origin of a Kafka record, with the reading consumer's claim of its partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaRecord {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    /// The consumer's claim of the partition (see `Coord::claim_partition`); 0: none.
+    pub fence: u64,
+}
+
+impl KafkaRecord {
+    pub fn partition_ref(&self) -> leasehold_coord::PartitionRef {
+        leasehold_coord::PartitionRef {
+            group: self.group.clone(),
+            topic: self.topic.clone(),
+            partition: self.partition,
+        }
+    }
+}
+
+impl From<pb::KafkaSource> for KafkaRecord {
+    fn from(k: pb::KafkaSource) -> Self {
+        Self {
+            group: k.group,
+            topic: k.topic,
+            partition: k.partition,
+            offset: k.offset,
+            fence: k.fence,
+        }
+    }
+}
+
+impl From<KafkaRecord> for pb::KafkaSource {
+    fn from(k: KafkaRecord) -> Self {
+        Self {
+            topic: k.topic,
+            partition: k.partition,
+            offset: k.offset,
+            group: k.group,
+            fence: k.fence,
+        }
+    }
 }
 
 /// One handler invocation.
@@ -130,15 +171,7 @@ impl Handler for GrpcHandler {
                 CallSource::Grpc { entry } => {
                     pb::source::Kind::Grpc(pb::GrpcSource { entry: entry.0 })
                 }
-                CallSource::Kafka {
-                    topic,
-                    partition,
-                    offset,
-                } => pb::source::Kind::Kafka(pb::KafkaSource {
-                    topic,
-                    partition,
-                    offset,
-                }),
+                CallSource::Kafka(record) => pb::source::Kind::Kafka(record.into()),
             };
             let mut request = tonic::Request::new(pb::HandleRequest {
                 key: call.key,

@@ -26,7 +26,8 @@ use tokio::sync::Semaphore;
 use tonic::{Code, Status};
 
 pub use crate::handler::{
-    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, UNREACHABLE_MARK,
+    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, KafkaRecord,
+    UNREACHABLE_MARK,
 };
 use crate::mailbox::{Mailboxes, Turn};
 use crate::peers::{Forwarded, Peers};
@@ -89,6 +90,10 @@ pub enum CallError {
     /// The handler did not answer within its deadline.
     #[error("{0}")]
     HandlerTimeout(String),
+    /// A Kafka record read under an older claim of its partition than the latest one
+    /// known here: its consumer lost the partition (whether it knows yet or not).
+    #[error("{0}")]
+    Fenced(String),
 }
 
 impl CallError {
@@ -103,6 +108,7 @@ impl CallError {
             CallError::NotOwner { .. } => "not_owner",
             CallError::Handler(_) => "handler",
             CallError::HandlerTimeout(_) => "handler_timeout",
+            CallError::Fenced(_) => "fenced",
         }
     }
 
@@ -116,6 +122,7 @@ impl CallError {
             "deadline_exceeded" => CallError::DeadlineExceeded(m),
             "unavailable" => CallError::Unavailable(m),
             "handler_timeout" => CallError::HandlerTimeout(m),
+            "fenced" => CallError::Fenced(m),
             _ => CallError::Handler(status),
         }
     }
@@ -131,6 +138,7 @@ impl From<CallError> for Status {
             e @ CallError::NotOwner { .. } => Status::failed_precondition(e.to_string()),
             CallError::Handler(s) => s,
             CallError::HandlerTimeout(m) => Status::deadline_exceeded(m),
+            CallError::Fenced(m) => Status::aborted(m),
         }
     }
 }
@@ -163,6 +171,7 @@ struct Metrics {
     handler_latency: Arc<Histogram>,
     mailboxes: Arc<Gauge>,
     stream_calls: Arc<Counter>,
+    fenced: Arc<Counter>,
 }
 
 struct Inner {
@@ -172,6 +181,9 @@ struct Inner {
     mailboxes: Arc<Mailboxes>,
     peers: Peers,
     concurrency: Arc<Semaphore>,
+    /// Latest claim seen per Kafka partition in records that ran here (see
+    /// [`Router::check_fence`]).
+    fences: std::sync::Mutex<std::collections::HashMap<leasehold_coord::PartitionRef, u64>>,
     metrics: Metrics,
 }
 
@@ -229,6 +241,11 @@ impl Router {
                 "Forwarded calls received over peers' Dispatch streams (Kafka messages).",
                 "",
             ),
+            fenced: registry.counter(
+                "leasehold_fenced_records_total",
+                "Kafka records refused at their owner because their consumer's claim of the partition was superseded.",
+                "",
+            ),
         };
         let max_message = opts.max_payload + (1 << 20);
         Self {
@@ -236,6 +253,7 @@ impl Router {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
                 peers: Peers::new(max_message),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
+                fences: Default::default(),
                 coord,
                 handler,
                 opts,
@@ -377,6 +395,7 @@ impl Router {
             match blocked {
                 Blocked::Moving => reason = "shard moving",
                 Blocked::LeaseInvalid => reason = "lease not valid",
+                Blocked::Behind => reason = "routing table catching up",
                 Blocked::NotOwned => {
                     if let Origin::Forwarded { .. } = job.origin {
                         let view = coord.view();
@@ -483,6 +502,17 @@ impl Router {
                 }));
             }
         }
+        if let CallSource::Kafka(record) = &job.source {
+            if let Err(e) = self.check_fence(record, guard.epoch) {
+                if matches!(e, CallError::Fenced(_)) {
+                    self.inner.metrics.fenced.inc();
+                }
+                return match e {
+                    CallError::Unavailable(_) => Err(Blocked::Behind),
+                    e => Ok(Err(e)),
+                };
+            }
+        }
         let deadline = job.deadline.min(guard.valid_until);
         let epoch = guard.epoch;
         let call = HandleCall {
@@ -524,6 +554,43 @@ impl Router {
                 deadline.saturating_duration_since(started)
             ))),
         })
+    }
+}
+
+impl Router {
+    /// Lets a Kafka record run here only under the latest claim of its partition, so a
+    /// consumer that lost its partition (the group gave it to another member while this
+    /// one was cut off) cannot run a record after the new assignee's re-reading started:
+    /// per key, offsets stay in order.
+    ///
+    /// The latest claim is the larger of the claims seen in records that ran here and
+    /// the one in the routing table. The table is required to have caught up with this
+    /// instance's acquisition of the shard (`epoch`): a record of the key that ran under
+    /// an earlier owner ran before that acquisition, and its consumer claimed the
+    /// partition before dispatching it, so the claim is in the table by then.
+    /// `Unavailable` means "not caught up yet; wait".
+    fn check_fence(&self, record: &KafkaRecord, epoch: Epoch) -> Result<(), CallError> {
+        if record.fence == 0 {
+            return Ok(()); // a sender without claims (an older version)
+        }
+        let view = self.inner.coord.view();
+        if (view.revision as u64) < epoch.0 {
+            return Err(CallError::Unavailable(
+                "routing table behind this shard's acquisition".into(),
+            ));
+        }
+        let partition = record.partition_ref();
+        let mut fences = self.inner.fences.lock().expect("fences lock");
+        let seen = fences.entry(partition).or_default();
+        let latest = (*seen).max(view.fence(&record.partition_ref()));
+        if record.fence < latest {
+            return Err(CallError::Fenced(format!(
+                "record {}/{}@{} was read under claim {} of its partition; claim {} superseded it",
+                record.topic, record.partition, record.offset, record.fence, latest
+            )));
+        }
+        *seen = record.fence;
+        Ok(())
     }
 }
 

@@ -211,18 +211,10 @@ impl Peers {
         };
         let (entry, source) = match &job.source {
             CallSource::Grpc { entry } => (entry.0.clone(), None),
-            CallSource::Kafka {
-                topic,
-                partition,
-                offset,
-            } => (
+            CallSource::Kafka(record) => (
                 String::new(),
                 Some(pb::Source {
-                    kind: Some(pb::source::Kind::Kafka(pb::KafkaSource {
-                        topic: topic.clone(),
-                        partition: *partition,
-                        offset: *offset,
-                    })),
+                    kind: Some(pb::source::Kind::Kafka(record.clone().into())),
                 }),
             ),
         };
@@ -235,7 +227,7 @@ impl Peers {
             source,
         };
         // Kafka messages share one stream per peer instead of one RPC each.
-        if matches!(job.source, CallSource::Kafka { .. }) {
+        if matches!(job.source, CallSource::Kafka(_)) {
             return self.dispatch(address, call, job).await;
         }
         let mut request = tonic::Request::new(call);

@@ -112,11 +112,7 @@ impl PeerService {
     ) -> Result<pb::ForwardResponse, CallError> {
         let deadline = self.router.deadline(timeout);
         let source = match req.source.and_then(|s| s.kind) {
-            Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka {
-                topic: k.topic,
-                partition: k.partition,
-                offset: k.offset,
-            },
+            Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka(k.into()),
             _ => CallSource::Grpc {
                 entry: MemberId(req.entry),
             },

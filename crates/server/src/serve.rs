@@ -246,16 +246,40 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         let router = self.router.clone();
         Box::pin(async move {
             let deadline = router.deadline(None);
-            let source = leasehold_router::CallSource::Kafka {
+            let source = leasehold_router::CallSource::Kafka(leasehold_router::KafkaRecord {
+                group: call.group,
                 topic: call.topic,
                 partition: call.partition,
                 offset: call.offset,
-            };
+                fence: call.fence,
+            });
             router
                 .call(call.key, call.payload, deadline, source)
                 .await
                 .map(|_| ())
                 .map_err(dispatch_error)
+        })
+    }
+
+    fn claim(
+        &self,
+        group: &str,
+        topic: &str,
+        partition: i32,
+    ) -> futures::future::BoxFuture<'static, Result<u64, leasehold_kafka::DispatchError>> {
+        let coord = self.router.coord().clone();
+        let partition = leasehold_coord::PartitionRef {
+            group: group.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+        };
+        Box::pin(async move {
+            coord.claim_partition(&partition).await.map_err(|e| {
+                leasehold_kafka::DispatchError::Unavailable(format!(
+                    "claiming {}/{}: {e}",
+                    partition.topic, partition.partition
+                ))
+            })
         })
     }
 }
@@ -270,6 +294,7 @@ fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchEr
         C::Handler(s) => D::Handler(format!("{:?}: {}", s.code(), s.message())),
         e @ C::HandlerTimeout(_) => D::Handler(e.to_string()),
         e @ C::InvalidArgument(_) => D::Rejected(e.to_string()),
+        C::Fenced(m) => D::Fenced(m),
         e @ (C::ResourceExhausted(_)
         | C::DeadlineExceeded(_)
         | C::Unavailable(_)

@@ -834,10 +834,20 @@ fn inject(
         }
         Kind::EtcdLeaderKill => {
             let hold = r(rng, 1.0, 6.0);
-            let l = world
-                .etcd
-                .leader()
-                .ok_or_else(|| anyhow!("etcd has no leader to kill"))?;
+            // Right after an earlier etcd fault the members may still be electing.
+            let l = tokio::task::block_in_place(|| {
+                let until = Instant::now() + Duration::from_secs(10);
+                loop {
+                    if let Some(l) = world.etcd.leader() {
+                        return Some(l);
+                    }
+                    if Instant::now() > until {
+                        return None;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+            .ok_or_else(|| anyhow!("etcd has no leader to kill (none elected within 10 s)"))?;
             world.etcd.kill(l);
             undo.push(Undo::StartEtcd(l));
             (
