@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy unit integration helm-test run bench fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unit integration helm-test run bench fmt chaos chaos-short
 
 all: build
 
@@ -36,8 +36,13 @@ fmt:
 fmt-check:
 	cargo fmt --all -- --check
 
+# Also the MSRV check: every crate inherits rust-version, and clippy's incompatible_msrv
+# fails on std APIs newer than it.
 clippy: deps
 	cargo clippy --workspace --all-targets -- -D warnings
+
+doc: deps
+	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
 unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
@@ -47,7 +52,7 @@ integration: build kafka-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps kafka-deps helm-deps fmt-check clippy
+test: deps kafka-deps helm-deps fmt-check clippy doc
 	@scripts/doctor.sh
 	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
 

@@ -371,3 +371,54 @@ async fn a_watch_on_an_etcd_member_cut_off_from_its_cluster_is_not_trusted() {
         "network namespaces or links left behind"
     );
 }
+
+/// Claims of a Kafka partition commit in the group's generation order, even when one is
+/// delayed: a consumer that lost its partition cannot take the fence back from the member
+/// the group gave it to (its late claim is refused), while its own re-claim and later
+/// generations go through; a claim ends with its claimant's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn late_claims_of_a_kafka_partition_from_an_earlier_generation_are_refused() {
+    use leasehold_coord::{claim, claim_value, Claim};
+    use leasehold_types::MemberId;
+
+    let etcd = Etcd::start().await;
+    let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let lease = c.lease_grant(30, None).await.unwrap().id();
+    let key = "/leasehold/default/kafka-fences/t/0/g".to_owned();
+    let (a, b) = (MemberId::new("a"), MemberId::new("b"));
+    let claim_as = |generation: i32, member: &MemberId| {
+        let value = claim_value(generation, member);
+        let key = key.clone();
+        let mut c = c.clone();
+        async move { claim(&mut c, key, value, lease).await.unwrap() }
+    };
+    let Claim::Claimed { fence: f1 } = claim_as(5, &a).await else {
+        panic!("a first claim goes through")
+    };
+    assert_eq!(
+        claim_as(3, &b).await,
+        Claim::Superseded {
+            holder: claim_value(5, &a)
+        },
+        "a claim from an earlier generation is refused"
+    );
+    let Claim::Claimed { fence: f2 } = claim_as(5, &a).await else {
+        panic!("the holder may claim again")
+    };
+    let Claim::Claimed { fence: f3 } = claim_as(6, &b).await else {
+        panic!("a later generation takes over")
+    };
+    assert!(f1 < f2 && f2 < f3, "fences grow: {f1} {f2} {f3}");
+    assert!(matches!(claim_as(5, &a).await, Claim::Superseded { .. }));
+    c.lease_revoke(lease).await.unwrap();
+    let lease2 = c.lease_grant(30, None).await.unwrap().id();
+    let after = claim(&mut c, key.clone(), claim_value(1, &a), lease2)
+        .await
+        .unwrap();
+    assert!(
+        matches!(after, Claim::Claimed { fence } if fence > f3),
+        "a claim ends with its lease (a new group starts at generation 1): {after:?}"
+    );
+}

@@ -675,12 +675,15 @@ async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
         s.kafka_fences[0]
     };
 
-    // Another consumer of the group claims the partition (as the new assignee would).
+    // A newer claim of the partition appears (as a new assignee's would; written
+    // directly, with generation 0, so that the consumer — which is in fact still the
+    // assignee — wins its claim back).
     let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint()], None)
         .await
         .unwrap();
     let key = "/leasehold/default/kafka-fences/fenced/0/fencers";
-    let claimed = etcd.put(key, "someone-else", None).await.unwrap();
+    let holder = leasehold_coord::claim_value(0, &leasehold_types::MemberId::new("other"));
+    let claimed = etcd.put(key, holder, None).await.unwrap();
     let newer = claimed.header().unwrap().revision() as u64;
     assert!(newer > first_claim);
     let before = checker.state.lock().unwrap().kafka.len();

@@ -12,6 +12,7 @@
 //! Ownership is decided only by etcd transactions on `create_revision == 0`, so two
 //! instances with stale views can never both own a shard.
 
+mod claims;
 mod keys;
 mod lease;
 mod reconcile;
@@ -30,6 +31,7 @@ use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::claims::{claim, claim_value, Claim};
 pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
 pub use crate::view::{Member, ShardOwner, View};
@@ -384,18 +386,22 @@ impl Coord {
             .map_err(Error::from)
     }
 
-    /// Claims a Kafka partition for this instance's consumer (a new assignment of it):
-    /// returns the claim's fence, larger than every earlier claim of the partition.
-    /// Owners refuse records carrying a smaller fence than the latest they know, so a
-    /// consumer that lost the partition without noticing yet cannot run its records
-    /// after the new assignee started.
-    pub async fn claim_partition(&self, partition: &PartitionRef) -> Result<u64, Error> {
+    /// Claims a Kafka partition for this instance's consumer, assigned to it in the
+    /// group's `generation` (see [`claim`]). The claim lives as long as this instance's
+    /// lease.
+    pub async fn claim_partition(
+        &self,
+        partition: &PartitionRef,
+        generation: i32,
+    ) -> Result<Claim, Error> {
+        let lease = self.inner.session.borrow().lease;
+        if lease == 0 {
+            return Err(Error::Other("no lease yet".into()));
+        }
         let key = self.inner.keys.kafka_fence(partition);
-        let value = self.member_id().0.clone();
+        let value = claim_value(generation, self.member_id());
         let mut client = self.client()?;
-        let resp = self.etcd(client.put(key, value, None)).await?;
-        let revision = resp.header().map_or(0, |h| h.revision());
-        Ok(revision as u64)
+        self.etcd(claim(&mut client, key, value, lease)).await
     }
 
     /// Marks a member draining so the leader moves all its shards away.

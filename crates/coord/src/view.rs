@@ -103,9 +103,9 @@ impl View {
                 let fence = Arc::make_mut(&mut self.fences).entry(p).or_default();
                 *fence = (*fence).max(mod_revision as u64);
             }
-            (Key::KafkaFence(p), None) => {
-                Arc::make_mut(&mut self.fences).remove(&p);
-            }
+            // A claim ends with its claimant's lease; its fence stays the one to beat (a
+            // consumer still running under it must not fall below a forgotten claim).
+            (Key::KafkaFence(_), None) => {}
             (Key::Member(id), Some((value, _, lease, _))) => {
                 match serde_json::from_slice::<MemberValue>(value) {
                     Ok(v) => {

@@ -122,7 +122,7 @@ impl EntityHandler for Shared {
             .await
             .map_err(|e| Status::unavailable(format!("store: {e}")))?;
         let n = self.applied.fetch_add(1, Ordering::Relaxed) + 1;
-        if n.is_multiple_of(5000) {
+        if n % 5000 == 0 {
             eprintln!("ledger: {n} payments applied");
         }
         Ok(Response::new(HandleResponse {

@@ -95,6 +95,8 @@ struct Partition {
     chains: Mutex<HashMap<String, Done>>,
     limit: Arc<Semaphore>,
     revoked: AtomicBool,
+    /// The group generation in which this state's assignment was seen.
+    generation: i32,
     /// This consumer's claim of the partition, made before its first dispatch.
     fence: tokio::sync::OnceCell<u64>,
     /// When an owner refused a message because another consumer claimed the partition
@@ -129,13 +131,16 @@ impl Partition {
     /// Another consumer claimed the partition since this one did: stop as on a revoke.
     /// The group normally tells this consumer within a heartbeat; if it still has the
     /// partition after its session timeout, it claims it again (see `reclaim_fenced`).
-    fn fenced(&self) {
+    /// Returns true the first time.
+    fn fenced(&self) -> bool {
         let mut at = self.fenced_at.lock().expect("fenced lock");
-        if at.is_none() {
+        let first = at.is_none();
+        if first {
             *at = Some(Instant::now());
         }
         drop(at);
         self.revoke();
+        first
     }
 
     fn fenced_since(&self) -> Option<Instant> {
@@ -365,6 +370,9 @@ impl Ingest {
                         chains: Mutex::new(HashMap::new()),
                         limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
                         revoked: AtomicBool::new(false),
+                        // Read in the loop that serves the group's callbacks: the
+                        // partition is assigned in this generation.
+                        generation: crate::group::generation(consumer.as_ref()),
                         fence: tokio::sync::OnceCell::new(),
                         fenced_at: Mutex::new(None),
                         resume_from: AtomicI64::new(m.offset()),
@@ -703,11 +711,14 @@ impl Worker {
                     return;
                 }
                 Err(DispatchError::Fenced(reason)) => {
-                    if self.part.fenced_since().is_none() {
+                    if self.part.fenced() {
                         self.metrics.fenced.inc();
+                        // Nothing of it runs here any more: stop fetching it too.
+                        if let Err(e) = self.consumer.pause(&self.part.list()) {
+                            tracing::debug!(topic = %r.topic, partition = r.partition, error = %e, "pausing a fenced partition");
+                        }
                         tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason = %reason, "partition claimed by another consumer; abandoning its messages here (they are re-read there)");
                     }
-                    self.part.fenced();
                     return;
                 }
                 Err(DispatchError::Rejected(reason)) => {
@@ -744,13 +755,21 @@ impl Worker {
     /// Claims the partition on its first dispatch (once per assignment), then dispatches.
     async fn claimed_dispatch(&self, call: &mut KafkaCall) -> Result<(), DispatchError> {
         if call.fence == 0 {
+            let generation = self.part.generation;
             let claim = || {
                 self.dispatcher
-                    .claim(&call.group, &call.topic, call.partition)
+                    .claim(&call.group, &call.topic, call.partition, generation)
             };
             let fence = *self.part.fence.get_or_try_init(claim).await?;
-            tracing::debug!(source = %self.opts.name, topic = %call.topic, partition = call.partition, fence, "partition claimed");
+            tracing::debug!(source = %self.opts.name, topic = %call.topic, partition = call.partition, generation, fence, "partition claimed");
             call.fence = fence;
+            // The claim may have taken a while (etcd slow, retried): the group may have
+            // moved on meanwhile.
+            if self.consumer.assignment_lost() {
+                return Err(DispatchError::Fenced(
+                    "group session lost while claiming the partition".into(),
+                ));
+            }
         }
         self.dispatcher.dispatch(call.clone()).await
     }

@@ -4,6 +4,7 @@
 //! previous message with the same key from its partition; the committed offset is the
 //! lowest offset not yet handled or dead-lettered.
 
+mod group;
 mod ingest;
 mod key;
 mod window;
@@ -115,13 +116,15 @@ pub enum DispatchError {
 pub trait Dispatcher: Send + Sync + 'static {
     fn dispatch(&self, call: KafkaCall) -> BoxFuture<'static, Result<(), DispatchError>>;
 
-    /// Claims a partition newly assigned to this consumer before any of its messages is
-    /// dispatched; the answer (the fence) grows with every claim of the partition, and
-    /// owners refuse messages read under a superseded claim. `Unavailable` is retried.
+    /// Claims a partition assigned to this consumer in the group's `generation`, before
+    /// any of its messages is dispatched; the answer (the fence) grows with every claim
+    /// of the partition, and owners refuse messages read under a superseded claim.
+    /// `Unavailable` is retried; `Fenced` means a later assignment holds the partition.
     fn claim(
         &self,
         group: &str,
         topic: &str,
         partition: i32,
+        generation: i32,
     ) -> BoxFuture<'static, Result<u64, DispatchError>>;
 }

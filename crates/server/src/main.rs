@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use leasehold_server::config::{Config, ServeArgs};
+use leasehold_server::config::{LogFormat, ServeArgs, ServeOptions};
 use leasehold_server::serve::{serve, Listeners};
 use tracing_subscriber::EnvFilter;
 
@@ -107,14 +107,17 @@ fn main() -> ExitCode {
             client_command(leasehold_server::client::locate(&addr, &key))
         }
         Command::Serve(args) => {
-            let config = match Config::load(&args) {
-                Ok(c) => c,
+            let (config, warnings) = match ServeOptions::load(&args) {
+                Ok(loaded) => (loaded.options, loaded.warnings),
                 Err(e) => {
                     eprintln!("error: {e}");
                     return ExitCode::from(EX_USAGE);
                 }
             };
             if args.print_config {
+                for w in &warnings {
+                    eprintln!("warning: {w}");
+                }
                 print!("{}", config.to_toml());
                 return ExitCode::SUCCESS;
             }
@@ -129,10 +132,12 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_ansi(log_colour())
                 .with_writer(std::io::stderr);
-            if config.log_json {
-                logs.json().init();
-            } else {
-                logs.init();
+            match config.log_format {
+                LogFormat::Json => logs.json().init(),
+                LogFormat::Text => logs.init(),
+            }
+            for w in warnings {
+                tracing::warn!("{w}");
             }
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

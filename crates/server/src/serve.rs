@@ -21,7 +21,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, AdminService};
-use crate::config::{Config, HandlerKind};
+use crate::config::{HandlerSpec, ServeOptions};
 
 /// The two listeners of an instance, bound before the runtime work starts so that tests
 /// and callers can use port 0.
@@ -31,7 +31,7 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &Config) -> anyhow::Result<Self> {
+    pub async fn bind(config: &ServeOptions) -> anyhow::Result<Self> {
         let grpc = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
@@ -59,7 +59,7 @@ fn advertised(configured: &Option<String>, bound: SocketAddr, field: &str) -> St
 /// Runs an instance until `shutdown` resolves, then leaves the cluster gracefully:
 /// not ready → drain shards → stop servers → revoke the lease.
 pub async fn serve(
-    config: Config,
+    config: ServeOptions,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -69,13 +69,14 @@ pub async fn serve(
     let address = advertised(&config.advertise, grpc_bound, "advertise");
     let admin_address = advertised(&config.admin_advertise, admin_bound, "admin_advertise");
     let member = MemberId::new(config.id.clone());
-    let max_message = config.max_payload + (1 << 20);
+    let max_message = config.max_payload.bytes() + (1 << 20);
 
     let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) = match &config.handler {
-        HandlerKind::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
-        HandlerKind::Grpc(url) => {
+        HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
+        spec @ HandlerSpec::Grpc { .. } => {
+            let url = spec.url().expect("a gRPC handler has a URL");
             let h = Arc::new(
-                GrpcHandler::new(url, max_message, member.clone()).map_err(anyhow::Error::msg)?,
+                GrpcHandler::new(&url, max_message, member.clone()).map_err(anyhow::Error::msg)?,
             );
             (h.clone(), h)
         }
@@ -86,8 +87,10 @@ pub async fn serve(
             member_id: member.clone(),
             address: address.clone(),
             admin_address: admin_address.clone(),
-            etcd_endpoints: config.etcd.clone(),
-            etcd_user: config.etcd_user.clone(),
+            etcd_endpoints: config.etcd.0.clone(),
+            etcd_user: config
+                .etcd_credentials()?
+                .map(|(user, password)| (user, password.expose().to_owned())),
             shard_count: config.shards,
             lease_ttl: config.lease_ttl,
             max_moves: config.max_moves,
@@ -100,7 +103,7 @@ pub async fn serve(
         coord.clone(),
         handler.clone(),
         RouterOptions {
-            max_payload: config.max_payload,
+            max_payload: config.max_payload.bytes(),
             request_timeout: config.request_timeout,
             max_concurrency: config.max_concurrency,
             mailbox_capacity: config.mailbox_capacity,
@@ -112,7 +115,7 @@ pub async fn serve(
     // Kafka sources dispatch through the same call path as gRPC calls.
     let kafka_cancel = CancellationToken::new();
     let mut kafka_tasks = tokio::task::JoinSet::new();
-    for source in &config.kafka {
+    for source in config.kafka_sources()? {
         let dispatcher = Arc::new(RouterDispatch {
             router: router.clone(),
         });
@@ -266,6 +269,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         group: &str,
         topic: &str,
         partition: i32,
+        generation: i32,
     ) -> futures::future::BoxFuture<'static, Result<u64, leasehold_kafka::DispatchError>> {
         let coord = self.router.coord().clone();
         let partition = leasehold_coord::PartitionRef {
@@ -274,12 +278,18 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
             partition,
         };
         Box::pin(async move {
-            coord.claim_partition(&partition).await.map_err(|e| {
-                leasehold_kafka::DispatchError::Unavailable(format!(
+            use leasehold_kafka::DispatchError as D;
+            match coord.claim_partition(&partition, generation).await {
+                Ok(leasehold_coord::Claim::Claimed { fence }) => Ok(fence),
+                Ok(leasehold_coord::Claim::Superseded { holder }) => Err(D::Fenced(format!(
+                    "{}/{} is claimed by {holder} (a later assignment than generation {generation})",
+                    partition.topic, partition.partition
+                ))),
+                Err(e) => Err(D::Unavailable(format!(
                     "claiming {}/{}: {e}",
                     partition.topic, partition.partition
-                ))
-            })
+                ))),
+            }
         })
     }
 }

@@ -1,0 +1,591 @@
+//! Configuration of `leasehold serve`: one typed struct, [`ServeOptions`], loaded in
+//! layers — defaults, then the TOML file (`--config`), then `LEASEHOLD_*` environment
+//! variables, then flags — and checked by one [`ServeOptions::validate`] whose errors name
+//! the field, its flag and its variable (and where a bad value came from).
+//!
+//! Adding a setting: one entry in the `settings!` list below (doc line, type, default).
+//! The struct field, its flag, its variable, its `--help` line with the default,
+//! `--print-config` and the README check all follow from it.
+
+mod kafka;
+pub mod values;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use leasehold_types::validate_member_id;
+use serde::{Deserialize, Serialize};
+
+pub use self::kafka::{KafkaFlags, KafkaOptions};
+pub use self::values::{ByteSize, HandlerSpec, List, LogFormat, Secret};
+
+/// Prefix of the environment variables: `LEASEHOLD_<SETTING>` (upper case).
+pub const ENV_PREFIX: &str = "LEASEHOLD_";
+
+/// Declares the settings: each becomes a field of [`ServeOptions`] (with its default), a
+/// flag of [`SettingFlags`] and an entry of [`SETTINGS`].
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $(#[serde($($serde:tt)*)])*
+        $name:ident : $ty:ty = $default:expr,
+    )*) => {
+        /// Every setting of `leasehold serve`, typed, with its default. Deserialises from
+        /// the TOML file and from the strings environment variables and flags give.
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+        #[serde(default, deny_unknown_fields)]
+        pub struct ServeOptions {
+            $(
+                $(#[doc = $doc])+
+                $(#[serde($($serde)*)])*
+                pub $name: $ty,
+            )*
+            /// Kafka sources: the `[[kafka]]` tables (the `--kafka-*` flags set the first).
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            pub kafka: Vec<KafkaOptions>,
+        }
+
+        impl Default for ServeOptions {
+            fn default() -> Self {
+                Self {
+                    $( $name: $default, )*
+                    kafka: Vec::new(),
+                }
+            }
+        }
+
+        /// One flag per setting (`--lease-ttl 5s`), as given on the command line.
+        #[derive(Debug, Default, Clone, clap::Args)]
+        pub struct SettingFlags {
+            $(
+                #[arg(
+                    long,
+                    value_name = "VALUE",
+                    help = setting_help(stringify!($name), concat!($($doc, "\n"),+)),
+                )]
+                pub $name: Option<String>,
+            )*
+        }
+
+        impl SettingFlags {
+            /// The flags given, by setting name.
+            fn given(&self) -> Vec<(&'static str, &str)> {
+                let mut given = Vec::new();
+                $(
+                    if let Some(v) = &self.$name {
+                        given.push((stringify!($name), v.as_str()));
+                    }
+                )*
+                given
+            }
+        }
+
+        /// Name and description of every setting, in declaration order.
+        pub const SETTINGS: &[(&str, &str)] = &[
+            $( (stringify!($name), concat!($($doc, "\n"),+)), )*
+        ];
+    };
+}
+
+settings! {
+    /// Instance id, unique in the cluster (`[A-Za-z0-9._-]`, at most 128 characters);
+    /// the pod name on Kubernetes. Default: the host name.
+    id: String = default_id(),
+    /// Cluster name; instances of one cluster share `/leasehold/<cluster>/` in etcd.
+    cluster: String = "default".into(),
+    /// etcd endpoints (a TOML list, or comma separated).
+    etcd: List = List::of(["http://127.0.0.1:2379"]),
+    /// etcd user name, with etcd authentication (needs etcd_password).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    etcd_username: Option<String> = None,
+    /// etcd password (needs etcd_username); prefer the variable over the flag. Never
+    /// printed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    etcd_password: Option<Secret> = None,
+    /// gRPC listen address (Entities, Peer, Admin, health, reflection).
+    #[serde(with = "values::addr")]
+    listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7070)),
+    /// Admin HTTP listen address.
+    #[serde(with = "values::addr")]
+    admin_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7071)),
+    /// gRPC address (HOST:PORT) peers and clients use; the pod IP on Kubernetes.
+    /// Default: the listen address.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    advertise: Option<String> = None,
+    /// Admin address (HOST:PORT) shown in /v1/members. Default: the admin listen address.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    admin_advertise: Option<String> = None,
+    /// Shard count; fixed for the life of a cluster (checked at start).
+    #[serde(with = "values::num")]
+    shards: u32 = 1024,
+    /// etcd lease TTL (whole seconds, at least 2s).
+    #[serde(with = "values::duration")]
+    lease_ttl: Duration = Duration::from_secs(5),
+    /// `echo`, or `grpc://HOST:PORT` of your EntityHandler.
+    handler: HandlerSpec = HandlerSpec::Echo,
+    /// Deadline of calls that set none, and the longest accepted.
+    #[serde(with = "values::duration")]
+    request_timeout: Duration = Duration::from_secs(5),
+    /// Largest accepted payload (e.g. 4MiB, 512KiB, 1000000).
+    max_payload: ByteSize = ByteSize(4 * ByteSize::MIB),
+    /// How long SIGTERM waits for shards to move away before releasing them.
+    #[serde(with = "values::duration")]
+    drain_timeout: Duration = Duration::from_secs(10),
+    /// Handler calls running at once on one instance.
+    #[serde(with = "values::num")]
+    max_concurrency: usize = 1024,
+    /// Calls queued per key before RESOURCE_EXHAUSTED.
+    #[serde(with = "values::num")]
+    mailbox_capacity: usize = 1024,
+    /// Owned shards the leader moves at once.
+    #[serde(with = "values::num")]
+    max_moves: usize = 256,
+    /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
+    log: String = "info".into(),
+    /// Log format: `text` (for terminals) or `json` (one object per line, for collectors).
+    log_format: LogFormat = LogFormat::Text,
+}
+
+/// Variables read by other subcommands (not warned about by `serve`).
+const OTHER_VARIABLES: &[&str] = &["config", "addr", "admin"];
+
+/// `leasehold serve` arguments.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below (the environment and flags override it).
+    #[arg(long, env = "LEASEHOLD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print it as TOML (secrets redacted), and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    #[command(flatten)]
+    pub settings: SettingFlags,
+    #[command(flatten)]
+    pub kafka: KafkaFlags,
+}
+
+/// A configuration error naming the field, its flag and variable, and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid {field} (--{flag} / {ENV_PREFIX}{env}): {message}{origin}")]
+    Field {
+        field: String,
+        flag: String,
+        env: String,
+        message: String,
+        /// Where the value came from (" (from LEASEHOLD_SHARDS)"), when known.
+        origin: String,
+    },
+    #[error("invalid kafka[{index}]{}: {message}{origin}", dotted(field))]
+    Kafka {
+        index: usize,
+        field: String,
+        message: String,
+        origin: String,
+    },
+    #[error("cannot read config file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+fn dotted(field: &str) -> String {
+    if field.is_empty() {
+        String::new()
+    } else {
+        format!(".{field}")
+    }
+}
+
+impl ConfigError {
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        Self::field_from(field, message, String::new())
+    }
+
+    fn field_from(field: &str, message: impl Into<String>, origin: String) -> Self {
+        ConfigError::Field {
+            field: field.to_owned(),
+            flag: field.replace('_', "-"),
+            env: field.to_uppercase(),
+            message: message.into(),
+            origin,
+        }
+    }
+}
+
+/// Where a value came from, for error messages.
+#[derive(Debug, Clone)]
+enum Origin {
+    File(String),
+    Env(String),
+    Flag(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(p) => write!(f, " (in {p})"),
+            Origin::Env(v) => write!(f, " (from {v})"),
+            Origin::Flag(n) => write!(f, " (from --{n})"),
+        }
+    }
+}
+
+/// The merged layers: one TOML table, and where each key came from.
+#[derive(Default)]
+struct Layers {
+    table: toml::Table,
+    origins: HashMap<String, Origin>,
+}
+
+impl Layers {
+    fn set(&mut self, name: &str, value: &str, origin: Origin) {
+        self.table
+            .insert(name.to_owned(), toml::Value::String(value.to_owned()));
+        self.origins.insert(name.to_owned(), origin);
+    }
+
+    /// The first `[[kafka]]` table (created when there is none).
+    fn first_source(&mut self) -> &mut toml::Table {
+        let sources = self
+            .table
+            .entry("kafka")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
+        if !sources.is_array() {
+            *sources = toml::Value::Array(Vec::new()); // the file's bad value; flags win
+        }
+        let list = sources.as_array_mut().expect("an array");
+        if list.first().is_none_or(|t| !t.is_table()) {
+            list.insert(0, toml::Value::Table(toml::Table::new()));
+        }
+        list[0].as_table_mut().expect("a table")
+    }
+
+    fn set_kafka(&mut self, key: &str, value: &str, origin: Origin) {
+        self.first_source()
+            .insert(key.to_owned(), toml::Value::String(value.to_owned()));
+        self.origins.insert(format!("kafka[0].{key}"), origin);
+    }
+}
+
+/// A loaded configuration and what the loading noticed (logged once logging is set up).
+#[derive(Debug)]
+pub struct Loaded {
+    pub options: ServeOptions,
+    pub warnings: Vec<String>,
+}
+
+impl ServeOptions {
+    /// Loads defaults → `--config` file → `LEASEHOLD_*` variables → flags, and validates.
+    pub fn load(args: &ServeArgs) -> Result<Loaded, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let path = path.display().to_string();
+                let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                let table = text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                Some((path, table))
+            }
+            None => None,
+        };
+        Self::from_layers(file, std::env::vars(), args)
+    }
+
+    /// [`ServeOptions::load`] with the file's table and the environment given.
+    pub fn from_layers(
+        file: Option<(String, toml::Table)>,
+        env: impl IntoIterator<Item = (String, String)>,
+        args: &ServeArgs,
+    ) -> Result<Loaded, ConfigError> {
+        let mut layers = Layers::default();
+        let mut warnings = Vec::new();
+        if let Some((path, table)) = file {
+            for (key, value) in table {
+                if key == "kafka" {
+                    let n = value.as_array().map_or(0, Vec::len);
+                    for i in 0..n {
+                        layers
+                            .origins
+                            .insert(format!("kafka[{i}]"), Origin::File(path.clone()));
+                    }
+                } else if !is_setting(&key) {
+                    return Err(ConfigError::File {
+                        path,
+                        message: format!("unknown key `{key}`{}", suggestion(&key)),
+                    });
+                } else {
+                    layers
+                        .origins
+                        .insert(key.clone(), Origin::File(path.clone()));
+                }
+                layers.table.insert(key, value);
+            }
+        }
+        let mut env: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        env.sort();
+        for (var, value) in env {
+            let name = var[ENV_PREFIX.len()..].to_ascii_lowercase();
+            if is_setting(&name) {
+                layers.set(&name, &value, Origin::Env(var));
+            } else if let Some(key) = kafka_key(&name) {
+                layers.set_kafka(key, &value, Origin::Env(var));
+            } else if !OTHER_VARIABLES.contains(&name.as_str()) {
+                warnings.push(format!(
+                    "{var} is not a setting and is ignored{}",
+                    suggestion(&name)
+                ));
+            }
+        }
+        for (name, value) in args.settings.given() {
+            layers.set(name, value, Origin::Flag(name.replace('_', "-")));
+        }
+        for (flag, value) in args.kafka.given() {
+            let key = kafka_key(flag).expect("every Kafka flag has a key");
+            layers.set_kafka(key, value, Origin::Flag(flag.replace('_', "-")));
+        }
+        for p in &args.kafka.kafka_properties {
+            let (k, v) = p.split_once('=').ok_or_else(|| {
+                ConfigError::field("kafka_property", format!("{p:?} is not KEY=VALUE"))
+            })?;
+            let properties = layers
+                .first_source()
+                .entry("properties")
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let Some(t) = properties.as_table_mut() {
+                t.insert(
+                    k.trim().to_owned(),
+                    toml::Value::String(v.trim().to_owned()),
+                );
+            }
+        }
+        let options: ServeOptions =
+            serde_path_to_error::deserialize(toml::Value::Table(layers.table))
+                .map_err(|e| deserialize_error(e, &layers.origins))?;
+        options.validate()?;
+        Ok(Loaded { options, warnings })
+    }
+
+    /// Checks what types alone cannot: ranges, formats and fields that go together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        validate_member_id(&self.id).map_err(|m| ConfigError::field("id", m))?;
+        validate_member_id(&self.cluster).map_err(|m| ConfigError::field("cluster", m))?;
+        if self.etcd.0.is_empty() {
+            return Err(ConfigError::field(
+                "etcd",
+                "at least one endpoint is required",
+            ));
+        }
+        for e in &self.etcd.0 {
+            let host = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"))
+                .unwrap_or(e);
+            if !host.contains(':') || host.contains('/') {
+                return Err(ConfigError::field(
+                    "etcd",
+                    format!("{e:?} is not an endpoint like http://127.0.0.1:2379"),
+                ));
+            }
+        }
+        self.etcd_credentials()?;
+        for (field, value) in [
+            ("advertise", &self.advertise),
+            ("admin_advertise", &self.admin_advertise),
+        ] {
+            if let Some(v) = value {
+                if v.contains("://") || !v.contains(':') {
+                    return Err(ConfigError::field(
+                        field,
+                        format!("{v:?} is not a HOST:PORT address"),
+                    ));
+                }
+            }
+        }
+        in_range("shards", self.shards as usize, 1, 65_536)?;
+        if self.lease_ttl < Duration::from_secs(2) || self.lease_ttl.subsec_nanos() != 0 {
+            return Err(ConfigError::field(
+                "lease_ttl",
+                format!(
+                    "{}: must be whole seconds, at least 2s (etcd leases have second granularity)",
+                    humantime::format_duration(self.lease_ttl)
+                ),
+            ));
+        }
+        if self.request_timeout.is_zero() {
+            return Err(ConfigError::field("request_timeout", "must be positive"));
+        }
+        if self.max_payload.bytes() == 0 || self.max_payload.bytes() > 256 * ByteSize::MIB {
+            return Err(ConfigError::field(
+                "max_payload",
+                format!("{} is outside 1B..=256MiB", self.max_payload),
+            ));
+        }
+        in_range("max_concurrency", self.max_concurrency, 1, 1 << 20)?;
+        in_range("mailbox_capacity", self.mailbox_capacity, 1, 1 << 20)?;
+        in_range("max_moves", self.max_moves, 1, 1 << 20)?;
+        self.kafka_sources()?;
+        Ok(())
+    }
+
+    /// etcd user and password: both, or neither.
+    pub fn etcd_credentials(&self) -> Result<Option<(String, Secret)>, ConfigError> {
+        let password = self
+            .etcd_password
+            .clone()
+            .filter(|p| !p.expose().is_empty());
+        match (self.etcd_username.clone(), password) {
+            (Some(u), Some(p)) => Ok(Some((u, p))),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(ConfigError::field(
+                "etcd_password",
+                "required when etcd_username is set",
+            )),
+            (None, Some(_)) => Err(ConfigError::field(
+                "etcd_username",
+                "required when etcd_password is set",
+            )),
+        }
+    }
+
+    /// The Kafka sources, validated, with their defaults resolved.
+    pub fn kafka_sources(&self) -> Result<Vec<leasehold_kafka::SourceOptions>, ConfigError> {
+        self.kafka
+            .iter()
+            .enumerate()
+            .map(|(i, k)| k.to_source(i, &self.cluster))
+            .collect()
+    }
+
+    /// The configuration as the TOML file that reproduces it (secrets redacted).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("settings serialise to TOML")
+    }
+}
+
+fn in_range(field: &str, n: usize, min: usize, max: usize) -> Result<(), ConfigError> {
+    if n < min || n > max {
+        return Err(ConfigError::field(
+            field,
+            format!("{n} is outside {min}..={max}"),
+        ));
+    }
+    Ok(())
+}
+
+fn is_setting(name: &str) -> bool {
+    SETTINGS.iter().any(|(n, _)| *n == name)
+}
+
+fn kafka_key(flag: &str) -> Option<&'static str> {
+    kafka::FLAG_KEYS
+        .iter()
+        .find(|(f, _)| *f == flag)
+        .map(|(_, k)| *k)
+}
+
+/// "; did you mean `shards`?" for the closest known name, when one is close.
+fn suggestion(name: &str) -> String {
+    let known = SETTINGS
+        .iter()
+        .map(|(n, _)| *n)
+        .chain(kafka::FLAG_KEYS.iter().map(|(f, _)| *f));
+    let best = known
+        .map(|k| (edit_distance(name, k), k))
+        .min_by_key(|(d, _)| *d);
+    match best {
+        Some((d, k)) if d <= (name.len() / 3).max(2) => {
+            format!("; did you mean `{k}` ({ENV_PREFIX}{})?", k.to_uppercase())
+        }
+        _ => String::new(),
+    }
+}
+
+/// Levenshtein distance.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+/// Turns a deserialisation error into one naming the field and where its value came from.
+fn deserialize_error(
+    e: serde_path_to_error::Error<toml::de::Error>,
+    origins: &HashMap<String, Origin>,
+) -> ConfigError {
+    let path = e.path().to_string();
+    let message = e.inner().message().trim().to_owned();
+    let origin = origins
+        .get(&path)
+        .or_else(|| origins.get(path.split('.').next().unwrap_or_default()))
+        .map(|o| o.to_string())
+        .unwrap_or_default();
+    if let Some(rest) = path.strip_prefix("kafka[") {
+        let (index, field) = rest.split_once(']').unwrap_or((rest, ""));
+        return ConfigError::Kafka {
+            index: index.parse().unwrap_or(0),
+            field: field.trim_start_matches('.').to_owned(),
+            message,
+            origin,
+        };
+    }
+    let field = if path == "." { "config" } else { path.as_str() };
+    ConfigError::field_from(field, message, origin)
+}
+
+/// The help line of a setting's flag: its doc, variable and default.
+fn setting_help(name: &str, doc: &str) -> String {
+    static DEFAULTS: OnceLock<toml::Table> = OnceLock::new();
+    let defaults = DEFAULTS.get_or_init(|| {
+        toml::Table::try_from(ServeOptions::default()).expect("defaults serialise")
+    });
+    let doc = doc.split_whitespace().collect::<Vec<_>>().join(" ");
+    let default = match defaults.get(name) {
+        None => "none".to_owned(),
+        Some(toml::Value::String(s)) => s.clone(),
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+            .collect::<Vec<_>>()
+            .join(","),
+        Some(v) => v.to_string(),
+    };
+    format!(
+        "{doc} [env: {ENV_PREFIX}{}] [default: {default}]",
+        name.to_uppercase()
+    )
+}
+
+fn default_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "leasehold-0".into())
+}
+
+#[cfg(test)]
+mod tests;
