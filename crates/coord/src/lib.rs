@@ -66,6 +66,32 @@ pub enum Error {
     Other(String),
 }
 
+/// Why an instance is not ready (`/readyz` 503): it takes no calls from a load balancer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("waiting for the handler to answer")]
+    AwaitingHandler,
+    #[error("routing table not synced")]
+    NotSynced,
+    #[error("member not registered")]
+    NotRegistered,
+    #[error("lease not valid")]
+    LeaseInvalid,
+    #[error("draining")]
+    Draining,
+}
+
+/// Why an instance is not live (`/healthz` 503): only a restart helps.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unhealthy {
+    /// An essential coordination task ended.
+    #[error("{0}")]
+    Stopped(String),
+    /// The reconciler has not passed its loop for this long.
+    #[error("the reconciler has not run for {0:?}")]
+    Stalled(Duration),
+}
+
 /// Settings of the coordination layer.
 #[derive(Debug, Clone)]
 pub struct CoordOptions {
@@ -160,6 +186,8 @@ struct Inner {
     liveness: Liveness,
     listener: Arc<dyn ShardListener>,
     metrics: Metrics,
+    /// Work started in the background (handoffs), awaited at shutdown.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Handle to the coordination layer. Cheap to clone.
@@ -185,6 +213,7 @@ impl Coord {
                 liveness: Liveness::default(),
                 listener,
                 metrics: Metrics::new(registry),
+                tasks: tokio_util::task::TaskTracker::new(),
                 opts,
             }),
         }
@@ -192,6 +221,12 @@ impl Coord {
 
     pub fn options(&self) -> &CoordOptions {
         &self.inner.opts
+    }
+
+    /// Background work of this layer (handoffs in progress); close and await it at
+    /// shutdown, before the lease is revoked.
+    pub fn tasks(&self) -> &tokio_util::task::TaskTracker {
+        &self.inner.tasks
     }
 
     pub fn member_id(&self) -> &MemberId {
@@ -216,22 +251,22 @@ impl Coord {
     }
 
     /// Ready = registered in the routing table, table synced, lease valid.
-    pub fn readiness(&self) -> Result<(), &'static str> {
+    pub fn readiness(&self) -> Result<(), NotReady> {
         if self.inner.awaiting_handler.load(Ordering::Acquire) {
-            return Err("waiting for the handler to answer");
+            return Err(NotReady::AwaitingHandler);
         }
         let view = self.view();
         if !view.synced {
-            return Err("routing table not synced");
+            return Err(NotReady::NotSynced);
         }
         if !view.members.contains_key(self.member_id()) {
-            return Err("member not registered");
+            return Err(NotReady::NotRegistered);
         }
         if self.table().lease().valid_until().is_none() {
-            return Err("lease not valid");
+            return Err(NotReady::LeaseInvalid);
         }
         if self.is_draining() {
-            return Err("draining");
+            return Err(NotReady::Draining);
         }
         Ok(())
     }
@@ -239,7 +274,7 @@ impl Coord {
     /// Live = the coordination tasks run and the reconciler passes its loop (`/healthz`).
     /// Waiting for etcd is live; a stopped task or a loop stuck for minutes is not, and
     /// only a restart helps then.
-    pub fn liveness(&self) -> Result<(), String> {
+    pub fn liveness(&self) -> Result<(), Unhealthy> {
         self.inner.liveness.check(Instant::now())
     }
 
@@ -260,25 +295,38 @@ impl Coord {
             return Ok(());
         };
         let _ = self.inner.client.set(client);
+        use tracing::Instrument;
+        let member = self.member_id().clone();
         let tasks: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)> = vec![
             (
                 "lease keeper",
-                Box::pin(self.clone().keeper(cancel.clone())),
+                Box::pin(
+                    self.clone()
+                        .keeper(cancel.clone())
+                        .instrument(tracing::info_span!("lease_keeper", %member)),
+                ),
             ),
             (
                 "routing table watcher",
-                Box::pin(self.clone().watcher(cancel.clone())),
+                Box::pin(
+                    self.clone()
+                        .watcher(cancel.clone())
+                        .instrument(tracing::info_span!("watcher", %member)),
+                ),
             ),
             ("reconciler", {
                 let (this, cancel) = (self.clone(), cancel.clone());
-                Box::pin(async move {
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = handler_ready => {}
+                Box::pin(
+                    async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = handler_ready => {}
+                        }
+                        this.inner.awaiting_handler.store(false, Ordering::Release);
+                        this.reconciler(cancel).await
                     }
-                    this.inner.awaiting_handler.store(false, Ordering::Release);
-                    this.reconciler(cancel).await
-                })
+                    .instrument(tracing::info_span!("reconciler", %member)),
+                )
             }),
         ];
         let result = supervise(tasks, &cancel).await;
@@ -589,15 +637,14 @@ impl Liveness {
         *self.stopped.lock().expect("liveness lock") = Some(why);
     }
 
-    fn check(&self, now: Instant) -> Result<(), String> {
+    fn check(&self, now: Instant) -> Result<(), Unhealthy> {
         if let Some(why) = self.stopped.lock().expect("liveness lock").as_ref() {
-            return Err(why.clone());
+            return Err(Unhealthy::Stopped(why.clone()));
         }
         match *self.last_pass.lock().expect("liveness lock") {
-            Some(at) if now.saturating_duration_since(at) > Self::STALL => Err(format!(
-                "the reconciler has not run for {:?}",
-                now.saturating_duration_since(at)
-            )),
+            Some(at) if now.saturating_duration_since(at) > Self::STALL => {
+                Err(Unhealthy::Stalled(now.saturating_duration_since(at)))
+            }
             _ => Ok(()),
         }
     }

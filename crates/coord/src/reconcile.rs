@@ -62,6 +62,79 @@ pub(crate) fn orphans(
         .collect()
 }
 
+/// What one reconciler pass does, decided from the routing table and the local table
+/// alone (pure, so it is property-tested); the caller checks each step against etcd or
+/// the local table again when it acts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Decision {
+    /// Owned here, but the routing table (caught up with the acquisition) shows the key
+    /// gone or another owner: drop.
+    pub lost: Vec<(ShardId, Epoch)>,
+    /// Keys on this instance's lease that its table lacks: adopt or delete.
+    pub repair: Vec<OrphanKey>,
+    /// Assigned here and free in the routing table: acquire.
+    pub acquire: Vec<ShardId>,
+    /// Owned here and assigned elsewhere: hand off.
+    pub release: Vec<ShardId>,
+}
+
+/// Decides a reconciler pass. `local` is the local table's state of each shard.
+pub(crate) fn decide(
+    view: &View,
+    me: &MemberId,
+    lease: i64,
+    draining: bool,
+    local: impl Fn(ShardId) -> LocalState,
+) -> Decision {
+    if !view.synced {
+        return Decision::default();
+    }
+    let shards = || (0..view.shard_count()).map(ShardId);
+    let lost: Vec<(ShardId, Epoch)> = shards()
+        .filter_map(|shard| match local(shard) {
+            // A view that has not seen our acquisition yet cannot tell.
+            LocalState::Owned(epoch) if view.revision >= epoch.0 as i64 => {
+                let ours = view
+                    .owner(shard)
+                    .is_some_and(|o| o.owner == *me && o.epoch == epoch);
+                (!ours).then_some((shard, epoch))
+            }
+            _ => None,
+        })
+        .collect();
+    let is_lost = |s: ShardId| lost.iter().any(|(l, _)| *l == s);
+    // What the local table holds once the lost shards are dropped.
+    let after = |s: ShardId| {
+        if is_lost(s) {
+            LocalState::NotOwned
+        } else {
+            local(s)
+        }
+    };
+    let repair = orphans(view, me, lease, draining, after);
+    let acquire = if draining {
+        Vec::new()
+    } else {
+        shards()
+            .filter(|&s| view.assigned(s) == Some(me) && view.owner(s).is_none())
+            .filter(|&s| after(s) == LocalState::NotOwned)
+            .collect()
+    };
+    let release = if view.assignment_version == 0 {
+        Vec::new()
+    } else {
+        shards()
+            .filter(|&s| matches!(after(s), LocalState::Owned(_)) && view.assigned(s) != Some(me))
+            .collect()
+    };
+    Decision {
+        lost,
+        repair,
+        acquire,
+        release,
+    }
+}
+
 /// How many shard acquisitions run at once.
 const ACQUIRE_CONCURRENCY: usize = 64;
 
@@ -113,10 +186,14 @@ impl Coord {
             if let Err(e) = self.lead(&view, session, &mut written_version).await {
                 tracing::warn!(error = %e, "leader step failed");
             }
-            self.check_lost(&view);
-            self.repair(&view, session).await;
-            self.acquire(&view, session).await;
-            self.release(&view);
+            let table = &self.inner.table;
+            let decision = decide(&view, &me, session.lease, self.is_draining(), |s| {
+                table.state(s)
+            });
+            self.drop_lost(&decision.lost);
+            self.repair(decision.repair, session).await;
+            self.acquire(decision.acquire, session).await;
+            self.release(decision.release);
             self.refresh_metrics();
         }
     }
@@ -211,17 +288,13 @@ impl Coord {
         Ok(())
     }
 
-    /// Acquires every free shard assigned to this instance.
-    async fn acquire(&self, view: &View, session: Session) {
-        if self.is_draining() {
-            return;
-        }
+    /// Acquires free shards assigned to this instance.
+    async fn acquire(&self, wanted: Vec<ShardId>, session: Session) {
         let me = self.member_id();
         let table = &self.inner.table;
         let generation = table.generation();
-        let wanted: Vec<ShardId> = (0..view.shard_count())
-            .map(ShardId)
-            .filter(|&s| view.assigned(s) == Some(me) && view.owner(s).is_none())
+        let wanted: Vec<ShardId> = wanted
+            .into_iter()
             .filter(|&s| table.state(s) == LocalState::NotOwned)
             .collect();
         if wanted.is_empty() {
@@ -283,16 +356,16 @@ impl Coord {
         }
     }
 
-    /// Starts a handoff for every owned shard that is assigned elsewhere.
-    fn release(&self, view: &View) {
-        if view.assignment_version == 0 {
-            return;
-        }
-        let me = self.member_id();
-        for (shard, state) in self.inner.table.held() {
-            if matches!(state, LocalState::Owned(_)) && view.assigned(shard) != Some(me) {
+    /// Starts a handoff for owned shards assigned elsewhere.
+    fn release(&self, shards: Vec<ShardId>) {
+        for shard in shards {
+            if matches!(self.inner.table.state(shard), LocalState::Owned(_)) {
                 let coord = self.clone();
-                tokio::spawn(async move { coord.handoff(shard).await });
+                let span = tracing::info_span!("handoff", %shard);
+                self.inner.tasks.spawn(tracing::Instrument::instrument(
+                    async move { coord.handoff(shard).await },
+                    span,
+                ));
             }
         }
     }
@@ -350,19 +423,13 @@ impl Coord {
     /// was lost (timeout), or when a shard was dropped on a view that ran ahead of its
     /// events. Runs between the acquisitions of this loop, so none is in flight; every
     /// repair is checked against etcd, never decided on the view alone.
-    async fn repair(&self, view: &View, session: Session) {
+    async fn repair(&self, repairs: Vec<OrphanKey>, session: Session) {
         let table = &self.inner.table;
-        let repairs = orphans(
-            view,
-            self.member_id(),
-            session.lease,
-            self.is_draining(),
-            |s| table.state(s),
-        )
-        .into_iter()
-        // A shard dropped while calls still run on it is deleted only once they ended
-        // (a later pass): its next owner must not overlap them.
-        .filter(|r| r.action == Repair::Adopt || table.in_flight(r.shard) == 0);
+        let repairs = repairs
+            .into_iter()
+            // A shard dropped while calls still run on it is deleted only once they ended
+            // (a later pass): its next owner must not overlap them.
+            .filter(|r| r.action == Repair::Adopt || table.in_flight(r.shard) == 0);
         let passes = futures::stream::iter(repairs).map(|repair| async move {
             let generation = table.generation();
             let (shard, epoch) = (repair.shard, repair.epoch);
@@ -411,20 +478,11 @@ impl Coord {
     }
 
     /// Drops shards whose key the routing table shows gone or owned by another epoch.
-    fn check_lost(&self, view: &View) {
-        let me = self.member_id();
+    fn drop_lost(&self, shards: &[(ShardId, Epoch)]) {
         let mut lost = Vec::new();
-        for (shard, state) in self.inner.table.held() {
-            let LocalState::Owned(epoch) = state else {
-                continue;
-            };
-            if view.revision < epoch.0 as i64 {
-                continue; // the view has not seen our acquisition yet
-            }
-            let ours = view
-                .owner(shard)
-                .is_some_and(|o| o.owner == *me && o.epoch == epoch);
-            if !ours {
+        for &(shard, epoch) in shards {
+            // Still as decided (a handoff may have started meanwhile).
+            if self.inner.table.state(shard) == LocalState::Owned(epoch) {
                 self.inner.table.set_not_owned(shard);
                 self.inner.listener.released(shard, epoch);
                 lost.push(shard.0);
@@ -510,5 +568,125 @@ mod tests {
         let mut unsynced = view.clone();
         unsynced.synced = false;
         assert!(orphans(&unsynced, &me, 7, false, local).is_empty());
+    }
+
+    mod decide {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        const MEMBERS: [&str; 3] = ["a", "b", "c"];
+        const OUR_LEASE: i64 = 7;
+
+        #[derive(Debug, Clone)]
+        struct Case {
+            view: View,
+            local: Vec<LocalState>,
+            lease: i64,
+            draining: bool,
+        }
+
+        fn case() -> impl Strategy<Value = Case> {
+            let shard = (
+                prop::option::of((
+                    0..3usize,
+                    1..60u64,
+                    prop_oneof![Just(7i64), Just(8), Just(9)],
+                )),
+                prop::option::of(0..3usize),
+                prop_oneof![
+                    Just(None),
+                    (1..60u64).prop_map(|e| Some(LocalState::Owned(Epoch(e)))),
+                    (1..60u64).prop_map(|e| Some(LocalState::Moving(Epoch(e)))),
+                ],
+            );
+            (
+                prop::collection::vec(shard, 1..24),
+                0..70i64,
+                any::<bool>(),
+                prop_oneof![Just(0u64), Just(3)],
+                prop_oneof![Just(OUR_LEASE), Just(0)],
+                any::<bool>(),
+            )
+                .prop_map(|(shards, revision, synced, version, lease, draining)| {
+                    let mut view = View::empty(shards.len() as u32);
+                    view.revision = revision;
+                    view.synced = synced;
+                    view.assignment_version = version;
+                    let mut local = Vec::new();
+                    for (i, (owner, assigned, state)) in shards.into_iter().enumerate() {
+                        view.shards[i] = owner.map(|(m, epoch, lease)| ShardOwner {
+                            owner: MemberId::new(MEMBERS[m]),
+                            address: String::new(),
+                            epoch: Epoch(epoch),
+                            lease,
+                        });
+                        view.assignment[i] = assigned.map(|m| MemberId::new(MEMBERS[m]));
+                        local.push(state.unwrap_or(LocalState::NotOwned));
+                    }
+                    Case {
+                        view,
+                        local,
+                        lease,
+                        draining,
+                    }
+                })
+        }
+
+        proptest! {
+            #[test]
+            fn a_pass_takes_only_what_is_free_and_assigned_and_drops_only_what_it_lost(c in case()) {
+                let me = MemberId::new("a");
+                let local = |s: ShardId| c.local[s.0 as usize];
+                let d = decide(&c.view, &me, c.lease, c.draining, local);
+                let v = &c.view;
+                if !v.synced {
+                    prop_assert_eq!(d, Decision::default());
+                    return Ok(());
+                }
+                let lost: Vec<ShardId> = d.lost.iter().map(|(s, _)| *s).collect();
+                // Lost: exactly the owned shards whose key the caught-up view shows gone
+                // or owned by another (member, epoch).
+                for s in (0..v.shard_count()).map(ShardId) {
+                    let expected = match local(s) {
+                        LocalState::Owned(e) if v.revision >= e.0 as i64 => !v
+                            .owner(s)
+                            .is_some_and(|o| o.owner == me && o.epoch == e),
+                        _ => false,
+                    };
+                    prop_assert_eq!(lost.contains(&s), expected, "lost {}", s);
+                }
+                for &s in &d.acquire {
+                    // Never a shard the view shows owned, never while draining, only ours.
+                    prop_assert!(!c.draining);
+                    prop_assert!(v.owner(s).is_none());
+                    prop_assert_eq!(v.assigned(s), Some(&me));
+                    prop_assert!(local(s) == LocalState::NotOwned || lost.contains(&s));
+                }
+                for &s in &d.release {
+                    prop_assert!(v.assignment_version > 0);
+                    prop_assert!(matches!(local(s), LocalState::Owned(_)));
+                    prop_assert!(!lost.contains(&s) && !d.acquire.contains(&s));
+                    prop_assert_ne!(v.assigned(s), Some(&me));
+                }
+                for r in &d.repair {
+                    let owner = v.owner(r.shard).expect("a repaired key exists");
+                    prop_assert_eq!(owner.lease, c.lease);
+                    prop_assert_eq!(&owner.owner, &me);
+                    prop_assert!(!d.acquire.contains(&r.shard));
+                    if r.action == Repair::Adopt {
+                        prop_assert!(!c.draining);
+                        prop_assert_eq!(v.assigned(r.shard), Some(&me));
+                    }
+                }
+                // Completeness: every free shard assigned here is acquired (unless draining).
+                for s in (0..v.shard_count()).map(ShardId) {
+                    let free = v.assigned(s) == Some(&me)
+                        && v.owner(s).is_none()
+                        && (local(s) == LocalState::NotOwned || lost.contains(&s));
+                    prop_assert_eq!(d.acquire.contains(&s), free && !c.draining, "acquire {}", s);
+                }
+            }
+        }
     }
 }

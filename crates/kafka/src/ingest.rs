@@ -157,7 +157,7 @@ impl Partition {
 /// A consumed message waiting for room in its partition.
 struct Parked {
     record: Record,
-    key: Result<String, String>,
+    key: Result<String, crate::key::KeyError>,
     timestamp: Option<i64>,
 }
 
@@ -652,7 +652,13 @@ impl Worker {
                 .insert(key.clone(), done.clone());
             (key, previous, done_tx, done)
         });
-        async move {
+        let span = tracing::debug_span!(
+            "record",
+            topic = %record.topic,
+            partition = record.partition,
+            offset = record.offset
+        );
+        let work = async move {
             match chain {
                 Err(reason) => self.fail(&record, &format!("key: {reason}")).await,
                 Ok((key, previous, done_tx, done)) => {
@@ -669,7 +675,8 @@ impl Worker {
             }
             self.finish(offset, timestamp);
             drop(permits);
-        }
+        };
+        tracing::Instrument::instrument(work, span)
     }
 
     /// Dispatches until handled. Routing unavailability is waited for (never a failure);

@@ -12,28 +12,61 @@ pub enum KeySource {
     Header(String),
 }
 
-impl FromStr for KeySource {
-    type Err = String;
+/// A key source that cannot be parsed, with what a valid one looks like.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{given:?}: {hint}")]
+pub struct KeySourceError {
+    pub given: String,
+    pub hint: &'static str,
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl FromStr for KeySource {
+    type Err = KeySourceError;
+
+    fn from_str(s: &str) -> Result<Self, KeySourceError> {
+        let err = |hint| KeySourceError {
+            given: s.to_owned(),
+            hint,
+        };
         if s == "key" {
             Ok(KeySource::MessageKey)
         } else if let Some(p) = s.strip_prefix("json:") {
             if p.is_empty() || !p.starts_with('/') {
-                return Err(format!(
-                    "{s:?}: a JSON pointer starts with '/', e.g. json:/account"
-                ));
+                return Err(err("a JSON pointer starts with '/', e.g. json:/account"));
             }
             Ok(KeySource::JsonPointer(p.to_owned()))
         } else if let Some(h) = s.strip_prefix("header:") {
             if h.is_empty() {
-                return Err(format!("{s:?}: name the header, e.g. header:entity-id"));
+                return Err(err("name the header, e.g. header:entity-id"));
             }
             Ok(KeySource::Header(h.to_owned()))
         } else {
-            Err(format!("{s:?}: use key, json:/pointer or header:NAME"))
+            Err(err("use key, json:/pointer or header:NAME"))
         }
     }
+}
+
+/// Why a message's key cannot be extracted (the dead-letter reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("message has no key")]
+    NoKey,
+    #[error("message has no value")]
+    NoValue,
+    #[error("header {0:?} missing")]
+    HeaderMissing(String),
+    #[error("{0} is not UTF-8")]
+    NotUtf8(String),
+    #[error("{0} is empty")]
+    Empty(String),
+    #[error("value is not JSON: {0}")]
+    NotJson(String),
+    #[error("JSON pointer {0} not found in value")]
+    PointerMissing(String),
+    #[error("JSON pointer {0} is an empty string")]
+    PointerEmpty(String),
+    #[error("JSON pointer {0} is an object or array, not a key")]
+    PointerNotScalar(String),
 }
 
 impl fmt::Display for KeySource {
@@ -53,38 +86,36 @@ impl KeySource {
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
         header: impl Fn(&str) -> Option<&'a [u8]>,
-    ) -> Result<String, String> {
-        let text = |bytes: &[u8], what: &str| -> Result<String, String> {
-            let s = std::str::from_utf8(bytes).map_err(|_| format!("{what} is not UTF-8"))?;
+    ) -> Result<String, KeyError> {
+        let text = |bytes: &[u8], what: String| -> Result<String, KeyError> {
+            let s = std::str::from_utf8(bytes).map_err(|_| KeyError::NotUtf8(what.clone()))?;
             if s.is_empty() {
-                return Err(format!("{what} is empty"));
+                return Err(KeyError::Empty(what));
             }
             Ok(s.to_owned())
         };
         match self {
-            KeySource::MessageKey => text(key.ok_or("message has no key")?, "message key"),
+            KeySource::MessageKey => text(key.ok_or(KeyError::NoKey)?, "message key".into()),
             KeySource::Header(name) => text(
-                header(name).ok_or_else(|| format!("header {name:?} missing"))?,
-                &format!("header {name:?}"),
+                header(name).ok_or_else(|| KeyError::HeaderMissing(name.clone()))?,
+                format!("header {name:?}"),
             ),
             KeySource::JsonPointer(pointer) => {
-                let payload = payload.ok_or("message has no value")?;
+                let payload = payload.ok_or(KeyError::NoValue)?;
                 let doc: serde_json::Value = serde_json::from_slice(payload)
-                    .map_err(|e| format!("value is not JSON: {e}"))?;
+                    .map_err(|e| KeyError::NotJson(e.to_string()))?;
                 match doc.pointer(pointer) {
                     None | Some(serde_json::Value::Null) => {
-                        Err(format!("JSON pointer {pointer} not found in value"))
+                        Err(KeyError::PointerMissing(pointer.clone()))
                     }
                     Some(serde_json::Value::String(s)) if s.is_empty() => {
-                        Err(format!("JSON pointer {pointer} is an empty string"))
+                        Err(KeyError::PointerEmpty(pointer.clone()))
                     }
                     Some(serde_json::Value::String(s)) => Ok(s.clone()),
                     Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
                         Ok(v.to_string())
                     }
-                    Some(_) => Err(format!(
-                        "JSON pointer {pointer} is an object or array, not a key"
-                    )),
+                    Some(_) => Err(KeyError::PointerNotScalar(pointer.clone())),
                 }
             }
         }
@@ -120,7 +151,7 @@ mod tests {
             json.extract(None, Some(br#"{"account":42}"#), none),
             Ok("42".into())
         );
-        let err = |r: Result<String, String>| r.unwrap_err();
+        let err = |r: Result<String, KeyError>| r.unwrap_err().to_string();
         assert!(err(json.extract(None, Some(b"not json"), none)).contains("not JSON"));
         assert!(err(json.extract(None, Some(br#"{"other":1}"#), none)).contains("not found"));
         assert!(err(json.extract(None, Some(br#"{"account":""}"#), none)).contains("empty"));

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 pub use crate::ingest::Ingest;
-pub use crate::key::KeySource;
+pub use crate::key::{KeyError, KeySource, KeySourceError};
 pub use crate::window::Window;
 
 /// Errors of Kafka ingestion.

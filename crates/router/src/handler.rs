@@ -27,6 +27,27 @@ pub fn unreachable(message: String) -> Status {
     s
 }
 
+/// A monotonic instant as wall-clock milliseconds since the Unix epoch. Both clocks are
+/// read together, so the mapping holds whenever it is computed (also after a pause).
+pub fn unix_millis(at: Instant) -> i64 {
+    let (now, wall) = (Instant::now(), std::time::SystemTime::now());
+    let wall = match at.checked_duration_since(now) {
+        Some(ahead) => wall + ahead,
+        None => wall - now.duration_since(at),
+    };
+    wall.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Why a handler cannot be used.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HandlerError {
+    #[error("invalid handler address {url:?}: {reason}")]
+    InvalidUrl { url: String, reason: String },
+    #[error("handler at {url} unreachable: {reason}")]
+    Unreachable { url: String, reason: String },
+}
+
 /// Where a call came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CallSource {
@@ -102,7 +123,7 @@ pub trait Handler: Send + Sync + 'static {
     /// Whether the handler can take calls now. An instance takes no shard before this
     /// succeeds once, so a new member whose handler is still starting does not pull
     /// shards away from members that can serve them.
-    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+    fn ready(&self) -> BoxFuture<'static, Result<(), HandlerError>> {
         Box::pin(futures::future::ready(Ok(())))
     }
 }
@@ -129,9 +150,12 @@ impl GrpcHandler {
     /// Connects lazily to `http://host:port`; calls made while it is down fail with
     /// `UNAVAILABLE`. Must be created inside a tokio runtime (it starts the task that
     /// delivers shard notifications in order).
-    pub fn new(url: &str, max_message: usize, owner: MemberId) -> Result<Self, String> {
+    pub fn new(url: &str, max_message: usize, owner: MemberId) -> Result<Self, HandlerError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("invalid handler address {url:?}: {e}"))?
+            .map_err(|e| HandlerError::InvalidUrl {
+                url: url.to_owned(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
@@ -151,14 +175,17 @@ impl GrpcHandler {
 
 impl Handler for GrpcHandler {
     /// Ready once an HTTP/2 connection to the application succeeds.
-    fn ready(&self) -> BoxFuture<'static, Result<(), String>> {
+    fn ready(&self) -> BoxFuture<'static, Result<(), HandlerError>> {
         let (endpoint, url) = (self.endpoint.clone(), self.url.clone());
         Box::pin(async move {
             endpoint
                 .connect()
                 .await
                 .map(|_| ())
-                .map_err(|e| format!("handler at {url} unreachable: {e}"))
+                .map_err(|e| HandlerError::Unreachable {
+                    url: url.to_string(),
+                    reason: e.to_string(),
+                })
         })
     }
 
@@ -180,6 +207,7 @@ impl Handler for GrpcHandler {
                 epoch: call.epoch.0,
                 owner: call.owner.0,
                 source: Some(pb::Source { kind: Some(source) }),
+                deadline_unix_ms: unix_millis(call.deadline),
             });
             request.set_timeout(timeout);
             match client.handle(request).await {
@@ -229,5 +257,31 @@ async fn notify_loop(
                 tracing::debug!(handler = %url, %shard, %epoch, acquired, error = %s, "shard notification failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_map_to_wall_clock_time_ahead_and_behind() {
+        let wall_now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let ahead = unix_millis(Instant::now() + Duration::from_secs(5));
+        assert!(
+            (ahead - wall_now - 5000).abs() < 200,
+            "{ahead} vs {wall_now}"
+        );
+        let earlier = Instant::now()
+            .checked_sub(Duration::from_secs(3))
+            .expect("the monotonic clock is past 3 s");
+        let behind = unix_millis(earlier);
+        assert!(
+            (wall_now - behind - 3000).abs() < 200,
+            "{behind} vs {wall_now}"
+        );
     }
 }

@@ -23,14 +23,15 @@ use leasehold_coord::{Blocked, CallGuard, Coord};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 
 pub use crate::handler::{
-    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, KafkaRecord,
-    UNREACHABLE_MARK,
+    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, HandlerError,
+    KafkaRecord, UNREACHABLE_MARK,
 };
 use crate::mailbox::{Mailboxes, Turn};
-use crate::peers::{Forwarded, Peers};
+use crate::peers::{Forwarded, PeerError, Peers};
 pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
 
 /// Limits of the call path.
@@ -128,18 +129,80 @@ impl CallError {
     }
 }
 
+impl CallError {
+    /// The gRPC code a client sees.
+    pub fn code(&self) -> Code {
+        match self {
+            CallError::InvalidArgument(_) => Code::InvalidArgument,
+            CallError::ResourceExhausted(_) => Code::ResourceExhausted,
+            CallError::DeadlineExceeded(_) | CallError::HandlerTimeout(_) => Code::DeadlineExceeded,
+            CallError::Unavailable(_) => Code::Unavailable,
+            CallError::NotOwner { .. } => Code::FailedPrecondition,
+            CallError::Handler(s) => s.code(),
+            CallError::Fenced(_) => Code::Aborted,
+        }
+    }
+
+    /// True when the call did not run and sending it again (with a new deadline, after a
+    /// back-off) may succeed: no owner yet, queues full, the deadline passed before the
+    /// handler started. A handler's own error, a handler that timed out (it may have
+    /// run) and a refused call are not.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            CallError::ResourceExhausted(_)
+                | CallError::DeadlineExceeded(_)
+                | CallError::Unavailable(_)
+                | CallError::NotOwner { .. }
+        )
+    }
+
+    /// The `google.rpc.ErrorInfo` reason clients can switch on (the handler's own errors
+    /// pass through unchanged and have none from Leasehold).
+    pub fn reason(&self) -> Option<&'static str> {
+        Some(match self {
+            CallError::InvalidArgument(_) => "INVALID_CALL",
+            CallError::ResourceExhausted(_) => "OVERLOADED",
+            CallError::DeadlineExceeded(_) => "DEADLINE_BEFORE_HANDLER",
+            CallError::Unavailable(_) => "NO_OWNER_AVAILABLE",
+            CallError::NotOwner { .. } => "NOT_OWNER",
+            CallError::HandlerTimeout(_) => "HANDLER_TIMEOUT",
+            CallError::Fenced(_) => "FENCED",
+            CallError::Handler(_) => return None,
+        })
+    }
+}
+
+/// `ErrorInfo.domain` of Leasehold's errors.
+pub const ERROR_DOMAIN: &str = "leasehold.dev";
+
 impl From<CallError> for Status {
     fn from(e: CallError) -> Status {
-        match e {
-            CallError::InvalidArgument(m) => Status::invalid_argument(m),
-            CallError::ResourceExhausted(m) => Status::resource_exhausted(m),
-            CallError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
-            CallError::Unavailable(m) => Status::unavailable(m),
-            e @ CallError::NotOwner { .. } => Status::failed_precondition(e.to_string()),
-            CallError::Handler(s) => s,
-            CallError::HandlerTimeout(m) => Status::deadline_exceeded(m),
-            CallError::Fenced(m) => Status::aborted(m),
+        use tonic_types::{ErrorDetails, StatusExt};
+        let Some(reason) = e.reason() else {
+            let CallError::Handler(s) = e else {
+                unreachable!("only the handler's errors have no reason")
+            };
+            return s;
+        };
+        let mut metadata = std::collections::HashMap::from([(
+            "retryable".to_owned(),
+            e.is_retryable().to_string(),
+        )]);
+        if let CallError::NotOwner {
+            shard,
+            owner,
+            epoch,
+        } = &e
+        {
+            metadata.insert("shard".into(), shard.0.to_string());
+            metadata.insert("epoch".into(), epoch.0.to_string());
+            if let Some(owner) = owner {
+                metadata.insert("owner".into(), owner.0.clone());
+            }
         }
+        let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
+        Status::with_error_details(e.code(), e.to_string(), details)
     }
 }
 
@@ -185,6 +248,9 @@ struct Inner {
     /// [`Router::check_fence`]).
     fences: std::sync::Mutex<std::collections::HashMap<leasehold_coord::PartitionRef, u64>>,
     metrics: Metrics,
+    /// Work that outlives a request (a handler call whose caller left, Dispatch streams),
+    /// awaited at shutdown before the lease is revoked.
+    tasks: TaskTracker,
 }
 
 /// The call path of one instance. Cheap to clone.
@@ -248,10 +314,12 @@ impl Router {
             ),
         };
         let max_message = opts.max_payload + (1 << 20);
+        let tasks = TaskTracker::new();
         Self {
             inner: Arc::new(Inner {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
-                peers: Peers::new(max_message),
+                peers: Peers::new(max_message, tasks.clone()),
+                tasks,
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 fences: Default::default(),
                 coord,
@@ -268,6 +336,20 @@ impl Router {
 
     pub fn options(&self) -> &RouterOptions {
         &self.inner.opts
+    }
+
+    /// Work that outlives a request; close and await it at shutdown, before the lease is
+    /// revoked (a handler call still running holds its shard).
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.inner.tasks
+    }
+
+    /// At shutdown, once no call arrives any more: ends the Dispatch streams to peers and
+    /// closes [`Router::tasks`], so that awaiting it returns when the last handler call
+    /// and stream finished.
+    pub fn close(&self) {
+        self.inner.peers.close();
+        self.inner.tasks.close();
     }
 
     pub fn refresh_metrics(&self) {
@@ -359,6 +441,12 @@ impl Router {
                     "deadline passed while queued behind earlier calls for key {key:?}"
                 ))
             })?;
+        let span = tracing::debug_span!(
+            "call",
+            key_hash = format_args!("{:016x}", leasehold_types::key_hash(key.as_bytes())),
+            %shard,
+            forwarded = matches!(origin, Origin::Forwarded { .. }),
+        );
         let job = Job {
             key,
             shard,
@@ -367,7 +455,7 @@ impl Router {
             origin,
             source,
         };
-        self.route(&job, Arc::new(turn)).await
+        tracing::Instrument::instrument(self.route(&job, Arc::new(turn)), span).await
     }
 
     async fn route(&self, job: &Job, turn: Arc<Turn>) -> Result<Reply, CallError> {
@@ -459,7 +547,7 @@ impl Router {
                 changed = changes.changed() => {
                     let current = self.inner.coord.view().owner(shard).map(|o| o.epoch);
                     if changed.is_err() || current != Some(epoch) {
-                        return Forwarded::Unreachable(format!("owner of shard {shard} changed during the forward"));
+                        return Forwarded::Unreachable(PeerError::OwnerChanged(shard));
                     }
                 }
             }
@@ -529,6 +617,7 @@ impl Router {
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),
             hold: Some((guard, permit, turn.clone())),
+            tasks: self.inner.tasks.clone(),
         };
         let result = running.await;
         self.inner
@@ -603,6 +692,7 @@ type HandlerResult = Result<Result<Bytes, Status>, tokio::time::error::Elapsed>;
 struct Running {
     call: Option<futures::future::BoxFuture<'static, HandlerResult>>,
     hold: Option<(CallGuard, tokio::sync::OwnedSemaphorePermit, Arc<Turn>)>,
+    tasks: TaskTracker,
 }
 
 impl std::future::Future for Running {
@@ -623,7 +713,7 @@ impl std::future::Future for Running {
 impl Drop for Running {
     fn drop(&mut self) {
         if let (Some(call), hold) = (self.call.take(), self.hold.take()) {
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let _ = call.await;
                 drop(hold);
             });
@@ -635,9 +725,78 @@ impl Drop for Running {
 mod tests {
     use std::time::Duration;
 
+    use tonic_types::StatusExt;
+
     use leasehold_coord::{LeaseClock, ShardTable};
 
     use super::*;
+
+    #[test]
+    fn errors_carry_their_code_a_reason_and_whether_to_retry() {
+        let cases = [
+            (
+                CallError::InvalidArgument("k".into()),
+                Code::InvalidArgument,
+                "INVALID_CALL",
+                false,
+            ),
+            (
+                CallError::ResourceExhausted("m".into()),
+                Code::ResourceExhausted,
+                "OVERLOADED",
+                true,
+            ),
+            (
+                CallError::Unavailable("o".into()),
+                Code::Unavailable,
+                "NO_OWNER_AVAILABLE",
+                true,
+            ),
+            (
+                CallError::HandlerTimeout("t".into()),
+                Code::DeadlineExceeded,
+                "HANDLER_TIMEOUT",
+                false,
+            ),
+            (
+                CallError::NotOwner {
+                    shard: ShardId(3),
+                    owner: Some(MemberId::new("b")),
+                    epoch: Epoch(9),
+                },
+                Code::FailedPrecondition,
+                "NOT_OWNER",
+                true,
+            ),
+        ];
+        for (error, code, reason, retryable) in cases {
+            let status = Status::from(error);
+            assert_eq!(status.code(), code);
+            let info = status.get_details_error_info().expect("error info");
+            assert_eq!(
+                (info.reason.as_str(), info.domain.as_str()),
+                (reason, ERROR_DOMAIN)
+            );
+            assert_eq!(info.metadata["retryable"], retryable.to_string());
+            if reason == "NOT_OWNER" {
+                assert_eq!(
+                    (
+                        info.metadata["shard"].as_str(),
+                        info.metadata["owner"].as_str()
+                    ),
+                    ("3", "b")
+                );
+            }
+        }
+        // The handler's own status reaches the client unchanged.
+        let own = Status::already_exists("dup");
+        let status = Status::from(CallError::Handler(own));
+        assert_eq!(
+            (status.code(), status.message()),
+            (Code::AlreadyExists, "dup")
+        );
+        assert!(status.get_details_error_info().is_none());
+    }
 
     #[tokio::test]
     async fn a_call_whose_caller_left_keeps_its_shard_and_key_until_the_handler_ends() {
@@ -657,6 +816,7 @@ mod tests {
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
             hold: Some((table.try_start(ShardId(1)).unwrap(), permit, turn)),
+            tasks: TaskTracker::new(),
         };
         // The caller gives up while the handler still runs.
         assert!(tokio::time::timeout(Duration::from_millis(20), running)

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use leasehold_proto::v1::{self as pb, forward_response, peer_client::PeerClient};
-use leasehold_types::{Epoch, MemberId};
+use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
@@ -27,7 +27,24 @@ pub(crate) enum Forwarded {
     /// The receiver no longer owns the shard.
     NotOwner,
     /// The call may not have reached the receiver.
-    Unreachable(String),
+    Unreachable(PeerError),
+}
+
+/// Why a forwarded call got no answer from its owner (it may not have reached it).
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum PeerError {
+    #[error("invalid peer address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("dispatch stream to {peer} {reason}")]
+    Stream { peer: String, reason: String },
+    #[error("no answer from the owner before the deadline")]
+    NoAnswer,
+    #[error("owner of shard {0} changed during the forward")]
+    OwnerChanged(ShardId),
+    #[error("empty answer from the owner")]
+    EmptyAnswer,
+    #[error("{0}")]
+    Transport(String),
 }
 
 pub(crate) struct Peers {
@@ -35,9 +52,10 @@ pub(crate) struct Peers {
     /// One long-lived Dispatch stream per peer, for Kafka messages.
     streams: Mutex<HashMap<String, Arc<PeerStream>>>,
     max_message: usize,
+    tasks: tokio_util::task::TaskTracker,
 }
 
-type Answer = Result<pb::DispatchResponse, String>;
+type Answer = Result<pb::DispatchResponse, PeerError>;
 
 /// A Dispatch stream to one peer: requests go out on `tx`, answers are matched to
 /// `pending` by id. When the stream breaks, every pending call is answered
@@ -49,30 +67,41 @@ struct PeerStream {
     closed: AtomicBool,
 }
 
+fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
+    PeerError::Stream {
+        peer: peer.to_owned(),
+        reason: reason.into(),
+    }
+}
+
 impl PeerStream {
-    fn fail_all(&self, why: &str) {
+    fn fail_all(&self, why: PeerError) {
         self.closed.store(true, Ordering::Release);
         for (_, tx) in self.pending.lock().expect("pending lock").drain() {
-            let _ = tx.send(Err(why.to_owned()));
+            let _ = tx.send(Err(why.clone()));
         }
     }
 }
 
 impl Peers {
-    pub(crate) fn new(max_message: usize) -> Self {
+    pub(crate) fn new(max_message: usize, tasks: tokio_util::task::TaskTracker) -> Self {
         Self {
             channels: RwLock::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             max_message,
+            tasks,
         }
     }
 
-    fn client(&self, address: &str) -> Result<PeerClient<Channel>, String> {
+    fn client(&self, address: &str) -> Result<PeerClient<Channel>, PeerError> {
         if let Some(c) = self.channels.read().expect("peers lock").get(address) {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("invalid peer address {address:?}: {e}"))?
+            .map_err(|e| PeerError::Address {
+                address: address.to_owned(),
+                reason: e.to_string(),
+            })?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             // Notice a peer that stopped answering within ~3 s: pending calls fail over
@@ -90,8 +119,14 @@ impl Peers {
         Ok(client)
     }
 
+    /// Ends every Dispatch stream (their readers finish once the owners answered what
+    /// they hold).
+    pub(crate) fn close(&self) {
+        self.streams.lock().expect("streams lock").clear();
+    }
+
     /// The peer's Dispatch stream, opened on first use or after it broke.
-    fn stream(&self, address: &str) -> Result<Arc<PeerStream>, String> {
+    fn stream(&self, address: &str) -> Result<Arc<PeerStream>, PeerError> {
         let mut streams = self.streams.lock().expect("streams lock");
         if let Some(s) = streams
             .get(address)
@@ -109,7 +144,7 @@ impl Peers {
         });
         let reader = stream.clone();
         let peer = address.to_owned();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
             match client.dispatch(outgoing).await {
                 Ok(answers) => {
@@ -123,14 +158,14 @@ impl Peers {
                                     let _ = tx.send(Ok(a));
                                 }
                             }
-                            Ok(None) => break reader.fail_all("dispatch stream ended"),
+                            Ok(None) => break reader.fail_all(stream_error(&peer, "ended")),
                             Err(e) => {
-                                break reader.fail_all(&format!("dispatch stream failed: {e}"))
+                                break reader.fail_all(stream_error(&peer, format!("failed: {e}")))
                             }
                         }
                     }
                 }
-                Err(e) => reader.fail_all(&format!("dispatch stream to {peer} failed: {e}")),
+                Err(e) => reader.fail_all(stream_error(&peer, format!("failed to open: {e}"))),
             }
         });
         streams.insert(address.to_owned(), stream.clone());
@@ -154,8 +189,8 @@ impl Peers {
         };
         if stream.tx.send(request).await.is_err() {
             stream.pending.lock().expect("pending lock").remove(&id);
-            stream.fail_all("dispatch stream closed");
-            return Forwarded::Unreachable("dispatch stream closed".into());
+            stream.fail_all(stream_error(address, "closed"));
+            return Forwarded::Unreachable(stream_error(address, "closed"));
         }
         // Closed before our call was registered: nobody will answer it.
         if stream.closed.load(Ordering::Acquire)
@@ -166,16 +201,16 @@ impl Peers {
                 .remove(&id)
                 .is_some()
         {
-            return Forwarded::Unreachable("dispatch stream closed".into());
+            return Forwarded::Unreachable(stream_error(address, "closed"));
         }
         // The owner's own deadline starts one hop later: wait a little past ours so a
         // handler that timed out there is reported as such, not as a lost answer.
         let answer = match tokio::time::timeout(timeout + ANSWER_GRACE, rx).await {
             Ok(Ok(a)) => a,
-            Ok(Err(_)) => Err("dispatch stream dropped the call".into()),
+            Ok(Err(_)) => Err(stream_error(address, "dropped the call")),
             Err(_) => {
                 stream.pending.lock().expect("pending lock").remove(&id);
-                Err("no answer before the deadline".into())
+                Err(PeerError::NoAnswer)
             }
         };
         match answer {
@@ -186,7 +221,7 @@ impl Peers {
                     &e.kind,
                 ))),
                 (Some(answer), None) => Self::answer(answer, job),
-                (None, None) => Forwarded::Unreachable("empty dispatch answer".into()),
+                (None, None) => Forwarded::Unreachable(PeerError::EmptyAnswer),
             },
         }
     }
@@ -200,7 +235,7 @@ impl Peers {
                 owner: MemberId(r.owner),
             })),
             Some(forward_response::Result::NotOwner(_)) => Forwarded::NotOwner,
-            None => Forwarded::Unreachable("empty forward response".into()),
+            None => Forwarded::Unreachable(PeerError::EmptyAnswer),
         }
     }
 
@@ -243,7 +278,7 @@ impl Peers {
                     .to_owned();
                 Forwarded::Done(Err(CallError::from_remote(s, &kind)))
             }
-            Err(s) => Forwarded::Unreachable(s.to_string()),
+            Err(s) => Forwarded::Unreachable(PeerError::Transport(s.to_string())),
         }
     }
 }

@@ -189,11 +189,12 @@ impl Peer for PeerService {
             router: self.router.clone(),
         };
         let this = std::sync::Arc::new(this);
-        tokio::spawn(async move {
+        let tasks = self.router.tasks().clone();
+        tasks.clone().spawn(async move {
             while let Ok(Some(req)) = incoming.message().await {
                 this.router.inner.metrics.stream_calls.inc();
                 let (this, tx) = (this.clone(), tx.clone());
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let Some(call) = req.call else { return };
                     let timeout = Some(Duration::from_millis(u64::from(req.timeout_ms)));
                     let response = match this.run(call, timeout).await {

@@ -185,7 +185,7 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Response {
         Ok(()) => Json(serde_json::json!({ "status": "ok" })).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "status": "failing", "reason": reason })),
+            Json(serde_json::json!({ "status": "failing", "reason": reason.to_string() })),
         )
             .into_response(),
     }
@@ -196,7 +196,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
         Ok(()) => Json(serde_json::json!({ "ready": true })).into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({ "ready": false, "reason": reason })),
+            Json(serde_json::json!({ "ready": false, "reason": reason.to_string() })),
         )
             .into_response(),
     }

@@ -2,7 +2,5 @@
 //! and the shutdown order. `main.rs` only parses arguments and maps errors to exit codes.
 
 pub mod admin;
-pub mod client;
 pub mod config;
 pub mod serve;
-pub mod status;

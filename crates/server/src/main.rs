@@ -1,3 +1,5 @@
+mod cli;
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -81,31 +83,21 @@ const EX_SOFTWARE: u8 = 70;
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Status { admin, shards } => {
-            report(leasehold_server::status::run(&admin, shards).map(|t| t.trim_end().to_owned()))
+            report(cli::status::run(&admin, shards).map(|t| t.trim_end().to_owned()))
         }
         Command::Call {
             addr,
             key,
             payload,
             timeout,
-        } => client_command(leasehold_server::client::call(
-            &addr, &key, payload, timeout,
-        )),
+        } => client_command(cli::client::call(&addr, &key, payload, timeout)),
         Command::Drain {
             admin,
             member,
             wait,
-        } => report(leasehold_server::status::drain(
-            &admin,
-            member.as_deref(),
-            wait,
-        )),
-        Command::Health { addr, service } => {
-            client_command(leasehold_server::client::health(&addr, &service))
-        }
-        Command::Locate { addr, key } => {
-            client_command(leasehold_server::client::locate(&addr, &key))
-        }
+        } => report(cli::status::drain(&admin, member.as_deref(), wait)),
+        Command::Health { addr, service } => client_command(cli::client::health(&addr, &service)),
+        Command::Locate { addr, key } => client_command(cli::client::locate(&addr, &key)),
         Command::Serve(args) => {
             let (config, warnings) = match ServeOptions::load(&args) {
                 Ok(loaded) => (loaded.options, loaded.warnings),
@@ -157,7 +149,9 @@ fn main() -> ExitCode {
                         return ExitCode::from(EX_UNAVAILABLE);
                     }
                 };
-                match serve(config, listeners, shutdown_signal()).await {
+                let span = tracing::info_span!("instance", member = %config.id);
+                let run = serve(config, listeners, shutdown_signal());
+                match tracing::Instrument::instrument(run, span).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(e) => {
                         tracing::error!("{e:#}");

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
 use leasehold_coord::{Coord, CoordOptions, NoListener, ShardListener};
 use leasehold_metrics::Registry;
 use leasehold_proto::v1::{
@@ -21,7 +20,42 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, AdminService};
-use crate::config::{HandlerSpec, ServeOptions};
+use crate::config::{ConfigError, HandlerSpec, ServeOptions};
+
+/// Why an instance could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {address} ({field}): {source}")]
+    Listen {
+        field: &'static str,
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Handler(#[from] leasehold_router::HandlerError),
+    #[error("kafka source {name}: {source}")]
+    Kafka {
+        name: String,
+        source: Box<leasehold_kafka::Error>,
+    },
+    #[error("kafka source {0} stopped unexpectedly")]
+    KafkaStopped(String),
+    #[error(transparent)]
+    Coord(#[from] leasehold_coord::Error),
+    #[error("coordination stopped unexpectedly")]
+    CoordStopped,
+    #[error("{task} panicked: {source}")]
+    Panicked {
+        task: &'static str,
+        source: tokio::task::JoinError,
+    },
+    #[error("gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("listener address: {0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// The two listeners of an instance, bound before the runtime work starts so that tests
 /// and callers can use port 0.
@@ -31,13 +65,18 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    pub async fn bind(config: &ServeOptions) -> anyhow::Result<Self> {
-        let grpc = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (listen)", config.listen))?;
-        let admin = TcpListener::bind(config.admin_listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (admin_listen)", config.admin_listen))?;
+    pub async fn bind(config: &ServeOptions) -> Result<Self, ServeError> {
+        let bind = |field, address| async move {
+            TcpListener::bind(address)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    field,
+                    address,
+                    source,
+                })
+        };
+        let grpc = bind("listen", config.listen).await?;
+        let admin = bind("admin_listen", config.admin_listen).await?;
         Ok(Self { grpc, admin })
     }
 }
@@ -62,7 +101,7 @@ pub async fn serve(
     config: ServeOptions,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let registry = Registry::new();
     let grpc_bound = listeners.grpc.local_addr()?;
     let admin_bound = listeners.admin.local_addr()?;
@@ -75,9 +114,7 @@ pub async fn serve(
         HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
         spec @ HandlerSpec::Grpc { .. } => {
             let url = spec.url().expect("a gRPC handler has a URL");
-            let h = Arc::new(
-                GrpcHandler::new(&url, max_message, member.clone()).map_err(anyhow::Error::msg)?,
-            );
+            let h = Arc::new(GrpcHandler::new(&url, max_message, member.clone())?);
             (h.clone(), h)
         }
     };
@@ -122,13 +159,20 @@ pub async fn serve(
         let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &registry);
         let cancel = kafka_cancel.clone();
         let name = source.name.clone();
-        kafka_tasks.spawn(async move {
-            match ingest.run(cancel.clone()).await {
-                Ok(()) if cancel.is_cancelled() => Ok(()),
-                Ok(()) => Err(anyhow::anyhow!("kafka source {name} stopped unexpectedly")),
-                Err(e) => Err(anyhow::Error::new(e).context(format!("kafka source {name}"))),
-            }
-        });
+        let span = tracing::info_span!("kafka_source", source = %name);
+        kafka_tasks.spawn(tracing::Instrument::instrument(
+            async move {
+                match ingest.run(cancel.clone()).await {
+                    Ok(()) if cancel.is_cancelled() => Ok(()),
+                    Ok(()) => Err(ServeError::KafkaStopped(name)),
+                    Err(source) => Err(ServeError::Kafka {
+                        name,
+                        source: Box::new(source),
+                    }),
+                }
+            },
+            span,
+        ));
     }
 
     let coord_cancel = CancellationToken::new();
@@ -168,15 +212,19 @@ pub async fn serve(
             servers_stop.cancel();
             kafka_cancel.cancel();
             return match r {
-                Ok(Ok(())) => Err(anyhow::anyhow!("coordination stopped unexpectedly")),
+                Ok(Ok(())) => Err(ServeError::CoordStopped),
                 Ok(Err(e)) => Err(e.into()),
-                Err(e) => Err(e.into()),
+                Err(source) => Err(ServeError::Panicked { task: "coordination", source }),
             };
         }
         Some(r) = kafka_tasks.join_next() => {
-            let e = r.unwrap_or_else(|e| Err(e.into())).err();
-            tracing::error!(error = ?e, "kafka source ended; shutting down");
-            fatal = Some(e.unwrap_or_else(|| anyhow::anyhow!("a kafka source stopped")));
+            let e = match r {
+                Ok(Ok(())) => ServeError::KafkaStopped("(cancelled)".into()),
+                Ok(Err(e)) => e,
+                Err(source) => ServeError::Panicked { task: "kafka source", source },
+            };
+            tracing::error!(error = %e, "kafka source ended; shutting down");
+            fatal = Some(e);
         }
     }
 
@@ -203,6 +251,22 @@ pub async fn serve(
     .is_err()
     {
         tracing::warn!("servers did not stop within {stop_grace:?}");
+    }
+    // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
+    router.close();
+    coord.tasks().close();
+    let grace = config.request_timeout + Duration::from_secs(1);
+    if tokio::time::timeout(grace, async {
+        router.tasks().wait().await;
+        coord.tasks().wait().await;
+    })
+    .await
+    .is_err()
+    {
+        tracing::warn!(
+            left = router.tasks().len() + coord.tasks().len(),
+            "background work still running after {grace:?}; abandoned"
+        );
     }
     coord_cancel.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
@@ -319,7 +383,7 @@ fn grpc_server(
     health: tonic_health::pb::health_server::HealthServer<
         impl tonic_health::pb::health_server::Health,
     >,
-) -> anyhow::Result<tonic::transport::server::Router> {
+) -> Result<tonic::transport::server::Router, ServeError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(leasehold_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

@@ -61,19 +61,40 @@ impl fmt::Display for MemberId {
     }
 }
 
+/// Why a member id (or cluster name) is not valid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InvalidId {
+    /// Empty, or longer than 128 characters.
+    Length(usize),
+    /// A character outside `[A-Za-z0-9._-]`.
+    Character(char),
+}
+
+impl fmt::Display for InvalidId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            InvalidId::Length(n) => write!(f, "must be 1 to 128 characters, got {n}"),
+            InvalidId::Character(c) => write!(
+                f,
+                "contains {c:?}; allowed are letters, digits, '.', '_' and '-'"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for InvalidId {}
+
 /// Checks a member id: 1 to 128 characters of `[A-Za-z0-9._-]`, so it is safe inside an
 /// etcd key and a URL path.
-pub fn validate_member_id(id: &str) -> Result<(), String> {
+pub fn validate_member_id(id: &str) -> Result<(), InvalidId> {
     if id.is_empty() || id.len() > 128 {
-        return Err(format!("must be 1 to 128 characters, got {}", id.len()));
+        return Err(InvalidId::Length(id.len()));
     }
     if let Some(c) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
-        return Err(format!(
-            "contains {c:?}; allowed are letters, digits, '.', '_' and '-'"
-        ));
+        return Err(InvalidId::Character(c));
     }
     Ok(())
 }
@@ -155,7 +176,11 @@ mod tests {
     fn member_ids_are_checked() {
         assert!(validate_member_id("leasehold-0").is_ok());
         assert!(validate_member_id("").is_err());
-        assert!(validate_member_id("a/b").unwrap_err().contains("'/'"));
+        assert_eq!(validate_member_id("a/b"), Err(InvalidId::Character('/')));
+        assert!(validate_member_id("a/b")
+            .unwrap_err()
+            .to_string()
+            .contains("'/'"));
     }
 
     #[test]

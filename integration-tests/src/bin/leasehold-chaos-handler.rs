@@ -107,6 +107,17 @@ impl EntityHandler for Sidecar {
         request: Request<HandleRequest>,
     ) -> Result<Response<HandleResponse>, Status> {
         let r = request.into_inner();
+        // Honour the deadline as an absolute time: a call delivered late (its instance was
+        // paused between its lease check and sending it) must not run.
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if r.deadline_unix_ms > 0 && now_ms >= r.deadline_unix_ms {
+            return Err(Status::deadline_exceeded(format!(
+                "received {} ms past its deadline",
+                now_ms - r.deadline_unix_ms
+            )));
+        }
         let me = self.clone();
         let value = tokio::task::spawn_blocking(move || me.execute(r))
             .await

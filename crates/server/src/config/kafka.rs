@@ -196,7 +196,7 @@ impl KafkaOptions {
         let key: KeySource = self
             .key
             .parse()
-            .map_err(|m: String| error(index, "key", m))?;
+            .map_err(|e: leasehold_kafka::KeySourceError| error(index, "key", e.to_string()))?;
         for (field, n) in [
             (
                 "max_in_flight_per_partition",

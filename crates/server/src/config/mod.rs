@@ -377,8 +377,9 @@ impl ServeOptions {
 
     /// Checks what types alone cannot: ranges, formats and fields that go together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_member_id(&self.id).map_err(|m| ConfigError::field("id", m))?;
-        validate_member_id(&self.cluster).map_err(|m| ConfigError::field("cluster", m))?;
+        validate_member_id(&self.id).map_err(|e| ConfigError::field("id", e.to_string()))?;
+        validate_member_id(&self.cluster)
+            .map_err(|e| ConfigError::field("cluster", e.to_string()))?;
         if self.etcd.0.is_empty() {
             return Err(ConfigError::field(
                 "etcd",
