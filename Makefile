@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unit integration helm-test run bench fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps unit integration helm-test run bench fmt chaos chaos-short
 
 all: build
 
@@ -44,6 +44,9 @@ clippy: deps
 doc: deps
 	RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
 
+unused-deps:
+	scripts/unused-deps.sh
+
 unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
 
@@ -52,7 +55,7 @@ integration: build kafka-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps kafka-deps helm-deps fmt-check clippy doc
+test: deps kafka-deps helm-deps fmt-check clippy doc unused-deps
 	@scripts/doctor.sh
 	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
 

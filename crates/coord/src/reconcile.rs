@@ -102,7 +102,8 @@ pub(crate) fn decide(
             _ => None,
         })
         .collect();
-    let is_lost = |s: ShardId| lost.iter().any(|(l, _)| *l == s);
+    let lost_set: std::collections::HashSet<ShardId> = lost.iter().map(|(s, _)| *s).collect();
+    let is_lost = |s: ShardId| lost_set.contains(&s);
     // What the local table holds once the lost shards are dropped.
     let after = |s: ShardId| {
         if is_lost(s) {
@@ -290,6 +291,9 @@ impl Coord {
 
     /// Acquires free shards assigned to this instance.
     async fn acquire(&self, wanted: Vec<ShardId>, session: Session) {
+        if self.is_draining() {
+            return; // started draining since the pass was decided
+        }
         let me = self.member_id();
         let table = &self.inner.table;
         let generation = table.generation();

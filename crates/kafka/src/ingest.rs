@@ -263,10 +263,6 @@ impl Ingest {
 
     pub async fn run(self, cancel: CancellationToken) -> Result<(), Error> {
         let o = &self.opts;
-        let kafka = |error| Error::Kafka {
-            source_name: o.name.clone(),
-            error,
-        };
         if o.on_failure == OnFailure::DeadLetter && o.dlq_topic.is_none() {
             return Err(Error::Config {
                 source_name: o.name.clone(),
@@ -274,6 +270,64 @@ impl Ingest {
             });
         }
         let partitions: Partitions = Default::default();
+        let (consumer, producer) = self.connect(&partitions)?;
+        tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, on_failure = o.on_failure.as_str(), "kafka source started");
+        let lag_task = tokio::spawn(report_lag(
+            consumer.clone(),
+            partitions.clone(),
+            cancel.clone(),
+        ));
+        let mut state = Consuming {
+            total: Arc::new(Semaphore::new(o.max_in_flight)),
+            series: HashMap::new(),
+            tasks: TaskTracker::new(),
+            consumer,
+            producer,
+            partitions,
+        };
+        let reclaim_after = session_timeout(&o.properties) + Duration::from_secs(1);
+        let mut reclaim_tick = tokio::time::interval(Duration::from_secs(1));
+        reclaim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let consumer = state.consumer.clone();
+        loop {
+            let message = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                _ = reclaim_tick.tick() => {
+                    reclaim_fenced(&o.name, &consumer, &state.partitions, reclaim_after);
+                    continue;
+                }
+                m = consumer.recv() => m,
+            };
+            let m = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(source = %o.name, error = %e, "kafka consume error");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            self.metrics.consumed.inc();
+            let part = self.partition(&mut state, m.topic(), m.partition(), m.offset());
+            let parked = parked(&m, &o.key);
+            drop(m);
+            self.admit(&state, part, parked);
+        }
+        self.stop(state, lag_task).await;
+        Ok(())
+    }
+
+    /// The consumer (subscribed, with the rebalance callbacks) and, when messages that
+    /// cannot be handled are dead-lettered, the producer for them.
+    fn connect(
+        &self,
+        partitions: &Partitions,
+    ) -> Result<(Arc<StreamConsumer<Context>>, Option<FutureProducer>), Error> {
+        let o = &self.opts;
+        let kafka = |error| Error::Kafka {
+            source_name: o.name.clone(),
+            error,
+        };
         let mut config = self.client_config();
         config
             .set("group.id", &o.group)
@@ -305,137 +359,118 @@ impl Ingest {
             ),
             _ => None,
         };
-        tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, on_failure = o.on_failure.as_str(), "kafka source started");
+        Ok((consumer, producer))
+    }
 
-        let total = Arc::new(Semaphore::new(o.max_in_flight));
-        let mut series: HashMap<(String, i32), (Arc<Gauge>, Arc<Gauge>)> = HashMap::new();
-        let lag_task = tokio::spawn(report_lag(
-            consumer.clone(),
-            partitions.clone(),
-            cancel.clone(),
-        ));
-        let tasks = TaskTracker::new();
-        let reclaim_after = session_timeout(&o.properties) + Duration::from_secs(1);
-        let mut reclaim_tick = tokio::time::interval(Duration::from_secs(1));
-        reclaim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let message = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => break,
-                _ = reclaim_tick.tick() => {
-                    reclaim_fenced(&o.name, &consumer, &partitions, reclaim_after);
-                    continue;
-                }
-                m = consumer.recv() => m,
-            };
-            let m = match message {
-                Ok(m) => m,
-                Err(e) => {
-                    tracing::warn!(source = %o.name, error = %e, "kafka consume error");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            self.metrics.consumed.inc();
-            let tp = (m.topic().to_owned(), m.partition());
-            // One series per partition for the life of the process, reused when the
-            // partition comes back (a second registration would duplicate the series).
-            let gauges = series.entry(tp.clone()).or_insert_with(|| {
-                let labels = format!(
-                    "source=\"{}\",topic=\"{}\",partition=\"{}\"",
-                    o.name, tp.0, tp.1
-                );
-                (
-                    self.registry.gauge(
-                        "leasehold_kafka_commit_watermark",
-                        "Offset stored for commit (lowest offset not done) per partition.",
-                        &labels,
-                    ),
-                    self.registry.gauge(
-                        "leasehold_kafka_lag",
-                        "Messages between the commit watermark and the partition's end.",
-                        &labels,
-                    ),
-                )
-            });
-            let part = partitions
-                .lock()
-                .expect("partitions lock")
-                .entry(tp.clone())
-                .or_insert_with(|| {
-                    Arc::new(Partition {
-                        topic: tp.0.clone(),
-                        partition: tp.1,
-                        window: Mutex::new(Window::default()),
-                        chains: Mutex::new(HashMap::new()),
-                        limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
-                        revoked: AtomicBool::new(false),
-                        // Read in the loop that serves the group's callbacks: the
-                        // partition is assigned in this generation.
-                        generation: crate::group::generation(consumer.as_ref()),
-                        fence: tokio::sync::OnceCell::new(),
-                        fenced_at: Mutex::new(None),
-                        resume_from: AtomicI64::new(m.offset()),
-                        cancel: CancellationToken::new(),
-                        parked: Mutex::new(VecDeque::new()),
-                        watermark: gauges.0.clone(),
-                        lag: gauges.1.clone(),
-                    })
-                })
-                .clone();
-            let key = o.key.extract(m.key(), m.payload(), |name| {
-                m.headers()
-                    .and_then(|h| h.iter().find(|hd| hd.key == name).and_then(|hd| hd.value))
-            });
-            let parked = Parked {
-                timestamp: m.timestamp().to_millis(),
-                record: Record {
+    /// The state of an assigned partition, created on its first message after an
+    /// assignment (`offset` is where it starts).
+    fn partition(
+        &self,
+        state: &mut Consuming,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Arc<Partition> {
+        let o = &self.opts;
+        let tp = (topic.to_owned(), partition);
+        // One series per partition for the life of the process, reused when the
+        // partition comes back (a second registration would duplicate the series).
+        let gauges = state.series.entry(tp.clone()).or_insert_with(|| {
+            let labels = format!(
+                "source=\"{}\",topic=\"{}\",partition=\"{}\"",
+                o.name, tp.0, tp.1
+            );
+            (
+                self.registry.gauge(
+                    "leasehold_kafka_commit_watermark",
+                    "Offset stored for commit (lowest offset not done) per partition.",
+                    &labels,
+                ),
+                self.registry.gauge(
+                    "leasehold_kafka_lag",
+                    "Messages between the commit watermark and the partition's end.",
+                    &labels,
+                ),
+            )
+        });
+        let consumer = &state.consumer;
+        state
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .entry(tp.clone())
+            .or_insert_with(|| {
+                Arc::new(Partition {
                     topic: tp.0.clone(),
                     partition: tp.1,
-                    offset: m.offset(),
-                    key: m.key().map(Bytes::copy_from_slice),
-                    payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-                    headers: m.headers().map(|h| h.detach()),
-                },
-                key,
-            };
-            drop(m);
-            let worker = Worker {
-                opts: self.opts.clone(),
-                dispatcher: self.dispatcher.clone(),
-                producer: producer.clone(),
-                consumer: consumer.clone(),
-                metrics: self.metrics.clone(),
-                part: part.clone(),
-            };
-            // Back-pressure without blocking this loop (which must keep polling for the
-            // group and its rebalance callbacks): a partition at its limit is paused, and
-            // its messages wait in order until a drain task has room for them.
-            let mut queue = part.parked.lock().expect("parked lock");
-            if part.is_revoked() {
-                continue; // revoked while this message was being read
-            }
-            if queue.is_empty() {
-                if let Some(permits) = try_acquire(&total, &part.limit) {
-                    let run = worker.start(parked, permits);
-                    drop(queue);
-                    tasks.spawn(run);
-                    continue;
-                }
-                if let Err(e) = consumer.pause(&part.list()) {
-                    tracing::warn!(source = %o.name, topic = %tp.0, partition = tp.1, error = %e, "pausing a full partition failed");
-                }
-                self.metrics.paused.add(1);
-                tracing::debug!(source = %o.name, topic = %tp.0, partition = tp.1, "partition at its in-flight limit; paused");
-                queue.push_back(parked);
-                drop(queue);
-                tasks.spawn(drain(worker, total.clone(), tasks.clone()));
-            } else {
-                queue.push_back(parked);
-            }
-        }
+                    window: Mutex::new(Window::default()),
+                    chains: Mutex::new(HashMap::new()),
+                    limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
+                    revoked: AtomicBool::new(false),
+                    // Read in the loop that serves the group's callbacks: the partition
+                    // is assigned in this generation.
+                    generation: crate::group::generation(consumer.as_ref()),
+                    fence: tokio::sync::OnceCell::new(),
+                    fenced_at: Mutex::new(None),
+                    resume_from: AtomicI64::new(offset),
+                    cancel: CancellationToken::new(),
+                    parked: Mutex::new(VecDeque::new()),
+                    watermark: gauges.0.clone(),
+                    lag: gauges.1.clone(),
+                })
+            })
+            .clone()
+    }
 
-        // Shutdown: stop fetching, give in-flight messages a bounded time, commit.
+    /// Starts a message, or parks it behind its partition's queue. Back-pressure without
+    /// blocking the consumer loop (which must keep polling for the group and its
+    /// rebalance callbacks): a partition at its limit is paused, and its messages wait
+    /// in order until a drain task has room for them.
+    fn admit(&self, state: &Consuming, part: Arc<Partition>, parked: Parked) {
+        let worker = Worker {
+            opts: self.opts.clone(),
+            dispatcher: self.dispatcher.clone(),
+            producer: state.producer.clone(),
+            consumer: state.consumer.clone(),
+            metrics: self.metrics.clone(),
+            part: part.clone(),
+        };
+        let mut queue = part.parked.lock().expect("parked lock");
+        if part.is_revoked() {
+            return; // revoked while this message was being read
+        }
+        if !queue.is_empty() {
+            queue.push_back(parked);
+            return;
+        }
+        if let Some(permits) = try_acquire(&state.total, &part.limit) {
+            let run = worker.start(parked, permits);
+            drop(queue);
+            state.tasks.spawn(run);
+            return;
+        }
+        let (source, topic, partition) = (&self.opts.name, &part.topic, part.partition);
+        if let Err(e) = state.consumer.pause(&part.list()) {
+            tracing::warn!(%source, %topic, partition, error = %e, "pausing a full partition failed");
+        }
+        self.metrics.paused.add(1);
+        tracing::debug!(%source, %topic, partition, "partition at its in-flight limit; paused");
+        queue.push_back(parked);
+        drop(queue);
+        state
+            .tasks
+            .spawn(drain(worker, state.total.clone(), state.tasks.clone()));
+    }
+
+    /// Shutdown: stop fetching, give in-flight messages a bounded time, commit.
+    async fn stop(&self, state: Consuming, lag_task: tokio::task::JoinHandle<()>) {
+        let o = &self.opts;
+        let Consuming {
+            tasks,
+            partitions,
+            consumer,
+            ..
+        } = state;
         let grace = Duration::from_secs(10);
         tracing::info!(source = %o.name, in_flight = tasks.len(), "kafka source stopping");
         tasks.close();
@@ -453,7 +488,39 @@ impl Ingest {
         consumer.unsubscribe();
         lag_task.abort();
         tracing::info!(source = %o.name, "kafka source stopped");
-        Ok(())
+    }
+}
+
+/// What the consumer loop of one source holds while it runs.
+struct Consuming {
+    consumer: Arc<StreamConsumer<Context>>,
+    producer: Option<FutureProducer>,
+    partitions: Partitions,
+    /// Gauges (commit watermark, lag) per partition ever assigned here.
+    series: HashMap<(String, i32), (Arc<Gauge>, Arc<Gauge>)>,
+    /// The source's in-flight limit.
+    total: Arc<Semaphore>,
+    tasks: TaskTracker,
+}
+
+/// A consumed message, detached from the consumer's buffer, with its key (or why there
+/// is none).
+fn parked(m: &rdkafka::message::BorrowedMessage<'_>, key: &crate::KeySource) -> Parked {
+    let extracted = key.extract(m.key(), m.payload(), |name| {
+        m.headers()
+            .and_then(|h| h.iter().find(|hd| hd.key == name).and_then(|hd| hd.value))
+    });
+    Parked {
+        timestamp: m.timestamp().to_millis(),
+        record: Record {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(Bytes::copy_from_slice),
+            payload: Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+            headers: m.headers().map(|h| h.detach()),
+        },
+        key: extracted,
     }
 }
 

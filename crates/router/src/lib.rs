@@ -95,6 +95,10 @@ pub enum CallError {
     /// known here: its consumer lost the partition (whether it knows yet or not).
     #[error("{0}")]
     Fenced(String),
+    /// The deadline passed after the call was sent to its owner without an answer: it
+    /// may or may not have run.
+    #[error("{0}")]
+    OutcomeUnknown(String),
 }
 
 impl CallError {
@@ -110,6 +114,7 @@ impl CallError {
             CallError::Handler(_) => "handler",
             CallError::HandlerTimeout(_) => "handler_timeout",
             CallError::Fenced(_) => "fenced",
+            CallError::OutcomeUnknown(_) => "outcome_unknown",
         }
     }
 
@@ -124,6 +129,7 @@ impl CallError {
             "unavailable" => CallError::Unavailable(m),
             "handler_timeout" => CallError::HandlerTimeout(m),
             "fenced" => CallError::Fenced(m),
+            "outcome_unknown" => CallError::OutcomeUnknown(m),
             _ => CallError::Handler(status),
         }
     }
@@ -135,7 +141,9 @@ impl CallError {
         match self {
             CallError::InvalidArgument(_) => Code::InvalidArgument,
             CallError::ResourceExhausted(_) => Code::ResourceExhausted,
-            CallError::DeadlineExceeded(_) | CallError::HandlerTimeout(_) => Code::DeadlineExceeded,
+            CallError::DeadlineExceeded(_)
+            | CallError::HandlerTimeout(_)
+            | CallError::OutcomeUnknown(_) => Code::DeadlineExceeded,
             CallError::Unavailable(_) => Code::Unavailable,
             CallError::NotOwner { .. } => Code::FailedPrecondition,
             CallError::Handler(s) => s.code(),
@@ -168,6 +176,7 @@ impl CallError {
             CallError::NotOwner { .. } => "NOT_OWNER",
             CallError::HandlerTimeout(_) => "HANDLER_TIMEOUT",
             CallError::Fenced(_) => "FENCED",
+            CallError::OutcomeUnknown(_) => "OUTCOME_UNKNOWN",
             CallError::Handler(_) => return None,
         })
     }
@@ -251,6 +260,8 @@ struct Inner {
     /// Work that outlives a request (a handler call whose caller left, Dispatch streams),
     /// awaited at shutdown before the lease is revoked.
     tasks: TaskTracker,
+    /// Cancelled by [`Router::close`]: Dispatch streams from peers stop reading.
+    closing: tokio_util::sync::CancellationToken,
 }
 
 /// The call path of one instance. Cheap to clone.
@@ -320,6 +331,7 @@ impl Router {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
                 peers: Peers::new(max_message, tasks.clone()),
                 tasks,
+                closing: tokio_util::sync::CancellationToken::new(),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 fences: Default::default(),
                 coord,
@@ -348,6 +360,7 @@ impl Router {
     /// closes [`Router::tasks`], so that awaiting it returns when the last handler call
     /// and stream finished.
     pub fn close(&self) {
+        self.inner.closing.cancel();
         self.inner.peers.close();
         self.inner.tasks.close();
     }
@@ -464,13 +477,23 @@ impl Router {
         let mut changes = table.subscribe();
         let mut waited = false;
         let mut reason = "no owner";
+        // Set once a forward got no answer after it may have reached its owner: the
+        // call may have run, and a timeout must not say it did not.
+        let mut sent_unanswered = false;
         loop {
             changes.borrow_and_update();
             if Instant::now() >= job.deadline {
-                return Err(CallError::DeadlineExceeded(format!(
+                let why = format!(
                     "deadline passed while waiting for shard {} ({reason})",
                     job.shard
-                )));
+                );
+                return Err(if sent_unanswered {
+                    CallError::OutcomeUnknown(format!(
+                        "{why}; an earlier attempt reached its owner without an answer and may have run"
+                    ))
+                } else {
+                    CallError::DeadlineExceeded(why)
+                });
             }
             // Startable here: run it (execute re-checks once it holds a permit).
             let blocked = match table.check(job.shard) {
@@ -509,6 +532,7 @@ impl Router {
                                 }
                                 Forwarded::Unreachable(e) => {
                                     tracing::debug!(peer = %o.owner, error = %e, "peer unreachable");
+                                    sent_unanswered |= e.may_have_run();
                                     reason = "owner unreachable";
                                 }
                             }
@@ -756,6 +780,18 @@ mod tests {
                 CallError::HandlerTimeout("t".into()),
                 Code::DeadlineExceeded,
                 "HANDLER_TIMEOUT",
+                false,
+            ),
+            (
+                CallError::DeadlineExceeded("d".into()),
+                Code::DeadlineExceeded,
+                "DEADLINE_BEFORE_HANDLER",
+                true,
+            ),
+            (
+                CallError::OutcomeUnknown("u".into()),
+                Code::DeadlineExceeded,
+                "OUTCOME_UNKNOWN",
                 false,
             ),
             (

@@ -45,6 +45,16 @@ pub(crate) enum PeerError {
     EmptyAnswer,
     #[error("{0}")]
     Transport(String),
+    /// Certainly not delivered.
+    #[error("dispatch stream to {0} closed before the call was sent")]
+    NotSent(String),
+}
+
+impl PeerError {
+    /// Whether the owner may have received (and run) the call.
+    pub(crate) fn may_have_run(&self) -> bool {
+        !matches!(self, PeerError::Address { .. } | PeerError::NotSent(_))
+    }
 }
 
 pub(crate) struct Peers {
@@ -61,7 +71,9 @@ type Answer = Result<pb::DispatchResponse, PeerError>;
 /// `pending` by id. When the stream breaks, every pending call is answered
 /// "unreachable" and the next call opens a new stream.
 struct PeerStream {
-    tx: mpsc::Sender<pb::DispatchRequest>,
+    /// Taken at shutdown: the outgoing stream then ends, and the reader with it once the
+    /// owner answered what it holds.
+    tx: Mutex<Option<mpsc::Sender<pb::DispatchRequest>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -122,7 +134,9 @@ impl Peers {
     /// Ends every Dispatch stream (their readers finish once the owners answered what
     /// they hold).
     pub(crate) fn close(&self) {
-        self.streams.lock().expect("streams lock").clear();
+        for (_, stream) in self.streams.lock().expect("streams lock").drain() {
+            stream.tx.lock().expect("tx lock").take();
+        }
     }
 
     /// The peer's Dispatch stream, opened on first use or after it broke.
@@ -137,7 +151,7 @@ impl Peers {
         let mut client = self.client(address)?;
         let (tx, rx) = mpsc::channel(4096);
         let stream = Arc::new(PeerStream {
-            tx,
+            tx: Mutex::new(Some(tx)),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -187,10 +201,15 @@ impl Peers {
             call: Some(request),
             timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         };
-        if stream.tx.send(request).await.is_err() {
+        let tx = stream.tx.lock().expect("tx lock").clone();
+        let sent = match tx {
+            Some(tx) => tx.send(request).await.is_ok(),
+            None => false,
+        };
+        if !sent {
             stream.pending.lock().expect("pending lock").remove(&id);
             stream.fail_all(stream_error(address, "closed"));
-            return Forwarded::Unreachable(stream_error(address, "closed"));
+            return Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
         }
         // Closed before our call was registered: nobody will answer it.
         if stream.closed.load(Ordering::Acquire)

@@ -190,8 +190,15 @@ impl Peer for PeerService {
         };
         let this = std::sync::Arc::new(this);
         let tasks = self.router.tasks().clone();
+        let closing = self.router.inner.closing.clone();
         tasks.clone().spawn(async move {
-            while let Ok(Some(req)) = incoming.message().await {
+            loop {
+                // At shutdown, stop reading: calls already read still answer.
+                let req = tokio::select! {
+                    r = incoming.message() => r,
+                    _ = closing.cancelled() => break,
+                };
+                let Ok(Some(req)) = req else { break };
                 this.router.inner.metrics.stream_calls.inc();
                 let (this, tx) = (this.clone(), tx.clone());
                 tasks.spawn(async move {

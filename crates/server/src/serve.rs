@@ -371,6 +371,7 @@ fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchEr
         C::Fenced(m) => D::Fenced(m),
         e @ (C::ResourceExhausted(_)
         | C::DeadlineExceeded(_)
+        | C::OutcomeUnknown(_)
         | C::Unavailable(_)
         | C::NotOwner { .. }) => D::Unavailable(e.to_string()),
     }

@@ -94,8 +94,10 @@ macro_rules! settings {
 settings! {
     /// Instance id, unique in the cluster (`[A-Za-z0-9._-]`, at most 128 characters);
     /// the pod name on Kubernetes. Default: the host name.
+    #[serde(with = "values::string")]
     id: String = default_id(),
     /// Cluster name; instances of one cluster share `/leasehold/<cluster>/` in etcd.
+    #[serde(with = "values::string")]
     cluster: String = "default".into(),
     /// etcd endpoints (a TOML list, or comma separated).
     etcd: List = List::of(["http://127.0.0.1:2379"]),
@@ -104,7 +106,7 @@ settings! {
     etcd_username: Option<String> = None,
     /// etcd password (needs etcd_username); prefer the variable over the flag. Never
     /// printed.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(with = "values::opt_secret", skip_serializing_if = "Option::is_none")]
     etcd_password: Option<Secret> = None,
     /// gRPC listen address (Entities, Peer, Admin, health, reflection).
     #[serde(with = "values::addr")]
@@ -145,6 +147,7 @@ settings! {
     #[serde(with = "values::num")]
     max_moves: usize = 256,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
+    #[serde(with = "values::string")]
     log: String = "info".into(),
     /// Log format: `text` (for terminals) or `json` (one object per line, for collectors).
     log_format: LogFormat = LogFormat::Text,
@@ -247,26 +250,25 @@ impl Layers {
         self.origins.insert(name.to_owned(), origin);
     }
 
-    /// The first `[[kafka]]` table (created when there is none).
-    fn first_source(&mut self) -> &mut toml::Table {
+    /// The first `[[kafka]]` table (created when there is none); `None` when the file's
+    /// `kafka` is not a list of tables (deserialising then says so).
+    fn first_source(&mut self) -> Option<&mut toml::Table> {
         let sources = self
             .table
             .entry("kafka")
             .or_insert_with(|| toml::Value::Array(Vec::new()));
-        if !sources.is_array() {
-            *sources = toml::Value::Array(Vec::new()); // the file's bad value; flags win
+        let list = sources.as_array_mut()?;
+        if list.is_empty() {
+            list.push(toml::Value::Table(toml::Table::new()));
         }
-        let list = sources.as_array_mut().expect("an array");
-        if list.first().is_none_or(|t| !t.is_table()) {
-            list.insert(0, toml::Value::Table(toml::Table::new()));
-        }
-        list[0].as_table_mut().expect("a table")
+        list[0].as_table_mut()
     }
 
     fn set_kafka(&mut self, key: &str, value: &str, origin: Origin) {
-        self.first_source()
-            .insert(key.to_owned(), toml::Value::String(value.to_owned()));
-        self.origins.insert(format!("kafka[0].{key}"), origin);
+        if let Some(first) = self.first_source() {
+            first.insert(key.to_owned(), toml::Value::String(value.to_owned()));
+            self.origins.insert(format!("kafka[0].{key}"), origin);
+        }
     }
 }
 
@@ -295,7 +297,10 @@ impl ServeOptions {
             }
             None => None,
         };
-        Self::from_layers(file, std::env::vars(), args)
+        // Variables that are not UTF-8 cannot be settings; they are skipped, not fatal.
+        let env = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        Self::from_layers(file, env, args)
     }
 
     /// [`ServeOptions::load`] with the file's table and the environment given.
@@ -339,7 +344,7 @@ impl ServeOptions {
                 layers.set(&name, &value, Origin::Env(var));
             } else if let Some(key) = kafka_key(&name) {
                 layers.set_kafka(key, &value, Origin::Env(var));
-            } else if !OTHER_VARIABLES.contains(&name.as_str()) {
+            } else if !OTHER_VARIABLES.contains(&name.as_str()) && !is_service_link(&name) {
                 warnings.push(format!(
                     "{var} is not a setting and is ignored{}",
                     suggestion(&name)
@@ -357,11 +362,12 @@ impl ServeOptions {
             let (k, v) = p.split_once('=').ok_or_else(|| {
                 ConfigError::field("kafka_property", format!("{p:?} is not KEY=VALUE"))
             })?;
-            let properties = layers
-                .first_source()
-                .entry("properties")
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            if let Some(t) = properties.as_table_mut() {
+            let properties = layers.first_source().map(|first| {
+                first
+                    .entry("properties")
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            });
+            if let Some(t) = properties.and_then(|p| p.as_table_mut()) {
                 t.insert(
                     k.trim().to_owned(),
                     toml::Value::String(v.trim().to_owned()),
@@ -481,6 +487,13 @@ fn in_range(field: &str, n: usize, min: usize, max: usize) -> Result<(), ConfigE
         ));
     }
     Ok(())
+}
+
+/// Kubernetes' service-link variables for a Service named `leasehold`
+/// (`LEASEHOLD_SERVICE_HOST`, `LEASEHOLD_PORT_7070_TCP_ADDR`, ...): not settings, not
+/// worth a warning.
+fn is_service_link(name: &str) -> bool {
+    name == "port" || name.starts_with("port_") || name.starts_with("service_")
 }
 
 fn is_setting(name: &str) -> bool {

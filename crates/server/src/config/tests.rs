@@ -130,6 +130,42 @@ fn unknown_file_keys_are_errors_and_unknown_variables_warnings_with_the_closest_
 }
 
 #[test]
+fn secrets_are_not_echoed_and_kubernetes_service_links_are_not_warned_about() {
+    let c = options(&["--etcd-username", "lh"], &[], "etcd_password = 123456");
+    let (_, password) = c.etcd_credentials().unwrap().unwrap();
+    assert_eq!(
+        password.expose(),
+        "123456",
+        "a bare number is a password too"
+    );
+    let err = error(
+        &["--etcd-username", "lh"],
+        &[],
+        "etcd_password = [\"s3cret\"]",
+    );
+    assert!(
+        err.starts_with("invalid etcd_password") && !err.contains("s3cret"),
+        "{err}"
+    );
+    let loaded = load(
+        &[],
+        &[
+            ("LEASEHOLD_SERVICE_HOST", "10.0.0.1"),
+            ("LEASEHOLD_PORT", "tcp://10.0.0.1:7070"),
+            ("LEASEHOLD_PORT_7070_TCP_ADDR", "10.0.0.1"),
+        ],
+        "id = 7",
+    )
+    .unwrap();
+    assert_eq!(loaded.warnings, Vec::<String>::new());
+    let c = options(&[], &[], "cluster = 7");
+    assert_eq!(c.cluster, "7", "bare numbers are accepted for names");
+    // A single [kafka] table is refused, flags or not.
+    let err = error(&["--kafka-topic", "t"], &[], "[kafka]\nbrokers = \"b:1\"");
+    assert!(err.starts_with("invalid kafka"), "{err}");
+}
+
+#[test]
 fn printed_config_reads_back_the_same() {
     let c = options(
         &["--handler", "grpc://app:9000", "--max-payload", "512KiB"],

@@ -87,7 +87,7 @@ pub mod opt_string {
     use super::*;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        let s = String::deserialize(d)?;
+        let s = super::string::deserialize(d)?;
         Ok(Some(s.trim().to_owned()).filter(|s| !s.is_empty()))
     }
 
@@ -208,10 +208,52 @@ impl Serialize for ByteSize {
     }
 }
 
-/// A secret (a password): never printed, in logs, `Debug` or `--print-config`.
-#[derive(Clone, PartialEq, Eq, Deserialize)]
-#[serde(transparent)]
+/// A secret (a password): never printed, in logs, `Debug`, `--print-config` or errors.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Untagged: a mistyped value is refused without being echoed.
+        match Scalar::deserialize(d) {
+            Ok(Scalar::Str(s)) => Ok(Secret(s)),
+            Ok(Scalar::Int(i)) => Ok(Secret(i.to_string())),
+            Err(_) => Err(de::Error::custom("expected a string (value not shown)")),
+        }
+    }
+}
+
+/// Optional secrets, where an empty value means "not set".
+pub mod opt_secret {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+        Ok(Some(Secret::deserialize(d)?).filter(|s| !s.0.is_empty()))
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Secret>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => v.serialize(s),
+            None => s.serialize_none(),
+        }
+    }
+}
+
+/// Strings that TOML may also give as a bare number (`id = 7`).
+pub mod string {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        Ok(match Scalar::deserialize(d)? {
+            Scalar::Str(s) => s,
+            Scalar::Int(i) => i.to_string(),
+        })
+    }
+
+    pub fn serialize<S: Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v)
+    }
+}
 
 impl Secret {
     pub const REDACTED: &'static str = "<redacted>";
