@@ -240,6 +240,9 @@ pub async fn serve(
     let started = std::time::Instant::now();
     coord.drain(config.drain_timeout).await;
     tracing::info!(took = ?started.elapsed(), "drained; stopping servers");
+    // Peers' Dispatch streams into this instance are long-lived: stop reading them (and
+    // end ours) so that the servers' graceful stop does not wait for them.
+    router.close();
     servers_stop.cancel();
     let stop_grace = Duration::from_secs(5);
     if tokio::time::timeout(stop_grace, async {
@@ -253,7 +256,6 @@ pub async fn serve(
         tracing::warn!("servers did not stop within {stop_grace:?}");
     }
     // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
-    router.close();
     coord.tasks().close();
     let grace = config.request_timeout + Duration::from_secs(1);
     if tokio::time::timeout(grace, async {

@@ -139,98 +139,106 @@ struct Row {
 }
 
 async fn bench() -> Vec<Row> {
-    let mut rows = Vec::new();
-    let conc = 32;
-    let secs = 5;
+    let mut rows = vec![
+        owner_path_throughput().await,
+        forwarded_latency().await,
+        idle_rss().await,
+    ];
+    rows.extend(recovery_and_drain().await);
+    rows
+}
 
-    // 1. Owner path vs a raw tonic echo server, same client, alternating twice.
-    {
-        let port = free_port();
-        let exe = std::env::current_exe().unwrap();
-        let mut raw = std::process::Command::new(exe)
-            .args(["raw-server", &port.to_string()])
-            .spawn()
-            .unwrap();
-        let cluster = Cluster::start(1, &["--max-concurrency", "4096"]).await;
-        cluster.wait_balanced(Duration::from_secs(10)).await;
-        let raw_c = client(&format!("http://127.0.0.1:{port}"));
-        let lh_c = cluster.instances[0].client().await;
-        let (mut raw_best, mut lh_best) = (0f64, 0f64);
-        for _ in 0..2 {
-            raw_best = raw_best.max(throughput(raw_c.clone(), conc, secs).await);
-            lh_best = lh_best.max(throughput(lh_c.clone(), conc, secs).await);
-        }
-        let _ = raw.kill();
-        let _ = raw.wait();
-        let ratio = lh_best / raw_best;
-        eprintln!("owner path {lh_best:.0}/s raw {raw_best:.0}/s ratio {ratio:.2}");
-        rows.push(Row {
-            name: "owner-path Call throughput (1 instance, echo, 32 callers)",
-            measured: format!("{lh_best:.0} calls/s"),
-            baseline: format!("raw tonic echo {raw_best:.0} calls/s → ratio {ratio:.2}"),
-            target: "≥ 0.8× raw",
-            met: ratio >= 0.8,
-        });
+/// Owner path vs a raw tonic echo server, same client, alternating twice.
+async fn owner_path_throughput() -> Row {
+    let (conc, secs) = (32, 5);
+    let port = free_port();
+    let exe = std::env::current_exe().unwrap();
+    let mut raw = std::process::Command::new(exe)
+        .args(["raw-server", &port.to_string()])
+        .spawn()
+        .unwrap();
+    let cluster = Cluster::start(1, &["--max-concurrency", "4096"]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let raw_c = client(&format!("http://127.0.0.1:{port}"));
+    let lh_c = cluster.instances[0].client().await;
+    let (mut raw_best, mut lh_best) = (0f64, 0f64);
+    for _ in 0..2 {
+        raw_best = raw_best.max(throughput(raw_c.clone(), conc, secs).await);
+        lh_best = lh_best.max(throughput(lh_c.clone(), conc, secs).await);
     }
-
-    // 2. Forwarded vs direct latency (2 instances; keys owned by n0).
-    {
-        let cluster = Cluster::start(2, &[]).await;
-        let table = cluster.wait_balanced(Duration::from_secs(10)).await;
-        let count = table.len() as u32;
-        let keys: Vec<String> = (0..10_000)
-            .map(|i| format!("key-{i}"))
-            .filter(|k| {
-                table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
-                    .1
-                    .as_deref()
-                    == Some("n0")
-            })
-            .take(200)
-            .collect();
-        let direct = cluster.instances[0].client().await;
-        let forwarded = cluster.instances[1].client().await;
-        latency(direct.clone(), &keys, 500).await; // warm-up both paths
-        latency(forwarded.clone(), &keys, 500).await;
-        let (d50, d99) = latency(direct, &keys, 3000).await;
-        let (f50, f99) = latency(forwarded, &keys, 3000).await;
-        let ratio = f50.as_secs_f64() / d50.as_secs_f64();
-        rows.push(Row {
-            name: "forwarded Call p50 (sequential, 2 instances)",
-            measured: format!("p50 {f50:?}, p99 {f99:?}"),
-            baseline: format!("direct-to-owner p50 {d50:?}, p99 {d99:?} → ratio {ratio:.2}"),
-            target: "≤ 1.5× direct p50",
-            met: ratio <= 1.5,
-        });
+    let _ = raw.kill();
+    let _ = raw.wait();
+    let ratio = lh_best / raw_best;
+    eprintln!("owner path {lh_best:.0}/s raw {raw_best:.0}/s ratio {ratio:.2}");
+    Row {
+        name: "owner-path Call throughput (1 instance, echo, 32 callers)",
+        measured: format!("{lh_best:.0} calls/s"),
+        baseline: format!("raw tonic echo {raw_best:.0} calls/s → ratio {ratio:.2}"),
+        target: "≥ 0.8× raw",
+        met: ratio >= 0.8,
     }
+}
 
-    // 3. Idle RSS with 1024 shards, against an idle etcd-free baseline of the same binary.
-    {
-        let cluster = Cluster::start(3, &[]).await;
-        cluster.wait_balanced(Duration::from_secs(10)).await;
+/// Forwarded vs direct latency (2 instances; keys owned by n0).
+async fn forwarded_latency() -> Row {
+    let cluster = Cluster::start(2, &[]).await;
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let count = table.len() as u32;
+    let keys: Vec<String> = (0..10_000)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| {
+            table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
+                .1
+                .as_deref()
+                == Some("n0")
+        })
+        .take(200)
+        .collect();
+    let direct = cluster.instances[0].client().await;
+    let forwarded = cluster.instances[1].client().await;
+    latency(direct.clone(), &keys, 500).await; // warm-up both paths
+    latency(forwarded.clone(), &keys, 500).await;
+    let (d50, d99) = latency(direct, &keys, 3000).await;
+    let (f50, f99) = latency(forwarded, &keys, 3000).await;
+    let ratio = f50.as_secs_f64() / d50.as_secs_f64();
+    Row {
+        name: "forwarded Call p50 (sequential, 2 instances)",
+        measured: format!("p50 {f50:?}, p99 {f99:?}"),
+        baseline: format!("direct-to-owner p50 {d50:?}, p99 {d99:?} → ratio {ratio:.2}"),
+        target: "≤ 1.5× direct p50",
+        met: ratio <= 1.5,
+    }
+}
+
+/// Idle RSS with 1024 shards, against an idle etcd-free baseline of the same binary.
+async fn idle_rss() -> Row {
+    let cluster = Cluster::start(3, &[]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss: Vec<u64> = cluster.instances.iter().map(|i| rss_kib(i.pid())).collect();
+    let single = {
+        let c1 = Cluster::start(1, &[]).await;
+        c1.wait_balanced(Duration::from_secs(10)).await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let rss: Vec<u64> = cluster.instances.iter().map(|i| rss_kib(i.pid())).collect();
-        let single = {
-            let c1 = Cluster::start(1, &[]).await;
-            c1.wait_balanced(Duration::from_secs(10)).await;
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            rss_kib(c1.instances[0].pid())
-        };
-        let max = *rss.iter().max().unwrap();
-        rows.push(Row {
-            name: "idle RSS per instance, 1024 shards",
-            measured: format!(
-                "3 instances: {} MiB max; 1 instance owning all 1024: {:.1} MiB",
-                fmt_mib(max),
-                single as f64 / 1024.0
-            ),
-            baseline: "—".into(),
-            target: "≤ 30 MB",
-            met: max.max(single) * 1024 <= 30_000_000,
-        });
+        rss_kib(c1.instances[0].pid())
+    };
+    let max = *rss.iter().max().unwrap();
+    Row {
+        name: "idle RSS per instance, 1024 shards",
+        measured: format!(
+            "3 instances: {} MiB max; 1 instance owning all 1024: {:.1} MiB",
+            fmt_mib(max),
+            single as f64 / 1024.0
+        ),
+        baseline: "—".into(),
+        target: "≤ 30 MB",
+        met: max.max(single) * 1024 <= 30_000_000,
     }
+}
 
-    // 4. Recovery after SIGKILL (default TTL 5 s) and 5. SIGTERM drain, both under load.
+/// Recovery after SIGKILL (default TTL 5 s) and SIGTERM drain, both under load.
+async fn recovery_and_drain() -> Vec<Row> {
+    let mut rows = Vec::new();
     for (scenario, signal) in [("kill", "KILL"), ("term2", "TERM"), ("term3", "TERM")] {
         let n = if scenario == "term2" { 2 } else { 3 };
         let mut cluster = Cluster::start(n, &[]).await;
