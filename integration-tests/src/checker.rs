@@ -13,8 +13,9 @@ use tonic::{Request, Response, Status};
 
 #[derive(Default)]
 pub struct State {
-    /// Key → (owner, epoch, deadline in Unix ms) of the call running for it.
-    running: HashMap<String, (String, u64, i64)>,
+    /// Key → (call id, owner, epoch, deadline in Unix ms) of the call running for it.
+    running: HashMap<String, (u64, String, u64, i64)>,
+    next_call: u64,
     /// Every violation, in words.
     pub violations: Vec<String>,
     pub calls: u64,
@@ -30,15 +31,20 @@ pub struct State {
     pub kafka_fences: Vec<u64>,
 }
 
-/// Removes a call from `running` when the handler finishes or is cancelled.
+/// Removes a call from `running` when the handler finishes or is cancelled (only this
+/// call's entry: a later call for the key may have replaced it).
 struct Running {
     state: Arc<Mutex<State>>,
     key: String,
+    id: u64,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        self.state.lock().unwrap().running.remove(&self.key);
+        let mut s = self.state.lock().unwrap();
+        if s.running.get(&self.key).is_some_and(|r| r.0 == self.id) {
+            s.running.remove(&self.key);
+        }
     }
 }
 
@@ -57,6 +63,12 @@ impl EntityHandler for Service {
         request: Request<HandleRequest>,
     ) -> Result<Response<HandleResponse>, Status> {
         let r = request.into_inner();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if r.deadline_unix_ms > 0 && now_ms >= r.deadline_unix_ms {
+            return Err(Status::deadline_exceeded("received past its deadline"));
+        }
         if let Some(leasehold_proto::v1::source::Kind::Kafka(k)) =
             r.source.as_ref().and_then(|s| s.kind.as_ref())
         {
@@ -72,17 +84,15 @@ impl EntityHandler for Service {
         {
             return Err(Status::internal(format!("checker refuses key {}", r.key)));
         }
-        {
+        let id = {
             let s = &mut *self.state.lock().unwrap();
             s.calls += 1;
-            // A call still running past its deadline is the handler's to stop (this one
-            // only notices when its future is dropped): Leasehold promises the next call
-            // for the key does not start before the running one answered or its deadline
-            // passed.
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as i64);
-            if let Some((owner, epoch, deadline)) = s.running.get(&r.key) {
+            // Like a handler that honours its deadline: a call received past it (sent late
+            // by a paused instance) is refused, not run. A call still running past its
+            // deadline is the handler's to stop (this one only notices when its future is
+            // dropped): Leasehold promises the next call for the key does not start before
+            // the running one answered or its deadline passed.
+            if let Some((_, owner, epoch, deadline)) = s.running.get(&r.key) {
                 if *deadline == 0 || now_ms < *deadline {
                     let v = format!(
                         "key {}: call by {}@{} while {}@{} still runs (its deadline is {} ms away)",
@@ -105,9 +115,11 @@ impl EntityHandler for Service {
                 s.violations.push(v);
             }
             s.max_epoch.insert(r.shard, max.max(r.epoch));
+            s.next_call += 1;
+            let id = s.next_call;
             s.running.insert(
                 r.key.clone(),
-                (r.owner.clone(), r.epoch, r.deadline_unix_ms),
+                (id, r.owner.clone(), r.epoch, r.deadline_unix_ms),
             );
             s.owners
                 .entry(r.key.clone())
@@ -117,12 +129,14 @@ impl EntityHandler for Service {
                 .entry(r.key.clone())
                 .or_default()
                 .push(r.payload.to_vec());
-        }
+            id
+        };
         // The call ends when this handler returns or is dropped: a caller that dies
         // mid-call (SIGKILL) cancels it, and then it is not running any more.
         let running = Running {
             state: self.state.clone(),
             key: r.key.clone(),
+            id,
         };
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;

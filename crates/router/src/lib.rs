@@ -182,6 +182,18 @@ impl CallError {
     }
 }
 
+/// A call's final result once an earlier attempt may have run at an owner that did not
+/// answer: a "did not run, retry" error from a later attempt does not speak for that
+/// one, so it becomes [`CallError::OutcomeUnknown`].
+fn settle(result: Result<Reply, CallError>, sent_unanswered: bool) -> Result<Reply, CallError> {
+    match result {
+        Err(e) if sent_unanswered && e.is_retryable() => Err(CallError::OutcomeUnknown(format!(
+            "{e}; an earlier attempt reached its owner without an answer and may have run"
+        ))),
+        other => other,
+    }
+}
+
 /// `ErrorInfo.domain` of Leasehold's errors.
 pub const ERROR_DOMAIN: &str = "leasehold.dev";
 
@@ -498,7 +510,7 @@ impl Router {
             // Startable here: run it (execute re-checks once it holds a permit).
             let blocked = match table.check(job.shard) {
                 Ok(()) => match self.execute(job, &turn).await {
-                    Ok(result) => return result,
+                    Ok(result) => return settle(result, sent_unanswered),
                     Err(blocked) => blocked,
                 },
                 Err(blocked) => blocked,
@@ -525,7 +537,7 @@ impl Router {
                             match Box::pin(self.forward(job, &o.address, o.epoch, &mut changes))
                                 .await
                             {
-                                Forwarded::Done(result) => return result,
+                                Forwarded::Done(result) => return settle(result, sent_unanswered),
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
                                     reason = "owner changed";
@@ -832,6 +844,30 @@ mod tests {
             (Code::AlreadyExists, "dup")
         );
         assert!(status.get_details_error_info().is_none());
+    }
+
+    #[test]
+    fn after_an_unanswered_attempt_no_error_says_the_call_did_not_run() {
+        let retryable = || Err(CallError::Unavailable("no owner".into()));
+        assert!(matches!(
+            settle(retryable(), false),
+            Err(CallError::Unavailable(_))
+        ));
+        assert!(matches!(
+            settle(retryable(), true),
+            Err(CallError::OutcomeUnknown(_))
+        ));
+        // The handler's own answer stands.
+        let own = Err(CallError::Handler(Status::not_found("x")));
+        assert!(matches!(settle(own, true), Err(CallError::Handler(_))));
+        // Only failures before the request left count as "not sent".
+        assert!(peers::never_sent(&Status::unavailable("tcp connect error")));
+        assert!(peers::never_sent(&Status::unavailable(
+            "h2 protocol error: refused stream before processing any application logic"
+        )));
+        assert!(!peers::never_sent(&Status::unavailable(
+            "error reading a body: connection reset by peer"
+        )));
     }
 
     #[tokio::test]

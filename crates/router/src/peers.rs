@@ -79,6 +79,28 @@ struct PeerStream {
     closed: AtomicBool,
 }
 
+/// Transport failures that mean the request never reached the peer: the connection could
+/// not be made, or the peer refused the stream before reading it (HTTP/2 REFUSED_STREAM,
+/// after a GOAWAY).
+pub(crate) fn never_sent(s: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    let mut text = s.message().to_ascii_lowercase();
+    let mut source = s.source();
+    while let Some(e) = source {
+        text.push(' ');
+        text.push_str(&e.to_string().to_ascii_lowercase());
+        source = e.source();
+    }
+    [
+        "tcp connect error",
+        "error trying to connect",
+        "connection refused",
+        "refused stream",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
+}
+
 fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
     PeerError::Stream {
         peer: peer.to_owned(),
@@ -179,7 +201,8 @@ impl Peers {
                         }
                     }
                 }
-                Err(e) => reader.fail_all(stream_error(&peer, format!("failed to open: {e}"))),
+                // The stream never opened: nothing queued on it was sent.
+                Err(_) => reader.fail_all(PeerError::NotSent(peer.clone())),
             }
         });
         streams.insert(address.to_owned(), stream.clone());
@@ -296,6 +319,9 @@ impl Peers {
                     .unwrap_or("handler")
                     .to_owned();
                 Forwarded::Done(Err(CallError::from_remote(s, &kind)))
+            }
+            Err(s) if never_sent(&s) => {
+                Forwarded::Unreachable(PeerError::NotSent(address.to_owned()))
             }
             Err(s) => Forwarded::Unreachable(PeerError::Transport(s.to_string())),
         }

@@ -289,18 +289,30 @@ impl ServeOptions {
                     path: path.clone(),
                     message: e.to_string(),
                 })?;
-                let table = text.parse::<toml::Table>().map_err(|e| ConfigError::File {
-                    path: path.clone(),
-                    message: e.to_string(),
-                })?;
+                let table = parse_file(&path, &text)?;
                 Some((path, table))
             }
             None => None,
         };
         // Variables that are not UTF-8 cannot be settings; they are skipped, not fatal.
-        let env = std::env::vars_os()
-            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        Self::from_layers(file, env, args)
+        let mut skipped = Vec::new();
+        let env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+                (Ok(k), Ok(v)) => Some((k, v)),
+                (Ok(k), Err(_)) if k.starts_with(ENV_PREFIX) => {
+                    skipped.push(k);
+                    None
+                }
+                _ => None,
+            })
+            .collect();
+        let mut loaded = Self::from_layers(file, env, args)?;
+        loaded.warnings.extend(
+            skipped
+                .into_iter()
+                .map(|k| format!("{k} is not UTF-8 and is ignored")),
+        );
+        Ok(loaded)
     }
 
     /// [`ServeOptions::load`] with the file's table and the environment given.
@@ -477,6 +489,19 @@ impl ServeOptions {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("settings serialise to TOML")
     }
+}
+
+/// Parses the config file. The parser's own message quotes the offending line, which may
+/// hold a secret: the error says where, and what, without it.
+fn parse_file(path: &str, text: &str) -> Result<toml::Table, ConfigError> {
+    text.parse::<toml::Table>().map_err(|e| {
+        let at = e.span().map_or(0, |s| s.start).min(text.len());
+        let line = text[..at].matches('\n').count() + 1;
+        ConfigError::File {
+            path: path.to_owned(),
+            message: format!("line {line}: {}", e.message()),
+        }
+    })
 }
 
 fn in_range(field: &str, n: usize, min: usize, max: usize) -> Result<(), ConfigError> {

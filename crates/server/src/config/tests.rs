@@ -158,6 +158,13 @@ fn secrets_are_not_echoed_and_kubernetes_service_links_are_not_warned_about() {
     )
     .unwrap();
     assert_eq!(loaded.warnings, Vec::<String>::new());
+    let err = parse_file("f.toml", "shards = 4\netcd_password = s3cret\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("cannot read config file f.toml: line 2:") && !err.contains("s3cret"),
+        "{err}"
+    );
     let c = options(&[], &[], "cluster = 7");
     assert_eq!(c.cluster, "7", "bare numbers are accepted for names");
     // A single [kafka] table is refused, flags or not.
