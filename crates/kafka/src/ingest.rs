@@ -595,8 +595,10 @@ fn reclaim_fenced(
         let from = part.resume_from.load(Ordering::Acquire);
         // Runs in the consumer loop itself, so no message of the partition is taken
         // between the seek and dropping the old state; librdkafka discards what it had
-        // fetched before the seek.
-        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::ZERO) {
+        // fetched before the seek. The seek waits for librdkafka to perform it (a rare
+        // path; a short block): a seek that failed must keep the old state, or the new
+        // one would start past messages never handled.
+        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2)) {
             tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
             continue;
         }
