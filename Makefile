@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps unit integration helm-test run bench fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench fmt chaos chaos-short
 
 all: build
 
@@ -47,6 +47,9 @@ doc: deps
 unused-deps:
 	scripts/unused-deps.sh
 
+licenses:
+	scripts/licenses.sh
+
 unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
 
@@ -55,7 +58,7 @@ integration: build kafka-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps kafka-deps helm-deps fmt-check clippy doc unused-deps
+test: deps kafka-deps helm-deps fmt-check clippy doc unused-deps licenses
 	@scripts/doctor.sh
 	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
 
