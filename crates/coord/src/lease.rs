@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::{Coord, Error, Session};
 
 enum End {
@@ -16,7 +17,7 @@ impl Coord {
     pub(crate) async fn keeper(self, cancel: CancellationToken) {
         let opts = self.inner.opts.clone();
         let ttl_secs = opts.lease_ttl.as_secs().max(1) as i64;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let sent = Instant::now();
             let grant = tokio::select! {
@@ -29,16 +30,14 @@ impl Coord {
             let (id, ttl) = match grant {
                 Ok(g) => (g.id(), Duration::from_secs(g.ttl().max(0) as u64)),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "lease grant failed, retrying");
-                    tokio::select! {
-                        _ = cancel.cancelled() => return,
-                        _ = tokio::time::sleep(backoff) => {}
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "lease grant failed, retrying");
+                    if !backoff.wait(&cancel).await {
+                        return;
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
                     continue;
                 }
             };
-            backoff = Duration::from_millis(100);
+            backoff.reset();
             self.set_valid(sent, ttl);
             self.inner.session.send_modify(|s| {
                 *s = Session {

@@ -12,6 +12,7 @@
 //! Ownership is decided only by etcd transactions on `create_revision == 0`, so two
 //! instances with stale views can never both own a shard.
 
+mod backoff;
 mod claims;
 mod keys;
 mod lease;
@@ -31,6 +32,7 @@ use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 pub use crate::claims::{claim, claim_value, Claim};
 pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
@@ -338,7 +340,7 @@ impl Coord {
 
     async fn connect(&self, cancel: &CancellationToken) -> Result<Option<Client>, Error> {
         let opts = &self.inner.opts;
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         loop {
             let attempt = async {
                 let connect = ConnectOptions::new()
@@ -371,14 +373,12 @@ impl Coord {
                 }
                 Err(e @ Error::ConfigMismatch { .. }) => return Err(e),
                 Err(e) => {
-                    tracing::warn!(endpoints = ?opts.etcd_endpoints, error = %e, retry_in = ?backoff, "etcd unreachable, retrying");
+                    tracing::warn!(endpoints = ?opts.etcd_endpoints, error = %e, retry_in = ?backoff.peek(), "etcd unreachable, retrying");
                 }
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return Ok(None),
-                _ = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(cancel).await {
+                return Ok(None);
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 

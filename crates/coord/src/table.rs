@@ -24,10 +24,16 @@ pub struct LeaseClock {
 impl Default for LeaseClock {
     fn default() -> Self {
         Self {
-            base: Instant::now(),
+            base: now(),
             valid_until: AtomicU64::new(0),
         }
     }
+}
+
+/// The monotonic clock, read through tokio so that tests can pause and advance it; the
+/// same instant as `Instant::now()` otherwise.
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 impl LeaseClock {
@@ -44,14 +50,14 @@ impl LeaseClock {
     pub fn valid_until(&self) -> Option<Instant> {
         let nanos = self.valid_until.load(Ordering::Acquire);
         let until = self.base + Duration::from_nanos(nanos);
-        (nanos > 0 && Instant::now() < until).then_some(until)
+        (nanos > 0 && now() < until).then_some(until)
     }
 
     /// Seconds of validity left (negative once expired), for the lease-slack metric.
     pub fn slack(&self) -> f64 {
         let nanos = self.valid_until.load(Ordering::Acquire);
         let until = self.base + Duration::from_nanos(nanos);
-        let now = Instant::now();
+        let now = now();
         if until >= now {
             (until - now).as_secs_f64()
         } else {
@@ -278,6 +284,42 @@ mod tests {
         let lease = Arc::new(LeaseClock::default());
         lease.set_valid_until(Instant::now() + Duration::from_secs(60));
         Arc::new(ShardTable::new(4, lease))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_holds_until_its_deadline_and_an_older_answer_does_not_shorten_it() {
+        let lease = Arc::new(LeaseClock::default());
+        let table = ShardTable::new(4, lease.clone());
+        assert!(table.set_owned(0, ShardId(1), Epoch(3)));
+        let table = Arc::new(table);
+        assert_eq!(
+            table.try_start(ShardId(1)).unwrap_err(),
+            Blocked::LeaseInvalid
+        );
+        lease.set_valid_until(now() + Duration::from_secs(3));
+        tokio::time::advance(Duration::from_millis(2900)).await;
+        assert!(
+            table.try_start(ShardId(1)).is_ok(),
+            "valid before its deadline"
+        );
+        assert!(lease.slack() > 0.0 && lease.slack() <= 0.1);
+        // An answer to an older keepalive arrives late: validity does not move back.
+        lease.set_valid_until(now() - Duration::from_secs(1));
+        assert!(lease.valid_until().is_some());
+        tokio::time::advance(Duration::from_millis(200)).await;
+        assert_eq!(
+            table.try_start(ShardId(1)).unwrap_err(),
+            Blocked::LeaseInvalid,
+            "no call starts once the deadline passed"
+        );
+        assert!(lease.slack() < 0.0);
+        lease.set_valid_until(now() + Duration::from_secs(3));
+        assert!(
+            table.try_start(ShardId(1)).is_ok(),
+            "a new keepalive answer"
+        );
+        lease.invalidate();
+        assert!(lease.valid_until().is_none());
     }
 
     #[test]

@@ -6,12 +6,13 @@ use std::time::Duration;
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::view::Put;
 use crate::{Coord, Error, View};
 
 impl Coord {
     pub(crate) async fn watcher(self, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             let synced_before = self.inner.view.borrow().synced;
             match self.sync(&cancel).await {
@@ -22,14 +23,12 @@ impl Coord {
                             .view
                             .send_modify(|v| Arc::make_mut(v).synced = false);
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff, "routing table watch lost; taking a new snapshot");
+                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "routing table watch lost; taking a new snapshot");
                 }
             }
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+            if !backoff.wait(&cancel).await {
+                return;
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
