@@ -50,6 +50,18 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
         let ready = i.get("/readyz").unwrap();
         assert_eq!(ready["ready"], true);
     }
+    status_cli_agrees(&cluster, &table, &counts);
+    health_and_reflection_serve(&cluster).await;
+    admin_reads_agree(&cluster).await;
+    drain_with_the_cli(&cluster).await;
+}
+
+/// `leasehold status --shards` shows the same table and member counts.
+fn status_cli_agrees(
+    cluster: &Cluster,
+    table: &[(u64, Option<String>, u64)],
+    counts: &HashMap<String, usize>,
+) {
     let out = std::process::Command::new(leasehold_bin())
         .args([
             "status",
@@ -61,7 +73,7 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    for (shard, owner, epoch) in &table {
+    for (shard, owner, epoch) in table {
         let row = text
             .lines()
             .find(|l| l.split_whitespace().next() == Some(&shard.to_string()))
@@ -82,7 +94,10 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
             "member {id} with {count} shards missing from:\n{text}"
         );
     }
-    // gRPC health (serving = ready) and server reflection on the gRPC port.
+}
+
+/// gRPC health (serving = ready) and server reflection on the gRPC port.
+async fn health_and_reflection_serve(cluster: &Cluster) {
     let channel = tonic::transport::Endpoint::from_shared(cluster.instances[0].grpc_url())
         .unwrap()
         .connect_lazy();
@@ -130,6 +145,10 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
             "{want} missing from reflection: {names:?}"
         );
     }
+}
+
+/// The Admin gRPC service and the admin HTTP API report the same cluster.
+async fn admin_reads_agree(cluster: &Cluster) {
     let mut admin = leasehold_proto::v1::admin_client::AdminClient::new(
         tonic::transport::Endpoint::from_shared(cluster.instances[1].grpc_url())
             .unwrap()
@@ -149,8 +168,10 @@ async fn three_instances_own_1024_shards_balanced_and_status_agrees() {
     assert_eq!(cluster_info["unowned_shards"], 0);
     assert_eq!(cluster_info["members"], 3);
     assert_eq!(cluster_info["self"], "n2");
+}
 
-    // The CLI the Helm chart's probes and hooks use: health, then drain (preStop).
+/// The CLI the Helm chart's probes and hooks use: health, then drain (preStop).
+async fn drain_with_the_cli(cluster: &Cluster) {
     let cli = |args: &[&str]| {
         std::process::Command::new(leasehold_bin())
             .args(args)
