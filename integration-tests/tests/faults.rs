@@ -378,47 +378,52 @@ async fn a_watch_on_an_etcd_member_cut_off_from_its_cluster_is_not_trusted() {
 /// generations go through; a claim ends with its claimant's lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn late_claims_of_a_kafka_partition_from_an_earlier_generation_are_refused() {
-    use leasehold_coord::{claim, claim_value, Claim};
+    use leasehold_coord::{claim, claim_value, Claim, ClaimMode};
     use leasehold_types::MemberId;
 
     let etcd = Etcd::start().await;
-    let mut c = etcd_client::Client::connect([etcd.endpoint()], None)
+    let c = etcd_client::Client::connect([etcd.endpoint()], None)
         .await
         .unwrap();
-    let lease = c.lease_grant(30, None).await.unwrap().id();
     let key = "/leasehold/default/kafka-fences/t/0/g".to_owned();
     let (a, b) = (MemberId::new("a"), MemberId::new("b"));
-    let claim_as = |generation: i32, member: &MemberId| {
+    let claim_as = |generation: i32, member: &MemberId, mode: ClaimMode| {
         let value = claim_value(generation, member);
         let key = key.clone();
         let mut c = c.clone();
-        async move { claim(&mut c, key, value, lease).await.unwrap() }
+        async move { claim(&mut c, key, value, mode).await.unwrap() }
     };
-    let Claim::Claimed { fence: f1 } = claim_as(5, &a).await else {
+    let ordered = ClaimMode::Ordered;
+    let Claim::Claimed { fence: f1 } = claim_as(5, &a, ordered).await else {
         panic!("a first claim goes through")
     };
     assert_eq!(
-        claim_as(3, &b).await,
+        claim_as(3, &b, ordered).await,
         Claim::Superseded {
             holder: claim_value(5, &a)
         },
         "a claim from an earlier generation is refused"
     );
-    let Claim::Claimed { fence: f2 } = claim_as(5, &a).await else {
+    let Claim::Claimed { fence: f2 } = claim_as(5, &a, ordered).await else {
         panic!("the holder may claim again")
     };
-    let Claim::Claimed { fence: f3 } = claim_as(6, &b).await else {
+    let Claim::Claimed { fence: f3 } = claim_as(6, &b, ordered).await else {
         panic!("a later generation takes over")
     };
     assert!(f1 < f2 && f2 < f3, "fences grow: {f1} {f2} {f3}");
-    assert!(matches!(claim_as(5, &a).await, Claim::Superseded { .. }));
-    c.lease_revoke(lease).await.unwrap();
-    let lease2 = c.lease_grant(30, None).await.unwrap().id();
-    let after = claim(&mut c, key.clone(), claim_value(1, &a), lease2)
-        .await
-        .unwrap();
+    assert!(matches!(
+        claim_as(5, &a, ordered).await,
+        Claim::Superseded { .. }
+    ));
+    // A consumer still assigned a session timeout after being superseded (or a group
+    // recreated at generation 1) takes the partition with a forced claim.
+    let forced = claim_as(1, &a, ClaimMode::Force).await;
     assert!(
-        matches!(after, Claim::Claimed { fence } if fence > f3),
-        "a claim ends with its lease (a new group starts at generation 1): {after:?}"
+        matches!(forced, Claim::Claimed { fence } if fence > f3),
+        "{forced:?}"
+    );
+    assert!(
+        matches!(claim_as(1, &b, ordered).await, Claim::Claimed { .. }),
+        "claims then order from the forced one"
     );
 }

@@ -2,7 +2,7 @@
 //! it in etcd before dispatching any of its records; the claim's revision is its
 //! *fence*, and owners refuse records read under a fence older than the latest they know.
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp, TxnOpResponse};
 use leasehold_types::MemberId;
 
 /// Outcome of a claim.
@@ -21,36 +21,47 @@ pub fn claim_value(generation: i32, member: &MemberId) -> String {
     format!("{:010}/{}", generation.max(0), member)
 }
 
-/// Claims `key` with `value` (see [`claim_value`]), attached to `lease`, unless a claim
-/// that sorts after it holds the key. Claims therefore commit in the group's generation
-/// order even when one is delayed (a slow etcd, a retry): a consumer that lost the
-/// partition cannot take the fence back from the member the group gave it to.
+/// How a claim treats a claim already held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimMode {
+    /// Refused when the held claim sorts after ours (a later generation): a consumer that
+    /// lost the partition cannot take the fence back with a delayed claim.
+    Ordered,
+    /// Taken whatever is held: for a consumer that librdkafka still shows as the
+    /// partition's assignee a whole session timeout after its claim was superseded (the
+    /// group's member in fact; a lost consumer learns it within that time). Also ends the
+    /// wedge of a group recreated at generation 1 while old claims remain.
+    Force,
+}
+
+/// Claims `key` with `value` (see [`claim_value`]). Claims are not leased: they outlive
+/// their claimant, so a restarted instance's lost lease cannot make room for a delayed
+/// claim of a consumer that lost the partition.
 pub async fn claim(
     client: &mut Client,
     key: String,
     value: String,
-    lease: i64,
+    mode: ClaimMode,
 ) -> Result<Claim, etcd_client::Error> {
-    let put = || {
-        TxnOp::put(
-            key.clone(),
-            value.clone(),
-            Some(PutOptions::new().with_lease(lease)),
-        )
+    let put = || TxnOp::put(key.clone(), value.clone(), None);
+    let txn = match mode {
+        ClaimMode::Force => Txn::new().and_then([put()]),
+        ClaimMode::Ordered => {
+            // etcd fails every value comparison on a missing key, hence the outer branch.
+            let held = Txn::new()
+                .when([Compare::value(
+                    key.clone(),
+                    CompareOp::Greater,
+                    value.clone(),
+                )])
+                .and_then([TxnOp::get(key.clone(), None)])
+                .or_else([put()]);
+            Txn::new()
+                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                .and_then([put()])
+                .or_else([TxnOp::txn(held)])
+        }
     };
-    // etcd fails every value comparison on a missing key, hence the outer branch.
-    let held = Txn::new()
-        .when([Compare::value(
-            key.clone(),
-            CompareOp::Greater,
-            value.clone(),
-        )])
-        .and_then([TxnOp::get(key.clone(), None)])
-        .or_else([put()]);
-    let txn = Txn::new()
-        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-        .and_then([put()])
-        .or_else([TxnOp::txn(held)]);
     let resp = client.txn(txn).await?;
     let fence = resp.header().map(|h| h.revision() as u64);
     let superseded = resp.op_responses().into_iter().find_map(|op| match op {

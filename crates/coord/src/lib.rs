@@ -33,7 +33,7 @@ use tokio::sync::{watch, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-pub use crate::claims::{claim, claim_value, Claim};
+pub use crate::claims::{claim, claim_value, Claim, ClaimMode};
 pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
 pub use crate::view::{Member, ShardOwner, View};
@@ -435,21 +435,17 @@ impl Coord {
     }
 
     /// Claims a Kafka partition for this instance's consumer, assigned to it in the
-    /// group's `generation` (see [`claim`]). The claim lives as long as this instance's
-    /// lease.
+    /// group's `generation` (see [`claim`] and [`ClaimMode`]).
     pub async fn claim_partition(
         &self,
         partition: &PartitionRef,
         generation: i32,
+        mode: ClaimMode,
     ) -> Result<Claim, Error> {
-        let lease = self.inner.session.borrow().lease;
-        if lease == 0 {
-            return Err(Error::Other("no lease yet".into()));
-        }
         let key = self.inner.keys.kafka_fence(partition);
         let value = claim_value(generation, self.member_id());
         let mut client = self.client()?;
-        self.etcd(claim(&mut client, key, value, lease)).await
+        self.etcd(claim(&mut client, key, value, mode)).await
     }
 
     /// Marks a member draining so the leader moves all its shards away.

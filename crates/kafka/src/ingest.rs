@@ -97,6 +97,9 @@ struct Partition {
     revoked: AtomicBool,
     /// The group generation in which this state's assignment was seen.
     generation: i32,
+    /// Claim whatever is held: this state replaces one whose claim was superseded while
+    /// the partition stayed assigned here for a whole session timeout.
+    force_claim: bool,
     /// This consumer's claim of the partition, made before its first dispatch.
     fence: tokio::sync::OnceCell<u64>,
     /// When an owner refused a message because another consumer claimed the partition
@@ -294,7 +297,7 @@ impl Ingest {
                 biased;
                 _ = cancel.cancelled() => break,
                 _ = reclaim_tick.tick() => {
-                    reclaim_fenced(&o.name, &consumer, &state.partitions, reclaim_after);
+                    self.reclaim_fenced(&mut state, reclaim_after);
                     continue;
                 }
                 m = consumer.recv() => m,
@@ -371,8 +374,28 @@ impl Ingest {
         partition: i32,
         offset: i64,
     ) -> Arc<Partition> {
-        let o = &self.opts;
         let tp = (topic.to_owned(), partition);
+        if let Some(p) = state.partitions.lock().expect("partitions lock").get(&tp) {
+            return p.clone();
+        }
+        let part = self.new_state(state, &tp, offset, false);
+        state
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .insert(tp, part.clone());
+        part
+    }
+
+    /// A new state for a partition starting at `offset`; `force_claim` for a reclaim.
+    fn new_state(
+        &self,
+        state: &mut Consuming,
+        tp: &(String, i32),
+        offset: i64,
+        force_claim: bool,
+    ) -> Arc<Partition> {
+        let o = &self.opts;
         // One series per partition for the life of the process, reused when the
         // partition comes back (a second registration would duplicate the series).
         let gauges = state.series.entry(tp.clone()).or_insert_with(|| {
@@ -393,33 +416,82 @@ impl Ingest {
                 ),
             )
         });
-        let consumer = &state.consumer;
-        state
+        Arc::new(Partition {
+            topic: tp.0.clone(),
+            partition: tp.1,
+            window: Mutex::new(Window::default()),
+            chains: Mutex::new(HashMap::new()),
+            limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
+            revoked: AtomicBool::new(false),
+            // Read in the loop that serves the group's callbacks: the partition is
+            // assigned in this generation.
+            generation: crate::group::generation(state.consumer.as_ref()),
+            force_claim,
+            fence: tokio::sync::OnceCell::new(),
+            fenced_at: Mutex::new(None),
+            resume_from: AtomicI64::new(offset),
+            cancel: CancellationToken::new(),
+            parked: Mutex::new(VecDeque::new()),
+            watermark: gauges.0.clone(),
+            lag: gauges.1.clone(),
+        })
+    }
+
+    /// A partition whose claim was superseded normally leaves this consumer within a
+    /// heartbeat (the group took it away). One still assigned here a whole session
+    /// timeout later is this consumer's in the group's eyes: its abandoned state is
+    /// replaced by one that re-reads from the last stored watermark under a forced claim.
+    fn reclaim_fenced(&self, state: &mut Consuming, after: Duration) {
+        let source = self.opts.name.as_str();
+        let stale: Vec<((String, i32), Arc<Partition>)> = state
             .partitions
             .lock()
             .expect("partitions lock")
-            .entry(tp.clone())
-            .or_insert_with(|| {
-                Arc::new(Partition {
-                    topic: tp.0.clone(),
-                    partition: tp.1,
-                    window: Mutex::new(Window::default()),
-                    chains: Mutex::new(HashMap::new()),
-                    limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
-                    revoked: AtomicBool::new(false),
-                    // Read in the loop that serves the group's callbacks: the partition
-                    // is assigned in this generation.
-                    generation: crate::group::generation(consumer.as_ref()),
-                    fence: tokio::sync::OnceCell::new(),
-                    fenced_at: Mutex::new(None),
-                    resume_from: AtomicI64::new(offset),
-                    cancel: CancellationToken::new(),
-                    parked: Mutex::new(VecDeque::new()),
-                    watermark: gauges.0.clone(),
-                    lag: gauges.1.clone(),
-                })
-            })
-            .clone()
+            .iter()
+            .filter(|(_, p)| p.fenced_since().is_some_and(|t| t.elapsed() >= after))
+            .map(|(tp, p)| (tp.clone(), p.clone()))
+            .collect();
+        if stale.is_empty() {
+            return;
+        }
+        let assigned = match state.consumer.assignment() {
+            Ok(list) => topic_partitions(&list),
+            Err(e) => {
+                tracing::debug!(source, error = %e, "reading the assignment failed");
+                return;
+            }
+        };
+        for (tp, part) in stale {
+            if !assigned.contains(&tp) {
+                continue; // the revoke callback removes it
+            }
+            let from = part.resume_from.load(Ordering::Acquire);
+            // Runs in the consumer loop itself, so no message of the partition is taken
+            // between the seek and replacing the old state; librdkafka discards what it
+            // had fetched before the seek. The seek waits for librdkafka to perform it (a
+            // rare path; a short block): a seek that failed must keep the old state, or
+            // the new one would start past messages never handled.
+            let seek =
+                state
+                    .consumer
+                    .seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2));
+            if let Err(e) = seek {
+                tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
+                continue;
+            }
+            let fresh = self.new_state(state, &tp, from, true);
+            {
+                let mut map = state.partitions.lock().expect("partitions lock");
+                if !map.get(&tp).is_some_and(|p| Arc::ptr_eq(p, &part)) {
+                    continue; // revoked meanwhile
+                }
+                map.insert(tp.clone(), fresh);
+            }
+            if let Err(e) = state.consumer.resume(&part.list()) {
+                tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
+            }
+            tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
+        }
     }
 
     /// Starts a message, or parks it behind its partition's queue. Back-pressure without
@@ -559,60 +631,6 @@ fn session_timeout(properties: &std::collections::BTreeMap<String, String>) -> D
         .get("session.timeout.ms")
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(45), Duration::from_millis)
-}
-
-/// A partition whose claim was superseded normally leaves this consumer within a
-/// heartbeat (the group took it away). One still assigned here after a whole session
-/// timeout is this consumer's in the group's eyes: its abandoned state is dropped and the
-/// partition re-read from the last stored watermark under a new claim.
-fn reclaim_fenced(
-    source: &str,
-    consumer: &StreamConsumer<Context>,
-    partitions: &Partitions,
-    after: Duration,
-) {
-    let stale: Vec<((String, i32), Arc<Partition>)> = partitions
-        .lock()
-        .expect("partitions lock")
-        .iter()
-        .filter(|(_, p)| p.fenced_since().is_some_and(|t| t.elapsed() >= after))
-        .map(|(tp, p)| (tp.clone(), p.clone()))
-        .collect();
-    if stale.is_empty() {
-        return;
-    }
-    let assigned = match consumer.assignment() {
-        Ok(list) => topic_partitions(&list),
-        Err(e) => {
-            tracing::debug!(source, error = %e, "reading the assignment failed");
-            return;
-        }
-    };
-    for (tp, part) in stale {
-        if !assigned.contains(&tp) {
-            continue; // the revoke callback removes it
-        }
-        let from = part.resume_from.load(Ordering::Acquire);
-        // Runs in the consumer loop itself, so no message of the partition is taken
-        // between the seek and dropping the old state; librdkafka discards what it had
-        // fetched before the seek. The seek waits for librdkafka to perform it (a rare
-        // path; a short block): a seek that failed must keep the old state, or the new
-        // one would start past messages never handled.
-        if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2)) {
-            tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
-            continue;
-        }
-        {
-            let mut map = partitions.lock().expect("partitions lock");
-            if map.get(&tp).is_some_and(|p| Arc::ptr_eq(p, &part)) {
-                map.remove(&tp); // the next message starts a new state and a new claim
-            }
-        }
-        if let Err(e) = consumer.resume(&part.list()) {
-            tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
-        }
-        tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
-    }
 }
 
 /// Every 5 s: consumer lag per assigned partition = end offset − commit watermark.
@@ -832,9 +850,10 @@ impl Worker {
     async fn claimed_dispatch(&self, call: &mut KafkaCall) -> Result<(), DispatchError> {
         if call.fence == 0 {
             let generation = self.part.generation;
+            let force = self.part.force_claim;
             let claim = || {
                 self.dispatcher
-                    .claim(&call.group, &call.topic, call.partition, generation)
+                    .claim(&call.group, &call.topic, call.partition, generation, force)
             };
             let fence = *self.part.fence.get_or_try_init(claim).await?;
             tracing::debug!(source = %self.opts.name, topic = %call.topic, partition = call.partition, generation, fence, "partition claimed");

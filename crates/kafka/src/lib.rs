@@ -120,11 +120,14 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// any of its messages is dispatched; the answer (the fence) grows with every claim
     /// of the partition, and owners refuse messages read under a superseded claim.
     /// `Unavailable` is retried; `Fenced` means a later assignment holds the partition.
+    /// `force` takes the partition whatever claim is held (see the reclaim of a fenced
+    /// partition that is still assigned).
     fn claim(
         &self,
         group: &str,
         topic: &str,
         partition: i32,
         generation: i32,
+        force: bool,
     ) -> BoxFuture<'static, Result<u64, DispatchError>>;
 }

@@ -336,6 +336,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         topic: &str,
         partition: i32,
         generation: i32,
+        force: bool,
     ) -> futures::future::BoxFuture<'static, Result<u64, leasehold_kafka::DispatchError>> {
         let coord = self.router.coord().clone();
         let partition = leasehold_coord::PartitionRef {
@@ -345,7 +346,12 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         };
         Box::pin(async move {
             use leasehold_kafka::DispatchError as D;
-            match coord.claim_partition(&partition, generation).await {
+            let mode = if force {
+                leasehold_coord::ClaimMode::Force
+            } else {
+                leasehold_coord::ClaimMode::Ordered
+            };
+            match coord.claim_partition(&partition, generation, mode).await {
                 Ok(leasehold_coord::Claim::Claimed { fence }) => Ok(fence),
                 Ok(leasehold_coord::Claim::Superseded { holder }) => Err(D::Fenced(format!(
                     "{}/{} is claimed by {holder} (a later assignment than generation {generation})",
