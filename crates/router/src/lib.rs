@@ -706,15 +706,15 @@ impl Router {
         }
         let partition = record.partition_ref();
         let mut fences = self.inner.fences.lock().expect("fences lock");
-        let seen = fences.entry(partition).or_default();
-        let latest = (*seen).max(view.fence(&record.partition_ref()));
+        let seen = fences.get(&partition).copied().unwrap_or(0);
+        let latest = seen.max(view.fence(&partition));
         if record.fence < latest {
             return Err(CallError::Fenced(format!(
                 "record {}/{}@{} was read under claim {} of its partition; claim {} superseded it",
                 record.topic, record.partition, record.offset, record.fence, latest
             )));
         }
-        *seen = record.fence;
+        fences.insert(partition, record.fence);
         Ok(())
     }
 }
