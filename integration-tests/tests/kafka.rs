@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use leasehold_integration_tests::checker::Checker;
-use leasehold_integration_tests::kafka::Kafka;
+use leasehold_integration_tests::kafka::{Kafka, Record as DeadLetter};
 use leasehold_integration_tests::{wait_until, Cluster};
 
 /// `n` JSON messages over `keys` accounts, each with a per-account sequence number.
@@ -198,15 +198,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     kafka.produce("orders", &values).await;
 
     let dlq = kafka.read_all("orders-dlq", 8, Duration::from_secs(60));
-    let reasons: Vec<String> = dlq
-        .iter()
-        .map(|(_, _, _, h)| {
-            h.iter()
-                .find(|(k, _)| k == "leasehold.reason")
-                .map(|(_, v)| v.clone())
-                .unwrap_or_default()
-        })
-        .collect();
+    let reasons = dead_letter_reasons(&dlq);
     assert_eq!(dlq.len(), 8, "dead letters: {reasons:?}");
     assert!(
         reasons.iter().any(|r| r.contains("not JSON")),
@@ -225,34 +217,8 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
         5,
         "{reasons:?}"
     );
-    for (_, _, value, headers) in &dlq {
-        let h: HashMap<&str, &str> = headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        assert_eq!(h.get("leasehold.source.topic"), Some(&"orders"));
-        assert!(
-            h.contains_key("leasehold.source.partition")
-                && h.contains_key("leasehold.source.offset")
-        );
-        assert!(!value.is_empty(), "dead letter lost its value");
-    }
+    assert_dead_letters_name_their_source(&dlq, "orders");
     // Everything else was handled, and the group committed to the end: nothing stalled.
-    let per_partition = |c: &Checker| {
-        let s = c.state.lock().unwrap();
-        let mut m: std::collections::BTreeMap<i32, BTreeSet<i64>> = Default::default();
-        for c in s.kafka.iter() {
-            m.entry(c.1).or_default().insert(c.2);
-        }
-        m.into_iter()
-            .map(|(p, o)| (p, o.len(), o.last().copied()))
-            .collect::<Vec<_>>()
-    };
-    eprintln!(
-        "handled per partition: {:?}; end offsets {:?}",
-        per_partition(&checker),
-        kafka.end_offsets("orders", 3)
-    );
     wait_until(
         Duration::from_secs(60),
         "3000 good messages handled",
@@ -277,31 +243,8 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     .await;
     // Metrics: dead letters counted, and lag drops to 0 once everything is done.
     wait_until(Duration::from_secs(20), "lag metrics at 0", || {
-        let text: String = cluster
-            .instances
-            .iter()
-            .map(|i| {
-                ureq::get(&format!("{}/metrics", i.admin_url()))
-                    .call()
-                    .ok()
-                    .and_then(|r| r.into_string().ok())
-                    .unwrap_or_default()
-            })
-            .collect();
-        // (partition, lag) of every series; an instance that lost a partition reports 0.
-        let lags: Vec<(String, f64)> = text
-            .lines()
-            .filter(|l| l.starts_with("leasehold_kafka_lag{"))
-            .filter_map(|l| {
-                let partition = l
-                    .split("partition=\"")
-                    .nth(1)?
-                    .split('"')
-                    .next()?
-                    .to_owned();
-                Some((partition, l.rsplit(' ').next()?.parse().ok()?))
-            })
-            .collect();
+        let text = scrape_all(&cluster);
+        let lags = kafka_lags(&text);
         let dead: f64 = text
             .lines()
             .filter(|l| l.starts_with("leasehold_kafka_dead_lettered_total"))
@@ -312,6 +255,68 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     })
     .await;
     assert_first_handling_in_offset_order(&checker);
+}
+
+/// The `leasehold.reason` header of each dead letter.
+fn dead_letter_reasons(dlq: &[DeadLetter]) -> Vec<String> {
+    dlq.iter()
+        .map(|(_, _, _, h)| {
+            h.iter()
+                .find(|(k, _)| k == "leasehold.reason")
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Each dead letter keeps its value and says where it came from.
+fn assert_dead_letters_name_their_source(dlq: &[DeadLetter], topic: &str) {
+    for (_, _, value, headers) in dlq {
+        let h: HashMap<&str, &str> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(h.get("leasehold.source.topic"), Some(&topic));
+        assert!(
+            h.contains_key("leasehold.source.partition")
+                && h.contains_key("leasehold.source.offset"),
+            "{h:?}"
+        );
+        assert!(!value.is_empty(), "dead letter lost its value");
+    }
+}
+
+/// `/metrics` of every instance, concatenated.
+fn scrape_all(cluster: &Cluster) -> String {
+    cluster
+        .instances
+        .iter()
+        .map(|i| {
+            ureq::get(&format!("{}/metrics", i.admin_url()))
+                .call()
+                .ok()
+                .and_then(|r| r.into_string().ok())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// (partition, lag) of every `leasehold_kafka_lag` series; an instance that lost a
+/// partition reports 0 for it.
+fn kafka_lags(metrics: &str) -> Vec<(String, f64)> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("leasehold_kafka_lag{"))
+        .filter_map(|l| {
+            let partition = l
+                .split("partition=\"")
+                .nth(1)?
+                .split('"')
+                .next()?
+                .to_owned();
+            Some((partition, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect()
 }
 
 /// Produces `total` messages in batches over a while, in the background.

@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper};
+use etcd_client::{LeaseKeepAliveStream, LeaseKeeper as KeepAliveSender};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -13,33 +13,48 @@ enum End {
     Expired,
 }
 
-impl Coord {
-    pub(crate) async fn keeper(self, cancel: CancellationToken) {
-        let opts = self.inner.opts.clone();
-        let ttl_secs = opts.lease_ttl.as_secs().max(1) as i64;
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+/// Holds this instance's lease: grants one, keeps it alive, and on its loss drops every
+/// shard and grants a new one. Publishes each grant and loss as a new [`Session`].
+pub(crate) struct LeaseKeeper {
+    coord: Coord,
+    /// TTL asked for in each grant.
+    ttl_secs: i64,
+    /// Between failed grants.
+    backoff: Backoff,
+}
+
+impl LeaseKeeper {
+    pub(crate) fn new(coord: Coord) -> Self {
+        Self {
+            ttl_secs: coord.inner.opts.lease_ttl.as_secs().max(1) as i64,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            coord,
+        }
+    }
+
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
         loop {
             let sent = Instant::now();
             let grant = tokio::select! {
                 _ = cancel.cancelled() => return,
                 r = async {
-                    let client = self.client()?;
-                    self.etcd(client.lease_client().grant(ttl_secs, None)).await
+                    let client = self.coord.client()?;
+                    self.coord.etcd(client.lease_client().grant(self.ttl_secs, None)).await
                 } => r,
             };
             let (id, ttl) = match grant {
                 Ok(g) => (g.id(), Duration::from_secs(g.ttl().max(0) as u64)),
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "lease grant failed, retrying");
-                    if !backoff.wait(&cancel).await {
+                    tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "lease grant failed, retrying");
+                    if !self.backoff.wait(&cancel).await {
                         return;
                     }
                     continue;
                 }
             };
-            backoff.reset();
+            self.backoff.reset();
             self.set_valid(sent, ttl);
-            self.inner.session.send_modify(|s| {
+            self.coord.inner.session.send_modify(|s| {
                 *s = Session {
                     lease: id,
                     generation: s.generation + 1,
@@ -49,38 +64,41 @@ impl Coord {
 
             match self.keep_alive(id, ttl, &cancel).await {
                 End::Cancelled => return,
-                End::Expired => {
-                    self.inner.metrics.leases_lost.inc();
-                    self.inner.table.lease().invalidate();
-                    self.inner.session.send_modify(|s| {
-                        *s = Session {
-                            lease: 0,
-                            generation: s.generation + 1,
-                        };
-                    });
-                    let dropped = self.inner.table.drop_all();
-                    for (shard, epoch) in &dropped {
-                        self.inner.listener.released(*shard, *epoch);
-                    }
-                    self.inner.metrics.released.add(dropped.len() as u64);
-                    tracing::warn!(
-                        lease = id,
-                        dropped = dropped.len(),
-                        "lease expired; dropped all shards, rejoining"
-                    );
-                }
+                End::Expired => self.lost(id),
             }
         }
     }
 
+    /// etcd no longer has lease `id`: every shard held under it may be someone else's now.
+    fn lost(&self, id: i64) {
+        let inner = &self.coord.inner;
+        inner.metrics.leases_lost.inc();
+        inner.table.lease().invalidate();
+        inner.session.send_modify(|s| {
+            *s = Session {
+                lease: 0,
+                generation: s.generation + 1,
+            };
+        });
+        let dropped = inner.table.drop_all();
+        for (shard, epoch) in &dropped {
+            inner.listener.released(*shard, *epoch);
+        }
+        inner.metrics.released.add(dropped.len() as u64);
+        tracing::warn!(
+            lease = id,
+            dropped = dropped.len(),
+            "lease expired; dropped all shards, rejoining"
+        );
+    }
+
+    /// Moves `valid_until` to `sent` + `ttl` − the safety margin.
     fn set_valid(&self, sent: Instant, ttl: Duration) {
-        let until = sent + ttl.saturating_sub(self.inner.opts.safety_margin());
-        self.inner.table.lease().set_valid_until(until);
-        self.inner
-            .metrics
-            .lease_slack
-            .set(self.inner.table.lease().slack());
-        self.inner.table.bump();
+        let inner = &self.coord.inner;
+        let until = sent + ttl.saturating_sub(inner.opts.safety_margin());
+        inner.table.lease().set_valid_until(until);
+        inner.metrics.lease_slack.set(inner.table.lease().slack());
+        inner.table.bump();
     }
 
     /// Sends a keepalive every TTL/3 and reads its answer. Returns when etcd reports the
@@ -88,13 +106,13 @@ impl Coord {
     /// the lease may well survive a short etcd outage.
     async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
         let interval = (ttl / 3).max(Duration::from_millis(100));
-        let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+        let mut stream: Option<(KeepAliveSender, LeaseKeepAliveStream)> = None;
         loop {
             let sent = Instant::now();
             if stream.is_none() {
                 let opened = async {
-                    let client = self.client()?;
-                    self.etcd(client.lease_client().keep_alive(id)).await
+                    let client = self.coord.client()?;
+                    self.coord.etcd(client.lease_client().keep_alive(id)).await
                 };
                 match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r }
                 {

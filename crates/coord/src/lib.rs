@@ -1,13 +1,16 @@
 //! Coordination through etcd: who owns which shard, and how that changes.
 //!
-//! One [`Coord`] per instance runs three tasks:
-//! - the **lease keeper** holds one etcd lease for the instance and keeps
-//!   [`LeaseClock::valid_until`] current; when etcd reports the lease gone it drops every
-//!   shard and takes a new lease;
-//! - the **watcher** keeps the routing table ([`View`]) from a snapshot plus a watch, and
-//!   resynchronises from a new snapshot when the watch is cancelled or compacted;
-//! - the **reconciler** registers the member, campaigns for leadership, plans on the
-//!   leader, acquires shards assigned here and hands off shards assigned elsewhere.
+//! One [`Coord`] per instance runs three tasks, each a struct owning its state with a
+//! `run(self, cancel)` that [`Coord::run`] supervises:
+//! - the **lease keeper** (`lease::LeaseKeeper`) holds one etcd lease for the instance and
+//!   keeps [`LeaseClock::valid_until`] current; when etcd reports the lease gone it drops
+//!   every shard and takes a new lease;
+//! - the **watcher** (`watcher::Watcher`) keeps the routing table ([`View`]) from a
+//!   snapshot plus a watch, and resynchronises from a new snapshot when the watch is
+//!   cancelled or compacted;
+//! - the **reconciler** (`reconcile::Reconciler`) registers the member, campaigns for
+//!   leadership, plans on the leader, acquires shards assigned here and hands off shards
+//!   assigned elsewhere.
 //!
 //! Ownership is decided only by etcd transactions on `create_revision == 0`, so two
 //! instances with stale views can never both own a shard.
@@ -35,8 +38,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 pub use crate::claims::{claim, claim_value, Claim, ClaimMode};
 pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
+use crate::lease::LeaseKeeper;
+use crate::reconcile::Reconciler;
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
 pub use crate::view::{Member, ShardOwner, View};
+use crate::watcher::Watcher;
 
 /// Errors of the coordination layer.
 #[derive(Debug, thiserror::Error)]
@@ -297,39 +303,41 @@ impl Coord {
             return Ok(());
         };
         let _ = self.inner.client.set(client);
+        use futures::FutureExt;
         use tracing::Instrument;
         let member = self.member_id().clone();
+        let reconciler = {
+            let (this, cancel) = (self.clone(), cancel.clone());
+            async move {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = handler_ready => {}
+                }
+                this.inner.awaiting_handler.store(false, Ordering::Release);
+                Reconciler::new(this).run(cancel).await
+            }
+        };
         let tasks: Vec<(&'static str, futures::future::BoxFuture<'static, ()>)> = vec![
             (
                 "lease keeper",
-                Box::pin(
-                    self.clone()
-                        .keeper(cancel.clone())
-                        .instrument(tracing::info_span!("lease_keeper", %member)),
-                ),
+                LeaseKeeper::new(self.clone())
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("lease_keeper", %member))
+                    .boxed(),
             ),
             (
                 "routing table watcher",
-                Box::pin(
-                    self.clone()
-                        .watcher(cancel.clone())
-                        .instrument(tracing::info_span!("watcher", %member)),
-                ),
+                Watcher::new(self.clone())
+                    .run(cancel.clone())
+                    .instrument(tracing::info_span!("watcher", %member))
+                    .boxed(),
             ),
-            ("reconciler", {
-                let (this, cancel) = (self.clone(), cancel.clone());
-                Box::pin(
-                    async move {
-                        tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            _ = handler_ready => {}
-                        }
-                        this.inner.awaiting_handler.store(false, Ordering::Release);
-                        this.reconciler(cancel).await
-                    }
-                    .instrument(tracing::info_span!("reconciler", %member)),
-                )
-            }),
+            (
+                "reconciler",
+                reconciler
+                    .instrument(tracing::info_span!("reconciler", %member))
+                    .boxed(),
+            ),
         ];
         let result = supervise(tasks, &cancel).await;
         if let Err(e) = &result {

@@ -1,12 +1,14 @@
 //! The reconciler: register, lead, acquire what is assigned here, hand off the rest.
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use futures::StreamExt;
 use leasehold_placement::{plan, PlanInput};
 use leasehold_types::{Epoch, MemberId, ShardId};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{AssignmentValue, MemberState, MemberValue, ShardValue};
@@ -139,66 +141,92 @@ pub(crate) fn decide(
 /// How many shard acquisitions run at once.
 const ACQUIRE_CONCURRENCY: usize = 64;
 
-impl Coord {
-    pub(crate) async fn reconciler(self, cancel: CancellationToken) {
-        let mut view_rx = self.inner.view.subscribe();
-        let mut session_rx = self.inner.session.subscribe();
-        let mut tick = tokio::time::interval(Duration::from_millis(500));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut registered = 0u64;
-        let mut written_version = 0u64;
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = view_rx.changed() => {}
-                _ = session_rx.changed() => {}
-                _ = self.inner.wake.notified() => {}
-                _ = tick.tick() => {}
-            }
-            self.inner.liveness.pass(Instant::now());
-            // Let a burst of watch events land before acting on it.
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let session = *session_rx.borrow_and_update();
-            if session.lease == 0 {
-                continue;
-            }
-            if registered != session.generation {
-                match self.register(session).await {
-                    Ok(()) => registered = session.generation,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "member registration failed");
-                        continue;
-                    }
-                }
-            }
-            let view = view_rx.borrow_and_update().clone();
-            if !view.synced {
-                continue;
-            }
-            let me = self.member_id().clone();
-            if view
-                .members
-                .get(&me)
-                .is_some_and(|m| m.state == MemberState::Draining)
-                && !self.inner.draining.swap(true, Ordering::AcqRel)
-            {
-                tracing::info!("member marked draining");
-            }
-            if let Err(e) = self.lead(&view, session, &mut written_version).await {
-                tracing::warn!(error = %e, "leader step failed");
-            }
-            let table = &self.inner.table;
-            let decision = decide(&view, &me, session.lease, self.is_draining(), |s| {
-                table.state(s)
-            });
-            self.drop_lost(&decision.lost);
-            self.repair(decision.repair, session).await;
-            self.acquire(decision.acquire, session).await;
-            self.release(decision.release);
-            self.refresh_metrics();
+/// Brings this instance in line with the routing table, one pass per change (or every
+/// 500 ms): registers the member under each new lease, leads when it is the leader, and
+/// applies [`decide`]'s verdict to the local table.
+pub(crate) struct Reconciler {
+    coord: Coord,
+    view: watch::Receiver<Arc<View>>,
+    session: watch::Receiver<Session>,
+    /// The session generation the member key was last written under.
+    registered: u64,
+    /// The assignment version this instance last wrote as leader.
+    written_version: u64,
+}
+
+impl Reconciler {
+    pub(crate) fn new(coord: Coord) -> Self {
+        Self {
+            view: coord.inner.view.subscribe(),
+            session: coord.inner.session.subscribe(),
+            registered: 0,
+            written_version: 0,
+            coord,
         }
     }
 
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = self.view.changed() => {}
+                _ = self.session.changed() => {}
+                _ = self.coord.inner.wake.notified() => {}
+                _ = tick.tick() => {}
+            }
+            self.coord.inner.liveness.pass(Instant::now());
+            // Let a burst of watch events land before acting on it.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            self.pass().await;
+        }
+    }
+
+    async fn pass(&mut self) {
+        let coord = &self.coord;
+        let session = *self.session.borrow_and_update();
+        if session.lease == 0 {
+            return;
+        }
+        if self.registered != session.generation {
+            match coord.register(session).await {
+                Ok(()) => self.registered = session.generation,
+                Err(e) => {
+                    tracing::warn!(error = %e, "member registration failed");
+                    return;
+                }
+            }
+        }
+        let view = self.view.borrow_and_update().clone();
+        if !view.synced {
+            return;
+        }
+        let me = coord.member_id();
+        if view
+            .members
+            .get(me)
+            .is_some_and(|m| m.state == MemberState::Draining)
+            && !coord.inner.draining.swap(true, Ordering::AcqRel)
+        {
+            tracing::info!("member marked draining");
+        }
+        if let Err(e) = coord.lead(&view, session, &mut self.written_version).await {
+            tracing::warn!(error = %e, "leader step failed");
+        }
+        let table = &coord.inner.table;
+        let decision = decide(&view, me, session.lease, coord.is_draining(), |s| {
+            table.state(s)
+        });
+        coord.drop_lost(&decision.lost);
+        coord.repair(decision.repair, session).await;
+        coord.acquire(decision.acquire, session).await;
+        coord.release(decision.release);
+        coord.refresh_metrics();
+    }
+}
+
+impl Coord {
     /// Writes `members/<id>` attached to the session's lease.
     pub(crate) async fn register(&self, session: Session) -> Result<(), Error> {
         let opts = &self.inner.opts;

@@ -10,23 +10,38 @@ use crate::backoff::Backoff;
 use crate::view::Put;
 use crate::{Coord, Error, View};
 
-impl Coord {
-    pub(crate) async fn watcher(self, cancel: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+/// Keeps the routing table: publishes a snapshot of the cluster's keys, then every watch
+/// event after it; on a lost or cancelled watch marks the table unsynced and starts over.
+pub(crate) struct Watcher {
+    coord: Coord,
+    /// Between failed snapshots.
+    backoff: Backoff,
+}
+
+impl Watcher {
+    pub(crate) fn new(coord: Coord) -> Self {
+        Self {
+            coord,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+        }
+    }
+
+    pub(crate) async fn run(mut self, cancel: CancellationToken) {
         loop {
-            let synced_before = self.inner.view.borrow().synced;
+            let synced_before = self.coord.inner.view.borrow().synced;
             match self.sync(&cancel).await {
                 Ok(()) => return,
                 Err(e) => {
                     if synced_before {
-                        self.inner
+                        self.coord
+                            .inner
                             .view
                             .send_modify(|v| Arc::make_mut(v).synced = false);
                     }
-                    tracing::warn!(error = %e, retry_in = ?backoff.peek(), "routing table watch lost; taking a new snapshot");
+                    tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "routing table watch lost; taking a new snapshot");
                 }
             }
-            if !backoff.wait(&cancel).await {
+            if !self.backoff.wait(&cancel).await {
                 return;
             }
         }
@@ -34,18 +49,19 @@ impl Coord {
 
     /// Loads a snapshot, publishes it, then applies watch events until an error.
     async fn sync(&self, cancel: &CancellationToken) -> Result<(), Error> {
-        let keys = &self.inner.keys;
-        let mut client = self.client()?;
+        let keys = &self.coord.inner.keys;
+        let mut client = self.coord.client()?;
         let snapshot = self
+            .coord
             .etcd(client.get(keys.prefix(), Some(GetOptions::new().with_prefix())))
             .await?;
-        let mut view = View::empty(self.inner.opts.shard_count);
+        let mut view = View::empty(self.coord.inner.opts.shard_count);
         for kv in snapshot.kvs() {
             view.apply(keys, kv.key(), Some(Put::of(kv)));
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());
         view.synced = true;
-        self.inner.metrics.watch_resyncs.inc();
+        self.coord.inner.metrics.watch_resyncs.inc();
         tracing::info!(
             revision = view.revision,
             members = view.members.len(),
@@ -58,6 +74,7 @@ impl Coord {
             .with_progress_notify()
             .with_start_revision(view.revision + 1);
         let mut stream = self
+            .coord
             .etcd(client.watch(keys.prefix(), Some(options)))
             .await?;
         loop {
@@ -105,7 +122,7 @@ impl Coord {
     }
 
     fn publish(&self, view: &View) {
-        self.inner.view.send_replace(Arc::new(view.clone()));
-        self.inner.table.bump();
+        self.coord.inner.view.send_replace(Arc::new(view.clone()));
+        self.coord.inner.table.bump();
     }
 }

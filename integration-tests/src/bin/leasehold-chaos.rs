@@ -982,8 +982,6 @@ async fn run_once(args: &Args, seed: u64, dir: &Path) -> RunReport {
 }
 
 async fn run_with(args: &Args, seed: u64, mut world: World, report: &mut RunReport) {
-    let ttl = args.ttl as f64;
-    let target = Duration::from_secs_f64(ttl + 2.0);
     eprintln!("[seed {seed}] waiting for the cluster to form");
     if let Err(why) = world.wait_healed(Duration::from_secs(60)).await {
         let tails: Vec<String> = world
@@ -1015,104 +1013,11 @@ async fn run_with(args: &Args, seed: u64, mut world: World, report: &mut RunRepo
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut windows: Vec<(u64, u64, usize)> = Vec::new(); // (from ns, to ns, fault index)
     while t0.elapsed() < Duration::from_secs(args.duration) {
-        let kind = if rng.random_bool(0.15) {
-            Kind::Combo
-        } else {
-            SINGLE[rng.random_range(0..SINGLE.len())]
-        };
-        let (kinds, insts) = if kind == Kind::Combo {
-            let a = SINGLE[rng.random_range(0..SINGLE.len())];
-            let mut b = SINGLE[rng.random_range(0..SINGLE.len())];
-            while b == a {
-                b = SINGLE[rng.random_range(0..SINGLE.len())];
-            }
-            let i = rng.random_range(0..3);
-            (vec![a, b], vec![i, (i + 1 + rng.random_range(0..2)) % 3])
-        } else {
-            (vec![kind], vec![rng.random_range(0..3)])
-        };
-        let from_ns = chaos::mono_ns();
-        let at_s = t0.elapsed().as_secs_f64();
-        let mut whats = Vec::new();
-        let mut hold: f64 = 0.0;
-        let mut undo = Vec::new();
-        let mut failed: Option<String> = None;
-        for (k, i) in kinds.iter().zip(&insts) {
-            match inject(&mut world, &mut rng, *k, *i, ttl) {
-                Ok((w, h, u)) => {
-                    whats.push(w);
-                    hold = hold.max(h);
-                    undo.extend(u);
-                }
-                Err(e) => {
-                    let v = format!("suite: could not inject {}: {e:#}", k.name());
-                    eprintln!("[seed {seed}]          {v}");
-                    report.violations.push(v);
-                    whats.push(format!("({} not injected)", k.name()));
-                }
-            }
+        let (window, go_on) = one_fault(&mut world, &mut rng, args, seed, t0, report).await;
+        windows.push(window);
+        if !go_on {
+            break;
         }
-        eprintln!("[seed {seed}] {at_s:6.1}s  {}", whats.join(" + "));
-        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
-        if let Err(e) = apply_undo(&mut world, &undo).await {
-            failed = Some(format!("heal: {e:#}"));
-        }
-        let heal = match failed {
-            Some(e) => Err(e),
-            None => world.wait_healed(HEAL_DEADLINE).await,
-        };
-        let to_ns = chaos::mono_ns();
-        windows.push((from_ns, to_ns, report.faults.len()));
-        match &heal {
-            Ok(d) => eprintln!("[seed {seed}]          healed in {:.2}s", d.as_secs_f64()),
-            Err(why) => eprintln!("[seed {seed}]          NOT healed: {why}"),
-        }
-        let mut rec = FaultRecord {
-            kinds: if kinds.len() > 1 {
-                let mut k = vec![Kind::Combo];
-                k.extend(&kinds);
-                k
-            } else {
-                kinds.clone()
-            },
-            what: whats.join(" + "),
-            at_s,
-            hold_s: hold,
-            heal: heal.clone(),
-            deadline_exceeded: 0,
-            failed_calls: 0,
-        };
-        match &heal {
-            Ok(d) if *d > target => report.violations.push(format!(
-                "slow heal: {} took {:.2}s (target {:.1}s)",
-                rec.what,
-                d.as_secs_f64(),
-                target.as_secs_f64()
-            )),
-            Ok(_) => {}
-            Err(why) => {
-                report.violations.push(format!(
-                    "no heal: {} not healed within {}s: {why}",
-                    rec.what,
-                    HEAL_DEADLINE.as_secs()
-                ));
-                match repair(&mut world).await {
-                    Ok(did) => {
-                        eprintln!("[seed {seed}]          repair: {}", did.join(", "));
-                        report.repairs.push(did.join(", "));
-                    }
-                    Err(e) => report.repairs.push(format!("repair failed: {e:#}")),
-                }
-                if let Err(why) = world.wait_healed(HEAL_DEADLINE).await {
-                    report.aborted =
-                        Some(format!("not healed even after restarting instances: {why}"));
-                    rec.heal = Err(why);
-                    report.faults.push(rec);
-                    break;
-                }
-            }
-        }
-        report.faults.push(rec);
         // A quiet gap, so that the next fault starts from a healed cluster under load.
         tokio::time::sleep(Duration::from_secs_f64(rng.random_range(1.0..3.0))).await;
     }
@@ -1127,27 +1032,162 @@ async fn run_with(args: &Args, seed: u64, mut world: World, report: &mut RunRepo
     let healthy = report.aborted.is_none();
     // Every delivered message must get handled (or dead-lettered): wait for that (only on
     // a healed cluster).
-    let produced = records.lock().unwrap().produced.clone();
-    if healthy && !produced.is_empty() {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let execs = chaos::read_executions(&world.sidecar_logs);
-            let done: std::collections::HashSet<(i32, i64)> = execs
-                .iter()
-                .filter_map(|e| e.kafka.as_ref().map(|k| (k.partition, k.offset)))
-                .collect();
-            if produced
-                .iter()
-                .all(|p| done.contains(&(p.partition, p.offset)))
-                || Instant::now() > deadline
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+    if healthy {
+        let produced = records.lock().unwrap().produced.clone();
+        await_kafka_handled(&world, &produced).await;
     }
     // Let calls the instances still run settle before reading the store.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    check_run(&world, &records, &windows, healthy, report);
+    drop(world);
+}
+
+/// Injects one fault (or a combination of two), holds it, undoes it and waits for the
+/// cluster to heal, repairing it by restarts if it does not. Returns the fault's window
+/// (start, end in monotonic ns, index in `report.faults`) and whether the run can go on.
+async fn one_fault(
+    world: &mut World,
+    rng: &mut StdRng,
+    args: &Args,
+    seed: u64,
+    t0: Instant,
+    report: &mut RunReport,
+) -> ((u64, u64, usize), bool) {
+    let ttl = args.ttl as f64;
+    let target = Duration::from_secs_f64(ttl + 2.0);
+    let kind = if rng.random_bool(0.15) {
+        Kind::Combo
+    } else {
+        SINGLE[rng.random_range(0..SINGLE.len())]
+    };
+    let (kinds, insts) = if kind == Kind::Combo {
+        let a = SINGLE[rng.random_range(0..SINGLE.len())];
+        let mut b = SINGLE[rng.random_range(0..SINGLE.len())];
+        while b == a {
+            b = SINGLE[rng.random_range(0..SINGLE.len())];
+        }
+        let i = rng.random_range(0..3);
+        (vec![a, b], vec![i, (i + 1 + rng.random_range(0..2)) % 3])
+    } else {
+        (vec![kind], vec![rng.random_range(0..3)])
+    };
+    let from_ns = chaos::mono_ns();
+    let at_s = t0.elapsed().as_secs_f64();
+    let mut whats = Vec::new();
+    let mut hold: f64 = 0.0;
+    let mut undo = Vec::new();
+    let mut failed: Option<String> = None;
+    for (k, i) in kinds.iter().zip(&insts) {
+        match inject(world, rng, *k, *i, ttl) {
+            Ok((w, h, u)) => {
+                whats.push(w);
+                hold = hold.max(h);
+                undo.extend(u);
+            }
+            Err(e) => {
+                let v = format!("suite: could not inject {}: {e:#}", k.name());
+                eprintln!("[seed {seed}]          {v}");
+                report.violations.push(v);
+                whats.push(format!("({} not injected)", k.name()));
+            }
+        }
+    }
+    eprintln!("[seed {seed}] {at_s:6.1}s  {}", whats.join(" + "));
+    tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+    if let Err(e) = apply_undo(world, &undo).await {
+        failed = Some(format!("heal: {e:#}"));
+    }
+    let heal = match failed {
+        Some(e) => Err(e),
+        None => world.wait_healed(HEAL_DEADLINE).await,
+    };
+    let to_ns = chaos::mono_ns();
+    let window = (from_ns, to_ns, report.faults.len());
+    match &heal {
+        Ok(d) => eprintln!("[seed {seed}]          healed in {:.2}s", d.as_secs_f64()),
+        Err(why) => eprintln!("[seed {seed}]          NOT healed: {why}"),
+    }
+    let mut rec = FaultRecord {
+        kinds: if kinds.len() > 1 {
+            let mut k = vec![Kind::Combo];
+            k.extend(&kinds);
+            k
+        } else {
+            kinds.clone()
+        },
+        what: whats.join(" + "),
+        at_s,
+        hold_s: hold,
+        heal: heal.clone(),
+        deadline_exceeded: 0,
+        failed_calls: 0,
+    };
+    match &heal {
+        Ok(d) if *d > target => report.violations.push(format!(
+            "slow heal: {} took {:.2}s (target {:.1}s)",
+            rec.what,
+            d.as_secs_f64(),
+            target.as_secs_f64()
+        )),
+        Ok(_) => {}
+        Err(why) => {
+            report.violations.push(format!(
+                "no heal: {} not healed within {}s: {why}",
+                rec.what,
+                HEAL_DEADLINE.as_secs()
+            ));
+            match repair(world).await {
+                Ok(did) => {
+                    eprintln!("[seed {seed}]          repair: {}", did.join(", "));
+                    report.repairs.push(did.join(", "));
+                }
+                Err(e) => report.repairs.push(format!("repair failed: {e:#}")),
+            }
+            if let Err(why) = world.wait_healed(HEAL_DEADLINE).await {
+                report.aborted = Some(format!("not healed even after restarting instances: {why}"));
+                rec.heal = Err(why);
+                report.faults.push(rec);
+                return (window, false);
+            }
+        }
+    }
+    report.faults.push(rec);
+    (window, true)
+}
+
+/// Waits (up to 60 s) until every produced record was handled at least once.
+async fn await_kafka_handled(world: &World, produced: &[Produced]) {
+    if produced.is_empty() {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let execs = chaos::read_executions(&world.sidecar_logs);
+        let done: std::collections::HashSet<(i32, i64)> = execs
+            .iter()
+            .filter_map(|e| e.kafka.as_ref().map(|k| (k.partition, k.offset)))
+            .collect();
+        if produced
+            .iter()
+            .all(|p| done.contains(&(p.partition, p.offset)))
+            || Instant::now() > deadline
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Reads what the handlers did and checks it against what the load saw: no overlapping
+/// executions of a key, counters that match the acknowledged calls, every Kafka record
+/// handled in order or dead-lettered; attributes failed calls to the fault windows.
+fn check_run(
+    world: &World,
+    records: &Mutex<LoadRecords>,
+    windows: &[(u64, u64, usize)],
+    healthy: bool,
+    report: &mut RunReport,
+) {
     let execs = chaos::read_executions(&world.sidecar_logs);
     report.executions = execs.len();
     report.grpc_executions = execs.iter().filter(|e| e.kafka.is_none()).count();
@@ -1210,7 +1250,6 @@ async fn run_with(args: &Args, seed: u64, mut world: World, report: &mut RunRepo
             .push("no call was acknowledged at all".into());
     }
     drop(rec);
-    drop(world);
 }
 
 // ---------------------------------------------------------------------------------------
