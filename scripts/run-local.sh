@@ -106,7 +106,7 @@ pids+=($!)
 
 for i in 0 1 2; do
   setsid "$bin" serve --id "node-$i" --cluster demo --etcd http://127.0.0.1:12379 \
-    --listen "127.0.0.1:1707$i" --admin-listen "127.0.0.1:1717$i" \
+    --listen "127.0.0.1:1707$i" --admin-listen "127.0.0.1:1717$i" --peer-listen "127.0.0.1:1727$i" \
     --handler grpc://127.0.0.1:19000 --kafka-brokers 127.0.0.1:19092 --kafka-topic payments \
     --kafka-group ledger --kafka-key json:/account --kafka-dlq-topic payments-dlq >"$work/node-$i.log" 2>&1 &
   pids+=($!)

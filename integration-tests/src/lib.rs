@@ -193,6 +193,7 @@ pub struct Instance {
     pub id: String,
     pub grpc_port: u16,
     pub admin_port: u16,
+    pub peer_port: u16,
     child: Option<Child>,
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -202,12 +203,13 @@ impl Instance {
     pub fn start(spec: &InstanceSpec) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(format!("{}.log", spec.id));
-        let (grpc_port, admin_port) = (free_port(), free_port());
+        let (grpc_port, admin_port, peer_port) = (free_port(), free_port(), free_port());
         let child = Command::new(leasehold_bin())
             .arg("serve")
             .args(["--id", &spec.id, "--etcd", &spec.etcd])
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
             .args(&spec.args)
             .env("LEASEHOLD_LOG", "info")
             .stdout(Stdio::null())
@@ -218,6 +220,7 @@ impl Instance {
             id: spec.id.clone(),
             grpc_port,
             admin_port,
+            peer_port,
             child: Some(child),
             log,
             _dir: dir,
@@ -230,6 +233,10 @@ impl Instance {
 
     pub fn grpc_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     pub fn pid(&self) -> i32 {

@@ -150,7 +150,7 @@ async fn health_and_reflection_serve(cluster: &Cluster) {
 /// The Admin gRPC service and the admin HTTP API report the same cluster.
 async fn admin_reads_agree(cluster: &Cluster) {
     let mut admin = leasehold_proto::v1::admin_client::AdminClient::new(
-        tonic::transport::Endpoint::from_shared(cluster.instances[1].grpc_url())
+        tonic::transport::Endpoint::from_shared(cluster.instances[1].admin_url())
             .unwrap()
             .connect_lazy(),
     );

@@ -248,7 +248,7 @@ async fn a_forwarded_call_for_another_epoch_is_answered_not_owner() {
     let n0 = &cluster.instances[0];
     let key = key_in(5);
     let epoch = table[5].2;
-    let mut peer = PeerClient::connect(n0.grpc_url()).await.unwrap();
+    let mut peer = PeerClient::connect(n0.peer_url()).await.unwrap();
     let forward = |expected: u64| ForwardRequest {
         key: key.clone(),
         payload: "fwd".into(),

@@ -137,10 +137,18 @@ impl MemberState {
 /// Value of `members/<id>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberValue {
-    /// gRPC address peers and clients use.
+    /// Client address (what Locate returns).
     pub address: String,
-    /// Admin HTTP address.
+    /// Admin address.
     pub admin_address: String,
+    /// Peer address other instances forward to (empty for members older than the plane
+    /// split, which take peer calls on `address`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_address: String,
+    /// The name its peer certificate carries (empty without peer TLS); a peer call on a
+    /// connection whose certificate lacks the sender's registered identity is refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_identity: String,
     pub state: MemberState,
     pub version: String,
 }
@@ -149,7 +157,14 @@ pub struct MemberValue {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardValue {
     pub owner: MemberId,
+    /// The owner's client address.
     pub address: String,
+    /// The owner's peer address (empty: use `address`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_address: String,
+    /// The owner's peer certificate identity (empty without peer TLS).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub peer_identity: String,
 }
 
 /// Value of `assignment`: the leader's desired owner of every shard.

@@ -41,7 +41,7 @@ pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
 use crate::lease::LeaseKeeper;
 use crate::reconcile::Reconciler;
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
-pub use crate::view::{Member, ShardOwner, View};
+pub use crate::view::{Member, PeerAddress, ShardOwner, View};
 use crate::watcher::Watcher;
 
 /// Errors of the coordination layer.
@@ -105,12 +105,18 @@ pub enum Unhealthy {
 pub struct CoordOptions {
     pub cluster: String,
     pub member_id: MemberId,
-    /// gRPC address peers and clients use.
+    /// Client address (what Locate returns).
     pub address: String,
     pub admin_address: String,
+    /// Where peers forward calls to this instance.
+    pub peer_address: String,
+    /// The identity this instance's peer certificate proves (empty without peer TLS).
+    pub peer_identity: String,
     pub etcd_endpoints: Vec<String>,
     /// etcd user name and password, when etcd authentication is enabled.
     pub etcd_user: Option<(String, String)>,
+    /// TLS to `https://` endpoints: the CA, and a client certificate and key (PEM).
+    pub etcd_tls: Option<EtcdTls>,
     pub shard_count: u32,
     pub lease_ttl: Duration,
     /// How many owned shards the leader moves at once.
@@ -129,6 +135,13 @@ impl CoordOptions {
         self.lease_ttl
             .clamp(Duration::from_secs(1), Duration::from_secs(5))
     }
+}
+
+/// PEM material for TLS to etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: Vec<u8>,
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Notified when this instance gains or loses a shard (the handler's optional hooks).
@@ -366,6 +379,17 @@ impl Coord {
                     Some((user, password)) => connect.with_user(user, password),
                     None => connect,
                 };
+                let connect = match &opts.etcd_tls {
+                    Some(tls) => {
+                        use etcd_client::{Certificate, Identity, TlsOptions};
+                        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+                        if let Some((cert, key)) = &tls.identity {
+                            t = t.identity(Identity::from_pem(cert, key));
+                        }
+                        connect.with_tls(t)
+                    }
+                    None => connect,
+                };
                 let client = Client::connect(&opts.etcd_endpoints, Some(connect)).await?;
                 self.ensure_config(client.clone()).await?;
                 Ok::<_, Error>(client)
@@ -470,6 +494,8 @@ impl Coord {
             let value = keys::MemberValue {
                 address: member.address.clone(),
                 admin_address: member.admin_address.clone(),
+                peer_address: member.peer.address.clone(),
+                peer_identity: member.peer.identity.clone(),
                 state: MemberState::Draining,
                 version: String::new(),
             };

@@ -238,6 +238,8 @@ impl Coord {
         let value = MemberValue {
             address: opts.address.clone(),
             admin_address: opts.admin_address.clone(),
+            peer_address: opts.peer_address.clone(),
+            peer_identity: opts.peer_identity.clone(),
             state,
             version: opts.version.clone(),
         };
@@ -335,6 +337,8 @@ impl Coord {
         let value = serde_json::to_vec(&ShardValue {
             owner: me.clone(),
             address: self.inner.opts.address.clone(),
+            peer_address: self.inner.opts.peer_address.clone(),
+            peer_identity: self.inner.opts.peer_identity.clone(),
         })
         .expect("shard value serialises");
         let attempts = futures::stream::iter(wanted).map(|shard| {
@@ -544,6 +548,7 @@ mod tests {
             v.shards[s as usize] = Some(ShardOwner {
                 owner: MemberId::new(owner),
                 address: String::new(),
+                peer: Default::default(),
                 epoch: Epoch(epoch),
                 lease,
             });
@@ -650,6 +655,7 @@ mod tests {
                         view.shards[i] = owner.map(|(m, epoch, lease)| ShardOwner {
                             owner: MemberId::new(MEMBERS[m]),
                             address: String::new(),
+                            peer: Default::default(),
                             epoch: Epoch(epoch),
                             lease,
                         });

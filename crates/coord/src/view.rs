@@ -12,8 +12,11 @@ use crate::keys::{AssignmentValue, Key, Keys, MemberState, MemberValue, Partitio
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Member {
     pub id: MemberId,
+    /// Client address.
     pub address: String,
     pub admin_address: String,
+    /// Where peers forward to.
+    pub peer: PeerAddress,
     pub state: MemberState,
     /// Lease the member key is attached to (used to mark another member draining).
     pub lease: i64,
@@ -23,10 +26,35 @@ pub struct Member {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShardOwner {
     pub owner: MemberId,
+    /// The owner's client address (what Locate returns).
     pub address: String,
+    /// Where to forward calls for the shard.
+    pub peer: PeerAddress,
     pub epoch: Epoch,
     /// Lease the shard key is attached to (the owner's lease when it was acquired).
     pub lease: i64,
+}
+
+/// Where an instance takes forwarded calls, and the identity its certificate proves there.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerAddress {
+    pub address: String,
+    /// Empty without peer TLS.
+    pub identity: String,
+}
+
+impl PeerAddress {
+    /// The peer address, or the client address of a member older than the plane split.
+    fn of(peer_address: String, identity: String, address: &str) -> Self {
+        Self {
+            address: if peer_address.is_empty() {
+                address.to_owned()
+            } else {
+                peer_address
+            },
+            identity,
+        }
+    }
 }
 
 /// A consistent picture of the cluster at one etcd revision.
@@ -113,6 +141,7 @@ impl View {
                             id.clone(),
                             Member {
                                 id,
+                                peer: PeerAddress::of(v.peer_address, v.peer_identity, &v.address),
                                 address: v.address,
                                 admin_address: v.admin_address,
                                 state: v.state,
@@ -158,6 +187,7 @@ impl View {
                         match serde_json::from_slice::<ShardValue>(value) {
                             Ok(v) => Some(ShardOwner {
                                 owner: v.owner,
+                                peer: PeerAddress::of(v.peer_address, v.peer_identity, &v.address),
                                 address: v.address,
                                 epoch: Epoch(create_revision as u64),
                                 lease,
@@ -238,6 +268,8 @@ mod tests {
         let shard = serde_json::to_vec(&ShardValue {
             owner: MemberId::new("a"),
             address: "x:1".into(),
+            peer_address: String::new(),
+            peer_identity: String::new(),
         })
         .unwrap();
         v.apply(

@@ -142,15 +142,22 @@ impl Handler for EchoHandler {
 pub struct GrpcHandler {
     url: Arc<str>,
     endpoint: Endpoint,
+    /// TLS to the handler (`grpcs://`).
+    tls: Option<leasehold_tls::Connector>,
     client: EntityHandlerClient<Channel>,
     events: mpsc::Sender<(bool, ShardId, Epoch)>,
 }
 
 impl GrpcHandler {
-    /// Connects lazily to `http://host:port`; calls made while it is down fail with
-    /// `UNAVAILABLE`. Must be created inside a tokio runtime (it starts the task that
-    /// delivers shard notifications in order).
-    pub fn new(url: &str, max_message: usize, owner: MemberId) -> Result<Self, HandlerError> {
+    /// Connects lazily to `http://host:port` (through `tls` when given); calls made while
+    /// it is down fail with `UNAVAILABLE`. Must be created inside a tokio runtime (it
+    /// starts the task that delivers shard notifications in order).
+    pub fn new(
+        url: &str,
+        max_message: usize,
+        owner: MemberId,
+        tls: Option<leasehold_tls::Connector>,
+    ) -> Result<Self, HandlerError> {
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| HandlerError::InvalidUrl {
                 url: url.to_owned(),
@@ -159,7 +166,11 @@ impl GrpcHandler {
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10));
-        let client = EntityHandlerClient::new(endpoint.clone().connect_lazy())
+        let channel = match &tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.clone()),
+            None => endpoint.connect_lazy(),
+        };
+        let client = EntityHandlerClient::new(channel)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
         let (events, rx) = mpsc::channel(4096);
@@ -167,6 +178,7 @@ impl GrpcHandler {
         Ok(Self {
             url: url.into(),
             endpoint,
+            tls,
             client,
             events,
         })
@@ -176,11 +188,13 @@ impl GrpcHandler {
 impl Handler for GrpcHandler {
     /// Ready once an HTTP/2 connection to the application succeeds.
     fn ready(&self) -> BoxFuture<'static, Result<(), HandlerError>> {
-        let (endpoint, url) = (self.endpoint.clone(), self.url.clone());
+        let (endpoint, url, tls) = (self.endpoint.clone(), self.url.clone(), self.tls.clone());
         Box::pin(async move {
-            endpoint
-                .connect()
-                .await
+            let connected = match tls {
+                Some(tls) => endpoint.connect_with_connector(tls).await,
+                None => endpoint.connect().await,
+            };
+            connected
                 .map(|_| ())
                 .map_err(|e| HandlerError::Unreachable {
                     url: url.to_string(),

@@ -45,6 +45,27 @@ pub struct RouterOptions {
     pub max_concurrency: usize,
     /// Calls queued per key before `RESOURCE_EXHAUSTED`.
     pub mailbox_capacity: usize,
+    /// Longest accepted key in bytes.
+    pub max_key_bytes: usize,
+    /// Calls held or queued across all keys before `RESOURCE_EXHAUSTED`.
+    pub max_pending_calls: usize,
+    /// Messages a peer may have in flight on one Dispatch stream.
+    pub max_dispatch_in_flight: usize,
+    /// Mutual TLS to peers, and the identity checks of calls from peers.
+    pub peer_tls: Option<PeerTls>,
+}
+
+/// Mutual TLS on the peer plane.
+#[derive(Clone)]
+pub struct PeerTls {
+    /// This instance's client config: the peer CA and its own certificate.
+    pub client: Arc<leasehold_tls::Reloading<rustls::ClientConfig>>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerTls")
+    }
 }
 
 impl Default for RouterOptions {
@@ -54,6 +75,10 @@ impl Default for RouterOptions {
             request_timeout: Duration::from_secs(5),
             max_concurrency: 1024,
             mailbox_capacity: 1024,
+            max_key_bytes: 1024,
+            max_pending_calls: 65_536,
+            max_dispatch_in_flight: 4096,
+            peer_tls: None,
         }
     }
 }
@@ -265,6 +290,8 @@ struct Inner {
     mailboxes: Arc<Mailboxes>,
     peers: Peers,
     concurrency: Arc<Semaphore>,
+    /// Calls between acceptance and their end, across all keys (`max_pending_calls`).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
     /// Latest claim seen per Kafka partition in records that ran here (see
     /// [`Router::check_fence`]).
     fences: std::sync::Mutex<std::collections::HashMap<leasehold_coord::PartitionRef, u64>>,
@@ -274,6 +301,27 @@ struct Inner {
     tasks: TaskTracker,
     /// Cancelled by [`Router::close`]: Dispatch streams from peers stop reading.
     closing: tokio_util::sync::CancellationToken,
+}
+
+/// One call counted against `max_pending_calls` until dropped.
+struct Pending(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Pending {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Pending(count.clone()))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// The call path of one instance. Cheap to clone.
@@ -341,7 +389,13 @@ impl Router {
         Self {
             inner: Arc::new(Inner {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
-                peers: Peers::new(max_message, tasks.clone()),
+                peers: Peers::new(
+                    max_message,
+                    tasks.clone(),
+                    coord.member_id().clone(),
+                    opts.peer_tls.as_ref().map(|t| t.client.clone()),
+                ),
+                pending: Default::default(),
                 tasks,
                 closing: tokio_util::sync::CancellationToken::new(),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
@@ -388,6 +442,13 @@ impl Router {
     pub fn validate(&self, key: &str, payload: &[u8]) -> Result<(), CallError> {
         if key.is_empty() {
             return Err(CallError::InvalidArgument("key must not be empty".into()));
+        }
+        if key.len() > self.inner.opts.max_key_bytes {
+            return Err(CallError::InvalidArgument(format!(
+                "key is {} bytes; the limit (max_key_bytes) is {} bytes",
+                key.len(),
+                self.inner.opts.max_key_bytes
+            )));
         }
         if payload.len() > self.inner.opts.max_payload {
             return Err(CallError::InvalidArgument(format!(
@@ -452,6 +513,13 @@ impl Router {
         source: CallSource,
     ) -> Result<Reply, CallError> {
         self.validate(&key, &payload)?;
+        let _pending = Pending::enter(&self.inner.pending, self.inner.opts.max_pending_calls)
+            .ok_or_else(|| {
+                CallError::ResourceExhausted(format!(
+                    "{} calls already pending on this instance (max_pending_calls)",
+                    self.inner.opts.max_pending_calls
+                ))
+            })?;
         let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
         let waiting = self.inner.mailboxes.enter(&key).map_err(|_| {
             CallError::ResourceExhausted(format!(
@@ -534,7 +602,7 @@ impl Router {
                         Some(o) if o.owner != *coord.member_id() => {
                             self.inner.metrics.forwards.inc();
                             // Boxed: the forward future is large and the owner path should not carry it.
-                            match Box::pin(self.forward(job, &o.address, o.epoch, &mut changes))
+                            match Box::pin(self.forward(job, &o.peer, o.epoch, &mut changes))
                                 .await
                             {
                                 Forwarded::Done(result) => return settle(result, sent_unanswered),
@@ -570,12 +638,12 @@ impl Router {
     async fn forward(
         &self,
         job: &Job,
-        address: &str,
+        peer: &leasehold_coord::PeerAddress,
         epoch: Epoch,
         changes: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Forwarded {
         let shard = job.shard;
-        let forward = self.inner.peers.forward(address, job, epoch);
+        let forward = self.inner.peers.forward(peer, job, epoch);
         tokio::pin!(forward);
         loop {
             tokio::select! {

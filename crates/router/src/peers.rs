@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use leasehold_proto::v1::{self as pb, forward_response, peer_client::PeerClient};
+use leasehold_coord::PeerAddress;
 use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
@@ -57,8 +58,15 @@ impl PeerError {
     }
 }
 
+/// Metadata key naming the sending member on every peer call; with peer TLS, the
+/// receiver checks that the connection's certificate carries that member's identity.
+pub(crate) const MEMBER_HEADER: &str = "leasehold-member";
+
 pub(crate) struct Peers {
     channels: RwLock<HashMap<String, PeerClient<Channel>>>,
+    /// This instance, named on every call.
+    member: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
     /// One long-lived Dispatch stream per peer, for Kafka messages.
     streams: Mutex<HashMap<String, Arc<PeerStream>>>,
     max_message: usize,
@@ -118,16 +126,25 @@ impl PeerStream {
 }
 
 impl Peers {
-    pub(crate) fn new(max_message: usize, tasks: tokio_util::task::TaskTracker) -> Self {
+    pub(crate) fn new(
+        max_message: usize,
+        tasks: tokio_util::task::TaskTracker,
+        member: MemberId,
+        tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
+    ) -> Self {
         Self {
             channels: RwLock::new(HashMap::new()),
+            // Member ids are validated ([A-Za-z0-9._-]), so always a valid header value.
+            member: member.0.parse().expect("member ids are valid metadata"),
+            tls,
             streams: Mutex::new(HashMap::new()),
             max_message,
             tasks,
         }
     }
 
-    fn client(&self, address: &str) -> Result<PeerClient<Channel>, PeerError> {
+    fn client(&self, peer: &PeerAddress) -> Result<PeerClient<Channel>, PeerError> {
+        let address = peer.address.as_str();
         if let Some(c) = self.channels.read().expect("peers lock").get(address) {
             return Ok(c.clone());
         }
@@ -143,7 +160,16 @@ impl Peers {
             .http2_keep_alive_interval(Duration::from_secs(1))
             .keep_alive_timeout(Duration::from_secs(2))
             .keep_alive_while_idle(true);
-        let client = PeerClient::new(endpoint.connect_lazy())
+        // With TLS the peer must prove the identity it registered (or, for a member
+        // without one, the host it is reached at).
+        let channel = match &self.tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(leasehold_tls::Connector::new(
+                tls.clone(),
+                Some(peer.identity.clone()).filter(|i| !i.is_empty()),
+            )),
+            None => endpoint.connect_lazy(),
+        };
+        let client = PeerClient::new(channel)
             .max_decoding_message_size(self.max_message)
             .max_encoding_message_size(self.max_message);
         self.channels
@@ -162,7 +188,8 @@ impl Peers {
     }
 
     /// The peer's Dispatch stream, opened on first use or after it broke.
-    fn stream(&self, address: &str) -> Result<Arc<PeerStream>, PeerError> {
+    fn stream(&self, peer: &PeerAddress) -> Result<Arc<PeerStream>, PeerError> {
+        let address = peer.address.as_str();
         let mut streams = self.streams.lock().expect("streams lock");
         if let Some(s) = streams
             .get(address)
@@ -170,7 +197,8 @@ impl Peers {
         {
             return Ok(s.clone());
         }
-        let mut client = self.client(address)?;
+        let mut client = self.client(peer)?;
+        let member = self.member.clone();
         let (tx, rx) = mpsc::channel(4096);
         let stream = Arc::new(PeerStream {
             tx: Mutex::new(Some(tx)),
@@ -181,7 +209,9 @@ impl Peers {
         let reader = stream.clone();
         let peer = address.to_owned();
         self.tasks.spawn(async move {
-            let outgoing = tokio_stream::wrappers::ReceiverStream::new(rx);
+            let mut outgoing =
+                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            outgoing.metadata_mut().insert(MEMBER_HEADER, member);
             match client.dispatch(outgoing).await {
                 Ok(answers) => {
                     let mut answers = answers.into_inner();
@@ -210,8 +240,14 @@ impl Peers {
     }
 
     /// Sends a forwarded call over the peer's Dispatch stream.
-    async fn dispatch(&self, address: &str, request: pb::ForwardRequest, job: &Job) -> Forwarded {
-        let stream = match self.stream(address) {
+    async fn dispatch(
+        &self,
+        peer: &PeerAddress,
+        request: pb::ForwardRequest,
+        job: &Job,
+    ) -> Forwarded {
+        let address = peer.address.as_str();
+        let stream = match self.stream(peer) {
             Ok(s) => s,
             Err(e) => return Forwarded::Unreachable(e),
         };
@@ -281,8 +317,14 @@ impl Peers {
         }
     }
 
-    pub(crate) async fn forward(&self, address: &str, job: &Job, expected: Epoch) -> Forwarded {
-        let mut client = match self.client(address) {
+    pub(crate) async fn forward(
+        &self,
+        peer: &PeerAddress,
+        job: &Job,
+        expected: Epoch,
+    ) -> Forwarded {
+        let address = peer.address.as_str();
+        let mut client = match self.client(peer) {
             Ok(c) => c,
             Err(e) => return Forwarded::Unreachable(e),
         };
@@ -305,9 +347,12 @@ impl Peers {
         };
         // Kafka messages share one stream per peer instead of one RPC each.
         if matches!(job.source, CallSource::Kafka(_)) {
-            return self.dispatch(address, call, job).await;
+            return self.dispatch(peer, call, job).await;
         }
         let mut request = tonic::Request::new(call);
+        request
+            .metadata_mut()
+            .insert(MEMBER_HEADER, self.member.clone());
         request.set_timeout(job.deadline.saturating_duration_since(Instant::now()));
         match client.forward(request).await {
             Ok(resp) => Self::answer(resp.into_inner(), job),

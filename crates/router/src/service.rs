@@ -9,7 +9,7 @@ use leasehold_types::{shard_for_key, Epoch, MemberId};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::peers::{KIND_HEADER, ORIGIN_HEADER};
+use crate::peers::{KIND_HEADER, MEMBER_HEADER, ORIGIN_HEADER};
 use crate::{CallError, CallSource, Router};
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
@@ -104,6 +104,48 @@ impl PeerService {
 }
 
 impl PeerService {
+    /// With peer TLS: the call must name its sending member, that member must be
+    /// registered, and the connection's certificate (already verified against the peer CA
+    /// by the handshake) must carry the identity the member registered. Refused calls
+    /// never reach the handler.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if self.router.options().peer_tls.is_none() {
+            return Ok(());
+        }
+        let Some(cert) = request
+            .extensions()
+            .get::<leasehold_tls::ConnInfo>()
+            .and_then(|c| c.peer_cert.clone())
+        else {
+            return Err(refused("peer calls need a client certificate signed by the peer CA"));
+        };
+        let sender = request
+            .metadata()
+            .get(MEMBER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| refused("peer calls must name their member (leasehold-member)"))?;
+        let view = self.router.coord().view();
+        if !view.synced {
+            return Err(Status::unavailable("routing table not synced; retry"));
+        }
+        let member = view
+            .members
+            .get(&MemberId(sender.to_owned()))
+            .ok_or_else(|| refused(&format!("{sender:?} is not a registered member")))?;
+        if member.peer.identity.is_empty() || !cert.names.contains(&member.peer.identity) {
+            tracing::warn!(
+                sender,
+                registered_identity = %member.peer.identity,
+                certificate = %cert,
+                "peer call refused: the certificate does not carry the member's identity"
+            );
+            return Err(refused(&format!(
+                "the client certificate does not carry the identity member {sender:?} registered"
+            )));
+        }
+        Ok(())
+    }
+
     /// Runs one forwarded call; `Err` is the owner's error for it.
     async fn run(
         &self,
@@ -161,6 +203,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
+        self.authorize(&request)?;
         let timeout = client_timeout(&request);
         match self.run(request.into_inner(), timeout).await {
             Ok(r) => Ok(Response::new(r)),
@@ -178,11 +221,17 @@ impl Peer for PeerService {
     type DispatchStream = DispatchStream;
 
     /// Runs every call arriving on the stream concurrently (the sender keeps per-key
-    /// order by sending a key's next call only after the previous one answered).
+    /// order by sending a key's next call only after the previous one answered), at most
+    /// `max_dispatch_in_flight` at once: past that the stream is not read, so a sender
+    /// that never waits for answers is slowed down instead of growing memory here.
     async fn dispatch(
         &self,
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<DispatchStream>, Status> {
+        self.authorize(&request)?;
+        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
+            self.router.options().max_dispatch_in_flight,
+        ));
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
         let this = PeerService {
@@ -193,6 +242,10 @@ impl Peer for PeerService {
         let closing = self.router.inner.closing.clone();
         tasks.clone().spawn(async move {
             loop {
+                let slot = tokio::select! {
+                    s = in_flight.clone().acquire_owned() => s.expect("never closed"),
+                    _ = closing.cancelled() => break,
+                };
                 // At shutdown, stop reading: calls already read still answer.
                 let req = tokio::select! {
                     r = incoming.message() => r,
@@ -202,6 +255,7 @@ impl Peer for PeerService {
                 this.router.inner.metrics.stream_calls.inc();
                 let (this, tx) = (this.clone(), tx.clone());
                 tasks.spawn(async move {
+                    let _slot = slot;
                     let Some(call) = req.call else { return };
                     let timeout = Some(Duration::from_millis(u64::from(req.timeout_ms)));
                     let response = match this.run(call, timeout).await {
@@ -232,6 +286,10 @@ impl Peer for PeerService {
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
     }
+}
+
+fn refused(why: &str) -> Status {
+    Status::permission_denied(format!("peer call refused: {why}"))
 }
 
 #[cfg(test)]

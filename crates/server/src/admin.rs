@@ -1,9 +1,10 @@
-//! The admin surface: HTTP JSON on `--admin-listen`, and the same reads over gRPC.
+//! The admin plane on `--admin-listen`: HTTP JSON, and the same reads (and drain) over
+//! gRPC. With an admin token, the requests it protects need `Authorization: Bearer`.
 
 use std::sync::Arc;
 
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Json;
@@ -13,6 +14,8 @@ use leasehold_proto::v1 as pb;
 use leasehold_router::Router;
 use leasehold_types::{MemberId, ShardId};
 use serde::Serialize;
+
+use crate::security::AdminAuthz;
 
 #[derive(Debug, Serialize)]
 pub struct ClusterInfo {
@@ -106,6 +109,50 @@ struct AppState {
     registry: Registry,
 }
 
+/// Refuses admin HTTP requests the token protects (401 with JSON, and nothing changes).
+/// The kubelet's probes stay open: they carry no token.
+async fn require_token(
+    State(auth): State<Arc<AdminAuthz>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(request).await;
+    }
+    let mutation = !matches!(*request.method(), Method::GET | Method::HEAD);
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match auth.check(authorization, mutation) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => {
+            tracing::warn!(path, method = %request.method(), reason = %denied, "admin request refused");
+            let mut response = error(StatusCode::UNAUTHORIZED, denied.to_string());
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            response
+        }
+    }
+}
+
+/// The same check for the Admin gRPC service (`UNAUTHENTICATED`).
+fn authorize<T>(
+    auth: &AdminAuthz,
+    request: &tonic::Request<T>,
+    mutation: bool,
+) -> Result<(), tonic::Status> {
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    auth.check(authorization, mutation)
+        .map_err(|denied| tonic::Status::unauthenticated(denied.to_string()))
+}
+
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (
         status,
@@ -115,7 +162,7 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The admin HTTP routes.
-pub fn http_routes(router: Router, registry: Registry) -> axum::Router {
+pub fn http_routes(router: Router, registry: Registry, auth: Arc<AdminAuthz>) -> axum::Router {
     axum::Router::new()
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/shards", get(get_shards))
@@ -128,6 +175,7 @@ pub fn http_routes(router: Router, registry: Registry) -> axum::Router {
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see /v1/cluster, /v1/shards, /v1/members, /healthz, /readyz, /metrics") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
         .with_state(Arc::new(AppState { router, registry }))
+        .layer(axum::middleware::from_fn_with_state(auth, require_token))
 }
 
 async fn get_cluster(State(s): State<Arc<AppState>>) -> Response {
@@ -215,6 +263,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 /// `leasehold.v1.Admin`.
 pub struct AdminService {
     pub coord: Coord,
+    pub auth: Arc<AdminAuthz>,
 }
 
 fn member_pb(m: MemberInfo) -> pb::MemberInfo {
@@ -231,8 +280,9 @@ fn member_pb(m: MemberInfo) -> pb::MemberInfo {
 impl pb::admin_server::Admin for AdminService {
     async fn get_cluster(
         &self,
-        _: tonic::Request<pb::GetClusterRequest>,
+        request: tonic::Request<pb::GetClusterRequest>,
     ) -> Result<tonic::Response<pb::ClusterInfo>, tonic::Status> {
+        authorize(&self.auth, &request, false)?;
         let c = cluster_info(&self.coord);
         Ok(tonic::Response::new(pb::ClusterInfo {
             cluster: c.cluster,
@@ -246,8 +296,9 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_shards(
         &self,
-        _: tonic::Request<pb::ListShardsRequest>,
+        request: tonic::Request<pb::ListShardsRequest>,
     ) -> Result<tonic::Response<pb::ListShardsResponse>, tonic::Status> {
+        authorize(&self.auth, &request, false)?;
         let shards = shards(&self.coord)
             .into_iter()
             .map(|s| pb::ShardInfo {
@@ -264,8 +315,9 @@ impl pb::admin_server::Admin for AdminService {
 
     async fn list_members(
         &self,
-        _: tonic::Request<pb::ListMembersRequest>,
+        request: tonic::Request<pb::ListMembersRequest>,
     ) -> Result<tonic::Response<pb::ListMembersResponse>, tonic::Status> {
+        authorize(&self.auth, &request, false)?;
         let members = members(&self.coord).into_iter().map(member_pb).collect();
         Ok(tonic::Response::new(pb::ListMembersResponse { members }))
     }
@@ -274,6 +326,7 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         request: tonic::Request<pb::DrainRequest>,
     ) -> Result<tonic::Response<pb::DrainResponse>, tonic::Status> {
+        authorize(&self.auth, &request, true)?;
         let id = request.into_inner().member;
         if id.is_empty() {
             return Err(tonic::Status::invalid_argument("member must not be empty"));

@@ -153,6 +153,10 @@ fn main() -> ExitCode {
                 let run = serve(config, listeners, shutdown_signal());
                 match tracing::Instrument::instrument(run, span).await {
                     Ok(()) => ExitCode::SUCCESS,
+                    Err(e) if e.is_usage() => {
+                        tracing::error!("{e:#}");
+                        ExitCode::from(EX_USAGE)
+                    }
                     Err(e) => {
                         tracing::error!("{e:#}");
                         ExitCode::from(EX_SOFTWARE)

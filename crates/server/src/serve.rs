@@ -15,12 +15,13 @@ use leasehold_router::{
 };
 use leasehold_types::MemberId;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::admin::{self, AdminService};
 use crate::config::{ConfigError, HandlerSpec, ServeOptions};
+use crate::security::{Security, SecurityError};
 
 /// Why an instance could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Security(#[from] SecurityError),
     #[error(transparent)]
     Handler(#[from] leasehold_router::HandlerError),
     #[error("kafka source {name}: {source}")]
@@ -57,10 +60,21 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
-/// The two listeners of an instance, bound before the runtime work starts so that tests
-/// and callers can use port 0.
+impl ServeError {
+    /// A problem with what the operator gave (settings, certificate files): exit 64.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, ServeError::Config(_) | ServeError::Security(_))
+    }
+}
+
+/// The listeners of an instance's three planes, bound before the runtime work starts so
+/// that tests and callers can use port 0.
 pub struct Listeners {
-    pub grpc: TcpListener,
+    /// Entities, health, reflection.
+    pub client: TcpListener,
+    /// Peer (forwarded calls).
+    pub peer: TcpListener,
+    /// Admin HTTP and gRPC.
     pub admin: TcpListener,
 }
 
@@ -75,9 +89,11 @@ impl Listeners {
                     source,
                 })
         };
-        let grpc = bind("listen", config.listen).await?;
-        let admin = bind("admin_listen", config.admin_listen).await?;
-        Ok(Self { grpc, admin })
+        Ok(Self {
+            client: bind("listen", config.listen).await?,
+            peer: bind("peer_listen", config.peer_listen).await?,
+            admin: bind("admin_listen", config.admin_listen).await?,
+        })
     }
 }
 
@@ -95,6 +111,177 @@ fn advertised(configured: &Option<String>, bound: SocketAddr, field: &str) -> St
     bound.to_string()
 }
 
+/// The parts of a running instance.
+struct Instance {
+    coord: Coord,
+    router: Router,
+    handler: Arc<dyn Handler>,
+    registry: Registry,
+}
+
+impl Instance {
+    fn build(
+        config: &ServeOptions,
+        listeners: &Listeners,
+        security: &Security,
+    ) -> Result<Self, ServeError> {
+        let registry = Registry::new();
+        let address = advertised(&config.advertise, listeners.client.local_addr()?, "advertise");
+        let peer_address = advertised(
+            &config.peer_advertise,
+            listeners.peer.local_addr()?,
+            "peer_advertise",
+        );
+        let admin_address = advertised(
+            &config.admin_advertise,
+            listeners.admin.local_addr()?,
+            "admin_advertise",
+        );
+        let member = MemberId::new(config.id.clone());
+        let max_message = config.max_payload.bytes() + (1 << 20);
+        let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) =
+            match &config.handler {
+                HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
+                spec @ HandlerSpec::Grpc { .. } => {
+                    let url = spec.url().expect("a gRPC handler has a URL");
+                    let h = Arc::new(GrpcHandler::new(
+                        &url,
+                        max_message,
+                        member.clone(),
+                        security.handler.clone(),
+                    )?);
+                    (h.clone(), h)
+                }
+            };
+        let coord = Coord::new(
+            CoordOptions {
+                cluster: config.cluster.clone(),
+                member_id: member.clone(),
+                address,
+                admin_address,
+                peer_address,
+                peer_identity: security.peer_identity.clone(),
+                etcd_endpoints: config.etcd.0.clone(),
+                etcd_user: config
+                    .etcd_credentials()?
+                    .map(|(user, password)| (user, password.expose().to_owned())),
+                etcd_tls: security.etcd.clone(),
+                shard_count: config.shards,
+                lease_ttl: config.lease_ttl,
+                max_moves: config.max_moves,
+                version: env!("CARGO_PKG_VERSION").into(),
+            },
+            listener,
+            &registry,
+        );
+        let router = Router::new(
+            coord.clone(),
+            handler.clone(),
+            RouterOptions {
+                max_payload: config.max_payload.bytes(),
+                request_timeout: config.request_timeout,
+                max_concurrency: config.max_concurrency,
+                mailbox_capacity: config.mailbox_capacity,
+                max_key_bytes: config.max_key_bytes.bytes(),
+                max_pending_calls: config.max_pending_calls,
+                max_dispatch_in_flight: config.max_dispatch_in_flight,
+                peer_tls: security
+                    .peer_client
+                    .clone()
+                    .map(|client| leasehold_router::PeerTls { client }),
+            },
+            &registry,
+        );
+        Ok(Self {
+            coord,
+            router,
+            handler,
+            registry,
+        })
+    }
+
+    /// Starts a task per Kafka source; they dispatch through the same call path as gRPC
+    /// calls.
+    fn start_kafka(
+        &self,
+        config: &ServeOptions,
+        cancel: &CancellationToken,
+    ) -> Result<JoinSet<Result<(), ServeError>>, ServeError> {
+        let mut tasks = JoinSet::new();
+        for source in config.kafka_sources()? {
+            let dispatcher = Arc::new(RouterDispatch {
+                router: self.router.clone(),
+            });
+            let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &self.registry);
+            let cancel = cancel.clone();
+            let name = source.name.clone();
+            let span = tracing::info_span!("kafka_source", source = %name);
+            tasks.spawn(tracing::Instrument::instrument(
+                async move {
+                    match ingest.run(cancel.clone()).await {
+                        Ok(()) if cancel.is_cancelled() => Ok(()),
+                        Ok(()) => Err(ServeError::KafkaStopped(name)),
+                        Err(source) => Err(ServeError::Kafka {
+                            name,
+                            source: Box::new(source),
+                        }),
+                    }
+                },
+                span,
+            ));
+        }
+        Ok(tasks)
+    }
+
+    /// Leaves the cluster in order: Kafka intake stops, shards drain, servers stop,
+    /// background work ends, and only then the lease goes.
+    async fn shutdown(
+        self,
+        config: &ServeOptions,
+        mut kafka: JoinSet<Result<(), ServeError>>,
+        kafka_cancel: CancellationToken,
+        servers: Servers,
+        coord_cancel: CancellationToken,
+        coord_task: tokio::task::JoinHandle<Result<(), leasehold_coord::Error>>,
+    ) {
+        let Instance { coord, router, .. } = self;
+        // Stop intake first: Kafka sources stop fetching, finish or abandon in-flight
+        // messages and commit their watermarks while every shard is still served.
+        kafka_cancel.cancel();
+        while let Some(r) = kafka.join_next().await {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "kafka source failed while stopping");
+            }
+        }
+        tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
+        let started = std::time::Instant::now();
+        coord.drain(config.drain_timeout).await;
+        tracing::info!(took = ?started.elapsed(), "drained; stopping servers");
+        // Peers' Dispatch streams into this instance are long-lived: stop reading them (and
+        // end ours) so that the servers' graceful stop does not wait for them.
+        router.close();
+        servers.stop().await;
+        // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
+        coord.tasks().close();
+        let grace = config.request_timeout + Duration::from_secs(1);
+        if tokio::time::timeout(grace, async {
+            router.tasks().wait().await;
+            coord.tasks().wait().await;
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!(
+                left = router.tasks().len() + coord.tasks().len(),
+                "background work still running after {grace:?}; abandoned"
+            );
+        }
+        coord_cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
+        coord.revoke().await;
+    }
+}
+
 /// Runs an instance until `shutdown` resolves, then leaves the cluster gracefully:
 /// not ready → drain shards → stop servers → revoke the lease.
 pub async fn serve(
@@ -102,114 +289,61 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let registry = Registry::new();
-    let grpc_bound = listeners.grpc.local_addr()?;
-    let admin_bound = listeners.admin.local_addr()?;
-    let address = advertised(&config.advertise, grpc_bound, "advertise");
-    let admin_address = advertised(&config.admin_advertise, admin_bound, "admin_advertise");
-    let member = MemberId::new(config.id.clone());
-    let max_message = config.max_payload.bytes() + (1 << 20);
-
-    let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) = match &config.handler {
-        HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
-        spec @ HandlerSpec::Grpc { .. } => {
-            let url = spec.url().expect("a gRPC handler has a URL");
-            let h = Arc::new(GrpcHandler::new(&url, max_message, member.clone())?);
-            (h.clone(), h)
-        }
-    };
-    let coord = Coord::new(
-        CoordOptions {
-            cluster: config.cluster.clone(),
-            member_id: member.clone(),
-            address: address.clone(),
-            admin_address: admin_address.clone(),
-            etcd_endpoints: config.etcd.0.clone(),
-            etcd_user: config
-                .etcd_credentials()?
-                .map(|(user, password)| (user, password.expose().to_owned())),
-            shard_count: config.shards,
-            lease_ttl: config.lease_ttl,
-            max_moves: config.max_moves,
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-        listener,
-        &registry,
+    let security = Security::load(&config)?;
+    let instance = Instance::build(&config, &listeners, &security)?;
+    tracing::info!(
+        member = %instance.coord.member_id(),
+        cluster = %config.cluster,
+        client = %listeners.client.local_addr()?,
+        peer = %listeners.peer.local_addr()?,
+        admin = %listeners.admin.local_addr()?,
+        client_tls = security.client.is_some(),
+        peer_tls = security.peer_server.is_some(),
+        admin_tls = security.admin.is_some(),
+        admin_token = config.admin_token_file.is_some(),
+        shards = config.shards,
+        "starting"
     );
-    let router = Router::new(
-        coord.clone(),
-        handler.clone(),
-        RouterOptions {
-            max_payload: config.max_payload.bytes(),
-            request_timeout: config.request_timeout,
-            max_concurrency: config.max_concurrency,
-            mailbox_capacity: config.mailbox_capacity,
-        },
-        &registry,
-    );
-    tracing::info!(member = %member, cluster = %config.cluster, grpc = %grpc_bound, admin = %admin_bound, advertise = %address, shards = config.shards, "starting");
-
-    // Kafka sources dispatch through the same call path as gRPC calls.
     let kafka_cancel = CancellationToken::new();
-    let mut kafka_tasks = tokio::task::JoinSet::new();
-    for source in config.kafka_sources()? {
-        let dispatcher = Arc::new(RouterDispatch {
-            router: router.clone(),
-        });
-        let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &registry);
-        let cancel = kafka_cancel.clone();
-        let name = source.name.clone();
-        let span = tracing::info_span!("kafka_source", source = %name);
-        kafka_tasks.spawn(tracing::Instrument::instrument(
-            async move {
-                match ingest.run(cancel.clone()).await {
-                    Ok(()) if cancel.is_cancelled() => Ok(()),
-                    Ok(()) => Err(ServeError::KafkaStopped(name)),
-                    Err(source) => Err(ServeError::Kafka {
-                        name,
-                        source: Box::new(source),
-                    }),
-                }
-            },
-            span,
-        ));
-    }
-
+    let kafka = instance.start_kafka(&config, &kafka_cancel)?;
     let coord_cancel = CancellationToken::new();
-    let servers_stop = CancellationToken::new();
-    let mut coord_task = tokio::spawn(coord.clone().run(
+    let mut coord_task = tokio::spawn(instance.coord.clone().run(
         coord_cancel.clone(),
-        Box::pin(handler_ready(handler.clone())),
+        Box::pin(handler_ready(instance.handler.clone())),
     ));
+    let servers = Servers::start(&config, &instance, listeners, &security)?;
+    run_until_stopped(
+        shutdown,
+        &mut coord_task,
+        kafka,
+        instance,
+        &config,
+        kafka_cancel,
+        servers,
+        coord_cancel,
+    )
+    .await
+}
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    let health_task = tokio::spawn(report_health(coord.clone(), health, servers_stop.clone()));
-    let grpc = grpc_server(router.clone(), coord.clone(), max_message, health_service)?;
-    let incoming = TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc_task = tokio::spawn({
-        let stop = servers_stop.clone();
-        async move {
-            grpc.serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
-                .await
-        }
-    });
-    let admin_routes = admin::http_routes(router.clone(), registry.clone());
-    let admin_task = tokio::spawn({
-        let stop = servers_stop.clone();
-        async move {
-            axum::serve(listeners.admin, admin_routes)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        }
-    });
-
-    // An essential task that ends ends the process with an error: an instance without
-    // its coordination or one of its Kafka sources would stay up and do nothing.
+/// Waits for `shutdown` or for an essential task to end, then shuts down. An essential
+/// task that ends ends the process with an error: an instance without its coordination
+/// or one of its Kafka sources would stay up and do nothing.
+#[allow(clippy::too_many_arguments)]
+async fn run_until_stopped(
+    shutdown: impl Future<Output = ()>,
+    coord_task: &mut tokio::task::JoinHandle<Result<(), leasehold_coord::Error>>,
+    mut kafka: JoinSet<Result<(), ServeError>>,
+    instance: Instance,
+    config: &ServeOptions,
+    kafka_cancel: CancellationToken,
+    servers: Servers,
+    coord_cancel: CancellationToken,
+) -> Result<(), ServeError> {
     let mut fatal = None;
     tokio::select! {
         _ = shutdown => {}
-        r = &mut coord_task => {
-            servers_stop.cancel();
+        r = &mut *coord_task => {
+            servers.stop_now();
             kafka_cancel.cancel();
             return match r {
                 Ok(Ok(())) => Err(ServeError::CoordStopped),
@@ -217,7 +351,7 @@ pub async fn serve(
                 Err(source) => Err(ServeError::Panicked { task: "coordination", source }),
             };
         }
-        Some(r) = kafka_tasks.join_next() => {
+        Some(r) = kafka.join_next() => {
             let e = match r {
                 Ok(Ok(())) => ServeError::KafkaStopped("(cancelled)".into()),
                 Ok(Err(e)) => e,
@@ -227,54 +361,182 @@ pub async fn serve(
             fatal = Some(e);
         }
     }
-
-    // Stop intake first: Kafka sources stop fetching, finish or abandon in-flight
-    // messages and commit their watermarks while every shard is still served.
-    kafka_cancel.cancel();
-    while let Some(r) = kafka_tasks.join_next().await {
-        if let Ok(Err(e)) = r {
-            tracing::error!(error = %e, "kafka source failed while stopping");
-        }
-    }
-    tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
-    let started = std::time::Instant::now();
-    coord.drain(config.drain_timeout).await;
-    tracing::info!(took = ?started.elapsed(), "drained; stopping servers");
-    // Peers' Dispatch streams into this instance are long-lived: stop reading them (and
-    // end ours) so that the servers' graceful stop does not wait for them.
-    router.close();
-    servers_stop.cancel();
-    let stop_grace = Duration::from_secs(5);
-    if tokio::time::timeout(stop_grace, async {
-        let _ = grpc_task.await;
-        let _ = admin_task.await;
-        let _ = health_task.await;
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!("servers did not stop within {stop_grace:?}");
-    }
-    // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
-    coord.tasks().close();
-    let grace = config.request_timeout + Duration::from_secs(1);
-    if tokio::time::timeout(grace, async {
-        router.tasks().wait().await;
-        coord.tasks().wait().await;
-    })
-    .await
-    .is_err()
-    {
-        tracing::warn!(
-            left = router.tasks().len() + coord.tasks().len(),
-            "background work still running after {grace:?}; abandoned"
-        );
-    }
-    coord_cancel.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
-    coord.revoke().await;
+    let task = std::mem::replace(coord_task, tokio::spawn(async { Ok(()) }));
+    instance
+        .shutdown(config, kafka, kafka_cancel, servers, coord_cancel, task)
+        .await;
     tracing::info!("stopped");
     fatal.map_or(Ok(()), Err)
+}
+
+/// The three planes' servers, the health reporter and the TLS file watcher.
+struct Servers {
+    stop: CancellationToken,
+    tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Servers {
+    fn start(
+        config: &ServeOptions,
+        instance: &Instance,
+        listeners: Listeners,
+        security: &Security,
+    ) -> Result<Self, ServeError> {
+        let stop = CancellationToken::new();
+        let max_message = config.max_payload.bytes() + (1 << 20);
+        let mut tasks = Vec::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        tasks.push((
+            "health reporter",
+            tokio::spawn(report_health(instance.coord.clone(), health, stop.clone())),
+        ));
+        tasks.push((
+            "TLS file watcher",
+            tokio::spawn(watch_files(
+                security.reloadable.clone(),
+                config.tls_reload_interval,
+                instance.registry.clone(),
+                stop.clone(),
+            )),
+        ));
+        let incoming = |plane, listener, tls: &Option<_>| {
+            leasehold_tls::incoming(
+                plane,
+                listener,
+                tls.clone(),
+                config.max_connections,
+                stop.clone(),
+            )
+        };
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(leasehold_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
+        let client = server_builder(config)
+            .add_service(
+                EntitiesServer::new(EntitiesService::new(instance.router.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            )
+            // grpc.health.v1 and server reflection for tooling.
+            .add_service(health_service)
+            .add_service(reflection);
+        let peer = server_builder(config).add_service(
+            PeerServer::new(PeerService::new(instance.router.clone()))
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message),
+        );
+        let auth = security.admin_auth.clone();
+        let admin_routes = tonic::service::Routes::from(admin::http_routes(
+            instance.router.clone(),
+            instance.registry.clone(),
+            auth.clone(),
+        ))
+        .add_service(AdminServer::new(AdminService {
+            coord: instance.coord.clone(),
+            auth,
+        }));
+        let admin = server_builder(config)
+            .accept_http1(true)
+            .add_routes(admin_routes);
+        let planes = [
+            ("client", incoming("client", listeners.client, &security.client), client),
+            ("peer", incoming("peer", listeners.peer, &security.peer_server), peer),
+            ("admin", incoming("admin", listeners.admin, &security.admin), admin),
+        ];
+        for (plane, incoming, server) in planes {
+            let stop = stop.clone();
+            tasks.push((
+                plane,
+                tokio::spawn(async move {
+                    if let Err(e) = server
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(plane, error = %e, "server failed");
+                    }
+                }),
+            ));
+        }
+        Ok(Self { stop, tasks })
+    }
+
+    fn stop_now(&self) {
+        self.stop.cancel();
+    }
+
+    /// Graceful stop: connections finish their requests (bounded).
+    async fn stop(self) {
+        self.stop.cancel();
+        let grace = Duration::from_secs(5);
+        if tokio::time::timeout(grace, async {
+            for (_, t) in self.tasks {
+                let _ = t.await;
+            }
+        })
+        .await
+        .is_err()
+        {
+            tracing::warn!("servers did not stop within {grace:?}");
+        }
+    }
+}
+
+/// HTTP/2 settings shared by the planes.
+fn server_builder(config: &ServeOptions) -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        // Detect dead peers and clients on idle connections.
+        // A connection whose peer stops answering pings for 3 s is closed on this side.
+        // Requests a partitioned peer buffered before the cut then die with the
+        // connection instead of arriving, and running, when the network comes back —
+        // long after their sender gave up and a Kafka partition moved on (the broker's
+        // session timeout is at least 6 s).
+        .http2_keepalive_interval(Some(Duration::from_secs(1)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+        .max_concurrent_streams(config.max_concurrent_streams)
+        .http2_max_header_list_size(config.max_header_bytes.bytes() as u32)
+}
+
+/// Re-reads changed TLS files and the admin token, and publishes each certificate's
+/// remaining validity (`leasehold_tls_certificate_expiry_seconds`).
+async fn watch_files(
+    items: Vec<Arc<dyn leasehold_tls::Reload>>,
+    interval: Duration,
+    registry: Registry,
+    stop: CancellationToken,
+) {
+    let gauges: std::collections::HashMap<&'static str, _> = items
+        .iter()
+        .filter(|i| i.certificate().is_some())
+        .map(|i| {
+            (
+                i.name(),
+                registry.gauge(
+                    "leasehold_tls_certificate_expiry_seconds",
+                    "Seconds until the certificate this instance presents expires (negative: expired).",
+                    &format!("tls=\"{}\"", i.name()),
+                ),
+            )
+        })
+        .collect();
+    let warned = std::sync::Mutex::new(std::collections::HashSet::new());
+    leasehold_tls::watch(items, interval, stop, |item| {
+        let Some(cert) = item.certificate() else {
+            return;
+        };
+        let now = std::time::SystemTime::now();
+        if let Some(g) = gauges.get(item.name()) {
+            g.set(cert.seconds_left(now));
+        }
+        let soon = cert
+            .remaining(now)
+            .is_none_or(|left| left < leasehold_tls::EXPIRY_WARNING);
+        if soon && warned.lock().expect("warned lock").insert(cert.clone()) {
+            tracing::warn!(tls = item.name(), certificate = %cert, "certificate expires within 7 days (or has expired); rotate it");
+        }
+    })
+    .await
 }
 
 /// Runs Kafka messages through the call path: the key's owner runs the handler.
@@ -366,7 +628,6 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
     }
 }
 
-/// Builds the gRPC server: every service on one port, configured in one place.
 /// Only the handler's own answer is a handler failure; a call that did not reach a
 /// handler is waited for, and one the call path refuses for good is not retried.
 fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchError {
@@ -383,46 +644,6 @@ fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchEr
         | C::Unavailable(_)
         | C::NotOwner { .. }) => D::Unavailable(e.to_string()),
     }
-}
-
-fn grpc_server(
-    router: Router,
-    coord: Coord,
-    max_message: usize,
-    health: tonic_health::pb::health_server::HealthServer<
-        impl tonic_health::pb::health_server::Health,
-    >,
-) -> Result<tonic::transport::server::Router, ServeError> {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(leasehold_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok(tonic::transport::Server::builder()
-        // Detect dead peers and clients on idle connections.
-        // A connection whose peer stops answering pings for 3 s is closed on this side.
-        // Requests a partitioned peer buffered before the cut then die with the
-        // connection instead of arriving, and running, when the network comes back —
-        // long after their sender gave up and a Kafka partition moved on (the broker's
-        // session timeout is at least 6 s).
-        .http2_keepalive_interval(Some(Duration::from_secs(1)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(2)))
-        // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
-        .add_service(
-            EntitiesServer::new(EntitiesService::new(router.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        // The forwarding hop between instances.
-        .add_service(
-            PeerServer::new(PeerService::new(router))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        )
-        // Admin reads and drain.
-        .add_service(AdminServer::new(AdminService { coord }))
-        // grpc.health.v1 and server reflection for tooling.
-        .add_service(health)
-        .add_service(reflection))
 }
 
 /// Mirrors `/readyz` into grpc.health.v1 (overall and for leasehold.v1.Entities).

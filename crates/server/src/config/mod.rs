@@ -21,7 +21,7 @@ use leasehold_types::validate_member_id;
 use serde::{Deserialize, Serialize};
 
 pub use self::kafka::{KafkaFlags, KafkaOptions};
-pub use self::values::{ByteSize, HandlerSpec, List, LogFormat, Secret};
+pub use self::values::{AdminAuth, ByteSize, HandlerSpec, List, LogFormat, Secret};
 
 /// Prefix of the environment variables: `LEASEHOLD_<SETTING>` (upper case).
 pub const ENV_PREFIX: &str = "LEASEHOLD_";
@@ -108,16 +108,23 @@ settings! {
     /// printed.
     #[serde(with = "values::opt_secret", skip_serializing_if = "Option::is_none")]
     etcd_password: Option<Secret> = None,
-    /// gRPC listen address (Entities, Peer, Admin, health, reflection).
+    /// Client plane listen address: the Entities API, gRPC health and reflection.
     #[serde(with = "values::addr")]
     listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7070)),
-    /// Admin HTTP listen address.
+    /// Admin plane listen address: the HTTP endpoints and the Admin gRPC service.
     #[serde(with = "values::addr")]
     admin_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7071)),
-    /// gRPC address (HOST:PORT) peers and clients use; the pod IP on Kubernetes.
+    /// Peer plane listen address: calls forwarded between instances (the Peer service).
+    #[serde(with = "values::addr")]
+    peer_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7072)),
+    /// Client address (HOST:PORT) that Locate returns; the pod IP on Kubernetes.
     /// Default: the listen address.
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
     advertise: Option<String> = None,
+    /// Peer address (HOST:PORT) other instances forward to. Default: the peer listen
+    /// address.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    peer_advertise: Option<String> = None,
     /// Admin address (HOST:PORT) shown in /v1/members. Default: the admin listen address.
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
     admin_advertise: Option<String> = None,
@@ -146,6 +153,80 @@ settings! {
     /// Owned shards the leader moves at once.
     #[serde(with = "values::num")]
     max_moves: usize = 256,
+    /// Client plane TLS certificate chain (PEM); with tls_key the client port speaks
+    /// TLS only.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    tls_cert: Option<String> = None,
+    /// Client plane TLS private key (PEM).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    tls_key: Option<String> = None,
+    /// CA (PEM) that client certificates must be signed by: mutual TLS on the client
+    /// port (needs tls_cert).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    tls_client_ca: Option<String> = None,
+    /// Peer plane mutual TLS: the CA (PEM) every instance's peer certificate is signed
+    /// by (with peer_cert and peer_key).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    peer_ca: Option<String> = None,
+    /// This instance's peer certificate (PEM), for serving and for forwarding; its first
+    /// name is the identity it registers.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    peer_cert: Option<String> = None,
+    /// This instance's peer private key (PEM).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    peer_key: Option<String> = None,
+    /// CA (PEM) a `grpcs://` handler's certificate must be signed by.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    handler_ca: Option<String> = None,
+    /// Client certificate (PEM) presented to a `grpcs://` handler (optional).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    handler_cert: Option<String> = None,
+    /// Key of handler_cert (PEM).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    handler_key: Option<String> = None,
+    /// CA (PEM) of `https://` etcd endpoints.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    etcd_ca: Option<String> = None,
+    /// Client certificate (PEM) for etcd's `--client-cert-auth` (optional).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    etcd_cert: Option<String> = None,
+    /// Key of etcd_cert (PEM).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    etcd_key: Option<String> = None,
+    /// Admin plane TLS certificate chain (PEM); with admin_tls_key the admin port speaks
+    /// TLS only.
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    admin_tls_cert: Option<String> = None,
+    /// Admin plane TLS private key (PEM).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    admin_tls_key: Option<String> = None,
+    /// File holding the admin token; admin requests it protects then need
+    /// `Authorization: Bearer <token>` (HTTP and gRPC).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    admin_token_file: Option<String> = None,
+    /// What the admin token protects: `mutations` (drain) or `all` (reads too, but not
+    /// /healthz and /readyz).
+    admin_auth: AdminAuth = AdminAuth::Mutations,
+    /// How often certificate files and the admin token are checked for changes.
+    #[serde(with = "values::duration")]
+    tls_reload_interval: Duration = Duration::from_secs(10),
+    /// Longest accepted key (INVALID_ARGUMENT past it; dead-lettered for Kafka).
+    max_key_bytes: ByteSize = ByteSize(1024),
+    /// Calls held or queued on one instance across all keys before RESOURCE_EXHAUSTED.
+    #[serde(with = "values::num")]
+    max_pending_calls: usize = 65_536,
+    /// Concurrent HTTP/2 streams per connection, on every plane.
+    #[serde(with = "values::num")]
+    max_concurrent_streams: u32 = 1024,
+    /// Open connections per plane; further ones wait in the listen backlog.
+    #[serde(with = "values::num")]
+    max_connections: usize = 10_000,
+    /// Largest accepted HTTP/2 header list of a request.
+    max_header_bytes: ByteSize = ByteSize(16 * 1024),
+    /// Messages a peer may have in flight on one Dispatch stream; past it the stream is
+    /// not read (back-pressure).
+    #[serde(with = "values::num")]
+    max_dispatch_in_flight: usize = 4096,
     /// Log filter (tracing env-filter syntax), e.g. `info` or `leasehold=debug`.
     #[serde(with = "values::string")]
     log: String = "info".into(),
@@ -419,6 +500,7 @@ impl ServeOptions {
         self.etcd_credentials()?;
         for (field, value) in [
             ("advertise", &self.advertise),
+            ("peer_advertise", &self.peer_advertise),
             ("admin_advertise", &self.admin_advertise),
         ] {
             if let Some(v) = value {
@@ -452,7 +534,114 @@ impl ServeOptions {
         in_range("max_concurrency", self.max_concurrency, 1, 1 << 20)?;
         in_range("mailbox_capacity", self.mailbox_capacity, 1, 1 << 20)?;
         in_range("max_moves", self.max_moves, 1, 1 << 20)?;
+        in_range("max_pending_calls", self.max_pending_calls, 1, 1 << 30)?;
+        in_range(
+            "max_concurrent_streams",
+            self.max_concurrent_streams as usize,
+            1,
+            1 << 20,
+        )?;
+        in_range("max_connections", self.max_connections, 1, 1 << 20)?;
+        in_range(
+            "max_dispatch_in_flight",
+            self.max_dispatch_in_flight,
+            1,
+            1 << 20,
+        )?;
+        in_range("max_key_bytes", self.max_key_bytes.bytes(), 1, 64 * 1024)?;
+        in_range("max_header_bytes", self.max_header_bytes.bytes(), 1024, 1 << 20)?;
+        if self.tls_reload_interval < Duration::from_millis(100) {
+            return Err(ConfigError::field(
+                "tls_reload_interval",
+                "must be at least 100ms",
+            ));
+        }
+        self.check_tls()?;
         self.kafka_sources()?;
+        Ok(())
+    }
+
+    /// TLS settings that go together: a certificate with its key, a CA with what it
+    /// checks. Files are read (and certificates checked) when the instance starts.
+    fn check_tls(&self) -> Result<(), ConfigError> {
+        let pairs = [
+            ("tls_cert", &self.tls_cert, "tls_key", &self.tls_key),
+            ("peer_cert", &self.peer_cert, "peer_key", &self.peer_key),
+            ("handler_cert", &self.handler_cert, "handler_key", &self.handler_key),
+            ("etcd_cert", &self.etcd_cert, "etcd_key", &self.etcd_key),
+            (
+                "admin_tls_cert",
+                &self.admin_tls_cert,
+                "admin_tls_key",
+                &self.admin_tls_key,
+            ),
+        ];
+        for (cert, c, key, k) in pairs {
+            match (c, k) {
+                (Some(_), None) => {
+                    return Err(ConfigError::field(key, format!("required when {cert} is set")))
+                }
+                (None, Some(_)) => {
+                    return Err(ConfigError::field(cert, format!("required when {key} is set")))
+                }
+                _ => {}
+            }
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::field(
+                "tls_cert",
+                "required when tls_client_ca is set (mutual TLS needs TLS)",
+            ));
+        }
+        let peer = [&self.peer_ca, &self.peer_cert];
+        if peer.iter().any(|v| v.is_some()) && !peer.iter().all(|v| v.is_some()) {
+            return Err(ConfigError::field(
+                if self.peer_ca.is_none() {
+                    "peer_ca"
+                } else {
+                    "peer_cert"
+                },
+                "peer TLS is mutual: set peer_ca, peer_cert and peer_key together",
+            ));
+        }
+        let handler_tls = matches!(self.handler, HandlerSpec::Grpc { tls: true, .. });
+        if handler_tls && self.handler_ca.is_none() {
+            return Err(ConfigError::field(
+                "handler_ca",
+                "required for a grpcs:// handler",
+            ));
+        }
+        if !handler_tls && (self.handler_ca.is_some() || self.handler_cert.is_some()) {
+            return Err(ConfigError::field(
+                "handler",
+                "handler_ca and handler_cert need a grpcs:// handler",
+            ));
+        }
+        let https = self.etcd.0.iter().filter(|e| e.starts_with("https://")).count();
+        if https > 0 && https < self.etcd.0.len() {
+            return Err(ConfigError::field(
+                "etcd",
+                "mixes http:// and https:// endpoints",
+            ));
+        }
+        if https == 0 && (self.etcd_ca.is_some() || self.etcd_cert.is_some()) {
+            return Err(ConfigError::field(
+                "etcd",
+                "etcd_ca and etcd_cert need https:// endpoints",
+            ));
+        }
+        if https > 0 && self.etcd_ca.is_none() {
+            return Err(ConfigError::field(
+                "etcd_ca",
+                "required for https:// etcd endpoints",
+            ));
+        }
+        if self.admin_auth == AdminAuth::All && self.admin_token_file.is_none() {
+            return Err(ConfigError::field(
+                "admin_token_file",
+                "required when admin_auth is all",
+            ));
+        }
         Ok(())
     }
 

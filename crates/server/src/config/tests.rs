@@ -85,7 +85,7 @@ fn errors_name_the_field_its_flag_variable_and_source() {
             vec!["--handler", "http://x:1"],
             vec![],
             "",
-            "invalid handler (--handler / LEASEHOLD_HANDLER): \"http://x:1\": use `echo` or `grpc://HOST:PORT` (from --handler)",
+            "invalid handler (--handler / LEASEHOLD_HANDLER): \"http://x:1\": use `echo`, `grpc://HOST:PORT` or `grpcs://HOST:PORT` (from --handler)",
         ),
         (vec!["--max-payload", "4 parsecs"], vec![], "", "invalid max_payload"),
         (vec!["--max-payload", "1GiB"], vec![], "", "invalid max_payload"),

@@ -314,8 +314,8 @@ impl Serialize for Secret {
 pub enum HandlerSpec {
     /// Answers every call with its payload (for trying Leasehold out).
     Echo,
-    /// An `EntityHandler` gRPC service at `address` (HOST:PORT).
-    Grpc { address: String },
+    /// An `EntityHandler` gRPC service at `address` (HOST:PORT); over TLS when `tls`.
+    Grpc { address: String, tls: bool },
 }
 
 impl HandlerSpec {
@@ -323,7 +323,9 @@ impl HandlerSpec {
     pub fn url(&self) -> Option<String> {
         match self {
             HandlerSpec::Echo => None,
-            HandlerSpec::Grpc { address } => Some(format!("http://{address}")),
+            // A TLS handler is reached through Leasehold's own connector (it dials the
+            // host itself), so the channel's URL keeps the plain scheme.
+            HandlerSpec::Grpc { address, .. } => Some(format!("http://{address}")),
         }
     }
 }
@@ -334,12 +336,23 @@ impl FromStr for HandlerSpec {
     fn from_str(h: &str) -> Result<Self, String> {
         match h.trim() {
             "echo" => Ok(HandlerSpec::Echo),
-            h => match h.strip_prefix("grpc://") {
-                Some(addr) if addr.contains(':') && !addr.contains('/') => Ok(HandlerSpec::Grpc {
-                    address: addr.to_owned(),
-                }),
-                _ => Err(format!("{h:?}: use `echo` or `grpc://HOST:PORT`")),
-            },
+            h => {
+                let (addr, tls) = match (h.strip_prefix("grpc://"), h.strip_prefix("grpcs://")) {
+                    (Some(a), _) => (a, false),
+                    (_, Some(a)) => (a, true),
+                    _ => ("", false),
+                };
+                if addr.contains(':') && !addr.contains('/') {
+                    Ok(HandlerSpec::Grpc {
+                        address: addr.to_owned(),
+                        tls,
+                    })
+                } else {
+                    Err(format!(
+                        "{h:?}: use `echo`, `grpc://HOST:PORT` or `grpcs://HOST:PORT`"
+                    ))
+                }
+            }
         }
     }
 }
@@ -348,7 +361,11 @@ impl fmt::Display for HandlerSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HandlerSpec::Echo => f.write_str("echo"),
-            HandlerSpec::Grpc { address } => write!(f, "grpc://{address}"),
+            HandlerSpec::Grpc {
+                address,
+                tls: false,
+            } => write!(f, "grpc://{address}"),
+            HandlerSpec::Grpc { address, tls: true } => write!(f, "grpcs://{address}"),
         }
     }
 }
@@ -371,6 +388,38 @@ macro_rules! string_serde {
 }
 
 string_serde!(HandlerSpec);
+
+/// What the admin token protects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAuth {
+    /// Mutations only (drain); reads stay open.
+    Mutations,
+    /// Every admin request but the kubelet's probes (`/healthz`, `/readyz`).
+    All,
+}
+
+impl FromStr for AdminAuth {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "mutations" => Ok(AdminAuth::Mutations),
+            "all" => Ok(AdminAuth::All),
+            other => Err(format!("{other:?}: use mutations or all")),
+        }
+    }
+}
+
+impl fmt::Display for AdminAuth {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AdminAuth::Mutations => "mutations",
+            AdminAuth::All => "all",
+        })
+    }
+}
+
+string_serde!(AdminAuth);
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,301 @@
+//! What the configuration says about TLS and the admin token, loaded once at start and
+//! kept current from the files afterwards.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use leasehold_tls::{Reload, Reloading, TlsError};
+
+use crate::config::{AdminAuth, HandlerSpec, ServeOptions};
+
+/// A TLS file that cannot be used: which setting, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{field}: {source}")]
+pub struct SecurityError {
+    pub field: &'static str,
+    pub source: TlsError,
+}
+
+/// ALPN of the gRPC planes, and of the admin plane (browsers and curl speak HTTP/1.1).
+const H2: &[&[u8]] = &[b"h2"];
+const H2_HTTP1: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+type ServerTls = Option<Arc<Reloading<rustls::ServerConfig>>>;
+
+/// TLS of every plane and connection (`None`: plaintext), and the admin token.
+pub struct Security {
+    pub client: ServerTls,
+    pub peer_server: ServerTls,
+    pub peer_client: Option<Arc<Reloading<rustls::ClientConfig>>>,
+    /// The name this instance's peer certificate carries (empty without peer TLS).
+    pub peer_identity: String,
+    pub admin: ServerTls,
+    pub handler: Option<leasehold_tls::Connector>,
+    pub etcd: Option<leasehold_coord::EtcdTls>,
+    pub admin_auth: Arc<AdminAuthz>,
+    /// Everything to re-read when its files change.
+    pub reloadable: Vec<Arc<dyn Reload>>,
+}
+
+fn path(setting: &Option<String>) -> Option<&Path> {
+    setting.as_deref().map(Path::new)
+}
+
+fn at(field: &'static str) -> impl Fn(TlsError) -> SecurityError {
+    move |source| SecurityError { field, source }
+}
+
+impl Security {
+    /// Reads every certificate, key and token the configuration names. Any that cannot
+    /// be read, or an expired certificate, is an error naming its setting.
+    pub fn load(c: &ServeOptions) -> Result<Self, SecurityError> {
+        let mut reloadable: Vec<Arc<dyn Reload>> = Vec::new();
+        let client = match (path(&c.tls_cert), path(&c.tls_key)) {
+            (Some(cert), Some(key)) => Some(
+                leasehold_tls::server_config("client", cert, key, path(&c.tls_client_ca), H2)
+                    .map_err(at("tls_cert"))?,
+            ),
+            _ => None,
+        };
+        let admin = match (path(&c.admin_tls_cert), path(&c.admin_tls_key)) {
+            (Some(cert), Some(key)) => Some(
+                leasehold_tls::server_config("admin", cert, key, None, H2_HTTP1)
+                    .map_err(at("admin_tls_cert"))?,
+            ),
+            _ => None,
+        };
+        let (peer_server, peer_client, peer_identity) =
+            match (path(&c.peer_ca), path(&c.peer_cert), path(&c.peer_key)) {
+                (Some(ca), Some(cert), Some(key)) => {
+                    let server = leasehold_tls::server_config("peer", cert, key, Some(ca), H2)
+                        .map_err(at("peer_cert"))?;
+                    let client = leasehold_tls::client_config("peer", ca, Some((cert, key)))
+                        .map_err(at("peer_cert"))?;
+                    let identity = client
+                        .certificate()
+                        .and_then(|i| i.identity().map(str::to_owned))
+                        .ok_or_else(|| SecurityError {
+                            field: "peer_cert",
+                            source: TlsError::Invalid {
+                                path: cert.to_owned(),
+                                reason: "the certificate has no name (DNS SAN or CN) to identify this member by".into(),
+                            },
+                        })?;
+                    (Some(server), Some(client), identity)
+                }
+                _ => (None, None, String::new()),
+            };
+        let handler = match (&c.handler, path(&c.handler_ca)) {
+            (HandlerSpec::Grpc { tls: true, address }, Some(ca)) => {
+                let identity = path(&c.handler_cert).zip(path(&c.handler_key));
+                let config = leasehold_tls::client_config("handler", ca, identity)
+                    .map_err(at("handler_ca"))?;
+                reloadable.push(config.clone());
+                let host = address
+                    .rsplit_once(':')
+                    .map_or(address.as_str(), |(h, _)| h);
+                Some(leasehold_tls::Connector::new(
+                    config,
+                    Some(host.trim_matches(['[', ']']).to_owned()),
+                ))
+            }
+            _ => None,
+        };
+        let etcd = match path(&c.etcd_ca) {
+            Some(ca) => {
+                let read = |field: &'static str, path: &Path| {
+                    std::fs::read(path).map_err(|source| SecurityError {
+                        field,
+                        source: TlsError::Read {
+                            path: path.to_owned(),
+                            source,
+                        },
+                    })
+                };
+                let identity = match (path(&c.etcd_cert), path(&c.etcd_key)) {
+                    (Some(cert), Some(key)) => {
+                        // Checked like the others (parseable, not expired) before use.
+                        leasehold_tls::client_config("etcd", ca, Some((cert, key)))
+                            .map_err(at("etcd_cert"))?;
+                        Some((read("etcd_cert", cert)?, read("etcd_key", key)?))
+                    }
+                    _ => {
+                        leasehold_tls::client_config("etcd", ca, None).map_err(at("etcd_ca"))?;
+                        None
+                    }
+                };
+                Some(leasehold_coord::EtcdTls {
+                    ca: read("etcd_ca", ca)?,
+                    identity,
+                })
+            }
+            None => None,
+        };
+        let token = match path(&c.admin_token_file) {
+            Some(path) => {
+                let file = path.to_owned();
+                let token = Reloading::new("admin token", vec![file.clone()], move || {
+                    let text = std::fs::read_to_string(&file).map_err(|source| TlsError::Read {
+                        path: file.clone(),
+                        source,
+                    })?;
+                    let token = text.trim().to_owned();
+                    if token.is_empty() {
+                        return Err(TlsError::Invalid {
+                            path: file.clone(),
+                            reason: "the admin token file is empty".into(),
+                        });
+                    }
+                    Ok((token, None))
+                })
+                .map_err(at("admin_token_file"))?;
+                reloadable.push(token.clone());
+                Some(token)
+            }
+            None => None,
+        };
+        for r in [&client, &peer_server, &admin].into_iter().flatten() {
+            reloadable.push(r.clone());
+        }
+        if let Some(r) = &peer_client {
+            reloadable.push(r.clone());
+        }
+        Ok(Self {
+            client,
+            peer_server,
+            peer_client,
+            peer_identity,
+            admin,
+            handler,
+            etcd,
+            admin_auth: Arc::new(AdminAuthz {
+                token,
+                mode: c.admin_auth,
+            }),
+            reloadable,
+        })
+    }
+}
+
+/// Who may use the admin plane: with a token configured, requests it protects must carry
+/// `Authorization: Bearer <token>`.
+pub struct AdminAuthz {
+    token: Option<Arc<Reloading<String>>>,
+    mode: AdminAuth,
+}
+
+/// Why an admin request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    #[error("this admin request needs `Authorization: Bearer <token>` (the token in --admin-token-file)")]
+    Missing,
+    #[error("the admin token does not match")]
+    Wrong,
+}
+
+impl AdminAuthz {
+    /// No token: everything open.
+    pub fn open() -> Self {
+        Self {
+            token: None,
+            mode: AdminAuth::Mutations,
+        }
+    }
+
+    /// Checks an `Authorization` header value for a request that mutates (or only reads).
+    pub fn check(&self, authorization: Option<&str>, mutation: bool) -> Result<(), Denied> {
+        let Some(token) = &self.token else {
+            return Ok(());
+        };
+        if !mutation && self.mode == AdminAuth::Mutations {
+            return Ok(());
+        }
+        let given = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or(Denied::Missing)?;
+        if constant_time_eq(given.as_bytes(), token.current().as_bytes()) {
+            Ok(())
+        } else {
+            Err(Denied::Wrong)
+        }
+    }
+}
+
+/// Compares without an early exit on the first differing byte (the time taken does not
+/// tell how much of a guess was right).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn authz(mode: AdminAuth) -> (AdminAuthz, tempfile_path::Guard) {
+        let guard = tempfile_path::Guard::new("s3cret\n");
+        let file = guard.path.clone();
+        let token = Reloading::new("admin token", vec![file.clone()], move || {
+            Ok((std::fs::read_to_string(&file).unwrap().trim().to_owned(), None))
+        })
+        .unwrap();
+        (
+            AdminAuthz {
+                token: Some(token),
+                mode,
+            },
+            guard,
+        )
+    }
+
+    mod tempfile_path {
+        pub struct Guard {
+            pub path: std::path::PathBuf,
+        }
+        impl Guard {
+            pub fn new(content: &str) -> Self {
+                let path = std::env::temp_dir().join(format!(
+                    "lh-token-{}-{}",
+                    std::process::id(),
+                    rand_suffix()
+                ));
+                std::fs::write(&path, content).unwrap();
+                Self { path }
+            }
+        }
+        fn rand_suffix() -> u64 {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            static N: AtomicU64 = AtomicU64::new(0);
+            N.fetch_add(1, Ordering::Relaxed)
+        }
+        impl Drop for Guard {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+
+    #[test]
+    fn mutations_need_the_token_and_reads_only_with_all() {
+        let (a, _g) = authz(AdminAuth::Mutations);
+        assert_eq!(a.check(None, true), Err(Denied::Missing));
+        assert_eq!(a.check(Some("Basic eA=="), true), Err(Denied::Missing));
+        assert_eq!(a.check(Some("Bearer nope"), true), Err(Denied::Wrong));
+        assert_eq!(a.check(Some("Bearer s3cret"), true), Ok(()));
+        assert_eq!(a.check(None, false), Ok(()), "reads are open");
+        let (a, _g) = authz(AdminAuth::All);
+        assert_eq!(a.check(None, false), Err(Denied::Missing));
+        assert_eq!(a.check(Some("Bearer s3cret"), false), Ok(()));
+        assert_eq!(AdminAuthz::open().check(None, true), Ok(()));
+    }
+
+    #[test]
+    fn equal_bytes_only() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}
