@@ -176,6 +176,20 @@ impl Checker {
     /// Starts the checker on a given loopback port (0: any free one), e.g. one that
     /// instances were pointed at before their handler existed.
     pub async fn start_on(port: u16, delay: Duration, fail_prefix: Option<&str>) -> Checker {
+        Self::start_with(port, delay, fail_prefix, None).await
+    }
+
+    /// Starts the checker serving TLS with `identity` (certificate, key PEM).
+    pub async fn start_tls(identity: &crate::pki::Leaf) -> Checker {
+        Self::start_with(0, Duration::ZERO, None, Some(identity)).await
+    }
+
+    async fn start_with(
+        port: u16,
+        delay: Duration,
+        fail_prefix: Option<&str>,
+        tls: Option<&crate::pki::Leaf>,
+    ) -> Checker {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
             .unwrap();
@@ -187,8 +201,17 @@ impl Checker {
             fail_prefix: fail_prefix.map(str::to_owned),
         };
         let (tx, rx) = oneshot::channel::<()>();
+        let mut server = tonic::transport::Server::builder();
+        if let Some(leaf) = tls {
+            server = server
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(tonic::transport::Identity::from_pem(&leaf.cert, &leaf.key)),
+                )
+                .unwrap();
+        }
         tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(EntityHandlerServer::new(svc))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

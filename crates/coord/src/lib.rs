@@ -382,7 +382,8 @@ impl Coord {
                 let connect = match &opts.etcd_tls {
                     Some(tls) => {
                         use etcd_client::{Certificate, Identity, TlsOptions};
-                        let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
+                        let mut t =
+                            TlsOptions::new().ca_certificate(Certificate::from_pem(&tls.ca));
                         if let Some((cert, key)) = &tls.identity {
                             t = t.identity(Identity::from_pem(cert, key));
                         }

@@ -602,8 +602,7 @@ impl Router {
                         Some(o) if o.owner != *coord.member_id() => {
                             self.inner.metrics.forwards.inc();
                             // Boxed: the forward future is large and the owner path should not carry it.
-                            match Box::pin(self.forward(job, &o.peer, o.epoch, &mut changes))
-                                .await
+                            match Box::pin(self.forward(job, &o.peer, o.epoch, &mut changes)).await
                             {
                                 Forwarded::Done(result) => return settle(result, sent_unanswered),
                                 Forwarded::NotOwner => {

@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use leasehold_proto::v1::{self as pb, forward_response, peer_client::PeerClient};
 use leasehold_coord::PeerAddress;
+use leasehold_proto::v1::{self as pb, forward_response, peer_client::PeerClient};
 use leasehold_types::{Epoch, MemberId, ShardId};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
@@ -209,8 +209,7 @@ impl Peers {
         let reader = stream.clone();
         let peer = address.to_owned();
         self.tasks.spawn(async move {
-            let mut outgoing =
-                tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let mut outgoing = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
             outgoing.metadata_mut().insert(MEMBER_HEADER, member);
             match client.dispatch(outgoing).await {
                 Ok(answers) => {

@@ -117,7 +117,9 @@ impl PeerService {
             .get::<leasehold_tls::ConnInfo>()
             .and_then(|c| c.peer_cert.clone())
         else {
-            return Err(refused("peer calls need a client certificate signed by the peer CA"));
+            return Err(refused(
+                "peer calls need a client certificate signed by the peer CA",
+            ));
         };
         let sender = request
             .metadata()

@@ -64,14 +64,17 @@ impl Security {
             ),
             _ => None,
         };
-        let (peer_server, peer_client, peer_identity) =
-            match (path(&c.peer_ca), path(&c.peer_cert), path(&c.peer_key)) {
-                (Some(ca), Some(cert), Some(key)) => {
-                    let server = leasehold_tls::server_config("peer", cert, key, Some(ca), H2)
-                        .map_err(at("peer_cert"))?;
-                    let client = leasehold_tls::client_config("peer", ca, Some((cert, key)))
-                        .map_err(at("peer_cert"))?;
-                    let identity = client
+        let (peer_server, peer_client, peer_identity) = match (
+            path(&c.peer_ca),
+            path(&c.peer_cert),
+            path(&c.peer_key),
+        ) {
+            (Some(ca), Some(cert), Some(key)) => {
+                let server = leasehold_tls::server_config("peer", cert, key, Some(ca), H2)
+                    .map_err(at("peer_cert"))?;
+                let client = leasehold_tls::client_config("peer", ca, Some((cert, key)))
+                    .map_err(at("peer_cert"))?;
+                let identity = client
                         .certificate()
                         .and_then(|i| i.identity().map(str::to_owned))
                         .ok_or_else(|| SecurityError {
@@ -81,10 +84,10 @@ impl Security {
                                 reason: "the certificate has no name (DNS SAN or CN) to identify this member by".into(),
                             },
                         })?;
-                    (Some(server), Some(client), identity)
-                }
-                _ => (None, None, String::new()),
-            };
+                (Some(server), Some(client), identity)
+            }
+            _ => (None, None, String::new()),
+        };
         let handler = match (&c.handler, path(&c.handler_ca)) {
             (HandlerSpec::Grpc { tls: true, address }, Some(ca)) => {
                 let identity = path(&c.handler_cert).zip(path(&c.handler_key));
@@ -239,7 +242,10 @@ mod tests {
         let guard = tempfile_path::Guard::new("s3cret\n");
         let file = guard.path.clone();
         let token = Reloading::new("admin token", vec![file.clone()], move || {
-            Ok((std::fs::read_to_string(&file).unwrap().trim().to_owned(), None))
+            Ok((
+                std::fs::read_to_string(&file).unwrap().trim().to_owned(),
+                None,
+            ))
         })
         .unwrap();
         (

@@ -126,7 +126,11 @@ impl Instance {
         security: &Security,
     ) -> Result<Self, ServeError> {
         let registry = Registry::new();
-        let address = advertised(&config.advertise, listeners.client.local_addr()?, "advertise");
+        let address = advertised(
+            &config.advertise,
+            listeners.client.local_addr()?,
+            "advertise",
+        );
         let peer_address = advertised(
             &config.peer_advertise,
             listeners.peer.local_addr()?,
@@ -139,20 +143,20 @@ impl Instance {
         );
         let member = MemberId::new(config.id.clone());
         let max_message = config.max_payload.bytes() + (1 << 20);
-        let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) =
-            match &config.handler {
-                HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
-                spec @ HandlerSpec::Grpc { .. } => {
-                    let url = spec.url().expect("a gRPC handler has a URL");
-                    let h = Arc::new(GrpcHandler::new(
-                        &url,
-                        max_message,
-                        member.clone(),
-                        security.handler.clone(),
-                    )?);
-                    (h.clone(), h)
-                }
-            };
+        let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) = match &config.handler
+        {
+            HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
+            spec @ HandlerSpec::Grpc { .. } => {
+                let url = spec.url().expect("a gRPC handler has a URL");
+                let h = Arc::new(GrpcHandler::new(
+                    &url,
+                    max_message,
+                    member.clone(),
+                    security.handler.clone(),
+                )?);
+                (h.clone(), h)
+            }
+        };
         let coord = Coord::new(
             CoordOptions {
                 cluster: config.cluster.clone(),
@@ -441,9 +445,21 @@ impl Servers {
             .accept_http1(true)
             .add_routes(admin_routes);
         let planes = [
-            ("client", incoming("client", listeners.client, &security.client), client),
-            ("peer", incoming("peer", listeners.peer, &security.peer_server), peer),
-            ("admin", incoming("admin", listeners.admin, &security.admin), admin),
+            (
+                "client",
+                incoming("client", listeners.client, &security.client),
+                client,
+            ),
+            (
+                "peer",
+                incoming("peer", listeners.peer, &security.peer_server),
+                peer,
+            ),
+            (
+                "admin",
+                incoming("admin", listeners.admin, &security.admin),
+                admin,
+            ),
         ];
         for (plane, incoming, server) in planes {
             let stop = stop.clone();

@@ -200,7 +200,12 @@ pub fn incoming(
                         let _ = tx.send(conn).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(plane, %remote, error = %e, "TLS handshake failed")
+                        let hint = if e.to_string().contains("InvalidContentType") {
+                            " (the client does not speak TLS: a plaintext client on a TLS port?)"
+                        } else {
+                            ""
+                        };
+                        tracing::warn!(plane, %remote, error = %e, "TLS handshake failed{hint}")
                     }
                     Err(_) => tracing::warn!(
                         plane,

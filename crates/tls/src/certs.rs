@@ -21,6 +21,8 @@ pub const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 pub struct CertInfo {
     /// The subject, e.g. `CN=leasehold-peer`.
     pub subject: String,
+    /// Who signed it.
+    pub issuer: String,
     /// DNS and URI subject alternative names, IP addresses, and the common name.
     pub names: Vec<String>,
     pub not_after: SystemTime,
@@ -59,6 +61,7 @@ impl CertInfo {
         let not_after = cert.validity().not_after.timestamp();
         Some(Self {
             subject: cert.subject().to_string(),
+            issuer: cert.issuer().to_string(),
             names,
             not_after: UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
         })
@@ -92,8 +95,9 @@ impl fmt::Display for CertInfo {
             .as_secs();
         write!(
             f,
-            "{:?} (names {:?}, not after {} UTC)",
+            "{:?} (issuer {:?}, names {:?}, not after {} UTC)",
             self.subject,
+            self.issuer,
             self.names,
             humantime_utc(secs)
         )
@@ -318,9 +322,11 @@ mod tests {
         params
             .distinguished_name
             .push(rcgen::DnType::CommonName, "leasehold-peer");
-        params.subject_alt_names.push(rcgen::SanType::IpAddress(
-            std::net::IpAddr::from([127, 0, 0, 1]),
-        ));
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(std::net::IpAddr::from([
+                127, 0, 0, 1,
+            ])));
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.self_signed(&key).unwrap();
         let info = CertInfo::parse(cert.der()).unwrap();

@@ -84,8 +84,12 @@ impl Connector {
 
 type Connecting = Pin<
     Box<
-        dyn Future<Output = Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, std::io::Error>>
-            + Send,
+        dyn Future<
+                Output = Result<
+                    TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+                    std::io::Error,
+                >,
+            > + Send,
     >,
 >;
 

@@ -44,10 +44,7 @@ pub enum TlsError {
     #[error("{path}: certificate {cert} has expired")]
     Expired { path: PathBuf, cert: CertInfo },
     #[error("{what}: {source}")]
-    Rustls {
-        what: String,
-        source: rustls::Error,
-    },
+    Rustls { what: String, source: rustls::Error },
 }
 
 impl TlsError {

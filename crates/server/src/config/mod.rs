@@ -549,7 +549,12 @@ impl ServeOptions {
             1 << 20,
         )?;
         in_range("max_key_bytes", self.max_key_bytes.bytes(), 1, 64 * 1024)?;
-        in_range("max_header_bytes", self.max_header_bytes.bytes(), 1024, 1 << 20)?;
+        in_range(
+            "max_header_bytes",
+            self.max_header_bytes.bytes(),
+            1024,
+            1 << 20,
+        )?;
         if self.tls_reload_interval < Duration::from_millis(100) {
             return Err(ConfigError::field(
                 "tls_reload_interval",
@@ -567,7 +572,12 @@ impl ServeOptions {
         let pairs = [
             ("tls_cert", &self.tls_cert, "tls_key", &self.tls_key),
             ("peer_cert", &self.peer_cert, "peer_key", &self.peer_key),
-            ("handler_cert", &self.handler_cert, "handler_key", &self.handler_key),
+            (
+                "handler_cert",
+                &self.handler_cert,
+                "handler_key",
+                &self.handler_key,
+            ),
             ("etcd_cert", &self.etcd_cert, "etcd_key", &self.etcd_key),
             (
                 "admin_tls_cert",
@@ -579,10 +589,16 @@ impl ServeOptions {
         for (cert, c, key, k) in pairs {
             match (c, k) {
                 (Some(_), None) => {
-                    return Err(ConfigError::field(key, format!("required when {cert} is set")))
+                    return Err(ConfigError::field(
+                        key,
+                        format!("required when {cert} is set"),
+                    ))
                 }
                 (None, Some(_)) => {
-                    return Err(ConfigError::field(cert, format!("required when {key} is set")))
+                    return Err(ConfigError::field(
+                        cert,
+                        format!("required when {key} is set"),
+                    ))
                 }
                 _ => {}
             }
@@ -617,7 +633,12 @@ impl ServeOptions {
                 "handler_ca and handler_cert need a grpcs:// handler",
             ));
         }
-        let https = self.etcd.0.iter().filter(|e| e.starts_with("https://")).count();
+        let https = self
+            .etcd
+            .0
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
         if https > 0 && https < self.etcd.0.len() {
             return Err(ConfigError::field(
                 "etcd",

@@ -1,0 +1,537 @@
+//! Security: TLS on every plane (client, peer, admin, handler, etcd), refusal of strangers,
+//! the admin token, certificate rotation, and the limits that bound what one client can
+//! take. Real processes, real certificates made at test time.
+
+use std::error::Error as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_integration_tests::checker::Checker;
+use leasehold_integration_tests::pki::{self, Ca, Leaf, Validity};
+use leasehold_integration_tests::{wait_until, Etcd, Instance, InstanceSpec};
+use leasehold_proto::v1::entities_client::EntitiesClient;
+use leasehold_proto::v1::peer_client::PeerClient;
+use leasehold_proto::v1::{CallRequest, ForwardRequest};
+use serde_json::Value;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The name every instance's peer certificate carries (one certificate per release, as
+/// the chart issues it).
+const PEER_NAME: &str = "leasehold-peer";
+const TOKEN: &str = "admin-token-7f3a";
+
+/// The certificates of a TLS cluster.
+struct Pki {
+    client_ca: Ca,
+    peer_ca: Ca,
+    admin_ca: Ca,
+    handler_ca: Ca,
+    etcd_ca: Ca,
+    /// Signs nothing the cluster trusts.
+    stranger_ca: Ca,
+    client: Leaf,
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let client_ca = Ca::new("client CA");
+        let client = client_ca.issue(&["app-client"]);
+        Pki {
+            client,
+            client_ca,
+            peer_ca: Ca::new("peer CA"),
+            admin_ca: Ca::new("admin CA"),
+            handler_ca: Ca::new("handler CA"),
+            etcd_ca: Ca::new("etcd CA"),
+            stranger_ca: Ca::new("stranger CA"),
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn file(&self, name: &str, content: &str) -> String {
+        pki::write(self.dir.path(), name, content)
+    }
+
+    /// `serve` flags for TLS on every plane, mutual TLS on the client and peer planes,
+    /// a TLS handler, and a TLS etcd with a client certificate.
+    fn flags(&self, handler_port: u16) -> Vec<String> {
+        let server = self.client_ca.issue(&["127.0.0.1"]);
+        let peer = self.peer_ca.issue(&[PEER_NAME, "127.0.0.1"]);
+        let admin = self.admin_ca.issue(&["127.0.0.1"]);
+        let etcd_client = self.etcd_ca.issue(&["leasehold"]);
+        let f = |flag: &str, name: &str, content: &str| -> [String; 2] {
+            [flag.to_owned(), self.file(name, content)]
+        };
+        [
+            f("--tls-cert", "client.pem", &server.cert),
+            f("--tls-key", "client.key", &server.key),
+            f("--tls-client-ca", "client-ca.pem", &self.client_ca.pem),
+            f("--peer-ca", "peer-ca.pem", &self.peer_ca.pem),
+            f("--peer-cert", "peer.pem", &peer.cert),
+            f("--peer-key", "peer.key", &peer.key),
+            f("--admin-tls-cert", "admin.pem", &admin.cert),
+            f("--admin-tls-key", "admin.key", &admin.key),
+            f("--admin-token-file", "token", TOKEN),
+            f("--handler-ca", "handler-ca.pem", &self.handler_ca.pem),
+            f("--etcd-ca", "etcd-ca.pem", &self.etcd_ca.pem),
+            f("--etcd-cert", "etcd.pem", &etcd_client.cert),
+            f("--etcd-key", "etcd.key", &etcd_client.key),
+            [
+                "--handler".into(),
+                format!("grpcs://127.0.0.1:{handler_port}"),
+            ],
+            ["--lease-ttl".into(), "3s".into()],
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// A gRPC channel over TLS trusting `ca`, presenting `identity`, expecting `name`.
+fn tls_channel(port: u16, ca: &str, identity: Option<&Leaf>, name: &str) -> Channel {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .domain_name(name);
+    if let Some(leaf) = identity {
+        tls = tls.identity(Identity::from_pem(&leaf.cert, &leaf.key));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .tls_config(tls)
+        .unwrap()
+        .connect_lazy()
+}
+
+fn plain_channel(port: u16) -> Channel {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy()
+}
+
+async fn call(channel: Channel, key: &str) -> Result<String, tonic::Status> {
+    let mut request = tonic::Request::new(CallRequest {
+        key: key.into(),
+        payload: "x".into(),
+    });
+    request.set_timeout(Duration::from_secs(5));
+    EntitiesClient::new(channel)
+        .call(request)
+        .await
+        .map(|r| r.into_inner().owner)
+}
+
+/// The admin HTTP API over TLS.
+struct Admin {
+    agent: ureq::Agent,
+}
+
+impl Admin {
+    fn new(ca: &str) -> Admin {
+        let agent = ureq::AgentBuilder::new()
+            .tls_config(pki::client_config(ca, None, &[b"http/1.1"]))
+            .timeout(Duration::from_secs(5))
+            .build();
+        Admin { agent }
+    }
+
+    /// (status, JSON body) of a request, with the token if given.
+    fn request(
+        &self,
+        method: &str,
+        inst: &Instance,
+        path: &str,
+        token: Option<&str>,
+    ) -> (u16, Value) {
+        let url = format!("https://127.0.0.1:{}{path}", inst.admin_port);
+        let mut req = self.agent.request(method, &url);
+        if let Some(t) = token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = match req.call() {
+            Ok(r) => r,
+            Err(ureq::Error::Status(_, r)) => r,
+            Err(e) => return (0, Value::String(e.to_string())),
+        };
+        let status = resp.status();
+        (status, resp.into_json().unwrap_or(Value::Null))
+    }
+
+    fn get(&self, inst: &Instance, path: &str) -> Option<Value> {
+        match self.request("GET", inst, path, None) {
+            (200, v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
+    let pki = Pki::new();
+    let etcd = Etcd::start_tls(&pki.etcd_ca, &pki.etcd_ca.issue(&["127.0.0.1"])).await;
+    let checker = Checker::start_tls(&pki.handler_ca.issue(&["127.0.0.1"])).await;
+    let flags = pki.flags(checker.port);
+    let instances: Vec<Instance> = ["n0", "n1", "n2"]
+        .iter()
+        .map(|id| {
+            Instance::start(&InstanceSpec {
+                id: id.to_string(),
+                etcd: etcd.endpoint(),
+                args: flags.clone(),
+            })
+        })
+        .collect();
+    let admin = Admin::new(&pki.admin_ca.pem);
+    wait_until(Duration::from_secs(30), "3 members own every shard", || {
+        let c = admin.get(&instances[0], "/v1/cluster")?;
+        (c["members"] == 3 && c["unowned_shards"] == 0).then_some(())
+    })
+    .await;
+
+    // Calls through one instance reach every owner: the client, peer and handler planes
+    // all work over TLS.
+    let client = tls_channel(
+        instances[0].grpc_port,
+        &pki.client_ca.pem,
+        Some(&pki.client),
+        "127.0.0.1",
+    );
+    let mut owners = std::collections::BTreeSet::new();
+    for i in 0..60 {
+        owners.insert(call(client.clone(), &format!("tls-{i}")).await.unwrap());
+    }
+    assert_eq!(
+        owners.len(),
+        3,
+        "forwarded calls reach every owner: {owners:?}"
+    );
+
+    strangers_are_refused(&pki, &instances, &checker).await;
+    admin_needs_the_token(&admin, &instances, &pki).await;
+
+    // The right token drains n2: its shards move, calls keep succeeding.
+    let (status, body) = admin.request("POST", &instances[0], "/v1/members/n2/drain", Some(TOKEN));
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    loop {
+        call(client.clone(), &format!("move-{i}")).await.unwrap();
+        i += 1;
+        let members = admin.get(&instances[0], "/v1/members");
+        let n2_shards = members.as_ref().and_then(|m| {
+            m["members"]
+                .as_array()?
+                .iter()
+                .find(|m| m["id"] == "n2")
+                .map(|m| m["shards"].as_u64().unwrap_or(0))
+        });
+        if n2_shards == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 still owns shards: {members:?}"
+        );
+    }
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
+    drop(etcd);
+}
+
+/// A connection the server refused at the TLS layer: the client sees the transport fail
+/// (which code depends on when: TLS 1.3 reports a refused client certificate after the
+/// client thinks the handshake is done).
+fn assert_transport_refusal(e: &tonic::Status, what: &str) {
+    use tonic::Code::*;
+    assert!(
+        matches!(e.code(), Unavailable | Internal | Unknown | Cancelled) && e.source().is_some(),
+        "{what}: not a transport failure: {e}"
+    );
+}
+
+/// Each stranger is refused with the expected error, and no handler call happens for it.
+async fn strangers_are_refused(pki: &Pki, instances: &[Instance], checker: &Checker) {
+    let n0 = &instances[0];
+    let handled = |key: &str| checker.state.lock().unwrap().history.contains_key(key);
+
+    let e = call(plain_channel(n0.grpc_port), "stranger-plain")
+        .await
+        .unwrap_err();
+    // The server answers TLS bytes the client cannot read as HTTP/2.
+    assert_transport_refusal(&e, "plaintext to TLS");
+
+    let no_cert = tls_channel(n0.grpc_port, &pki.client_ca.pem, None, "127.0.0.1");
+    let e = call(no_cert, "stranger-no-cert").await.unwrap_err();
+    assert_transport_refusal(&e, "no client certificate");
+
+    let other = pki.stranger_ca.issue(&["app-client"]);
+    let e = call(
+        tls_channel(n0.grpc_port, &pki.client_ca.pem, Some(&other), "127.0.0.1"),
+        "stranger-other-ca",
+    )
+    .await
+    .unwrap_err();
+    assert_transport_refusal(&e, "another CA's certificate");
+
+    // The peer plane: a client certificate of the client plane, a peer-CA certificate
+    // that is no member's, plaintext.
+    let forward = |key: &str| ForwardRequest {
+        key: key.into(),
+        payload: "forged".into(),
+        shard: 0,
+        expected_epoch: 0,
+        entry: "n1".into(),
+        source: None,
+    };
+    let with_member = |key: &str| {
+        let mut r = tonic::Request::new(forward(key));
+        r.metadata_mut()
+            .insert("leasehold-member", "n1".parse().unwrap());
+        r
+    };
+    let client_cert_on_peer =
+        tls_channel(n0.peer_port, &pki.peer_ca.pem, Some(&pki.client), PEER_NAME);
+    let e = PeerClient::new(client_cert_on_peer)
+        .forward(with_member("stranger-client-cert-on-peer"))
+        .await
+        .unwrap_err();
+    assert_transport_refusal(&e, "client-plane certificate on the peer plane");
+
+    let intruder = pki.peer_ca.issue(&["intruder"]);
+    let e = PeerClient::new(tls_channel(
+        n0.peer_port,
+        &pki.peer_ca.pem,
+        Some(&intruder),
+        PEER_NAME,
+    ))
+    .forward(with_member("stranger-non-member"))
+    .await
+    .unwrap_err();
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "non-member certificate: {e}"
+    );
+    assert!(e.message().contains("identity"), "{e}");
+
+    let e = PeerClient::new(plain_channel(n0.peer_port))
+        .forward(with_member("stranger-plain-peer"))
+        .await
+        .unwrap_err();
+    assert_transport_refusal(&e, "plaintext peer");
+
+    for key in [
+        "stranger-plain",
+        "stranger-no-cert",
+        "stranger-other-ca",
+        "stranger-client-cert-on-peer",
+        "stranger-non-member",
+        "stranger-plain-peer",
+    ] {
+        assert!(!handled(key), "the handler ran a stranger's call {key}");
+    }
+    let log = n0.log_text();
+    assert!(
+        log.contains("client certificate refused") && log.contains("stranger CA"),
+        "the refusal names the certificate:\n{log}"
+    );
+}
+
+/// Admin mutations need the token (HTTP and gRPC); reads stay open; nothing changes on a
+/// refusal.
+async fn admin_needs_the_token(admin: &Admin, instances: &[Instance], pki: &Pki) {
+    let n0 = &instances[0];
+    for token in [None, Some("wrong")] {
+        let (status, body) = admin.request("POST", n0, "/v1/members/n1/drain", token);
+        assert_eq!(status, 401, "{token:?}: {body}");
+        assert!(
+            body["error"].as_str().unwrap_or_default().contains("token"),
+            "{body}"
+        );
+    }
+    let mut grpc = leasehold_proto::v1::admin_client::AdminClient::new(tls_channel(
+        n0.admin_port,
+        &pki.admin_ca.pem,
+        None,
+        "127.0.0.1",
+    ));
+    let e = grpc
+        .drain(leasehold_proto::v1::DrainRequest {
+            member: "n1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let mut wrong = tonic::Request::new(leasehold_proto::v1::DrainRequest {
+        member: "n1".into(),
+    });
+    wrong
+        .metadata_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    assert_eq!(
+        grpc.drain(wrong).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    // Reads are open, over gRPC too.
+    let info = grpc
+        .get_cluster(leasehold_proto::v1::GetClusterRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.members, 3);
+    let members = admin.get(n0, "/v1/members").unwrap();
+    assert!(
+        members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["state"] == "active"),
+        "a refused drain changed nothing: {members}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotated_certificates_are_used_by_new_connections_and_no_call_fails() {
+    let ca = Ca::new("client CA");
+    let dir = tempfile::tempdir().unwrap();
+    let first = ca.issue(&["127.0.0.1", "first"]);
+    let cert = pki::write(dir.path(), "tls.pem", &first.cert);
+    let key = pki::write(dir.path(), "tls.key", &first.key);
+    let etcd = Etcd::start().await;
+    let n0 = Instance::start(&InstanceSpec {
+        id: "n0".into(),
+        etcd: etcd.endpoint(),
+        args: [
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--tls-reload-interval",
+            "200ms",
+        ]
+        .map(String::from)
+        .to_vec(),
+    });
+    wait_until(Duration::from_secs(20), "n0 ready", || {
+        n0.ready().then_some(())
+    })
+    .await;
+    assert_eq!(
+        names_presented(n0.grpc_port, &ca.pem).await,
+        vec!["127.0.0.1", "first"]
+    );
+
+    // Calls run throughout, on one long-lived connection and on new ones.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let long_lived = tls_channel(n0.grpc_port, &ca.pem, None, "127.0.0.1");
+    let load = {
+        let (stop, failures, calls, ca_pem, port) = (
+            stop.clone(),
+            failures.clone(),
+            calls.clone(),
+            ca.pem.clone(),
+            n0.grpc_port,
+        );
+        tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let fresh = tls_channel(port, &ca_pem, None, "127.0.0.1");
+                for ch in [long_lived.clone(), fresh] {
+                    if let Err(e) = call(ch, &format!("rot-{i}")).await {
+                        failures.lock().unwrap().push(e.to_string());
+                    }
+                    calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    i += 1;
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = ca.issue(&["127.0.0.1", "second"]);
+    pki::replace(&key, &second.key);
+    pki::replace(&cert, &second.cert);
+    let port = n0.grpc_port;
+    let ca_pem = ca.pem.clone();
+    wait_until(
+        Duration::from_secs(10),
+        "new connections to present the new certificate",
+        || {
+            let names = futures_block(names_presented(port, &ca_pem));
+            (names == vec!["127.0.0.1", "second"]).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        calls.load(std::sync::atomic::Ordering::Relaxed) > 10,
+        "the load ran"
+    );
+    assert!(
+        failures.is_empty(),
+        "calls failed during rotation: {failures:?}"
+    );
+    assert!(
+        n0.log_text().contains("TLS files changed"),
+        "the reload is logged"
+    );
+    drop(etcd);
+}
+
+/// Runs a future to completion from a synchronous poll closure.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
+}
+
+/// The names in the certificate a new TLS connection to `port` is shown.
+async fn names_presented(port: u16, ca: &str) -> Vec<String> {
+    use rustls::pki_types::ServerName;
+    let config = pki::client_config(ca, None, &[b"h2"]);
+    let Ok(tcp) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return Vec::new();
+    };
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let Ok(tls) = connector.connect(name, tcp).await else {
+        return Vec::new();
+    };
+    let Some(der) = tls.get_ref().1.peer_certificates().and_then(|c| c.first()) else {
+        return Vec::new();
+    };
+    leasehold_tls::CertInfo::parse(der)
+        .map(|c| c.names)
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_expired_certificate_stops_the_start_with_exit_64() {
+    let ca = Ca::new("client CA");
+    let dir = tempfile::tempdir().unwrap();
+    let old = ca.issue_with(&["127.0.0.1"], Validity::Expired);
+    let cert = pki::write(dir.path(), "tls.pem", &old.cert);
+    let key = pki::write(dir.path(), "tls.key", &old.key);
+    let mut n0 = Instance::start(&InstanceSpec {
+        id: "n0".into(),
+        // Never reached: the certificate is checked first.
+        etcd: "http://127.0.0.1:1".into(),
+        args: ["--tls-cert", &cert, "--tls-key", &key]
+            .map(String::from)
+            .to_vec(),
+    });
+    assert_eq!(n0.wait_exit(Duration::from_secs(20)).await, Some(64));
+    let log = n0.log_text();
+    assert!(
+        log.contains("tls_cert") && log.contains("expired") && log.contains("2021-01-01"),
+        "the error names the setting, the certificate and its expiry:\n{log}"
+    );
+}
