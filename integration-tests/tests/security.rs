@@ -3,6 +3,8 @@
 //! take. Real processes, real certificates made at test time.
 
 use std::error::Error as _;
+
+use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -534,4 +536,117 @@ async fn an_expired_certificate_stops_the_start_with_exit_64() {
         log.contains("tls_cert") && log.contains("expired") && log.contains("2021-01-01"),
         "the error names the setting, the certificate and its expiry:\n{log}"
     );
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+/// What one instance may spend on hostile or buggy clients.
+const RSS_BOUND_MIB: u64 = 256;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn limits_refuse_clearly_and_memory_stays_bounded() {
+    let etcd = Etcd::start().await;
+    // Every call takes 100 ms, so that load piles up.
+    let checker = Checker::start(Duration::from_millis(100), None).await;
+    let n0 = Instance::start(&InstanceSpec {
+        id: "n0".into(),
+        etcd: etcd.endpoint(),
+        args: [
+            "--handler",
+            &checker.handler_flag(),
+            "--max-pending-calls",
+            "300",
+            "--max-dispatch-in-flight",
+            "64",
+        ]
+        .map(String::from)
+        .to_vec(),
+    });
+    wait_until(Duration::from_secs(20), "n0 owns every shard", || {
+        let c = n0.get("/v1/cluster")?;
+        (c["unowned_shards"] == 0 && n0.ready()).then_some(())
+    })
+    .await;
+
+    // A 1 MiB key: refused, naming the limit.
+    let e = call(plain_channel(n0.grpc_port), &"k".repeat(1 << 20))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(e.message().contains("max_key_bytes"), "{e}");
+
+    // 10 000 concurrent calls on one connection: the ones past max_pending_calls are
+    // refused at once, naming the limit; the rest run.
+    let channel = plain_channel(n0.grpc_port);
+    let calls: Vec<_> = (0..10_000)
+        .map(|i| {
+            let channel = channel.clone();
+            tokio::spawn(async move { call(channel, &format!("flood-{i}")).await })
+        })
+        .collect();
+    let (mut ok, mut refused) = (0, 0);
+    for c in calls {
+        match c.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert!(e.message().contains("max_pending_calls"), "{e}");
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected failure under the flood: {e}"),
+        }
+    }
+    eprintln!("flood: {ok} ran, {refused} refused");
+    assert!(ok >= 300 && refused > 0, "{ok} ran, {refused} refused");
+
+    // A Dispatch stream that sends forever and never reads an answer: the instance stops
+    // reading it once 64 messages are in flight, so the sender is held back.
+    let pulled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let endless = {
+        let pulled = pulled.clone();
+        futures::stream::iter(0u64..).map(move |i| {
+            pulled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            leasehold_proto::v1::DispatchRequest {
+                id: i,
+                call: Some(ForwardRequest {
+                    key: format!("endless-{i}"),
+                    payload: "x".into(),
+                    shard: 0,
+                    expected_epoch: 0,
+                    entry: "n0".into(),
+                    source: None,
+                }),
+                timeout_ms: 5000,
+            }
+        })
+    };
+    let mut peer = PeerClient::new(plain_channel(n0.peer_port));
+    let _answers = peer.dispatch(endless).await.unwrap();
+    // Meanwhile other clients are served.
+    for i in 0..10 {
+        let started = Instant::now();
+        call(plain_channel(n0.grpc_port), &format!("other-{i}"))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "slow under the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let sent = pulled.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("endless Dispatch stream: {sent} messages taken in ~2 s");
+    assert!(sent < 100_000, "the stream was read without bound: {sent}");
+    let peak = peak_rss_mib(n0.pid());
+    eprintln!("peak RSS {peak} MiB (bound {RSS_BOUND_MIB} MiB)");
+    assert!(peak < RSS_BOUND_MIB, "peak RSS {peak} MiB");
+    drop(etcd);
 }

@@ -182,7 +182,7 @@ pub(crate) fn check_leaf(
         None => {
             return Err(TlsError::Expired {
                 path: path.to_owned(),
-                cert: info,
+                cert: Box::new(info),
             })
         }
         Some(left) if left < EXPIRY_WARNING => tracing::warn!(

@@ -42,7 +42,7 @@ pub enum TlsError {
     #[error("{path}: {reason}")]
     Invalid { path: PathBuf, reason: String },
     #[error("{path}: certificate {cert} has expired")]
-    Expired { path: PathBuf, cert: CertInfo },
+    Expired { path: PathBuf, cert: Box<CertInfo> },
     #[error("{what}: {source}")]
     Rustls { what: String, source: rustls::Error },
 }
