@@ -3,6 +3,7 @@ mod cli;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use cli::tls::{AdminArgs, TlsArgs};
 use leasehold_server::config::{LogFormat, ServeArgs, ServeOptions};
 use leasehold_server::serve::{serve, Listeners};
 use tracing_subscriber::EnvFilter;
@@ -21,9 +22,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Print members and shard ownership of a running cluster.
     Status {
-        /// Admin URL of any instance.
-        #[arg(long, env = "LEASEHOLD_ADMIN", default_value = "http://127.0.0.1:7071")]
-        admin: String,
+        #[command(flatten)]
+        admin: AdminArgs,
         /// One row per shard instead of ranges per owner.
         #[arg(long)]
         shards: bool,
@@ -42,12 +42,14 @@ enum Command {
         /// Call timeout.
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Mark an instance draining and wait until its shards moved away (the preStop hook).
     Drain {
-        /// Admin URL of the instance to drain (or of any instance, with --member).
-        #[arg(long, env = "LEASEHOLD_ADMIN", default_value = "http://127.0.0.1:7071")]
-        admin: String,
+        /// The instance to drain (or any instance, with --member).
+        #[command(flatten)]
+        admin: AdminArgs,
         /// Member id to drain; default: the instance behind --admin.
         #[arg(long)]
         member: Option<String>,
@@ -63,6 +65,8 @@ enum Command {
         /// Service name to check; empty: the whole server.
         #[arg(long, default_value = "")]
         service: String,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Print the shard, owner and epoch of a key.
     Locate {
@@ -72,6 +76,8 @@ enum Command {
         /// Entity key.
         #[arg(long)]
         key: String,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
 }
 
@@ -90,14 +96,19 @@ fn main() -> ExitCode {
             key,
             payload,
             timeout,
-        } => client_command(cli::client::call(&addr, &key, payload, timeout)),
+            tls,
+        } => client_command(cli::client::call(&addr, &tls, &key, payload, timeout)),
         Command::Drain {
             admin,
             member,
             wait,
         } => report(cli::status::drain(&admin, member.as_deref(), wait)),
-        Command::Health { addr, service } => client_command(cli::client::health(&addr, &service)),
-        Command::Locate { addr, key } => client_command(cli::client::locate(&addr, &key)),
+        Command::Health { addr, service, tls } => {
+            client_command(cli::client::health(&addr, &tls, &service))
+        }
+        Command::Locate { addr, key, tls } => {
+            client_command(cli::client::locate(&addr, &tls, &key))
+        }
         Command::Serve(args) => {
             let (config, warnings) = match ServeOptions::load(&args) {
                 Ok(loaded) => (loaded.options, loaded.warnings),

@@ -258,6 +258,8 @@ impl ClientCertVerifier for LoggedClientVerifier {
 pub(crate) struct LoggedServerVerifier {
     pub target: &'static str,
     pub inner: Arc<dyn ServerCertVerifier>,
+    /// The name the certificate must carry instead of the host dialled.
+    pub name_override: Option<ServerName<'static>>,
 }
 
 impl ServerCertVerifier for LoggedServerVerifier {
@@ -269,6 +271,7 @@ impl ServerCertVerifier for LoggedServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let server_name = self.name_override.as_ref().unwrap_or(server_name);
         self.inner
             .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
             .inspect_err(|e| {

@@ -22,6 +22,28 @@ pub fn client_config(
     ca: &Path,
     identity: Option<(&Path, &Path)>,
 ) -> Result<Arc<Reloading<rustls::ClientConfig>>, TlsError> {
+    client_config_with(target, ca, identity, &[b"h2"], None)
+}
+
+/// [`client_config`] offering `alpn`, and checking the server's certificate for
+/// `server_name` whatever host was dialled (an address reached by IP, say, whose
+/// certificate names the service).
+pub fn client_config_with(
+    target: &'static str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    alpn: &'static [&'static [u8]],
+    server_name: Option<String>,
+) -> Result<Arc<Reloading<rustls::ClientConfig>>, TlsError> {
+    let name_override = match server_name {
+        Some(n) => Some(
+            ServerName::try_from(n.clone()).map_err(|e| TlsError::Invalid {
+                path: ca.to_owned(),
+                reason: format!("server name {n:?}: {e}"),
+            })?,
+        ),
+        None => None,
+    };
     let ca = ca.to_owned();
     let identity = identity.map(|(c, k)| (c.to_owned(), k.to_owned()));
     let mut files = vec![ca.clone()];
@@ -46,6 +68,7 @@ pub fn client_config(
             .with_custom_certificate_verifier(Arc::new(LoggedServerVerifier {
                 target,
                 inner: verifier,
+                name_override: name_override.clone(),
             }));
         let (mut config, info) = match &identity {
             None => (builder.with_no_client_auth(), None),
@@ -62,7 +85,7 @@ pub fn client_config(
                 (config, Some(info))
             }
         };
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok((config, info))
     })
 }

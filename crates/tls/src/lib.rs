@@ -19,7 +19,7 @@ mod reload;
 
 pub use crate::accept::{incoming, Conn, ConnInfo, Incoming};
 pub use crate::certs::{CertInfo, EXPIRY_WARNING};
-pub use crate::connect::{client_config, Connector};
+pub use crate::connect::{client_config, client_config_with, Connector};
 pub use crate::reload::{watch, Reload, Reloading};
 
 use std::path::{Path, PathBuf};

@@ -2,37 +2,24 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
+use super::tls::{channel, TlsArgs};
 use leasehold_proto::v1::{entities_client::EntitiesClient, CallRequest, LocateRequest};
-use tonic::transport::Endpoint;
 
-/// A connected channel to `addr` (`HOST:PORT` or a URL), and its URL.
-async fn channel(addr: &str) -> anyhow::Result<(tonic::transport::Channel, String)> {
-    let url = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid address {addr:?}"))?
-        .connect_timeout(Duration::from_secs(2))
-        .connect()
-        .await
-        .with_context(|| format!("cannot connect to {url}"))?;
-    Ok((channel, url))
-}
-
-async fn connect(addr: &str) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
-    Ok(EntitiesClient::new(channel(addr).await?.0))
+async fn connect(
+    addr: &str,
+    tls: &TlsArgs,
+) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
+    Ok(EntitiesClient::new(channel(addr, tls).await?.0))
 }
 
 pub async fn call(
     addr: &str,
+    tls: &TlsArgs,
     key: &str,
     payload: String,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let mut client = connect(addr).await?;
+    let mut client = connect(addr, tls).await?;
     let mut request = tonic::Request::new(CallRequest {
         key: key.into(),
         payload: payload.into(),
@@ -52,8 +39,8 @@ pub async fn call(
     ))
 }
 
-pub async fn locate(addr: &str, key: &str) -> anyhow::Result<String> {
-    let mut client = connect(addr).await?;
+pub async fn locate(addr: &str, tls: &TlsArgs, key: &str) -> anyhow::Result<String> {
+    let mut client = connect(addr, tls).await?;
     let r = client
         .locate(LocateRequest { key: key.into() })
         .await
@@ -71,11 +58,11 @@ pub async fn locate(addr: &str, key: &str) -> anyhow::Result<String> {
 }
 
 /// `leasehold health`: the standard gRPC health check (serving = ready).
-pub async fn health(addr: &str, service: &str) -> anyhow::Result<String> {
+pub async fn health(addr: &str, tls: &TlsArgs, service: &str) -> anyhow::Result<String> {
     use tonic_health::pb::{
         health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
     };
-    let (channel, url) = channel(addr).await?;
+    let (channel, url) = channel(addr, tls).await?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.into(),

@@ -6,6 +6,8 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
+use super::tls::{AdminArgs, AdminClient};
+
 #[derive(Debug, Deserialize)]
 struct Cluster {
     cluster: String,
@@ -44,13 +46,28 @@ struct Shards {
     shards: Vec<Shard>,
 }
 
-fn fetch<T: for<'de> Deserialize<'de>>(admin: &str, path: &str) -> anyhow::Result<T> {
-    let url = format!("{}{}", admin.trim_end_matches('/'), path);
-    let resp = ureq::get(&url)
-        .timeout(Duration::from_secs(5))
+fn fetch<T: for<'de> Deserialize<'de>>(admin: &AdminClient, path: &str) -> anyhow::Result<T> {
+    let url = format!("{}{path}", admin.base);
+    let resp = admin
+        .request("GET", path)
         .call()
+        .map_err(explain)
         .with_context(|| format!("GET {url}"))?;
     resp.into_json().with_context(|| format!("reading {url}"))
+}
+
+/// An HTTP error with the JSON `error` the admin plane sent.
+fn explain(e: ureq::Error) -> anyhow::Error {
+    match e {
+        ureq::Error::Status(code, resp) => {
+            let body: serde_json::Value = resp.into_json().unwrap_or_default();
+            anyhow::anyhow!(
+                "HTTP {code}: {}",
+                body["error"].as_str().unwrap_or("(no message)")
+            )
+        }
+        e => anyhow::Error::new(e),
+    }
 }
 
 /// Renders shard numbers as ranges: `0-3,7,9-12`.
@@ -79,7 +96,8 @@ pub fn ranges(shards: &[u32]) -> String {
 
 /// Prints the cluster summary, the members, and shard ownership (grouped by owner and
 /// state, or one row per shard with `per_shard`).
-pub fn run(admin: &str, per_shard: bool) -> anyhow::Result<String> {
+pub fn run(args: &AdminArgs, per_shard: bool) -> anyhow::Result<String> {
+    let admin = &AdminClient::new(args)?;
     let c: Cluster = fetch(admin, "/v1/cluster")?;
     let m: Members = fetch(admin, "/v1/members")?;
     let s: Shards = fetch(admin, "/v1/shards")?;
@@ -156,7 +174,8 @@ pub fn run(admin: &str, per_shard: bool) -> anyhow::Result<String> {
 
 /// `leasehold drain`: marks the member behind `admin` draining (or `member`, when given)
 /// and waits until it owns no shard. Used as the Kubernetes preStop hook.
-pub fn drain(admin: &str, member: Option<&str>, wait: Duration) -> anyhow::Result<String> {
+pub fn drain(args: &AdminArgs, member: Option<&str>, wait: Duration) -> anyhow::Result<String> {
+    let admin = &AdminClient::new(args)?;
     let id = match member {
         Some(m) => m.to_owned(),
         None => fetch::<serde_json::Value>(admin, "/v1/cluster")?["self"]
@@ -164,11 +183,12 @@ pub fn drain(admin: &str, member: Option<&str>, wait: Duration) -> anyhow::Resul
             .context("admin endpoint did not say which member it is")?
             .to_owned(),
     };
-    let url = format!("{}/v1/members/{id}/drain", admin.trim_end_matches('/'));
-    ureq::post(&url)
-        .timeout(Duration::from_secs(5))
+    let path = format!("/v1/members/{id}/drain");
+    admin
+        .request("POST", &path)
         .call()
-        .with_context(|| format!("POST {url}"))?;
+        .map_err(explain)
+        .with_context(|| format!("POST {}{path}", admin.base))?;
     let deadline = std::time::Instant::now() + wait;
     loop {
         let members: Members = fetch(admin, "/v1/members")?;

@@ -235,7 +235,16 @@ settings! {
 }
 
 /// Variables read by other subcommands (not warned about by `serve`).
-const OTHER_VARIABLES: &[&str] = &["config", "addr", "admin"];
+const OTHER_VARIABLES: &[&str] = &[
+    "config",
+    "addr",
+    "admin",
+    "admin_token",
+    "ca_file",
+    "cert_file",
+    "key_file",
+    "server_name",
+];
 
 /// `leasehold serve` arguments.
 #[derive(Debug, Default, Clone, clap::Args)]
