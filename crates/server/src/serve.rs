@@ -212,7 +212,7 @@ impl Instance {
         cancel: &CancellationToken,
     ) -> Result<JoinSet<Result<(), ServeError>>, ServeError> {
         let mut tasks = JoinSet::new();
-        for source in config.kafka_sources()? {
+        for source in config.kafka_sources_resolved()? {
             let dispatcher = Arc::new(RouterDispatch {
                 router: self.router.clone(),
             });

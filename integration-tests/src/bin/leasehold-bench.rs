@@ -144,6 +144,7 @@ async fn bench() -> Vec<Row> {
         forwarded_latency().await,
         idle_rss().await,
     ];
+    rows.extend(tls_cost().await);
     rows.extend(recovery_and_drain().await);
     rows
 }
@@ -208,6 +209,135 @@ async fn forwarded_latency() -> Row {
         target: "≤ 1.5× direct p50",
         met: ratio <= 1.5,
     }
+}
+
+/// `serve` flags for TLS on the client plane and mutual TLS on the peer plane, the
+/// client's channel config, and the directory holding the files.
+struct TlsSetup {
+    args: Vec<String>,
+    ca: String,
+    client: leasehold_integration_tests::pki::Leaf,
+    _dir: tempfile::TempDir,
+}
+
+fn tls_setup() -> TlsSetup {
+    use leasehold_integration_tests::pki::{write, Ca};
+    let dir = tempfile::tempdir().unwrap();
+    let (client_ca, peer_ca) = (Ca::new("client CA"), Ca::new("peer CA"));
+    let server = client_ca.issue(&["127.0.0.1"]);
+    let peer = peer_ca.issue(&["leasehold-peer"]);
+    let d = dir.path();
+    let args = [
+        ("--tls-cert", write(d, "c.pem", &server.cert)),
+        ("--tls-key", write(d, "c.key", &server.key)),
+        ("--tls-client-ca", write(d, "ca.pem", &client_ca.pem)),
+        ("--peer-ca", write(d, "pca.pem", &peer_ca.pem)),
+        ("--peer-cert", write(d, "p.pem", &peer.cert)),
+        ("--peer-key", write(d, "p.key", &peer.key)),
+    ]
+    .into_iter()
+    .flat_map(|(f, v)| [f.to_owned(), v])
+    .collect();
+    TlsSetup {
+        args,
+        client: client_ca.issue(&["bench-client"]),
+        ca: client_ca.pem,
+        _dir: dir,
+    }
+}
+
+fn tls_client(port: u16, tls: &TlsSetup) -> EntitiesClient<Channel> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.ca))
+        .identity(Identity::from_pem(&tls.client.cert, &tls.client.key))
+        .domain_name("127.0.0.1");
+    let ch = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tcp_nodelay(true)
+        .tls_config(config)
+        .unwrap()
+        .connect_lazy();
+    EntitiesClient::new(ch)
+}
+
+/// Keys of shards `owner` owns.
+fn keys_owned_by(table: &[(u64, Option<String>, u64)], owner: &str, n: usize) -> Vec<String> {
+    let count = table.len() as u32;
+    (0..100_000)
+        .map(|i| format!("key-{i}"))
+        .filter(|k| {
+            table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
+                .1
+                .as_deref()
+                == Some(owner)
+        })
+        .take(n)
+        .collect()
+}
+
+/// What TLS costs: the owner path's throughput and the forwarded call's latency with
+/// TLS on the client plane and mutual TLS on the peer plane, against the same clusters
+/// in plaintext, alternating.
+async fn tls_cost() -> Vec<Row> {
+    let (conc, secs) = (32, 5);
+    let tls = tls_setup();
+    let tls_args: Vec<&str> = tls.args.iter().map(String::as_str).collect();
+    let mut owner_args = vec!["--max-concurrency", "4096"];
+    owner_args.extend(&tls_args);
+    let plain1 = Cluster::start(1, &["--max-concurrency", "4096"]).await;
+    let tls1 = Cluster::start(1, &owner_args).await;
+    plain1.wait_balanced(Duration::from_secs(10)).await;
+    tls1.wait_balanced(Duration::from_secs(10)).await;
+    let plain_c = plain1.instances[0].client().await;
+    let tls_c = tls_client(tls1.instances[0].grpc_port, &tls);
+    let (mut plain_best, mut tls_best) = (0f64, 0f64);
+    for _ in 0..2 {
+        plain_best = plain_best.max(throughput(plain_c.clone(), conc, secs).await);
+        tls_best = tls_best.max(throughput(tls_c.clone(), conc, secs).await);
+    }
+    drop((plain1, tls1));
+    let throughput_ratio = tls_best / plain_best;
+
+    let plain2 = Cluster::start(2, &[]).await;
+    let tls2 = Cluster::start(2, &tls_args).await;
+    let plain_table = plain2.wait_balanced(Duration::from_secs(10)).await;
+    let tls_table = tls2.wait_balanced(Duration::from_secs(10)).await;
+    let plain_keys = keys_owned_by(&plain_table, "n0", 200);
+    let tls_keys = keys_owned_by(&tls_table, "n0", 200);
+    let plain_fwd = plain2.instances[1].client().await;
+    let tls_fwd = tls_client(tls2.instances[1].grpc_port, &tls);
+    let tls_direct = tls_client(tls2.instances[0].grpc_port, &tls);
+    latency(plain_fwd.clone(), &plain_keys, 500).await; // warm-up
+    latency(tls_fwd.clone(), &tls_keys, 500).await;
+    latency(tls_direct.clone(), &tls_keys, 500).await;
+    let (p50, p99) = latency(plain_fwd, &plain_keys, 3000).await;
+    let (t50, t99) = latency(tls_fwd, &tls_keys, 3000).await;
+    let (d50, _) = latency(tls_direct, &tls_keys, 3000).await;
+    let latency_ratio = t50.as_secs_f64() / p50.as_secs_f64();
+    eprintln!(
+        "TLS owner path {tls_best:.0}/s vs {plain_best:.0}/s; forwarded p50 {t50:?} vs {p50:?}"
+    );
+    vec![
+        Row {
+            name:
+                "owner-path Call throughput over TLS + client certificates (1 instance, 32 callers)",
+            measured: format!("{tls_best:.0} calls/s"),
+            baseline: format!("plaintext {plain_best:.0} calls/s → ratio {throughput_ratio:.2}"),
+            target: "report (cost of TLS)",
+            met: true,
+        },
+        Row {
+            name:
+                "forwarded Call p50 with TLS clients and mutual-TLS peers (sequential, 2 instances)",
+            measured: format!("p50 {t50:?}, p99 {t99:?} (direct over TLS: p50 {d50:?})"),
+            baseline: format!(
+                "plaintext forwarded p50 {p50:?}, p99 {p99:?} → ratio {latency_ratio:.2}"
+            ),
+            target: "report (cost of TLS)",
+            met: true,
+        },
+    ]
 }
 
 /// Idle RSS with 1024 shards, against an idle etcd-free baseline of the same binary.

@@ -47,8 +47,10 @@ pub struct KafkaOptions {
     /// How often the stored watermarks are committed.
     #[serde(with = "values::duration")]
     pub commit_interval: Duration,
-    /// Passed to librdkafka unchanged (`security.protocol`, `sasl.*`, `ssl.*`, ...);
-    /// values of `sasl.*` and `ssl.*` are never printed.
+    /// Passed to librdkafka (`security.protocol`, `sasl.*`, `ssl.*`, ...); values of
+    /// `sasl.*` and `ssl.*` are never printed. A value `${env:NAME}` or `${file:PATH}` is
+    /// read from that variable or file when the instance starts, so secrets need not be
+    /// written into the configuration.
     #[serde(serialize_with = "redacted_properties")]
     pub properties: BTreeMap<String, String>,
 }
@@ -175,6 +177,32 @@ fn error(index: usize, field: &str, message: impl Into<String>) -> ConfigError {
         message: message.into(),
         origin: String::new(),
     }
+}
+
+/// A property value, with `${env:NAME}` and `${file:PATH}` read.
+pub fn resolve_property(index: usize, key: &str, value: &str) -> Result<String, ConfigError> {
+    let field = format!("properties.{key}");
+    if let Some(name) = value
+        .strip_prefix("${env:")
+        .and_then(|v| v.strip_suffix('}'))
+    {
+        return std::env::var(name).map_err(|_| {
+            error(
+                index,
+                &field,
+                format!("the variable {name} it refers to is not set"),
+            )
+        });
+    }
+    if let Some(path) = value
+        .strip_prefix("${file:")
+        .and_then(|v| v.strip_suffix('}'))
+    {
+        return std::fs::read_to_string(path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|e| error(index, &field, format!("cannot read {path}: {e}")));
+    }
+    Ok(value.to_owned())
 }
 
 impl KafkaOptions {

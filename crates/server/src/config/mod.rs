@@ -704,6 +704,20 @@ impl ServeOptions {
             .collect()
     }
 
+    /// [`ServeOptions::kafka_sources`] with `${env:…}` and `${file:…}` property values
+    /// read (at start, not when validating or printing the configuration).
+    pub fn kafka_sources_resolved(
+        &self,
+    ) -> Result<Vec<leasehold_kafka::SourceOptions>, ConfigError> {
+        let mut sources = self.kafka_sources()?;
+        for (index, source) in sources.iter_mut().enumerate() {
+            for (key, value) in source.properties.iter_mut() {
+                *value = kafka::resolve_property(index, key, value)?;
+            }
+        }
+        Ok(sources)
+    }
+
     /// The configuration as the TOML file that reproduces it (secrets redacted).
     pub fn to_toml(&self) -> String {
         toml::to_string(self).expect("settings serialise to TOML")

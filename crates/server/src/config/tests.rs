@@ -400,3 +400,34 @@ fn close_names_are_suggested() {
     assert_eq!(edit_distance("kitten", "sitting"), 3);
     assert_eq!(suggestion("qqqqqq"), "");
 }
+
+#[test]
+fn kafka_secrets_come_from_the_environment_or_a_file() {
+    let dir = std::env::temp_dir().join(format!("lh-kafka-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("password");
+    std::fs::write(&file, "from-file\n").unwrap();
+    std::env::set_var("LH_TEST_SASL_USER", "from-env");
+    assert_eq!(
+        kafka::resolve_property(0, "sasl.username", "${env:LH_TEST_SASL_USER}").unwrap(),
+        "from-env"
+    );
+    let value = format!("${{file:{}}}", file.display());
+    assert_eq!(
+        kafka::resolve_property(0, "sasl.password", &value).unwrap(),
+        "from-file"
+    );
+    assert_eq!(
+        kafka::resolve_property(0, "acks", "all").unwrap(),
+        "all",
+        "plain values pass"
+    );
+    let e = kafka::resolve_property(1, "sasl.password", "${env:LH_TEST_UNSET_VARIABLE}")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("kafka[1].properties.sasl.password") && e.contains("LH_TEST_UNSET_VARIABLE"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
