@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, PutOptions, Txn, TxnOp};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use leasehold_types::{Epoch, MemberId, ShardId};
-use tokio::sync::{watch, Notify, OnceCell};
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -197,7 +197,10 @@ struct Inner {
     opts: CoordOptions,
     keys: Keys,
     table: Arc<ShardTable>,
-    client: OnceCell<Client>,
+    /// Set once connected; replaced when etcd's TLS files change.
+    client: std::sync::RwLock<Option<Client>>,
+    /// TLS to etcd as currently configured (starts as `opts.etcd_tls`).
+    etcd_tls: std::sync::RwLock<Option<EtcdTls>>,
     view: watch::Sender<Arc<View>>,
     session: watch::Sender<Session>,
     draining: AtomicBool,
@@ -227,7 +230,8 @@ impl Coord {
                 view: watch::channel(Arc::new(View::empty(opts.shard_count))).0,
                 session: watch::channel(Session::default()).0,
                 table,
-                client: OnceCell::new(),
+                client: std::sync::RwLock::new(None),
+                etcd_tls: std::sync::RwLock::new(opts.etcd_tls.clone()),
                 draining: AtomicBool::new(false),
                 awaiting_handler: AtomicBool::new(true),
                 wake: Notify::new(),
@@ -315,7 +319,7 @@ impl Coord {
         let Some(client) = self.connect(&cancel).await? else {
             return Ok(());
         };
-        let _ = self.inner.client.set(client);
+        *self.inner.client.write().expect("client lock") = Some(client);
         use futures::FutureExt;
         use tracing::Instrument;
         let member = self.member_id().clone();
@@ -379,7 +383,8 @@ impl Coord {
                     Some((user, password)) => connect.with_user(user, password),
                     None => connect,
                 };
-                let connect = match &opts.etcd_tls {
+                let tls = self.inner.etcd_tls.read().expect("tls lock").clone();
+                let connect = match &tls {
                     Some(tls) => {
                         use etcd_client::{Certificate, Identity, TlsOptions};
                         let mut t =
@@ -412,6 +417,29 @@ impl Coord {
             if !backoff.wait(cancel).await {
                 return Ok(None);
             }
+        }
+    }
+
+    /// New TLS material for etcd (its files changed): connects with it and, once that
+    /// works, uses the new connection for every later request. Streams open on the old
+    /// connection (the lease keepalive, the watch) move over when they next reopen. On
+    /// failure the old connection stays in use.
+    pub async fn reload_etcd_tls(&self, tls: EtcdTls) {
+        *self.inner.etcd_tls.write().expect("tls lock") = Some(tls);
+        let once = CancellationToken::new();
+        let attempt = async {
+            // One attempt (connect retries forever): cancel it after the op timeout.
+            let t = self.inner.opts.op_timeout();
+            tokio::time::timeout(t + Duration::from_secs(1), self.connect(&once)).await
+        };
+        match attempt.await {
+            Ok(Ok(Some(client))) => {
+                *self.inner.client.write().expect("client lock") = Some(client);
+                tracing::info!("etcd TLS files changed; reconnected with them");
+            }
+            _ => tracing::warn!(
+                "etcd TLS files changed but a connection with them failed; keeping the current one"
+            ),
         }
     }
 
@@ -452,7 +480,12 @@ impl Coord {
     }
 
     fn client(&self) -> Result<Client, Error> {
-        self.inner.client.get().cloned().ok_or(Error::NotConnected)
+        self.inner
+            .client
+            .read()
+            .expect("client lock")
+            .clone()
+            .ok_or(Error::NotConnected)
     }
 
     /// Runs one etcd request with the operation timeout.

@@ -31,7 +31,8 @@ pub struct Security {
     pub peer_identity: String,
     pub admin: ServerTls,
     pub handler: Option<leasehold_tls::Connector>,
-    pub etcd: Option<leasehold_coord::EtcdTls>,
+    /// TLS to etcd; a change of its files reconnects (see `Coord::reload_etcd_tls`).
+    pub etcd: Option<Arc<Reloading<leasehold_coord::EtcdTls>>>,
     pub admin_auth: Arc<AdminAuthz>,
     /// Everything to re-read when its files change.
     pub reloadable: Vec<Arc<dyn Reload>>,
@@ -106,31 +107,44 @@ impl Security {
         };
         let etcd = match path(&c.etcd_ca) {
             Some(ca) => {
-                let read = |field: &'static str, path: &Path| {
-                    std::fs::read(path).map_err(|source| SecurityError {
-                        field,
-                        source: TlsError::Read {
-                            path: path.to_owned(),
+                let ca = ca.to_owned();
+                let identity = path(&c.etcd_cert)
+                    .zip(path(&c.etcd_key))
+                    .map(|(c, k)| (c.to_owned(), k.to_owned()));
+                let mut files = vec![ca.clone()];
+                if let Some((c, k)) = &identity {
+                    files.extend([c.clone(), k.clone()]);
+                }
+                let field = if identity.is_some() {
+                    "etcd_cert"
+                } else {
+                    "etcd_ca"
+                };
+                let tls = Reloading::new("etcd", files, move || {
+                    // Parsed and checked (expiry) like every other client config.
+                    let checked = leasehold_tls::client_config(
+                        "etcd",
+                        &ca,
+                        identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+                    )?;
+                    let read = |p: &Path| {
+                        std::fs::read(p).map_err(|source| TlsError::Read {
+                            path: p.to_owned(),
                             source,
-                        },
-                    })
-                };
-                let identity = match (path(&c.etcd_cert), path(&c.etcd_key)) {
-                    (Some(cert), Some(key)) => {
-                        // Checked like the others (parseable, not expired) before use.
-                        leasehold_tls::client_config("etcd", ca, Some((cert, key)))
-                            .map_err(at("etcd_cert"))?;
-                        Some((read("etcd_cert", cert)?, read("etcd_key", key)?))
-                    }
-                    _ => {
-                        leasehold_tls::client_config("etcd", ca, None).map_err(at("etcd_ca"))?;
-                        None
-                    }
-                };
-                Some(leasehold_coord::EtcdTls {
-                    ca: read("etcd_ca", ca)?,
-                    identity,
+                        })
+                    };
+                    let identity = match &identity {
+                        Some((c, k)) => Some((read(c)?, read(k)?)),
+                        None => None,
+                    };
+                    let tls = leasehold_coord::EtcdTls {
+                        ca: read(&ca)?,
+                        identity,
+                    };
+                    Ok((tls, checked.certificate()))
                 })
+                .map_err(at(field))?;
+                Some(tls)
             }
             None => None,
         };

@@ -169,7 +169,7 @@ impl Instance {
                 etcd_user: config
                     .etcd_credentials()?
                     .map(|(user, password)| (user, password.expose().to_owned())),
-                etcd_tls: security.etcd.clone(),
+                etcd_tls: security.etcd.as_ref().map(|t| (*t.current()).clone()),
                 shard_count: config.shards,
                 lease_ttl: config.lease_ttl,
                 max_moves: config.max_moves,
@@ -403,6 +403,17 @@ impl Servers {
                 stop.clone(),
             )),
         ));
+        if let Some(etcd) = security.etcd.clone() {
+            tasks.push((
+                "etcd TLS watcher",
+                tokio::spawn(watch_etcd_tls(
+                    etcd,
+                    instance.coord.clone(),
+                    config.tls_reload_interval,
+                    stop.clone(),
+                )),
+            ));
+        }
         let incoming = |plane, listener, tls: &Option<_>| {
             leasehold_tls::incoming(
                 plane,
@@ -512,6 +523,32 @@ fn server_builder(config: &ServeOptions) -> tonic::transport::Server {
         .http2_keepalive_timeout(Some(Duration::from_secs(2)))
         .max_concurrent_streams(config.max_concurrent_streams)
         .http2_max_header_list_size(config.max_header_bytes.bytes() as u32)
+}
+
+/// Reconnects to etcd when its TLS files change (its connections check a client
+/// certificate only at the handshake, so an expiring one must be replaced before the next
+/// reconnect needs it).
+async fn watch_etcd_tls(
+    tls: Arc<leasehold_tls::Reloading<leasehold_coord::EtcdTls>>,
+    coord: Coord,
+    interval: Duration,
+    stop: CancellationToken,
+) {
+    use leasehold_tls::Reload;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match tls.reload_if_changed() {
+            None => {}
+            Some(Ok(())) => coord.reload_etcd_tls((*tls.current()).clone()).await,
+            Some(Err(e)) => tracing::warn!(
+                error = %e,
+                "etcd TLS files changed but cannot be used; keeping the current connection"
+            ),
+        }
+    }
 }
 
 /// Re-reads changed TLS files and the admin token, and publishes each certificate's
