@@ -15,6 +15,6 @@ RUN cargo build --release --locked --bin leasehold \
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /leasehold /usr/local/bin/leasehold
 USER 65532:65532
-EXPOSE 7070 7071
+EXPOSE 7070 7071 7072
 ENTRYPOINT ["/usr/local/bin/leasehold"]
 CMD ["serve"]

@@ -41,9 +41,28 @@ declare -A values=(
   [default]=""
   [all-options]="ci/all-options-values.yaml"
   [dev-etcd-hpa]="ci/dev-etcd-hpa-values.yaml"
+  [tls-secrets]="ci/tls-secrets-values.yaml"
 )
+# Cases whose planes use TLS (dev-etcd-hpa turns it off).
+declare -A tls=([default]=1 [all-options]=1 [dev-etcd-hpa]=0 [tls-secrets]=1)
 
-for name in default all-options dev-etcd-hpa; do
+# has_doc KIND NAME FILE: the rendered FILE has a KIND named NAME.
+has_doc() {
+  awk -v kind="kind: $1" -v name="  name: $2" 'BEGIN { RS = "\n---\n" }
+    index("\n" $0 "\n", "\n" kind "\n") && index("\n" $0 "\n", "\n" name "\n") { found = 1 }
+    END { exit !found }' "$3"
+}
+
+# uses_tls DIR: the three probes are HTTPS, the preStop hook dials https:// with a CA, and
+# both helm test commands dial https:// with a CA.
+uses_tls() {
+  [ "$(grep -c '^              scheme: HTTPS$' "$1/manifests.yaml")" = 3 ] &&
+    grep -q '^https://127.0.0.1:' "$1/prestop.txt" && grep -qx -- --ca-file "$1/prestop.txt" &&
+    [ "$(grep -c -- $'\t--addr\thttps://' "$1/hooks.txt")" = 2 ] &&
+    [ "$(grep -c -- $'\t--ca-file\t' "$1/hooks.txt")" = 2 ]
+}
+
+for name in default all-options dev-etcd-hpa tls-secrets; do
   args=()
   [ -n "${values[$name]}" ] && args=(-f "${values[$name]}")
   check "$name: helm lint --strict" "$helm" lint --strict leasehold "${args[@]}"
@@ -74,8 +93,45 @@ for name in default all-options dev-etcd-hpa; do
     else
       fail "$name: effective config differs from the chart's" "$printed"
     fi
+    peer=$(sed -n 's/^peer_listen = "0.0.0.0:\([0-9]*\)"$/\1/p' "$out/config.toml")
+    if [ -n "$peer" ] && grep -qx "peer_listen = \"0.0.0.0:$peer\"" <<<"$printed" &&
+       grep -qx "peer_advertise = \"10.0.0.1:$peer\"" <<<"$printed"; then
+      ok "$name: effective config listens and advertises the peer port ($peer, pod IP)"
+    else
+      fail "$name: effective config lacks the chart's peer_listen/peer_advertise" "$printed"
+    fi
+    if [ "${tls[$name]}" = 1 ]; then
+      if grep -q '^tls_cert = "/etc/leasehold/tls/client/tls.crt"$' <<<"$printed" &&
+         grep -q '^peer_cert = ' <<<"$printed" && grep -q '^admin_tls_cert = ' <<<"$printed"; then
+        ok "$name: effective config has TLS on the client, peer and admin planes"
+      else
+        fail "$name: effective config lacks the chart's TLS settings" "$printed"
+      fi
+    elif grep -q '^tls_cert = \|^peer_cert = \|^admin_tls_cert = ' <<<"$printed"; then
+      fail "$name: TLS is off but the effective config has certificates" "$printed"
+    else
+      ok "$name: effective config is plaintext, as the values say"
+    fi
+    if grep -q '^admin_token_file = "/etc/leasehold/token/token"$' <<<"$printed"; then
+      ok "$name: effective config has the admin token file"
+    else
+      fail "$name: effective config lacks admin_token_file" "$printed"
+    fi
   else
     fail "$name: leasehold ${cmd[*]} rejects the rendered configuration" "$printed"
+  fi
+  # Every ${env:NAME} of the config (Kafka secretProperties) is set in the container.
+  missing=""
+  for var in $(grep -o '\${env:[A-Za-z0-9_]*}' "$out/config.toml" | sed 's/^\${env:\(.*\)}$/\1/' | sort -u); do
+    grep -q "^$var=" "$out/env.txt" || missing+=" $var"
+  done
+  if [ -z "$missing" ]; then
+    ok "$name: every \${env:...} of the config is in the container's environment"
+  else
+    fail "$name: config references unset variables:$missing" "$(cat "$out/env.txt")"
+  fi
+  if [ "${tls[$name]}" = 1 ]; then
+    check "$name: probes, preStop and helm test use TLS" uses_tls "$out"
   fi
   # The preStop hook and the helm test pod use subcommands and flags that must exist.
   mapfile -t prestop <"$out/prestop.txt"
@@ -85,6 +141,29 @@ for name in default all-options dev-etcd-hpa; do
     check "$name: helm test command parses (${hook[*]})" "$bin" "${hook[@]}" --help
   done <"$out/hooks.txt"
 done
+
+out="$work/default/manifests.yaml"
+check "default: a cert-manager Certificate t-leasehold-peer (the peer identity)" has_doc Certificate t-leasehold-peer "$out"
+self_signed_chain() {
+  has_doc Issuer t-leasehold-selfsigned "$1" && has_doc Certificate t-leasehold-ca "$1" &&
+    has_doc Issuer t-leasehold-ca "$1"
+}
+check "default: the self-signed CA chain (Issuer t-leasehold-selfsigned, Certificate and Issuer t-leasehold-ca)" \
+  self_signed_chain "$out"
+check "default: a generated admin token Secret" has_doc Secret t-leasehold-admin-token "$out"
+check "default: the Deployment sets LEASEHOLD_PEER_ADVERTISE to the pod IP and peer port" \
+  grep -qx 'LEASEHOLD_PEER_ADVERTISE=10.0.0.1:7072' "$work/default/env.txt"
+check "tls-secrets: no cert-manager resources (Secrets you manage)" \
+  bash -c '! grep -q "^apiVersion: cert-manager.io/" "$1"' - "$work/tls-secrets/manifests.yaml"
+check "tls-secrets: the admin token Secret is generated" \
+  has_doc Secret t-leasehold-admin-token "$work/tls-secrets/manifests.yaml"
+check "all-options: no generated token Secret (adminAuth.tokenSecret names one)" \
+  bash -c '! grep -q "^kind: Secret$" "$1"' - "$work/all-options/manifests.yaml"
+check "all-options: Certificates from the ClusterIssuer, no release CA" bash -c \
+  '[ "$(grep -c "^    kind: ClusterIssuer$" "$1")" = 3 ] && ! grep -q "^kind: Issuer$" "$1"' - "$work/all-options/manifests.yaml"
+check "all-options: Kafka passwords come from Secrets, not the ConfigMap" bash -c \
+  'grep -qxF "\"sasl.password\" = \"\${env:KAFKA_SECRET_0_0}\"" "$1/config.toml" &&
+   grep -qxF "KAFKA_SECRET_0_0=secret-password" "$1/env.txt"' - "$work/all-options"
 
 rejects "schema: replicaCount < 1" "minimum: got 0, want 1" --set replicaCount=0
 rejects "schema: wrong type" "got string, want integer" --set replicaCount=three
@@ -104,6 +183,26 @@ rejects "template: hpa and keda exclusive" "cannot both be enabled" \
   --set autoscaling.hpa.enabled=true --set autoscaling.keda.enabled=true \
   --set autoscaling.keda.kafka.bootstrapServers=k:9092 --set autoscaling.keda.kafka.consumerGroup=g \
   --set autoscaling.keda.kafka.topic=t
+rejects "template: TLS without cert-manager needs Secrets" "set tls.secrets" --set tls.certManager.enabled=false
+rejects "template: some TLS Secrets missing" "set tls.secrets" --set tls.certManager.enabled=false \
+  --set tls.secrets.client=c --set tls.secrets.peer=p
+rejects "template: issuerRef needs a name" "issuerRef: set name" --set tls.certManager.issuerRef.kind=ClusterIssuer
+rejects "template: clientAuth needs TLS" "tls.clientAuth needs tls.enabled" \
+  --set tls.enabled=false --set tls.clientAuth=true
+rejects "template: one port per plane" "must differ" --set ports.peer=7071
+rejects "schema: adminAuth.protect values" "value must be one of" --set adminAuth.protect=reads
+rejects "schema: unknown tls key" "additional properties 'clientCA' not allowed" --set tls.clientCA=x
+rejects "template: Kafka password in plain properties" "is a password: move it to kafka.sources[0].secretProperties" \
+  --set 'kafka.sources[0].brokers=k:9092' --set 'kafka.sources[0].topics[0]=t' \
+  --set 'kafka.sources[0].onFailure=skip' --set 'kafka.sources[0].properties.sasl\.password=hunter2'
+rejects "template: Kafka key password in plain properties" "is a password: move it to kafka.sources[0].secretProperties" \
+  --set 'kafka.sources[0].brokers=k:9092' --set 'kafka.sources[0].topics[0]=t' \
+  --set 'kafka.sources[0].onFailure=skip' --set 'kafka.sources[0].properties.ssl\.key\.password=hunter2'
+rejects "schema: secretProperties need a key" "missing property 'key'" \
+  --set 'kafka.sources[0].brokers=k:9092' --set 'kafka.sources[0].topics[0]=t' \
+  --set 'kafka.sources[0].onFailure=skip' --set 'kafka.sources[0].secretProperties.sasl\.password.secretName=s'
+rejects "template: https etcd needs etcd.tls" "set etcd.tls.secretName" --set 'etcd.endpoints[0]=https://etcd:2379'
+rejects "template: etcd TLS needs https endpoints" "must use https://" --set etcd.tls.secretName=etcd-tls
 
 echo
 result=ok

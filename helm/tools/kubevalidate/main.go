@@ -2,9 +2,9 @@
 //
 // Every document is decoded strictly (unknown fields and wrong types fail) into the
 // k8s.io/api type for its apiVersion and kind; names and labels are checked with
-// apimachinery's validation. The two CRDs the chart can render (ServiceMonitor, KEDA
-// ScaledObject) are not in k8s.io/api and are checked against local structs of the
-// fields the chart uses.
+// apimachinery's validation. The CRDs the chart can render (ServiceMonitor, KEDA
+// ScaledObject, cert-manager Certificate and Issuer) are not in k8s.io/api and are
+// checked against local structs of the fields the chart uses.
 //
 // With -extract DIR it also writes what the lock-step test needs: the leasehold
 // container's config file, arguments and environment, the preStop command, and the
@@ -32,6 +32,12 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
+// SecretKeySelector: a key of a Secret in the object's namespace (prometheus-operator).
+type SecretKeySelector struct {
+	Name string `json:"name"`
+	Key  string `json:"key"`
+}
+
 // ServiceMonitor: the fields of monitoring.coreos.com/v1 the chart renders.
 type ServiceMonitor struct {
 	metav1.TypeMeta   `json:",inline"`
@@ -39,11 +45,179 @@ type ServiceMonitor struct {
 	Spec              struct {
 		Selector  metav1.LabelSelector `json:"selector"`
 		Endpoints []struct {
-			Port     string `json:"port"`
-			Path     string `json:"path"`
-			Interval string `json:"interval"`
+			Port      string `json:"port"`
+			Path      string `json:"path"`
+			Interval  string `json:"interval"`
+			Scheme    string `json:"scheme,omitempty"`
+			TLSConfig *struct {
+				CA struct {
+					Secret    *SecretKeySelector `json:"secret,omitempty"`
+					ConfigMap *SecretKeySelector `json:"configMap,omitempty"`
+				} `json:"ca"`
+				ServerName         string `json:"serverName,omitempty"`
+				InsecureSkipVerify *bool  `json:"insecureSkipVerify,omitempty"`
+			} `json:"tlsConfig,omitempty"`
+			BearerTokenSecret *SecretKeySelector `json:"bearerTokenSecret,omitempty"`
 		} `json:"endpoints"`
 	} `json:"spec"`
+}
+
+// IssuerRef: a cert-manager issuer reference.
+type IssuerRef struct {
+	Name  string `json:"name"`
+	Kind  string `json:"kind,omitempty"`
+	Group string `json:"group,omitempty"`
+}
+
+// Certificate: the fields of cert-manager.io/v1 the chart renders.
+type Certificate struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		SecretName  string   `json:"secretName"`
+		CommonName  string   `json:"commonName,omitempty"`
+		DNSNames    []string `json:"dnsNames,omitempty"`
+		IPAddresses []string `json:"ipAddresses,omitempty"`
+		Duration    string   `json:"duration,omitempty"`
+		RenewBefore string   `json:"renewBefore,omitempty"`
+		IsCA        bool     `json:"isCA,omitempty"`
+		Usages      []string `json:"usages,omitempty"`
+		PrivateKey  *struct {
+			Algorithm      string `json:"algorithm,omitempty"`
+			Size           int    `json:"size,omitempty"`
+			Encoding       string `json:"encoding,omitempty"`
+			RotationPolicy string `json:"rotationPolicy,omitempty"`
+		} `json:"privateKey,omitempty"`
+		IssuerRef IssuerRef `json:"issuerRef"`
+	} `json:"spec"`
+}
+
+// Issuer: the fields of cert-manager.io/v1 the chart renders (self-signed and CA issuers).
+type Issuer struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		SelfSigned *struct{} `json:"selfSigned,omitempty"`
+		CA         *struct {
+			SecretName string `json:"secretName"`
+		} `json:"ca,omitempty"`
+	} `json:"spec"`
+}
+
+// Enumerations of cert-manager and prometheus-operator fields (their CRDs' schemas).
+var (
+	certUsages = map[string]bool{"signing": true, "digital signature": true, "content commitment": true,
+		"key encipherment": true, "key agreement": true, "data encipherment": true, "cert sign": true,
+		"crl sign": true, "encipher only": true, "decipher only": true, "any": true, "server auth": true,
+		"client auth": true, "code signing": true, "email protection": true, "s/mime": true,
+		"ipsec end system": true, "ipsec tunnel": true, "ipsec user": true, "timestamping": true,
+		"ocsp signing": true, "microsoft sgc": true, "netscape sgc": true}
+	keyAlgorithms   = map[string]bool{"RSA": true, "ECDSA": true, "Ed25519": true}
+	keyEncodings    = map[string]bool{"PKCS1": true, "PKCS8": true}
+	rotationPolicys = map[string]bool{"Never": true, "Always": true}
+	goDuration      = regexp.MustCompile(`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`)
+)
+
+// checkCertificate: what cert-manager's webhook would refuse, for the fields the chart sets.
+func checkCertificate(c *Certificate) []string {
+	var errs []string
+	s := c.Spec
+	if s.SecretName == "" {
+		errs = append(errs, "spec.secretName is required")
+	}
+	for _, e := range validation.IsDNS1123Subdomain(s.SecretName) {
+		errs = append(errs, fmt.Sprintf("spec.secretName %q: %s", s.SecretName, e))
+	}
+	if s.CommonName == "" && len(s.DNSNames) == 0 && len(s.IPAddresses) == 0 {
+		errs = append(errs, "at least one of commonName, dnsNames, ipAddresses is required")
+	}
+	if len(s.CommonName) > 64 {
+		errs = append(errs, fmt.Sprintf("spec.commonName %q: longer than 64 bytes", s.CommonName))
+	}
+	for _, d := range s.DNSNames {
+		if d != "localhost" {
+			for _, e := range validation.IsDNS1123Subdomain(d) {
+				errs = append(errs, fmt.Sprintf("spec.dnsNames %q: %s", d, e))
+			}
+		}
+	}
+	for _, ip := range s.IPAddresses {
+		for _, e := range validation.IsValidIP(nil, ip) {
+			errs = append(errs, fmt.Sprintf("spec.ipAddresses %q: %s", ip, e.Detail))
+		}
+	}
+	for name, d := range map[string]string{"duration": s.Duration, "renewBefore": s.RenewBefore} {
+		if d != "" && !goDuration.MatchString(d) {
+			errs = append(errs, fmt.Sprintf("spec.%s %q: not a duration", name, d))
+		}
+	}
+	for _, u := range s.Usages {
+		if !certUsages[u] {
+			errs = append(errs, fmt.Sprintf("spec.usages %q: unknown usage", u))
+		}
+	}
+	if k := s.PrivateKey; k != nil {
+		if k.Algorithm != "" && !keyAlgorithms[k.Algorithm] {
+			errs = append(errs, fmt.Sprintf("spec.privateKey.algorithm %q: not RSA, ECDSA or Ed25519", k.Algorithm))
+		}
+		if k.Algorithm == "ECDSA" && k.Size != 0 && k.Size != 256 && k.Size != 384 && k.Size != 521 {
+			errs = append(errs, fmt.Sprintf("spec.privateKey.size %d: ECDSA takes 256, 384 or 521", k.Size))
+		}
+		if k.Encoding != "" && !keyEncodings[k.Encoding] {
+			errs = append(errs, fmt.Sprintf("spec.privateKey.encoding %q: not PKCS1 or PKCS8", k.Encoding))
+		}
+		if k.RotationPolicy != "" && !rotationPolicys[k.RotationPolicy] {
+			errs = append(errs, fmt.Sprintf("spec.privateKey.rotationPolicy %q: not Never or Always", k.RotationPolicy))
+		}
+	}
+	if s.IssuerRef.Name == "" {
+		errs = append(errs, "spec.issuerRef.name is required")
+	}
+	return errs
+}
+
+func checkIssuer(i *Issuer) []string {
+	n := 0
+	if i.Spec.SelfSigned != nil {
+		n++
+	}
+	if i.Spec.CA != nil {
+		n++
+		if i.Spec.CA.SecretName == "" {
+			return []string{"spec.ca.secretName is required"}
+		}
+	}
+	if n != 1 {
+		return []string{"exactly one of spec.selfSigned and spec.ca is required"}
+	}
+	return nil
+}
+
+func checkServiceMonitor(m *ServiceMonitor) []string {
+	var errs []string
+	for i, e := range m.Spec.Endpoints {
+		if e.Scheme != "" && e.Scheme != "http" && e.Scheme != "https" {
+			errs = append(errs, fmt.Sprintf("spec.endpoints[%d].scheme %q: not http or https", i, e.Scheme))
+		}
+		if t := e.TLSConfig; t != nil {
+			if (t.CA.Secret != nil) == (t.CA.ConfigMap != nil) {
+				errs = append(errs, fmt.Sprintf("spec.endpoints[%d].tlsConfig.ca: exactly one of secret and configMap", i))
+			}
+			if t.InsecureSkipVerify != nil && *t.InsecureSkipVerify {
+				errs = append(errs, fmt.Sprintf("spec.endpoints[%d].tlsConfig.insecureSkipVerify: the chart must verify certificates", i))
+			}
+		}
+		refs := []*SecretKeySelector{e.BearerTokenSecret}
+		if e.TLSConfig != nil {
+			refs = append(refs, e.TLSConfig.CA.Secret, e.TLSConfig.CA.ConfigMap)
+		}
+		for _, r := range refs {
+			if r != nil && (r.Name == "" || r.Key == "") {
+				errs = append(errs, fmt.Sprintf("spec.endpoints[%d]: a Secret or ConfigMap reference needs name and key", i))
+			}
+		}
+	}
+	return errs
 }
 
 // ScaledObject: the fields of keda.sh/v1alpha1 the chart renders.
@@ -71,6 +245,8 @@ func newObject(apiVersion, kind string) (interface{}, bool) {
 		return &corev1.ConfigMap{}, true
 	case "v1/Service":
 		return &corev1.Service{}, true
+	case "v1/Secret":
+		return &corev1.Secret{}, true
 	case "v1/ServiceAccount":
 		return &corev1.ServiceAccount{}, true
 	case "v1/Pod":
@@ -89,6 +265,10 @@ func newObject(apiVersion, kind string) (interface{}, bool) {
 		return &ServiceMonitor{}, true
 	case "keda.sh/v1alpha1/ScaledObject":
 		return &ScaledObject{}, true
+	case "cert-manager.io/v1/Certificate":
+		return &Certificate{}, true
+	case "cert-manager.io/v1/Issuer":
+		return &Issuer{}, true
 	}
 	return nil, false
 }
@@ -151,6 +331,7 @@ func main() {
 		}
 		count++
 		var meta metav1.ObjectMeta
+		var errs []string
 		switch o := obj.(type) {
 		case *corev1.ConfigMap:
 			meta = o.ObjectMeta
@@ -165,6 +346,11 @@ func main() {
 			meta = o.ObjectMeta
 		case *corev1.ServiceAccount:
 			meta = o.ObjectMeta
+		case *corev1.Secret:
+			meta = o.ObjectMeta
+			if o.StringData != nil {
+				errs = append(errs, "stringData: the chart renders data")
+			}
 		case *appsv1.StatefulSet:
 			meta = o.ObjectMeta
 		case *policyv1.PodDisruptionBudget:
@@ -175,10 +361,17 @@ func main() {
 			meta = o.ObjectMeta
 		case *ServiceMonitor:
 			meta = o.ObjectMeta
+			errs = checkServiceMonitor(o)
 		case *ScaledObject:
 			meta = o.ObjectMeta
+		case *Certificate:
+			meta = o.ObjectMeta
+			errs = checkCertificate(o)
+		case *Issuer:
+			meta = o.ObjectMeta
+			errs = checkIssuer(o)
 		}
-		for _, e := range checkMeta(meta) {
+		for _, e := range append(checkMeta(meta), errs...) {
 			failures = append(failures, fmt.Sprintf("%s %s: %s", tm.Kind, meta.Name, e))
 		}
 	}
