@@ -498,6 +498,9 @@ async fn rotated_certificates_are_used_by_new_connections_and_no_call_fails() {
             &key,
             "--tls-reload-interval",
             "200ms",
+            // One instance: no peer traffic.
+            "--allow-plaintext-peers",
+            "true",
         ]
         .map(String::from)
         .to_vec(),
@@ -608,9 +611,16 @@ async fn an_expired_certificate_stops_the_start_with_exit_64() {
         id: "n0".into(),
         // Never reached: the certificate is checked first.
         etcd: "http://127.0.0.1:1".into(),
-        args: ["--tls-cert", &cert, "--tls-key", &key]
-            .map(String::from)
-            .to_vec(),
+        args: [
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--allow-plaintext-peers",
+            "true",
+        ]
+        .map(String::from)
+        .to_vec(),
     });
     assert_eq!(n0.wait_exit(Duration::from_secs(20)).await, Some(64));
     let log = n0.log_text();
@@ -658,6 +668,12 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
         (c["unowned_shards"] == 0 && n0.ready()).then_some(())
     })
     .await;
+
+    // Connections that send nothing are closed, so they cannot hold the plane's slots.
+    let idle: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", n0.admin_port)).unwrap())
+        .collect();
+    let idle_since = Instant::now();
 
     // A 1 MiB key: refused, naming the limit.
     let e = call(plain_channel(n0.grpc_port), &"k".repeat(1 << 20))
@@ -727,6 +743,17 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
     let sent = pulled.load(std::sync::atomic::Ordering::Relaxed);
     eprintln!("endless Dispatch stream: {sent} messages taken in ~2 s");
     assert!(sent < 100_000, "the stream was read without bound: {sent}");
+    for mut c in idle {
+        use std::io::Read;
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut buf = [0u8; 1];
+        let closed = matches!(c.read(&mut buf), Ok(0) | Err(_));
+        assert!(
+            closed && idle_since.elapsed() < Duration::from_secs(14),
+            "an idle connection stayed open {:?}",
+            idle_since.elapsed()
+        );
+    }
     let peak = peak_rss_mib(n0.pid());
     eprintln!("peak RSS {peak} MiB (bound {RSS_BOUND_MIB} MiB)");
     assert!(peak < RSS_BOUND_MIB, "peak RSS {peak} MiB");

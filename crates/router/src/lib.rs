@@ -772,9 +772,24 @@ impl Router {
             ));
         }
         let partition = record.partition_ref();
+        let known = view.fence(&partition);
+        // A fence is the etcd revision of a claim: past it, the routing table shows every
+        // claim up to there. A record ahead of what the table shows waits for it; one
+        // whose claim the table should show but does not was never claimed (a forged
+        // fence would otherwise fence the partition's real records here).
+        if record.fence > known {
+            return Err(if view.revision as u64 >= record.fence {
+                CallError::InvalidArgument(format!(
+                    "record {}/{}@{} carries fence {} but no claim of its partition has it (latest {known})",
+                    record.topic, record.partition, record.offset, record.fence
+                ))
+            } else {
+                CallError::Unavailable("routing table behind the record's claim".into())
+            });
+        }
         let mut fences = self.inner.fences.lock().expect("fences lock");
         let seen = fences.get(&partition).copied().unwrap_or(0);
-        let latest = seen.max(view.fence(&partition));
+        let latest = seen.max(known);
         if record.fence < latest {
             return Err(CallError::Fenced(format!(
                 "record {}/{}@{} was read under claim {} of its partition; claim {} superseded it",

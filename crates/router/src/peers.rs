@@ -143,9 +143,21 @@ impl Peers {
         }
     }
 
+    /// Channels and streams are kept per address *and* identity: a member that comes back
+    /// at the same address with another certificate gets a new connection checked for
+    /// its new identity.
+    fn cache_key(peer: &PeerAddress) -> String {
+        if peer.identity.is_empty() {
+            peer.address.clone()
+        } else {
+            format!("{}#{}", peer.address, peer.identity)
+        }
+    }
+
     fn client(&self, peer: &PeerAddress) -> Result<PeerClient<Channel>, PeerError> {
         let address = peer.address.as_str();
-        if let Some(c) = self.channels.read().expect("peers lock").get(address) {
+        let key = Self::cache_key(peer);
+        if let Some(c) = self.channels.read().expect("peers lock").get(&key) {
             return Ok(c.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -175,7 +187,7 @@ impl Peers {
         self.channels
             .write()
             .expect("peers lock")
-            .insert(address.to_owned(), client.clone());
+            .insert(key, client.clone());
         Ok(client)
     }
 
@@ -190,9 +202,10 @@ impl Peers {
     /// The peer's Dispatch stream, opened on first use or after it broke.
     fn stream(&self, peer: &PeerAddress) -> Result<Arc<PeerStream>, PeerError> {
         let address = peer.address.as_str();
+        let key = Self::cache_key(peer);
         let mut streams = self.streams.lock().expect("streams lock");
         if let Some(s) = streams
-            .get(address)
+            .get(&key)
             .filter(|s| !s.closed.load(Ordering::Acquire))
         {
             return Ok(s.clone());
@@ -234,7 +247,7 @@ impl Peers {
                 Err(_) => reader.fail_all(PeerError::NotSent(peer.clone())),
             }
         });
-        streams.insert(address.to_owned(), stream.clone());
+        streams.insert(key, stream.clone());
         Ok(stream)
     }
 

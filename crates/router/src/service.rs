@@ -108,9 +108,9 @@ impl PeerService {
     /// registered, and the connection's certificate (already verified against the peer CA
     /// by the handshake) must carry the identity the member registered. Refused calls
     /// never reach the handler.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<PeerCaller>, Status> {
         if self.router.options().peer_tls.is_none() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(cert) = request
             .extensions()
@@ -126,23 +126,35 @@ impl PeerService {
             .get(MEMBER_HEADER)
             .and_then(|v| v.to_str().ok())
             .ok_or_else(|| refused("peer calls must name their member (leasehold-member)"))?;
+        let caller = PeerCaller {
+            member: MemberId(sender.to_owned()),
+            cert,
+        };
+        self.check(&caller)?;
+        Ok(Some(caller))
+    }
+
+    /// The caller is a registered member and its certificate carries the identity that
+    /// member registered (checked per call: a member whose lease ended stops here).
+    fn check(&self, caller: &PeerCaller) -> Result<(), Status> {
         let view = self.router.coord().view();
         if !view.synced {
             return Err(Status::unavailable("routing table not synced; retry"));
         }
+        let sender = &caller.member;
         let member = view
             .members
-            .get(&MemberId(sender.to_owned()))
-            .ok_or_else(|| refused(&format!("{sender:?} is not a registered member")))?;
-        if member.peer.identity.is_empty() || !cert.names.contains(&member.peer.identity) {
+            .get(sender)
+            .ok_or_else(|| refused(&format!("{sender} is not a registered member")))?;
+        if !caller.cert.has_dns_name(&member.peer.identity) {
             tracing::warn!(
-                sender,
+                %sender,
                 registered_identity = %member.peer.identity,
-                certificate = %cert,
+                certificate = %caller.cert,
                 "peer call refused: the certificate does not carry the member's identity"
             );
             return Err(refused(&format!(
-                "the client certificate does not carry the identity member {sender:?} registered"
+                "the client certificate does not carry the identity member {sender} registered"
             )));
         }
         Ok(())
@@ -205,7 +217,7 @@ impl Peer for PeerService {
         &self,
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request).map_err(with_origin)?;
         let timeout = client_timeout(&request);
         match self.run(request.into_inner(), timeout).await {
             Ok(r) => Ok(Response::new(r)),
@@ -230,7 +242,7 @@ impl Peer for PeerService {
         &self,
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<DispatchStream>, Status> {
-        self.authorize(&request)?;
+        let caller = self.authorize(&request)?;
         let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
             self.router.options().max_dispatch_in_flight,
         ));
@@ -254,6 +266,22 @@ impl Peer for PeerService {
                     _ = closing.cancelled() => break,
                 };
                 let Ok(Some(req)) = req else { break };
+                if let Some(caller) = &caller {
+                    if let Err(refusal) = this.check(caller) {
+                        // Answer what was read, then end the stream.
+                        let answer = pb::DispatchResponse {
+                            id: req.id,
+                            answer: None,
+                            error: Some(pb::DispatchError {
+                                code: refusal.code() as i32,
+                                message: refusal.message().to_owned(),
+                                kind: "unavailable".into(),
+                            }),
+                        };
+                        let _ = tx.send(Ok(answer)).await;
+                        break;
+                    }
+                }
                 this.router.inner.metrics.stream_calls.inc();
                 let (this, tx) = (this.clone(), tx.clone());
                 tasks.spawn(async move {
@@ -290,8 +318,22 @@ impl Peer for PeerService {
     }
 }
 
+/// A peer whose calls were accepted: who it says it is, and its certificate.
+struct PeerCaller {
+    member: MemberId,
+    cert: std::sync::Arc<leasehold_tls::CertInfo>,
+}
+
 fn refused(why: &str) -> Status {
     Status::permission_denied(format!("peer call refused: {why}"))
+}
+
+/// Marks a refusal as this receiver's answer, so the sender knows the call never ran.
+fn with_origin(mut status: Status) -> Status {
+    let metadata = status.metadata_mut();
+    metadata.insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
+    metadata.insert(KIND_HEADER, MetadataValue::from_static("unavailable"));
+    status
 }
 
 #[cfg(test)]

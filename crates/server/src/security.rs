@@ -82,9 +82,13 @@ impl Security {
                             field: "peer_cert",
                             source: TlsError::Invalid {
                                 path: cert.to_owned(),
-                                reason: "the certificate has no name (DNS SAN or CN) to identify this member by".into(),
+                                reason: "the certificate has no DNS name (subject alternative name) to identify this member by".into(),
                             },
                         })?;
+                // The identity is registered once per lease: a rotated certificate must
+                // keep it, or peers would refuse this member until a restart.
+                server.pin_identity(identity.clone());
+                client.pin_identity(identity.clone());
                 (Some(server), Some(client), identity)
             }
             _ => (None, None, String::new()),
@@ -194,6 +198,27 @@ impl Security {
     }
 }
 
+/// Refuses a rotated peer certificate that no longer carries the registered identity.
+trait PinIdentity {
+    fn pin_identity(&self, identity: String);
+}
+
+impl<T: Send + Sync + 'static> PinIdentity for Reloading<T> {
+    fn pin_identity(&self, identity: String) {
+        self.require(move |cert| {
+            if cert.has_dns_name(&identity) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the new peer certificate does not carry this member's identity {identity:?} \
+                     (names {:?}); keeping the current one (a new identity needs a restart)",
+                    cert.dns_names
+                ))
+            }
+        });
+    }
+}
+
 /// Who may use the admin plane: with a token configured, requests it protects must carry
 /// `Authorization: Bearer <token>`.
 pub struct AdminAuthz {
@@ -227,9 +252,11 @@ impl AdminAuthz {
         if !mutation && self.mode == AdminAuth::Mutations {
             return Ok(());
         }
+        // The scheme is case-insensitive (RFC 9110).
         let given = authorization
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(|h| h.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
             .ok_or(Denied::Missing)?;
         if constant_time_eq(given.as_bytes(), token.current().as_bytes()) {
             Ok(())
@@ -305,6 +332,7 @@ mod tests {
         assert_eq!(a.check(Some("Basic eA=="), true), Err(Denied::Missing));
         assert_eq!(a.check(Some("Bearer nope"), true), Err(Denied::Wrong));
         assert_eq!(a.check(Some("Bearer s3cret"), true), Ok(()));
+        assert_eq!(a.check(Some("bearer  s3cret"), true), Ok(()));
         assert_eq!(a.check(None, false), Ok(()), "reads are open");
         let (a, _g) = authz(AdminAuth::All);
         assert_eq!(a.check(None, false), Err(Denied::Missing));

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
+use std::future::Future;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -17,6 +18,9 @@ use crate::{CertInfo, Reloading};
 
 /// A TLS handshake that has not finished in this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that sends nothing (no HTTP/2 preface, no HTTP/1 request) for this long
+/// after it was accepted is closed: idle connections must not hold the plane's slots.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What a service learns about the connection a request came on (tonic puts it in the
 /// request's extensions).
@@ -37,6 +41,19 @@ pub struct Conn {
     io: Io,
     info: ConnInfo,
     _slot: OwnedSemaphorePermit,
+    /// Until the first byte arrives: when it fires, reads fail and the server closes.
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Conn {
+    fn new(io: Io, info: ConnInfo, slot: OwnedSemaphorePermit) -> Self {
+        Self {
+            io,
+            info,
+            _slot: slot,
+            first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for Conn {
@@ -53,10 +70,26 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if let Some(timer) = this.first_byte.as_mut() {
+            match &read {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_byte = None,
+                Poll::Pending if timer.as_mut().poll(cx).is_ready() => {
+                    tracing::debug!(remote = %this.info.remote, "connection sent nothing within {FIRST_BYTE_TIMEOUT:?}; closed");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no request within the first-byte timeout",
+                    )));
+                }
+                _ => {}
+            }
         }
+        read
     }
 }
 
@@ -167,14 +200,11 @@ pub fn incoming(
             };
             let _ = tcp.set_nodelay(true);
             let Some(tls) = tls.clone() else {
-                let conn = Conn {
-                    io: Io::Plain(tcp),
-                    info: ConnInfo {
-                        remote,
-                        peer_cert: None,
-                    },
-                    _slot: slot,
+                let info = ConnInfo {
+                    remote,
+                    peer_cert: None,
                 };
+                let conn = Conn::new(Io::Plain(tcp), info, slot);
                 if tx.send(conn).await.is_err() {
                     return;
                 }
@@ -192,11 +222,8 @@ pub fn incoming(
                             .and_then(|c| c.first())
                             .and_then(|c| CertInfo::parse(c))
                             .map(Arc::new);
-                        let conn = Conn {
-                            io: Io::Tls(Box::new(stream)),
-                            info: ConnInfo { remote, peer_cert },
-                            _slot: slot,
-                        };
+                        let info = ConnInfo { remote, peer_cert };
+                        let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot);
                         let _ = tx.send(conn).await;
                     }
                     Ok(Err(e)) => {

@@ -23,8 +23,12 @@ pub struct CertInfo {
     pub subject: String,
     /// Who signed it.
     pub issuer: String,
-    /// DNS and URI subject alternative names, IP addresses, and the common name.
+    /// DNS and URI subject alternative names, IP addresses, and the common name (for
+    /// people: what the certificate says it is).
     pub names: Vec<String>,
+    /// The DNS subject alternative names only: what TLS name checks use, and so what an
+    /// identity check must use too.
+    pub dns_names: Vec<String>,
     pub not_after: SystemTime,
 }
 
@@ -34,10 +38,15 @@ impl CertInfo {
         use x509_parser::extensions::GeneralName;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let mut names = Vec::new();
+        let mut dns_names = Vec::new();
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for name in &san.value.general_names {
                 match name {
-                    GeneralName::DNSName(n) | GeneralName::URI(n) => names.push((*n).to_owned()),
+                    GeneralName::DNSName(n) => {
+                        names.push((*n).to_owned());
+                        dns_names.push((*n).to_owned());
+                    }
+                    GeneralName::URI(n) => names.push((*n).to_owned()),
                     GeneralName::IPAddress(ip) => match ip.len() {
                         4 => names.push(
                             std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*ip).ok()?).to_string(),
@@ -63,6 +72,7 @@ impl CertInfo {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
             names,
+            dns_names,
             not_after: UNIX_EPOCH + Duration::from_secs(not_after.max(0) as u64),
         })
     }
@@ -80,9 +90,15 @@ impl CertInfo {
         }
     }
 
-    /// The first name: the identity a member registers (a DNS name, else the CN).
+    /// The first DNS name: the identity a member registers (peers check the
+    /// certificate for it the way TLS checks a server's name).
     pub fn identity(&self) -> Option<&str> {
-        self.names.first().map(String::as_str)
+        self.dns_names.first().map(String::as_str)
+    }
+
+    /// Whether `name` is one of the DNS names (case-insensitive, as DNS is).
+    pub fn has_dns_name(&self, name: &str) -> bool {
+        !name.is_empty() && self.dns_names.iter().any(|n| n.eq_ignore_ascii_case(name))
     }
 }
 
@@ -339,6 +355,12 @@ mod tests {
             "{info}"
         );
         assert_eq!(info.identity(), Some("peer.example"));
+        assert_eq!(
+            info.dns_names,
+            vec!["peer.example"],
+            "the CN is not a DNS name"
+        );
+        assert!(info.has_dns_name("PEER.example") && !info.has_dns_name("leasehold-peer"));
         assert!(info.subject.contains("leasehold-peer"));
         assert!(info.remaining(SystemTime::now()).is_some());
     }

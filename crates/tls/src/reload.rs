@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{CertInfo, TlsError};
 
 type Build<T> = dyn Fn() -> Result<(T, Option<CertInfo>), TlsError> + Send + Sync;
+type Check = dyn Fn(&CertInfo) -> Result<(), String> + Send + Sync;
 
 /// A value (a rustls config) built from files; [`Reload::reload_if_changed`] rebuilds it
 /// when their contents changed. Readers take the current value per connection.
@@ -21,6 +22,8 @@ pub struct Reloading<T> {
     current: RwLock<(Arc<T>, Option<CertInfo>)>,
     /// Hash of the files' contents the current value was built from.
     built_from: Mutex<u64>,
+    /// What a rebuilt certificate must satisfy (see [`Reloading::require`]).
+    check: Mutex<Option<Box<Check>>>,
 }
 
 impl<T: Send + Sync + 'static> Reloading<T> {
@@ -38,7 +41,15 @@ impl<T: Send + Sync + 'static> Reloading<T> {
             build: Box::new(build),
             current: RwLock::new((Arc::new(value), cert)),
             built_from: Mutex::new(stamp),
+            check: Mutex::new(None),
         }))
+    }
+
+    /// A condition every later certificate must meet to replace the current one (e.g.
+    /// keep the identity this instance registered); one that does not is refused like
+    /// unreadable files.
+    pub fn require(&self, check: impl Fn(&CertInfo) -> Result<(), String> + Send + Sync + 'static) {
+        *self.check.lock().expect("tls lock") = Some(Box::new(check));
     }
 
     pub fn current(&self) -> Arc<T> {
@@ -68,7 +79,16 @@ impl<T: Send + Sync + 'static> Reload for Reloading<T> {
         if *built_from == stamp {
             return None;
         }
-        Some((self.build)().map(|(value, cert)| {
+        let built = (self.build)().and_then(|(value, cert)| {
+            if let (Some(check), Some(c)) = (self.check.lock().expect("tls lock").as_ref(), &cert) {
+                check(c).map_err(|reason| TlsError::Invalid {
+                    path: self.files.first().cloned().unwrap_or_default(),
+                    reason,
+                })?;
+            }
+            Ok((value, cert))
+        });
+        Some(built.map(|(value, cert)| {
             *self.current.write().expect("tls lock") = (Arc::new(value), cert);
             *built_from = stamp;
         }))

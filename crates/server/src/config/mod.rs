@@ -175,6 +175,11 @@ settings! {
     /// This instance's peer private key (PEM).
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
     peer_key: Option<String> = None,
+    /// Run a plaintext peer plane although the client or admin plane has TLS (only on a
+    /// network where nothing else can reach the peer port: anyone who can reach it can
+    /// run calls).
+    #[serde(with = "values::boolean")]
+    allow_plaintext_peers: bool = false,
     /// CA (PEM) a `grpcs://` handler's certificate must be signed by.
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
     handler_ca: Option<String> = None,
@@ -616,6 +621,15 @@ impl ServeOptions {
             return Err(ConfigError::field(
                 "tls_cert",
                 "required when tls_client_ca is set (mutual TLS needs TLS)",
+            ));
+        }
+        let other_tls = self.tls_cert.is_some() || self.admin_tls_cert.is_some();
+        if other_tls && self.peer_ca.is_none() && !self.allow_plaintext_peers {
+            return Err(ConfigError::field(
+                "peer_ca",
+                "the client or admin plane has TLS but the peer plane would be plaintext, \
+                 letting anyone who reaches the peer port run calls: set peer_ca, peer_cert \
+                 and peer_key (or allow_plaintext_peers = true on a closed network)",
             ));
         }
         let peer = [&self.peer_ca, &self.peer_cert];

@@ -94,6 +94,48 @@ fn errors_name_the_field_its_flag_variable_and_source() {
         (vec!["--id", "a b"], vec![], "", "invalid id"),
         (vec!["--log-format", "xml"], vec![], "", "invalid log_format"),
         (
+            vec!["--tls-cert", "c.pem", "--tls-key", "c.key"],
+            vec![],
+            "",
+            "invalid peer_ca (--peer-ca / LEASEHOLD_PEER_CA): the client or admin plane has TLS but the peer plane would be plaintext",
+        ),
+        (
+            vec!["--tls-cert", "c.pem"],
+            vec![],
+            "",
+            "invalid tls_key (--tls-key / LEASEHOLD_TLS_KEY): required when tls_cert is set",
+        ),
+        (
+            vec!["--peer-ca", "ca.pem"],
+            vec![],
+            "",
+            "invalid peer_cert (--peer-cert / LEASEHOLD_PEER_CERT): peer TLS is mutual",
+        ),
+        (
+            vec!["--handler", "grpcs://h:1"],
+            vec![],
+            "",
+            "invalid handler_ca (--handler-ca / LEASEHOLD_HANDLER_CA): required for a grpcs:// handler",
+        ),
+        (
+            vec!["--etcd", "https://e:2379"],
+            vec![],
+            "",
+            "invalid etcd_ca (--etcd-ca / LEASEHOLD_ETCD_CA): required for https:// etcd endpoints",
+        ),
+        (
+            vec!["--admin-auth", "all"],
+            vec![],
+            "",
+            "invalid admin_token_file (--admin-token-file / LEASEHOLD_ADMIN_TOKEN_FILE): required when admin_auth is all",
+        ),
+        (
+            vec!["--allow-plaintext-peers", "maybe"],
+            vec![],
+            "",
+            "invalid allow_plaintext_peers",
+        ),
+        (
             vec![],
             vec![],
             "max_concurrency = \"lots\"",

@@ -76,6 +76,33 @@ pub mod num {
     }
 }
 
+/// Booleans from TOML (`true`) or from a variable or flag (`"true"`, `"false"`).
+pub mod boolean {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Bool(bool),
+        Str(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        match Given::deserialize(d)? {
+            Given::Bool(b) => Ok(b),
+            Given::Str(s) => match s.trim() {
+                "true" => Ok(true),
+                "false" => Ok(false),
+                other => Err(de::Error::custom(format!("{other:?} is not true or false"))),
+            },
+        }
+    }
+
+    pub fn serialize<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*v)
+    }
+}
+
 /// Durations as humans write them: `"5s"`, `"500ms"`, `"1m 30s"`.
 pub mod duration {
     use super::*;
