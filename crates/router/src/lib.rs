@@ -601,9 +601,12 @@ impl Router {
                     match view.owner(job.shard) {
                         Some(o) if o.owner != *coord.member_id() => {
                             self.inner.metrics.forwards.inc();
+                            // The member's own record (rewritten under every lease) says
+                            // where it takes peer calls now; the shard key's copy is what
+                            // it said when it acquired the shard.
+                            let peer = view.members.get(&o.owner).map_or(&o.peer, |m| &m.peer);
                             // Boxed: the forward future is large and the owner path should not carry it.
-                            match Box::pin(self.forward(job, &o.peer, o.epoch, &mut changes)).await
-                            {
+                            match Box::pin(self.forward(job, peer, o.epoch, &mut changes)).await {
                                 Forwarded::Done(result) => return settle(result, sent_unanswered),
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
