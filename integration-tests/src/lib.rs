@@ -2,6 +2,7 @@
 //! ports in temp dirs, keeps their logs (printed when a test fails), and kills what it
 //! started. Also an `EntityHandler` that checks the single-writer guarantee.
 
+pub mod baseline;
 pub mod chaos;
 pub mod checker;
 pub mod etcd_cluster;

@@ -111,9 +111,14 @@ struct Partition {
     /// Cancelled on revoke: a dispatch still waiting in this instance (for an owner, a
     /// lease, its key's turn, a peer's answer) is dropped rather than run late.
     cancel: CancellationToken,
-    /// Messages consumed while the partition was at its in-flight limit, in offset order;
-    /// the partition is paused while any wait here, so the consumer loop never blocks.
+    /// Messages consumed while the partition was at its in-flight limit, in offset order
+    /// (a drain task starts them as room frees up), so the consumer loop never blocks.
     parked: Mutex<VecDeque<Parked>>,
+    /// Paused in librdkafka because `parked` reached the in-flight limit too. Only then:
+    /// a pause makes librdkafka drop what it prefetched for the partition and fetch it
+    /// again on resume (about half a second idle), so pausing at every burst that fills
+    /// the in-flight limit cut throughput to a seventh.
+    paused: AtomicBool,
     watermark: Arc<Gauge>,
     lag: Arc<Gauge>,
 }
@@ -157,6 +162,11 @@ impl Partition {
     }
 }
 
+/// How many messages a partition may park per message it may have in flight, before it
+/// is paused: enough to absorb librdkafka's prefetch bursts without pausing (a pause
+/// makes librdkafka drop and re-fetch what it prefetched).
+const PARKED_PER_IN_FLIGHT: usize = 4;
+
 /// A consumed message waiting for room in its partition.
 struct Parked {
     record: Record,
@@ -181,7 +191,8 @@ struct Metrics {
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
 /// in-flight messages finish (bounded) and commits the watermarks.
 pub struct Ingest {
-    opts: SourceOptions,
+    /// Shared, not cloned per message.
+    opts: Arc<SourceOptions>,
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     metrics: Arc<Metrics>,
@@ -248,7 +259,7 @@ impl Ingest {
             ),
         };
         Self {
-            opts,
+            opts: Arc::new(opts),
             dispatcher,
             registry: registry.clone(),
             metrics: Arc::new(metrics),
@@ -331,7 +342,21 @@ impl Ingest {
             source_name: o.name.clone(),
             error,
         };
-        let mut config = self.client_config();
+        let mut config = ClientConfig::new();
+        // librdkafka prefetches `queued.min.messages` per partition (100 000 by default):
+        // far more than may be in flight, so every burst would overflow the parking
+        // queue and pause the partition. Prefetch about what may be in flight instead
+        // (the source's properties can still set it).
+        config.set(
+            "queued.min.messages",
+            o.max_in_flight_per_partition.max(100).to_string(),
+        );
+        // When a partition's prefetch is full librdkafka postpones its next fetch by this
+        // (1 s by default): with a prefetch this small the pipeline would idle that long.
+        config.set("fetch.queue.backoff.ms", "10");
+        for (k, v) in self.client_config().config_map() {
+            config.set(k, v);
+        }
         config
             .set("group.id", &o.group)
             .set("enable.auto.commit", "true")
@@ -432,6 +457,7 @@ impl Ingest {
             resume_from: AtomicI64::new(offset),
             cancel: CancellationToken::new(),
             parked: Mutex::new(VecDeque::new()),
+            paused: AtomicBool::new(false),
             watermark: gauges.0.clone(),
             lag: gauges.1.clone(),
         })
@@ -496,8 +522,9 @@ impl Ingest {
 
     /// Starts a message, or parks it behind its partition's queue. Back-pressure without
     /// blocking the consumer loop (which must keep polling for the group and its
-    /// rebalance callbacks): a partition at its limit is paused, and its messages wait
-    /// in order until a drain task has room for them.
+    /// rebalance callbacks): a partition at its limit parks its messages, in order, until
+    /// a drain task has room for them; once as many are parked as may be in flight, the
+    /// partition is also paused (fetching stops) until its parked messages have started.
     fn admit(&self, state: &Consuming, part: Arc<Partition>, parked: Parked) {
         let worker = Worker {
             opts: self.opts.clone(),
@@ -513,6 +540,16 @@ impl Ingest {
         }
         if !queue.is_empty() {
             queue.push_back(parked);
+            if queue.len() >= PARKED_PER_IN_FLIGHT * self.opts.max_in_flight_per_partition
+                && !part.paused.swap(true, Ordering::AcqRel)
+            {
+                let (source, topic, partition) = (&self.opts.name, &part.topic, part.partition);
+                if let Err(e) = state.consumer.pause(&part.list()) {
+                    tracing::warn!(%source, %topic, partition, error = %e, "pausing a full partition failed");
+                }
+                self.metrics.paused.add(1);
+                tracing::debug!(%source, %topic, partition, parked = queue.len(), "partition at its in-flight and parking limits; paused");
+            }
             return;
         }
         if let Some(permits) = try_acquire(&state.total, &part.limit) {
@@ -521,12 +558,6 @@ impl Ingest {
             state.tasks.spawn(run);
             return;
         }
-        let (source, topic, partition) = (&self.opts.name, &part.topic, part.partition);
-        if let Err(e) = state.consumer.pause(&part.list()) {
-            tracing::warn!(%source, %topic, partition, error = %e, "pausing a full partition failed");
-        }
-        self.metrics.paused.add(1);
-        tracing::debug!(%source, %topic, partition, "partition at its in-flight limit; paused");
         queue.push_back(parked);
         drop(queue);
         state
@@ -604,7 +635,9 @@ async fn drain(worker: Worker, total: Arc<Semaphore>, tasks: TaskTracker) {
         let permits = acquire(&total, &part.limit).await;
         let mut queue = part.parked.lock().expect("parked lock");
         if part.is_revoked() {
-            worker.metrics.paused.add(-1);
+            if part.paused.swap(false, Ordering::AcqRel) {
+                worker.metrics.paused.add(-1);
+            }
             return;
         }
         let Some(next) = queue.pop_front() else {
@@ -615,11 +648,13 @@ async fn drain(worker: Worker, total: Arc<Semaphore>, tasks: TaskTracker) {
         let run = worker.clone_for(&part).start(next, permits);
         tasks.spawn(run);
         if queue.is_empty() {
-            if let Err(e) = worker.consumer.resume(&part.list()) {
-                tracing::warn!(topic = %part.topic, partition = part.partition, error = %e, "resuming a partition failed");
+            if part.paused.swap(false, Ordering::AcqRel) {
+                if let Err(e) = worker.consumer.resume(&part.list()) {
+                    tracing::warn!(topic = %part.topic, partition = part.partition, error = %e, "resuming a partition failed");
+                }
+                worker.metrics.paused.add(-1);
+                tracing::debug!(topic = %part.topic, partition = part.partition, "partition resumed");
             }
-            worker.metrics.paused.add(-1);
-            tracing::debug!(topic = %part.topic, partition = part.partition, "partition resumed");
             return;
         }
     }
@@ -696,7 +731,8 @@ struct Record {
 }
 
 struct Worker {
-    opts: SourceOptions,
+    /// Shared, not cloned per message.
+    opts: Arc<SourceOptions>,
     dispatcher: Arc<dyn Dispatcher>,
     producer: Option<FutureProducer>,
     consumer: Arc<StreamConsumer<Context>>,
