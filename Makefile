@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
 
 all: build
 
@@ -76,6 +76,13 @@ run: build kafka-deps
 	@scripts/doctor.sh cargo protoc etcd curl java maven kafka-jars
 	cargo build --bin leasehold-demo
 	LEASEHOLD_BIN=$(DEBUG_BIN) LEASEHOLD_DEMO_BIN=$(CARGO_TARGET_DIR)/debug/leasehold-demo scripts/run-local.sh
+
+# Where the time goes: perf samples of one instance under the Kafka benchmark load
+# (installs Debian's linux-perf when missing; root).
+profile: deps kafka-deps
+	@command -v perf >/dev/null || (apt-get update && apt-get install -y --no-install-recommends linux-perf)
+	cargo build --release --bin leasehold --bin leasehold-bench
+	scripts/profile.sh
 
 # Figures into docs/BENCHMARKS.md (release build; takes a few minutes).
 bench: deps
