@@ -309,6 +309,7 @@ impl Ingest {
                 _ = cancel.cancelled() => break,
                 _ = reclaim_tick.tick() => {
                     self.reclaim_fenced(&mut state, reclaim_after);
+                    self.store_missed_watermarks(&state);
                     continue;
                 }
                 m = consumer.recv() => m,
@@ -517,6 +518,44 @@ impl Ingest {
                 tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
             }
             tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
+        }
+    }
+
+    /// Stores again each partition's watermark whose last store librdkafka refused (during
+    /// a rebalance, say): otherwise a partition whose last messages were done by then
+    /// would never commit them, as nothing else would store its offset again.
+    fn store_missed_watermarks(&self, state: &Consuming) {
+        let parts: Vec<Arc<Partition>> = state
+            .partitions
+            .lock()
+            .expect("partitions lock")
+            .values()
+            .cloned()
+            .collect();
+        for part in parts {
+            if part.is_revoked() {
+                continue;
+            }
+            let Some(watermark) = part.window.lock().expect("window lock").watermark() else {
+                continue;
+            };
+            if watermark <= part.resume_from.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            if tpl
+                .add_partition_offset(&part.topic, part.partition, Offset::Offset(watermark))
+                .is_err()
+            {
+                continue;
+            }
+            let stored = state.consumer.store_offsets(&tpl).is_ok()
+                && tpl.elements().iter().all(|e| e.error().is_ok());
+            if stored {
+                part.watermark.set(watermark as f64);
+                part.resume_from.store(watermark, Ordering::Release);
+                tracing::debug!(source = %self.opts.name, topic = %part.topic, partition = part.partition, watermark, "stored a watermark a refused store had left behind");
+            }
         }
     }
 
