@@ -292,9 +292,6 @@ struct Inner {
     concurrency: Arc<Semaphore>,
     /// Calls between acceptance and their end, across all keys (`max_pending_calls`).
     pending: Arc<std::sync::atomic::AtomicUsize>,
-    /// Latest claim seen per Kafka partition in records that ran here (see
-    /// [`Router::check_fence`]).
-    fences: std::sync::Mutex<std::collections::HashMap<leasehold_coord::PartitionRef, u64>>,
     metrics: Metrics,
     /// Work that outlives a request (a handler call whose caller left, Dispatch streams),
     /// awaited at shutdown before the lease is revoked.
@@ -399,7 +396,6 @@ impl Router {
                 tasks,
                 closing: tokio_util::sync::CancellationToken::new(),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
-                fences: Default::default(),
                 coord,
                 handler,
                 opts,
@@ -758,8 +754,9 @@ impl Router {
     /// one was cut off) cannot run a record after the new assignee's re-reading started:
     /// per key, offsets stay in order.
     ///
-    /// The latest claim is the larger of the claims seen in records that ran here and
-    /// the one in the routing table. The table is required to have caught up with this
+    /// The latest claim is the one in the routing table (a record never runs with a
+    /// fence the table does not show, so no record that ran here knew a later one). The
+    /// table is required to have caught up with this
     /// instance's acquisition of the shard (`epoch`): a record of the key that ran under
     /// an earlier owner ran before that acquisition, and its consumer claimed the
     /// partition before dispatching it, so the claim is in the table by then.
@@ -790,16 +787,12 @@ impl Router {
                 CallError::Unavailable("routing table behind the record's claim".into())
             });
         }
-        let mut fences = self.inner.fences.lock().expect("fences lock");
-        let seen = fences.get(&partition).copied().unwrap_or(0);
-        let latest = seen.max(known);
-        if record.fence < latest {
+        if record.fence < known {
             return Err(CallError::Fenced(format!(
-                "record {}/{}@{} was read under claim {} of its partition; claim {} superseded it",
-                record.topic, record.partition, record.offset, record.fence, latest
+                "record {}/{}@{} was read under claim {} of its partition; claim {known} superseded it",
+                record.topic, record.partition, record.offset, record.fence
             )));
         }
-        fences.insert(partition, record.fence);
         Ok(())
     }
 }

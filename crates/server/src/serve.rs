@@ -311,14 +311,14 @@ pub async fn serve(
     let kafka_cancel = CancellationToken::new();
     let kafka = instance.start_kafka(&config, &kafka_cancel)?;
     let coord_cancel = CancellationToken::new();
-    let mut coord_task = tokio::spawn(instance.coord.clone().run(
+    let coord_task = tokio::spawn(instance.coord.clone().run(
         coord_cancel.clone(),
         Box::pin(handler_ready(instance.handler.clone())),
     ));
     let servers = Servers::start(&config, &instance, listeners, &security)?;
     run_until_stopped(
         shutdown,
-        &mut coord_task,
+        coord_task,
         kafka,
         instance,
         &config,
@@ -335,7 +335,7 @@ pub async fn serve(
 #[allow(clippy::too_many_arguments)]
 async fn run_until_stopped(
     shutdown: impl Future<Output = ()>,
-    coord_task: &mut tokio::task::JoinHandle<Result<(), leasehold_coord::Error>>,
+    mut coord_task: tokio::task::JoinHandle<Result<(), leasehold_coord::Error>>,
     mut kafka: JoinSet<Result<(), ServeError>>,
     instance: Instance,
     config: &ServeOptions,
@@ -346,7 +346,7 @@ async fn run_until_stopped(
     let mut fatal = None;
     tokio::select! {
         _ = shutdown => {}
-        r = &mut *coord_task => {
+        r = &mut coord_task => {
             servers.stop_now();
             kafka_cancel.cancel();
             return match r {
@@ -365,9 +365,15 @@ async fn run_until_stopped(
             fatal = Some(e);
         }
     }
-    let task = std::mem::replace(coord_task, tokio::spawn(async { Ok(()) }));
     instance
-        .shutdown(config, kafka, kafka_cancel, servers, coord_cancel, task)
+        .shutdown(
+            config,
+            kafka,
+            kafka_cancel,
+            servers,
+            coord_cancel,
+            coord_task,
+        )
         .await;
     tracing::info!("stopped");
     fatal.map_or(Ok(()), Err)
