@@ -518,6 +518,13 @@ async fn leasehold_group(
         "--log",
         &log,
     ];
+    // Extra instance flags for diagnosis, e.g. `--kafka-property debug=cgrp`.
+    let extra = std::env::var("KAFKA_BENCH_ARGS").unwrap_or_default();
+    let args: Vec<&str> = args
+        .iter()
+        .copied()
+        .chain(extra.split_whitespace())
+        .collect();
     let end = kafka.end_offsets("bench", 6);
     // etcd first, outside the timing: the baseline has no coordination service to start.
     let mut cluster = Cluster::start(0, &args).await;
@@ -641,8 +648,6 @@ async fn kafka_bench() -> Vec<Row> {
         );
         last = Some(cluster);
     }
-    let _ = handler.kill();
-    let _ = handler.wait();
     let [plain_noop, lh_noop, plain_grpc, lh_grpc] = samples.map(median_spread);
     let fmt = |(m, lo, hi): (f64, f64, f64)| format!("{m:.0} msg/s (3 runs: {lo:.0}–{hi:.0})");
     // Two runs' medians are only comparable when their spreads do not swamp the gap.
@@ -720,6 +725,9 @@ async fn kafka_bench() -> Vec<Row> {
         target: "report",
         met: true,
     });
+    // The last cluster's handler serves the latency run: stopped only after it.
+    let _ = handler.kill();
+    let _ = handler.wait();
     rows
 }
 
