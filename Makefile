@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps py-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
 
 all: build
 
@@ -22,6 +22,10 @@ deps:
 # Apache Kafka's jars from Maven Central, for the broker the tests and `make run` start.
 kafka-deps:
 	@scripts/install-kafka.sh
+
+# Python test tools (the Prometheus OpenMetrics parser) into $(HOME)/.cache/leasehold/venv.
+py-deps:
+	@scripts/install-python-tools.sh
 
 # helm (go install, pinned) and the manifest validator, into $(HOME)/.cache/leasehold/bin.
 helm-deps:
@@ -54,11 +58,11 @@ unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
 
 # Real etcd, real Kafka and real leasehold processes; one scenario at a time (2-core machines).
-integration: build kafka-deps
+integration: build kafka-deps py-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
 
 # Ends with one line adding up every test binary's result.
-test: deps kafka-deps helm-deps fmt-check clippy doc unused-deps licenses
+test: deps kafka-deps py-deps helm-deps fmt-check clippy doc unused-deps licenses
 	@scripts/doctor.sh
 	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
 

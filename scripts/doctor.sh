@@ -14,10 +14,10 @@ for item in "${items[@]}"; do
     exit 2
   fi
   if detail="$("check_$item" 2>&1)"; then
-    printf '%-8s %-11s %s\n' ok "$item" "$detail"
+    printf '%-8s %-12s %s\n' ok "$item" "$detail"
   else
-    printf '%-8s %-11s %s\n' MISSING "$item" "$detail"
-    printf '%-8s %-11s → %s\n' "" "" "${PREREQ_FIX[$item]}"
+    printf '%-8s %-12s %s\n' MISSING "$item" "$detail"
+    printf '%-8s %-12s → %s\n' "" "" "${PREREQ_FIX[$item]}"
     missing=1
   fi
 done

@@ -10,7 +10,7 @@
 set -euo pipefail
 . "$(dirname "$0")/prereqs.sh"
 
-apt_items=(protoc etcd curl iproute2 java maven)
+apt_items=(protoc etcd curl iproute2 java maven python)
 if [ "${1:-}" != "--system-only" ] && ! check_cargo >/dev/null 2>&1; then
   echo "error: cargo not found; ${PREREQ_FIX[cargo]}" >&2
   exit 1

@@ -11,7 +11,7 @@ cache="${LEASEHOLD_CACHE:-$HOME/.cache/leasehold}"
 prereqs_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # The order the report prints in.
-PREREQ_ITEMS=(cargo protoc etcd curl iproute2 java maven go kafka-jars helm)
+PREREQ_ITEMS=(cargo protoc etcd curl iproute2 java maven python go kafka-jars helm python-tools)
 
 declare -A PREREQ_APT=(
   [protoc]="protobuf-compiler libprotobuf-dev"
@@ -20,6 +20,7 @@ declare -A PREREQ_APT=(
   [iproute2]="iproute2"
   [java]="openjdk-17-jre-headless"
   [maven]="maven"
+  [python]="python3 python3-venv"
 )
 declare -A PREREQ_FIX=(
   [cargo]="install Rust with rustup (https://rustup.rs); the toolchain is not installed by the project"
@@ -29,6 +30,8 @@ declare -A PREREQ_FIX=(
   [iproute2]="make deps  (apt-get install iproute2)"
   [java]="make deps  (apt-get install openjdk-17-jre-headless)"
   [maven]="make deps  (apt-get install maven)"
+  [python]="make deps  (apt-get install python3 python3-venv)"
+  [python-tools]="make py-deps  (the Prometheus OpenMetrics parser from PyPI, into a virtualenv)"
   [go]="install Go 1.22 or newer (https://go.dev/dl); Debian's golang is too old for helm"
   [kafka-jars]="make kafka-deps  (Apache Kafka's jars from Maven Central)"
   [helm]="make helm-deps  (go install helm.sh/helm/v3/cmd/helm)"
@@ -103,6 +106,14 @@ check_maven() {
   echo "${out%%$'\n'*}"
 }
 
+# The integration tests run Python tools from a virtualenv (scripts/install-python-tools.sh);
+# Debian's python3 makes one only with python3-venv (ensurepip).
+check_python() {
+  command -v python3 >/dev/null || { echo "python3 not on PATH"; return 1; }
+  python3 -c "import venv, ensurepip" 2>/dev/null || { echo "$(python3 --version) cannot create a virtualenv (no ensurepip)"; return 1; }
+  echo "$(python3 --version) with venv"
+}
+
 check_go() {
   command -v go >/dev/null || { echo "go not on PATH"; return 1; }
   local v
@@ -137,4 +148,11 @@ check_helm() {
     "${want%.*}"*) echo "helm $v" ;;
     *) echo "helm ${v:-?} is not the pinned $want"; return 1 ;;
   esac
+}
+
+check_python-tools() {
+  local venv="$cache/venv" requirements="$prereqs_dir/../integration-tests/python/requirements.txt"
+  [ -x "$venv/bin/python" ] || { echo "no virtualenv at $venv"; return 1; }
+  cmp -s "$requirements" "$venv/requirements.txt" || { echo "$venv is from another requirements.txt"; return 1; }
+  echo "$("$venv/bin/python" --version) in $venv"
 }

@@ -9,6 +9,7 @@ pub mod etcd_cluster;
 pub mod kafka;
 pub mod load;
 pub mod netns;
+pub mod openmetrics;
 pub mod pki;
 pub mod proxy;
 

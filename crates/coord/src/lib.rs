@@ -173,22 +173,51 @@ struct Metrics {
     released: Arc<Counter>,
     leases_lost: Arc<Counter>,
     watch_resyncs: Arc<Counter>,
+    unowned: Arc<Gauge>,
+    is_leader: Arc<Gauge>,
+    assignment_version: Arc<Gauge>,
+    ready: Arc<Gauge>,
+    members: Arc<Gauge>,
 }
 
 impl Metrics {
     fn new(r: &Registry) -> Self {
         Self {
-            shards_owned: r.gauge("leasehold_shards_owned", "Shards this instance owns.", ""),
+            shards_owned: r.gauge("leasehold_shards_owned", "Shards this instance owns.", &[]),
             lease_slack: r.gauge(
                 "leasehold_lease_slack_seconds",
-                "Time left until the lease's valid_until at the last keepalive (negative: expired).",
-                "",
+                "Time left until the lease's valid_until at the last keepalive (negative: expired).", &[],
             ),
-            handoff: r.histogram("leasehold_handoff_duration_seconds", "Time to hand off one shard.", ""),
-            acquired: r.counter("leasehold_shard_acquisitions_total", "Shards acquired.", ""),
-            released: r.counter("leasehold_shard_releases_total", "Shards released or lost.", ""),
-            leases_lost: r.counter("leasehold_leases_lost_total", "Leases etcd reported expired.", ""),
-            watch_resyncs: r.counter("leasehold_watch_resyncs_total", "Routing table snapshots taken.", ""),
+            handoff: r.histogram("leasehold_handoff_duration_seconds", "Time to hand off one shard.", &[]),
+            acquired: r.counter("leasehold_shard_acquisitions_total", "Shards acquired.", &[]),
+            released: r.counter("leasehold_shard_releases_total", "Shards released or lost.", &[]),
+            leases_lost: r.counter("leasehold_leases_lost_total", "Leases etcd reported expired.", &[]),
+            watch_resyncs: r.counter("leasehold_watch_resyncs_total", "Routing table snapshots taken.", &[]),
+            unowned: r.gauge(
+                "leasehold_unowned_shards",
+                "Shards without an owner in this instance's routing table.",
+                &[],
+            ),
+            is_leader: r.gauge(
+                "leasehold_is_leader",
+                "1 on the instance the routing table names leader (it writes the assignment), else 0.",
+                &[],
+            ),
+            assignment_version: r.gauge(
+                "leasehold_assignment_version",
+                "Version of the assignment in this instance's routing table (0: none yet).",
+                &[],
+            ),
+            ready: r.gauge(
+                "leasehold_ready",
+                "1 while this instance is ready (registered, routing table synced, lease valid, not draining), else 0.",
+                &[],
+            ),
+            members: r.gauge(
+                "leasehold_members",
+                "Members registered in this instance's routing table.",
+                &[],
+            ),
         }
     }
 }
@@ -634,6 +663,14 @@ impl Coord {
         let m = &self.inner.metrics;
         m.lease_slack.set(self.inner.table.lease().slack());
         m.shards_owned.set(self.inner.table.held().len() as f64);
+        let view = self.view();
+        m.unowned.set(view.unowned() as f64);
+        let leader = view.leader.as_ref() == Some(self.member_id());
+        m.is_leader.set(if leader { 1.0 } else { 0.0 });
+        m.assignment_version.set(view.assignment_version as f64);
+        m.members.set(view.members.len() as f64);
+        m.ready
+            .set(if self.readiness().is_ok() { 1.0 } else { 0.0 });
     }
 }
 

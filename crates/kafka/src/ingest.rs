@@ -200,7 +200,7 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(opts: SourceOptions, dispatcher: Arc<dyn Dispatcher>, registry: &Registry) -> Self {
-        let l = format!("source=\"{}\"", opts.name);
+        let l = [("source", opts.name.as_str())];
         let metrics = Metrics {
             consumed: registry.counter(
                 "leasehold_kafka_consumed_total",
@@ -425,10 +425,12 @@ impl Ingest {
         // One series per partition for the life of the process, reused when the
         // partition comes back (a second registration would duplicate the series).
         let gauges = state.series.entry(tp.clone()).or_insert_with(|| {
-            let labels = format!(
-                "source=\"{}\",topic=\"{}\",partition=\"{}\"",
-                o.name, tp.0, tp.1
-            );
+            let partition = tp.1.to_string();
+            let labels = [
+                ("source", o.name.as_str()),
+                ("topic", tp.0.as_str()),
+                ("partition", partition.as_str()),
+            ];
             (
                 self.registry.gauge(
                     "leasehold_kafka_commit_watermark",

@@ -1,185 +1,436 @@
-//! A minimal metrics registry rendered in the Prometheus text format.
+//! Leasehold's metrics, on the Prometheus project's `prometheus-client`.
 //!
-//! Leasehold needs a dozen metrics with at most one label each; lock-free atomics on the
-//! hot path and a `render()` for `/metrics` are all it takes, so no metrics framework is
-//! pulled in.
+//! A thin layer that keeps call sites short: metrics are registered by name, help and
+//! label pairs; every name is one family (one `# TYPE` line however many label sets
+//! register under it, the mistake a hand-written registry made); `render()` produces
+//! OpenMetrics text with process metrics and the build info included.
 
-use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A monotonically increasing count.
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
+use prometheus_client::metrics::counter::Counter as PCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge as PGauge;
+use prometheus_client::metrics::histogram::Histogram as PHistogram;
 
-impl Counter {
-    pub fn inc(&self) {
-        self.add(1);
-    }
+mod process;
 
-    pub fn add(&self, n: u64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A value that goes up and down. Stored as thousandths so fractional seconds fit.
-#[derive(Debug, Default)]
-pub struct Gauge(AtomicI64);
-
-impl Gauge {
-    pub fn set(&self, v: f64) {
-        self.0.store((v * 1000.0) as i64, Ordering::Relaxed);
-    }
-
-    pub fn add(&self, v: i64) {
-        self.0.fetch_add(v * 1000, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> f64 {
-        self.0.load(Ordering::Relaxed) as f64 / 1000.0
-    }
-}
+/// Content type of [`Registry::render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Latency buckets in seconds, from 100 µs to 10 s.
-const BUCKETS: [f64; 14] = [
+pub const LATENCY_BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0,
 ];
 
-/// A latency histogram with fixed buckets.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
+
+/// A monotonically increasing count.
+#[derive(Debug, Clone, Default)]
+pub struct Counter(PCounter);
+
+impl Counter {
+    pub fn inc(&self) {
+        self.0.inc();
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.inc_by(n);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+}
+
+/// A value that goes up and down.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(PGauge<f64, AtomicU64>);
+
+impl Gauge {
+    pub fn set(&self, v: f64) {
+        self.0.set(v);
+    }
+
+    pub fn add(&self, v: i64) {
+        self.0.inc_by(v as f64);
+    }
+
+    pub fn get(&self) -> f64 {
+        self.0.get()
+    }
+}
+
+/// A latency histogram over [`LATENCY_BUCKETS`].
+#[derive(Debug, Clone)]
+pub struct Histogram(PHistogram);
 
 impl Histogram {
     pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.0.observe(d.as_secs_f64());
+    }
+}
+
+fn new_histogram() -> PHistogram {
+    PHistogram::new(LATENCY_BUCKETS)
+}
+
+type PHistogramFamily = Family<Labels, PHistogram, fn() -> PHistogram>;
+
+/// One counter name with any number of label sets.
+#[derive(Debug, Clone)]
+pub struct CounterFamily(Family<Labels, PCounter>);
+
+impl CounterFamily {
+    pub fn with(&self, pairs: &[(&str, &str)]) -> Counter {
+        Counter(self.0.get_or_create_owned(&labels(pairs)))
+    }
+
+    /// Drops one label set's series (e.g. a shard this instance no longer owns).
+    pub fn remove(&self, pairs: &[(&str, &str)]) {
+        self.0.remove(&labels(pairs));
+    }
+}
+
+/// One gauge name with any number of label sets.
+#[derive(Debug, Clone)]
+pub struct GaugeFamily(Family<Labels, PGauge<f64, AtomicU64>>);
+
+impl GaugeFamily {
+    pub fn with(&self, pairs: &[(&str, &str)]) -> Gauge {
+        Gauge(self.0.get_or_create_owned(&labels(pairs)))
+    }
+}
+
+/// One histogram name with any number of label sets.
+#[derive(Debug, Clone)]
+pub struct HistogramFamily(PHistogramFamily);
+
+impl HistogramFamily {
+    pub fn with(&self, pairs: &[(&str, &str)]) -> Histogram {
+        Histogram(self.0.get_or_create_owned(&labels(pairs)))
+    }
+}
+
+#[derive(Clone)]
+enum Registered {
+    Counter(CounterFamily),
+    Gauge(GaugeFamily),
+    Histogram(HistogramFamily),
+}
+
+impl Registered {
+    fn kind(&self) -> &'static str {
+        match self {
+            Registered::Counter(_) => "counter",
+            Registered::Gauge(_) => "gauge",
+            Registered::Histogram(_) => "histogram",
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
     }
 }
 
-enum Metric {
-    Counter(Arc<Counter>),
-    Gauge(Arc<Gauge>),
-    Histogram(Arc<Histogram>),
+/// One counter per index of a fixed range (e.g. per shard), lock-free on the hot path:
+/// a `Family` would allocate a label set per increment. Indices at zero are not rendered,
+/// so [`IndexedCounter::clear`] drops a series (e.g. a shard no longer owned here).
+#[derive(Debug)]
+pub struct IndexedCounter {
+    values: Box<[std::sync::atomic::AtomicU64]>,
 }
 
-struct Entry {
+impl IndexedCounter {
+    pub fn inc(&self, index: usize) {
+        if let Some(v) = self.values.get(index) {
+            v.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn clear(&self, index: usize) {
+        if let Some(v) = self.values.get(index) {
+            v.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, index: usize) -> u64 {
+        self.values
+            .get(index)
+            .map_or(0, |v| v.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct IndexedCollector {
     name: String,
     help: String,
-    labels: String,
-    metric: Metric,
+    label: String,
+    counter: Arc<IndexedCounter>,
+}
+
+impl prometheus_client::collector::Collector for IndexedCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        let mut family = encoder.encode_descriptor(
+            &self.name,
+            &self.help,
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for i in 0..self.counter.len() {
+            let v = self.counter.get(i);
+            if v > 0 {
+                let index = i.to_string();
+                let labels = [(self.label.as_str(), index.as_str())];
+                ConstCounter::new(v).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone)]
+enum Plain {
+    Counter(Counter),
+    Gauge(Gauge),
+    Histogram(Histogram),
+    Indexed,
+}
+
+impl Plain {
+    fn kind(&self) -> &'static str {
+        match self {
+            Plain::Counter(_) => "counter",
+            Plain::Gauge(_) => "gauge",
+            Plain::Histogram(_) => "histogram",
+            Plain::Indexed => "indexed counter",
+        }
+    }
+}
+
+struct Inner {
+    registry: prometheus_client::registry::Registry,
+    families: HashMap<String, Registered>,
+    plain: HashMap<String, Plain>,
 }
 
 /// The set of metrics one process exposes. Cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Registry {
-    entries: Arc<Mutex<Vec<Entry>>>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Registry {
+    /// A registry with the process metrics (`process_*`) and no others.
     pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Registers a counter; `labels` is either empty or `key="value"` pairs.
-    pub fn counter(&self, name: &str, help: &str, labels: &str) -> Arc<Counter> {
-        let c = Arc::new(Counter::default());
-        self.push(name, help, labels, Metric::Counter(c.clone()));
-        c
-    }
-
-    pub fn gauge(&self, name: &str, help: &str, labels: &str) -> Arc<Gauge> {
-        let g = Arc::new(Gauge::default());
-        self.push(name, help, labels, Metric::Gauge(g.clone()));
-        g
-    }
-
-    pub fn histogram(&self, name: &str, help: &str, labels: &str) -> Arc<Histogram> {
-        let h = Arc::new(Histogram::default());
-        self.push(name, help, labels, Metric::Histogram(h.clone()));
-        h
-    }
-
-    fn push(&self, name: &str, help: &str, labels: &str, metric: Metric) {
-        self.entries.lock().expect("metrics lock").push(Entry {
-            name: name.to_owned(),
-            help: help.to_owned(),
-            labels: labels.to_owned(),
-            metric,
-        });
-    }
-
-    /// Renders every metric in the Prometheus text exposition format.
-    pub fn render(&self) -> String {
-        let entries = self.entries.lock().expect("metrics lock");
-        let mut out = String::new();
-        let mut last_name = "";
-        for e in entries.iter() {
-            let kind = match e.metric {
-                Metric::Counter(_) => "counter",
-                Metric::Gauge(_) => "gauge",
-                Metric::Histogram(_) => "histogram",
-            };
-            if e.name != last_name {
-                let _ = writeln!(out, "# HELP {} {}", e.name, e.help);
-                let _ = writeln!(out, "# TYPE {} {}", e.name, kind);
-                last_name = &e.name;
-            }
-            let braces = |extra: &str| -> String {
-                let parts: Vec<&str> = [e.labels.as_str(), extra]
-                    .into_iter()
-                    .filter(|s| !s.is_empty())
-                    .collect();
-                if parts.is_empty() {
-                    String::new()
-                } else {
-                    format!("{{{}}}", parts.join(","))
-                }
-            };
-            match &e.metric {
-                Metric::Counter(c) => {
-                    let _ = writeln!(out, "{}{} {}", e.name, braces(""), c.get());
-                }
-                Metric::Gauge(g) => {
-                    let _ = writeln!(out, "{}{} {}", e.name, braces(""), g.get());
-                }
-                Metric::Histogram(h) => {
-                    let mut cumulative = 0;
-                    for (i, b) in BUCKETS.iter().enumerate() {
-                        cumulative += h.buckets[i].load(Ordering::Relaxed);
-                        let _ = writeln!(
-                            out,
-                            "{}_bucket{} {}",
-                            e.name,
-                            braces(&format!("le=\"{b}\"")),
-                            cumulative
-                        );
-                    }
-                    let count = h.count();
-                    let _ = writeln!(out, "{}_bucket{} {}", e.name, braces("le=\"+Inf\""), count);
-                    let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-                    let _ = writeln!(out, "{}_sum{} {}", e.name, braces(""), sum);
-                    let _ = writeln!(out, "{}_count{} {}", e.name, braces(""), count);
-                }
-            }
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(process::ProcessCollector));
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                registry,
+                families: HashMap::new(),
+                plain: Default::default(),
+            })),
         }
+    }
+
+    /// `leasehold_build_info{version, …} 1`.
+    pub fn build_info(&self, pairs: &[(&str, &str)]) {
+        self.gauge(
+            "leasehold_build_info",
+            "Build of this process (value 1; the labels carry the information).",
+            pairs,
+        )
+        .set(1.0);
+    }
+
+    fn family(&self, name: &str, help: &str, make: impl FnOnce() -> Registered) -> Registered {
+        let mut inner = self.inner.lock().expect("metrics lock");
+        if let Some(f) = inner.families.get(name) {
+            return f.clone();
+        }
+        assert!(
+            !inner.plain.contains_key(name),
+            "{name} is registered unlabelled"
+        );
+        let f = make();
+        // The library appends `_total` to counters and the final full stop to help.
+        let help = help.strip_suffix('.').unwrap_or(help);
+        match &f {
+            Registered::Counter(c) => {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                inner.registry.register(base, help, c.0.clone());
+            }
+            Registered::Gauge(g) => inner.registry.register(name, help, g.0.clone()),
+            Registered::Histogram(h) => inner.registry.register(name, help, h.0.clone()),
+        }
+        inner.families.insert(name.to_owned(), f.clone());
+        f
+    }
+
+    /// The counter family `name` (must end in `_total`).
+    ///
+    /// # Panics
+    /// If `name` is registered as another kind: a programming error.
+    pub fn counter_family(&self, name: &str, help: &str) -> CounterFamily {
+        debug_assert!(
+            name.ends_with("_total"),
+            "counter {name} must end in _total"
+        );
+        match self.family(name, help, || {
+            Registered::Counter(CounterFamily(Family::default()))
+        }) {
+            Registered::Counter(c) => c,
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    /// The gauge family `name`.
+    ///
+    /// # Panics
+    /// If `name` is registered as another kind.
+    pub fn gauge_family(&self, name: &str, help: &str) -> GaugeFamily {
+        match self.family(name, help, || {
+            Registered::Gauge(GaugeFamily(Family::default()))
+        }) {
+            Registered::Gauge(g) => g,
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    /// The histogram family `name` (buckets: [`LATENCY_BUCKETS`]).
+    ///
+    /// # Panics
+    /// If `name` is registered as another kind.
+    pub fn histogram_family(&self, name: &str, help: &str) -> HistogramFamily {
+        match self.family(name, help, || {
+            Registered::Histogram(HistogramFamily(Family::new_with_constructor(
+                new_histogram as fn() -> PHistogram,
+            )))
+        }) {
+            Registered::Histogram(h) => h,
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    /// A counter; the same name and labels twice give the same series. Without labels
+    /// the metric is registered alone (no family, no empty `{}` on its line).
+    pub fn counter(&self, name: &str, help: &str, pairs: &[(&str, &str)]) -> Arc<Counter> {
+        if !pairs.is_empty() {
+            return Arc::new(self.counter_family(name, help).with(pairs));
+        }
+        match self.plain(name, help, || Plain::Counter(Counter::default())) {
+            Plain::Counter(c) => Arc::new(c),
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    pub fn gauge(&self, name: &str, help: &str, pairs: &[(&str, &str)]) -> Arc<Gauge> {
+        if !pairs.is_empty() {
+            return Arc::new(self.gauge_family(name, help).with(pairs));
+        }
+        match self.plain(name, help, || Plain::Gauge(Gauge::default())) {
+            Plain::Gauge(g) => Arc::new(g),
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    pub fn histogram(&self, name: &str, help: &str, pairs: &[(&str, &str)]) -> Arc<Histogram> {
+        if !pairs.is_empty() {
+            return Arc::new(self.histogram_family(name, help).with(pairs));
+        }
+        match self.plain(name, help, || Plain::Histogram(Histogram(new_histogram()))) {
+            Plain::Histogram(h) => Arc::new(h),
+            other => panic!("{name} is registered as a {}", other.kind()),
+        }
+    }
+
+    /// The unlabelled metric `name`, registered on first use.
+    fn plain(&self, name: &str, help: &str, make: impl FnOnce() -> Plain) -> Plain {
+        let mut inner = self.inner.lock().expect("metrics lock");
+        if let Some(p) = inner.plain.get(name) {
+            return p.clone();
+        }
+        assert!(
+            !inner.families.contains_key(name),
+            "{name} is registered with labels"
+        );
+        let p = make();
+        let help = help.strip_suffix('.').unwrap_or(help);
+        match &p {
+            Plain::Counter(c) => {
+                let base = name.strip_suffix("_total").unwrap_or(name);
+                inner.registry.register(base, help, c.0.clone());
+            }
+            Plain::Gauge(g) => inner.registry.register(name, help, g.0.clone()),
+            Plain::Histogram(h) => inner.registry.register(name, help, h.0.clone()),
+            Plain::Indexed => unreachable!("registered by indexed_counter"),
+        }
+        inner.plain.insert(name.to_owned(), p.clone());
+        p
+    }
+
+    /// `name{label="i"}` for `i` in `0..len`; see [`IndexedCounter`].
+    ///
+    /// # Panics
+    /// If `name` is already registered.
+    pub fn indexed_counter(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        len: usize,
+    ) -> Arc<IndexedCounter> {
+        let counter = Arc::new(IndexedCounter {
+            values: (0..len).map(|_| Default::default()).collect(),
+        });
+        let mut inner = self.inner.lock().expect("metrics lock");
+        assert!(
+            !inner.plain.contains_key(name) && !inner.families.contains_key(name),
+            "{name} is registered twice"
+        );
+        inner.plain.insert(name.to_owned(), Plain::Indexed);
+        inner
+            .registry
+            .register_collector(Box::new(IndexedCollector {
+                name: name.strip_suffix("_total").unwrap_or(name).to_owned(),
+                help: help.to_owned(),
+                label: label.to_owned(),
+                counter: counter.clone(),
+            }));
+        counter
+    }
+
+    /// Every metric in the OpenMetrics text format ([`CONTENT_TYPE`]), ending in `# EOF`.
+    pub fn render(&self) -> String {
+        let inner = self.inner.lock().expect("metrics lock");
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &inner.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -189,21 +440,93 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_prometheus_text() {
+    fn one_family_per_name_whatever_the_label_sets() {
         let r = Registry::new();
-        r.counter("calls_total", "Calls.", "result=\"ok\"").add(3);
-        r.counter("calls_total", "Calls.", "result=\"error\"").inc();
-        r.gauge("slack_seconds", "Slack.", "").set(1.5);
-        let h = r.histogram("latency_seconds", "Latency.", "");
+        r.counter("calls_total", "Calls.", &[("result", "ok")])
+            .add(3);
+        r.counter("calls_total", "Calls.", &[("result", "error")])
+            .inc();
+        // Registering the same series again adds to it, not beside it.
+        r.counter("calls_total", "Calls.", &[("result", "ok")])
+            .inc();
+        r.gauge("slack_seconds", "Slack.", &[]).set(1.5);
+        let h = r.histogram("latency_seconds", "Latency.", &[]);
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(20));
         let text = r.render();
-        assert_eq!(text.matches("# TYPE calls_total counter").count(), 1);
-        assert!(text.contains("calls_total{result=\"ok\"} 3\n"));
-        assert!(text.contains("calls_total{result=\"error\"} 1\n"));
-        assert!(text.contains("slack_seconds 1.5\n"));
-        assert!(text.contains("latency_seconds_bucket{le=\"0.005\"} 1\n"));
-        assert!(text.contains("latency_seconds_bucket{le=\"+Inf\"} 2\n"));
-        assert!(text.contains("latency_seconds_count 2\n"));
+        assert_eq!(text.matches("# TYPE calls counter").count(), 1, "{text}");
+        assert!(text.contains("calls_total{result=\"ok\"} 4\n"), "{text}");
+        assert!(text.contains("calls_total{result=\"error\"} 1\n"), "{text}");
+        assert!(text.contains("slack_seconds 1.5\n"), "{text}");
+        assert!(!text.contains("{}"), "{text}");
+        assert!(
+            text.contains("latency_seconds_bucket{le=\"0.005\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("latency_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("latency_seconds_count 2\n"), "{text}");
+        assert!(text.contains("# HELP calls Calls.\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn removed_series_disappear() {
+        let r = Registry::new();
+        let f = r.counter_family("shard_calls_total", "Calls per shard.");
+        f.with(&[("shard", "1")]).inc();
+        f.with(&[("shard", "2")]).inc();
+        f.remove(&[("shard", "1")]);
+        let text = r.render();
+        assert!(!text.contains("shard=\"1\""), "{text}");
+        assert!(
+            text.contains("shard_calls_total{shard=\"2\"} 1\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn indexed_counters_render_only_nonzero_indices() {
+        let r = Registry::new();
+        let c = r.indexed_counter("shard_calls_total", "Calls per shard.", "shard", 8);
+        c.inc(3);
+        c.inc(3);
+        c.inc(5);
+        c.inc(99); // out of range: ignored
+        c.clear(5);
+        let text = r.render();
+        assert_eq!(
+            text.matches("# TYPE shard_calls counter").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains("shard_calls_total{shard=\"3\"} 2\n"),
+            "{text}"
+        );
+        assert!(!text.contains("shard=\"5\""), "{text}");
+    }
+
+    #[test]
+    fn process_metrics_are_present() {
+        let text = Registry::new().render();
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} missing from {text}");
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "registered as a counter")]
+    fn one_name_one_kind() {
+        let r = Registry::new();
+        r.counter("x_total", "X.", &[]);
+        r.gauge("x_total", "X.", &[]);
     }
 }

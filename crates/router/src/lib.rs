@@ -278,6 +278,8 @@ struct Metrics {
     not_owner_retries: Arc<Counter>,
     held: Arc<Counter>,
     handler_latency: Arc<Histogram>,
+    /// Calls run here per shard (series of shards no longer owned here are dropped).
+    shard_calls: Arc<leasehold_metrics::IndexedCounter>,
     mailboxes: Arc<Gauge>,
     stream_calls: Arc<Counter>,
     fenced: Arc<Counter>,
@@ -338,47 +340,46 @@ impl Router {
             ok: registry.counter(
                 "leasehold_calls_total",
                 "Calls accepted by this instance, by result.",
-                "result=\"ok\"",
+                &[("result", "ok")],
             ),
             failed: registry.counter(
                 "leasehold_calls_total",
                 "Calls accepted by this instance, by result.",
-                "result=\"error\"",
+                &[("result", "error")],
             ),
             forwards: registry.counter(
                 "leasehold_forwards_total",
-                "Calls forwarded to the owning peer.",
-                "",
+                "Calls forwarded to the owning peer.", &[],
             ),
             not_owner_retries: registry.counter(
                 "leasehold_not_owner_retries_total",
-                "Forwards answered \"not owner\" and retried after the routing table caught up.",
-                "",
+                "Forwards answered \"not owner\" and retried after the routing table caught up.", &[],
             ),
             held: registry.counter(
                 "leasehold_held_calls_total",
-                "Times a call waited for an owner, a handoff or the lease.",
-                "",
+                "Times a call waited for an owner, a handoff or the lease.", &[],
             ),
             handler_latency: registry.histogram(
                 "leasehold_handler_duration_seconds",
-                "Handler call latency at the owner.",
-                "",
+                "Handler call latency at the owner.", &[],
+            ),
+            shard_calls: registry.indexed_counter(
+                "leasehold_shard_calls_total",
+                "Handler calls run at this owner per shard (shards owned here only).",
+                "shard",
+                coord.options().shard_count as usize,
             ),
             mailboxes: registry.gauge(
                 "leasehold_active_mailboxes",
-                "Keys with queued or running calls.",
-                "",
+                "Keys with queued or running calls.", &[],
             ),
             stream_calls: registry.counter(
                 "leasehold_peer_stream_calls_total",
-                "Forwarded calls received over peers' Dispatch streams (Kafka messages).",
-                "",
+                "Forwarded calls received over peers' Dispatch streams (Kafka messages).", &[],
             ),
             fenced: registry.counter(
                 "leasehold_fenced_records_total",
-                "Kafka records refused at their owner because their consumer's claim of the partition was superseded.",
-                "",
+                "Kafka records refused at their owner because their consumer's claim of the partition was superseded.", &[],
             ),
         };
         let max_message = opts.max_payload + (1 << 20);
@@ -432,6 +433,13 @@ impl Router {
             .metrics
             .mailboxes
             .set(self.inner.mailboxes.active() as f64);
+        let table = self.inner.coord.table();
+        let calls = &self.inner.metrics.shard_calls;
+        for shard in 0..calls.len() {
+            if table.state(ShardId(shard as u32)) == leasehold_coord::LocalState::NotOwned {
+                calls.clear(shard);
+            }
+        }
     }
 
     /// Checks a key and payload against the limits.
@@ -715,6 +723,7 @@ impl Router {
             deadline,
         };
         let started = Instant::now();
+        self.inner.metrics.shard_calls.inc(job.shard.0 as usize);
         let handle = self.inner.handler.handle(call);
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),

@@ -254,7 +254,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     s.router.coord().refresh_metrics();
     s.router.refresh_metrics();
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(header::CONTENT_TYPE, leasehold_metrics::CONTENT_TYPE)],
         s.registry.render(),
     )
         .into_response()

@@ -3,5 +3,6 @@
 
 pub mod admin;
 pub mod config;
+pub mod grpc_metrics;
 pub mod security;
 pub mod serve;

@@ -126,6 +126,11 @@ impl Instance {
         security: &Security,
     ) -> Result<Self, ServeError> {
         let registry = Registry::new();
+        let hash_version = leasehold_types::HASH_VERSION.to_string();
+        registry.build_info(&[
+            ("version", env!("CARGO_PKG_VERSION")),
+            ("hash_version", &hash_version),
+        ]);
         let address = advertised(
             &config.advertise,
             listeners.client.local_addr()?,
@@ -433,8 +438,10 @@ impl Servers {
             .register_encoded_file_descriptor_set(leasehold_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()?;
+        let grpc_metrics = crate::grpc_metrics::GrpcMetrics::new(&instance.registry);
         // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
         let client = server_builder(config)
+            .layer(grpc_metrics.layer("client"))
             .add_service(
                 EntitiesServer::new(EntitiesService::new(instance.router.clone()))
                     .max_decoding_message_size(max_message)
@@ -443,11 +450,13 @@ impl Servers {
             // grpc.health.v1 and server reflection for tooling.
             .add_service(health_service)
             .add_service(reflection);
-        let peer = server_builder(config).add_service(
-            PeerServer::new(PeerService::new(instance.router.clone()))
-                .max_decoding_message_size(max_message)
-                .max_encoding_message_size(max_message),
-        );
+        let peer = server_builder(config)
+            .layer(grpc_metrics.layer("peer"))
+            .add_service(
+                PeerServer::new(PeerService::new(instance.router.clone()))
+                    .max_decoding_message_size(max_message)
+                    .max_encoding_message_size(max_message),
+            );
         let auth = security.admin_auth.clone();
         let admin_routes = tonic::service::Routes::from(admin::http_routes(
             instance.router.clone(),
@@ -460,6 +469,7 @@ impl Servers {
         }));
         let admin = server_builder(config)
             .accept_http1(true)
+            .layer(grpc_metrics.layer("admin"))
             .add_routes(admin_routes);
         let planes = [
             (
@@ -574,7 +584,7 @@ async fn watch_files(
                 registry.gauge(
                     "leasehold_tls_certificate_expiry_seconds",
                     "Seconds until the certificate this instance presents expires (negative: expired).",
-                    &format!("tls=\"{}\"", i.name()),
+                    &[("tls", i.name())],
                 ),
             )
         })

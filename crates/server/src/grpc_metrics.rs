@@ -1,0 +1,353 @@
+//! Per-method gRPC metrics for every plane: `leasehold_grpc_requests_total{plane,
+//! method, code}` and `leasehold_grpc_request_duration_seconds{plane, method}`, as a
+//! tower layer under tonic's router.
+//!
+//! The status is read where gRPC puts it: the response headers for a trailers-only
+//! answer (errors before any message), else the trailers at the end of the body. A body
+//! dropped before its trailers (the client went away, a stream cut) counts as
+//! `CANCELLED`. Streams are measured from request to the end of the response stream.
+//! Methods answered `UNIMPLEMENTED` are labelled `unknown`, so arbitrary paths cannot
+//! create series.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http_body::{Body, Frame};
+use leasehold_metrics::{CounterFamily, HistogramFamily, Registry};
+use tonic::Code;
+
+/// The metric families, shared by every plane.
+#[derive(Clone)]
+pub struct GrpcMetrics {
+    requests: CounterFamily,
+    duration: HistogramFamily,
+}
+
+impl GrpcMetrics {
+    pub fn new(registry: &Registry) -> Self {
+        Self {
+            requests: registry.counter_family(
+                "leasehold_grpc_requests_total",
+                "gRPC requests served, by plane, method and status code.",
+            ),
+            duration: registry.histogram_family(
+                "leasehold_grpc_request_duration_seconds",
+                "gRPC request latency by plane and method (streams: until the response ends).",
+            ),
+        }
+    }
+
+    pub fn layer(&self, plane: &'static str) -> GrpcMetricsLayer {
+        GrpcMetricsLayer {
+            plane,
+            metrics: self.clone(),
+        }
+    }
+
+    fn record(&self, plane: &str, method: &str, code: Code, started: Instant) {
+        let method = if code == Code::Unimplemented {
+            "unknown"
+        } else {
+            method
+        };
+        self.requests
+            .with(&[
+                ("plane", plane),
+                ("method", method),
+                ("code", code_name(code)),
+            ])
+            .inc();
+        self.duration
+            .with(&[("plane", plane), ("method", method)])
+            .observe(started.elapsed());
+    }
+}
+
+/// `OK`, `NOT_FOUND`, … as gRPC documents them.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+fn status_of(headers: &http::HeaderMap) -> Option<Code> {
+    let value = headers
+        .get("grpc-status")?
+        .to_str()
+        .ok()?
+        .parse::<i32>()
+        .ok()?;
+    Some(Code::from_i32(value))
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsLayer {
+    plane: &'static str,
+    metrics: GrpcMetrics,
+}
+
+impl<S> tower::Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetricsService {
+            inner,
+            plane: self.plane,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct GrpcMetricsService<S> {
+    inner: S,
+    plane: &'static str,
+    metrics: GrpcMetrics,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+    ResBody: Body + Unpin,
+{
+    type Response = http::Response<MeteredBody<ResBody>>;
+    type Error = S::Error;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        let started = Instant::now();
+        // Only gRPC requests are counted (the admin plane also serves plain HTTP).
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        let method = req.uri().path().to_owned();
+        let plane = self.plane;
+        let metrics = self.metrics.clone();
+        let future = self.inner.call(req);
+        Box::pin(async move {
+            let response = future.await?;
+            let mut pending = grpc.then_some(Pending {
+                plane,
+                method,
+                started,
+                metrics,
+            });
+            if let Some(code) = status_of(response.headers()) {
+                if let Some(p) = pending.take() {
+                    p.finish(code);
+                }
+            }
+            Ok(response.map(|inner| MeteredBody { inner, pending }))
+        })
+    }
+}
+
+/// A request whose status is not known yet.
+struct Pending {
+    plane: &'static str,
+    method: String,
+    started: Instant,
+    metrics: GrpcMetrics,
+}
+
+impl Pending {
+    fn finish(self, code: Code) {
+        self.metrics
+            .record(self.plane, &self.method, code, self.started);
+    }
+}
+
+/// A response body that records the request when its trailers pass (or when dropped).
+pub struct MeteredBody<B> {
+    inner: B,
+    pending: Option<Pending>,
+}
+
+impl<B: Body + Unpin> Body for MeteredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(status_of) {
+                    if let Some(p) = self.pending.take() {
+                        p.finish(code);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = self.pending.take() {
+                    p.finish(Code::Internal);
+                }
+            }
+            Poll::Ready(None) => {
+                // Ended without a status: not a valid gRPC answer.
+                if let Some(p) = self.pending.take() {
+                    p.finish(Code::Unknown);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for MeteredBody<B> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            p.finish(Code::Cancelled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use tower::{Layer, Service, ServiceExt};
+
+    fn grpc_request(path: &str) -> http::Request<()> {
+        http::Request::builder()
+            .uri(path)
+            .header("content-type", "application/grpc")
+            .body(())
+            .unwrap()
+    }
+
+    /// A body that yields one data frame, then the given trailers.
+    struct Answer(Vec<Frame<bytes::Bytes>>);
+
+    impl Body for Answer {
+        type Data = bytes::Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<bytes::Bytes>, Infallible>>> {
+            Poll::Ready(if self.0.is_empty() {
+                None
+            } else {
+                Some(Ok(self.0.remove(0)))
+            })
+        }
+    }
+
+    fn trailers(code: i32) -> Frame<bytes::Bytes> {
+        let mut t = http::HeaderMap::new();
+        t.insert("grpc-status", code.to_string().parse().unwrap());
+        Frame::trailers(t)
+    }
+
+    async fn drain<B: Body + Unpin>(mut b: B) {
+        while let Some(f) = std::future::poll_fn(|cx| Pin::new(&mut b).poll_frame(cx)).await {
+            let _ = f;
+        }
+    }
+
+    #[tokio::test]
+    async fn codes_come_from_trailers_headers_or_a_dropped_body() {
+        let registry = Registry::new();
+        let metrics = GrpcMetrics::new(&registry);
+        let service = tower::service_fn(|req: http::Request<()>| async move {
+            let path = req.uri().path().to_owned();
+            let mut response = http::Response::new(Answer(vec![
+                Frame::data(bytes::Bytes::from_static(b"x")),
+                trailers(if path.ends_with("Fail") { 5 } else { 0 }),
+            ]));
+            if path.ends_with("Early") {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", "3".parse().unwrap());
+            }
+            if path.ends_with("Nope") {
+                response
+                    .headers_mut()
+                    .insert("grpc-status", "12".parse().unwrap());
+            }
+            Ok::<_, Infallible>(response)
+        });
+        let mut svc = metrics.layer("client").layer(service);
+        for path in [
+            "/p.S/Call",
+            "/p.S/Call",
+            "/p.S/Fail",
+            "/p.S/Early",
+            "/x.Y/Nope",
+        ] {
+            let response = svc
+                .ready()
+                .await
+                .unwrap()
+                .call(grpc_request(path))
+                .await
+                .unwrap();
+            drain(response.into_body()).await;
+        }
+        // The client goes away before the trailers.
+        let response = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_request("/p.S/Gone"))
+            .await
+            .unwrap();
+        drop(response);
+        // Plain HTTP on the same plane is not a gRPC request.
+        let plain = http::Request::builder().uri("/metrics").body(()).unwrap();
+        let response = svc.ready().await.unwrap().call(plain).await.unwrap();
+        drain(response.into_body()).await;
+
+        let text = registry.render();
+        for line in [
+            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Call",code="OK"} 2"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Fail",code="NOT_FOUND"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Early",code="INVALID_ARGUMENT"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="unknown",code="UNIMPLEMENTED"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Gone",code="CANCELLED"} 1"#,
+            r#"leasehold_grpc_request_duration_seconds_count{plane="client",method="/p.S/Call"} 2"#,
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        assert!(!text.contains("/metrics"), "{text}");
+        assert_eq!(text.matches("/p.S/Early").count(), 1 + 17, "{text}");
+    }
+}

@@ -1,0 +1,224 @@
+//! What operators see: metrics every strict parser accepts and the README documents.
+//! Real etcd, a real Kafka broker and real `leasehold` processes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use leasehold_integration_tests::checker::Checker;
+use leasehold_integration_tests::kafka::{send_all, Kafka};
+use leasehold_integration_tests::openmetrics::{self, Family};
+use leasehold_integration_tests::{wait_until, Cluster, Instance};
+use leasehold_proto::v1::CallRequest;
+
+/// `/metrics` of one instance: (content type, body).
+fn scrape(i: &Instance) -> (String, String) {
+    let r = ureq::get(&format!("{}/metrics", i.admin_url()))
+        .call()
+        .unwrap();
+    let content_type = r.header("content-type").unwrap_or_default().to_owned();
+    (content_type, r.into_string().unwrap())
+}
+
+/// Sample names of the README's metric table (`### Metrics`, first column).
+fn documented() -> BTreeSet<String> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let section = readme
+        .split("### Metrics")
+        .nth(1)
+        .expect("README has a ### Metrics section");
+    let section = section.split("\n## ").next().unwrap();
+    section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .flat_map(|l| {
+            let first = l.split('|').nth(1).unwrap().to_owned();
+            first
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The name a family's samples carry (a counter's family `x` has samples `x_total`).
+fn sample_name(name: &str, f: &Family) -> String {
+    if f.kind == "counter" {
+        format!("{name}_total")
+    } else {
+        name.to_owned()
+    }
+}
+
+fn value(families: &BTreeMap<String, Family>, family: &str, labels: &[(&str, &str)]) -> f64 {
+    families.get(family).map_or(0.0, |f| {
+        f.samples
+            .iter()
+            .filter(|(_, l, _)| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_parse_strictly_and_match_the_readme() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("orders", 3).await;
+    kafka.create_topic("payments", 2).await;
+    kafka.create_topic("dead", 1).await;
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("leasehold.toml");
+    // Two sources, five partitions: each name must still be one family.
+    std::fs::write(
+        &config,
+        format!(
+            "handler = \"{handler}\"\n\
+             [[kafka]]\nname = \"orders\"\nbrokers = \"{brokers}\"\ntopics = [\"orders\"]\nkey = \"json:/account\"\ndlq_topic = \"dead\"\n\
+             [[kafka]]\nname = \"payments\"\nbrokers = \"{brokers}\"\ntopics = [\"payments\"]\nkey = \"json:/account\"\ndlq_topic = \"dead\"\n",
+            handler = checker.handler_flag(),
+            brokers = kafka.brokers()
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(3, &["--config", config.to_str().unwrap()]).await;
+    cluster.wait_balanced(Duration::from_secs(20)).await;
+
+    let values: Vec<Vec<u8>> = (0..60)
+        .map(|i| format!(r#"{{"account":"acct-{}"}}"#, i % 12).into_bytes())
+        .collect();
+    send_all(&kafka.producer(), "orders", &values).await;
+    send_all(&kafka.producer(), "payments", &values[..20]).await;
+    // gRPC calls entering one instance: some run there, the rest are forwarded.
+    let mut client = cluster.instances[0].client().await;
+    for n in 0..30 {
+        client
+            .call(CallRequest {
+                key: format!("k{n}"),
+                payload: "p".into(),
+            })
+            .await
+            .unwrap();
+    }
+    wait_until(Duration::from_secs(60), "both sources handled", || {
+        let handled = |source: &str| -> f64 {
+            cluster
+                .instances
+                .iter()
+                .map(|i| {
+                    let (_, text) = scrape(i);
+                    let f = openmetrics::parse(&text).unwrap();
+                    value(&f, "leasehold_kafka_handled", &[("source", source)])
+                })
+                .sum()
+        };
+        (handled("orders") >= 60.0 && handled("payments") >= 20.0).then_some(())
+    })
+    .await;
+
+    let mut emitted = BTreeSet::new();
+    let mut scrapes = Vec::new();
+    for i in &cluster.instances {
+        let (content_type, text) = scrape(i);
+        assert!(
+            content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+            "content type {content_type}"
+        );
+        let families = openmetrics::parse(&text)
+            .unwrap_or_else(|e| panic!("{} exports invalid metrics: {e}\n{text}", i.id));
+        for (name, f) in &families {
+            emitted.insert(sample_name(name, f));
+        }
+        scrapes.push(families);
+    }
+
+    // The README's table and the exports agree, both ways.
+    let documented = documented();
+    let undocumented: Vec<_> = emitted.difference(&documented).collect();
+    assert!(
+        undocumented.is_empty(),
+        "exported but not in README: {undocumented:?}"
+    );
+    let missing: Vec<_> = documented
+        .difference(&emitted)
+        .filter(|n| *n != "leasehold_tls_certificate_expiry_seconds") // with TLS only
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "in README but not exported: {missing:?}"
+    );
+
+    // The values say what the cluster is doing.
+    let total = |family: &str, labels: &[(&str, &str)]| -> f64 {
+        scrapes.iter().map(|f| value(f, family, labels)).sum()
+    };
+    assert_eq!(total("leasehold_is_leader", &[]), 1.0, "exactly one leader");
+    assert_eq!(total("leasehold_unowned_shards", &[]), 0.0);
+    assert_eq!(total("leasehold_ready", &[]), 3.0);
+    assert_eq!(total("leasehold_shards_owned", &[]), 1024.0);
+    assert_eq!(total("leasehold_build_info", &[("hash_version", "1")]), 3.0);
+    let version = value(&scrapes[0], "leasehold_assignment_version", &[]);
+    assert!(version >= 1.0, "assignment version {version}");
+    assert_eq!(
+        value(
+            &scrapes[0],
+            "leasehold_grpc_requests",
+            &[
+                ("plane", "client"),
+                ("method", "/leasehold.v1.Entities/Call"),
+                ("code", "OK")
+            ]
+        ),
+        30.0
+    );
+    let forwarded = value(&scrapes[0], "leasehold_forwards", &[]);
+    assert!(forwarded > 0.0, "no call was forwarded");
+    // Forwards are gRPC calls (one Peer/Forward each at the owner) plus Kafka records
+    // (messages on Dispatch streams).
+    assert_eq!(
+        total(
+            "leasehold_grpc_requests",
+            &[
+                ("plane", "peer"),
+                ("method", "/leasehold.v1.Peer/Forward"),
+                ("code", "OK")
+            ]
+        ) + total("leasehold_peer_stream_calls", &[]),
+        total("leasehold_forwards", &[]),
+        "forwards sent and received disagree"
+    );
+    // Per-shard calls add up to the handler calls run.
+    let handler_calls: f64 = scrapes
+        .iter()
+        .map(|f| {
+            f["leasehold_handler_duration_seconds"]
+                .samples
+                .iter()
+                .filter(|(n, _, _)| n.ends_with("_count"))
+                .map(|(_, _, v)| v)
+                .sum::<f64>()
+        })
+        .sum();
+    assert_eq!(total("leasehold_shard_calls", &[]), handler_calls);
+    for (source, partitions) in [("orders", 3), ("payments", 2)] {
+        let lags: BTreeSet<String> = scrapes
+            .iter()
+            .flat_map(|f| f["leasehold_kafka_lag"].samples.clone())
+            .filter(|(_, l, _)| l["source"] == source)
+            .map(|(_, l, _)| l["partition"].clone())
+            .collect();
+        assert_eq!(lags.len(), partitions, "{source}: lag series {lags:?}");
+    }
+    assert!(total("process_resident_memory_bytes", &[]) > 0.0);
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
+}
