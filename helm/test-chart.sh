@@ -165,6 +165,125 @@ check "all-options: Kafka passwords come from Secrets, not the ConfigMap" bash -
   'grep -qxF "\"sasl.password\" = \"\${env:KAFKA_SECRET_0_0}\"" "$1/config.toml" &&
    grep -qxF "KAFKA_SECRET_0_0=secret-password" "$1/env.txt"' - "$work/all-options"
 
+# Monitoring: the ServiceMonitor, the Grafana dashboard ConfigMap and the PrometheusRule.
+# doc KIND NAME FILE: prints the rendered FILE's KIND named NAME.
+doc() {
+  awk -v kind="kind: $1" -v name="  name: $2" 'BEGIN { RS = "\n---\n" }
+    index("\n" $0 "\n", "\n" kind "\n") && index("\n" $0 "\n", "\n" name "\n") { print; found = 1 }
+    END { exit !found }' "$3"
+}
+# selects_peers FILE FULLNAME: the ServiceMonitor selects the headless -peers Service
+# (every pod, ready or not, with the admin port), not the client Service.
+selects_peers() {
+  local sm peers
+  sm=$(doc ServiceMonitor "$2" "$1") && peers=$(doc Service "$2-peers" "$1") &&
+    grep -qx '      app.kubernetes.io/component: peers' <<<"$sm" && ! grep -q 'component: api' <<<"$sm" &&
+    grep -qx '  publishNotReadyAddresses: true' <<<"$peers" && grep -qx '    - name: admin' <<<"$peers"
+}
+for name in all-options dev-etcd-hpa tls-secrets; do
+  fullname=t-leasehold
+  [ "$name" = all-options ] && fullname=orders
+  check "$name: the ServiceMonitor selects the -peers Service (each pod once, ready or not)" \
+    selects_peers "$work/$name/manifests.yaml" "$fullname"
+done
+no_monitoring() { ! has_doc ConfigMap t-leasehold-dashboard "$1" && ! grep -q '^kind: PrometheusRule$' "$1"; }
+check "default: no Grafana dashboard ConfigMap and no PrometheusRule" no_monitoring "$work/default/manifests.yaml"
+
+out="$work/all-options/manifests.yaml"
+# dashboard_configmap FILE NAME NAMESPACE: the ConfigMap NAME carries the sidecar's label
+# and goes to NAMESPACE.
+dashboard_configmap() {
+  local cm
+  cm=$(doc ConfigMap "$2" "$1") && grep -qx '    grafana_dashboard: "1"' <<<"$cm" &&
+    grep -qx "  namespace: $3" <<<"$cm"
+}
+# dashboard_json FILE NAME: the leasehold.json of the ConfigMap NAME, unindented.
+dashboard_json() {
+  doc ConfigMap "$2" "$1" | awk '$0 == "  leasehold.json: |-" { on = 1; next }
+    on && /^    / { print substr($0, 5); next } { on = 0 }'
+}
+# dashboard_valid FILE NAME: the dashboard is JSON (json.load) that Grafana provisions as
+# uid leasehold, with its variables and distinct panel ids.
+dashboard_valid() {
+  dashboard_json "$1" "$2" | python3 -c 'import json, sys
+d = json.load(sys.stdin)
+assert (d["uid"], d["title"], d["schemaVersion"]) == ("leasehold", "Leasehold", 39), "uid, title, schemaVersion"
+v = {x["name"]: x for x in d["templating"]["list"]}
+assert (v["datasource"]["type"], v["datasource"]["query"]) == ("datasource", "prometheus"), "datasource variable"
+assert {"namespace", "job"} <= set(v), "namespace and job variables"
+ids = [p["id"] for p in d["panels"]]
+assert len(ids) == len(set(ids)), "panel ids repeat"'
+}
+# dashboard_queries FILE NAME METRIC...: some panel expression mentions each METRIC.
+dashboard_queries() {
+  local file=$1 name=$2
+  shift 2
+  dashboard_json "$file" "$name" | python3 -c 'import json, re, sys
+exprs = " ".join(t["expr"] for p in json.load(sys.stdin)["panels"] for t in p.get("targets", []))
+missing = [m for m in sys.argv[1:] if not re.search(r"\b" + m + r"\b", exprs)]
+sys.exit("no panel queries " + " ".join(missing) if missing else 0)' "$@"
+}
+dashboard_metrics=(leasehold_calls_total leasehold_forwards_total leasehold_handler_duration_seconds_bucket
+  leasehold_grpc_requests_total leasehold_grpc_request_duration_seconds_bucket leasehold_shards_owned
+  leasehold_unowned_shards leasehold_is_leader leasehold_assignment_version leasehold_lease_slack_seconds
+  leasehold_handoff_duration_seconds_bucket leasehold_kafka_lag leasehold_kafka_handled_total
+  leasehold_kafka_dead_lettered_total leasehold_tls_certificate_expiry_seconds
+  process_resident_memory_bytes process_cpu_seconds_total)
+check "all-options: the dashboard ConfigMap carries grafana_dashboard: \"1\", in the sidecar's namespace" \
+  dashboard_configmap "$out" orders-dashboard monitoring
+check "all-options: the dashboard JSON parses (uid leasehold, schemaVersion 39, datasource/namespace/job variables)" \
+  dashboard_valid "$out" orders-dashboard
+check "all-options: the dashboard's panels query all ${#dashboard_metrics[@]} metrics" \
+  dashboard_queries "$out" orders-dashboard "${dashboard_metrics[@]}"
+
+alerts=(LeaseholdUnownedShards LeaseholdInstanceNotReady LeaseholdLeaseSlackLow LeaseholdKafkaLagGrowing
+  LeaseholdDeadLetters LeaseholdNoLeader LeaseholdCertificateExpiringSoon)
+# has_alerts FILE NAME: the PrometheusRule NAME has every alert of the chart.
+has_alerts() {
+  local rule a
+  rule=$(doc PrometheusRule "$2" "$1") || return 1
+  for a in "${alerts[@]}"; do
+    grep -qx "        - alert: $a" <<<"$rule" || { echo "no alert $a"; return 1; }
+  done
+}
+# alerts_annotated FILE NAME: each of the chart's alerts has a severity label and summary,
+# description and runbook_url annotations.
+alerts_annotated() {
+  doc PrometheusRule "$2" "$1" | awk -v want="${#alerts[@]}" '
+    function check() { n++; if (seen !~ / severity:/ || seen !~ / summary:/ || seen !~ / description:/ || seen !~ / runbook_url:/) { print name " has only" seen; bad = 1 } }
+    /^        - / { if (name != "") check(); name = ""; seen = "" }
+    /^        - alert: Leasehold/ { name = $3 }
+    name != "" && /^            (severity|summary|description|runbook_url): / { seen = seen " " $1 }
+    END { if (name != "") check(); exit bad || n != want }'
+}
+# rule_selectors FILE FULLNAME: every metric selector of the alerts is the labels the
+# ServiceMonitor gives its targets: the release's namespace and job <fullname>-peers.
+rule_selectors() {
+  local sels
+  sels=$(doc PrometheusRule "$2" "$1" | grep -oE 'leasehold_[a-z_]+\{[^}]*\}' | sed 's/^[a-z_]*//' | sort -u)
+  echo "$sels"
+  [ "$sels" = "{namespace=\"default\", job=\"$2-peers\"}" ] && has_doc Service "$2-peers" "$1"
+}
+# runbooks FILE NAME BASE: each alert's runbook_url is BASE#alert-<name in lower case>, and
+# the README has the heading "#### Alert: <name>" that anchor points at.
+runbooks() {
+  local rule a
+  rule=$(doc PrometheusRule "$2" "$1") || return 1
+  for a in "${alerts[@]}"; do
+    grep -qx "            runbook_url: $3#alert-${a,,}" <<<"$rule" || { echo "$a: no runbook_url $3#alert-${a,,}"; return 1; }
+    grep -qx "#### Alert: $a" ../README.md || { echo "README.md: no heading '#### Alert: $a'"; return 1; }
+  done
+}
+check "all-options: the PrometheusRule has every alert (${alerts[*]})" has_alerts "$out" orders
+check "all-options: every alert has a severity and summary, description and runbook_url" alerts_annotated "$out" orders
+check "all-options: the alerts select namespace and job=orders-peers, as the ServiceMonitor labels targets" \
+  rule_selectors "$out" orders
+check "all-options: each runbook_url points at the alert's heading in README.md" \
+  runbooks "$out" orders https://runbooks.example.com/leasehold
+check "all-options: LeaseholdLeaseSlackLow fires under a fifth of the lease TTL (2s of 10s)" \
+  grep -qE '^            leasehold_lease_slack_seconds\{[^}]*\} < 2$' "$out"
+check "all-options: additionalRules join the group" grep -qx '          record: leasehold:calls:rate5m' "$out"
+
 rejects "schema: replicaCount < 1" "minimum: got 0, want 1" --set replicaCount=0
 rejects "schema: wrong type" "got string, want integer" --set replicaCount=three
 rejects "schema: unknown key" "additional properties 'shardz' not allowed" --set shardz=8
@@ -203,6 +322,12 @@ rejects "schema: secretProperties need a key" "missing property 'key'" \
   --set 'kafka.sources[0].onFailure=skip' --set 'kafka.sources[0].secretProperties.sasl\.password.secretName=s'
 rejects "template: https etcd needs etcd.tls" "set etcd.tls.secretName" --set 'etcd.endpoints[0]=https://etcd:2379'
 rejects "template: etcd TLS needs https endpoints" "must use https://" --set etcd.tls.secretName=etcd-tls
+rejects "schema: unknown grafanaDashboard key" "additional properties 'label' not allowed" \
+  --set metrics.grafanaDashboard.label=x
+rejects "schema: runbookBaseUrl is a URL" "metrics/prometheusRule/runbookBaseUrl" \
+  --set metrics.prometheusRule.runbookBaseUrl=runbooks
+rejects "schema: additionalRules need an expr" "missing property 'expr'" \
+  --set 'metrics.prometheusRule.additionalRules[0].alert=X'
 
 echo
 result=ok

@@ -2,9 +2,9 @@
 //
 // Every document is decoded strictly (unknown fields and wrong types fail) into the
 // k8s.io/api type for its apiVersion and kind; names and labels are checked with
-// apimachinery's validation. The CRDs the chart can render (ServiceMonitor, KEDA
-// ScaledObject, cert-manager Certificate and Issuer) are not in k8s.io/api and are
-// checked against local structs of the fields the chart uses.
+// apimachinery's validation. The CRDs the chart can render (ServiceMonitor,
+// PrometheusRule, KEDA ScaledObject, cert-manager Certificate and Issuer) are not in
+// k8s.io/api and are checked against local structs of the fields the chart uses.
 //
 // With -extract DIR it also writes what the lock-step test needs: the leasehold
 // container's config file, arguments and environment, the preStop command, and the
@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
+	"text/template"
 
 	appsv1 "k8s.io/api/apps/v1"
 	autoscalingv2 "k8s.io/api/autoscaling/v2"
@@ -28,6 +29,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/yaml"
 )
@@ -220,6 +222,102 @@ func checkServiceMonitor(m *ServiceMonitor) []string {
 	return errs
 }
 
+// PrometheusRule: the fields of monitoring.coreos.com/v1 the chart renders, and those of
+// a rule (metrics.prometheusRule.additionalRules may add any rule).
+type PrometheusRule struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata"`
+	Spec              struct {
+		Groups []struct {
+			Name     string `json:"name"`
+			Interval string `json:"interval,omitempty"`
+			Rules    []struct {
+				Alert         string             `json:"alert,omitempty"`
+				Record        string             `json:"record,omitempty"`
+				Expr          intstr.IntOrString `json:"expr"`
+				For           *string            `json:"for,omitempty"`
+				KeepFiringFor *string            `json:"keep_firing_for,omitempty"`
+				Labels        map[string]string  `json:"labels,omitempty"`
+				Annotations   map[string]string  `json:"annotations,omitempty"`
+			} `json:"rules"`
+		} `json:"groups"`
+	} `json:"spec"`
+}
+
+var (
+	// prometheus-operator's Duration pattern.
+	promDuration   = regexp.MustCompile(`^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$`)
+	promMetricName = regexp.MustCompile(`^[a-zA-Z_:][a-zA-Z0-9_:]*$`)
+	promLabelName  = regexp.MustCompile(`^[a-zA-Z_][a-zA-Z0-9_]*$`)
+	// Prometheus' template functions, for parsing annotations (not running them).
+	promTemplateFuncs = template.FuncMap{}
+)
+
+func init() {
+	for _, f := range []string{"query", "first", "label", "value", "strvalue", "args", "reReplaceAll",
+		"safeHtml", "match", "title", "toUpper", "toLower", "graphLink", "tableLink", "sortByLabel",
+		"humanize", "humanize1024", "humanizeDuration", "humanizePercentage", "humanizeTimestamp",
+		"toTime", "toDuration", "pathPrefix", "externalURL", "parseDuration", "stripPort",
+		"stripDomain", "now"} {
+		promTemplateFuncs[f] = func(...interface{}) interface{} { return nil }
+	}
+}
+
+// checkPrometheusRule: what the operator's CRD schema and Prometheus' rule loader would
+// refuse, short of parsing PromQL. Annotations must parse as Prometheus templates (a
+// {{ $labels.x }} that Helm ate or mangled fails here).
+func checkPrometheusRule(r *PrometheusRule) []string {
+	var errs []string
+	if len(r.Spec.Groups) == 0 {
+		errs = append(errs, "spec.groups: at least one group")
+	}
+	names := map[string]bool{}
+	for gi, g := range r.Spec.Groups {
+		if g.Name == "" || names[g.Name] {
+			errs = append(errs, fmt.Sprintf("spec.groups[%d].name %q: empty or repeated", gi, g.Name))
+		}
+		names[g.Name] = true
+		if g.Interval != "" && !promDuration.MatchString(g.Interval) {
+			errs = append(errs, fmt.Sprintf("spec.groups[%d].interval %q: not a duration", gi, g.Interval))
+		}
+		for ri, rule := range g.Rules {
+			at := fmt.Sprintf("spec.groups[%d].rules[%d]", gi, ri)
+			if (rule.Alert == "") == (rule.Record == "") {
+				errs = append(errs, at+": exactly one of alert and record")
+			}
+			if rule.Record != "" && !promMetricName.MatchString(rule.Record) {
+				errs = append(errs, fmt.Sprintf("%s.record %q: not a metric name", at, rule.Record))
+			}
+			if rule.Record != "" && (rule.For != nil || rule.KeepFiringFor != nil || rule.Annotations != nil) {
+				errs = append(errs, at+": a record rule has no for, keep_firing_for or annotations")
+			}
+			if rule.Expr.Type == intstr.String && strings.TrimSpace(rule.Expr.StrVal) == "" {
+				errs = append(errs, at+".expr: empty")
+			}
+			for name, d := range map[string]*string{"for": rule.For, "keep_firing_for": rule.KeepFiringFor} {
+				if d != nil && !promDuration.MatchString(*d) {
+					errs = append(errs, fmt.Sprintf("%s.%s %q: not a duration", at, name, *d))
+				}
+			}
+			for k := range rule.Labels {
+				if !promLabelName.MatchString(k) {
+					errs = append(errs, fmt.Sprintf("%s.labels %q: not a label name", at, k))
+				}
+			}
+			for k, v := range rule.Annotations {
+				if !promLabelName.MatchString(k) {
+					errs = append(errs, fmt.Sprintf("%s.annotations %q: not a label name", at, k))
+				}
+				prefix := "{{$labels := .Labels}}{{$externalLabels := .ExternalLabels}}{{$externalURL := .ExternalURL}}{{$value := .Value}}"
+				if _, err := template.New(k).Funcs(promTemplateFuncs).Parse(prefix + v); err != nil {
+					errs = append(errs, fmt.Sprintf("%s.annotations.%s: not a Prometheus template: %v", at, k, err))
+				}
+			}
+		}
+	}
+	return errs
+}
+
 // ScaledObject: the fields of keda.sh/v1alpha1 the chart renders.
 type ScaledObject struct {
 	metav1.TypeMeta   `json:",inline"`
@@ -263,6 +361,8 @@ func newObject(apiVersion, kind string) (interface{}, bool) {
 		return &autoscalingv2.HorizontalPodAutoscaler{}, true
 	case "monitoring.coreos.com/v1/ServiceMonitor":
 		return &ServiceMonitor{}, true
+	case "monitoring.coreos.com/v1/PrometheusRule":
+		return &PrometheusRule{}, true
 	case "keda.sh/v1alpha1/ScaledObject":
 		return &ScaledObject{}, true
 	case "cert-manager.io/v1/Certificate":
@@ -362,6 +462,9 @@ func main() {
 		case *ServiceMonitor:
 			meta = o.ObjectMeta
 			errs = checkServiceMonitor(o)
+		case *PrometheusRule:
+			meta = o.ObjectMeta
+			errs = checkPrometheusRule(o)
 		case *ScaledObject:
 			meta = o.ObjectMeta
 		case *Certificate:
