@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps py-deps helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
+.PHONY: all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
 
 all: build
 
@@ -26,6 +26,10 @@ kafka-deps:
 # Python test tools (the Prometheus OpenMetrics parser) into $(HOME)/.cache/leasehold/venv.
 py-deps:
 	@scripts/install-python-tools.sh
+
+# Regenerates docs/status-page.png (the README's picture) with the status page test.
+screenshots: build kafka-deps py-deps
+	LEASEHOLD_BIN=$(DEBUG_BIN) LEASEHOLD_UPDATE_SCREENSHOTS=1 cargo test -p leasehold-integration-tests --test observability the_status_page -- --test-threads=1
 
 # helm (go install, pinned) and the manifest validator, into $(HOME)/.cache/leasehold/bin.
 helm-deps:

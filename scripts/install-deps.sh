@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make deps`: installs, with apt, what building and testing Leasehold needs from
 # Debian: protoc with Google's well-known types (protobuf-compiler + libprotobuf-dev),
-# etcd-server, curl, iproute2, and Java/Maven when absent. Decides per capability
+# etcd-server, curl, iproute2, Java/Maven, python3-venv and headless Chromium with
+# chromedriver (the status page test) when absent. Decides per capability
 # (scripts/prereqs.sh), not per command, and proves the result by checking again.
 # Idempotent: does nothing, and needs no network, when everything is present.
 #
@@ -10,7 +11,7 @@
 set -euo pipefail
 . "$(dirname "$0")/prereqs.sh"
 
-apt_items=(protoc etcd curl iproute2 java maven python)
+apt_items=(protoc etcd curl iproute2 java maven python chromium)
 if [ "${1:-}" != "--system-only" ] && ! check_cargo >/dev/null 2>&1; then
   echo "error: cargo not found; ${PREREQ_FIX[cargo]}" >&2
   exit 1

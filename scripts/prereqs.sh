@@ -11,7 +11,7 @@ cache="${LEASEHOLD_CACHE:-$HOME/.cache/leasehold}"
 prereqs_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # The order the report prints in.
-PREREQ_ITEMS=(cargo protoc etcd curl iproute2 java maven python go kafka-jars helm python-tools)
+PREREQ_ITEMS=(cargo protoc etcd curl iproute2 java maven python chromium go kafka-jars helm python-tools)
 
 declare -A PREREQ_APT=(
   [protoc]="protobuf-compiler libprotobuf-dev"
@@ -21,6 +21,7 @@ declare -A PREREQ_APT=(
   [java]="openjdk-17-jre-headless"
   [maven]="maven"
   [python]="python3 python3-venv"
+  [chromium]="chromium chromium-driver"
 )
 declare -A PREREQ_FIX=(
   [cargo]="install Rust with rustup (https://rustup.rs); the toolchain is not installed by the project"
@@ -31,6 +32,7 @@ declare -A PREREQ_FIX=(
   [java]="make deps  (apt-get install openjdk-17-jre-headless)"
   [maven]="make deps  (apt-get install maven)"
   [python]="make deps  (apt-get install python3 python3-venv)"
+  [chromium]="make deps  (apt-get install chromium chromium-driver)"
   [python-tools]="make py-deps  (the Prometheus OpenMetrics parser from PyPI, into a virtualenv)"
   [go]="install Go 1.22 or newer (https://go.dev/dl); Debian's golang is too old for helm"
   [kafka-jars]="make kafka-deps  (Apache Kafka's jars from Maven Central)"
@@ -112,6 +114,15 @@ check_python() {
   command -v python3 >/dev/null || { echo "python3 not on PATH"; return 1; }
   python3 -c "import venv, ensurepip" 2>/dev/null || { echo "$(python3 --version) cannot create a virtualenv (no ensurepip)"; return 1; }
   echo "$(python3 --version) with venv"
+}
+
+# The status page test drives headless Chromium through chromedriver (WebDriver).
+check_chromium() {
+  command -v chromium >/dev/null || { echo "chromium not on PATH"; return 1; }
+  command -v chromedriver >/dev/null || { echo "chromedriver not on PATH"; return 1; }
+  local v
+  v="$(chromium --version 2>/dev/null | head -1)" || { echo "chromium --version failed"; return 1; }
+  echo "${v:-chromium}, $(chromedriver --version 2>/dev/null | cut -d' ' -f1-2)"
 }
 
 check_go() {

@@ -146,8 +146,9 @@ echo -n "without Leasehold: "
 cat <<EOT
 
 Leasehold is running:
-  gRPC (Entities, Admin, health, reflection)  127.0.0.1:17070  127.0.0.1:17071  127.0.0.1:17072
-  admin HTTP                                   http://127.0.0.1:17170/v1/cluster  /v1/shards  /v1/members  /metrics
+  status page (live; open it in a browser)     http://127.0.0.1:17170/   http://127.0.0.1:17171/   http://127.0.0.1:17172/
+  gRPC clients (Entities, health, reflection)  127.0.0.1:17070  127.0.0.1:17071  127.0.0.1:17072
+  admin (HTTP and the Admin gRPC service)      http://127.0.0.1:17170/v1/cluster  /v1/shards  /v1/members  /v1/kafka  /metrics
   status table                                 $bin status --admin http://127.0.0.1:17170
   one call                                     $bin call --addr 127.0.0.1:17071 --key alice --payload '{"account":"alice","amount":5}'
   drain a member                               curl -X POST http://127.0.0.1:17170/v1/members/node-2/drain

@@ -13,7 +13,7 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 cache="${LEASEHOLD_CACHE:-$HOME/.cache/leasehold}/fresh-machine"
 base="$cache/bookworm-minbase.tar.gz"
-system_items=(protoc etcd curl iproute2 java maven python)
+system_items=(protoc etcd curl iproute2 java maven python chromium)
 
 if [ "$(id -u)" -ne 0 ]; then
   echo "test-fresh-machine: skipped (needs root for chroot)"

@@ -3,6 +3,7 @@
 //! started. Also an `EntityHandler` that checks the single-writer guarantee.
 
 pub mod baseline;
+pub mod browser;
 pub mod chaos;
 pub mod checker;
 pub mod etcd_cluster;

@@ -216,9 +216,132 @@ async fn metrics_parse_strictly_and_match_the_readme() {
         assert_eq!(lags.len(), partitions, "{source}: lag series {lags:?}");
     }
     assert!(total("process_resident_memory_bytes", &[]) > 0.0);
-    assert!(
-        checker.violations().is_empty(),
-        "{:?}",
-        checker.violations()
+
+    // /v1/kafka: any instance shows the group's position on every partition of both
+    // sources; each partition is consumed by exactly one instance.
+    let (orders_end, payments_end) = (kafka.end_offsets("orders", 3), kafka.end_offsets("payments", 2));
+    wait_until(Duration::from_secs(30), "/v1/kafka caught up", || {
+        let mut here = 0;
+        for i in &cluster.instances {
+            let kafka = i.get("/v1/kafka")?;
+            let sources = kafka["sources"].as_array()?;
+            if sources.len() != 2 {
+                return None;
+            }
+            for s in sources {
+                let want = match s["name"].as_str()? {
+                    "orders" => &orders_end,
+                    "payments" => &payments_end,
+                    other => panic!("unexpected source {other}"),
+                };
+                let parts = s["partitions"].as_array()?;
+                if parts.len() != want.len() {
+                    return None;
+                }
+                for p in parts {
+                    let n = p["partition"].as_u64()? as usize;
+                    if p["end"].as_i64()? != want[n]
+                        || p["committed"].as_i64()? != want[n]
+                        || p["lag"].as_i64()? != 0
+                    {
+                        return None;
+                    }
+                    here += usize::from(p["here"].as_bool()?);
+                }
+            }
+        }
+        (here == 5).then_some(())
+    })
+    .await;
+    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
+}
+
+/// The status page in a real browser: the shard map, members and owners match the admin
+/// API, and a drain shows on the open page without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_page_shows_the_cluster_and_follows_a_drain() {
+    use leasehold_integration_tests::browser::Browser;
+
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(3, &["--handler", &flag]).await;
+    cluster.wait_balanced(Duration::from_secs(20)).await;
+    let n0 = &cluster.instances[0];
+
+    let browser = Browser::start(1366, 900).await;
+    browser.open(&format!("{}/", n0.admin_url()));
+    browser
+        .wait_for(
+            Duration::from_secs(20),
+            "the page's first refreshes",
+            "return Number(document.body.dataset.updated || 0) >= 2 && \
+             document.querySelectorAll('#shard-map .shard').length === 1024",
+        )
+        .await;
+
+    // Owners and members as the admin API reports them.
+    let shards = n0.get("/v1/shards").unwrap();
+    let owners: Vec<String> = shards["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["owner"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    let page_owners: Vec<String> = serde_json::from_value(browser.eval(
+        "return [...document.querySelectorAll('#shard-map .shard')] \
+           .sort((a, b) => a.dataset.shard - b.dataset.shard).map(c => c.dataset.owner);",
+    ))
+    .unwrap();
+    assert_eq!(page_owners, owners, "shard map differs from /v1/shards");
+    let members: BTreeMap<String, u64> = serde_json::from_value(browser.eval(
+        "return Object.fromEntries([...document.querySelectorAll('#members tr.member')] \
+           .map(r => [r.dataset.member, Number(r.dataset.shards)]));",
+    ))
+    .unwrap();
+    let api: BTreeMap<String, u64> = n0.get("/v1/members").unwrap()["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["shards"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(members, api);
+    let leader = browser.eval("return document.getElementById('leader').textContent.trim();");
+    assert_eq!(leader, n0.get("/v1/cluster").unwrap()["leader"]);
+
+    // A drain, watched on the open page.
+    browser.eval("window.leaseholdMarker = 'same page'; return null;");
+    let n2 = &cluster.instances[2];
+    let drain = ureq::post(&format!("{}/v1/members/{}/drain", n2.admin_url(), n2.id)).call();
+    assert!(drain.is_ok(), "drain: {drain:?}");
+    browser
+        .wait_for(
+            Duration::from_secs(30),
+            "the page to show n2 drained",
+            &format!(
+                "const row = document.querySelector('#members tr.member[data-member=\"{id}\"]'); \
+                 return !!row && row.dataset.state === 'draining' && row.dataset.shards === '0' && \
+                   document.querySelectorAll('#shard-map .shard[data-owner=\"{id}\"]').length === 0 && \
+                   document.querySelectorAll('#moves li.move').length > 0;",
+                id = n2.id
+            ),
+        )
+        .await;
+    assert_eq!(
+        browser.eval("return window.leaseholdMarker || null;"),
+        "same page",
+        "the page reloaded"
     );
+    // The picture for the README, mid-story: a member drained, its shards moved
+    // (docs/status-page.png with LEASEHOLD_UPDATE_SCREENSHOTS=1).
+    let png = browser.screenshot();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot of {} bytes", png.len());
+    let out = if std::env::var_os("LEASEHOLD_UPDATE_SCREENSHOTS").is_some() {
+        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status-page.png"))
+    } else {
+        std::env::temp_dir().join("leasehold-status-page.png")
+    };
+    std::fs::write(&out, &png).unwrap();
+    eprintln!("screenshot: {}", out.display());
+
+    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
 }

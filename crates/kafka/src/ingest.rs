@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::window::Window;
-use crate::{DispatchError, Dispatcher, Error, KafkaCall, OnFailure, SourceOptions};
+use crate::{
+    DispatchError, Dispatcher, Error, KafkaCall, OnFailure, PartitionStatus, SourceOptions,
+    SourceStatus, StatusHandle,
+};
 
 /// The consumer's context: rebalance callbacks run inside the poll and must not block,
 /// so they only flip flags and make non-blocking calls.
@@ -193,6 +196,7 @@ struct Metrics {
 pub struct Ingest {
     /// Shared, not cloned per message.
     opts: Arc<SourceOptions>,
+    status: StatusHandle,
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     metrics: Arc<Metrics>,
@@ -258,12 +262,25 @@ impl Ingest {
                 &l,
             ),
         };
+        let status = Arc::new(Mutex::new(SourceStatus {
+            name: opts.name.clone(),
+            group: opts.group.clone(),
+            topics: opts.topics.clone(),
+            ..SourceStatus::default()
+        }));
         Self {
             opts: Arc::new(opts),
+            status,
             dispatcher,
             registry: registry.clone(),
             metrics: Arc::new(metrics),
         }
+    }
+
+    /// The group's position on the source's partitions, refreshed every 5 s while
+    /// [`Ingest::run`] runs (empty until the first refresh).
+    pub fn status(&self) -> StatusHandle {
+        self.status.clone()
     }
 
     fn client_config(&self) -> ClientConfig {
@@ -289,6 +306,8 @@ impl Ingest {
         let lag_task = tokio::spawn(report_lag(
             consumer.clone(),
             partitions.clone(),
+            self.opts.clone(),
+            self.status.clone(),
             cancel.clone(),
         ));
         let mut state = Consuming {
@@ -709,11 +728,15 @@ fn session_timeout(properties: &std::collections::BTreeMap<String, String>) -> D
         .map_or(Duration::from_secs(45), Duration::from_millis)
 }
 
-/// Every 5 s: consumer lag per assigned partition = end offset − commit watermark.
-/// Fetching end offsets blocks, so it runs on the blocking pool.
+/// Every 5 s: consumer lag per assigned partition = end offset − commit watermark, and
+/// the group's position on every partition of the source's topics (end offset and
+/// committed offset, whichever instance consumes it) for the status snapshot.
+/// The broker calls block, so they run on the blocking pool.
 async fn report_lag(
     consumer: Arc<StreamConsumer<Context>>,
     partitions: Partitions,
+    opts: Arc<SourceOptions>,
+    status: StatusHandle,
     cancel: CancellationToken,
 ) {
     loop {
@@ -728,8 +751,10 @@ async fn report_lag(
             .cloned()
             .collect();
         let consumer = consumer.clone();
+        let opts = opts.clone();
+        let status = status.clone();
         let _ = tokio::task::spawn_blocking(move || {
-            for p in parts {
+            for p in &parts {
                 if let Ok((_, high)) =
                     consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1))
                 {
@@ -742,9 +767,86 @@ async fn report_lag(
                     p.lag.set((high - done_up_to).max(0) as f64);
                 }
             }
+            let here: std::collections::HashSet<(String, i32)> = parts
+                .iter()
+                .filter(|p| !p.is_revoked())
+                .map(|p| (p.topic.clone(), p.partition))
+                .collect();
+            let snapshot = group_position(&consumer, &opts, &here);
+            *status.lock().expect("status lock") = snapshot;
         })
         .await;
     }
+}
+
+/// What the group has committed on every partition of the source's topics, against
+/// each partition's end (one metadata, one committed-offsets and one watermark request
+/// per partition).
+fn group_position(
+    consumer: &StreamConsumer<Context>,
+    opts: &SourceOptions,
+    here: &std::collections::HashSet<(String, i32)>,
+) -> SourceStatus {
+    let timeout = Duration::from_secs(2);
+    let mut status = SourceStatus {
+        name: opts.name.clone(),
+        group: opts.group.clone(),
+        topics: opts.topics.clone(),
+        updated_ms: None,
+        error: None,
+        partitions: Vec::new(),
+    };
+    let mut tpl = TopicPartitionList::new();
+    for topic in &opts.topics {
+        match consumer.fetch_metadata(Some(topic), timeout) {
+            Ok(md) => {
+                for t in md.topics() {
+                    for p in t.partitions() {
+                        tpl.add_partition(t.name(), p.id());
+                    }
+                }
+            }
+            Err(e) => {
+                status.error = Some(format!("metadata of {topic}: {e}"));
+                return status;
+            }
+        }
+    }
+    let committed = match consumer.committed_offsets(tpl.clone(), timeout) {
+        Ok(c) => c,
+        Err(e) => {
+            status.error = Some(format!("committed offsets: {e}"));
+            return status;
+        }
+    };
+    for e in tpl.elements() {
+        let (topic, partition) = (e.topic().to_owned(), e.partition());
+        let end = consumer
+            .fetch_watermarks(&topic, partition, timeout)
+            .ok()
+            .map(|(_, high)| high);
+        let committed = committed
+            .find_partition(&topic, partition)
+            .and_then(|c| match c.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+        let lag = end.map(|end| (end - committed.unwrap_or(0)).max(0));
+        let here = here.contains(&(topic.clone(), partition));
+        status.partitions.push(PartitionStatus {
+            topic,
+            partition,
+            end,
+            committed,
+            lag,
+            here,
+        });
+    }
+    status.updated_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64);
+    status
 }
 
 type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);

@@ -56,6 +56,34 @@ pub struct SourceOptions {
     pub properties: BTreeMap<String, String>,
 }
 
+/// A source's consumer group on its partitions, as one instance last saw it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceStatus {
+    pub name: String,
+    pub group: String,
+    pub topics: Vec<String>,
+    /// When it was taken (Unix milliseconds); `None` before the first refresh.
+    pub updated_ms: Option<u64>,
+    /// Why the last refresh failed, if it did.
+    pub error: Option<String>,
+    pub partitions: Vec<PartitionStatus>,
+}
+
+/// One partition: its end, the group's committed offset (the next to read), the lag
+/// between them, and whether this instance consumes it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PartitionStatus {
+    pub topic: String,
+    pub partition: i32,
+    pub end: Option<i64>,
+    pub committed: Option<i64>,
+    pub lag: Option<i64>,
+    pub here: bool,
+}
+
+/// Shared with the admin surface.
+pub type StatusHandle = std::sync::Arc<std::sync::Mutex<SourceStatus>>;
+
 /// A message to run at its key's owner.
 #[derive(Debug, Clone)]
 pub struct KafkaCall {

@@ -16,6 +16,7 @@ use leasehold_types::{MemberId, ShardId};
 use serde::Serialize;
 
 use crate::security::AdminAuthz;
+use crate::status::Status;
 
 #[derive(Debug, Serialize)]
 pub struct ClusterInfo {
@@ -107,6 +108,7 @@ pub fn members(coord: &Coord) -> Vec<MemberInfo> {
 struct AppState {
     router: Router,
     registry: Registry,
+    status: Arc<Status>,
 }
 
 /// Refuses admin HTTP requests the token protects (401 with JSON, and nothing changes).
@@ -117,7 +119,8 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
-    if path == "/healthz" || path == "/readyz" {
+    // Probes, and the status page itself (its data endpoints ask for the token).
+    if path == "/healthz" || path == "/readyz" || path == "/" {
         return next.run(request).await;
     }
     let mutation = !matches!(*request.method(), Method::GET | Method::HEAD);
@@ -162,8 +165,17 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
 }
 
 /// The admin HTTP routes.
-pub fn http_routes(router: Router, registry: Registry, auth: Arc<AdminAuthz>) -> axum::Router {
+pub fn http_routes(
+    router: Router,
+    registry: Registry,
+    status: Arc<Status>,
+    auth: Arc<AdminAuthz>,
+) -> axum::Router {
     axum::Router::new()
+        .route("/", get(page))
+        .route("/v1/instance", get(get_instance))
+        .route("/v1/moves", get(get_moves))
+        .route("/v1/kafka", get(get_kafka))
         .route("/v1/cluster", get(get_cluster))
         .route("/v1/shards", get(get_shards))
         .route("/v1/shards/{shard}", get(get_shard))
@@ -172,10 +184,56 @@ pub fn http_routes(router: Router, registry: Registry, auth: Arc<AdminAuthz>) ->
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see /v1/cluster, /v1/shards, /v1/members, /healthz, /readyz, /metrics") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see / (status page), /v1/cluster, /v1/shards, /v1/members, /v1/instance, /v1/moves, /v1/kafka, /healthz, /readyz, /metrics") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
-        .with_state(Arc::new(AppState { router, registry }))
+        .with_state(Arc::new(AppState {
+            router,
+            registry,
+            status,
+        }))
         .layer(axum::middleware::from_fn_with_state(auth, require_token))
+}
+
+/// The status page: no external assets, so a strict policy holds.
+async fn page() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                 img-src data:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'; \
+                 base-uri 'none'",
+            ),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        crate::status::PAGE,
+    )
+        .into_response()
+}
+
+/// This instance: what only it knows (its lease, its readiness).
+async fn get_instance(State(s): State<Arc<AppState>>) -> Response {
+    let coord = s.router.coord();
+    let ready = coord.readiness();
+    Json(serde_json::json!({
+        "id": coord.member_id().0,
+        "version": env!("CARGO_PKG_VERSION"),
+        "ready": ready.is_ok(),
+        "reason": ready.err().map(|r| r.to_string()),
+        "lease_slack_seconds": coord.table().lease().slack(),
+        "shards_owned": coord.table().held().len(),
+    }))
+    .into_response()
+}
+
+async fn get_moves(State(s): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "moves": s.status.moves() })).into_response()
+}
+
+async fn get_kafka(State(s): State<Arc<AppState>>) -> Response {
+    Json(serde_json::json!({ "sources": s.status.kafka() })).into_response()
 }
 
 async fn get_cluster(State(s): State<Arc<AppState>>) -> Response {

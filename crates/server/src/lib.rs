@@ -6,3 +6,4 @@ pub mod config;
 pub mod grpc_metrics;
 pub mod security;
 pub mod serve;
+pub mod status;

@@ -117,6 +117,7 @@ struct Instance {
     router: Router,
     handler: Arc<dyn Handler>,
     registry: Registry,
+    status: Arc<crate::status::Status>,
 }
 
 impl Instance {
@@ -206,6 +207,7 @@ impl Instance {
             router,
             handler,
             registry,
+            status: Default::default(),
         })
     }
 
@@ -222,6 +224,7 @@ impl Instance {
                 router: self.router.clone(),
             });
             let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &self.registry);
+            self.status.add_kafka(ingest.status());
             let cancel = cancel.clone();
             let name = source.name.clone();
             let span = tracing::info_span!("kafka_source", source = %name);
@@ -414,6 +417,14 @@ impl Servers {
                 stop.clone(),
             )),
         ));
+        tasks.push((
+            "shard move recorder",
+            tokio::spawn(crate::status::record_moves(
+                instance.coord.clone(),
+                instance.status.clone(),
+                stop.clone(),
+            )),
+        ));
         if let Some(etcd) = security.etcd.clone() {
             tasks.push((
                 "etcd TLS watcher",
@@ -461,6 +472,7 @@ impl Servers {
         let admin_routes = tonic::service::Routes::from(admin::http_routes(
             instance.router.clone(),
             instance.registry.clone(),
+            instance.status.clone(),
             auth.clone(),
         ))
         .add_service(AdminServer::new(AdminService {
