@@ -27,7 +27,11 @@ impl Browser {
             .expect("chromedriver runs (make deps installs chromium-driver)");
         let base = format!("http://127.0.0.1:{port}");
         crate::wait_until(Duration::from_secs(20), "chromedriver ready", || {
-            let status: Value = ureq::get(&format!("{base}/status")).call().ok()?.into_json().ok()?;
+            let status: Value = ureq::get(&format!("{base}/status"))
+                .call()
+                .ok()?
+                .into_json()
+                .ok()?;
             status["value"]["ready"].as_bool()?.then_some(())
         })
         .await;
@@ -91,7 +95,10 @@ impl Browser {
             if self.eval(script) == Value::Bool(true) {
                 return;
             }
-            assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+            assert!(
+                start.elapsed() < timeout,
+                "timed out after {timeout:?} waiting for {what}"
+            );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

@@ -219,7 +219,10 @@ async fn metrics_parse_strictly_and_match_the_readme() {
 
     // /v1/kafka: any instance shows the group's position on every partition of both
     // sources; each partition is consumed by exactly one instance.
-    let (orders_end, payments_end) = (kafka.end_offsets("orders", 3), kafka.end_offsets("payments", 2));
+    let (orders_end, payments_end) = (
+        kafka.end_offsets("orders", 3),
+        kafka.end_offsets("payments", 2),
+    );
     wait_until(Duration::from_secs(30), "/v1/kafka caught up", || {
         let mut here = 0;
         for i in &cluster.instances {
@@ -253,7 +256,11 @@ async fn metrics_parse_strictly_and_match_the_readme() {
         (here == 5).then_some(())
     })
     .await;
-    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
 }
 
 /// The status page in a real browser: the shard map, members and owners match the admin
@@ -302,7 +309,12 @@ async fn the_status_page_shows_the_cluster_and_follows_a_drain() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| (m["id"].as_str().unwrap().to_owned(), m["shards"].as_u64().unwrap()))
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_owned(),
+                m["shards"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(members, api);
     let leader = browser.eval("return document.getElementById('leader').textContent.trim();");
@@ -334,14 +346,25 @@ async fn the_status_page_shows_the_cluster_and_follows_a_drain() {
     // The picture for the README, mid-story: a member drained, its shards moved
     // (docs/status-page.png with LEASEHOLD_UPDATE_SCREENSHOTS=1).
     let png = browser.screenshot();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "screenshot of {} bytes", png.len());
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "screenshot of {} bytes",
+        png.len()
+    );
     let out = if std::env::var_os("LEASEHOLD_UPDATE_SCREENSHOTS").is_some() {
-        std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/status-page.png"))
+        std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../docs/status-page.png"
+        ))
     } else {
         std::env::temp_dir().join("leasehold-status-page.png")
     };
     std::fs::write(&out, &png).unwrap();
     eprintln!("screenshot: {}", out.display());
 
-    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
 }

@@ -825,12 +825,13 @@ fn group_position(
             .fetch_watermarks(&topic, partition, timeout)
             .ok()
             .map(|(_, high)| high);
-        let committed = committed
-            .find_partition(&topic, partition)
-            .and_then(|c| match c.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
+        let committed =
+            committed
+                .find_partition(&topic, partition)
+                .and_then(|c| match c.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
         let lag = end.map(|end| (end - committed.unwrap_or(0)).max(0));
         let here = here.contains(&(topic.clone(), partition));
         status.partitions.push(PartitionStatus {
