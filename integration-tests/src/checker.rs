@@ -29,6 +29,9 @@ pub struct State {
     pub kafka: Vec<(String, i32, i64, String)>,
     /// The consumer's claim (fence) each of those calls carried, in the same order.
     pub kafka_fences: Vec<u64>,
+    /// Key → the request metadata the handler received that the test asked to keep
+    /// (`traceparent`, `tracestate`, `x-*`), last call wins.
+    pub metadata: HashMap<String, Vec<(String, String)>>,
 }
 
 /// Removes a call from `running` when the handler finishes or is cancelled (only this
@@ -62,7 +65,26 @@ impl EntityHandler for Service {
         &self,
         request: Request<HandleRequest>,
     ) -> Result<Response<HandleResponse>, Status> {
+        let kept: Vec<(String, String)> = request
+            .metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    let k = k.as_str();
+                    (k == "traceparent" || k == "tracestate" || k.starts_with("x-"))
+                        .then(|| (k.to_owned(), v.to_str().unwrap_or_default().to_owned()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
         let r = request.into_inner();
+        if !kept.is_empty() {
+            self.state
+                .lock()
+                .unwrap()
+                .metadata
+                .insert(r.key.clone(), kept);
+        }
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);

@@ -11,6 +11,7 @@ pub mod kafka;
 pub mod load;
 pub mod netns;
 pub mod openmetrics;
+pub mod otlp;
 pub mod pki;
 pub mod proxy;
 

@@ -256,6 +256,7 @@ async fn a_forwarded_call_for_another_epoch_is_answered_not_owner() {
         expected_epoch: expected,
         entry: "elsewhere".into(),
         source: None,
+        metadata: Default::default(),
     };
     let stale = peer.forward(forward(epoch - 1)).await.unwrap().into_inner();
     match stale.result {
@@ -458,6 +459,7 @@ async fn a_forged_kafka_fence_neither_runs_nor_fences_real_records() {
             shard: 0,
             expected_epoch: 0,
             entry: String::new(),
+            metadata: Default::default(),
             source: Some(Source {
                 kind: Some(source::Kind::Kafka(KafkaSource {
                     topic: "orders".into(),

@@ -368,3 +368,175 @@ async fn the_status_page_shows_the_cluster_and_follows_a_drain() {
         checker.violations()
     );
 }
+
+/// One trace across the cluster: a client's call entering a non-owner shows as the entry
+/// instance's span, its forward, the owner's span and the handler call, and the handler
+/// receives the trace context (and the allow-listed client metadata); a Kafka record's
+/// `traceparent` header starts the same chain. Spans go to a real OTLP receiver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_trace_follows_a_call_across_the_hop_into_the_handler() {
+    use leasehold_integration_tests::otlp::Receiver;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::FutureRecord;
+
+    let receiver = Receiver::start().await;
+    let kafka = Kafka::start().await;
+    kafka.create_topic("orders", 2).await;
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let brokers = kafka.brokers();
+    let cluster = Cluster::start(
+        3,
+        &[
+            "--handler",
+            &flag,
+            "--otlp-endpoint",
+            &receiver.endpoint,
+            "--forward-metadata",
+            "x-tenant",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-topic",
+            "orders",
+            "--kafka-key",
+            "json:/account",
+            "--kafka-on-failure",
+            "skip",
+        ],
+    )
+    .await;
+    cluster.wait_balanced(Duration::from_secs(20)).await;
+    let n0 = &cluster.instances[0];
+    let mut client = n0.client().await;
+
+    // A key another instance owns, so the call is forwarded.
+    let mut key = None;
+    for n in 0..100 {
+        let k = format!("traced-{n}");
+        let at = client
+            .locate(leasehold_proto::v1::LocateRequest { key: k.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if at.owner != n0.id {
+            key = Some((k, at.owner));
+            break;
+        }
+    }
+    let (key, owner) = key.expect("some key is owned elsewhere");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let client_span = "00f067aa0ba902b7";
+    let mut request = tonic::Request::new(CallRequest {
+        key: key.clone(),
+        payload: "p".into(),
+    });
+    let m = request.metadata_mut();
+    m.insert(
+        "traceparent",
+        format!("00-{trace}-{client_span}-01").parse().unwrap(),
+    );
+    m.insert("x-tenant", "acme".parse().unwrap());
+    m.insert("x-private", "not forwarded".parse().unwrap());
+    client.call(request).await.unwrap();
+
+    let spans = wait_until(Duration::from_secs(30), "the call's spans", || {
+        let spans: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace)
+            .collect();
+        let done = spans
+            .iter()
+            .any(|s| s.name == "handler" && s.instance == owner);
+        done.then_some(spans)
+    })
+    .await;
+    let find = |instance: &str, name: &str| {
+        spans
+            .iter()
+            .find(|s| s.instance == instance && s.name == name)
+            .unwrap_or_else(|| panic!("no {name} span from {instance} in {spans:#?}"))
+            .clone()
+    };
+    let entry = find(&n0.id, "leasehold.v1.Entities/Call");
+    assert_eq!(
+        entry.parent_span_id, client_span,
+        "the entry continues the client's trace"
+    );
+    assert_eq!(entry.kind, 2, "server");
+    let forward = find(&n0.id, "forward");
+    assert_eq!(forward.parent_span_id, entry.span_id);
+    assert_eq!(forward.kind, 3, "client");
+    let at_owner = find(&owner, "leasehold.v1.Peer/Forward");
+    assert_eq!(
+        at_owner.parent_span_id, forward.span_id,
+        "the owner continues the forward"
+    );
+    let handler = find(&owner, "handler");
+    assert_eq!(handler.parent_span_id, at_owner.span_id);
+
+    // The handler got the trace context naming the owner's handler span, and only the
+    // allow-listed client metadata.
+    let received = checker.state.lock().unwrap().metadata[&key].clone();
+    let get = |k: &str| {
+        received
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(
+        get("traceparent"),
+        Some(format!("00-{trace}-{}-01", handler.span_id))
+    );
+    assert_eq!(get("x-tenant").as_deref(), Some("acme"));
+    assert_eq!(get("x-private"), None);
+
+    // A Kafka record's traceparent header starts the chain the same way.
+    let kafka_trace = "0af7651916cd43dd8448eb211c80319c";
+    let producer_span = "b7ad6b7169203331";
+    kafka
+        .producer()
+        .send(
+            FutureRecord::<(), _>::to("orders")
+                .payload(r#"{"account":"traced-kafka"}"#)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "traceparent",
+                    value: Some(&format!("00-{kafka_trace}-{producer_span}-01")),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let kafka_spans = wait_until(Duration::from_secs(30), "the record's spans", || {
+        let spans: Vec<_> = receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.trace_id == kafka_trace)
+            .collect();
+        spans.iter().any(|s| s.name == "handler").then_some(spans)
+    })
+    .await;
+    let record = kafka_spans
+        .iter()
+        .find(|s| s.name == "kafka record")
+        .unwrap_or_else(|| panic!("no kafka record span: {kafka_spans:#?}"));
+    assert_eq!(
+        record.parent_span_id, producer_span,
+        "the record continues the producer's span"
+    );
+    assert_eq!(record.kind, 5, "consumer");
+    let handler_span = kafka_spans.iter().find(|s| s.name == "handler").unwrap();
+    let received = checker.state.lock().unwrap().metadata["traced-kafka"].clone();
+    assert!(
+        received.contains(&(
+            "traceparent".into(),
+            format!("00-{kafka_trace}-{}-01", handler_span.span_id)
+        )),
+        "{received:?}"
+    );
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
+}

@@ -372,6 +372,7 @@ async fn strangers_are_refused(pki: &Pki, instances: &[Instance], checker: &Chec
         expected_epoch: 0,
         entry: "n1".into(),
         source: None,
+        metadata: Default::default(),
     };
     let with_member = |key: &str| {
         let mut r = tonic::Request::new(forward(key));
@@ -721,6 +722,7 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
                     expected_epoch: 0,
                     entry: "n0".into(),
                     source: None,
+                    metadata: Default::default(),
                 }),
                 timeout_ms: 5000,
             }

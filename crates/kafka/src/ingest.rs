@@ -687,6 +687,21 @@ fn parked(m: &rdkafka::message::BorrowedMessage<'_>, key: &crate::KeySource) -> 
     }
 }
 
+/// The record's `traceparent` and `tracestate` headers (UTF-8 values only).
+fn trace_headers(headers: Option<&OwnedHeaders>) -> Vec<(String, String)> {
+    let Some(headers) = headers else {
+        return Vec::new();
+    };
+    headers
+        .iter()
+        .filter(|h| h.key == "traceparent" || h.key == "tracestate")
+        .filter_map(|h| {
+            let value = std::str::from_utf8(h.value?).ok()?;
+            Some((h.key.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 /// Starts a paused partition's waiting messages, in order, as room frees up; resumes the
 /// partition once none is left. Ends when the partition is revoked.
 async fn drain(worker: Worker, total: Arc<Semaphore>, tasks: TaskTracker) {
@@ -959,6 +974,7 @@ impl Worker {
             partition: r.partition,
             offset: r.offset,
             fence: 0,
+            trace: trace_headers(r.headers.as_ref()),
         };
         let mut attempt = 0u32;
         let mut waits = 0u32;

@@ -95,6 +95,9 @@ pub struct KafkaCall {
     pub offset: i64,
     /// This consumer's claim of the partition (from [`Dispatcher::claim`]).
     pub fence: u64,
+    /// The record's W3C trace context headers (`traceparent`, `tracestate`), passed on to
+    /// the handler.
+    pub trace: Vec<(String, String)>,
 }
 
 /// What happens to a message that cannot be handled: its key cannot be extracted, the

@@ -114,6 +114,9 @@ pub struct HandleCall {
     pub source: CallSource,
     /// min(request deadline, lease valid_until): the handler must be done by then.
     pub deadline: Instant,
+    /// Client metadata and trace context to pass on (the gRPC handler sends them as
+    /// request metadata).
+    pub metadata: crate::trace::CallMetadata,
 }
 
 /// The embedded handler interface: implement it to link Leasehold into a Rust program.
@@ -223,6 +226,7 @@ impl Handler for GrpcHandler {
                 source: Some(pb::Source { kind: Some(source) }),
                 deadline_unix_ms: unix_millis(call.deadline),
             });
+            call.metadata.to_grpc(request.metadata_mut());
             request.set_timeout(timeout);
             match client.handle(request).await {
                 Ok(resp) => Ok(resp.into_inner().payload),

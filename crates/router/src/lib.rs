@@ -14,6 +14,7 @@ mod handler;
 mod mailbox;
 mod peers;
 mod service;
+pub mod trace;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ pub use crate::handler::{
 use crate::mailbox::{Mailboxes, Turn};
 use crate::peers::{Forwarded, PeerError, Peers};
 pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
+pub use crate::trace::CallMetadata;
 
 /// Limits of the call path.
 #[derive(Debug, Clone)]
@@ -47,6 +49,8 @@ pub struct RouterOptions {
     pub mailbox_capacity: usize,
     /// Longest accepted key in bytes.
     pub max_key_bytes: usize,
+    /// Client gRPC metadata keys passed on to the handler (besides the trace context).
+    pub forward_metadata: Vec<String>,
     /// Calls held or queued across all keys before `RESOURCE_EXHAUSTED`.
     pub max_pending_calls: usize,
     /// Messages a peer may have in flight on one Dispatch stream.
@@ -78,6 +82,7 @@ impl Default for RouterOptions {
             max_key_bytes: 1024,
             max_pending_calls: 65_536,
             max_dispatch_in_flight: 4096,
+            forward_metadata: Vec::new(),
             peer_tls: None,
         }
     }
@@ -269,6 +274,8 @@ struct Job {
     deadline: Instant,
     origin: Origin,
     source: CallSource,
+    /// Passed on to the handler (see [`trace::CallMetadata`]).
+    metadata: CallMetadata,
 }
 
 struct Metrics {
@@ -320,6 +327,16 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The name of a call's span: the RPC that brought it here, or the Kafka record.
+fn span_name(forwarded: bool, source: &CallSource) -> &'static str {
+    match (forwarded, source) {
+        (false, CallSource::Grpc { .. }) => "leasehold.v1.Entities/Call",
+        (false, CallSource::Kafka(_)) => "kafka record",
+        (true, CallSource::Grpc { .. }) => "leasehold.v1.Peer/Forward",
+        (true, CallSource::Kafka(_)) => "leasehold.v1.Peer/Dispatch",
     }
 }
 
@@ -442,6 +459,11 @@ impl Router {
         }
     }
 
+    /// Client metadata keys passed on to the handler (besides the trace context).
+    pub fn forward_metadata(&self) -> &[String] {
+        &self.inner.opts.forward_metadata
+    }
+
     /// Checks a key and payload against the limits.
     pub fn validate(&self, key: &str, payload: &[u8]) -> Result<(), CallError> {
         if key.is_empty() {
@@ -477,9 +499,10 @@ impl Router {
         payload: Bytes,
         deadline: Instant,
         source: CallSource,
+        metadata: CallMetadata,
     ) -> Result<Reply, CallError> {
         let result = self
-            .submit(key, payload, deadline, Origin::Entry, source)
+            .submit(key, payload, deadline, Origin::Entry, source, metadata)
             .await;
         match &result {
             Ok(_) => self.inner.metrics.ok.inc(),
@@ -497,6 +520,7 @@ impl Router {
         deadline: Instant,
         source: CallSource,
         expected: Epoch,
+        metadata: CallMetadata,
     ) -> Result<Reply, CallError> {
         self.submit(
             key,
@@ -504,6 +528,7 @@ impl Router {
             deadline,
             Origin::Forwarded { expected },
             source,
+            metadata,
         )
         .await
     }
@@ -515,6 +540,7 @@ impl Router {
         deadline: Instant,
         origin: Origin,
         source: CallSource,
+        metadata: CallMetadata,
     ) -> Result<Reply, CallError> {
         self.validate(&key, &payload)?;
         let _pending = Pending::enter(&self.inner.pending, self.inner.opts.max_pending_calls)
@@ -538,12 +564,16 @@ impl Router {
                     "deadline passed while queued behind earlier calls for key {key:?}"
                 ))
             })?;
+        let forwarded = matches!(origin, Origin::Forwarded { .. });
         let span = tracing::debug_span!(
             "call",
+            otel.name = span_name(forwarded, &source),
+            otel.kind = if forwarded || matches!(source, CallSource::Grpc { .. }) { "server" } else { "consumer" },
             key_hash = format_args!("{:016x}", leasehold_types::key_hash(key.as_bytes())),
             %shard,
-            forwarded = matches!(origin, Origin::Forwarded { .. }),
+            forwarded,
         );
+        trace::continue_trace(&span, &metadata);
         let job = Job {
             key,
             shard,
@@ -551,6 +581,7 @@ impl Router {
             deadline,
             origin,
             source,
+            metadata,
         };
         tracing::Instrument::instrument(self.route(&job, Arc::new(turn)), span).await
     }
@@ -649,7 +680,18 @@ impl Router {
         changes: &mut tokio::sync::watch::Receiver<u64>,
     ) -> Forwarded {
         let shard = job.shard;
-        let forward = self.inner.peers.forward(peer, job, epoch);
+        let span = tracing::debug_span!(
+            "forward",
+            otel.kind = "client",
+            peer = %peer.address,
+            %epoch,
+        );
+        let forward = tracing::Instrument::instrument(
+            self.inner
+                .peers
+                .forward(peer, job, epoch, trace::outgoing(&span, &job.metadata)),
+            span,
+        );
         tokio::pin!(forward);
         loop {
             tokio::select! {
@@ -713,6 +755,7 @@ impl Router {
         }
         let deadline = job.deadline.min(guard.valid_until);
         let epoch = guard.epoch;
+        let span = tracing::debug_span!("handler", otel.kind = "client", %epoch);
         let call = HandleCall {
             key: job.key.clone(),
             payload: job.payload.clone(),
@@ -721,10 +764,11 @@ impl Router {
             owner: coord.member_id().clone(),
             source: job.source.clone(),
             deadline,
+            metadata: trace::outgoing(&span, &job.metadata),
         };
         let started = Instant::now();
         self.inner.metrics.shard_calls.inc(job.shard.0 as usize);
-        let handle = self.inner.handler.handle(call);
+        let handle = tracing::Instrument::instrument(self.inner.handler.handle(call), span);
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),
             hold: Some((guard, permit, turn.clone())),

@@ -334,6 +334,7 @@ impl Peers {
         peer: &PeerAddress,
         job: &Job,
         expected: Epoch,
+        metadata: crate::trace::CallMetadata,
     ) -> Forwarded {
         let address = peer.address.as_str();
         let mut client = match self.client(peer) {
@@ -356,6 +357,7 @@ impl Peers {
             expected_epoch: expected.0,
             entry,
             source,
+            metadata: metadata.0.into_iter().collect(),
         };
         // Kafka messages share one stream per peer instead of one RPC each.
         if matches!(job.source, CallSource::Kafka(_)) {

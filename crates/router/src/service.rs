@@ -10,6 +10,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::peers::{KIND_HEADER, MEMBER_HEADER, ORIGIN_HEADER};
+use crate::trace::CallMetadata;
 use crate::{CallError, CallSource, Router};
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
@@ -56,13 +57,14 @@ impl Entities for EntitiesService {
         request: Request<pb::CallRequest>,
     ) -> Result<Response<pb::CallResponse>, Status> {
         let deadline = self.router.deadline(client_timeout(&request));
+        let metadata = CallMetadata::from_grpc(request.metadata(), self.router.forward_metadata());
         let req = request.into_inner();
         let source = CallSource::Grpc {
             entry: self.router.coord().member_id().clone(),
         };
         let reply = self
             .router
-            .call(req.key, req.payload, deadline, source)
+            .call(req.key, req.payload, deadline, source, metadata)
             .await?;
         Ok(Response::new(pb::CallResponse {
             payload: reply.payload,
@@ -181,6 +183,7 @@ impl PeerService {
                 deadline,
                 source,
                 Epoch(req.expected_epoch),
+                CallMetadata(req.metadata.into_iter().collect()),
             )
             .await
         {

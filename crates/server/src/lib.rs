@@ -7,3 +7,4 @@ pub mod grpc_metrics;
 pub mod security;
 pub mod serve;
 pub mod status;
+pub mod telemetry;

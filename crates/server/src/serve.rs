@@ -193,6 +193,7 @@ impl Instance {
                 max_concurrency: config.max_concurrency,
                 mailbox_capacity: config.mailbox_capacity,
                 max_key_bytes: config.max_key_bytes.bytes(),
+                forward_metadata: config.forward_metadata.0.clone(),
                 max_pending_calls: config.max_pending_calls,
                 max_dispatch_in_flight: config.max_dispatch_in_flight,
                 peer_tls: security
@@ -665,8 +666,9 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
                 offset: call.offset,
                 fence: call.fence,
             });
+            let metadata = leasehold_router::CallMetadata(call.trace);
             router
-                .call(call.key, call.payload, deadline, source)
+                .call(call.key, call.payload, deadline, source, metadata)
                 .await
                 .map(|_| ())
                 .map_err(dispatch_error)

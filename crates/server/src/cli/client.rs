@@ -1,79 +1,224 @@
-//! `leasehold call` and `leasehold locate`: a client in the terminal.
+//! `leasehold call`, `leasehold locate` and `leasehold health`: a client in the terminal.
 
 use std::time::Duration;
 
+use serde_json::json;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use super::report::{CliError, CliResult, Exit, Rendered};
 use super::tls::{channel, TlsArgs};
-use leasehold_proto::v1::{entities_client::EntitiesClient, CallRequest, LocateRequest};
+use leasehold_proto::v1::{
+    entities_client::EntitiesClient, CallRequest, CallResponse, LocateRequest, LocateResponse,
+};
 
 async fn connect(
     addr: &str,
     tls: &TlsArgs,
-) -> anyhow::Result<EntitiesClient<tonic::transport::Channel>> {
+) -> CliResult<EntitiesClient<tonic::transport::Channel>> {
     Ok(EntitiesClient::new(channel(addr, tls).await?.0))
 }
 
+/// Refuses an empty key before dialling (the server would answer INVALID_ARGUMENT).
+fn check_key(key: &str) -> CliResult<()> {
+    if key.is_empty() {
+        return Err(CliError::usage("the key must not be empty (--key)"));
+    }
+    Ok(())
+}
+
+/// `leasehold call`: sends one call through the instance at `addr`.
 pub async fn call(
     addr: &str,
     tls: &TlsArgs,
     key: &str,
     payload: String,
     timeout: Duration,
-) -> anyhow::Result<String> {
+) -> CliResult<Rendered> {
+    check_key(key)?;
     let mut client = connect(addr, tls).await?;
     let mut request = tonic::Request::new(CallRequest {
         key: key.into(),
         payload: payload.into(),
     });
     request.set_timeout(timeout);
-    let r = client
+    let response = client
         .call(request)
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|s| CliError::grpc(&s))?
         .into_inner();
-    Ok(format!(
-        "key {key:?} shard {} epoch {} owner {}: {}",
-        r.shard,
-        r.epoch,
-        r.owner,
-        String::from_utf8_lossy(&r.payload)
-    ))
+    Ok(call_answer(key, &response))
 }
 
-pub async fn locate(addr: &str, tls: &TlsArgs, key: &str) -> anyhow::Result<String> {
+/// What `leasehold call` prints: the answer and who ran it.
+pub fn call_answer(key: &str, r: &CallResponse) -> Rendered {
+    let payload = String::from_utf8_lossy(&r.payload);
+    Rendered {
+        text: format!(
+            "key {key:?} shard {} epoch {} owner {}: {payload}",
+            r.shard, r.epoch, r.owner
+        ),
+        json: json!({
+            "key": key,
+            "payload": payload,
+            "shard": r.shard,
+            "epoch": r.epoch,
+            "owner": r.owner,
+        }),
+    }
+}
+
+/// `leasehold locate`: asks the instance at `addr` where `key` lives.
+pub async fn locate(addr: &str, tls: &TlsArgs, key: &str) -> CliResult<Rendered> {
+    check_key(key)?;
     let mut client = connect(addr, tls).await?;
-    let r = client
+    let response = client
         .locate(LocateRequest { key: key.into() })
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|s| CliError::grpc(&s))?
         .into_inner();
-    let owner = if r.owner.is_empty() {
-        "-".to_owned()
-    } else {
+    Ok(locate_answer(key, &response))
+}
+
+/// What `leasehold locate` prints: shard, epoch and owner (`null` / `-` when unowned).
+pub fn locate_answer(key: &str, r: &LocateResponse) -> Rendered {
+    let owned = !r.owner.is_empty();
+    let text_owner = if owned {
         format!("{} at {}", r.owner, r.address)
+    } else {
+        "-".to_owned()
     };
-    Ok(format!(
-        "key {key:?} shard {} epoch {} owner {owner}",
-        r.shard, r.epoch
-    ))
+    Rendered {
+        text: format!(
+            "key {key:?} shard {} epoch {} owner {text_owner}",
+            r.shard, r.epoch
+        ),
+        json: json!({
+            "key": key,
+            "shard": r.shard,
+            "owner": owned.then_some(&r.owner),
+            "address": owned.then_some(&r.address),
+            "epoch": r.epoch,
+        }),
+    }
 }
 
 /// `leasehold health`: the standard gRPC health check (serving = ready).
-pub async fn health(addr: &str, tls: &TlsArgs, service: &str) -> anyhow::Result<String> {
-    use tonic_health::pb::{
-        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-    };
+pub async fn health(addr: &str, tls: &TlsArgs, service: &str) -> CliResult<Rendered> {
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
     let (channel, url) = channel(addr, tls).await?;
     let status = HealthClient::new(channel)
         .check(HealthCheckRequest {
             service: service.into(),
         })
         .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .map_err(|s| match s.code() {
+            tonic::Code::NotFound => CliError::usage(format!(
+                "{url} has no service named {service:?} (--service)"
+            )),
+            _ => CliError::grpc(&s),
+        })?
         .into_inner()
         .status;
-    let status = ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown);
+    health_answer(
+        &url,
+        ServingStatus::try_from(status).unwrap_or(ServingStatus::Unknown),
+    )
+}
+
+/// What `leasehold health` prints; anything but SERVING is an error (exit 69) whose
+/// `code` is the serving status (`NOT_SERVING`).
+pub fn health_answer(url: &str, status: ServingStatus) -> CliResult<Rendered> {
+    let name = status.as_str_name();
     if status != ServingStatus::Serving {
-        anyhow::bail!("{url} is {}", status.as_str_name());
+        return Err(CliError {
+            exit: Exit::Unavailable,
+            code: name.to_owned(),
+            message: format!("{url} is {name}"),
+        });
     }
-    Ok(format!("{url} is SERVING"))
+    Ok(Rendered {
+        text: format!("{url} is {name}"),
+        json: json!({ "status": name, "address": url }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_prints_the_answer_and_who_ran_it() {
+        let r = CallResponse {
+            payload: b"pong".to_vec().into(),
+            shard: 7,
+            epoch: 42,
+            owner: "n1".into(),
+        };
+        let answer = call_answer("user-1", &r);
+        assert_eq!(
+            answer.text,
+            r#"key "user-1" shard 7 epoch 42 owner n1: pong"#
+        );
+        assert_eq!(
+            answer.json,
+            json!({"key": "user-1", "payload": "pong", "shard": 7, "epoch": 42, "owner": "n1"})
+        );
+    }
+
+    #[test]
+    fn locate_prints_the_owner_and_its_address() {
+        let r = LocateResponse {
+            shard: 3,
+            owner: "n0".into(),
+            address: "http://10.0.0.1:7070".into(),
+            epoch: 9,
+        };
+        let answer = locate_answer("k", &r);
+        assert_eq!(
+            answer.text,
+            r#"key "k" shard 3 epoch 9 owner n0 at http://10.0.0.1:7070"#
+        );
+        assert_eq!(
+            answer.json,
+            json!({"key": "k", "shard": 3, "owner": "n0", "address": "http://10.0.0.1:7070", "epoch": 9})
+        );
+    }
+
+    #[test]
+    fn an_unowned_shard_has_no_owner() {
+        let r = LocateResponse {
+            shard: 3,
+            owner: String::new(),
+            address: String::new(),
+            epoch: 0,
+        };
+        let answer = locate_answer("k", &r);
+        assert_eq!(answer.text, r#"key "k" shard 3 epoch 0 owner -"#);
+        assert_eq!(
+            answer.json,
+            json!({"key": "k", "shard": 3, "owner": null, "address": null, "epoch": 0})
+        );
+    }
+
+    #[test]
+    fn only_serving_is_healthy() {
+        let ok = health_answer("http://h:7070", ServingStatus::Serving).expect("serving");
+        assert_eq!(ok.text, "http://h:7070 is SERVING");
+        assert_eq!(
+            ok.json,
+            json!({"status": "SERVING", "address": "http://h:7070"})
+        );
+        let e = health_answer("http://h:7070", ServingStatus::NotServing).expect_err("not serving");
+        assert_eq!(
+            (e.exit, e.code.as_str()),
+            (Exit::Unavailable, "NOT_SERVING")
+        );
+        assert_eq!(e.message, "http://h:7070 is NOT_SERVING");
+    }
+
+    #[test]
+    fn an_empty_key_is_a_usage_error() {
+        assert_eq!(check_key("").map_err(|e| e.exit), Err(Exit::Usage));
+        assert!(check_key("k").is_ok());
+    }
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use super::report::{CliError, CliResult, Exit};
+
 /// How to reach a TLS plane (used for `https://` addresses).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct TlsArgs {
@@ -69,15 +71,25 @@ pub struct AdminClient {
 }
 
 impl AdminClient {
-    pub fn new(args: &AdminArgs) -> anyhow::Result<Self> {
+    /// A client for `args.admin`; bad TLS files or an unreadable token file are usage errors.
+    pub fn new(args: &AdminArgs) -> CliResult<Self> {
         let mut agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(5));
-        if let Some(config) = args.tls.config(&args.admin, &[b"http/1.1"])? {
+        if let Some(config) = args
+            .tls
+            .config(&args.admin, &[b"http/1.1"])
+            .map_err(|e| CliError::usage_from(&e))?
+        {
             agent = agent.tls_config(config);
         }
         let token = match (&args.token_file, std::env::var("LEASEHOLD_ADMIN_TOKEN")) {
             (Some(f), _) => Some(
                 std::fs::read_to_string(f)
-                    .with_context(|| format!("reading the admin token from {}", f.display()))?
+                    .map_err(|e| {
+                        CliError::usage(format!(
+                            "reading the admin token from {}: {e}",
+                            f.display()
+                        ))
+                    })?
                     .trim()
                     .to_owned(),
             ),
@@ -91,6 +103,7 @@ impl AdminClient {
         })
     }
 
+    /// A request to `path` on the admin plane, with the token when there is one.
     pub fn request(&self, method: &str, path: &str) -> ureq::Request {
         let request = self.agent.request(method, &format!("{}{path}", self.base));
         match &self.token {
@@ -101,29 +114,34 @@ impl AdminClient {
 }
 
 /// A gRPC channel to `addr` (`HOST:PORT` or a URL; `https://` through TLS), and its URL.
-pub async fn channel(
-    addr: &str,
-    tls: &TlsArgs,
-) -> anyhow::Result<(tonic::transport::Channel, String)> {
+/// A bad address or TLS file is a usage error; failing to connect, unavailable.
+pub async fn channel(addr: &str, tls: &TlsArgs) -> CliResult<(tonic::transport::Channel, String)> {
     let url = if addr.contains("://") {
         addr.to_owned()
     } else {
         format!("http://{addr}")
     };
     let endpoint = tonic::transport::Endpoint::from_shared(url.replacen("https://", "http://", 1))
-        .with_context(|| format!("invalid address {addr:?}"))?
+        .map_err(|e| CliError::usage(format!("invalid address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(2));
-    let channel = match tls.config(&url, &[b"h2"])? {
+    let config = tls
+        .config(&url, &[b"h2"])
+        .map_err(|e| CliError::usage_from(&e))?;
+    let channel = match config {
         Some(config) => {
             let config = leasehold_tls::Reloading::new("cli", Vec::new(), move || {
                 Ok(((*config).clone(), None))
-            })?;
+            })
+            .map_err(|e| CliError::usage(e.to_string()))?;
             endpoint
                 .connect_with_connector(leasehold_tls::Connector::new(config, None))
                 .await
         }
         None => endpoint.connect().await,
     }
-    .with_context(|| format!("cannot connect to {url}"))?;
+    .map_err(|e| {
+        let e = anyhow::Error::new(e).context(format!("cannot connect to {url}"));
+        CliError::new(Exit::Unavailable, format!("{e:#}"))
+    })?;
     Ok((channel, url))
 }

@@ -237,6 +237,15 @@ settings! {
     log: String = "info".into(),
     /// Log format: `text` (for terminals) or `json` (one object per line, for collectors).
     log_format: LogFormat = LogFormat::Text,
+    /// OpenTelemetry collector traces are exported to (OTLP over gRPC), e.g.
+    /// `http://otel-collector:4317`. Unset: no export (the trace context still reaches
+    /// the handler). Sampling follows the standard `OTEL_TRACES_SAMPLER` variables
+    /// (default: the caller's decision, else every trace).
+    #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
+    otlp_endpoint: Option<String> = None,
+    /// Client gRPC metadata keys (lower case) passed on with each call to the handler,
+    /// across the forward hop; `traceparent` and `tracestate` always are.
+    forward_metadata: List = List(Vec::new()),
 }
 
 /// Variables read by other subcommands (not warned about by `serve`).
@@ -512,6 +521,33 @@ impl ServeOptions {
             }
         }
         self.etcd_credentials()?;
+        if let Some(e) = &self.otlp_endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(ConfigError::field(
+                    "otlp_endpoint",
+                    format!("{e:?} is not a URL like http://otel-collector:4317"),
+                ));
+            }
+        }
+        for key in &self.forward_metadata.0 {
+            let valid = !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+            if !valid
+                || key.starts_with("grpc-")
+                || key.starts_with("leasehold-")
+                || key.ends_with("-bin")
+            {
+                return Err(ConfigError::field(
+                    "forward_metadata",
+                    format!(
+                        "{key:?} cannot be forwarded: keys are lower-case ASCII metadata names, \
+                         not grpc-*, leasehold-* or binary (-bin)"
+                    ),
+                ));
+            }
+        }
         for (field, value) in [
             ("advertise", &self.advertise),
             ("peer_advertise", &self.peer_advertise),
