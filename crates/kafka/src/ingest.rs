@@ -768,8 +768,16 @@ async fn report_lag(
         let consumer = consumer.clone();
         let opts = opts.clone();
         let status = status.clone();
+        let cancel = cancel.clone();
         let _ = tokio::task::spawn_blocking(move || {
+            // Bounded, and given up at shutdown: a blocking task still running would hold
+            // the process's exit (a broker that does not answer costs a timeout per call).
+            let budget = Instant::now() + Duration::from_secs(4);
+            let go_on = || !cancel.is_cancelled() && Instant::now() < budget;
             for p in &parts {
+                if !go_on() {
+                    return;
+                }
                 if let Ok((_, high)) =
                     consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1))
                 {
@@ -787,7 +795,7 @@ async fn report_lag(
                 .filter(|p| !p.is_revoked())
                 .map(|p| (p.topic.clone(), p.partition))
                 .collect();
-            let snapshot = group_position(&consumer, &opts, &here);
+            let snapshot = group_position(&consumer, &opts, &here, &go_on);
             *status.lock().expect("status lock") = snapshot;
         })
         .await;
@@ -801,8 +809,9 @@ fn group_position(
     consumer: &StreamConsumer<Context>,
     opts: &SourceOptions,
     here: &std::collections::HashSet<(String, i32)>,
+    go_on: &dyn Fn() -> bool,
 ) -> SourceStatus {
-    let timeout = Duration::from_secs(2);
+    let timeout = Duration::from_secs(1);
     let mut status = SourceStatus {
         name: opts.name.clone(),
         group: opts.group.clone(),
@@ -835,6 +844,10 @@ fn group_position(
         }
     };
     for e in tpl.elements() {
+        if !go_on() {
+            status.error = Some("the broker answered too slowly; partitions left out".into());
+            break;
+        }
         let (topic, partition) = (e.topic().to_owned(), e.partition());
         let end = consumer
             .fetch_watermarks(&topic, partition, timeout)
