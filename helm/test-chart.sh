@@ -112,6 +112,16 @@ for name in default all-options dev-etcd-hpa tls-secrets; do
     else
       ok "$name: effective config is plaintext, as the values say"
     fi
+    if [ "$name" = all-options ]; then
+      if grep -qx 'otlp_endpoint = "http://otel-collector.observability:4317"' <<<"$printed" &&
+         grep -qx 'forward_metadata = \["x-tenant", "x-request-id"\]' <<<"$printed"; then
+        ok "$name: effective config exports traces and forwards the listed metadata"
+      else
+        fail "$name: effective config lacks the chart's tracing settings" "$printed"
+      fi
+    elif grep -q '^otlp_endpoint = ' <<<"$printed"; then
+      fail "$name: tracing is off but the effective config exports" "$printed"
+    fi
     if grep -q '^admin_token_file = "/etc/leasehold/token/token"$' <<<"$printed"; then
       ok "$name: effective config has the admin token file"
     else
@@ -289,6 +299,8 @@ rejects "schema: wrong type" "got string, want integer" --set replicaCount=three
 rejects "schema: unknown key" "additional properties 'shardz' not allowed" --set shardz=8
 rejects "schema: unknown nested key" "additional properties 'endpoint' not allowed" --set etcd.endpoint=x
 rejects "schema: handler type" "value must be one of" --set handler.type=lambda
+rejects "schema: tracing endpoint is a URL" "tracing/otlpEndpoint" --set tracing.otlpEndpoint=collector:4317
+rejects "schema: forwarded metadata keys are lower case" "tracing/forwardMetadata/0" --set 'tracing.forwardMetadata[0]=X-Tenant'
 rejects "schema: etcd endpoint form" "etcd/endpoints/0" --set 'etcd.endpoints[0]=etcd'
 rejects "template: grace period must exceed the drain" "must exceed drainTimeoutSeconds" \
   --set terminationGracePeriodSeconds=10 --set drainTimeoutSeconds=20

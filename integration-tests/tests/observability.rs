@@ -27,7 +27,8 @@ fn documented() -> BTreeSet<String> {
         .split("### Metrics")
         .nth(1)
         .expect("README has a ### Metrics section");
-    let section = section.split("\n## ").next().unwrap();
+    // Up to the next heading of any level.
+    let section = section.split("\n#").next().unwrap();
     section
         .lines()
         .filter(|l| l.starts_with("| `"))
@@ -224,7 +225,7 @@ async fn metrics_parse_strictly_and_match_the_readme() {
         kafka.end_offsets("payments", 2),
     );
     wait_until(Duration::from_secs(30), "/v1/kafka caught up", || {
-        let mut here = 0;
+        let mut here: Vec<(String, u64)> = Vec::new();
         for i in &cluster.instances {
             let kafka = i.get("/v1/kafka")?;
             let sources = kafka["sources"].as_array()?;
@@ -249,11 +250,24 @@ async fn metrics_parse_strictly_and_match_the_readme() {
                     {
                         return None;
                     }
-                    here += usize::from(p["here"].as_bool()?);
+                    if p["here"].as_bool()? {
+                        here.push((p["topic"].as_str()?.to_owned(), n as u64));
+                    }
                 }
             }
         }
-        (here == 5).then_some(())
+        here.sort();
+        let each_once: Vec<(String, u64)> = [
+            ("orders", 0),
+            ("orders", 1),
+            ("orders", 2),
+            ("payments", 0),
+            ("payments", 1),
+        ]
+        .iter()
+        .map(|(t, p)| (t.to_string(), *p))
+        .collect();
+        (here == each_once).then_some(())
     })
     .await;
     assert!(
@@ -445,9 +459,16 @@ async fn a_trace_follows_a_call_across_the_hop_into_the_handler() {
             .into_iter()
             .filter(|s| s.trace_id == trace)
             .collect();
-        let done = spans
-            .iter()
-            .any(|s| s.name == "handler" && s.instance == owner);
+        // Each instance exports in its own batches: wait for all four.
+        let has = |instance: &str, name: &str| {
+            spans
+                .iter()
+                .any(|s| s.instance == instance && s.name == name)
+        };
+        let done = has(&n0.id, "leasehold.v1.Entities/Call")
+            && has(&n0.id, "forward")
+            && has(&owner, "leasehold.v1.Peer/Forward")
+            && has(&owner, "handler");
         done.then_some(spans)
     })
     .await;
@@ -513,7 +534,8 @@ async fn a_trace_follows_a_call_across_the_hop_into_the_handler() {
             .into_iter()
             .filter(|s| s.trace_id == kafka_trace)
             .collect();
-        spans.iter().any(|s| s.name == "handler").then_some(spans)
+        let has = |name: &str| spans.iter().any(|s| s.name == name);
+        (has("kafka record") && has("handler")).then_some(spans)
     })
     .await;
     let record = kafka_spans

@@ -776,7 +776,7 @@ async fn report_lag(
             let go_on = || !cancel.is_cancelled() && Instant::now() < budget;
             for p in &parts {
                 if !go_on() {
-                    return;
+                    break;
                 }
                 if let Ok((_, high)) =
                     consumer.fetch_watermarks(&p.topic, p.partition, Duration::from_secs(1))
@@ -795,6 +795,9 @@ async fn report_lag(
                 .filter(|p| !p.is_revoked())
                 .map(|p| (p.topic.clone(), p.partition))
                 .collect();
+            // Its own budget: a slow lag pass must not leave the snapshot stale.
+            let budget = Instant::now() + Duration::from_secs(4);
+            let go_on = || !cancel.is_cancelled() && Instant::now() < budget;
             let snapshot = group_position(&consumer, &opts, &here, &go_on);
             *status.lock().expect("status lock") = snapshot;
         })
@@ -849,10 +852,8 @@ fn group_position(
             break;
         }
         let (topic, partition) = (e.topic().to_owned(), e.partition());
-        let end = consumer
-            .fetch_watermarks(&topic, partition, timeout)
-            .ok()
-            .map(|(_, high)| high);
+        let watermarks = consumer.fetch_watermarks(&topic, partition, timeout).ok();
+        let end = watermarks.map(|(_, high)| high);
         let committed =
             committed
                 .find_partition(&topic, partition)
@@ -860,7 +861,9 @@ fn group_position(
                     Offset::Offset(o) => Some(o),
                     _ => None,
                 });
-        let lag = end.map(|end| (end - committed.unwrap_or(0)).max(0));
+        // Without a commit the group would start at the oldest retained record (or the
+        // end, with auto.offset.reset=latest): count from the oldest, not from 0.
+        let lag = watermarks.map(|(low, high)| (high - committed.unwrap_or(low)).max(0));
         let here = here.contains(&(topic.clone(), partition));
         status.partitions.push(PartitionStatus {
             topic,

@@ -27,11 +27,26 @@ pub const LATENCY_BUCKETS: [f64; 14] = [
 
 type Labels = Vec<(String, String)>;
 
+/// Label pairs with their values escaped as the text format requires (the library
+/// writes values as given, so a `"` in one would end it early and void the scrape).
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs
         .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .map(|(k, v)| ((*k).to_owned(), escape(v)))
         .collect()
+}
+
+fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A monotonically increasing count.
@@ -470,6 +485,18 @@ mod tests {
         assert!(text.contains("latency_seconds_count 2\n"), "{text}");
         assert!(text.contains("# HELP calls Calls.\n"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let r = Registry::new();
+        r.counter("odd_total", "Odd.", &[("source", "a\"b\\c\nd")])
+            .inc();
+        let text = r.render();
+        assert!(
+            text.contains(r#"odd_total{source="a\"b\\c\nd"} 1"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -183,7 +183,7 @@ impl PeerService {
                 deadline,
                 source,
                 Epoch(req.expected_epoch),
-                CallMetadata(req.metadata.into_iter().collect()),
+                CallMetadata::sanitized(req.metadata.into_iter().collect()),
             )
             .await
         {

@@ -19,7 +19,49 @@ pub const TRACE_KEYS: [&str; 2] = [TRACEPARENT, TRACESTATE];
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CallMetadata(pub Vec<(String, String)>);
 
+/// Longest `tracestate` passed on (the W3C limit) and longest other value.
+const MAX_TRACESTATE: usize = 512;
+const MAX_VALUE: usize = 1024;
+
+/// A W3C `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>` (lower case; version `ff` invalid).
+fn is_traceparent(v: &str) -> bool {
+    let parts: Vec<&str> = v.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() >= 4
+        && hex(parts[0], 2)
+        && parts[0] != "ff"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && (parts[0] != "00" || (parts.len() == 4 && v.len() == 55))
+}
+
 impl CallMetadata {
+    /// The entries worth passing on: a well-formed `traceparent`, a `tracestate` within
+    /// the W3C limit, other values up to 1 KiB, ASCII only; the rest is dropped (a
+    /// handler's metadata limit is often 8 KiB, and a malformed trace context would be
+    /// worse than none).
+    pub fn sanitized(entries: Vec<(String, String)>) -> Self {
+        Self(
+            entries
+                .into_iter()
+                .filter(|(k, v)| {
+                    v.is_ascii()
+                        && !v.bytes().any(|b| b.is_ascii_control())
+                        && match k.as_str() {
+                            TRACEPARENT => is_traceparent(v),
+                            TRACESTATE => v.len() <= MAX_TRACESTATE,
+                            _ => v.len() <= MAX_VALUE,
+                        }
+                })
+                .collect(),
+        )
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -50,7 +92,7 @@ impl CallMetadata {
                 out.push((key.to_owned(), v.to_owned()));
             }
         }
-        Self(out)
+        Self::sanitized(out)
     }
 
     /// Writes the entries into gRPC request metadata (entries that are not valid there
@@ -136,6 +178,37 @@ mod tests {
         got.to_grpc(&mut back);
         assert_eq!(back.get("x-tenant").unwrap(), "acme");
         assert!(back.get("x-secret").is_none());
+    }
+
+    #[test]
+    fn malformed_or_oversized_trace_context_is_dropped() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let m = CallMetadata::sanitized(vec![
+            (TRACEPARENT.into(), good.into()),
+            (TRACESTATE.into(), "x".repeat(513)),
+            ("x-big".into(), "y".repeat(1025)),
+            ("x-ok".into(), "fine".into()),
+        ]);
+        assert_eq!(
+            m.0,
+            vec![
+                (TRACEPARENT.into(), good.into()),
+                ("x-ok".into(), "fine".into())
+            ]
+        );
+        for bad in [
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        ] {
+            assert!(
+                CallMetadata::sanitized(vec![(TRACEPARENT.into(), bad.into())])
+                    .0
+                    .is_empty(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -5,9 +5,11 @@
 //! The status is read where gRPC puts it: the response headers for a trailers-only
 //! answer (errors before any message), else the trailers at the end of the body. A body
 //! dropped before its trailers (the client went away, a stream cut) counts as
-//! `CANCELLED`. Streams are measured from request to the end of the response stream.
-//! Methods answered `UNIMPLEMENTED` are labelled `unknown`, so arbitrary paths cannot
-//! create series.
+//! `CANCELLED`, and so does a request dropped before its answer (the client's
+//! `grpc-timeout` firing, a stream reset). Streams are measured from request to the end
+//! of the response stream. Only methods of the services Leasehold serves are labelled by
+//! name, and only when the service knew them (not `UNIMPLEMENTED`); every other path is
+//! `unknown`, so requests cannot create series or put arbitrary text into labels.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -46,7 +48,7 @@ impl GrpcMetrics {
     }
 
     fn record(&self, plane: &str, method: &str, code: Code, started: Instant) {
-        let method = if code == Code::Unimplemented {
+        let method = if code == Code::Unimplemented || !is_served(method) {
             "unknown"
         } else {
             method
@@ -62,6 +64,31 @@ impl GrpcMetrics {
             .with(&[("plane", plane), ("method", method)])
             .observe(started.elapsed());
     }
+}
+
+/// The gRPC services the planes serve (checked against the generated servers' names
+/// by a test).
+const SERVICES: [&str; 6] = [
+    "leasehold.v1.Entities",
+    "leasehold.v1.Peer",
+    "leasehold.v1.Admin",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// Whether `path` is `/<a served service>/<Method>` with a plain method name (a known
+/// service answers an unknown method `UNIMPLEMENTED`, which is labelled `unknown`).
+fn is_served(path: &str) -> bool {
+    let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+        return false;
+    };
+    SERVICES.contains(&service)
+        && !method.is_empty()
+        && method.len() <= 64
+        && method
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// `OK`, `NOT_FOUND`, … as gRPC documents them.
@@ -149,14 +176,17 @@ where
         let plane = self.plane;
         let metrics = self.metrics.clone();
         let future = self.inner.call(req);
+        // Until the answer comes, dropping this future (the client's grpc-timeout, a
+        // reset stream) records the request as CANCELLED.
+        let mut waiting = Waiting(grpc.then_some(Pending {
+            plane,
+            method,
+            started,
+            metrics,
+        }));
         Box::pin(async move {
             let response = future.await?;
-            let mut pending = grpc.then_some(Pending {
-                plane,
-                method,
-                started,
-                metrics,
-            });
+            let mut pending = waiting.0.take();
             if let Some(code) = status_of(response.headers()) {
                 if let Some(p) = pending.take() {
                     p.finish(code);
@@ -164,6 +194,17 @@ where
             }
             Ok(response.map(|inner| MeteredBody { inner, pending }))
         })
+    }
+}
+
+/// A request not answered yet; recorded as `CANCELLED` if dropped so.
+struct Waiting(Option<Pending>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            p.finish(Code::Cancelled);
+        }
     }
 }
 
@@ -293,6 +334,12 @@ mod tests {
                 Frame::data(bytes::Bytes::from_static(b"x")),
                 trailers(if path.ends_with("Fail") { 5 } else { 0 }),
             ]));
+            if path.starts_with("/x") || path.starts_with("/v1") {
+                // Like axum's fallback: a plain HTTP answer, no gRPC status anywhere.
+                return Ok::<_, Infallible>(http::Response::new(Answer(vec![Frame::data(
+                    bytes::Bytes::from_static(b"{}"),
+                )])));
+            }
             if path.ends_with("Early") {
                 response
                     .headers_mut()
@@ -307,11 +354,15 @@ mod tests {
         });
         let mut svc = metrics.layer("client").layer(service);
         for path in [
-            "/p.S/Call",
-            "/p.S/Call",
-            "/p.S/Fail",
-            "/p.S/Early",
-            "/x.Y/Nope",
+            "/leasehold.v1.Entities/Call",
+            "/leasehold.v1.Entities/Call",
+            "/leasehold.v1.Entities/Fail",
+            "/leasehold.v1.Admin/Early",
+            "/leasehold.v1.Peer/Nope",
+            // Paths of no served service, as the admin plane's HTTP fallback answers
+            // them (no grpc-status at all): never a label of their own.
+            "/x\"y",
+            "/v1/shards/12345",
         ] {
             let response = svc
                 .ready()
@@ -327,7 +378,7 @@ mod tests {
             .ready()
             .await
             .unwrap()
-            .call(grpc_request("/p.S/Gone"))
+            .call(grpc_request("/leasehold.v1.Entities/Gone"))
             .await
             .unwrap();
         drop(response);
@@ -336,18 +387,68 @@ mod tests {
         let response = svc.ready().await.unwrap().call(plain).await.unwrap();
         drain(response.into_body()).await;
 
+        // Dropped before its answer (the client's deadline): CANCELLED as well.
+        let mut slow =
+            metrics
+                .layer("client")
+                .layer(tower::service_fn(|_: http::Request<()>| async {
+                    std::future::pending::<Result<http::Response<Answer>, Infallible>>().await
+                }));
+        let call = slow
+            .ready()
+            .await
+            .unwrap()
+            .call(grpc_request("/leasehold.v1.Entities/Slow"));
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(10), call)
+                .await
+                .is_err()
+        );
+
         let text = registry.render();
         for line in [
-            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Call",code="OK"} 2"#,
-            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Fail",code="NOT_FOUND"} 1"#,
-            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Early",code="INVALID_ARGUMENT"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/leasehold.v1.Entities/Call",code="OK"} 2"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/leasehold.v1.Entities/Fail",code="NOT_FOUND"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/leasehold.v1.Admin/Early",code="INVALID_ARGUMENT"} 1"#,
             r#"leasehold_grpc_requests_total{plane="client",method="unknown",code="UNIMPLEMENTED"} 1"#,
-            r#"leasehold_grpc_requests_total{plane="client",method="/p.S/Gone",code="CANCELLED"} 1"#,
-            r#"leasehold_grpc_request_duration_seconds_count{plane="client",method="/p.S/Call"} 2"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="unknown",code="UNKNOWN"} 2"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/leasehold.v1.Entities/Gone",code="CANCELLED"} 1"#,
+            r#"leasehold_grpc_requests_total{plane="client",method="/leasehold.v1.Entities/Slow",code="CANCELLED"} 1"#,
+            r#"leasehold_grpc_request_duration_seconds_count{plane="client",method="/leasehold.v1.Entities/Call"} 2"#,
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        assert!(!text.contains("/metrics"), "{text}");
-        assert_eq!(text.matches("/p.S/Early").count(), 1 + 17, "{text}");
+        assert!(
+            !text.contains("/metrics") && !text.contains("x\"y") && !text.contains("/v1/shards"),
+            "{text}"
+        );
+        assert_eq!(
+            text.matches("/leasehold.v1.Admin/Early").count(),
+            1 + 17,
+            "{text}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod served {
+    use tonic::server::NamedService;
+
+    #[test]
+    fn the_served_services_are_the_generated_ones() {
+        use leasehold_proto::v1::admin_server::AdminServer;
+        use leasehold_proto::v1::entities_server::EntitiesServer;
+        use leasehold_proto::v1::peer_server::PeerServer;
+        for name in [
+            <EntitiesServer<leasehold_router::EntitiesService> as NamedService>::NAME,
+            <PeerServer<leasehold_router::PeerService> as NamedService>::NAME,
+            <AdminServer<crate::admin::AdminService> as NamedService>::NAME,
+        ] {
+            assert!(super::SERVICES.contains(&name), "{name} is not labelled");
+        }
+        assert!(super::is_served("/leasehold.v1.Entities/Call"));
+        assert!(!super::is_served("/leasehold.v1.Entities/"));
+        assert!(!super::is_served("/leasehold.v1.Entities/Call\"x"));
+        assert!(!super::is_served("/other.Service/Call"));
     }
 }

@@ -666,7 +666,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
                 offset: call.offset,
                 fence: call.fence,
             });
-            let metadata = leasehold_router::CallMetadata(call.trace);
+            let metadata = leasehold_router::CallMetadata::sanitized(call.trace);
             router
                 .call(call.key, call.payload, deadline, source, metadata)
                 .await

@@ -161,6 +161,14 @@ pub struct CliError {
     pub message: String,
 }
 
+/// Whether Leasehold marked the failure `OUTCOME_UNKNOWN` (`google.rpc.ErrorInfo`).
+fn outcome_unknown(status: &tonic::Status) -> bool {
+    use tonic_types::StatusExt;
+    status
+        .get_details_error_info()
+        .is_some_and(|info| info.reason == "OUTCOME_UNKNOWN")
+}
+
 /// The result of a client command.
 pub type CliResult<T> = Result<T, CliError>;
 
@@ -193,6 +201,19 @@ impl CliError {
                 code: grpc_code_name(tonic::Code::DeadlineExceeded).to_owned(),
                 message: "DeadlineExceeded: no answer within the call's timeout (--timeout)"
                     .to_owned(),
+            };
+        }
+        // A call that may have run although it failed is not "try again" (it could run
+        // twice): its own code, and exit 70.
+        if outcome_unknown(status) {
+            return Self {
+                exit: Exit::Software,
+                code: "OUTCOME_UNKNOWN".to_owned(),
+                message: format!(
+                    "{:?} (outcome unknown: the call may have run): {}",
+                    status.code(),
+                    status.message()
+                ),
             };
         }
         Self {
@@ -353,6 +374,34 @@ mod tests {
         for (i, (code, _)) in expected.iter().enumerate() {
             assert_eq!(*code as i32, i as i32);
         }
+    }
+
+    #[test]
+    fn a_call_that_may_have_run_is_not_worth_a_retry() {
+        use tonic_types::{ErrorDetails, StatusExt};
+        let details = |reason: &str| {
+            ErrorDetails::with_error_info(reason, "leasehold.dev", std::collections::HashMap::new())
+        };
+        let unknown = tonic::Status::with_error_details(
+            Code::DeadlineExceeded,
+            "no answer",
+            details("OUTCOME_UNKNOWN"),
+        );
+        let e = CliError::grpc(&unknown);
+        assert_eq!(
+            (e.exit, e.code.as_str()),
+            (Exit::Software, "OUTCOME_UNKNOWN")
+        );
+        let before = tonic::Status::with_error_details(
+            Code::DeadlineExceeded,
+            "queued too long",
+            details("DEADLINE_BEFORE_HANDLER"),
+        );
+        let e = CliError::grpc(&before);
+        assert_eq!(
+            (e.exit, e.code.as_str()),
+            (Exit::TempFail, "DEADLINE_EXCEEDED")
+        );
     }
 
     #[test]

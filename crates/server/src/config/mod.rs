@@ -522,7 +522,16 @@ impl ServeOptions {
         }
         self.etcd_credentials()?;
         if let Some(e) = &self.otlp_endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
+            if e.starts_with("https://") {
+                return Err(ConfigError::field(
+                    "otlp_endpoint",
+                    format!(
+                        "{e:?}: TLS to the collector is not supported; use an http:// \
+                         endpoint (a collector agent next to the instance, or in-cluster)"
+                    ),
+                ));
+            }
+            if !e.starts_with("http://") {
                 return Err(ConfigError::field(
                     "otlp_endpoint",
                     format!("{e:?} is not a URL like http://otel-collector:4317"),

@@ -421,7 +421,8 @@ string_serde!(HandlerSpec);
 pub enum AdminAuth {
     /// Mutations only (drain); reads stay open.
     Mutations,
-    /// Every admin request but the kubelet's probes (`/healthz`, `/readyz`).
+    /// Every admin request but the kubelet's probes (`/healthz`, `/readyz`) and the status
+    /// page itself (`/`; the data it shows comes from endpoints the token protects).
     All,
 }
 
