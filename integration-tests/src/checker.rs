@@ -104,7 +104,15 @@ impl EntityHandler for Service {
             .as_deref()
             .is_some_and(|p| r.key.starts_with(p))
         {
-            return Err(Status::internal(format!("checker refuses key {}", r.key)));
+            // A rich error (details and metadata), as applications send them.
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("x-reason", "refused".parse().unwrap());
+            return Err(Status::with_details_and_metadata(
+                tonic::Code::Internal,
+                format!("checker refuses key {}", r.key),
+                bytes::Bytes::from_static(b"refusal-details"),
+                metadata,
+            ));
         }
         let id = {
             let s = &mut *self.state.lock().unwrap();

@@ -763,3 +763,44 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl() {
     }
     assert_eq!(checker.violations(), Vec::<String>::new());
 }
+
+/// A handler's error reaches a client that called a non-owner as the handler sent it:
+/// code, message, binary details and metadata, over the shared Dispatch stream and over
+/// the unary Forward that payloads over 64 KiB take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_error_crosses_the_forward_hop_whole() {
+    let checker = Checker::start(Duration::from_millis(1), Some("bad-")).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(2, &ttl_args(&flag)).await;
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let n1 = &cluster.instances[1].id;
+    let key = (0..1000)
+        .map(|i| format!("bad-{i}"))
+        .find(|k| {
+            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
+            table[shard.0 as usize].1.as_deref() == Some(n1.as_str())
+        })
+        .expect("a failing key owned by n1");
+    let mut client = cluster.instances[0].client().await;
+    for payload in ["small".to_owned(), "x".repeat(100 * 1024)] {
+        let status = client
+            .call(CallRequest {
+                key: key.clone(),
+                payload: payload.clone().into(),
+            })
+            .await
+            .expect_err("the handler refuses the key");
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(status.message(), format!("checker refuses key {key}"));
+        assert_eq!(status.details(), b"refusal-details", "{status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-reason")
+                .map(|v| v.to_str().unwrap()),
+            Some("refused"),
+            "payload of {} bytes: {status:?}",
+            payload.len()
+        );
+    }
+}

@@ -335,8 +335,8 @@ fn span_name(forwarded: bool, source: &CallSource) -> &'static str {
     match (forwarded, source) {
         (false, CallSource::Grpc { .. }) => "leasehold.v1.Entities/Call",
         (false, CallSource::Kafka(_)) => "kafka record",
-        (true, CallSource::Grpc { .. }) => "leasehold.v1.Peer/Forward",
-        (true, CallSource::Kafka(_)) => "leasehold.v1.Peer/Dispatch",
+        (true, CallSource::Grpc { .. }) => "forwarded call",
+        (true, CallSource::Kafka(_)) => "forwarded record",
     }
 }
 
@@ -392,7 +392,7 @@ impl Router {
             ),
             stream_calls: registry.counter(
                 "leasehold_peer_stream_calls_total",
-                "Forwarded calls received over peers' Dispatch streams (Kafka messages).", &[],
+                "Forwarded calls received over peers' Dispatch streams (all but payloads over 64 KiB).", &[],
             ),
             fenced: registry.counter(
                 "leasehold_fenced_records_total",

@@ -109,6 +109,10 @@ pub(crate) fn never_sent(s: &tonic::Status) -> bool {
     .any(|p| text.contains(p))
 }
 
+/// Largest payload forwarded over the shared Dispatch stream; larger ones get their own
+/// `Forward` RPC.
+const STREAM_PAYLOAD_LIMIT: usize = 64 * 1024;
+
 fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
     PeerError::Stream {
         peer: peer.to_owned(),
@@ -273,11 +277,19 @@ impl Peers {
             timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
         };
         let tx = stream.tx.lock().expect("tx lock").clone();
+        // Bounded by the call's deadline: a peer that stops reading fills the queue.
         let sent = match tx {
-            Some(tx) => tx.send(request).await.is_ok(),
-            None => false,
+            Some(tx) => tokio::time::timeout_at(job.deadline.into(), tx.send(request))
+                .await
+                .map(|r| r.is_ok()),
+            None => Ok(false),
         };
-        if !sent {
+        if sent.is_err() {
+            // Still queued nowhere: not sent, and the stream itself is fine.
+            stream.pending.lock().expect("pending lock").remove(&id);
+            return Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
+        }
+        if sent == Ok(false) {
             stream.pending.lock().expect("pending lock").remove(&id);
             stream.fail_all(stream_error(address, "closed"));
             return Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
@@ -306,10 +318,18 @@ impl Peers {
         match answer {
             Err(e) => Forwarded::Unreachable(e),
             Ok(a) => match (a.answer, a.error) {
-                (_, Some(e)) => Forwarded::Done(Err(CallError::from_remote(
-                    tonic::Status::new(tonic::Code::from(e.code), e.message),
-                    &e.kind,
-                ))),
+                (_, Some(e)) => {
+                    let mut metadata = tonic::metadata::MetadataMap::new();
+                    crate::trace::CallMetadata(e.metadata.into_iter().collect())
+                        .to_grpc(&mut metadata);
+                    let status = tonic::Status::with_details_and_metadata(
+                        tonic::Code::from(e.code),
+                        e.message,
+                        e.details,
+                        metadata,
+                    );
+                    Forwarded::Done(Err(CallError::from_remote(status, &e.kind)))
+                }
                 (Some(answer), None) => Self::answer(answer, job),
                 (None, None) => Forwarded::Unreachable(PeerError::EmptyAnswer),
             },
@@ -359,8 +379,10 @@ impl Peers {
             source,
             metadata: metadata.0.into_iter().collect(),
         };
-        // Kafka messages share one stream per peer instead of one RPC each.
-        if matches!(job.source, CallSource::Kafka(_)) {
+        // Calls share one long-lived stream per peer (no HTTP/2 stream and headers per
+        // call: a shorter hop); a large payload goes as its own RPC, so it cannot hold up
+        // the small calls queued behind it on the shared stream.
+        if matches!(job.source, CallSource::Kafka(_)) || job.payload.len() <= STREAM_PAYLOAD_LIMIT {
             return self.dispatch(peer, call, job).await;
         }
         let mut request = tonic::Request::new(call);

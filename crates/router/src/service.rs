@@ -279,6 +279,7 @@ impl Peer for PeerService {
                                 code: refusal.code() as i32,
                                 message: refusal.message().to_owned(),
                                 kind: "unavailable".into(),
+                                ..Default::default()
                             }),
                         };
                         let _ = tx.send(Ok(answer)).await;
@@ -307,6 +308,8 @@ impl Peer for PeerService {
                                     code: s.code() as i32,
                                     message: s.message().to_owned(),
                                     kind,
+                                    details: s.details().to_vec().into(),
+                                    metadata: ascii_metadata(s.metadata()),
                                 }),
                             }
                         }
@@ -337,6 +340,18 @@ fn with_origin(mut status: Status) -> Status {
     metadata.insert(ORIGIN_HEADER, MetadataValue::from_static("peer"));
     metadata.insert(KIND_HEADER, MetadataValue::from_static("unavailable"));
     status
+}
+
+/// A status's ASCII metadata as a map (binary entries are carried in `details`).
+fn ascii_metadata(m: &tonic::metadata::MetadataMap) -> std::collections::HashMap<String, String> {
+    m.iter()
+        .filter_map(|kv| match kv {
+            tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+            }
+            tonic::metadata::KeyAndValueRef::Binary(..) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -831,6 +831,16 @@ fn main() {
         .build()
         .unwrap();
     let only_kafka = args.iter().any(|a| a == "--kafka-only");
+    // A quick look at the forward hop alone (three runs), for comparing changes to it.
+    if args.iter().any(|a| a == "--forward-only") {
+        rt.block_on(async {
+            for _ in 0..3 {
+                let r = forwarded_latency().await;
+                println!("{}: {} | {}", r.name, r.measured, r.baseline);
+            }
+        });
+        return;
+    }
     let rows = rt.block_on(async {
         let mut rows = if only_kafka {
             Vec::new()
