@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
+.PHONY: bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
 
 all: build
 
@@ -93,6 +93,13 @@ profile: deps kafka-deps
 	scripts/profile.sh
 
 # Figures into docs/BENCHMARKS.md (release build; takes a few minutes).
+# Many instances on one etcd (default 50 × 4096 shards): convergence, etcd load, RSS,
+# a rolling restart under load, the planner at 200 × 65 536. Writes docs/BENCHMARKS.md's
+# "Scale" section.
+bench-scale: deps
+	cargo build --release --bin leasehold --bin leasehold-bench
+	LEASEHOLD_BIN=$(RELEASE_BIN) $(CARGO_TARGET_DIR)/release/leasehold-bench --scale --out docs/BENCHMARKS.md
+
 bench: deps
 	cargo build --release --bin leasehold --bin leasehold-bench
 	LEASEHOLD_BIN=$(RELEASE_BIN) $(CARGO_TARGET_DIR)/release/leasehold-bench --out docs/BENCHMARKS.md

@@ -14,6 +14,7 @@ pub mod openmetrics;
 pub mod otlp;
 pub mod pki;
 pub mod proxy;
+pub mod scale;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

@@ -301,7 +301,7 @@ impl Coord {
             previous,
             max_moves: self.inner.opts.max_moves,
         });
-        if view.assignment_version > 0 && assignment == view.assignment {
+        if view.assignment_version > 0 && assignment == *view.assignment {
             return Ok(());
         }
         let version = view.assignment_version + 1;
@@ -545,16 +545,16 @@ mod tests {
         v.synced = true;
         v.assignment_version = 1;
         for &(s, owner, epoch, lease) in owners {
-            v.shards[s as usize] = Some(ShardOwner {
+            v.shards[s as usize] = Some(Arc::new(ShardOwner {
                 owner: MemberId::new(owner),
                 address: String::new(),
                 peer: Default::default(),
                 epoch: Epoch(epoch),
                 lease,
-            });
+            }));
         }
         for &(s, m) in assigned {
-            v.assignment[s as usize] = Some(MemberId::new(m));
+            Arc::make_mut(&mut v.assignment)[s as usize] = Some(MemberId::new(m));
         }
         v
     }
@@ -652,14 +652,17 @@ mod tests {
                     view.assignment_version = version;
                     let mut local = Vec::new();
                     for (i, (owner, assigned, state)) in shards.into_iter().enumerate() {
-                        view.shards[i] = owner.map(|(m, epoch, lease)| ShardOwner {
-                            owner: MemberId::new(MEMBERS[m]),
-                            address: String::new(),
-                            peer: Default::default(),
-                            epoch: Epoch(epoch),
-                            lease,
+                        view.shards[i] = owner.map(|(m, epoch, lease)| {
+                            Arc::new(ShardOwner {
+                                owner: MemberId::new(MEMBERS[m]),
+                                address: String::new(),
+                                peer: Default::default(),
+                                epoch: Epoch(epoch),
+                                lease,
+                            })
                         });
-                        view.assignment[i] = assigned.map(|m| MemberId::new(MEMBERS[m]));
+                        Arc::make_mut(&mut view.assignment)[i] =
+                            assigned.map(|m| MemberId::new(MEMBERS[m]));
                         local.push(state.unwrap_or(LocalState::NotOwned));
                     }
                     Case {

@@ -67,10 +67,13 @@ pub struct View {
     pub members: BTreeMap<MemberId, Member>,
     pub leader: Option<MemberId>,
     pub assignment_version: u64,
-    /// Desired owner per shard (from the leader).
-    pub assignment: Vec<Option<MemberId>>,
-    /// Actual owner per shard.
-    pub shards: Vec<Option<ShardOwner>>,
+    /// Desired owner per shard (from the leader). Shared between views: it changes
+    /// wholesale, rarely.
+    pub assignment: Arc<Vec<Option<MemberId>>>,
+    /// Actual owner per shard. Entries are shared between views, so publishing a new
+    /// view after each watch event copies pointers, not owners (at 50 instances × 4096
+    /// shards, deep copies per event kept every CPU busy).
+    pub shards: Vec<Option<Arc<ShardOwner>>>,
     /// Latest fence (claim revision) per Kafka partition and consumer group.
     pub fences: Arc<HashMap<PartitionRef, u64>>,
 }
@@ -83,7 +86,7 @@ impl View {
             members: BTreeMap::new(),
             leader: None,
             assignment_version: 0,
-            assignment: vec![None; shard_count as usize],
+            assignment: Arc::new(vec![None; shard_count as usize]),
             shards: vec![None; shard_count as usize],
             fences: Arc::default(),
         }
@@ -99,7 +102,7 @@ impl View {
     }
 
     pub fn owner(&self, shard: ShardId) -> Option<&ShardOwner> {
-        self.shards.get(shard.0 as usize)?.as_ref()
+        self.shards.get(shard.0 as usize)?.as_deref()
     }
 
     pub fn assigned(&self, shard: ShardId) -> Option<&MemberId> {
@@ -165,7 +168,7 @@ impl View {
                 match serde_json::from_slice::<AssignmentValue>(value) {
                     Ok(v) if v.shards.len() == self.shards.len() => {
                         self.assignment_version = v.version;
-                        self.assignment = v.decode();
+                        self.assignment = Arc::new(v.decode());
                     }
                     Ok(v) => tracing::warn!(
                         shards = v.shards.len(),
@@ -176,7 +179,7 @@ impl View {
             }
             (Key::Assignment, None) => {
                 self.assignment_version = 0;
-                self.assignment.iter_mut().for_each(|a| *a = None);
+                self.assignment = Arc::new(vec![None; self.shards.len()]);
             }
             (Key::Shard(shard), put) => {
                 let Some(slot) = self.shards.get_mut(shard.0 as usize) else {
@@ -185,13 +188,13 @@ impl View {
                 *slot = match put {
                     Some((value, create_revision, lease, _)) => {
                         match serde_json::from_slice::<ShardValue>(value) {
-                            Ok(v) => Some(ShardOwner {
+                            Ok(v) => Some(Arc::new(ShardOwner {
                                 owner: v.owner,
                                 peer: PeerAddress::of(v.peer_address, v.peer_identity, &v.address),
                                 address: v.address,
                                 epoch: Epoch(create_revision as u64),
                                 lease,
-                            }),
+                            })),
                             Err(e) => {
                                 tracing::warn!(%shard, error = %e, "ignoring unreadable shard value");
                                 None

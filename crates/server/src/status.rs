@@ -100,6 +100,15 @@ pub fn diff(before: &View, after: &View, at_ms: u64) -> Vec<Move> {
     let count = after.shard_count().min(before.shard_count());
     (0..count)
         .map(ShardId)
+        .filter(|shard| {
+            // Entries are shared between views: an unchanged one is the same pointer.
+            let i = shard.0 as usize;
+            match (&before.shards[i], &after.shards[i]) {
+                (Some(b), Some(a)) => !Arc::ptr_eq(b, a),
+                (None, None) => false,
+                _ => true,
+            }
+        })
         .filter_map(|shard| {
             let (b, a) = (before.owner(shard), after.owner(shard));
             let from = b.map(|o| o.owner.0.clone());
@@ -152,14 +161,14 @@ mod tests {
     use leasehold_coord::ShardOwner;
     use leasehold_types::{Epoch, MemberId};
 
-    fn owned(owner: &str, epoch: u64) -> Option<ShardOwner> {
-        Some(ShardOwner {
+    fn owned(owner: &str, epoch: u64) -> Option<std::sync::Arc<ShardOwner>> {
+        Some(std::sync::Arc::new(ShardOwner {
             owner: MemberId(owner.into()),
             address: String::new(),
             peer: Default::default(),
             epoch: Epoch(epoch),
             lease: 1,
-        })
+        }))
     }
 
     #[test]

@@ -786,6 +786,22 @@ fn fmt_mib(kib: u64) -> String {
     format!("{:.1}", kib as f64 / 1024.0)
 }
 
+/// `text` with the section starting at `heading` (up to the next `## `) replaced by
+/// `section`, or `section` inserted before `## Notes` (else appended).
+fn replace_section(text: &str, heading: &str, section: &str) -> String {
+    if let Some(start) = text.find(&format!("\n{heading}\n")) {
+        let rest = &text[start + 1..];
+        let end = rest[heading.len()..]
+            .find("\n## ")
+            .map_or(text.len(), |i| start + 1 + heading.len() + i + 1);
+        return format!("{}\n{}{}", &text[..start], section, &text[end..]);
+    }
+    match text.find("\n## Notes") {
+        Some(i) => format!("{}\n{}{}", &text[..i], section, &text[i..]),
+        None => format!("{text}\n{section}"),
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("raw-server") {
@@ -831,6 +847,35 @@ fn main() {
         .build()
         .unwrap();
     let only_kafka = args.iter().any(|a| a == "--kafka-only");
+    // `make bench-scale`: its own table, in its own section of the file.
+    if args.iter().any(|a| a == "--scale") {
+        let figures = rt.block_on(leasehold_integration_tests::scale::run());
+        let mut md = String::new();
+        let _ = writeln!(md, "## Scale\n");
+        let _ = writeln!(
+            md,
+            "Reproduce with `make bench-scale` (`SCALE_INSTANCES`, `SCALE_SHARDS`; release build). Measured {} on {} ({} cores), every instance and etcd on this one machine.\n",
+            now(),
+            host(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let _ = writeln!(md, "| benchmark | measured | target | met |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for f in &figures {
+            let met = match f.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            };
+            let _ = writeln!(md, "| {} | {} | {} | {met} |", f.name, f.measured, f.target);
+        }
+        print!("{md}");
+        if let Some(path) = out {
+            let old = std::fs::read_to_string(&path).unwrap_or_default();
+            std::fs::write(&path, replace_section(&old, "## Scale", &md)).unwrap();
+        }
+        return;
+    }
     // A quick look at the forward hop alone (three runs), for comparing changes to it.
     if args.iter().any(|a| a == "--forward-only") {
         rt.block_on(async {
@@ -872,11 +917,16 @@ fn main() {
     }
     print!("{md}");
     if let Some(path) = out {
-        let notes = std::fs::read_to_string(&path)
+        // The sections other commands write (## Scale) and the notes stay.
+        let kept = std::fs::read_to_string(&path)
             .ok()
-            .and_then(|old| old.find("\n## Notes").map(|i| old[i..].to_owned()))
+            .and_then(|old| {
+                old.find("\n## Scale")
+                    .or_else(|| old.find("\n## Notes"))
+                    .map(|i| old[i..].to_owned())
+            })
             .unwrap_or_default();
-        std::fs::write(&path, format!("{md}{notes}")).unwrap();
+        std::fs::write(&path, format!("{md}{kept}")).unwrap();
         eprintln!("wrote {path}");
     }
 }
