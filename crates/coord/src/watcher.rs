@@ -82,43 +82,66 @@ impl Watcher {
                 _ = cancel.cancelled() => return Ok(()),
                 m = stream.message() => m?,
             };
-            let Some(resp) = msg else {
-                return Err(Error::Other("watch stream closed".into()));
-            };
-            if resp.canceled() {
-                return Err(Error::Other(format!(
-                    "watch cancelled (compact revision {}): {}",
-                    resp.compact_revision(),
-                    resp.cancel_reason()
-                )));
+            let mut changed = self.apply(msg, &mut view)?;
+            // Apply every response already received before publishing once: in a burst
+            // (a cluster starting, a member draining) each publish wakes every reader.
+            while let Some(msg) = futures::FutureExt::now_or_never(stream.message()) {
+                changed |= self.apply(msg?, &mut view)?;
             }
-            if resp.created() {
-                // The reply that confirms the watch: its header carries etcd's current
-                // revision, not how far the events sent so far go.
-                continue;
+            if changed {
+                self.publish(&view);
             }
-            if resp.events().is_empty() {
-                // A progress notification: every event up to its header revision was sent.
-                if let Some(h) = resp.header().filter(|h| h.revision() > view.revision) {
-                    view.revision = h.revision();
-                    self.publish(&view);
-                }
-                continue;
-            }
-            // Only the events say how far the view got: a response's header revision can
-            // run ahead of events still to come in later responses, and the reconciler
-            // trusts `view.revision` to decide that a shard key it does not see is gone.
-            for ev in resp.events() {
-                let Some(kv) = ev.kv() else { continue };
-                let put = match ev.event_type() {
-                    EventType::Put => Some(Put::of(kv)),
-                    EventType::Delete => None,
-                };
-                view.apply(keys, kv.key(), put);
-                view.revision = view.revision.max(kv.mod_revision());
-            }
-            self.publish(&view);
         }
+    }
+
+    /// Applies one watch response to `view`; true when the view changed (events or a
+    /// progress notification that moved its revision).
+    fn apply(
+        &self,
+        msg: Option<etcd_client::WatchResponse>,
+        view: &mut View,
+    ) -> Result<bool, Error> {
+        let keys = &self.coord.inner.keys;
+        let Some(resp) = msg else {
+            return Err(Error::Other("watch stream closed".into()));
+        };
+        if resp.canceled() {
+            return Err(Error::Other(format!(
+                "watch cancelled (compact revision {}): {}",
+                resp.compact_revision(),
+                resp.cancel_reason()
+            )));
+        }
+        if resp.created() {
+            // The reply that confirms the watch: its header carries etcd's current
+            // revision, not how far the events sent so far go.
+            return Ok(false);
+        }
+        if resp.events().is_empty() {
+            // A progress notification: every event up to its header revision was sent.
+            return Ok(
+                match resp.header().filter(|h| h.revision() > view.revision) {
+                    Some(h) => {
+                        view.revision = h.revision();
+                        true
+                    }
+                    None => false,
+                },
+            );
+        }
+        // Only the events say how far the view got: a response's header revision can
+        // run ahead of events still to come in later responses, and the reconciler
+        // trusts `view.revision` to decide that a shard key it does not see is gone.
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let put = match ev.event_type() {
+                EventType::Put => Some(Put::of(kv)),
+                EventType::Delete => None,
+            };
+            view.apply(keys, kv.key(), put);
+            view.revision = view.revision.max(kv.mod_revision());
+        }
+        Ok(true)
     }
 
     fn publish(&self, view: &View) {
