@@ -11,12 +11,14 @@
 //! name, and only when the service knew them (not `UNIMPLEMENTED`); every other path is
 //! `unknown`, so requests cannot create series or put arbitrary text into labels.
 
+use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http_body::{Body, Frame};
-use leasehold_metrics::{CounterFamily, HistogramFamily, Registry};
+use leasehold_metrics::{Counter, CounterFamily, Histogram, HistogramFamily, Registry};
 use tonic::Code;
 
 /// The metric families, shared by every plane.
@@ -42,27 +44,76 @@ impl GrpcMetrics {
 
     pub fn layer(&self, plane: &'static str) -> GrpcMetricsLayer {
         GrpcMetricsLayer {
+            plane: Arc::new(Plane {
+                unknown: Arc::new(MethodMetrics::new(self, plane, "unknown")),
+                plane,
+                metrics: self.clone(),
+                methods: Default::default(),
+            }),
+        }
+    }
+}
+
+/// One plane's series, resolved once per method: a request costs a map lookup and two
+/// atomic updates, not a label set built and hashed per request.
+struct Plane {
+    plane: &'static str,
+    metrics: GrpcMetrics,
+    methods: RwLock<HashMap<String, Arc<MethodMetrics>>>,
+    unknown: Arc<MethodMetrics>,
+}
+
+impl Plane {
+    /// The series of `path`, or of `unknown` for a path no served service has.
+    fn method(&self, path: &str) -> Arc<MethodMetrics> {
+        if !is_served(path) {
+            return self.unknown.clone();
+        }
+        if let Some(m) = self.methods.read().expect("methods lock").get(path) {
+            return m.clone();
+        }
+        self.methods
+            .write()
+            .expect("methods lock")
+            .entry(path.to_owned())
+            .or_insert_with(|| Arc::new(MethodMetrics::new(&self.metrics, self.plane, path)))
+            .clone()
+    }
+}
+
+/// The series of one plane and method: its latency and a counter per status code (made
+/// on first use).
+struct MethodMetrics {
+    requests: CounterFamily,
+    plane: &'static str,
+    method: String,
+    duration: Histogram,
+    codes: [OnceLock<Counter>; 17],
+}
+
+impl MethodMetrics {
+    fn new(metrics: &GrpcMetrics, plane: &'static str, method: &str) -> Self {
+        Self {
+            requests: metrics.requests.clone(),
             plane,
-            metrics: self.clone(),
+            method: method.to_owned(),
+            duration: metrics
+                .duration
+                .with(&[("plane", plane), ("method", method)]),
+            codes: Default::default(),
         }
     }
 
-    fn record(&self, plane: &str, method: &str, code: Code, started: Instant) {
-        let method = if code == Code::Unimplemented || !is_served(method) {
-            "unknown"
-        } else {
-            method
-        };
-        self.requests
-            .with(&[
-                ("plane", plane),
-                ("method", method),
+    fn record(&self, code: Code, started: Instant) {
+        let counter = self.codes[(code as usize).min(16)].get_or_init(|| {
+            self.requests.with(&[
+                ("plane", self.plane),
+                ("method", &self.method),
                 ("code", code_name(code)),
             ])
-            .inc();
-        self.duration
-            .with(&[("plane", plane), ("method", method)])
-            .observe(started.elapsed());
+        });
+        counter.inc();
+        self.duration.observe(started.elapsed());
     }
 }
 
@@ -126,8 +177,7 @@ fn status_of(headers: &http::HeaderMap) -> Option<Code> {
 
 #[derive(Clone)]
 pub struct GrpcMetricsLayer {
-    plane: &'static str,
-    metrics: GrpcMetrics,
+    plane: Arc<Plane>,
 }
 
 impl<S> tower::Layer<S> for GrpcMetricsLayer {
@@ -136,8 +186,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         GrpcMetricsService {
             inner,
-            plane: self.plane,
-            metrics: self.metrics.clone(),
+            plane: self.plane.clone(),
         }
     }
 }
@@ -145,8 +194,7 @@ impl<S> tower::Layer<S> for GrpcMetricsLayer {
 #[derive(Clone)]
 pub struct GrpcMetricsService<S> {
     inner: S,
-    plane: &'static str,
-    metrics: GrpcMetrics,
+    plane: Arc<Plane>,
 }
 
 impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for GrpcMetricsService<S>
@@ -172,18 +220,15 @@ where
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        let method = req.uri().path().to_owned();
-        let plane = self.plane;
-        let metrics = self.metrics.clone();
+        let pending = grpc.then(|| Pending {
+            method: self.plane.method(req.uri().path()),
+            unknown: self.plane.unknown.clone(),
+            started,
+        });
         let future = self.inner.call(req);
         // Until the answer comes, dropping this future (the client's grpc-timeout, a
         // reset stream) records the request as CANCELLED.
-        let mut waiting = Waiting(grpc.then_some(Pending {
-            plane,
-            method,
-            started,
-            metrics,
-        }));
+        let mut waiting = Waiting(pending);
         Box::pin(async move {
             let response = future.await?;
             let mut pending = waiting.0.take();
@@ -210,16 +255,20 @@ impl Drop for Waiting {
 
 /// A request whose status is not known yet.
 struct Pending {
-    plane: &'static str,
-    method: String,
+    method: Arc<MethodMetrics>,
+    unknown: Arc<MethodMetrics>,
     started: Instant,
-    metrics: GrpcMetrics,
 }
 
 impl Pending {
     fn finish(self, code: Code) {
-        self.metrics
-            .record(self.plane, &self.method, code, self.started);
+        // A served service that does not know the method: not a series of its own.
+        let series = if code == Code::Unimplemented {
+            &self.unknown
+        } else {
+            &self.method
+        };
+        series.record(code, self.started);
     }
 }
 

@@ -876,6 +876,16 @@ fn main() {
         }
         return;
     }
+    // A quick look at the owner path alone (three runs).
+    if args.iter().any(|a| a == "--owner-only") {
+        rt.block_on(async {
+            for _ in 0..3 {
+                let r = owner_path_throughput().await;
+                println!("{}: {} | {}", r.name, r.measured, r.baseline);
+            }
+        });
+        return;
+    }
     // A quick look at the forward hop alone (three runs), for comparing changes to it.
     if args.iter().any(|a| a == "--forward-only") {
         rt.block_on(async {
