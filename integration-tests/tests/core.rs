@@ -765,8 +765,7 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl() {
 }
 
 /// A handler's error reaches a client that called a non-owner as the handler sent it:
-/// code, message, binary details and metadata, over the shared Dispatch stream and over
-/// the unary Forward that payloads over 64 KiB take.
+/// code, message, binary details and metadata, for small and large payloads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_error_crosses_the_forward_hop_whole() {
     let checker = Checker::start(Duration::from_millis(1), Some("bad-")).await;

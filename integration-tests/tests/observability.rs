@@ -180,8 +180,8 @@ async fn metrics_parse_strictly_and_match_the_readme() {
     );
     let forwarded = value(&scrapes[0], "leasehold_forwards", &[]);
     assert!(forwarded > 0.0, "no call was forwarded");
-    // Forwards arrive as messages on Dispatch streams (or, for payloads over 64 KiB,
-    // one Peer/Forward each).
+    // Forwards are gRPC calls (one Peer/Forward each at the owner) plus Kafka records
+    // (messages on Dispatch streams).
     assert_eq!(
         total(
             "leasehold_grpc_requests",

@@ -83,9 +83,13 @@ impl Watcher {
                 m = stream.message() => m?,
             };
             let mut changed = self.apply(msg, &mut view)?;
-            // Apply every response already received before publishing once: in a burst
+            // Apply the responses already received before publishing once: in a burst
             // (a cluster starting, a member draining) each publish wakes every reader.
-            while let Some(msg) = futures::FutureExt::now_or_never(stream.message()) {
+            // At most 256, so a stream that never runs dry still publishes and yields.
+            for _ in 0..256 {
+                let Some(msg) = futures::FutureExt::now_or_never(stream.message()) else {
+                    break;
+                };
                 changed |= self.apply(msg?, &mut view)?;
             }
             if changed {

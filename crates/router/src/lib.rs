@@ -392,7 +392,7 @@ impl Router {
             ),
             stream_calls: registry.counter(
                 "leasehold_peer_stream_calls_total",
-                "Forwarded calls received over peers' Dispatch streams (all but payloads over 64 KiB).", &[],
+                "Forwarded calls received over peers' Dispatch streams (Kafka records).", &[],
             ),
             fenced: registry.counter(
                 "leasehold_fenced_records_total",

@@ -109,10 +109,6 @@ pub(crate) fn never_sent(s: &tonic::Status) -> bool {
     .any(|p| text.contains(p))
 }
 
-/// Largest payload forwarded over the shared Dispatch stream; larger ones get their own
-/// `Forward` RPC.
-const STREAM_PAYLOAD_LIMIT: usize = 64 * 1024;
-
 fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
     PeerError::Stream {
         peer: peer.to_owned(),
@@ -247,8 +243,14 @@ impl Peers {
                         }
                     }
                 }
-                // The stream never opened: nothing queued on it was sent.
-                Err(_) => reader.fail_all(PeerError::NotSent(peer.clone())),
+                // The stream never opened: nothing queued on it was sent, unless the
+                // failure came after the first messages left (the body goes out before
+                // the answer's headers arrive), so only a connection never made or a
+                // refusal from the peer itself proves it.
+                Err(s) if never_sent(&s) || s.metadata().get(ORIGIN_HEADER).is_some() => {
+                    reader.fail_all(PeerError::NotSent(peer.clone()))
+                }
+                Err(s) => reader.fail_all(stream_error(&peer, format!("did not open: {s}"))),
             }
         });
         streams.insert(key, stream.clone());
@@ -307,7 +309,7 @@ impl Peers {
         }
         // The owner's own deadline starts one hop later: wait a little past ours so a
         // handler that timed out there is reported as such, not as a lost answer.
-        let answer = match tokio::time::timeout(timeout + ANSWER_GRACE, rx).await {
+        let answer = match tokio::time::timeout_at((job.deadline + ANSWER_GRACE).into(), rx).await {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => Err(stream_error(address, "dropped the call")),
             Err(_) => {
@@ -379,10 +381,11 @@ impl Peers {
             source,
             metadata: metadata.0.into_iter().collect(),
         };
-        // Calls share one long-lived stream per peer (no HTTP/2 stream and headers per
-        // call: a shorter hop); a large payload goes as its own RPC, so it cannot hold up
-        // the small calls queued behind it on the shared stream.
-        if matches!(job.source, CallSource::Kafka(_)) || job.payload.len() <= STREAM_PAYLOAD_LIMIT {
+        // Kafka records share one stream per peer instead of one RPC each. gRPC calls
+        // keep their own RPC: dropping it (the client gave up, the owner changed) resets
+        // its HTTP/2 stream and the owner drops the call if it has not started, while a
+        // message on the shared stream would still run later (see ARCHITECTURE.md).
+        if matches!(job.source, CallSource::Kafka(_)) {
             return self.dispatch(peer, call, job).await;
         }
         let mut request = tonic::Request::new(call);

@@ -245,7 +245,7 @@ impl Peer for PeerService {
         &self,
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<DispatchStream>, Status> {
-        let caller = self.authorize(&request)?;
+        let caller = self.authorize(&request).map_err(with_origin)?;
         let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
             self.router.options().max_dispatch_in_flight,
         ));
