@@ -876,21 +876,19 @@ fn main() {
         }
         return;
     }
-    // A quick look at the owner path alone (three runs).
-    if args.iter().any(|a| a == "--owner-only") {
+    // A quick look at one figure alone (three runs), for comparing changes to it.
+    let single = args.iter().find_map(|a| match a.as_str() {
+        "--owner-only" | "--forward-only" => Some(a.clone()),
+        _ => None,
+    });
+    if let Some(which) = single {
         rt.block_on(async {
             for _ in 0..3 {
-                let r = owner_path_throughput().await;
-                println!("{}: {} | {}", r.name, r.measured, r.baseline);
-            }
-        });
-        return;
-    }
-    // A quick look at the forward hop alone (three runs), for comparing changes to it.
-    if args.iter().any(|a| a == "--forward-only") {
-        rt.block_on(async {
-            for _ in 0..3 {
-                let r = forwarded_latency().await;
+                let r = if which == "--owner-only" {
+                    owner_path_throughput().await
+                } else {
+                    forwarded_latency().await
+                };
                 println!("{}: {} | {}", r.name, r.measured, r.baseline);
             }
         });
