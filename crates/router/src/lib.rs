@@ -13,6 +13,7 @@
 mod handler;
 mod mailbox;
 mod peers;
+pub mod routing;
 mod service;
 pub mod trace;
 
@@ -428,6 +429,11 @@ impl Router {
 
     pub fn options(&self) -> &RouterOptions {
         &self.inner.opts
+    }
+
+    /// Cancelled by [`Router::close`]: long-lived streams into this instance end.
+    pub fn closing(&self) -> &tokio_util::sync::CancellationToken {
+        &self.inner.closing
     }
 
     /// Work that outlives a request; close and await it at shutdown, before the lease is

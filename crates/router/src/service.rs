@@ -52,6 +52,20 @@ impl EntitiesService {
 
 #[tonic::async_trait]
 impl Entities for EntitiesService {
+    type WatchRoutingStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::RoutingTable, Status>>;
+
+    async fn watch_routing(
+        &self,
+        _request: Request<pb::WatchRoutingRequest>,
+    ) -> Result<Response<Self::WatchRoutingStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(crate::routing::stream_routing(self.router.clone(), tx));
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     async fn call(
         &self,
         request: Request<pb::CallRequest>,

@@ -10,7 +10,9 @@ use leasehold_integration_tests::load::{self, Load};
 use leasehold_integration_tests::{free_port, shard_table, wait_until, Cluster};
 use leasehold_proto::v1::entities_client::EntitiesClient;
 use leasehold_proto::v1::entities_server::{Entities, EntitiesServer};
-use leasehold_proto::v1::{CallRequest, CallResponse, LocateRequest, LocateResponse};
+use leasehold_proto::v1::{
+    CallRequest, CallResponse, LocateRequest, LocateResponse, RoutingTable, WatchRoutingRequest,
+};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -30,6 +32,15 @@ impl Entities for RawEcho {
     }
 
     async fn locate(&self, _: Request<LocateRequest>) -> Result<Response<LocateResponse>, Status> {
+        Err(Status::unimplemented("raw echo"))
+    }
+
+    type WatchRoutingStream = futures::stream::Empty<Result<RoutingTable, Status>>;
+
+    async fn watch_routing(
+        &self,
+        _: Request<WatchRoutingRequest>,
+    ) -> Result<Response<Self::WatchRoutingStream>, Status> {
         Err(Status::unimplemented("raw echo"))
     }
 }
