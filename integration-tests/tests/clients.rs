@@ -136,7 +136,7 @@ async fn a_smart_client_calls_owners_directly_and_rides_out_a_drain() {
         || {
             let r = client.routing()?;
             let by_owner = r.shards_by_owner();
-            (by_owner.get("n2").is_none() && by_owner.values().sum::<usize>() == 1024).then_some(())
+            (!by_owner.contains_key("n2") && by_owner.values().sum::<usize>() == 1024).then_some(())
         },
     )
     .await;
