@@ -74,6 +74,21 @@ pub fn leasehold_bin() -> PathBuf {
     bin
 }
 
+/// An example program built next to the `leasehold` binary (`cargo build --example NAME`).
+pub fn example_bin(name: &str) -> PathBuf {
+    let bin = leasehold_bin()
+        .parent()
+        .expect("the binary's folder")
+        .join("examples")
+        .join(name);
+    assert!(
+        bin.exists(),
+        "{} not found; build it with `cargo build -p leasehold-server --example {name}`",
+        bin.display()
+    );
+    bin
+}
+
 fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
@@ -246,11 +261,17 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(spec: &InstanceSpec) -> Instance {
+        Self::start_program(&leasehold_bin(), &["serve"], spec)
+    }
+
+    /// An instance run by another program that takes `leasehold serve`'s flags after
+    /// `leading` (an application embedding Leasehold).
+    pub fn start_program(program: &Path, leading: &[&str], spec: &InstanceSpec) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(format!("{}.log", spec.id));
         let (grpc_port, admin_port, peer_port) = (free_port(), free_port(), free_port());
-        let child = Command::new(leasehold_bin())
-            .arg("serve")
+        let child = Command::new(program)
+            .args(leading)
             .args(["--id", &spec.id, "--etcd", &spec.etcd])
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])

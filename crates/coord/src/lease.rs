@@ -82,7 +82,7 @@ impl LeaseKeeper {
         });
         let dropped = inner.table.drop_all();
         for (shard, epoch) in &dropped {
-            inner.listener.released(*shard, *epoch);
+            inner.listener.lost(*shard, *epoch);
         }
         inner.metrics.released.add(dropped.len() as u64);
         tracing::warn!(

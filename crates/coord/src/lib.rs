@@ -144,10 +144,18 @@ pub struct EtcdTls {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// Notified when this instance gains or loses a shard (the handler's optional hooks).
+/// Notified when this instance gains or loses a shard (the handler's hooks).
 pub trait ShardListener: Send + Sync + 'static {
+    /// About to own the shard: called before calls can start under `epoch`. When the
+    /// ownership does not take effect after all (the lease was lost meanwhile),
+    /// [`ShardListener::lost`] follows.
     fn acquired(&self, shard: ShardId, epoch: Epoch);
-    fn released(&self, shard: ShardId, epoch: Epoch);
+    /// A planned release: no call runs for the shard and none will start here; the shard
+    /// key is deleted (and the next owner can take it) once the future resolves. The
+    /// listener bounds its own wait.
+    fn releasing(&self, shard: ShardId, epoch: Epoch) -> futures::future::BoxFuture<'static, ()>;
+    /// The shard is gone without a planned release (lease expired, key replaced).
+    fn lost(&self, shard: ShardId, epoch: Epoch);
 }
 
 /// A listener that ignores everything.
@@ -155,7 +163,10 @@ pub struct NoListener;
 
 impl ShardListener for NoListener {
     fn acquired(&self, _: ShardId, _: Epoch) {}
-    fn released(&self, _: ShardId, _: Epoch) {}
+    fn releasing(&self, _: ShardId, _: Epoch) -> futures::future::BoxFuture<'static, ()> {
+        Box::pin(futures::future::ready(()))
+    }
+    fn lost(&self, _: ShardId, _: Epoch) {}
 }
 
 /// The lease this instance currently holds. `generation` grows on every grant and loss.

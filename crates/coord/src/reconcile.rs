@@ -367,9 +367,13 @@ impl Coord {
         for result in results {
             match result {
                 Ok((shard, Some(epoch))) => {
+                    // Announced first: no call of the ownership may start before its
+                    // `acquired` hook was queued.
+                    self.inner.listener.acquired(shard, epoch);
                     if table.set_owned(generation, shard, epoch) {
                         acquired += 1;
-                        self.inner.listener.acquired(shard, epoch);
+                    } else {
+                        self.inner.listener.lost(shard, epoch);
                     }
                 }
                 Ok((_, None)) => {} // someone else still holds it; the watch will tell
@@ -418,6 +422,9 @@ impl Coord {
             return;
         };
         table.wait_idle(shard).await;
+        // No call runs for the shard now and none starts: the handler flushes what it
+        // keeps for it before the next owner can take it.
+        self.inner.listener.releasing(shard, epoch).await;
         let key = self.inner.keys.shard(shard);
         let mut backoff = Duration::from_millis(50);
         loop {
@@ -445,7 +452,6 @@ impl Coord {
         }
         if table.state(shard) == LocalState::Moving(epoch) {
             table.set_not_owned(shard);
-            self.inner.listener.released(shard, epoch);
             self.inner.metrics.released.inc();
             self.inner.metrics.handoff.observe(started.elapsed());
             tracing::debug!(%shard, %epoch, took = ?started.elapsed(), "shard handed off");
@@ -492,8 +498,10 @@ impl Coord {
             .await;
             match (result, repair.action) {
                 (Ok(r), Repair::Adopt) if r.succeeded() => {
-                    if table.set_owned(generation, shard, epoch) {
-                        self.inner.listener.acquired(shard, epoch);
+                    self.inner.listener.acquired(shard, epoch);
+                    if !table.set_owned(generation, shard, epoch) {
+                        self.inner.listener.lost(shard, epoch);
+                    } else {
                         self.inner.metrics.acquired.inc();
                         tracing::warn!(%shard, %epoch, "adopted a shard key held by this instance's lease but missing from its table");
                     }
@@ -520,7 +528,7 @@ impl Coord {
             // Still as decided (a handoff may have started meanwhile).
             if self.inner.table.state(shard) == LocalState::Owned(epoch) {
                 self.inner.table.set_not_owned(shard);
-                self.inner.listener.released(shard, epoch);
+                self.inner.listener.lost(shard, epoch);
                 lost.push(shard.0);
             }
         }

@@ -5,27 +5,204 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use leasehold_coord::ShardListener;
 use leasehold_proto::v1::{self as pb, entity_handler_client::EntityHandlerClient};
 use leasehold_types::{Epoch, MemberId, ShardId};
-use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-/// Metadata key marking a status as "the handler could not be reached" (set by the
-/// transport, never by the application): such a call did not run and is retried as
-/// routing unavailability, whereas an `UNAVAILABLE` the application returns is its answer.
-pub const UNREACHABLE_MARK: &str = "leasehold-handler-unreachable";
-
-/// An `UNAVAILABLE` status saying the handler was not reached.
-pub fn unreachable(message: String) -> Status {
-    let mut s = Status::unavailable(message);
-    s.metadata_mut().insert(
-        UNREACHABLE_MARK,
-        tonic::metadata::MetadataValue::from_static("1"),
-    );
-    s
+/// gRPC status codes, for a handler's error answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    Cancelled,
+    Unknown,
+    InvalidArgument,
+    DeadlineExceeded,
+    NotFound,
+    AlreadyExists,
+    PermissionDenied,
+    ResourceExhausted,
+    FailedPrecondition,
+    Aborted,
+    OutOfRange,
+    Unimplemented,
+    Internal,
+    Unavailable,
+    DataLoss,
+    Unauthenticated,
 }
+
+impl ErrorCode {
+    fn to_grpc(self) -> tonic::Code {
+        use tonic::Code as C;
+        match self {
+            ErrorCode::Cancelled => C::Cancelled,
+            ErrorCode::Unknown => C::Unknown,
+            ErrorCode::InvalidArgument => C::InvalidArgument,
+            ErrorCode::DeadlineExceeded => C::DeadlineExceeded,
+            ErrorCode::NotFound => C::NotFound,
+            ErrorCode::AlreadyExists => C::AlreadyExists,
+            ErrorCode::PermissionDenied => C::PermissionDenied,
+            ErrorCode::ResourceExhausted => C::ResourceExhausted,
+            ErrorCode::FailedPrecondition => C::FailedPrecondition,
+            ErrorCode::Aborted => C::Aborted,
+            ErrorCode::OutOfRange => C::OutOfRange,
+            ErrorCode::Unimplemented => C::Unimplemented,
+            ErrorCode::Internal => C::Internal,
+            ErrorCode::Unavailable => C::Unavailable,
+            ErrorCode::DataLoss => C::DataLoss,
+            ErrorCode::Unauthenticated => C::Unauthenticated,
+        }
+    }
+
+    fn from_grpc(code: tonic::Code) -> Self {
+        use tonic::Code as C;
+        match code {
+            C::Cancelled => ErrorCode::Cancelled,
+            C::InvalidArgument => ErrorCode::InvalidArgument,
+            C::DeadlineExceeded => ErrorCode::DeadlineExceeded,
+            C::NotFound => ErrorCode::NotFound,
+            C::AlreadyExists => ErrorCode::AlreadyExists,
+            C::PermissionDenied => ErrorCode::PermissionDenied,
+            C::ResourceExhausted => ErrorCode::ResourceExhausted,
+            C::FailedPrecondition => ErrorCode::FailedPrecondition,
+            C::Aborted => ErrorCode::Aborted,
+            C::OutOfRange => ErrorCode::OutOfRange,
+            C::Unimplemented => ErrorCode::Unimplemented,
+            C::Internal => ErrorCode::Internal,
+            C::Unavailable => ErrorCode::Unavailable,
+            C::DataLoss => ErrorCode::DataLoss,
+            C::Unauthenticated => ErrorCode::Unauthenticated,
+            // OK is no error; treat it, and anything unknown, as UNKNOWN.
+            _ => ErrorCode::Unknown,
+        }
+    }
+}
+
+/// A handler's error answer: the client receives it as a gRPC status with this code,
+/// message, details and metadata, through any forwarding hop.
+#[derive(Debug, Clone)]
+pub struct HandleError {
+    code: ErrorCode,
+    message: String,
+    /// A serialised `google.rpc.Status` (`grpc-status-details-bin`), or empty.
+    details: Bytes,
+    /// ASCII metadata sent with the status (lower-case keys).
+    metadata: Vec<(String, String)>,
+    /// The handler was not reached (set by the gRPC handler's transport, never by an
+    /// application): the call did not run and is retried as routing unavailability.
+    unreachable: bool,
+}
+
+impl HandleError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: Bytes::new(),
+            metadata: Vec::new(),
+            unreachable: false,
+        }
+    }
+
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidArgument, message)
+    }
+
+    pub fn failed_precondition(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::FailedPrecondition, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::NotFound, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Internal, message)
+    }
+
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::Unavailable, message)
+    }
+
+    /// Attaches a serialised `google.rpc.Status` with rich error details.
+    pub fn with_details(mut self, details: impl Into<Bytes>) -> Self {
+        self.details = details.into();
+        self
+    }
+
+    /// Adds ASCII metadata to the status (keys are lower-cased; invalid pairs are
+    /// dropped when the status is sent).
+    pub fn with_metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata
+            .push((key.into().to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The handler could not be reached (the call did not run).
+    pub fn is_unreachable(&self) -> bool {
+        self.unreachable
+    }
+
+    /// An `UNAVAILABLE` saying the handler was not reached.
+    pub(crate) fn unreachable(message: String) -> Self {
+        Self {
+            unreachable: true,
+            ..Self::unavailable(message)
+        }
+    }
+
+    /// The status the client receives.
+    pub fn into_status(self) -> Status {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        for (k, v) in &self.metadata {
+            if let (Ok(k), Ok(v)) = (
+                tonic::metadata::AsciiMetadataKey::from_bytes(k.as_bytes()),
+                v.parse(),
+            ) {
+                metadata.insert(k, v);
+            }
+        }
+        Status::with_details_and_metadata(self.code.to_grpc(), self.message, self.details, metadata)
+    }
+
+    /// A status an application's gRPC handler answered, kept whole.
+    pub fn from_status(status: &Status) -> Self {
+        let metadata = status
+            .metadata()
+            .iter()
+            .filter_map(|kv| match kv {
+                tonic::metadata::KeyAndValueRef::Ascii(k, v) => {
+                    Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned()))
+                }
+                tonic::metadata::KeyAndValueRef::Binary(..) => None,
+            })
+            .collect();
+        Self {
+            code: ErrorCode::from_grpc(status.code()),
+            message: status.message().to_owned(),
+            details: status.details().to_vec().into(),
+            metadata,
+            unreachable: false,
+        }
+    }
+}
+
+impl std::fmt::Display for HandleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for HandleError {}
 
 /// A monotonic instant as wall-clock milliseconds since the Unix epoch. Both clocks are
 /// read together, so the mapping holds whenever it is computed (also after a pause).
@@ -119,9 +296,37 @@ pub struct HandleCall {
     pub metadata: crate::trace::CallMetadata,
 }
 
+/// A change of this instance's ownership of a shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardEvent {
+    pub shard: ShardId,
+    /// The ownership's fencing token.
+    pub epoch: Epoch,
+}
+
 /// The embedded handler interface: implement it to link Leasehold into a Rust program.
+///
+/// Leasehold runs `handle` one call at a time per key, at the key's owner only. The
+/// shard hooks are delivered per shard in epoch order: `shard_acquired` before the first
+/// call of the ownership, `shard_released` after its last call — for a planned move
+/// (rebalancing, drain, shutdown) before the next owner can take the shard. Each hook is
+/// bounded by `shard_event_timeout`; past it Leasehold goes on without it and says so
+/// (log and `leasehold_shard_event_failures_total`).
 pub trait Handler: Send + Sync + 'static {
-    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>>;
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>>;
+
+    /// This instance became the owner of a shard (load local state here). No call of
+    /// the ownership runs before this returns.
+    fn shard_acquired(&self, _event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
+
+    /// This instance stops owning a shard: no call runs for it any more (flush local
+    /// state here). For a planned move the next owner waits for this to return; for a
+    /// shard lost without one (the lease expired) it is called after the fact.
+    fn shard_released(&self, _event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+        Box::pin(futures::future::ready(Ok(())))
+    }
 
     /// Whether the handler can take calls now. An instance takes no shard before this
     /// succeeds once, so a new member whose handler is still starting does not pull
@@ -135,7 +340,7 @@ pub trait Handler: Send + Sync + 'static {
 pub struct EchoHandler;
 
 impl Handler for EchoHandler {
-    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>> {
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {
         Box::pin(futures::future::ready(Ok(call.payload)))
     }
 }
@@ -148,13 +353,12 @@ pub struct GrpcHandler {
     /// TLS to the handler (`grpcs://`).
     tls: Option<leasehold_tls::Connector>,
     client: EntityHandlerClient<Channel>,
-    events: mpsc::Sender<(bool, ShardId, Epoch)>,
+    owner: MemberId,
 }
 
 impl GrpcHandler {
     /// Connects lazily to `http://host:port` (through `tls` when given); calls made while
-    /// it is down fail with `UNAVAILABLE`. Must be created inside a tokio runtime (it
-    /// starts the task that delivers shard notifications in order).
+    /// it is down fail with `UNAVAILABLE`. Must be created inside a tokio runtime.
     pub fn new(
         url: &str,
         max_message: usize,
@@ -176,14 +380,12 @@ impl GrpcHandler {
         let client = EntityHandlerClient::new(channel)
             .max_decoding_message_size(max_message)
             .max_encoding_message_size(max_message);
-        let (events, rx) = mpsc::channel(4096);
-        tokio::spawn(notify_loop(url.to_owned(), owner, client.clone(), rx));
         Ok(Self {
             url: url.into(),
             endpoint,
             tls,
             client,
-            events,
+            owner,
         })
     }
 }
@@ -206,7 +408,7 @@ impl Handler for GrpcHandler {
         })
     }
 
-    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, Status>> {
+    fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {
         let mut client = self.client.clone();
         let url = self.url.clone();
         Box::pin(async move {
@@ -231,50 +433,52 @@ impl Handler for GrpcHandler {
             match client.handle(request).await {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
-                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => Err(
-                    unreachable(format!("handler at {url} unreachable: {}", s.message())),
-                ),
-                Err(s) => Err(s),
+                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => {
+                    Err(HandleError::unreachable(format!(
+                        "handler at {url} unreachable: {}",
+                        s.message()
+                    )))
+                }
+                Err(s) => Err(HandleError::from_status(&s)),
             }
         })
     }
-}
 
-impl ShardListener for GrpcHandler {
-    fn acquired(&self, shard: ShardId, epoch: Epoch) {
-        let _ = self.events.try_send((true, shard, epoch));
+    fn shard_acquired(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+        self.notify(true, event)
     }
 
-    fn released(&self, shard: ShardId, epoch: Epoch) {
-        let _ = self.events.try_send((false, shard, epoch));
+    fn shard_released(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+        self.notify(false, event)
     }
 }
 
-/// Delivers ShardAcquired / ShardReleased in the order they happened. Applications that
-/// do not implement them answer UNIMPLEMENTED, which is fine.
-async fn notify_loop(
-    url: String,
-    owner: MemberId,
-    mut client: EntityHandlerClient<Channel>,
-    mut rx: mpsc::Receiver<(bool, ShardId, Epoch)>,
-) {
-    while let Some((acquired, shard, epoch)) = rx.recv().await {
-        let mut request = tonic::Request::new(pb::ShardEvent {
-            shard: shard.0,
-            epoch: epoch.0,
-            owner: owner.0.clone(),
-        });
-        request.set_timeout(Duration::from_secs(2));
-        let result = if acquired {
-            client.shard_acquired(request).await
-        } else {
-            client.shard_released(request).await
+impl GrpcHandler {
+    /// ShardAcquired / ShardReleased. An application that does not implement them
+    /// answers UNIMPLEMENTED, which is fine.
+    fn notify(
+        &self,
+        acquired: bool,
+        event: ShardEvent,
+    ) -> BoxFuture<'static, Result<(), HandleError>> {
+        let mut client = self.client.clone();
+        let request = pb::ShardEvent {
+            shard: event.shard.0,
+            epoch: event.epoch.0,
+            owner: self.owner.0.clone(),
         };
-        if let Err(s) = result {
-            if s.code() != tonic::Code::Unimplemented {
-                tracing::debug!(handler = %url, %shard, %epoch, acquired, error = %s, "shard notification failed");
+        Box::pin(async move {
+            let result = if acquired {
+                client.shard_acquired(request).await
+            } else {
+                client.shard_released(request).await
+            };
+            match result {
+                Ok(_) => Ok(()),
+                Err(s) if s.code() == tonic::Code::Unimplemented => Ok(()),
+                Err(s) => Err(HandleError::from_status(&s)),
             }
-        }
+        })
     }
 }
 

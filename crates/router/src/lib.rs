@@ -10,6 +10,7 @@
 //! 4. a peer that is not the owner any more answers "not owner" with its view, and the
 //!    sender waits for its routing table to catch up and tries again.
 
+mod events;
 mod handler;
 mod mailbox;
 mod peers;
@@ -28,9 +29,10 @@ use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tonic::{Code, Status};
 
+pub use crate::events::ShardEvents;
 pub use crate::handler::{
-    unreachable, CallSource, EchoHandler, GrpcHandler, HandleCall, Handler, HandlerError,
-    KafkaRecord, UNREACHABLE_MARK,
+    CallSource, EchoHandler, ErrorCode, GrpcHandler, HandleCall, HandleError, Handler,
+    HandlerError, KafkaRecord, ShardEvent,
 };
 use crate::mailbox::{Mailboxes, Turn};
 use crate::peers::{Forwarded, PeerError, Peers};
@@ -296,6 +298,7 @@ struct Metrics {
 struct Inner {
     coord: Coord,
     handler: Arc<dyn Handler>,
+    events: Arc<ShardEvents>,
     opts: RouterOptions,
     mailboxes: Arc<Mailboxes>,
     peers: Peers,
@@ -348,9 +351,12 @@ pub struct Router {
 }
 
 impl Router {
+    /// `events` delivers `handler`'s shard hooks (it is `coord`'s listener); calls of an
+    /// ownership wait for its `acquired` hook.
     pub fn new(
         coord: Coord,
         handler: Arc<dyn Handler>,
+        events: Arc<ShardEvents>,
         opts: RouterOptions,
         registry: &Registry,
     ) -> Self {
@@ -417,6 +423,7 @@ impl Router {
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 coord,
                 handler,
+                events,
                 opts,
                 metrics,
             }),
@@ -761,6 +768,19 @@ impl Router {
         }
         let deadline = job.deadline.min(guard.valid_until);
         let epoch = guard.epoch;
+        // The ownership's ShardAcquired hook ends before its first call (it is bounded
+        // by shard_event_timeout; the call's deadline may come first).
+        if let Some(announcing) = self.inner.events.acquiring(job.shard, epoch) {
+            if tokio::time::timeout_at(deadline.into(), announcing)
+                .await
+                .is_err()
+            {
+                return Ok(Err(CallError::DeadlineExceeded(format!(
+                    "the handler's ShardAcquired hook for shard {} did not end before the call's deadline",
+                    job.shard
+                ))));
+            }
+        }
         let span = tracing::debug_span!("handler", otel.kind = "client", %epoch);
         let call = HandleCall {
             key: job.key.clone(),
@@ -792,13 +812,8 @@ impl Router {
                 epoch,
                 owner: coord.member_id().clone(),
             }),
-            Ok(Err(status))
-                if status.code() == Code::Unavailable
-                    && status.metadata().get(handler::UNREACHABLE_MARK).is_some() =>
-            {
-                Err(CallError::Unavailable(status.message().to_owned()))
-            }
-            Ok(Err(status)) => Err(CallError::Handler(status)),
+            Ok(Err(e)) if e.is_unreachable() => Err(CallError::Unavailable(e.message().to_owned())),
+            Ok(Err(e)) => Err(CallError::Handler(e.into_status())),
             Err(_) => Err(CallError::HandlerTimeout(format!(
                 "handler did not answer within its deadline of {:?}",
                 deadline.saturating_duration_since(started)
@@ -856,7 +871,7 @@ impl Router {
     }
 }
 
-type HandlerResult = Result<Result<Bytes, Status>, tokio::time::error::Elapsed>;
+type HandlerResult = Result<Result<Bytes, HandleError>, tokio::time::error::Elapsed>;
 
 /// A handler call in progress, with what it holds: the shard's call guard, a concurrency
 /// permit and the key's turn. Awaited inline (no task per call); if it is dropped before
@@ -1019,7 +1034,7 @@ mod tests {
         let (finish, finished) = tokio::sync::oneshot::channel::<()>();
         let handler = async move {
             let _ = finished.await;
-            Ok::<_, Status>(Bytes::new())
+            Ok::<_, HandleError>(Bytes::new())
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let running = Running {

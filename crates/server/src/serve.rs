@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use leasehold_coord::{Coord, CoordOptions, NoListener, ShardListener};
+use leasehold_coord::{Coord, CoordOptions};
 use leasehold_metrics::Registry;
 use leasehold_proto::v1::{
     admin_server::AdminServer, entities_server::EntitiesServer, peer_server::PeerServer,
 };
 use leasehold_router::{
     EchoHandler, EntitiesService, GrpcHandler, Handler, PeerService, Router, RouterOptions,
+    ShardEvents,
 };
 use leasehold_types::MemberId;
 use tokio::net::TcpListener;
@@ -125,6 +126,7 @@ impl Instance {
         config: &ServeOptions,
         listeners: &Listeners,
         security: &Security,
+        embedded: Option<Arc<dyn Handler>>,
     ) -> Result<Self, ServeError> {
         let registry = Registry::new();
         let hash_version = leasehold_types::HASH_VERSION.to_string();
@@ -149,20 +151,20 @@ impl Instance {
         );
         let member = MemberId::new(config.id.clone());
         let max_message = config.max_payload.bytes() + (1 << 20);
-        let (handler, listener): (Arc<dyn Handler>, Arc<dyn ShardListener>) = match &config.handler
-        {
-            HandlerSpec::Echo => (Arc::new(EchoHandler), Arc::new(NoListener)),
-            spec @ HandlerSpec::Grpc { .. } => {
+        let handler: Arc<dyn Handler> = match (embedded, &config.handler) {
+            (Some(h), _) => h,
+            (None, HandlerSpec::Echo) => Arc::new(EchoHandler),
+            (None, spec @ HandlerSpec::Grpc { .. }) => {
                 let url = spec.url().expect("a gRPC handler has a URL");
-                let h = Arc::new(GrpcHandler::new(
+                Arc::new(GrpcHandler::new(
                     &url,
                     max_message,
                     member.clone(),
                     security.handler.clone(),
-                )?);
-                (h.clone(), h)
+                )?)
             }
         };
+        let events = ShardEvents::new(handler.clone(), config.shard_event_timeout, &registry);
         let coord = Coord::new(
             CoordOptions {
                 cluster: config.cluster.clone(),
@@ -181,12 +183,13 @@ impl Instance {
                 max_moves: config.max_moves,
                 version: env!("CARGO_PKG_VERSION").into(),
             },
-            listener,
+            events.clone(),
             &registry,
         );
         let router = Router::new(
             coord.clone(),
             handler.clone(),
+            events,
             RouterOptions {
                 max_payload: config.max_payload.bytes(),
                 request_timeout: config.request_timeout,
@@ -302,8 +305,18 @@ pub async fn serve(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    serve_with(config, listeners, None, shutdown).await
+}
+
+/// [`serve`] with the handler given (an embedded one) instead of the `handler` setting.
+pub async fn serve_with(
+    config: ServeOptions,
+    listeners: Listeners,
+    handler: Option<Arc<dyn Handler>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
     let security = Security::load(&config)?;
-    let instance = Instance::build(&config, &listeners, &security)?;
+    let instance = Instance::build(&config, &listeners, &security, handler)?;
     tracing::info!(
         member = %instance.coord.member_id(),
         cluster = %config.cluster,

@@ -144,6 +144,10 @@ settings! {
     /// How long SIGTERM waits for shards to move away before releasing them.
     #[serde(with = "values::duration")]
     drain_timeout: Duration = Duration::from_secs(10),
+    /// Longest wait for the handler's ShardAcquired / ShardReleased hook; past it the
+    /// shard's calls start (or its move goes on) without it.
+    #[serde(with = "values::duration")]
+    shard_event_timeout: Duration = Duration::from_secs(5),
     /// Handler calls running at once on one instance.
     #[serde(with = "values::num")]
     max_concurrency: usize = 1024,
@@ -307,7 +311,7 @@ fn dotted(field: &str) -> String {
 }
 
 impl ConfigError {
-    fn field(field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(field: &str, message: impl Into<String>) -> Self {
         Self::field_from(field, message, String::new())
     }
 
@@ -583,6 +587,16 @@ impl ServeOptions {
         }
         if self.request_timeout.is_zero() {
             return Err(ConfigError::field("request_timeout", "must be positive"));
+        }
+        if self.shard_event_timeout.is_zero() || self.shard_event_timeout > Duration::from_secs(60)
+        {
+            return Err(ConfigError::field(
+                "shard_event_timeout",
+                format!(
+                    "{}: must be positive and at most 60s (a planned move waits for it)",
+                    humantime::format_duration(self.shard_event_timeout)
+                ),
+            ));
         }
         if self.max_payload.bytes() == 0 || self.max_payload.bytes() > 256 * ByteSize::MIB {
             return Err(ConfigError::field(
