@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
+.PHONY: py-unit bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
 
 all: build
 
@@ -23,7 +23,8 @@ deps:
 kafka-deps:
 	@scripts/install-kafka.sh
 
-# Python test tools (the Prometheus OpenMetrics parser) into $(HOME)/.cache/leasehold/venv.
+# Python test tools (the Prometheus OpenMetrics parser) and the Python client
+# (clients/python) into $(HOME)/.cache/leasehold/venv.
 py-deps:
 	@scripts/install-python-tools.sh
 
@@ -36,7 +37,7 @@ helm-deps:
 	@scripts/install-helm.sh
 
 build: deps
-	cargo build --bin leasehold
+	cargo build --bin leasehold --example embedded
 
 fmt:
 	cargo fmt --all
@@ -61,6 +62,10 @@ licenses:
 unit: deps
 	cargo test --workspace --exclude leasehold-integration-tests
 
+# The Python client's unit tests (clients/python/tests), in the test virtualenv.
+py-unit: py-deps
+	@scripts/py-unit.sh
+
 # Real etcd, real Kafka and real leasehold processes; one scenario at a time (2-core machines).
 integration: build kafka-deps py-deps
 	LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests -- --test-threads=1
@@ -68,7 +73,7 @@ integration: build kafka-deps py-deps
 # Ends with one line adding up every test binary's result.
 test: deps kafka-deps py-deps helm-deps fmt-check clippy doc unused-deps licenses
 	@scripts/doctor.sh
-	@scripts/test-summary.sh $(MAKE) --no-print-directory unit integration helm-test test-install chaos-short
+	@scripts/test-summary.sh $(MAKE) --no-print-directory unit py-unit integration helm-test test-install chaos-short
 
 # The install path on a bare Debian 12 root (debootstrap, cached): install-deps must
 # install every system prerequisite and the doctor must see each one missing, then present.

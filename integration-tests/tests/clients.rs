@@ -309,3 +309,74 @@ async fn the_embedded_ledger_loses_no_deposit_across_a_rolling_restart() {
     assert!(total > 500, "deposits kept flowing: {total}");
     eprintln!("{total} deposited across 3 restarts; the store agrees account by account");
 }
+
+/// Runs the Python client's load program (`clients/python/examples/smart_load.py`) and
+/// returns its summary line.
+fn python_load(seeds: &str, extra: &[&str]) -> std::process::Child {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../clients/python/examples/smart_load.py");
+    std::process::Command::new(leasehold_integration_tests::openmetrics::python())
+        .arg(script)
+        .args(["--seeds", seeds, "--keys", "150", "--concurrency", "4"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run the Python client (make py-deps installs it)")
+}
+
+fn python_summary(child: std::process::Child) -> serde_json::Value {
+    let out = child.wait_with_output().expect("the Python client ran");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "smart_load.py failed:\n{stdout}\n{stderr}"
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("summary {last:?}: {e}\nstderr:\n{stderr}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_python_client_calls_owners_directly_and_rides_out_a_drain() {
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let mut cluster = Cluster::start(3, &args(&flag)).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let seeds: Vec<String> = cluster
+        .instances
+        .iter()
+        .map(|i| format!("127.0.0.1:{}", i.grpc_port))
+        .collect();
+    let seeds = seeds.join(",");
+
+    // Straight to the owners: no instance forwards a call.
+    let before = forwards(&cluster, &[]);
+    let summary = python_summary(python_load(&seeds, &["--seconds", "3"]));
+    eprintln!("direct: {summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["forwarded"], 0, "{summary}");
+    assert!(summary["calls"].as_u64().unwrap() > 100, "{summary}");
+    assert_eq!(summary["owners"], serde_json::json!(["n0", "n1", "n2"]));
+    assert_eq!(forwards(&cluster, &[]), before, "calls were forwarded");
+
+    // The owner of a third of the keys drains and exits mid-stream: no call fails.
+    let stop = tempfile::tempdir().unwrap();
+    let stop_file = stop.path().join("stop");
+    let stop_flag = stop_file.display().to_string();
+    let load = python_load(&seeds, &["--seconds", "60", "--stop-file", &stop_flag]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.instances[2].signal("TERM");
+    let code = cluster.instances[2]
+        .wait_exit(Duration::from_secs(20))
+        .await;
+    assert_eq!(code, Some(0), "n2 drained and exited cleanly");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    std::fs::write(&stop_file, b"").unwrap();
+    let summary = python_summary(load);
+    eprintln!("across the drain: {summary}");
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert!(summary["calls"].as_u64().unwrap() > 100, "{summary}");
+    assert_eq!(checker.violations(), Vec::<String>::new());
+}

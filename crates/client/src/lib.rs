@@ -215,9 +215,9 @@ pub struct Reply {
     pub epoch: u64,
     /// Member that ran the handler.
     pub owner: String,
-    /// The owner the client sent the call to did not run it: the instance forwarded it
-    /// (a stale table or a shard that was moving). False when the client had no owner to
-    /// send to (no table yet, shard unowned) and sent it to any instance.
+    /// The member the client sent the call to did not run it: it forwarded the call (a
+    /// stale table, a shard that was moving or unowned). False when the client did not
+    /// know which member it sent the call to (no table yet).
     pub forwarded: bool,
 }
 
@@ -320,7 +320,9 @@ impl Shared {
                         return (url, Some(id), Some(shard));
                     }
                 }
-                return (self.any_instance(avoid), None, Some(shard));
+                let url = self.any_instance(avoid);
+                let member = r.member_at(&url, |a| self.url(a)).map(|m| m.id.clone());
+                return (url, member, Some(shard));
             }
         }
         (self.any_instance(avoid), None, None)

@@ -89,6 +89,15 @@ impl Routing {
         self.by_id.get(id).map(|&i| &self.members[i])
     }
 
+    /// The member whose client address, made a URL by `url`, is `target`.
+    pub(crate) fn member_at(
+        &self,
+        target: &str,
+        url: impl Fn(&str) -> String,
+    ) -> Option<&RoutingMember> {
+        self.members.iter().find(|m| url(&m.address) == target)
+    }
+
     /// The key's shard, if this client knows the cluster's hash.
     pub fn shard_for(&self, key: &str) -> Option<u32> {
         self.hash_known
