@@ -380,3 +380,149 @@ async fn the_python_client_calls_owners_directly_and_rides_out_a_drain() {
     assert!(summary["calls"].as_u64().unwrap() > 100, "{summary}");
     assert_eq!(checker.violations(), Vec::<String>::new());
 }
+
+/// `curl` with `args`; returns (HTTP status, headers, body).
+fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-D", "-", "-o", "-", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl runs (make deps installs it)");
+    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers and body");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+        .map(str::trim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn curl_reaches_entities_through_the_http_gateway() {
+    use leasehold_integration_tests::{free_port, Etcd, Instance, InstanceSpec};
+    let etcd = Etcd::start().await;
+    let http_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let instances: Vec<Instance> = (0..3)
+        .map(|i| {
+            Instance::start(&InstanceSpec {
+                id: format!("n{i}"),
+                etcd: etcd.endpoint(),
+                args: vec![
+                    "--http-listen".into(),
+                    format!("127.0.0.1:{}", http_ports[i]),
+                    "--max-payload".into(),
+                    "1KiB".into(),
+                    "--max-key-bytes".into(),
+                    "64B".into(),
+                ],
+            })
+        })
+        .collect();
+    let cluster = Cluster {
+        etcd,
+        instances,
+        args: Vec::new(),
+    };
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let gateway = |i: usize| format!("http://127.0.0.1:{}", http_ports[i]);
+
+    // A key n1 owns, sent to n0's gateway: forwarded, answered by n1.
+    let table = shard_table(&cluster.instances[0]).unwrap();
+    let key = (0..)
+        .map(|i| format!("order-{i}"))
+        .find(|k| {
+            let shard = leasehold_types::shard_for_key(k.as_bytes(), 1024).0 as usize;
+            table[shard].1.as_deref() == Some("n1")
+        })
+        .unwrap();
+    let before = forwards(&cluster, &[]);
+    let url = format!("{}/v1/entities/{key}", gateway(0));
+    let (status, head, body) = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: text/plain",
+        "-H",
+        "Leasehold-Timeout: 3s",
+        "--data-binary",
+        "hello gateway",
+        &url,
+    ]);
+    assert_eq!(status, 200, "{head}{body}");
+    assert_eq!(body, "hello gateway", "the echo handler's answer");
+    assert_eq!(header(&head, "leasehold-owner"), Some("n1"));
+    let shard = leasehold_types::shard_for_key(key.as_bytes(), 1024).0;
+    assert_eq!(header(&head, "leasehold-shard"), Some(shard.to_string().as_str()));
+    let epoch = table[shard as usize].2.to_string();
+    assert_eq!(header(&head, "leasehold-epoch"), Some(epoch.as_str()));
+    assert_eq!(forwards(&cluster, &[]), before + 1, "the call took one hop");
+
+    // Where the key lives.
+    let (status, _, body) = curl(&[&format!("{}/v1/entities/{key}/location", gateway(2))]);
+    assert_eq!(status, 200);
+    let location: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(location["owner"], "n1");
+    assert_eq!(location["shard"], shard);
+
+    // Errors are JSON with the gRPC code and the HTTP status of the README's table.
+    let long_key = format!("{}/v1/entities/{}", gateway(0), "k".repeat(100));
+    let cases: Vec<(Vec<String>, u16, &str)> = vec![
+        (vec!["-X".into(), "POST".into(), long_key], 400, "INVALID_ARGUMENT"),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "--data-binary".into(),
+                "x".repeat(2048),
+                url.clone(),
+            ],
+            413,
+            "RESOURCE_EXHAUSTED",
+        ),
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-H".into(),
+                "Leasehold-Timeout: soon".into(),
+                url.clone(),
+            ],
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (vec![url.clone()], 405, "UNIMPLEMENTED"),
+        (vec![format!("{}/v1/nothing", gateway(0))], 404, "NOT_FOUND"),
+    ];
+    for (args, want, code) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (status, head, body) = curl(&args);
+        assert_eq!(status, want, "{args:?}: {body}");
+        assert_eq!(header(&head, "content-type"), Some("application/json"));
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["code"], code, "{body}");
+        assert_eq!(error["status"], want);
+        assert!(!error["error"].as_str().unwrap().is_empty(), "{body}");
+    }
+    let metrics = ureq::get(&format!("{}/metrics", cluster.instances[0].admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains(r#"leasehold_http_requests_total{route="call",status="200"} 1"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("leasehold_http"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}

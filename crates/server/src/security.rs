@@ -25,6 +25,8 @@ type ServerTls = Option<Arc<Reloading<rustls::ServerConfig>>>;
 /// TLS of every plane and connection (`None`: plaintext), and the admin token.
 pub struct Security {
     pub client: ServerTls,
+    /// The HTTP gateway: the client plane's certificate, offering HTTP/1.1 too.
+    pub http: ServerTls,
     pub peer_server: ServerTls,
     pub peer_client: Option<Arc<Reloading<rustls::ClientConfig>>>,
     /// The name this instance's peer certificate carries (empty without peer TLS).
@@ -54,6 +56,13 @@ impl Security {
         let client = match (path(&c.tls_cert), path(&c.tls_key)) {
             (Some(cert), Some(key)) => Some(
                 leasehold_tls::server_config("client", cert, key, path(&c.tls_client_ca), H2)
+                    .map_err(at("tls_cert"))?,
+            ),
+            _ => None,
+        };
+        let http = match (path(&c.tls_cert), path(&c.tls_key), c.http_listen) {
+            (Some(cert), Some(key), Some(_)) => Some(
+                leasehold_tls::server_config("http", cert, key, path(&c.tls_client_ca), H2_HTTP1)
                     .map_err(at("tls_cert"))?,
             ),
             _ => None,
@@ -175,7 +184,7 @@ impl Security {
             }
             None => None,
         };
-        for r in [&client, &peer_server, &admin].into_iter().flatten() {
+        for r in [&client, &http, &peer_server, &admin].into_iter().flatten() {
             reloadable.push(r.clone());
         }
         if let Some(r) = &peer_client {
@@ -183,6 +192,7 @@ impl Security {
         }
         Ok(Self {
             client,
+            http,
             peer_server,
             peer_client,
             peer_identity,

@@ -77,6 +77,8 @@ pub struct Listeners {
     pub peer: TcpListener,
     /// Admin HTTP and gRPC.
     pub admin: TcpListener,
+    /// The HTTP gateway, when `http_listen` is set.
+    pub http: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -94,6 +96,10 @@ impl Listeners {
             client: bind("listen", config.listen).await?,
             peer: bind("peer_listen", config.peer_listen).await?,
             admin: bind("admin_listen", config.admin_listen).await?,
+            http: match config.http_listen {
+                Some(address) => Some(bind("http_listen", address).await?),
+                None => None,
+            },
         })
     }
 }
@@ -321,6 +327,7 @@ pub async fn serve_with(
         member = %instance.coord.member_id(),
         cluster = %config.cluster,
         client = %listeners.client.local_addr()?,
+        http = ?listeners.http.as_ref().and_then(|l| l.local_addr().ok()),
         peer = %listeners.peer.local_addr()?,
         admin = %listeners.admin.local_addr()?,
         client_tls = security.client.is_some(),
@@ -514,6 +521,28 @@ impl Servers {
                 admin,
             ),
         ];
+        if let Some(listener) = listeners.http {
+            // Counted by its own HTTP metrics, not the gRPC layer's.
+            let gateway = server_builder(config)
+                .accept_http1(true)
+                .add_routes(tonic::service::Routes::from(crate::gateway::routes(
+                    instance.router.clone(),
+                    &instance.registry,
+                )));
+            let incoming = incoming("http", listener, &security.http);
+            let stop = stop.clone();
+            tasks.push((
+                "http",
+                tokio::spawn(async move {
+                    if let Err(e) = gateway
+                        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+                        .await
+                    {
+                        tracing::error!(plane = "http", error = %e, "server failed");
+                    }
+                }),
+            ));
+        }
         for (plane, incoming, server) in planes {
             let stop = stop.clone();
             tasks.push((

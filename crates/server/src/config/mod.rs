@@ -117,6 +117,11 @@ settings! {
     /// Peer plane listen address: calls forwarded between instances (the Peer service).
     #[serde(with = "values::addr")]
     peer_listen: SocketAddr = SocketAddr::from(([0, 0, 0, 0], 7072)),
+    /// HTTP gateway listen address: `POST /v1/entities/{key}` and
+    /// `GET /v1/entities/{key}/location` for clients that speak HTTP, not gRPC (with the
+    /// client plane's TLS settings, when set). Unset: no gateway.
+    #[serde(with = "values::opt_addr", skip_serializing_if = "Option::is_none")]
+    http_listen: Option<SocketAddr> = None,
     /// Client address (HOST:PORT) that Locate returns; the pod IP on Kubernetes.
     /// Default: the listen address.
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]

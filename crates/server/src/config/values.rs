@@ -138,6 +138,29 @@ pub mod addr {
     }
 }
 
+/// An optional listen address; empty means "not set".
+pub mod opt_addr {
+    use super::*;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = super::string::deserialize(d)?;
+        let s = s.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|_| {
+            de::Error::custom(format!("{s:?} is not an IP:PORT address like 0.0.0.0:8080"))
+        })
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_str(&v.to_string()),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 /// Optional strings where an empty value means "not set" (an environment variable set
 /// to nothing, as Kubernetes manifests often leave them).
 pub mod opt_string {
