@@ -175,6 +175,16 @@ check "all-options: Kafka passwords come from Secrets, not the ConfigMap" bash -
   'grep -qxF "\"sasl.password\" = \"\${env:KAFKA_SECRET_0_0}\"" "$1/config.toml" &&
    grep -qxF "KAFKA_SECRET_0_0=secret-password" "$1/env.txt"' - "$work/all-options"
 
+# The HTTP gateway: off by default; on, the instance listens, the pod and the client
+# Service expose it and the network policy admits clients to it.
+check "default: no HTTP gateway" bash -c '! grep -q "http_listen" "$1/config.toml"' - "$work/default"
+gateway_on() {
+  grep -qx 'http_listen = "0.0.0.0:8088"' "$1/config.toml" &&
+    doc Service orders "$1/manifests.yaml" | grep -qx '    - name: http' &&
+    doc Deployment orders "$1/manifests.yaml" | grep -qx '              containerPort: 8088' &&
+    doc NetworkPolicy orders "$1/manifests.yaml" | grep -qx '        - port: http'
+}
+
 # Monitoring: the ServiceMonitor, the Grafana dashboard ConfigMap and the PrometheusRule.
 # doc KIND NAME FILE: prints the rendered FILE's KIND named NAME.
 doc() {
@@ -182,6 +192,8 @@ doc() {
     index("\n" $0 "\n", "\n" kind "\n") && index("\n" $0 "\n", "\n" name "\n") { print; found = 1 }
     END { exit !found }' "$3"
 }
+check "all-options: the HTTP gateway listens and is exposed (pod, Service, NetworkPolicy)" \
+  gateway_on "$work/all-options"
 # selects_peers FILE FULLNAME: the ServiceMonitor selects the headless -peers Service
 # (every pod, ready or not, with the admin port), not the client Service.
 selects_peers() {
@@ -321,6 +333,8 @@ rejects "template: issuerRef needs a name" "issuerRef: set name" --set tls.certM
 rejects "template: clientAuth needs TLS" "tls.clientAuth needs tls.enabled" \
   --set tls.enabled=false --set tls.clientAuth=true
 rejects "template: one port per plane" "must differ" --set ports.peer=7071
+rejects "template: the HTTP gateway has its own port" "httpGateway.port (7070) must differ" \
+  --set httpGateway.enabled=true --set httpGateway.port=7070
 rejects "schema: adminAuth.protect values" "value must be one of" --set adminAuth.protect=reads
 rejects "schema: unknown tls key" "additional properties 'clientCA' not allowed" --set tls.clientCA=x
 rejects "template: Kafka password in plain properties" "is a password: move it to kafka.sources[0].secretProperties" \

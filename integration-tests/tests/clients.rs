@@ -388,7 +388,11 @@ fn curl(args: &[&str]) -> (u16, String, String) {
         .args(args)
         .output()
         .expect("curl runs (make deps installs it)");
-    assert!(out.status.success(), "curl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").expect("headers and body");
     let status = head
@@ -460,7 +464,10 @@ async fn curl_reaches_entities_through_the_http_gateway() {
     assert_eq!(body, "hello gateway", "the echo handler's answer");
     assert_eq!(header(&head, "leasehold-owner"), Some("n1"));
     let shard = leasehold_types::shard_for_key(key.as_bytes(), 1024).0;
-    assert_eq!(header(&head, "leasehold-shard"), Some(shard.to_string().as_str()));
+    assert_eq!(
+        header(&head, "leasehold-shard"),
+        Some(shard.to_string().as_str())
+    );
     let epoch = table[shard as usize].2.to_string();
     assert_eq!(header(&head, "leasehold-epoch"), Some(epoch.as_str()));
     assert_eq!(forwards(&cluster, &[]), before + 1, "the call took one hop");
@@ -475,7 +482,11 @@ async fn curl_reaches_entities_through_the_http_gateway() {
     // Errors are JSON with the gRPC code and the HTTP status of the README's table.
     let long_key = format!("{}/v1/entities/{}", gateway(0), "k".repeat(100));
     let cases: Vec<(Vec<String>, u16, &str)> = vec![
-        (vec!["-X".into(), "POST".into(), long_key], 400, "INVALID_ARGUMENT"),
+        (
+            vec!["-X".into(), "POST".into(), long_key],
+            400,
+            "INVALID_ARGUMENT",
+        ),
         (
             vec![
                 "-X".into(),

@@ -88,7 +88,17 @@ async fn metrics_parse_strictly_and_match_the_readme() {
         ),
     )
     .unwrap();
-    let cluster = Cluster::start(3, &["--config", config.to_str().unwrap()]).await;
+    // The HTTP gateway on (an ephemeral port each), so its metrics are exported too.
+    let cluster = Cluster::start(
+        3,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--http-listen",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
     cluster.wait_balanced(Duration::from_secs(20)).await;
 
     let values: Vec<Vec<u8>> = (0..60)

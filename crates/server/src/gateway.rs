@@ -234,7 +234,10 @@ async fn call(
 ) -> Response {
     let started = Instant::now();
     let response = match (key, body) {
-        (Err(e), _) => plain_error(StatusCode::BAD_REQUEST, format!("the key: {}", e.body_text())),
+        (Err(e), _) => plain_error(
+            StatusCode::BAD_REQUEST,
+            format!("the key: {}", e.body_text()),
+        ),
         (Ok(Path(key)), Ok(body)) => run_call(&g.router, key, headers, body).await,
         (_, Err(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => plain_error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -245,7 +248,8 @@ async fn call(
         ),
         (_, Err(e)) => plain_error(e.status(), e.body_text()),
     };
-    g.metrics.record("call", response.status(), started.elapsed());
+    g.metrics
+        .record("call", response.status(), started.elapsed());
     response
 }
 
@@ -298,7 +302,10 @@ async fn locate(
 ) -> Response {
     let started = Instant::now();
     let response = if let Err(e) = &key {
-        plain_error(StatusCode::BAD_REQUEST, format!("the key: {}", e.body_text()))
+        plain_error(
+            StatusCode::BAD_REQUEST,
+            format!("the key: {}", e.body_text()),
+        )
     } else {
         let Ok(Path(key)) = key else {
             unreachable!("checked above")
@@ -315,7 +322,8 @@ async fn locate(
         }))
         .into_response()
     };
-    g.metrics.record("locate", response.status(), started.elapsed());
+    g.metrics
+        .record("locate", response.status(), started.elapsed());
     response
 }
 
@@ -343,7 +351,10 @@ mod tests {
     #[test]
     fn the_handler_gets_the_content_type_trace_and_allowed_headers_only() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         let tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         h.insert("traceparent", HeaderValue::from_static(tp));
         h.insert("x-tenant", HeaderValue::from_static("acme"));

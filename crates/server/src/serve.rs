@@ -523,12 +523,13 @@ impl Servers {
         ];
         if let Some(listener) = listeners.http {
             // Counted by its own HTTP metrics, not the gRPC layer's.
-            let gateway = server_builder(config)
-                .accept_http1(true)
-                .add_routes(tonic::service::Routes::from(crate::gateway::routes(
-                    instance.router.clone(),
-                    &instance.registry,
-                )));
+            let gateway =
+                server_builder(config)
+                    .accept_http1(true)
+                    .add_routes(tonic::service::Routes::from(crate::gateway::routes(
+                        instance.router.clone(),
+                        &instance.registry,
+                    )));
             let incoming = incoming("http", listener, &security.http);
             let stop = stop.clone();
             tasks.push((

@@ -106,6 +106,9 @@ app.kubernetes.io/part-of: leasehold
 {{- if or (eq (int $p.grpc) (int $p.admin)) (eq (int $p.grpc) (int $p.peer)) (eq (int $p.admin) (int $p.peer)) -}}
 {{- fail (printf "ports.grpc (%d), ports.admin (%d) and ports.peer (%d) must differ: each plane has its own port" (int $p.grpc) (int $p.admin) (int $p.peer)) -}}
 {{- end -}}
+{{- if and .Values.httpGateway.enabled (has (int .Values.httpGateway.port) (list (int $p.grpc) (int $p.admin) (int $p.peer))) -}}
+{{- fail (printf "httpGateway.port (%d) must differ from ports.grpc, ports.admin and ports.peer" (int .Values.httpGateway.port)) -}}
+{{- end -}}
 {{- if and .Values.tls.clientAuth (not .Values.tls.enabled) -}}
 {{- fail "tls.clientAuth needs tls.enabled: without TLS the client plane cannot check client certificates" -}}
 {{- end -}}
