@@ -78,6 +78,63 @@ async fn a_smart_client_calls_owners_directly_and_rides_out_a_drain() {
         .expect("the client gets the routing table");
     wait_for_current_table(&client, &cluster).await;
 
+    // The CLI calls through the same client: the answer names who ran it, `locate`
+    // agrees with the table, and an address nobody listens on fails as unavailable (69)
+    // once the call's timeout is spent.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(leasehold_integration_tests::leasehold_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let addr = cluster.instances[0].grpc_url();
+    let (code, out) = cli(&[
+        "call",
+        "--addr",
+        &addr,
+        "--key",
+        "key-7",
+        "--payload",
+        "hi",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let answer: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let location = client.locate("key-7").await.unwrap();
+    assert_eq!(answer["owner"].as_str(), location.owner.as_deref());
+    assert_eq!(answer["shard"], location.shard);
+    let (code, out) = cli(&[
+        "locate", "--addr", &addr, "--key", "key-7", "--output", "json",
+    ]);
+    assert_eq!(code, Some(0), "{out}");
+    let located: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(located["owner"].as_str(), location.owner.as_deref());
+    assert_eq!(located["epoch"], location.epoch);
+    let nobody = format!("127.0.0.1:{}", leasehold_integration_tests::free_port());
+    let started = std::time::Instant::now();
+    let (code, out) = cli(&[
+        "call",
+        "--addr",
+        &nobody,
+        "--key",
+        "k",
+        "--timeout",
+        "1s",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(code, Some(69), "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
     // Every call goes straight to its owner: no instance forwards one.
     let before = forwards(&cluster, &[]);
     let mut owners = std::collections::BTreeSet::new();

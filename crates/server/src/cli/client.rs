@@ -7,16 +7,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use super::report::{CliError, CliResult, Exit, Rendered};
 use super::tls::{channel, TlsArgs};
-use leasehold_proto::v1::{
-    entities_client::EntitiesClient, CallRequest, CallResponse, LocateRequest, LocateResponse,
-};
-
-async fn connect(
-    addr: &str,
-    tls: &TlsArgs,
-) -> CliResult<EntitiesClient<tonic::transport::Channel>> {
-    Ok(EntitiesClient::new(channel(addr, tls).await?.0))
-}
+use leasehold_proto::v1::{CallResponse, LocateResponse};
 
 /// Refuses an empty key before dialling (the server would answer INVALID_ARGUMENT).
 fn check_key(key: &str) -> CliResult<()> {
@@ -24,6 +15,44 @@ fn check_key(key: &str) -> CliResult<()> {
         return Err(CliError::usage("the key must not be empty (--key)"));
     }
     Ok(())
+}
+
+/// The Leasehold client for one command: through the instance at `addr` (it forwards to
+/// the owner), retrying what did not run within `timeout`.
+fn smart_client(
+    addr: &str,
+    tls: &TlsArgs,
+    timeout: Duration,
+) -> CliResult<leasehold_client::Client> {
+    let mut builder = leasehold_client::Client::builder()
+        .seed(addr)
+        .timeout(timeout)
+        // One call: the routing table would cost more than the hop it saves.
+        .follow_routing(false);
+    if addr.starts_with("https://") {
+        let ca_file = tls.ca_file.clone().ok_or_else(|| {
+            CliError::usage("an https:// address needs --ca-file (or LEASEHOLD_CA_FILE)")
+        })?;
+        let identity = match (&tls.cert_file, &tls.key_file) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => return Err(CliError::usage("--cert-file and --key-file go together")),
+        };
+        builder = builder.tls(leasehold_client::Tls {
+            ca_file,
+            identity,
+            server_name: tls.server_name.clone(),
+        });
+    }
+    builder.build().map_err(client_error)
+}
+
+fn client_error(e: leasehold_client::Error) -> CliError {
+    match e {
+        leasehold_client::Error::Status(s) => CliError::grpc(&s),
+        leasehold_client::Error::Config(m) => CliError::usage(m),
+        leasehold_client::Error::NoRouting(m) => CliError::new(Exit::Unavailable, m),
+    }
 }
 
 /// `leasehold call`: sends one call through the instance at `addr`.
@@ -35,18 +64,17 @@ pub async fn call(
     timeout: Duration,
 ) -> CliResult<Rendered> {
     check_key(key)?;
-    let mut client = connect(addr, tls).await?;
-    let mut request = tonic::Request::new(CallRequest {
-        key: key.into(),
-        payload: payload.into(),
-    });
-    request.set_timeout(timeout);
-    let response = client
-        .call(request)
-        .await
-        .map_err(|s| CliError::grpc(&s))?
-        .into_inner();
-    Ok(call_answer(key, &response))
+    let client = smart_client(addr, tls, timeout)?;
+    let reply = client.call(key, payload).await.map_err(client_error)?;
+    Ok(call_answer(
+        key,
+        &CallResponse {
+            payload: reply.payload,
+            shard: reply.shard,
+            epoch: reply.epoch,
+            owner: reply.owner,
+        },
+    ))
 }
 
 /// What `leasehold call` prints: the answer and who ran it.
@@ -70,13 +98,17 @@ pub fn call_answer(key: &str, r: &CallResponse) -> Rendered {
 /// `leasehold locate`: asks the instance at `addr` where `key` lives.
 pub async fn locate(addr: &str, tls: &TlsArgs, key: &str) -> CliResult<Rendered> {
     check_key(key)?;
-    let mut client = connect(addr, tls).await?;
-    let response = client
-        .locate(LocateRequest { key: key.into() })
-        .await
-        .map_err(|s| CliError::grpc(&s))?
-        .into_inner();
-    Ok(locate_answer(key, &response))
+    let client = smart_client(addr, tls, Duration::from_secs(5))?;
+    let l = client.locate(key).await.map_err(client_error)?;
+    Ok(locate_answer(
+        key,
+        &LocateResponse {
+            shard: l.shard,
+            owner: l.owner.unwrap_or_default(),
+            address: l.address.unwrap_or_default(),
+            epoch: l.epoch,
+        },
+    ))
 }
 
 /// What `leasehold locate` prints: shard, epoch and owner (`null` / `-` when unowned).
