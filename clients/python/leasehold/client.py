@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 Metadata = Union[Mapping[str, str], Sequence[tuple[str, Union[str, bytes]]]]
 
+FIRST_TABLE_TIMEOUT = 5.0
+"""Seconds a new routing stream may take to deliver its first table."""
+
 DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     # Notice a dead connection under the routing stream within about 40 s.
     ("grpc.keepalive_time_ms", 30_000),
@@ -356,15 +359,18 @@ class Client:
             if closed:
                 call.cancel()
                 return
+            # An instance without a current table sends nothing: give up on it after a
+            # while and watch another.
+            got_table = threading.Event()
+            timer = threading.Timer(
+                FIRST_TABLE_TIMEOUT, lambda: got_table.is_set() or call.cancel()
+            )
+            timer.daemon = True
+            timer.start()
             try:
                 for message in call:
-                    table = RoutingTable.from_proto(message)
-                    if not self._router.offer(table):
-                        log.debug(
-                            "ignoring routing table revision %d from %s (older)",
-                            table.revision,
-                            address,
-                        )
+                    got_table.set()
+                    self._router.offer(RoutingTable.from_proto(message))
                     backoff.reset()
                 log.debug("routing stream from %s ended", address)
             except grpc.RpcError as e:
@@ -379,6 +385,7 @@ class Client:
                     return
                 log.warning("routing stream from %s failed", address, exc_info=True)
             finally:
+                timer.cancel()
                 with self._lock:
                     self._watch_call = None
             if self._closed.wait(backoff.pause()):

@@ -31,7 +31,7 @@ class RoutingTable:
     shard_count: int
     hash_version: int
     revision: int
-    """etcd revision the table reflects: a table with a lower revision is older."""
+    """etcd revision the table reflects."""
     members: tuple[Member, ...]
     owners: tuple[Optional[int], ...]
     """Per shard: the index of its owner in ``members``, or ``None`` when unowned."""
@@ -165,14 +165,11 @@ class Router:
             return self._table
 
     def offer(self, table: RoutingTable) -> bool:
-        """Installs ``table`` unless its revision is lower than the current table's.
-
-        Returns whether it was installed. Installing a table forgets the owners learnt
-        from answers.
+        """Installs ``table``: the instance streaming it is the authority while the stream
+        lasts (revisions may also go back, after an etcd restore). Returns True.
+        Installing a table forgets the owners learnt from answers.
         """
         with self._changed:
-            if self._table is not None and table.revision < self._table.revision:
-                return False
             self._table = table
             self._hints.clear()
             self._changed.notify_all()

@@ -84,13 +84,16 @@ fn leasehold_info(status: &Status) -> Option<(String, bool)> {
 
 /// A transport failure that proves the request was not sent: connecting failed, the
 /// connection closed while the request still waited to be written (hyper's "canceled",
-/// e.g. the instance shutting down), or the server refused the stream before reading it
-/// (HTTP/2 REFUSED_STREAM, after its GOAWAY).
+/// e.g. the instance shutting down), or the server refused the stream before processing
+/// it (HTTP/2 REFUSED_STREAM, or a stream its GOAWAY left out).
 fn not_sent(status: &Status) -> bool {
     let mut source = status.source();
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            // REFUSED_STREAM, or a GOAWAY from the server for a stream above its last
+            // processed one: the server did not process it (RFC 9113 §6.8).
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.is_remote());
         }
         if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
             if hyper.is_canceled() {
@@ -98,7 +101,16 @@ fn not_sent(status: &Status) -> bool {
             }
         }
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+            // Failures of connect(2) (raw, from the TLS connector too); a connection that
+            // breaks after sending reports a reset or a broken pipe instead.
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::ConnectionRefused
+                    | K::HostUnreachable
+                    | K::NetworkUnreachable
+                    | K::AddrNotAvailable
+            ) {
                 return true;
             }
         }

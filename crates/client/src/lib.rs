@@ -279,6 +279,21 @@ impl Shared {
         Ok(channel)
     }
 
+    /// Forgets the channels of instances that are neither seeds nor in `routing` (pods
+    /// come and go; their addresses do not come back).
+    fn prune_channels(&self, routing: &Routing) {
+        let keep: std::collections::HashSet<String> = self
+            .seeds
+            .iter()
+            .cloned()
+            .chain(routing.members().iter().map(|m| self.url(&m.address)))
+            .collect();
+        self.channels
+            .lock()
+            .expect("channels lock")
+            .retain(|url, _| keep.contains(url));
+    }
+
     /// Every instance URL known: the seeds, then the table's members.
     fn instances(&self) -> Vec<String> {
         let mut all = self.seeds.clone();

@@ -140,6 +140,9 @@ impl Routing {
     }
 }
 
+/// How long a new stream may take to deliver its first table.
+const FIRST_TABLE: Duration = Duration::from_secs(5);
+
 /// Keeps a `WatchRouting` stream open to one instance after another (seeds and the
 /// members the table names), publishing each newer table, until `stop`.
 pub(crate) async fn follow(shared: Arc<Shared>, stop: CancellationToken) {
@@ -180,7 +183,22 @@ async fn watch_one(shared: &Shared, url: &str) -> bool {
     };
     let mut delivered = false;
     loop {
-        match stream.message().await {
+        // An instance without a current table says nothing; move on after a while.
+        let next = if delivered {
+            stream.message().await
+        } else {
+            match tokio::time::timeout(FIRST_TABLE, stream.message()).await {
+                Ok(next) => next,
+                Err(_) => {
+                    tracing::debug!(
+                        instance = url,
+                        "no routing table within {FIRST_TABLE:?}; trying another instance"
+                    );
+                    return false;
+                }
+            }
+        };
+        match next {
             Ok(Some(table)) => {
                 let revision = table.revision;
                 let Some(routing) = Routing::from_table(table) else {
@@ -188,18 +206,11 @@ async fn watch_one(shared: &Shared, url: &str) -> bool {
                     continue;
                 };
                 delivered = true;
-                let newer = shared.routing.send_if_modified(|current| {
-                    let newer = current
-                        .as_ref()
-                        .is_none_or(|c| c.revision <= routing.revision);
-                    if newer {
-                        *current = Some(Arc::new(routing));
-                    }
-                    newer
-                });
-                if newer {
-                    shared.hints.lock().expect("hints lock").clear();
-                }
+                // The instance streaming is the authority while connected (revisions may
+                // also go back after an etcd restore): its table replaces ours.
+                shared.prune_channels(&routing);
+                shared.routing.send_replace(Some(Arc::new(routing)));
+                shared.hints.lock().expect("hints lock").clear();
             }
             Ok(None) => return delivered,
             Err(e) => {

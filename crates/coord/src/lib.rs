@@ -607,8 +607,9 @@ impl Coord {
     }
 
     /// Graceful leave, step one: mark this member draining, wait until the leader moved
-    /// every shard away (or `timeout`), then hand off whatever is left directly.
-    pub async fn drain(&self, timeout: Duration) {
+    /// every shard away (or `timeout`), then hand off whatever is left directly, waiting
+    /// at most `handoff` for each (its calls to end and its release hook).
+    pub async fn drain(&self, timeout: Duration, handoff: Duration) {
         if let Err(e) = self.start_draining().await {
             tracing::warn!(error = %e, "could not mark member draining; releasing shards directly");
         }
@@ -631,7 +632,7 @@ impl Coord {
         if !left.is_empty() {
             let handoffs = left.into_iter().map(|(s, _)| self.clone().handoff(s));
             // Bounded: with etcd unreachable the keys expire with the lease anyway.
-            let bound = self.inner.opts.lease_ttl;
+            let bound = self.inner.opts.lease_ttl + handoff;
             if tokio::time::timeout(bound, futures::future::join_all(handoffs))
                 .await
                 .is_err()

@@ -422,6 +422,9 @@ impl Coord {
             return;
         };
         table.wait_idle(shard).await;
+        if table.state(shard) != LocalState::Moving(epoch) {
+            return; // lost meanwhile (the lease or the key went): reported lost already
+        }
         // No call runs for the shard now and none starts: the handler flushes what it
         // keeps for it before the next owner can take it.
         self.inner.listener.releasing(shard, epoch).await;

@@ -16,11 +16,15 @@ use crate::handler::{Handler, ShardEvent};
 
 type Delivery = Shared<BoxFuture<'static, ()>>;
 
-/// The last event queued for a shard.
+/// The hooks queued for a shard.
 struct Link {
+    /// The last hook queued (the next one waits for it).
     epoch: Epoch,
     acquired: bool,
     done: Delivery,
+    /// The last `acquired` hook: calls of its ownership wait for it, also when a `lost`
+    /// was queued behind it meanwhile.
+    acquire: Option<(Epoch, Delivery)>,
 }
 
 struct Metrics {
@@ -31,11 +35,16 @@ struct Metrics {
     duration: Arc<Histogram>,
 }
 
+/// Hooks delivered at once, across shards (a sidecar gets at most this many
+/// `ShardAcquired` at a time when an instance takes a thousand shards).
+const CONCURRENT_HOOKS: usize = 32;
+
 /// Delivers shard events to the handler; the coordinator's [`ShardListener`].
 pub struct ShardEvents {
     handler: Arc<dyn Handler>,
     timeout: Duration,
     chains: Mutex<HashMap<ShardId, Link>>,
+    slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
 }
 
@@ -73,6 +82,7 @@ impl ShardEvents {
             handler,
             timeout,
             chains: Mutex::default(),
+            slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOOKS)),
             metrics: Arc::new(metrics),
         })
     }
@@ -81,9 +91,8 @@ impl ShardEvents {
     /// finished: calls of the ownership wait for it.
     pub fn acquiring(&self, shard: ShardId, epoch: Epoch) -> Option<Delivery> {
         let chains = self.chains.lock().expect("shard events lock");
-        let link = chains.get(&shard)?;
-        (link.acquired && link.epoch == epoch && link.done.peek().is_none())
-            .then(|| link.done.clone())
+        let (acquired, done) = chains.get(&shard)?.acquire.as_ref()?;
+        (*acquired == epoch && done.peek().is_none()).then(|| done.clone())
     }
 
     /// Queues an event behind the shard's previous one and starts delivering it.
@@ -91,35 +100,50 @@ impl ShardEvents {
         let mut chains = self.chains.lock().expect("shard events lock");
         if let Some(last) = chains.get(&shard) {
             // One release per ownership (a handoff cut short by a lost lease is also
-            // reported lost).
-            if kind != Kind::Acquired && !last.acquired && last.epoch == epoch {
+            // reported lost), and none for an ownership older than the last acquired
+            // one (a handoff that outlived its lease and a re-acquisition).
+            let stale = match &last.acquire {
+                Some((acquired, _)) => epoch < *acquired,
+                None => false,
+            };
+            let repeated = !last.acquired && last.epoch == epoch;
+            if kind != Kind::Acquired && (stale || repeated) {
                 return last.done.clone();
             }
         }
         let previous = chains.get(&shard).map(|l| l.done.clone());
-        let (handler, timeout, metrics) =
-            (self.handler.clone(), self.timeout, self.metrics.clone());
+        let last_acquire = chains.get(&shard).and_then(|l| l.acquire.clone());
+        let (handler, timeout, metrics, slots) = (
+            self.handler.clone(),
+            self.timeout,
+            self.metrics.clone(),
+            self.slots.clone(),
+        );
+        let event = ShardEvent {
+            shard,
+            epoch,
+            lost: kind == Kind::Lost,
+        };
         let done = async move {
             if let Some(previous) = previous {
                 previous.await;
             }
-            deliver(
-                handler,
-                kind,
-                ShardEvent { shard, epoch },
-                timeout,
-                &metrics,
-            )
-            .await;
+            let _slot = slots.acquire_owned().await;
+            deliver(handler, kind, event, timeout, &metrics).await;
         }
         .boxed()
         .shared();
+        let acquire = match kind {
+            Kind::Acquired => Some((epoch, done.clone())),
+            _ => last_acquire,
+        };
         chains.insert(
             shard,
             Link {
                 epoch,
                 acquired: kind == Kind::Acquired,
                 done: done.clone(),
+                acquire,
             },
         );
         // Delivered whether or not anyone waits for it.
@@ -136,9 +160,16 @@ async fn deliver(
     metrics: &Metrics,
 ) {
     let started = Instant::now();
-    let (name, hook) = match kind {
-        Kind::Acquired => ("acquired", handler.shard_acquired(event)),
-        Kind::Released | Kind::Lost => ("released", handler.shard_released(event)),
+    let name = match kind {
+        Kind::Acquired => "acquired",
+        Kind::Released | Kind::Lost => "released",
+    };
+    // Made inside the bound too: a hook may do work before its first await.
+    let hook = async move {
+        match kind {
+            Kind::Acquired => handler.shard_acquired(event).await,
+            Kind::Released | Kind::Lost => handler.shard_released(event).await,
+        }
     };
     let result = tokio::time::timeout(timeout, hook).await;
     metrics.duration.observe(started.elapsed());
@@ -237,6 +268,37 @@ mod tests {
             *recorder.0.lock().unwrap(),
             [(true, 1, 10), (false, 1, 10), (true, 1, 12)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_release_of_an_older_ownership_is_not_delivered() {
+        let recorder = Arc::new(Recorder::default());
+        let events = ShardEvents::new(recorder.clone(), Duration::from_secs(1), &Registry::new());
+        events.acquired(ShardId(2), Epoch(10));
+        events.lost(ShardId(2), Epoch(10));
+        events.acquired(ShardId(2), Epoch(12));
+        // A handoff of epoch 10 that outlived its lease ends only now.
+        events.releasing(ShardId(2), Epoch(10)).await;
+        if let Some(w) = events.acquiring(ShardId(2), Epoch(12)) {
+            w.await;
+        }
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(true, 2, 10), (false, 2, 10), (true, 2, 12)]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_loss_queued_behind_a_pending_acquire_still_gates_its_calls() {
+        let recorder = Arc::new(Recorder::default());
+        let events = ShardEvents::new(recorder.clone(), Duration::from_secs(1), &Registry::new());
+        events.acquired(ShardId(1), Epoch(10)); // slow: 50 ms
+        events.lost(ShardId(1), Epoch(10));
+        let waiting = events
+            .acquiring(ShardId(1), Epoch(10))
+            .expect("still pending");
+        waiting.await;
+        assert!(events.acquiring(ShardId(1), Epoch(10)).is_none());
     }
 
     /// A hook that never returns holds nothing up past the timeout.

@@ -89,9 +89,18 @@ pub struct HandleError {
     details: Bytes,
     /// ASCII metadata sent with the status (lower-case keys).
     metadata: Vec<(String, String)>,
-    /// The handler was not reached (set by the gRPC handler's transport, never by an
-    /// application): the call did not run and is retried as routing unavailability.
-    unreachable: bool,
+    /// Set by the gRPC handler's transport, never by an application.
+    transport: Option<Transport>,
+}
+
+/// How the connection to a gRPC handler failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The request never reached the handler (connect failed, stream refused): the call
+    /// did not run.
+    Unreachable,
+    /// The connection failed after the request was sent: the call may have run.
+    Lost,
 }
 
 impl HandleError {
@@ -101,7 +110,7 @@ impl HandleError {
             message: message.into(),
             details: Bytes::new(),
             metadata: Vec::new(),
-            unreachable: false,
+            transport: None,
         }
     }
 
@@ -147,15 +156,15 @@ impl HandleError {
         &self.message
     }
 
-    /// The handler could not be reached (the call did not run).
-    pub fn is_unreachable(&self) -> bool {
-        self.unreachable
+    /// How the connection to a gRPC handler failed, if that is what this is.
+    pub fn transport(&self) -> Option<Transport> {
+        self.transport
     }
 
-    /// An `UNAVAILABLE` saying the handler was not reached.
-    pub(crate) fn unreachable(message: String) -> Self {
+    /// An `UNAVAILABLE` saying the connection to the handler failed.
+    pub(crate) fn transport_failure(kind: Transport, message: String) -> Self {
         Self {
-            unreachable: true,
+            transport: Some(kind),
             ..Self::unavailable(message)
         }
     }
@@ -191,7 +200,7 @@ impl HandleError {
             message: status.message().to_owned(),
             details: status.details().to_vec().into(),
             metadata,
-            unreachable: false,
+            transport: None,
         }
     }
 }
@@ -302,6 +311,10 @@ pub struct ShardEvent {
     pub shard: ShardId,
     /// The ownership's fencing token.
     pub epoch: Epoch,
+    /// For `shard_released`: the shard was lost without a planned move (the lease
+    /// expired, e.g. a partition from etcd). Another instance may own it already and may
+    /// have written newer state: do not write back what this instance kept.
+    pub lost: bool,
 }
 
 /// The embedded handler interface: implement it to link Leasehold into a Rust program.
@@ -321,9 +334,11 @@ pub trait Handler: Send + Sync + 'static {
         Box::pin(futures::future::ready(Ok(())))
     }
 
-    /// This instance stops owning a shard: no call runs for it any more (flush local
-    /// state here). For a planned move the next owner waits for this to return; for a
-    /// shard lost without one (the lease expired) it is called after the fact.
+    /// This instance stops owning a shard. For a planned move (`event.lost` false) no
+    /// call runs for it any more and the next owner waits for this to return: flush
+    /// local state here. For a shard lost without one (`event.lost`: the lease expired)
+    /// it comes after the fact — another instance may own the shard already and calls
+    /// may still be finishing here — so discard what was kept instead of writing it.
     fn shard_released(&self, _event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
         Box::pin(futures::future::ready(Ok(())))
     }
@@ -433,11 +448,22 @@ impl Handler for GrpcHandler {
             match client.handle(request).await {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
+                // A status without metadata is the transport's, not the application's.
                 Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => {
-                    Err(HandleError::unreachable(format!(
-                        "handler at {url} unreachable: {}",
-                        s.message()
-                    )))
+                    if crate::peers::never_sent(&s) {
+                        Err(HandleError::transport_failure(
+                            Transport::Unreachable,
+                            format!("handler at {url} unreachable: {}", s.message()),
+                        ))
+                    } else {
+                        Err(HandleError::transport_failure(
+                            Transport::Lost,
+                            format!(
+                                "the connection to the handler at {url} failed during the call (it may have run): {}",
+                                s.message()
+                            ),
+                        ))
+                    }
                 }
                 Err(s) => Err(HandleError::from_status(&s)),
             }
@@ -466,6 +492,7 @@ impl GrpcHandler {
             shard: event.shard.0,
             epoch: event.epoch.0,
             owner: self.owner.0.clone(),
+            lost: event.lost,
         };
         Box::pin(async move {
             let result = if acquired {

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use leasehold_coord::{Blocked, CallGuard, Coord};
+use leasehold_coord::{Blocked, CallGuard, Coord, LocalState};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use leasehold_types::{shard_for_key, Epoch, MemberId, ShardId};
 use tokio::sync::Semaphore;
@@ -132,6 +132,10 @@ pub enum CallError {
     /// may or may not have run.
     #[error("{0}")]
     OutcomeUnknown(String),
+    /// The connection to the (gRPC) handler failed after the call was sent: it may have
+    /// run.
+    #[error("{0}")]
+    HandlerLost(String),
 }
 
 impl CallError {
@@ -148,6 +152,7 @@ impl CallError {
             CallError::HandlerTimeout(_) => "handler_timeout",
             CallError::Fenced(_) => "fenced",
             CallError::OutcomeUnknown(_) => "outcome_unknown",
+            CallError::HandlerLost(_) => "handler_lost",
         }
     }
 
@@ -163,6 +168,7 @@ impl CallError {
             "handler_timeout" => CallError::HandlerTimeout(m),
             "fenced" => CallError::Fenced(m),
             "outcome_unknown" => CallError::OutcomeUnknown(m),
+            "handler_lost" => CallError::HandlerLost(m),
             _ => CallError::Handler(status),
         }
     }
@@ -177,7 +183,7 @@ impl CallError {
             CallError::DeadlineExceeded(_)
             | CallError::HandlerTimeout(_)
             | CallError::OutcomeUnknown(_) => Code::DeadlineExceeded,
-            CallError::Unavailable(_) => Code::Unavailable,
+            CallError::Unavailable(_) | CallError::HandlerLost(_) => Code::Unavailable,
             CallError::NotOwner { .. } => Code::FailedPrecondition,
             CallError::Handler(s) => s.code(),
             CallError::Fenced(_) => Code::Aborted,
@@ -210,6 +216,7 @@ impl CallError {
             CallError::HandlerTimeout(_) => "HANDLER_TIMEOUT",
             CallError::Fenced(_) => "FENCED",
             CallError::OutcomeUnknown(_) => "OUTCOME_UNKNOWN",
+            CallError::HandlerLost(_) => "HANDLER_CONNECTION_LOST",
             CallError::Handler(_) => return None,
         })
     }
@@ -237,7 +244,7 @@ impl From<CallError> for Status {
             let CallError::Handler(s) = e else {
                 unreachable!("only the handler's errors have no reason")
             };
-            return s;
+            return without_leasehold_info(s);
         };
         let mut metadata = std::collections::HashMap::from([(
             "retryable".to_owned(),
@@ -258,6 +265,34 @@ impl From<CallError> for Status {
         let details = ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata);
         Status::with_error_details(e.code(), e.to_string(), details)
     }
+}
+
+/// A handler's status without any `ErrorInfo` of Leasehold's domain. A handler that
+/// relays an error Leasehold gave it (calling another entity, say) must not tell this
+/// call's client "did not run, retry": this call did run.
+fn without_leasehold_info(s: Status) -> Status {
+    use prost::Message;
+    if s.details().is_empty() {
+        return s;
+    }
+    let Ok(mut rpc) = tonic_types::pb::Status::decode(s.details()) else {
+        return s;
+    };
+    let before = rpc.details.len();
+    rpc.details.retain(|any| {
+        !(any.type_url.ends_with("/google.rpc.ErrorInfo")
+            && tonic_types::pb::ErrorInfo::decode(any.value.as_slice())
+                .is_ok_and(|info| info.domain == ERROR_DOMAIN))
+    });
+    if rpc.details.len() == before {
+        return s;
+    }
+    Status::with_details_and_metadata(
+        s.code(),
+        s.message(),
+        rpc.encode_to_vec().into(),
+        s.metadata().clone(),
+    )
 }
 
 /// How a call reached this instance.
@@ -311,6 +346,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Cancelled by [`Router::close`]: Dispatch streams from peers stop reading.
     closing: tokio_util::sync::CancellationToken,
+    /// The routing table smart clients watch.
+    routing: routing::RoutingCache,
 }
 
 /// One call counted against `max_pending_calls` until dropped.
@@ -350,7 +387,24 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
+/// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
+/// not run).
+fn hook_pending(shard: ShardId) -> CallError {
+    CallError::DeadlineExceeded(format!(
+        "the handler's ShardAcquired hook for shard {shard} did not end before the call's deadline"
+    ))
+}
+
 impl Router {
+    /// Waits until the `acquired` hook of `shard` at `epoch` has been delivered (at once
+    /// when it has); false if `deadline` came first.
+    async fn announced(&self, shard: ShardId, epoch: Epoch, deadline: Instant) -> bool {
+        match self.inner.events.acquiring(shard, epoch) {
+            None => true,
+            Some(hook) => tokio::time::timeout_at(deadline.into(), hook).await.is_ok(),
+        }
+    }
+
     /// `events` delivers `handler`'s shard hooks (it is `coord`'s listener); calls of an
     /// ownership wait for its `acquired` hook.
     pub fn new(
@@ -420,6 +474,7 @@ impl Router {
                 pending: Default::default(),
                 tasks,
                 closing: tokio_util::sync::CancellationToken::new(),
+                routing: routing::RoutingCache::default(),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 coord,
                 handler,
@@ -436,6 +491,10 @@ impl Router {
 
     pub fn options(&self) -> &RouterOptions {
         &self.inner.opts
+    }
+
+    pub(crate) fn routing_cache(&self) -> &routing::RoutingCache {
+        &self.inner.routing
     }
 
     /// Cancelled by [`Router::close`]: long-lived streams into this instance end.
@@ -731,6 +790,14 @@ impl Router {
         job: &Job,
         turn: &Arc<Turn>,
     ) -> Result<Result<Reply, CallError>, Blocked> {
+        // The ownership's ShardAcquired hook ends before its first call (bounded by
+        // shard_event_timeout; the call's deadline may come first). Waited for before a
+        // handler slot is taken, so a slow hook does not hold slots other shards need.
+        if let LocalState::Owned(epoch) = self.inner.coord.table().state(job.shard) {
+            if !self.announced(job.shard, epoch, job.deadline).await {
+                return Ok(Err(hook_pending(job.shard)));
+            }
+        }
         let acquire = self.inner.concurrency.clone().acquire_owned();
         let permit = match tokio::time::timeout_at(job.deadline.into(), acquire).await {
             Ok(Ok(p)) => p,
@@ -768,17 +835,14 @@ impl Router {
         }
         let deadline = job.deadline.min(guard.valid_until);
         let epoch = guard.epoch;
-        // The ownership's ShardAcquired hook ends before its first call (it is bounded
-        // by shard_event_timeout; the call's deadline may come first).
-        if let Some(announcing) = self.inner.events.acquiring(job.shard, epoch) {
-            if tokio::time::timeout_at(deadline.into(), announcing)
-                .await
-                .is_err()
-            {
-                return Ok(Err(CallError::DeadlineExceeded(format!(
-                    "the handler's ShardAcquired hook for shard {} did not end before the call's deadline",
-                    job.shard
-                ))));
+        // Acquired since the check above (rare): wait here, then make sure the shard is
+        // still ours — it may have been lost meanwhile.
+        if self.inner.events.acquiring(job.shard, epoch).is_some() {
+            if !self.announced(job.shard, epoch, deadline).await {
+                return Ok(Err(hook_pending(job.shard)));
+            }
+            if coord.table().state(job.shard) != LocalState::Owned(epoch) {
+                return Err(Blocked::NotOwned);
             }
         }
         let span = tracing::debug_span!("handler", otel.kind = "client", %epoch);
@@ -812,7 +876,12 @@ impl Router {
                 epoch,
                 owner: coord.member_id().clone(),
             }),
-            Ok(Err(e)) if e.is_unreachable() => Err(CallError::Unavailable(e.message().to_owned())),
+            Ok(Err(e)) if e.transport() == Some(handler::Transport::Unreachable) => {
+                Err(CallError::Unavailable(e.message().to_owned()))
+            }
+            Ok(Err(e)) if e.transport() == Some(handler::Transport::Lost) => {
+                Err(CallError::HandlerLost(e.message().to_owned()))
+            }
             Ok(Err(e)) => Err(CallError::Handler(e.into_status())),
             Err(_) => Err(CallError::HandlerTimeout(format!(
                 "handler did not answer within its deadline of {:?}",
@@ -1010,6 +1079,13 @@ mod tests {
             Err(CallError::OutcomeUnknown(_))
         ));
         // The handler's own answer stands.
+        let relayed = Status::from(CallError::Unavailable("no owner".into()));
+        let passed = Status::from(CallError::Handler(relayed));
+        assert_eq!(passed.code(), Code::Unavailable);
+        assert!(
+            tonic_types::StatusExt::get_details_error_info(&passed).is_none(),
+            "a relayed Leasehold ErrorInfo does not reach the client"
+        );
         let own = Err(CallError::Handler(Status::not_found("x")));
         assert!(matches!(settle(own, true), Err(CallError::Handler(_))));
         // Only failures before the request left count as "not sent".

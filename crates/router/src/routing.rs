@@ -64,31 +64,105 @@ pub fn routing_table(view: &View) -> pb::RoutingTable {
     }
 }
 
-/// Sends the table now (once this instance has synced with etcd) and after every change
-/// that alters it, at most once per [`COALESCE`], until the client leaves or the router
-/// closes (shutdown: the client reconnects elsewhere).
-pub async fn stream_routing(router: Router, tx: mpsc::Sender<Result<pb::RoutingTable, Status>>) {
+/// Routing streams one instance serves at once; more are refused with
+/// `RESOURCE_EXHAUSTED` (each costs a task and a table copy per change).
+pub const MAX_WATCHERS: usize = 4096;
+
+/// How long a stream waits on an instance without a current table (not synced with
+/// etcd, or its lease invalid: cut off from etcd) before ending, so its client moves to
+/// another instance.
+pub const STALE_AFTER: Duration = Duration::from_secs(5);
+
+/// The table of the latest view, built once per etcd revision and shared by every stream.
+pub struct RoutingCache {
+    latest: std::sync::Mutex<Option<(i64, std::sync::Arc<pb::RoutingTable>)>>,
+    watchers: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for RoutingCache {
+    fn default() -> Self {
+        Self {
+            latest: Default::default(),
+            watchers: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
+        }
+    }
+}
+
+impl RoutingCache {
+    fn table(&self, view: &View) -> std::sync::Arc<pb::RoutingTable> {
+        let mut latest = self.latest.lock().expect("routing cache lock");
+        match &*latest {
+            Some((revision, table)) if *revision == view.revision => table.clone(),
+            _ => {
+                let table = std::sync::Arc::new(routing_table(view));
+                *latest = Some((view.revision, table.clone()));
+                table
+            }
+        }
+    }
+}
+
+/// Starts a routing stream for one client, or refuses it when `MAX_WATCHERS` run.
+pub fn watch(router: &Router) -> Result<mpsc::Receiver<Result<pb::RoutingTable, Status>>, Status> {
+    let permit = router
+        .routing_cache()
+        .watchers
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this instance already serves {MAX_WATCHERS} routing streams; watch another instance"
+            ))
+        })?;
+    let (tx, rx) = mpsc::channel(1);
+    let router = router.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        stream_routing(router, tx).await;
+    });
+    Ok(rx)
+}
+
+/// Sends the table now (once this instance has a current one) and after every change
+/// that alters it, at most once per [`COALESCE`], until the client leaves, the router
+/// closes (shutdown: the client reconnects elsewhere), or the instance has had no current
+/// table for [`STALE_AFTER`].
+async fn stream_routing(router: Router, tx: mpsc::Sender<Result<pb::RoutingTable, Status>>) {
     let mut views = router.coord().subscribe_view();
     let closing = router.closing().clone();
-    let mut sent: Option<pb::RoutingTable> = None;
+    let mut sent: Option<std::sync::Arc<pb::RoutingTable>> = None;
+    let mut stale_since: Option<tokio::time::Instant> = None;
     loop {
         let view = views.borrow_and_update().clone();
-        if view.synced {
-            let table = routing_table(&view);
+        let current = view.synced && router.coord().table().lease().valid_until().is_some();
+        if current {
+            stale_since = None;
+            let table = router.routing_cache().table(&view);
             let changed = sent.as_ref().is_none_or(|s| {
                 s.owners != table.owners || s.epochs != table.epochs || s.members != table.members
             });
             if changed {
-                if tx.send(Ok(table.clone())).await.is_err() {
-                    return;
+                tokio::select! {
+                    _ = closing.cancelled() => return,
+                    r = tx.send(Ok((*table).clone())) => if r.is_err() { return },
                 }
                 sent = Some(table);
+            }
+        } else {
+            let since = *stale_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= STALE_AFTER {
+                let _ = tx.try_send(Err(Status::unavailable(
+                    "this instance has no current routing table (not synced with etcd, or its lease is invalid); watch another instance",
+                )));
+                return;
             }
         }
         tokio::select! {
             _ = closing.cancelled() => return,
             _ = tx.closed() => return,
             changed = views.changed() => if changed.is_err() { return },
+            // Re-checks staleness while the view does not change.
+            _ = tokio::time::sleep(STALE_AFTER / 5), if !current => {}
         }
         tokio::select! {
             _ = closing.cancelled() => return,

@@ -59,8 +59,7 @@ impl Entities for EntitiesService {
         &self,
         _request: Request<pb::WatchRoutingRequest>,
     ) -> Result<Response<Self::WatchRoutingStream>, Status> {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(crate::routing::stream_routing(self.router.clone(), tx));
+        let rx = crate::routing::watch(&self.router)?;
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))

@@ -126,10 +126,16 @@ impl Ledger {
     }
 
     fn flush(&self, event: ShardEvent) -> Result<(), HandleError> {
-        let Some(loaded) = self.shards.lock().unwrap().remove(&event.shard.0) else {
-            return Ok(());
+        let loaded = {
+            let mut shards = self.shards.lock().unwrap();
+            if shards.get(&event.shard.0).map(|l| l.epoch) != Some(event.epoch.0) {
+                return Ok(()); // not this ownership's state
+            }
+            shards.remove(&event.shard.0).expect("checked above")
         };
-        if loaded.epoch != event.epoch.0 {
+        if event.lost {
+            // Lost without a planned move: another instance may own the shard and have
+            // written newer balances. What was kept here is dropped, not written.
             return Ok(());
         }
         let stored = Stored {

@@ -277,7 +277,9 @@ impl Instance {
         }
         tracing::info!(timeout = ?config.drain_timeout, "shutting down: draining shards");
         let started = std::time::Instant::now();
-        coord.drain(config.drain_timeout).await;
+        coord
+            .drain(config.drain_timeout, handoff_bound(config))
+            .await;
         tracing::info!(took = ?started.elapsed(), "drained; stopping servers");
         // Peers' Dispatch streams into this instance are long-lived: stop reading them (and
         // end ours) so that the servers' graceful stop does not wait for them.
@@ -285,7 +287,7 @@ impl Instance {
         servers.stop().await;
         // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
         coord.tasks().close();
-        let grace = config.request_timeout + Duration::from_secs(1);
+        let grace = handoff_bound(config) + Duration::from_secs(1);
         if tokio::time::timeout(grace, async {
             router.tasks().wait().await;
             coord.tasks().wait().await;
@@ -302,6 +304,13 @@ impl Instance {
         let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;
         coord.revoke().await;
     }
+}
+
+/// The longest a handoff takes: its running calls end (by their deadline), then the
+/// ownership's pending `acquired` hook and its `released` hook (each bounded). The lease
+/// must outlive it, or the next owner could start before the release hook ended.
+fn handoff_bound(config: &ServeOptions) -> Duration {
+    config.request_timeout + 2 * config.shard_event_timeout
 }
 
 /// Runs an instance until `shutdown` resolves, then leaves the cluster gracefully:
@@ -764,9 +773,11 @@ fn dispatch_error(e: leasehold_router::CallError) -> leasehold_kafka::DispatchEr
         e @ C::HandlerTimeout(_) => D::Handler(e.to_string()),
         e @ C::InvalidArgument(_) => D::Rejected(e.to_string()),
         C::Fenced(m) => D::Fenced(m),
+        // A handler connection lost mid-call is waited for and sent again (at least once).
         e @ (C::ResourceExhausted(_)
         | C::DeadlineExceeded(_)
         | C::OutcomeUnknown(_)
+        | C::HandlerLost(_)
         | C::Unavailable(_)
         | C::NotOwner { .. }) => D::Unavailable(e.to_string()),
     }

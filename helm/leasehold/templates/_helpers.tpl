@@ -58,7 +58,7 @@ app.kubernetes.io/part-of: leasehold
 {{- $drain := int .Values.drainTimeoutSeconds -}}
 {{- $grace := int .Values.terminationGracePeriodSeconds -}}
 {{- if eq $grace 0 -}}
-{{- add $drain (int .Values.leaseTTLSeconds) 15 -}}
+{{- add $drain (int .Values.leaseTTLSeconds) (mul 2 (int .Values.shardEventTimeoutSeconds)) 15 -}}
 {{- else if le $grace $drain -}}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed drainTimeoutSeconds (%d), or a terminating pod is killed mid-drain" $grace $drain) -}}
 {{- else -}}
