@@ -179,10 +179,15 @@ check "all-options: Kafka passwords come from Secrets, not the ConfigMap" bash -
 # Service expose it and the network policy admits clients to it.
 check "default: no HTTP gateway" bash -c '! grep -q "http_listen" "$1/config.toml"' - "$work/default"
 gateway_on() {
-  grep -qx 'http_listen = "0.0.0.0:8088"' "$1/config.toml" &&
-    doc Service orders "$1/manifests.yaml" | grep -qx '    - name: http' &&
-    doc Deployment orders "$1/manifests.yaml" | grep -qx '              containerPort: 8088' &&
-    doc NetworkPolicy orders "$1/manifests.yaml" | grep -qx '        - port: http'
+  local service deployment policy
+  # Captured first: `grep -q` in a pipeline may close it early (SIGPIPE under pipefail).
+  service=$(doc Service orders "$1/manifests.yaml") &&
+    deployment=$(doc Deployment orders "$1/manifests.yaml") &&
+    policy=$(doc NetworkPolicy orders "$1/manifests.yaml") &&
+    grep -qx 'http_listen = "0.0.0.0:8088"' "$1/config.toml" &&
+    grep -qx '    - name: http' <<<"$service" &&
+    grep -qx '              containerPort: 8088' <<<"$deployment" &&
+    grep -qx '        - port: http' <<<"$policy"
 }
 
 # Monitoring: the ServiceMonitor, the Grafana dashboard ConfigMap and the PrometheusRule.
