@@ -36,6 +36,11 @@ struct Args {
     /// How long writing a shard back takes (a remote store is slower than a local file).
     #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
     flush_delay: std::time::Duration,
+    /// Appends one line per call to this file — `key epoch start end` (wall clock,
+    /// nanoseconds) — so a test can check across processes that no two calls for an
+    /// account overlapped.
+    #[arg(long)]
+    audit: Option<PathBuf>,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -57,6 +62,7 @@ struct Loaded {
 struct Ledger {
     store: PathBuf,
     flush_delay: std::time::Duration,
+    audit: Option<Mutex<std::fs::File>>,
     shards: Mutex<HashMap<u32, Loaded>>,
     /// Accounts with a call running here (a second one would break single-writer).
     busy: Mutex<HashSet<String>>,
@@ -150,6 +156,12 @@ impl Ledger {
     }
 }
 
+fn wall_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos())
+}
+
 fn amount(n: &str) -> Result<i64, HandleError> {
     n.parse::<i64>()
         .ok()
@@ -192,11 +204,18 @@ impl Handler for LedgerHandler {
         let ledger = self.0.clone();
         Box::pin(async move {
             let _busy = Busy::enter(&ledger, &call.key)?;
+            let start = wall_nanos();
             // A store round trip would happen here in a real service.
             tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            ledger
+            let result = ledger
                 .apply(&call)
-                .map(|balance| Bytes::from(balance.to_string()))
+                .map(|balance| Bytes::from(balance.to_string()));
+            if let Some(audit) = &ledger.audit {
+                use std::io::Write;
+                let line = format!("{} {} {start} {}\n", call.key, call.epoch, wall_nanos());
+                let _ = audit.lock().unwrap().write_all(line.as_bytes());
+            }
+            result
         })
     }
 
@@ -238,6 +257,19 @@ async fn main() -> ExitCode {
     let ledger = Arc::new(Ledger {
         store: args.store,
         flush_delay: args.flush_delay,
+        audit: match args.audit.as_deref().map(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+        }) {
+            None => None,
+            Some(Ok(f)) => Some(Mutex::new(f)),
+            Some(Err(e)) => {
+                eprintln!("error: --audit: {e}");
+                return ExitCode::from(64);
+            }
+        },
         shards: Mutex::default(),
         busy: Mutex::default(),
     });
