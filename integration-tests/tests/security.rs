@@ -177,13 +177,20 @@ async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
     let etcd = Etcd::start_tls(&pki.etcd_ca, &pki.etcd_ca.issue(&["127.0.0.1"])).await;
     let checker = Checker::start_tls(&pki.handler_ca.issue(&["127.0.0.1"])).await;
     let flags = pki.flags(checker.port);
+    // The HTTP gateway too: it takes the client plane's certificate and client CA.
+    let http_ports: Vec<u16> = (0..3)
+        .map(|_| leasehold_integration_tests::free_port())
+        .collect();
     let instances: Vec<Instance> = ["n0", "n1", "n2"]
         .iter()
-        .map(|id| {
+        .zip(&http_ports)
+        .map(|(id, http)| {
+            let mut args = flags.clone();
+            args.extend(["--http-listen".to_owned(), format!("127.0.0.1:{http}")]);
             Instance::start(&InstanceSpec {
                 id: id.to_string(),
                 etcd: etcd.endpoint(),
-                args: flags.clone(),
+                args,
             })
         })
         .collect();
@@ -193,6 +200,7 @@ async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
         (c["members"] == 3 && c["unowned_shards"] == 0).then_some(())
     })
     .await;
+    smart_client_and_gateway_over_mutual_tls(&pki, &instances, &http_ports).await;
 
     // Calls through one instance reach every owner: the client, peer and handler planes
     // all work over TLS.
@@ -331,6 +339,79 @@ async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
 /// A connection the server refused at the TLS layer: the client sees the transport fail
 /// (which code depends on when: TLS 1.3 reports a refused client certificate after the
 /// client thinks the handshake is done).
+/// The smart client follows the table and calls owners directly over mutual TLS; the
+/// HTTP gateway answers curl with a client certificate and refuses curl without one.
+async fn smart_client_and_gateway_over_mutual_tls(
+    pki: &Pki,
+    instances: &[Instance],
+    http_ports: &[u16],
+) {
+    let ca = pki.file("smart-ca.pem", &pki.client_ca.pem);
+    let cert = pki.file("smart.pem", &pki.client.cert);
+    let key = pki.file("smart.key", &pki.client.key);
+    let client = leasehold_client::Client::builder()
+        .seeds(
+            instances
+                .iter()
+                .map(|i| format!("127.0.0.1:{}", i.grpc_port)),
+        )
+        .tls(leasehold_client::Tls {
+            ca_file: ca.clone().into(),
+            identity: Some((cert.clone().into(), key.clone().into())),
+            server_name: None,
+        })
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("the smart client connects over mutual TLS");
+    wait_until(Duration::from_secs(10), "a complete table", || {
+        let r = client.routing()?;
+        (r.shards_by_owner().values().sum::<usize>() == 1024).then_some(())
+    })
+    .await;
+    for i in 0..30 {
+        let reply = client.call(&format!("smart-tls-{i}"), "x").await.unwrap();
+        assert!(!reply.forwarded, "{reply:?}");
+    }
+    // Without a client certificate the client plane refuses the handshake: not sent.
+    let stranger = leasehold_client::Client::builder()
+        .seed(format!("127.0.0.1:{}", instances[0].grpc_port))
+        .tls(leasehold_client::Tls {
+            ca_file: ca.clone().into(),
+            identity: None,
+            server_name: None,
+        })
+        .timeout(Duration::from_secs(1))
+        .follow_routing(false)
+        .build()
+        .unwrap();
+    assert!(stranger.call("k", "x").await.is_err());
+
+    let url = format!("https://127.0.0.1:{}/v1/entities/gw-tls", http_ports[1]);
+    let curl = |extra: &[&str]| {
+        std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert", &ca, "-X", "POST"])
+            .args(["--data-binary", "over tls"])
+            .args(extra)
+            .arg(&url)
+            .output()
+            .unwrap()
+    };
+    let out = curl(&["--cert", &cert, "--key", &key]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "over tls");
+    let out = curl(&[]);
+    assert!(
+        !out.status.success(),
+        "the gateway served a client without a certificate: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
 fn assert_transport_refusal(e: &tonic::Status, what: &str) {
     use tonic::Code::*;
     assert!(
