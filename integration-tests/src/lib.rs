@@ -74,6 +74,19 @@ pub fn leasehold_bin() -> PathBuf {
     bin
 }
 
+/// `serve` flags of most scenarios: a 3 s lease, `handler`, and a 10 s request timeout
+/// (room for a failover inside one call).
+pub fn ttl_args(handler: &str) -> Vec<&str> {
+    vec![
+        "--lease-ttl",
+        "3s",
+        "--handler",
+        handler,
+        "--request-timeout",
+        "10s",
+    ]
+}
+
 /// An example program built next to the `leasehold` binary (`cargo build --example NAME`).
 pub fn example_bin(name: &str) -> PathBuf {
     let bin = leasehold_bin()

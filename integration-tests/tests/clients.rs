@@ -7,18 +7,7 @@ use std::time::Duration;
 
 use leasehold_client::Client;
 use leasehold_integration_tests::checker::Checker;
-use leasehold_integration_tests::{shard_table, wait_until, Cluster};
-
-fn args(handler: &str) -> Vec<&str> {
-    vec![
-        "--lease-ttl",
-        "3s",
-        "--handler",
-        handler,
-        "--request-timeout",
-        "10s",
-    ]
-}
+use leasehold_integration_tests::{shard_table, ttl_args as args, wait_until, Cluster};
 
 /// `leasehold_forwards_total` summed over the instances still running.
 fn forwards(cluster: &Cluster, skip: &[usize]) -> u64 {

@@ -8,22 +8,11 @@ use std::time::{Duration, Instant};
 use leasehold_integration_tests::checker::Checker;
 use leasehold_integration_tests::load::{self, Load};
 use leasehold_integration_tests::{
-    leasehold_bin, shard_table, wait_until, Cluster, Etcd, Instance, InstanceSpec,
+    leasehold_bin, shard_table, ttl_args, wait_until, Cluster, Etcd, Instance, InstanceSpec,
 };
 use leasehold_proto::v1::CallRequest;
 
 const TTL: Duration = Duration::from_secs(3);
-
-fn ttl_args(handler: &str) -> Vec<&str> {
-    vec![
-        "--lease-ttl",
-        "3s",
-        "--handler",
-        handler,
-        "--request-timeout",
-        "10s",
-    ]
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_instances_own_1024_shards_balanced_and_status_agrees() {

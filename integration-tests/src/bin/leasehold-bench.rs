@@ -484,6 +484,9 @@ async fn recovery_and_drain() -> Vec<Row> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         stop.store(true, Ordering::Relaxed);
         let report = loader.await.unwrap();
+        for (instance, error) in report.failed.iter().take(5) {
+            eprintln!("{scenario}: a call through {instance} failed: {error}");
+        }
         if signal == "KILL" {
             cluster.instances.remove(victim);
             rows.push(Row {
@@ -949,16 +952,16 @@ fn main() {
     }
     // A quick look at one figure alone (three runs), for comparing changes to it.
     let single = args.iter().find_map(|a| match a.as_str() {
-        "--owner-only" | "--forward-only" => Some(a.clone()),
+        "--owner-only" | "--forward-only" | "--recovery-only" => Some(a.clone()),
         _ => None,
     });
     if let Some(which) = single {
         rt.block_on(async {
             for _ in 0..3 {
-                let rows = if which == "--owner-only" {
-                    vec![owner_path_throughput().await]
-                } else {
-                    forwarded_latency().await
+                let rows = match which.as_str() {
+                    "--owner-only" => vec![owner_path_throughput().await],
+                    "--recovery-only" => recovery_and_drain().await,
+                    _ => forwarded_latency().await,
                 };
                 for r in rows {
                     println!("{}: {} | {}", r.name, r.measured, r.baseline);
