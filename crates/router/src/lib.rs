@@ -387,6 +387,9 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
+/// Longest pause between forwards answered "not owner" (they start at 5 ms and double).
+const NOT_OWNER_PAUSE_MAX: Duration = Duration::from_millis(200);
+
 /// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
 /// not run).
 fn hook_pending(shard: ShardId) -> CallError {
@@ -667,6 +670,7 @@ impl Router {
         // Set once a forward got no answer after it may have reached its owner: the
         // call may have run, and a timeout must not say it did not.
         let mut sent_unanswered = false;
+        let mut not_owner_pause = Duration::from_millis(5);
         loop {
             changes.borrow_and_update();
             if Instant::now() >= job.deadline {
@@ -718,6 +722,17 @@ impl Router {
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
                                     reason = "owner changed";
+                                    // The owner's own table is behind the routing table
+                                    // (its acquisition is still being recorded) or ahead
+                                    // of ours. Nothing here signals when it catches up, so
+                                    // try again after a short, growing pause rather than
+                                    // waiting for a local change (the next one may be a
+                                    // keepalive, seconds away).
+                                    let pause = Instant::now() + not_owner_pause;
+                                    tokio::time::sleep_until(pause.min(job.deadline).into()).await;
+                                    not_owner_pause =
+                                        (not_owner_pause * 2).min(NOT_OWNER_PAUSE_MAX);
+                                    continue;
                                 }
                                 Forwarded::Unreachable(e) => {
                                     tracing::debug!(peer = %o.owner, error = %e, "peer unreachable");
