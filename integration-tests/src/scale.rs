@@ -276,6 +276,7 @@ fn planner() -> Figure {
             owners: &owners,
             previous: &[],
             max_moves: 256,
+            ..Default::default()
         });
         times.push(t.elapsed());
         assert_eq!(plan.len(), shards);

@@ -16,6 +16,8 @@ pub enum Key {
     Member(MemberId),
     Leader,
     Assignment,
+    /// Operator controls of placement: pins and the freeze.
+    Placement,
     Shard(ShardId),
     /// The latest claim of a Kafka partition by a consumer group member.
     KafkaFence(PartitionRef),
@@ -56,6 +58,10 @@ impl Keys {
         format!("{}assignment", self.prefix)
     }
 
+    pub fn placement(&self) -> String {
+        format!("{}placement", self.prefix)
+    }
+
     pub fn shard(&self, shard: ShardId) -> String {
         format!("{}shards/{}", self.prefix, shard.0)
     }
@@ -77,6 +83,7 @@ impl Keys {
             "config" => Some(Key::Config),
             "leader" => Some(Key::Leader),
             "assignment" => Some(Key::Assignment),
+            "placement" => Some(Key::Placement),
             _ => {
                 if let Some(id) = rest.strip_prefix("members/") {
                     Some(Key::Member(MemberId::new(id)))
@@ -99,6 +106,18 @@ impl Keys {
             }
         }
     }
+}
+
+/// Value of `placement`: what operators decided (admin API), applied by the leader's
+/// planner. Absent = no pins, not frozen.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacementValue {
+    /// No voluntary moves (owned shards stay with their active owners; pins still apply).
+    #[serde(default)]
+    pub frozen: bool,
+    /// Shard → the member it must live on (ignored while that member is not active).
+    #[serde(default)]
+    pub pins: std::collections::BTreeMap<u32, MemberId>,
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 pub use crate::claims::{claim, claim_value, Claim, ClaimMode};
-pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef};
+pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef, PlacementValue};
 use crate::lease::LeaseKeeper;
 use crate::reconcile::Reconciler;
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
@@ -65,6 +65,9 @@ pub enum Error {
     },
     #[error("member {0:?} is not registered")]
     UnknownMember(String),
+    /// A placement request that cannot be applied (shard out of range, draining member).
+    #[error("{0}")]
+    Refused(String),
     #[error("not connected to etcd yet")]
     NotConnected,
     /// An essential task ended (or panicked) while the instance was running.
@@ -595,6 +598,92 @@ impl Coord {
         Ok(member)
     }
 
+    /// Pins `shard` to `member` (`Some`) or removes its pin (`None`). The member must be
+    /// registered and active; the leader moves the shard through a planned handoff.
+    pub async fn pin(
+        &self,
+        shard: ShardId,
+        member: Option<MemberId>,
+    ) -> Result<PlacementValue, Error> {
+        let view = self.view();
+        if shard.0 >= view.shard_count() {
+            return Err(Error::Refused(format!(
+                "shard {shard} is out of range (the cluster has {} shards, 0..{})",
+                view.shard_count(),
+                view.shard_count() - 1
+            )));
+        }
+        if let Some(m) = &member {
+            match view.members.get(m) {
+                None => return Err(Error::UnknownMember(m.to_string())),
+                Some(info) if info.state != MemberState::Active => {
+                    return Err(Error::Refused(format!(
+                        "member {m:?} is draining and cannot take shards"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        self.update_placement(|p| match &member {
+            Some(m) => {
+                p.pins.insert(shard.0, m.clone());
+            }
+            None => {
+                p.pins.remove(&shard.0);
+            }
+        })
+        .await
+    }
+
+    /// Freezes (`true`) or unfreezes placement: while frozen no voluntary move happens;
+    /// shards of members that left are still re-homed.
+    pub async fn freeze(&self, frozen: bool) -> Result<PlacementValue, Error> {
+        self.update_placement(|p| p.frozen = frozen).await
+    }
+
+    /// Read-modify-write of the `placement` key, retried when another writer got there
+    /// first.
+    async fn update_placement(
+        &self,
+        change: impl Fn(&mut PlacementValue),
+    ) -> Result<PlacementValue, Error> {
+        let key = self.inner.keys.placement();
+        for _ in 0..5 {
+            let mut client = self.client()?;
+            let current = self.etcd(client.get(key.clone(), None)).await?;
+            let (mut value, revision) = match current.kvs().first() {
+                Some(kv) => (
+                    serde_json::from_slice::<PlacementValue>(kv.value()).unwrap_or_default(),
+                    kv.mod_revision(),
+                ),
+                None => (PlacementValue::default(), 0),
+            };
+            change(&mut value);
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    serde_json::to_vec(&value).expect("placement serialises"),
+                    None,
+                )]);
+            if self.etcd(client.txn(txn)).await?.succeeded() {
+                tracing::info!(
+                    frozen = value.frozen,
+                    pins = value.pins.len(),
+                    "placement controls updated"
+                );
+                return Ok(value);
+            }
+        }
+        Err(Error::Other(
+            "the placement controls kept changing under this update; try again".into(),
+        ))
+    }
+
     async fn start_draining(&self) -> Result<(), Error> {
         self.inner.draining.store(true, Ordering::Release);
         self.inner.table.bump();
@@ -631,16 +720,29 @@ impl Coord {
         let left = self.inner.table.held();
         if !left.is_empty() {
             let handoffs = left.into_iter().map(|(s, _)| self.clone().handoff(s));
-            // Bounded: with etcd unreachable the keys expire with the lease anyway.
+            // Bounded: with etcd unreachable the keys expire with the lease anyway, so
+            // there is nothing to wait for once it is no longer valid.
             let bound = self.inner.opts.lease_ttl + handoff;
-            if tokio::time::timeout(bound, futures::future::join_all(handoffs))
-                .await
-                .is_err()
-            {
-                tracing::warn!(
-                    "could not release every shard within {bound:?}; they expire with the lease"
-                );
+            tokio::select! {
+                done = tokio::time::timeout(bound, futures::future::join_all(handoffs)) => {
+                    if done.is_err() {
+                        tracing::warn!(
+                            "could not release every shard within {bound:?}; they expire with the lease"
+                        );
+                    }
+                }
+                _ = self.lease_invalid() => tracing::warn!(
+                    "the lease is no longer valid (etcd unreachable?); the remaining shard keys expire with it"
+                ),
             }
+        }
+    }
+
+    /// Resolves once this instance's lease is no longer valid (it could not be renewed in
+    /// time): from then on its shard keys may expire at any moment.
+    pub async fn lease_invalid(&self) {
+        while self.inner.table.lease().valid_until().is_some() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

@@ -295,11 +295,19 @@ impl Coord {
         } else {
             &view.assignment
         };
+        let pins: Vec<(usize, MemberId)> = view
+            .placement
+            .pins
+            .iter()
+            .map(|(s, m)| (*s as usize, m.clone()))
+            .collect();
         let assignment = plan(PlanInput {
             active: &active,
             owners: &owners,
             previous,
             max_moves: self.inner.opts.max_moves,
+            pins: &pins,
+            frozen: view.placement.frozen,
         });
         if view.assignment_version > 0 && assignment == *view.assignment {
             return Ok(());

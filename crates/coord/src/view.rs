@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use leasehold_types::{Epoch, MemberId, ShardId};
 
-use crate::keys::{AssignmentValue, Key, Keys, MemberState, MemberValue, PartitionRef, ShardValue};
+use crate::keys::{
+    AssignmentValue, Key, Keys, MemberState, MemberValue, PartitionRef, PlacementValue, ShardValue,
+};
 
 /// A member as seen in the routing table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +78,8 @@ pub struct View {
     pub shards: Vec<Option<Arc<ShardOwner>>>,
     /// Latest fence (claim revision) per Kafka partition and consumer group.
     pub fences: Arc<HashMap<PartitionRef, u64>>,
+    /// Operator pins and the freeze.
+    pub placement: Arc<PlacementValue>,
 }
 
 impl View {
@@ -89,6 +93,7 @@ impl View {
             assignment: Arc::new(vec![None; shard_count as usize]),
             shards: vec![None; shard_count as usize],
             fences: Arc::default(),
+            placement: Arc::default(),
         }
     }
 
@@ -177,6 +182,13 @@ impl View {
                     Err(e) => tracing::warn!(error = %e, "ignoring unreadable assignment"),
                 }
             }
+            (Key::Placement, Some((value, _, _, _))) => {
+                match serde_json::from_slice::<PlacementValue>(value) {
+                    Ok(v) => self.placement = Arc::new(v),
+                    Err(e) => tracing::warn!(error = %e, "ignoring unreadable placement controls"),
+                }
+            }
+            (Key::Placement, None) => self.placement = Arc::default(),
             (Key::Assignment, None) => {
                 self.assignment_version = 0;
                 self.assignment = Arc::new(vec![None; self.shards.len()]);

@@ -7,14 +7,20 @@
 //! - **minimal movement**: one member joining or leaving among N moves about S/N shards;
 //! - **idempotent**: `plan` with its own output as the previous assignment returns it again;
 //! - **rate-limited**: at most `max_moves` owned shards are assigned away from their owner
-//!   at once (unowned shards are not moves: nothing has to be handed off).
+//!   at once (unowned shards are not moves: nothing has to be handed off);
+//! - **pinned**: a shard an operator pinned to an active member is assigned to it (the
+//!   other shards are balanced around the pins); a pin to a member that is not active is
+//!   ignored, so a dead member's pinned shards are still re-homed;
+//! - **frozen**: while frozen no owned shard leaves an active owner (a joining member gets
+//!   nothing, rebalancing stops), except for pins; shards without an active owner are still
+//!   re-homed, to the members holding fewest.
 
 use std::collections::HashMap;
 
 use leasehold_types::MemberId;
 
 /// What the leader sees when it plans.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct PlanInput<'a> {
     /// Members that may receive shards (registered and not draining).
     pub active: &'a [MemberId],
@@ -25,6 +31,10 @@ pub struct PlanInput<'a> {
     pub previous: &'a [Option<MemberId>],
     /// How many owned shards may be assigned away from their owner at once.
     pub max_moves: usize,
+    /// Operator pins: (shard, member).
+    pub pins: &'a [(usize, MemberId)],
+    /// No voluntary moves (an incident): see the module documentation.
+    pub frozen: bool,
 }
 
 /// Computes the desired owner of every shard.
@@ -47,53 +57,19 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
     let owner: Vec<Option<usize>> = input.owners.iter().map(active).collect();
     let previous = |s: usize| input.previous.get(s).and_then(active);
 
-    // Quotas depend on the member set only, which keeps repeated plans stable.
     let n = members.len();
-    let quota: Vec<usize> = (0..n)
-        .map(|i| shard_count / n + usize::from(i < shard_count % n))
-        .collect();
-
-    // Start from the previous assignment (moves in flight stay), else the current owner.
-    let mut target: Vec<Option<usize>> =
-        (0..shard_count).map(|s| previous(s).or(owner[s])).collect();
-    let mut count = vec![0usize; n];
-    for t in target.iter().flatten() {
-        count[*t] += 1;
-    }
-
-    // Take shards away from members above quota: first those whose move has not happened
-    // yet (cheap to cancel), then the highest shard numbers.
-    for m in 0..n {
-        if count[m] <= quota[m] {
-            continue;
-        }
-        let mut held: Vec<usize> = (0..shard_count).filter(|&s| target[s] == Some(m)).collect();
-        held.sort_by_key(|&s| (owner[s] == Some(m), std::cmp::Reverse(s)));
-        for &s in held.iter().take(count[m] - quota[m]) {
-            target[s] = None;
-        }
-        count[m] = quota[m];
-    }
-
-    // Give unassigned shards back to their owner when it has room (no move needed) ...
-    for s in 0..shard_count {
-        if let (None, Some(o)) = (target[s], owner[s]) {
-            if count[o] < quota[o] {
-                target[s] = Some(o);
-                count[o] += 1;
-            }
+    // Pins to active members; the last pin of a shard wins.
+    let mut pinned: Vec<Option<usize>> = vec![None; shard_count];
+    for (s, m) in input.pins {
+        if let (Some(slot), Some(&i)) = (pinned.get_mut(*s), index.get(m)) {
+            *slot = Some(i);
         }
     }
-    // ... and the rest, in shard order, to members below quota in member order, so each
-    // member receives contiguous runs (readable shard maps).
-    let mut m = 0;
-    for t in target.iter_mut().filter(|t| t.is_none()) {
-        while count[m] >= quota[m] {
-            m += 1; // quotas add up to the shard count, so a receiver is always left
-        }
-        *t = Some(m);
-        count[m] += 1;
-    }
+    let target = if input.frozen {
+        frozen_targets(n, &pinned, &owner, previous)
+    } else {
+        balanced_targets(n, &pinned, &owner, previous)
+    };
 
     // Rate limit: moves already in flight stay; new moves are admitted up to the budget,
     // shards of members that are leaving first.
@@ -119,6 +95,94 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
         }
     }
     out
+}
+
+/// Balance: every member ends with its quota of shards (⌊S/N⌋ or ⌈S/N⌉), counting its
+/// pins; a member pinned beyond its quota keeps its pins and gets nothing else.
+fn balanced_targets(
+    n: usize,
+    pinned: &[Option<usize>],
+    owner: &[Option<usize>],
+    previous: impl Fn(usize) -> Option<usize>,
+) -> Vec<Option<usize>> {
+    let shard_count = owner.len();
+    // Quotas depend on the member set only, which keeps repeated plans stable.
+    let quota: Vec<usize> = (0..n)
+        .map(|i| shard_count / n + usize::from(i < shard_count % n))
+        .collect();
+
+    // Start from the pins, then the previous assignment (moves in flight stay), else the
+    // current owner.
+    let mut target: Vec<Option<usize>> = (0..shard_count)
+        .map(|s| pinned[s].or(previous(s)).or(owner[s]))
+        .collect();
+    let mut count = vec![0usize; n];
+    for t in target.iter().flatten() {
+        count[*t] += 1;
+    }
+
+    // Take shards away from members above quota: never pinned ones; first those whose
+    // move has not happened yet (cheap to cancel), then the highest shard numbers.
+    for m in 0..n {
+        if count[m] <= quota[m] {
+            continue;
+        }
+        let mut held: Vec<usize> = (0..shard_count)
+            .filter(|&s| target[s] == Some(m) && pinned[s].is_none())
+            .collect();
+        held.sort_by_key(|&s| (owner[s] == Some(m), std::cmp::Reverse(s)));
+        let excess = count[m] - quota[m];
+        for &s in held.iter().take(excess) {
+            target[s] = None;
+        }
+        count[m] -= excess.min(held.len());
+    }
+
+    // Give unassigned shards back to their owner when it has room (no move needed) ...
+    for s in 0..shard_count {
+        if let (None, Some(o)) = (target[s], owner[s]) {
+            if count[o] < quota[o] {
+                target[s] = Some(o);
+                count[o] += 1;
+            }
+        }
+    }
+    // ... and the rest, in shard order, to members below quota in member order, so each
+    // member receives contiguous runs (readable shard maps). Members only ever exceed
+    // their quota by pins, so the room left is at least the shards left.
+    let mut m = 0;
+    for t in target.iter_mut().filter(|t| t.is_none()) {
+        while count[m] >= quota[m] {
+            m += 1;
+        }
+        *t = Some(m);
+        count[m] += 1;
+    }
+    target
+}
+
+/// Frozen: pins, else the active owner, else the previous assignment when active, else
+/// the member holding fewest shards.
+fn frozen_targets(
+    n: usize,
+    pinned: &[Option<usize>],
+    owner: &[Option<usize>],
+    previous: impl Fn(usize) -> Option<usize>,
+) -> Vec<Option<usize>> {
+    let shard_count = owner.len();
+    let mut target: Vec<Option<usize>> = (0..shard_count)
+        .map(|s| pinned[s].or(owner[s]).or_else(|| previous(s)))
+        .collect();
+    let mut count = vec![0usize; n];
+    for t in target.iter().flatten() {
+        count[*t] += 1;
+    }
+    for t in target.iter_mut().filter(|t| t.is_none()) {
+        let m = (0..n).min_by_key(|&m| (count[m], m)).expect("n > 0");
+        *t = Some(m);
+        count[m] += 1;
+    }
+    target
 }
 
 /// Number of owned shards whose assignment differs from their owner.
@@ -177,6 +241,7 @@ mod tests {
                 owners: &owners,
                 previous: &previous,
                 max_moves,
+                ..Default::default()
             });
             if a == owners {
                 return (owners, round);
@@ -211,7 +276,7 @@ mod tests {
         fn unlimited_plans_are_balanced((n, owners, previous, _) in arb_state()) {
             let members = ids(n);
             let (owners, previous) = (to_ids(&owners), to_ids(&previous));
-            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves: usize::MAX });
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves: usize::MAX, ..Default::default() });
             assert_balanced(&a, &members);
         }
 
@@ -219,8 +284,8 @@ mod tests {
         fn plans_are_idempotent((n, owners, previous, max_moves) in arb_state()) {
             let members = ids(n);
             let (owners, previous) = (to_ids(&owners), to_ids(&previous));
-            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves });
-            let b = plan(PlanInput { active: &members, owners: &owners, previous: &a, max_moves });
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &previous, max_moves, ..Default::default() });
+            let b = plan(PlanInput { active: &members, owners: &owners, previous: &a, max_moves, ..Default::default() });
             prop_assert_eq!(a, b);
         }
 
@@ -228,7 +293,7 @@ mod tests {
         fn new_moves_respect_the_limit((n, owners, _, max_moves) in arb_state()) {
             let members = ids(n);
             let owners = to_ids(&owners);
-            let a = plan(PlanInput { active: &members, owners: &owners, previous: &[], max_moves });
+            let a = plan(PlanInput { active: &members, owners: &owners, previous: &[], max_moves, ..Default::default() });
             prop_assert!(pending_moves(&owners, &a) <= max_moves);
         }
 
@@ -245,7 +310,7 @@ mod tests {
             let members = ids(n);
             let (balanced, _) = settle(&members, vec![None; s], usize::MAX);
             let grown = ids(n + 1);
-            let a = plan(PlanInput { active: &grown, owners: &balanced, previous: &balanced, max_moves: usize::MAX });
+            let a = plan(PlanInput { active: &grown, owners: &balanced, previous: &balanced, max_moves: usize::MAX, ..Default::default() });
             let moved = pending_moves(&balanced, &a);
             // The newcomer's share, plus at most one shard per member from re-deciding who
             // holds the remainder.
@@ -260,10 +325,122 @@ mod tests {
             let rest: Vec<MemberId> = members.iter().filter(|m| **m != gone).cloned().collect();
             // The leaver's lease expired: its shards are unowned.
             let owners: Vec<Option<MemberId>> = balanced.iter().map(|o| o.clone().filter(|o| *o != gone)).collect();
-            let a = plan(PlanInput { active: &rest, owners: &owners, previous: &balanced, max_moves: usize::MAX });
+            let a = plan(PlanInput { active: &rest, owners: &owners, previous: &balanced, max_moves: usize::MAX, ..Default::default() });
             assert_balanced(&a, &rest);
             prop_assert!(pending_moves(&owners, &a) <= n, "moved {} owned shards", pending_moves(&owners, &a));
         }
+    }
+
+    /// Pins drawn over members that may have left (indices ≥ n).
+    fn arb_pins(s: usize, n: usize) -> impl Strategy<Value = Vec<(usize, MemberId)>> {
+        proptest::collection::vec((0..s, 0..n + 2), 0..12).prop_map(|v| {
+            let mut seen = std::collections::HashSet::new();
+            v.into_iter()
+                .filter(|(s, _)| seen.insert(*s)) // one pin per shard
+                .map(|(s, m)| (s, MemberId(format!("m{m}"))))
+                .collect()
+        })
+    }
+
+    type PinnedState = (
+        usize,
+        Vec<Option<usize>>,
+        Vec<Option<usize>>,
+        Vec<(usize, MemberId)>,
+    );
+
+    fn arb_pinned_state() -> impl Strategy<Value = PinnedState> {
+        arb_state().prop_flat_map(|(n, owners, previous, _)| {
+            let s = owners.len();
+            (Just(n), Just(owners), Just(previous), arb_pins(s, n))
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn pins_to_active_members_hold_and_the_rest_is_balanced_around_them(
+            (n, owners, previous, pins) in arb_pinned_state()
+        ) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let a = plan(PlanInput {
+                active: &members, owners: &owners, previous: &previous,
+                max_moves: usize::MAX, pins: &pins, frozen: false,
+            });
+            let s = a.len();
+            prop_assert!(a.iter().all(|t| t.as_ref().is_some_and(|t| members.contains(t))));
+            for (shard, m) in &pins {
+                if members.contains(m) {
+                    prop_assert_eq!(a[*shard].as_ref(), Some(m), "pin of shard {}", shard);
+                }
+            }
+            // No member holds more than its quota unless pins alone put it there.
+            for (i, m) in members.iter().enumerate() {
+                let quota = s / n + usize::from(i < s % n);
+                let pinned = pins.iter().filter(|(_, p)| p == m).count();
+                let held = a.iter().filter(|t| t.as_ref() == Some(m)).count();
+                prop_assert!(held <= quota.max(pinned), "{} holds {} (quota {}, pins {})", m, held, quota, pinned);
+            }
+        }
+
+        #[test]
+        fn frozen_plans_move_nothing_from_an_active_owner_but_pins(
+            (n, owners, previous, pins) in arb_pinned_state(),
+            max_moves in 0usize..400,
+        ) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let a = plan(PlanInput {
+                active: &members, owners: &owners, previous: &previous,
+                max_moves, pins: &pins, frozen: true,
+            });
+            for (shard, owner) in owners.iter().enumerate() {
+                let pinned = pins.iter().any(|(p, m)| *p == shard && members.contains(m));
+                match owner {
+                    Some(o) if members.contains(o) && !pinned => {
+                        prop_assert_eq!(a[shard].as_ref(), Some(o), "shard {} moved while frozen", shard)
+                    }
+                    // A shard without an owner (its member died) is still re-homed; one a
+                    // leaving member still holds moves within the budget.
+                    None if !pinned => prop_assert!(a[shard].as_ref().is_some_and(|t| members.contains(t))),
+                    Some(o) if !pinned => prop_assert!(
+                        a[shard].as_ref().is_some_and(|t| members.contains(t) || t == o)
+                    ),
+                    _ => {}
+                }
+            }
+        }
+
+        #[test]
+        fn pinned_and_frozen_plans_are_idempotent(
+            (n, owners, previous, pins) in arb_pinned_state(),
+            frozen in any::<bool>(),
+            max_moves in 0usize..400,
+        ) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let input = PlanInput { active: &members, owners: &owners, previous: &previous, max_moves, pins: &pins, frozen };
+            let a = plan(input);
+            let b = plan(PlanInput { previous: &a, ..input });
+            prop_assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn a_joining_member_gets_nothing_while_frozen() {
+        let members = ids(2);
+        let (balanced, _) = settle(&members, vec![None; 100], usize::MAX);
+        let grown = ids(3);
+        let a = plan(PlanInput {
+            active: &grown,
+            owners: &balanced,
+            previous: &balanced,
+            max_moves: usize::MAX,
+            frozen: true,
+            ..Default::default()
+        });
+        assert_eq!(a, balanced);
+        assert_eq!(counts(&a, &grown)[2], 0);
     }
 
     #[test]
@@ -274,6 +451,7 @@ mod tests {
             owners: &vec![None; 1024],
             previous: &[],
             max_moves: 16,
+            ..Default::default()
         });
         let mut c = counts(&a, &members);
         c.sort();
@@ -292,6 +470,7 @@ mod tests {
             owners: &owners,
             previous: &[],
             max_moves: 5,
+            ..Default::default()
         });
         let moved: Vec<usize> = (0..30).filter(|&s| owners[s] != a[s]).collect();
         assert_eq!(moved.len(), 5);
@@ -306,7 +485,8 @@ mod tests {
                 active: &[],
                 owners: &owners,
                 previous: &[],
-                max_moves: 1
+                max_moves: 1,
+                ..Default::default()
             }),
             owners
         );

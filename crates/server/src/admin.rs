@@ -29,6 +29,10 @@ pub struct ClusterInfo {
     pub assignment_version: u64,
     pub members: usize,
     pub unowned_shards: usize,
+    /// Placement is frozen (operator control).
+    pub frozen: bool,
+    /// Operator pins: shard → member.
+    pub pins: std::collections::BTreeMap<u32, String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,6 +65,13 @@ pub fn cluster_info(coord: &Coord) -> ClusterInfo {
         assignment_version: view.assignment_version,
         members: view.members.len(),
         unowned_shards: view.unowned(),
+        frozen: view.placement.frozen,
+        pins: view
+            .placement
+            .pins
+            .iter()
+            .map(|(s, m)| (*s, m.0.clone()))
+            .collect(),
     }
 }
 
@@ -181,10 +192,14 @@ pub fn http_routes(
         .route("/v1/shards/{shard}", get(get_shard))
         .route("/v1/members", get(get_members))
         .route("/v1/members/{id}/drain", post(drain))
+        .route("/v1/placement", get(get_placement))
+        .route("/v1/shards/{shard}/pin", post(pin).delete(unpin))
+        .route("/v1/cluster/freeze", post(freeze))
+        .route("/v1/cluster/unfreeze", post(unfreeze))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see / (status page), /v1/cluster, /v1/shards, /v1/members, /v1/instance, /v1/moves, /v1/kafka, /healthz, /readyz, /metrics") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see / (status page), /v1/cluster, /v1/shards, /v1/members, /v1/placement, /v1/instance, /v1/moves, /v1/kafka, /healthz, /readyz, /metrics") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
         .with_state(Arc::new(AppState {
             router,
@@ -284,6 +299,91 @@ async fn drain(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Respon
     }
 }
 
+/// Pins and the freeze as JSON: `{"frozen": false, "pins": {"12": "n1"}}`.
+fn placement_json(p: &leasehold_coord::PlacementValue) -> serde_json::Value {
+    serde_json::json!({
+        "frozen": p.frozen,
+        "pins": p.pins.iter().map(|(s, m)| (s.to_string(), serde_json::Value::from(m.0.clone()))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
+async fn get_placement(State(s): State<Arc<AppState>>) -> Response {
+    Json(placement_json(&s.router.coord().view().placement)).into_response()
+}
+
+/// A placement change's answer: the controls now, or why it was refused.
+fn placement_answer(
+    result: Result<leasehold_coord::PlacementValue, leasehold_coord::Error>,
+) -> Response {
+    use leasehold_coord::Error as E;
+    match result {
+        Ok(p) => Json(placement_json(&p)).into_response(),
+        Err(E::UnknownMember(m)) => error(
+            StatusCode::BAD_REQUEST,
+            format!("member {m:?} is not registered; see /v1/members"),
+        ),
+        Err(E::Refused(why)) if why.contains("out of range") => error(StatusCode::NOT_FOUND, why),
+        Err(E::Refused(why)) => error(StatusCode::CONFLICT, why),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not change placement: {e}"),
+        ),
+    }
+}
+
+/// The shard a path names, or the 404 to answer.
+fn parse_shard(shard: &str, count: u32) -> Result<ShardId, Box<Response>> {
+    match shard.parse::<u32>() {
+        Ok(n) if n < count => Ok(ShardId(n)),
+        _ => Err(Box::new(error(
+            StatusCode::NOT_FOUND,
+            format!("shard {shard:?} does not exist; shards are 0..{count}"),
+        ))),
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct PinRequest {
+    to: String,
+}
+
+/// `POST /v1/shards/{n}/pin {"to": member}`: the shard lives on that member until unpinned
+/// (moved there through a planned handoff).
+async fn pin(
+    State(s): State<Arc<AppState>>,
+    Path(shard): Path<String>,
+    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let coord = s.router.coord();
+    let shard = match parse_shard(&shard, coord.options().shard_count) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let Ok(Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            r#"the body must be JSON like {"to": "member-id"}"#,
+        );
+    };
+    placement_answer(coord.pin(shard, Some(MemberId(request.to))).await)
+}
+
+async fn unpin(State(s): State<Arc<AppState>>, Path(shard): Path<String>) -> Response {
+    let coord = s.router.coord();
+    match parse_shard(&shard, coord.options().shard_count) {
+        Ok(shard) => placement_answer(coord.pin(shard, None).await),
+        Err(r) => *r,
+    }
+}
+
+async fn freeze(State(s): State<Arc<AppState>>) -> Response {
+    placement_answer(s.router.coord().freeze(true).await)
+}
+
+async fn unfreeze(State(s): State<Arc<AppState>>) -> Response {
+    placement_answer(s.router.coord().freeze(false).await)
+}
+
 /// Live while the coordination tasks run and make progress (Kubernetes restarts the pod
 /// otherwise); an instance waiting for etcd is live.
 async fn healthz(State(s): State<Arc<AppState>>) -> Response {
@@ -334,6 +434,29 @@ fn member_pb(m: MemberInfo) -> pb::MemberInfo {
     }
 }
 
+/// A placement change's gRPC answer.
+fn placement_grpc(
+    result: Result<leasehold_coord::PlacementValue, leasehold_coord::Error>,
+) -> Result<tonic::Response<pb::Placement>, tonic::Status> {
+    use leasehold_coord::Error as E;
+    match result {
+        Ok(p) => Ok(tonic::Response::new(pb::Placement {
+            frozen: p.frozen,
+            pins: p.pins.into_iter().map(|(s, m)| (s, m.0)).collect(),
+        })),
+        Err(E::UnknownMember(m)) => Err(tonic::Status::invalid_argument(format!(
+            "member {m:?} is not registered"
+        ))),
+        Err(E::Refused(why)) if why.contains("out of range") => {
+            Err(tonic::Status::out_of_range(why))
+        }
+        Err(E::Refused(why)) => Err(tonic::Status::failed_precondition(why)),
+        Err(e) => Err(tonic::Status::unavailable(format!(
+            "could not change placement: {e}"
+        ))),
+    }
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn get_cluster(
@@ -349,7 +472,27 @@ impl pb::admin_server::Admin for AdminService {
             assignment_version: c.assignment_version,
             members: c.members as u32,
             unowned_shards: c.unowned_shards as u32,
+            frozen: c.frozen,
+            pins: c.pins.into_iter().collect(),
         }))
+    }
+
+    async fn pin(
+        &self,
+        request: tonic::Request<pb::PinRequest>,
+    ) -> Result<tonic::Response<pb::Placement>, tonic::Status> {
+        authorize(&self.auth, &request, true)?;
+        let r = request.into_inner();
+        let member = (!r.member.is_empty()).then_some(MemberId(r.member));
+        placement_grpc(self.coord.pin(ShardId(r.shard), member).await)
+    }
+
+    async fn freeze(
+        &self,
+        request: tonic::Request<pb::FreezeRequest>,
+    ) -> Result<tonic::Response<pb::Placement>, tonic::Status> {
+        authorize(&self.auth, &request, true)?;
+        placement_grpc(self.coord.freeze(request.into_inner().frozen).await)
     }
 
     async fn list_shards(

@@ -287,18 +287,25 @@ impl Instance {
         servers.stop().await;
         // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
         coord.tasks().close();
+        // Waiting is for the lease's sake: once it is no longer valid (etcd unreachable),
+        // there is nothing left to protect.
         let grace = handoff_bound(config) + Duration::from_secs(1);
-        if tokio::time::timeout(grace, async {
-            router.tasks().wait().await;
-            coord.tasks().wait().await;
-        })
-        .await
-        .is_err()
-        {
-            tracing::warn!(
+        tokio::select! {
+            done = tokio::time::timeout(grace, async {
+                router.tasks().wait().await;
+                coord.tasks().wait().await;
+            }) => {
+                if done.is_err() {
+                    tracing::warn!(
+                        left = router.tasks().len() + coord.tasks().len(),
+                        "background work still running after {grace:?}; abandoned"
+                    );
+                }
+            }
+            _ = coord.lease_invalid() => tracing::warn!(
                 left = router.tasks().len() + coord.tasks().len(),
-                "background work still running after {grace:?}; abandoned"
-            );
+                "the lease is no longer valid; not waiting for the rest of the background work"
+            ),
         }
         coord_cancel.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), coord_task).await;

@@ -23,6 +23,12 @@ pub struct Cluster {
     pub assignment_version: u64,
     pub members: usize,
     pub unowned_shards: usize,
+    /// Placement frozen by an operator (absent from older instances).
+    #[serde(default)]
+    pub frozen: bool,
+    /// Operator pins: shard → member.
+    #[serde(default)]
+    pub pins: BTreeMap<String, String>,
 }
 
 /// One member of `GET /v1/members`.
@@ -176,9 +182,9 @@ pub fn render_status(snapshot: &Snapshot, per_shard: bool) -> Rendered {
 }
 
 fn write_summary(out: &mut String, c: &Cluster) {
-    let _ = writeln!(
+    let _ = write!(
         out,
-        "cluster {}  shards {}  members {}  leader {}  assignment v{}  unowned {}\n",
+        "cluster {}  shards {}  members {}  leader {}  assignment v{}  unowned {}",
         c.cluster,
         c.shard_count,
         c.members,
@@ -186,6 +192,14 @@ fn write_summary(out: &mut String, c: &Cluster) {
         c.assignment_version,
         c.unowned_shards
     );
+    if c.frozen {
+        out.push_str("  FROZEN");
+    }
+    if !c.pins.is_empty() {
+        let pins: Vec<String> = c.pins.iter().map(|(s, m)| format!("{s}→{m}")).collect();
+        let _ = write!(out, "  pins {}", pins.join(","));
+    }
+    out.push_str("\n\n");
 }
 
 fn write_members(out: &mut String, members: &[Member]) {
@@ -435,6 +449,8 @@ mod tests {
                 assignment_version: 7,
                 members: 1,
                 unowned_shards: 1,
+                frozen: false,
+                pins: BTreeMap::new(),
             },
             members: vec![Member {
                 id: "n0".into(),
@@ -484,13 +500,29 @@ n0                       owned         3  0-1,3";
     }
 
     #[test]
+    fn the_summary_says_frozen_and_lists_pins() {
+        let mut snapshot = snapshot();
+        snapshot.cluster.frozen = true;
+        snapshot.cluster.pins.insert("3".into(), "n1".into());
+        let text = render_status(&snapshot, false).text;
+        assert!(
+            text.lines()
+                .next()
+                .unwrap()
+                .ends_with("unowned 1  FROZEN  pins 3→n1"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn status_json_has_the_cluster_members_and_owners() {
         let json = render_status(&snapshot(), false).json;
         assert_eq!(
             json["cluster"],
             json!({
                 "cluster": "prod", "self": "n0", "shard_count": 4, "leader": "n0",
-                "assignment_version": 7, "members": 1, "unowned_shards": 1
+                "assignment_version": 7, "members": 1, "unowned_shards": 1,
+                "frozen": false, "pins": {}
             })
         );
         assert_eq!(
