@@ -649,7 +649,7 @@ async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
     })
     .await;
     // etcd gone again, then SIGTERM: the drain cannot complete; the instance releases
-    // what it can until its lease is no longer valid (the keys expire with it), then exits.
+    // what it can until its lease has expired in etcd (the keys went with it), then exits.
     etcd.stop();
     let stopped = Instant::now();
     let mut i = i;
@@ -660,8 +660,8 @@ async fn etcd_unreachable_at_start_is_retried_until_it_appears() {
     let log = i.log_text();
     assert!(
         log.contains("shutting down: draining shards")
-            && log.contains("the remaining shard keys expire with it"),
-        "tried to drain, and stopped waiting once the lease was no longer valid:\n{log}"
+            && log.contains("the remaining shard keys went with it"),
+        "tried to drain, and stopped waiting once the lease had expired:\n{log}"
     );
 }
 

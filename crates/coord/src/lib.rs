@@ -606,6 +606,11 @@ impl Coord {
         member: Option<MemberId>,
     ) -> Result<PlacementValue, Error> {
         let view = self.view();
+        if !view.synced {
+            return Err(Error::Other(
+                "this instance has not synced its routing table with etcd yet; try again".into(),
+            ));
+        }
         if shard.0 >= view.shard_count() {
             return Err(Error::Refused(format!(
                 "shard {shard} is out of range (the cluster has {} shards, 0..{})",
@@ -653,7 +658,12 @@ impl Coord {
             let current = self.etcd(client.get(key.clone(), None)).await?;
             let (mut value, revision) = match current.kvs().first() {
                 Some(kv) => (
-                    serde_json::from_slice::<PlacementValue>(kv.value()).unwrap_or_default(),
+                    // Never overwrite what cannot be read (a newer version's format).
+                    serde_json::from_slice::<PlacementValue>(kv.value()).map_err(|e| {
+                        Error::Other(format!(
+                            "the placement controls in etcd ({key}) cannot be read: {e}"
+                        ))
+                    })?,
                     kv.mod_revision(),
                 ),
                 None => (PlacementValue::default(), 0),
@@ -731,18 +741,32 @@ impl Coord {
                         );
                     }
                 }
-                _ = self.lease_invalid() => tracing::warn!(
-                    "the lease is no longer valid (etcd unreachable?); the remaining shard keys expire with it"
+                _ = self.lease_gone() => tracing::warn!(
+                    "the lease has expired in etcd (no keepalive answered for a TTL); the remaining shard keys went with it"
                 ),
             }
         }
     }
 
-    /// Resolves once this instance's lease is no longer valid (it could not be renewed in
-    /// time): from then on its shard keys may expire at any moment.
-    pub async fn lease_invalid(&self) {
-        while self.inner.table.lease().valid_until().is_some() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    /// Resolves once this instance's lease is certainly gone in etcd: never granted or
+    /// given up, or no keepalive answered for a full TTL (plus a second for the
+    /// keepalive's trip) — etcd has expired it, so no later keepalive can revive it and its
+    /// shard keys are deleted. Merely past `valid_until` is not enough: that leaves a
+    /// safety margin during which one answered keepalive extends the lease again.
+    pub async fn lease_gone(&self) {
+        let slack = self.inner.opts.safety_margin() + Duration::from_secs(1);
+        let mut changes = self.inner.table.subscribe();
+        loop {
+            let gone_at = self.inner.table.lease().last_deadline().map(|d| d + slack);
+            let now = tokio::time::Instant::now().into_std();
+            match gone_at {
+                None => return,
+                Some(at) if now >= at => return,
+                Some(at) => {
+                    // A keepalive moves the deadline (and bumps the table): look again.
+                    let _ = tokio::time::timeout_at(at.into(), changes.changed()).await;
+                }
+            }
         }
     }
 

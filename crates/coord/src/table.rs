@@ -53,6 +53,12 @@ impl LeaseClock {
         (nanos > 0 && now() < until).then_some(until)
     }
 
+    /// The last validity deadline, also once passed (`None`: never valid, or invalidated).
+    pub fn last_deadline(&self) -> Option<Instant> {
+        let nanos = self.valid_until.load(Ordering::Acquire);
+        (nanos > 0).then(|| self.base + Duration::from_nanos(nanos))
+    }
+
     /// Seconds of validity left (negative once expired), for the lease-slack metric.
     pub fn slack(&self) -> f64 {
         let nanos = self.valid_until.load(Ordering::Acquire);

@@ -11,9 +11,10 @@
 //! - **pinned**: a shard an operator pinned to an active member is assigned to it (the
 //!   other shards are balanced around the pins); a pin to a member that is not active is
 //!   ignored, so a dead member's pinned shards are still re-homed;
-//! - **frozen**: while frozen no owned shard leaves an active owner (a joining member gets
-//!   nothing, rebalancing stops), except for pins; shards without an active owner are still
-//!   re-homed, to the members holding fewest.
+//! - **frozen**: while frozen no new move takes an owned shard from an active owner (a
+//!   joining member gets nothing, rebalancing stops; moves already decided finish), except
+//!   for pins; shards without an active owner are still re-homed, to the members holding
+//!   fewest.
 
 use std::collections::HashMap;
 
@@ -106,10 +107,7 @@ fn balanced_targets(
     previous: impl Fn(usize) -> Option<usize>,
 ) -> Vec<Option<usize>> {
     let shard_count = owner.len();
-    // Quotas depend on the member set only, which keeps repeated plans stable.
-    let quota: Vec<usize> = (0..n)
-        .map(|i| shard_count / n + usize::from(i < shard_count % n))
-        .collect();
+    let quota = quotas(n, shard_count, pinned);
 
     // Start from the pins, then the previous assignment (moves in flight stay), else the
     // current owner.
@@ -161,7 +159,41 @@ fn balanced_targets(
     target
 }
 
-/// Frozen: pins, else the active owner, else the previous assignment when active, else
+/// Each member's share: ⌊S/N⌋ or ⌈S/N⌉, except that a member pinned beyond its share
+/// holds exactly its pins and the others share the rest (repeated until no member's pins
+/// exceed its share). Depends on the member set and the pins only, which keeps repeated
+/// plans stable.
+fn quotas(n: usize, shard_count: usize, pinned: &[Option<usize>]) -> Vec<usize> {
+    let mut pins = vec![0usize; n];
+    for m in pinned.iter().flatten() {
+        pins[*m] += 1;
+    }
+    let mut fixed = vec![false; n];
+    loop {
+        let rest: Vec<usize> = (0..n).filter(|&m| !fixed[m]).collect();
+        let left = shard_count - (0..n).filter(|&m| fixed[m]).map(|m| pins[m]).sum::<usize>();
+        // Never empty: every member left over its share would need more pins than shards.
+        let share = |i: usize| left / rest.len() + usize::from(i < left % rest.len());
+        let over: Vec<usize> = rest
+            .iter()
+            .enumerate()
+            .filter(|&(i, &m)| pins[m] > share(i))
+            .map(|(_, &m)| m)
+            .collect();
+        if over.is_empty() {
+            let mut quota = pins.clone();
+            for (i, &m) in rest.iter().enumerate() {
+                quota[m] = share(i);
+            }
+            return quota;
+        }
+        for m in over {
+            fixed[m] = true;
+        }
+    }
+}
+
+/// Frozen: pins, else the move already decided (it finishes), else the active owner, else
 /// the member holding fewest shards.
 fn frozen_targets(
     n: usize,
@@ -171,7 +203,7 @@ fn frozen_targets(
 ) -> Vec<Option<usize>> {
     let shard_count = owner.len();
     let mut target: Vec<Option<usize>> = (0..shard_count)
-        .map(|s| pinned[s].or(owner[s]).or_else(|| previous(s)))
+        .map(|s| pinned[s].or_else(|| previous(s)).or(owner[s]))
         .collect();
     let mut count = vec![0usize; n];
     for t in target.iter().flatten() {
@@ -374,12 +406,13 @@ mod tests {
                     prop_assert_eq!(a[*shard].as_ref(), Some(m), "pin of shard {}", shard);
                 }
             }
-            // No member holds more than its quota unless pins alone put it there.
-            for (i, m) in members.iter().enumerate() {
-                let quota = s / n + usize::from(i < s % n);
-                let pinned = pins.iter().filter(|(_, p)| p == m).count();
-                let held = a.iter().filter(|t| t.as_ref() == Some(m)).count();
-                prop_assert!(held <= quota.max(pinned), "{} holds {} (quota {}, pins {})", m, held, quota, pinned);
+            // Members hold their pins; those not pinned beyond the rest's share are within
+            // one shard of each other.
+            let held: Vec<usize> = counts(&a, &members);
+            let pinned: Vec<usize> = members.iter().map(|m| pins.iter().filter(|(_, p)| p == m).count()).collect();
+            let free: Vec<usize> = (0..n).filter(|&i| held[i] > pinned[i] || pinned[i] == 0).map(|i| held[i]).collect();
+            if let (Some(lo), Some(hi)) = (free.iter().min(), free.iter().max()) {
+                prop_assert!(hi - lo <= 1, "held {:?}, pins {:?} ({} shards)", held, pinned, s);
             }
         }
 
@@ -396,10 +429,12 @@ mod tests {
             });
             for (shard, owner) in owners.iter().enumerate() {
                 let pinned = pins.iter().any(|(p, m)| *p == shard && members.contains(m));
+                let decided = previous.get(shard).cloned().flatten().filter(|p| members.contains(p));
                 match owner {
-                    Some(o) if members.contains(o) && !pinned => {
-                        prop_assert_eq!(a[shard].as_ref(), Some(o), "shard {} moved while frozen", shard)
-                    }
+                    Some(o) if members.contains(o) && !pinned => prop_assert!(
+                        a[shard].as_ref() == Some(o) || a[shard] == decided,
+                        "shard {} moved while frozen", shard
+                    ),
                     // A shard without an owner (its member died) is still re-homed; one a
                     // leaving member still holds moves within the budget.
                     None if !pinned => prop_assert!(a[shard].as_ref().is_some_and(|t| members.contains(t))),
@@ -424,6 +459,21 @@ mod tests {
             let b = plan(PlanInput { previous: &a, ..input });
             prop_assert_eq!(a, b);
         }
+    }
+
+    #[test]
+    fn members_without_pins_share_what_the_pins_leave() {
+        // 9 shards, 3 members, 6 pinned to m2: m0 and m1 share the other 3.
+        let members = ids(3);
+        let pins: Vec<(usize, MemberId)> = (0..6).map(|s| (s, members[2].clone())).collect();
+        let a = plan(PlanInput {
+            active: &members,
+            owners: &vec![None; 9],
+            max_moves: usize::MAX,
+            pins: &pins,
+            ..Default::default()
+        });
+        assert_eq!(counts(&a, &members), vec![2, 1, 6]);
     }
 
     #[test]

@@ -449,21 +449,20 @@ impl Handler for GrpcHandler {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
                 // A status without metadata is the transport's, not the application's.
+                Err(s) if s.metadata().is_empty() && crate::peers::never_sent(&s) => {
+                    Err(HandleError::transport_failure(
+                        Transport::Unreachable,
+                        format!("handler at {url} unreachable: {}", s.message()),
+                    ))
+                }
                 Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => {
-                    if crate::peers::never_sent(&s) {
-                        Err(HandleError::transport_failure(
-                            Transport::Unreachable,
-                            format!("handler at {url} unreachable: {}", s.message()),
-                        ))
-                    } else {
-                        Err(HandleError::transport_failure(
-                            Transport::Lost,
-                            format!(
-                                "the connection to the handler at {url} failed during the call (it may have run): {}",
-                                s.message()
-                            ),
-                        ))
-                    }
+                    Err(HandleError::transport_failure(
+                        Transport::Lost,
+                        format!(
+                            "the connection to the handler at {url} failed during the call (it may have run): {}",
+                            s.message()
+                        ),
+                    ))
                 }
                 Err(s) => Err(HandleError::from_status(&s)),
             }

@@ -387,8 +387,11 @@ pub struct Router {
     inner: Arc<Inner>,
 }
 
-/// Longest pause between forwards answered "not owner" (they start at 5 ms and double).
+/// Pauses between forwards answered "not owner" by the same owner at the same epoch:
+/// from 5 ms doubling to 200 ms, for 8 tries (about 0.7 s); then only table changes.
+const NOT_OWNER_PAUSE_MIN: Duration = Duration::from_millis(5);
 const NOT_OWNER_PAUSE_MAX: Duration = Duration::from_millis(200);
+const NOT_OWNER_FAST_TRIES: u32 = 8;
 
 /// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
 /// not run).
@@ -434,7 +437,7 @@ impl Router {
             ),
             not_owner_retries: registry.counter(
                 "leasehold_not_owner_retries_total",
-                "Forwards answered \"not owner\" and retried after the routing table caught up.", &[],
+                "Forwards answered \"not owner\" and retried (after a short pause, or once the routing table changed).", &[],
             ),
             held: registry.counter(
                 "leasehold_held_calls_total",
@@ -670,7 +673,10 @@ impl Router {
         // Set once a forward got no answer after it may have reached its owner: the
         // call may have run, and a timeout must not say it did not.
         let mut sent_unanswered = false;
-        let mut not_owner_pause = Duration::from_millis(5);
+        // Fast retries after "not owner" answers from one owner at one epoch.
+        let mut not_owner_from: Option<(MemberId, Epoch)> = None;
+        let mut not_owner_tries = 0u32;
+        let mut not_owner_pause = NOT_OWNER_PAUSE_MIN;
         loop {
             changes.borrow_and_update();
             if Instant::now() >= job.deadline {
@@ -724,15 +730,36 @@ impl Router {
                                     reason = "owner changed";
                                     // The owner's own table is behind the routing table
                                     // (its acquisition is still being recorded) or ahead
-                                    // of ours. Nothing here signals when it catches up, so
-                                    // try again after a short, growing pause rather than
-                                    // waiting for a local change (the next one may be a
-                                    // keepalive, seconds away).
-                                    let pause = Instant::now() + not_owner_pause;
-                                    tokio::time::sleep_until(pause.min(job.deadline).into()).await;
-                                    not_owner_pause =
-                                        (not_owner_pause * 2).min(NOT_OWNER_PAUSE_MAX);
-                                    continue;
+                                    // of ours. Nothing here signals when the owner catches
+                                    // up, so try again after a short, growing pause (or
+                                    // sooner if our own table changes) rather than only on
+                                    // a local change, which may be a keepalive seconds
+                                    // away. A disagreement that outlasts a few tries is
+                                    // left to table changes, as other holds are.
+                                    let same = not_owner_from.as_ref()
+                                        == Some(&(o.owner.clone(), o.epoch));
+                                    if !same {
+                                        not_owner_from = Some((o.owner.clone(), o.epoch));
+                                        not_owner_tries = 0;
+                                        not_owner_pause = NOT_OWNER_PAUSE_MIN;
+                                    }
+                                    not_owner_tries += 1;
+                                    if not_owner_tries <= NOT_OWNER_FAST_TRIES {
+                                        if !waited {
+                                            waited = true;
+                                            self.inner.metrics.held.inc();
+                                        }
+                                        let pause =
+                                            (Instant::now() + not_owner_pause).min(job.deadline);
+                                        let _ = tokio::time::timeout_at(
+                                            pause.into(),
+                                            changes.changed(),
+                                        )
+                                        .await;
+                                        not_owner_pause =
+                                            (not_owner_pause * 2).min(NOT_OWNER_PAUSE_MAX);
+                                        continue;
+                                    }
                                 }
                                 Forwarded::Unreachable(e) => {
                                     tracing::debug!(peer = %o.owner, error = %e, "peer unreachable");

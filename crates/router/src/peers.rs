@@ -88,13 +88,20 @@ struct PeerStream {
 }
 
 /// Transport failures that mean the request never reached the peer: the connection could
-/// not be made, or the peer refused the stream before reading it (HTTP/2 REFUSED_STREAM,
-/// after a GOAWAY).
+/// not be made, it closed before the request was written, or the peer refused the stream
+/// before reading it (HTTP/2 REFUSED_STREAM, after a GOAWAY).
 pub(crate) fn never_sent(s: &tonic::Status) -> bool {
     use std::error::Error as _;
     let mut text = s.message().to_ascii_lowercase();
     let mut source = s.source();
     while let Some(e) = source {
+        // hyper hands back a request it never wrote when the connection closes first
+        // ("canceled"): not sent.
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_canceled)
+        {
+            return true;
+        }
         text.push(' ');
         text.push_str(&e.to_string().to_ascii_lowercase());
         source = e.source();

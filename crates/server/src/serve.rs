@@ -287,8 +287,8 @@ impl Instance {
         servers.stop().await;
         // Calls whose callers left and handoffs still hold shards: the lease must outlive them.
         coord.tasks().close();
-        // Waiting is for the lease's sake: once it is no longer valid (etcd unreachable),
-        // there is nothing left to protect.
+        // Waiting is for the lease's sake: once it has expired in etcd (no keepalive
+        // answered for a full TTL), its keys are gone and there is nothing left to protect.
         let grace = handoff_bound(config) + Duration::from_secs(1);
         tokio::select! {
             done = tokio::time::timeout(grace, async {
@@ -302,9 +302,9 @@ impl Instance {
                     );
                 }
             }
-            _ = coord.lease_invalid() => tracing::warn!(
+            _ = coord.lease_gone() => tracing::warn!(
                 left = router.tasks().len() + coord.tasks().len(),
-                "the lease is no longer valid; not waiting for the rest of the background work"
+                "the lease has expired in etcd; not waiting for the rest of the background work"
             ),
         }
         coord_cancel.cancel();
