@@ -990,3 +990,62 @@ async fn operators_pin_shards_and_freeze_placement_under_load_with_no_failed_cal
     assert!(report.ok > 500, "{} calls", report.ok);
     assert_eq!(checker.violations(), Vec::<String>::new());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_owner_of_a_hot_key_reports_it_first() {
+    let cluster = Cluster::start(3, &[]).await;
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let mut client = cluster.instances[0].client().await;
+    // One key at 20 times the rate of 30 others, through one instance (most calls are
+    // forwarded: the owner counts them).
+    for round in 0..40 {
+        for _ in 0..20 {
+            client
+                .call(CallRequest {
+                    key: "hot-account".into(),
+                    payload: "x".into(),
+                })
+                .await
+                .unwrap();
+        }
+        client
+            .call(CallRequest {
+                key: format!("cold-{}", round % 30),
+                payload: "x".into(),
+            })
+            .await
+            .unwrap();
+    }
+    let shard = leasehold_types::shard_for_key(b"hot-account", 1024).0;
+    let owner = table[shard as usize].1.clone().unwrap();
+    let instance = cluster.instances.iter().find(|i| i.id == owner).unwrap();
+    let hot = instance.get("/v1/hot-keys").unwrap();
+    let keys = hot["keys"].as_array().unwrap();
+    assert_eq!(keys[0]["key"], "hot-account", "{hot}");
+    assert_eq!(keys[0]["shard"], shard);
+    assert!(keys[0]["calls_per_second"].as_f64().unwrap() > 0.0);
+    if let Some(second) = keys.get(1) {
+        assert!(
+            keys[0]["calls_per_second"].as_f64().unwrap()
+                > 3.0 * second["calls_per_second"].as_f64().unwrap(),
+            "{hot}"
+        );
+    }
+    // The rate is exported by rank, without the key.
+    let metrics = ureq::get(&format!("{}/metrics", instance.admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let rank1: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"leasehold_hot_key_calls_per_second{rank="1"} "#))
+        .expect("rank 1 exported")
+        .parse()
+        .unwrap();
+    assert!(rank1 > 0.0, "{rank1}");
+    assert!(
+        !metrics.contains("hot-account"),
+        "keys never appear in metrics"
+    );
+}

@@ -12,6 +12,7 @@
 
 mod events;
 mod handler;
+pub mod hot;
 mod mailbox;
 mod peers;
 pub mod routing;
@@ -325,6 +326,9 @@ struct Metrics {
     handler_latency: Arc<Histogram>,
     /// Calls run here per shard (series of shards no longer owned here are dropped).
     shard_calls: Arc<leasehold_metrics::IndexedCounter>,
+    /// Calls per second of the hottest keys here, by rank (the keys themselves are on
+    /// `/v1/hot-keys`: keys as label values would be unbounded, and often personal data).
+    hot_keys: Vec<Arc<Gauge>>,
     mailboxes: Arc<Gauge>,
     stream_calls: Arc<Counter>,
     fenced: Arc<Counter>,
@@ -348,6 +352,8 @@ struct Inner {
     closing: tokio_util::sync::CancellationToken,
     /// The routing table smart clients watch.
     routing: routing::RoutingCache,
+    /// The keys taking the most calls here.
+    hot: hot::HotKeys,
 }
 
 /// One call counted against `max_pending_calls` until dropped.
@@ -447,6 +453,15 @@ impl Router {
                 "leasehold_handler_duration_seconds",
                 "Handler call latency at the owner.", &[],
             ),
+            hot_keys: (1..=5)
+                .map(|rank| {
+                    registry.gauge(
+                        "leasehold_hot_key_calls_per_second",
+                        "Calls per second of the hottest keys at this instance, by rank (1 = hottest); the keys are on /v1/hot-keys.",
+                        &[("rank", &rank.to_string())],
+                    )
+                })
+                .collect(),
             shard_calls: registry.indexed_counter(
                 "leasehold_shard_calls_total",
                 "Handler calls run at this owner per shard (shards owned here only).",
@@ -481,6 +496,7 @@ impl Router {
                 tasks,
                 closing: tokio_util::sync::CancellationToken::new(),
                 routing: routing::RoutingCache::default(),
+                hot: hot::HotKeys::default(),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 coord,
                 handler,
@@ -497,6 +513,12 @@ impl Router {
 
     pub fn options(&self) -> &RouterOptions {
         &self.inner.opts
+    }
+
+    /// The keys that took the most calls at this instance (as their owner) over the
+    /// last 10 to 20 seconds, hottest first.
+    pub fn hot_keys(&self) -> Vec<hot::HotKey> {
+        self.inner.hot.top()
     }
 
     pub(crate) fn routing_cache(&self) -> &routing::RoutingCache {
@@ -524,6 +546,10 @@ impl Router {
     }
 
     pub fn refresh_metrics(&self) {
+        let top = self.inner.hot.top();
+        for (rank, gauge) in self.inner.metrics.hot_keys.iter().enumerate() {
+            gauge.set(top.get(rank).map_or(0.0, |k| k.calls_per_second));
+        }
         self.inner
             .metrics
             .mailboxes
@@ -900,6 +926,7 @@ impl Router {
         };
         let started = Instant::now();
         self.inner.metrics.shard_calls.inc(job.shard.0 as usize);
+        self.inner.hot.record(&job.key, job.shard);
         let handle = tracing::Instrument::instrument(self.inner.handler.handle(call), span);
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),

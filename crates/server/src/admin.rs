@@ -193,13 +193,14 @@ pub fn http_routes(
         .route("/v1/members", get(get_members))
         .route("/v1/members/{id}/drain", post(drain))
         .route("/v1/placement", get(get_placement))
+        .route("/v1/hot-keys", get(get_hot_keys))
         .route("/v1/shards/{shard}/pin", post(pin).delete(unpin))
         .route("/v1/cluster/freeze", post(freeze))
         .route("/v1/cluster/unfreeze", post(unfreeze))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see / (status page), /v1/cluster, /v1/shards, /v1/members, /v1/placement, /v1/instance, /v1/moves, /v1/kafka, /healthz, /readyz, /metrics") })
+        .fallback(|| async { error(StatusCode::NOT_FOUND, "no such admin endpoint; see / (status page), /v1/cluster, /v1/shards, /v1/members, /v1/placement, /v1/hot-keys, /v1/instance, /v1/moves, /v1/kafka, /healthz, /readyz, /metrics") })
         .method_not_allowed_fallback(|| async { error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this endpoint") })
         .with_state(Arc::new(AppState {
             router,
@@ -305,6 +306,29 @@ fn placement_json(p: &leasehold_coord::PlacementValue) -> serde_json::Value {
         "frozen": p.frozen,
         "pins": p.pins.iter().map(|(s, m)| (s.to_string(), serde_json::Value::from(m.0.clone()))).collect::<serde_json::Map<_, _>>(),
     })
+}
+
+/// The keys taking the most calls at this instance (as their owner).
+async fn get_hot_keys(State(s): State<Arc<AppState>>) -> Response {
+    let keys: Vec<serde_json::Value> = s
+        .router
+        .hot_keys()
+        .into_iter()
+        .map(|k| {
+            serde_json::json!({
+                "key": k.key,
+                "shard": k.shard,
+                "calls_per_second": (k.calls_per_second * 10.0).round() / 10.0,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "member": s.router.coord().member_id().0,
+        "window_seconds": leasehold_router::hot::PERIOD.as_secs() * 2,
+        "sampled_every": leasehold_router::hot::SAMPLE_EVERY,
+        "keys": keys,
+    }))
+    .into_response()
 }
 
 async fn get_placement(State(s): State<Arc<AppState>>) -> Response {
