@@ -239,10 +239,20 @@ async fn metrics_parse_strictly_and_match_the_readme() {
         kafka.end_offsets("orders", 3),
         kafka.end_offsets("payments", 2),
     );
+    let last_seen = std::sync::Mutex::new(Vec::new());
+    let waited = std::time::Instant::now();
     wait_until(Duration::from_secs(30), "/v1/kafka caught up", || {
+        if waited.elapsed() > Duration::from_secs(28) {
+            eprintln!("/v1/kafka answers so far: {:?}", last_seen.lock().unwrap());
+        }
+        last_seen.lock().unwrap().clear();
         let mut here: Vec<(String, u64)> = Vec::new();
         for i in &cluster.instances {
             let kafka = i.get("/v1/kafka")?;
+            last_seen
+                .lock()
+                .unwrap()
+                .push((i.id.clone(), kafka.clone()));
             let sources = kafka["sources"].as_array()?;
             if sources.len() != 2 {
                 return None;

@@ -790,11 +790,21 @@ async fn report_lag(
                     p.lag.set((high - done_up_to).max(0) as f64);
                 }
             }
-            let here: std::collections::HashSet<(String, i32)> = parts
-                .iter()
-                .filter(|p| !p.is_revoked())
-                .map(|p| (p.topic.clone(), p.partition))
-                .collect();
+            // Assigned here: the group's assignment as the consumer knows it (a partition
+            // assigned after its last record has no state here until a record arrives),
+            // else the partitions with state that are not revoked.
+            let here: std::collections::HashSet<(String, i32)> = match consumer.assignment() {
+                Ok(assigned) => assigned
+                    .elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect(),
+                Err(_) => parts
+                    .iter()
+                    .filter(|p| !p.is_revoked())
+                    .map(|p| (p.topic.clone(), p.partition))
+                    .collect(),
+            };
             // Its own budget: a slow lag pass must not leave the snapshot stale.
             let budget = Instant::now() + Duration::from_secs(4);
             let go_on = || !cancel.is_cancelled() && Instant::now() < budget;
