@@ -114,10 +114,7 @@ fn balanced_targets(
     let mut target: Vec<Option<usize>> = (0..shard_count)
         .map(|s| pinned[s].or(previous(s)).or(owner[s]))
         .collect();
-    let mut count = vec![0usize; n];
-    for t in target.iter().flatten() {
-        count[*t] += 1;
-    }
+    let mut count = held(n, &target);
 
     // Take shards away from members above quota: never pinned ones; first those whose
     // move has not happened yet (cheap to cancel), then the highest shard numbers.
@@ -159,15 +156,21 @@ fn balanced_targets(
     target
 }
 
+/// How many shards each of `n` members is given in `targets`.
+fn held(n: usize, targets: &[Option<usize>]) -> Vec<usize> {
+    let mut count = vec![0usize; n];
+    for t in targets.iter().flatten() {
+        count[*t] += 1;
+    }
+    count
+}
+
 /// Each member's share: ⌊S/N⌋ or ⌈S/N⌉, except that a member pinned beyond its share
 /// holds exactly its pins and the others share the rest (repeated until no member's pins
 /// exceed its share). Depends on the member set and the pins only, which keeps repeated
 /// plans stable.
 fn quotas(n: usize, shard_count: usize, pinned: &[Option<usize>]) -> Vec<usize> {
-    let mut pins = vec![0usize; n];
-    for m in pinned.iter().flatten() {
-        pins[*m] += 1;
-    }
+    let pins = held(n, pinned);
     let mut fixed = vec![false; n];
     loop {
         let rest: Vec<usize> = (0..n).filter(|&m| !fixed[m]).collect();
@@ -205,10 +208,7 @@ fn frozen_targets(
     let mut target: Vec<Option<usize>> = (0..shard_count)
         .map(|s| pinned[s].or_else(|| previous(s)).or(owner[s]))
         .collect();
-    let mut count = vec![0usize; n];
-    for t in target.iter().flatten() {
-        count[*t] += 1;
-    }
+    let mut count = held(n, &target);
     for t in target.iter_mut().filter(|t| t.is_none()) {
         let m = (0..n).min_by_key(|&m| (count[m], m)).expect("n > 0");
         *t = Some(m);
