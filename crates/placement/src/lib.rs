@@ -14,7 +14,15 @@
 //! - **frozen**: while frozen no new move takes an owned shard from an active owner (a
 //!   joining member gets nothing, rebalancing stops; moves already decided finish), except
 //!   for pins; shards without an active owner are still re-homed, to the members holding
-//!   fewest.
+//!   fewest;
+//! - **load-balanced** (when per-shard loads are given): every member's load ends within
+//!   `tolerance` of the mean whenever shard sizes allow it; the planner only starts moving
+//!   when a member is outside `tolerance` and then stops at half of it (hysteresis), so
+//!   loads that wobble less than that never move a shard.
+//!
+//! Loads are what owners measured (handler busy time and calls per second, smoothed); a
+//! shard cannot be split, so one shard hotter than a member's share stays where it is and
+//! its member takes nothing else.
 
 use std::collections::HashMap;
 
@@ -36,6 +44,11 @@ pub struct PlanInput<'a> {
     pub pins: &'a [(usize, MemberId)],
     /// No voluntary moves (an incident): see the module documentation.
     pub frozen: bool,
+    /// Load of each shard (any non-negative unit; missing, negative or not finite = 0).
+    /// `None`, or all zero: balance shard counts instead.
+    pub loads: Option<&'a [f64]>,
+    /// Load balance tolerance as a fraction of the mean (0.1 = ±10 %).
+    pub tolerance: f64,
 }
 
 /// Computes the desired owner of every shard.
@@ -66,10 +79,14 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
             *slot = Some(i);
         }
     }
-    let target = if input.frozen {
-        frozen_targets(n, &pinned, &owner, previous)
-    } else {
-        balanced_targets(n, &pinned, &owner, previous)
+    let target = match input.loads {
+        _ if input.frozen => frozen_targets(n, &pinned, &owner, previous),
+        Some(loads) if weights(loads, shard_count).is_some() => {
+            let weights = weights(loads, shard_count).expect("checked");
+            let tolerance = input.tolerance.clamp(0.0, 1.0);
+            load_targets(n, &pinned, &owner, previous, &weights, tolerance)
+        }
+        _ => balanced_targets(n, &pinned, &owner, previous),
     };
 
     // Rate limit: moves already in flight stay; new moves are admitted up to the budget,
@@ -194,6 +211,232 @@ fn quotas(n: usize, shard_count: usize, pinned: &[Option<usize>]) -> Vec<usize> 
             fixed[m] = true;
         }
     }
+}
+
+/// The weight the load planner balances per shard: its load plus 1 % of the mean shard
+/// load, so idle shards still spread over members instead of piling onto one. `None` when
+/// there is no load at all.
+fn weights(loads: &[f64], shard_count: usize) -> Option<Vec<f64>> {
+    let load = |s: usize| {
+        loads
+            .get(s)
+            .copied()
+            .filter(|l| l.is_finite() && *l > 0.0)
+            .unwrap_or(0.0)
+    };
+    let total: f64 = (0..shard_count).map(load).sum();
+    if total <= 0.0 || !total.is_finite() {
+        return None;
+    }
+    let floor = 0.01 * total / shard_count as f64;
+    Some((0..shard_count).map(|s| load(s) + floor).collect())
+}
+
+/// A member's place in the order "least loaded first": load, then shard count, then index.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Lightest(f64, usize, usize);
+
+impl Eq for Lightest {}
+
+impl PartialOrd for Lightest {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Lightest {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // Reversed: the binary heap pops the least loaded member first.
+        other
+            .0
+            .total_cmp(&self.0)
+            .then(other.1.cmp(&self.1))
+            .then(other.2.cmp(&self.2))
+    }
+}
+
+/// Load balance: pins and moves in flight stay; shards without an active owner go,
+/// heaviest first, to the least loaded member; then, only if some member is outside
+/// `tolerance` of the mean (half of it when shards were just placed), shards
+/// move from heavy to light members until all are within
+/// half of it (or no move makes the pair more even).
+fn load_targets(
+    n: usize,
+    pinned: &[Option<usize>],
+    owner: &[Option<usize>],
+    previous: impl Fn(usize) -> Option<usize>,
+    weight: &[f64],
+    tolerance: f64,
+) -> Vec<Option<usize>> {
+    let shard_count = owner.len();
+    let mut target: Vec<Option<usize>> = (0..shard_count)
+        .map(|s| pinned[s].or(previous(s)).or(owner[s]))
+        .collect();
+    let mut load = vec![0.0f64; n];
+    let mut count = vec![0usize; n];
+    for (s, t) in target.iter().enumerate() {
+        if let Some(m) = *t {
+            load[m] += weight[s];
+            count[m] += 1;
+        }
+    }
+    let mut free: Vec<usize> = (0..shard_count).filter(|&s| target[s].is_none()).collect();
+    let placed_free = !free.is_empty();
+    free.sort_by(|&a, &b| weight[b].total_cmp(&weight[a]).then(a.cmp(&b)));
+    let mut heap: std::collections::BinaryHeap<Lightest> =
+        (0..n).map(|m| Lightest(load[m], count[m], m)).collect();
+    for s in free {
+        let Lightest(_, _, m) = heap.pop().expect("n > 0");
+        target[s] = Some(m);
+        load[m] += weight[s];
+        count[m] += 1;
+        heap.push(Lightest(load[m], count[m], m));
+    }
+
+    let band = Band::new(weight, n);
+    let mut giants = vec![(0usize, 0.0f64); n];
+    for (s, t) in target.iter().enumerate() {
+        if let (Some(m), true) = (*t, band.giant[s]) {
+            giants[m].0 += 1;
+            giants[m].1 += weight[s];
+        }
+    }
+    // Hysteresis: act when a member is outside the tolerance (half of it when shards were
+    // just placed), then even out to half of it. A rebalance cut short by the move budget
+    // ends within the tolerance, not necessarily within half of it.
+    let trigger = if placed_free {
+        tolerance / 2.0
+    } else {
+        tolerance
+    };
+    if !band.outside(&load, &giants, trigger) {
+        return target;
+    }
+    // Shards each member may give away, sorted by weight: not pinned, and either held by
+    // it or placed in this round (a decision under way — a move, or an unowned shard
+    // waiting for its member — is never redirected).
+    let mut movable: Vec<Vec<(f64, usize)>> = vec![Vec::new(); n];
+    for (s, t) in target.iter().enumerate() {
+        if let Some(m) = *t {
+            let placed_now = owner[s].is_none() && previous(s).is_none();
+            if pinned[s].is_none() && (placed_now || owner[s] == Some(m)) {
+                movable[m].push((weight[s], s));
+            }
+        }
+    }
+    for v in &mut movable {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    }
+    let mut order: Vec<usize> = (0..n).collect();
+    // Every move makes the sum of squared member loads strictly smaller, so this ends;
+    // the bound only caps the work.
+    for _ in 0..2 * shard_count + n {
+        if !band.outside(&load, &giants, tolerance / 2.0) {
+            break;
+        }
+        order.sort_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
+        let (lightest, heaviest) = (order[0], order[n - 1]);
+        // The heaviest member gives to the lightest that can take; else the lightest takes
+        // from the heaviest that can give.
+        let pairs = order[..n - 1]
+            .iter()
+            .map(|&r| (heaviest, r))
+            .chain(order[1..].iter().rev().map(|&g| (g, lightest)));
+        let mut moved = false;
+        for (giver, receiver) in pairs {
+            // A move must narrow the pair by more than rounding: one that merely swaps two
+            // loads would be undone by the next plan.
+            let gap = load[giver] - load[receiver] - band.mean * 1e-3;
+            if gap <= 0.0 {
+                continue;
+            }
+            if let Some(i) = best_shard(&movable[giver], gap) {
+                let (w, s) = movable[giver].remove(i);
+                let at = movable[receiver].partition_point(|x| (x.0, x.1) < (w, s));
+                movable[receiver].insert(at, (w, s));
+                target[s] = Some(receiver);
+                load[giver] -= w;
+                load[receiver] += w;
+                if band.giant[s] {
+                    giants[giver].0 -= 1;
+                    giants[giver].1 -= w;
+                    giants[receiver].0 += 1;
+                    giants[receiver].1 += w;
+                }
+                moved = true;
+                break;
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    target
+}
+
+/// What "balanced" means for one set of shard weights. A shard heavier than a member's
+/// share (a *giant*: one hot key, say) cannot be split; its member is balanced when it holds
+/// that shard and (almost) nothing else, and the other members share the rest: `mean` is
+/// the share of a member without a giant.
+struct Band {
+    giant: Vec<bool>,
+    mean: f64,
+}
+
+impl Band {
+    fn new(weight: &[f64], n: usize) -> Self {
+        let total: f64 = weight.iter().sum();
+        let mut by_weight: Vec<usize> = (0..weight.len()).collect();
+        by_weight.sort_by(|&a, &b| weight[b].total_cmp(&weight[a]).then(a.cmp(&b)));
+        let mut giants = 0;
+        let mut rest = total;
+        let mut mean = total / n as f64;
+        // Peel off shards heavier than the share of the members left (at most n − 1).
+        while giants + 1 < n && by_weight.get(giants).is_some_and(|&s| weight[s] > mean) {
+            rest -= weight[by_weight[giants]];
+            giants += 1;
+            mean = rest / (n - giants) as f64;
+        }
+        let mut giant = vec![false; weight.len()];
+        for &s in &by_weight[..giants] {
+            giant[s] = true;
+        }
+        Self { giant, mean }
+    }
+
+    /// Whether some member is off by more than `tolerance` × the share: a member without a
+    /// giant away from the share, one with a giant holding more than that beside it, or
+    /// one holding two giants.
+    fn outside(&self, load: &[f64], giants: &[(usize, f64)], tolerance: f64) -> bool {
+        let slack = self.mean * tolerance;
+        load.iter()
+            .zip(giants)
+            .any(|(&l, &(count, giant))| match count {
+                0 => (l - self.mean).abs() > slack,
+                1 => l - giant > slack,
+                _ => true,
+            })
+    }
+}
+
+/// Index of the shard (sorted by weight) whose move evens out a pair `gap` apart best: the
+/// weight closest to `gap / 2` among those below `gap` (moving one at or above it would
+/// not make the pair more even).
+fn best_shard(sorted: &[(f64, usize)], gap: f64) -> Option<usize> {
+    let below = sorted.partition_point(|x| x.0 < gap);
+    if below == 0 {
+        return None;
+    }
+    let half = sorted.partition_point(|x| x.0 < gap / 2.0);
+    [half.checked_sub(1), (half < below).then_some(half)]
+        .into_iter()
+        .flatten()
+        .min_by(|&a, &b| {
+            (sorted[a].0 - gap / 2.0)
+                .abs()
+                .total_cmp(&(sorted[b].0 - gap / 2.0).abs())
+                .then(a.cmp(&b))
+        })
 }
 
 /// Frozen: pins, else the move already decided (it finishes), else the active owner, else
@@ -397,7 +640,7 @@ mod tests {
             let (owners, previous) = (to_ids(&owners), to_ids(&previous));
             let a = plan(PlanInput {
                 active: &members, owners: &owners, previous: &previous,
-                max_moves: usize::MAX, pins: &pins, frozen: false,
+                max_moves: usize::MAX, pins: &pins, frozen: false, ..Default::default()
             });
             let s = a.len();
             prop_assert!(a.iter().all(|t| t.as_ref().is_some_and(|t| members.contains(t))));
@@ -425,7 +668,7 @@ mod tests {
             let (owners, previous) = (to_ids(&owners), to_ids(&previous));
             let a = plan(PlanInput {
                 active: &members, owners: &owners, previous: &previous,
-                max_moves, pins: &pins, frozen: true,
+                max_moves, pins: &pins, frozen: true, ..Default::default()
             });
             for (shard, owner) in owners.iter().enumerate() {
                 let pinned = pins.iter().any(|(p, m)| *p == shard && members.contains(m));
@@ -454,11 +697,198 @@ mod tests {
         ) {
             let members = ids(n);
             let (owners, previous) = (to_ids(&owners), to_ids(&previous));
-            let input = PlanInput { active: &members, owners: &owners, previous: &previous, max_moves, pins: &pins, frozen };
+            let input = PlanInput { active: &members, owners: &owners, previous: &previous, max_moves, pins: &pins, frozen, ..Default::default() };
             let a = plan(input);
             let b = plan(PlanInput { previous: &a, ..input });
             prop_assert_eq!(a, b);
         }
+    }
+
+    /// Each member's summed load under `assignment`.
+    fn member_loads(
+        assignment: &[Option<MemberId>],
+        members: &[MemberId],
+        loads: &[f64],
+    ) -> Vec<f64> {
+        members
+            .iter()
+            .map(|m| {
+                assignment
+                    .iter()
+                    .zip(loads)
+                    .filter(|(a, _)| a.as_ref() == Some(m))
+                    .map(|(_, l)| l)
+                    .sum()
+            })
+            .collect()
+    }
+
+    /// Simulates moves completing under load-aware plans.
+    fn settle_loads(
+        members: &[MemberId],
+        owners: Vec<Option<MemberId>>,
+        loads: &[f64],
+        max_moves: usize,
+    ) -> Vec<Option<MemberId>> {
+        let mut owners = owners;
+        let mut previous = Vec::new();
+        for _ in 0..1000 {
+            let a = plan(PlanInput {
+                active: members,
+                owners: &owners,
+                previous: &previous,
+                max_moves,
+                loads: Some(loads),
+                tolerance: 0.1,
+                ..Default::default()
+            });
+            if a == owners {
+                return owners;
+            }
+            owners = a.clone();
+            previous = a;
+        }
+        panic!("did not settle");
+    }
+
+    /// Members, owners, previous assignment, budget, loads (small shards, sometimes one
+    /// hot shard at 20× the others).
+    fn arb_loaded() -> impl Strategy<
+        Value = (
+            usize,
+            Vec<Option<usize>>,
+            Vec<Option<usize>>,
+            usize,
+            Vec<f64>,
+        ),
+    > {
+        (1usize..7, 60usize..400).prop_flat_map(|(n, s)| {
+            let slot = proptest::option::of(0..n + 2);
+            (
+                Just(n),
+                proptest::collection::vec(slot.clone(), s),
+                proptest::collection::vec(slot, s),
+                1usize..400,
+                proptest::collection::vec(1u32..10, s),
+                proptest::option::of(0..s),
+            )
+                .prop_map(|(n, owners, previous, max_moves, loads, hot)| {
+                    let mut loads: Vec<f64> = loads.into_iter().map(f64::from).collect();
+                    if let Some(h) = hot {
+                        loads[h] = 20.0 * 5.0;
+                    }
+                    (n, owners, previous, max_moves, loads)
+                })
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn load_plans_settle_within_tolerance((n, owners, _, max_moves, loads) in arb_loaded()) {
+            let members = ids(n);
+            let settled = settle_loads(&members, to_ids(&owners), &loads, max_moves);
+            prop_assert!(settled.iter().all(|a| a.as_ref().is_some_and(|a| members.contains(a))));
+            let l = member_loads(&settled, &members, &loads);
+            let mean = l.iter().sum::<f64>() / n as f64;
+            // Shards heavier than the share of the members left cannot be split: their
+            // members hold them (and no more than the band beside them); the others are
+            // within the tolerance (plus the 1 % idle floor; a rebalance the move budget
+            // cut short may end anywhere inside it).
+            let mut by_weight = loads.clone();
+            by_weight.sort_by(|a, b| b.total_cmp(a));
+            let (mut k, mut rest) = (0, loads.iter().sum::<f64>());
+            let mut share = rest / n as f64;
+            while k + 1 < n && by_weight[k] > share * 1.06 {
+                rest -= by_weight[k];
+                k += 1;
+                share = rest / (n - k) as f64;
+            }
+            let giant = |s: usize| k > 0 && loads[s] >= by_weight[k - 1];
+            for (i, m) in members.iter().enumerate() {
+                let held_giant: f64 = (0..loads.len()).filter(|&s| giant(s) && settled[s].as_ref() == Some(m)).map(|s| loads[s]).sum();
+                if held_giant > 0.0 {
+                    prop_assert!(l[i] - held_giant <= share * 0.11, "member {} holds {} beside its giant; loads {:?}", i, l[i] - held_giant, l);
+                } else {
+                    prop_assert!((l[i] - share).abs() <= share * 0.11, "member {} at {}, share {}; loads {:?}", i, l[i], share, l);
+                }
+            }
+            let _ = mean;
+        }
+
+        #[test]
+        fn load_plans_are_idempotent_and_respect_the_budget(
+            (n, owners, previous, max_moves, loads) in arb_loaded(),
+            frozen in any::<bool>(),
+        ) {
+            let members = ids(n);
+            let (owners, previous) = (to_ids(&owners), to_ids(&previous));
+            let pins = vec![(0usize, MemberId::new("m0"))];
+            let input = PlanInput {
+                active: &members, owners: &owners, previous: &previous, max_moves,
+                pins: &pins, frozen, loads: Some(&loads), tolerance: 0.1,
+            };
+            let a = plan(input);
+            let b = plan(PlanInput { previous: &a, ..input });
+            prop_assert_eq!(&a, &b);
+            let fresh = plan(PlanInput { previous: &[], ..input });
+            prop_assert!(pending_moves(&owners, &fresh) <= max_moves);
+        }
+
+        #[test]
+        fn loads_wobbling_less_than_the_hysteresis_move_nothing(
+            (n, owners, _, _, loads) in arb_loaded(),
+            noise in proptest::collection::vec(-0.02f64..0.02, 400),
+        ) {
+            let members = ids(n);
+            let settled = settle_loads(&members, to_ids(&owners), &loads, usize::MAX);
+            let wobbled: Vec<f64> = loads.iter().zip(&noise).map(|(l, e)| l * (1.0 + e)).collect();
+            let again = plan(PlanInput {
+                active: &members, owners: &settled, previous: &settled, max_moves: usize::MAX,
+                loads: Some(&wobbled), tolerance: 0.1, ..Default::default()
+            });
+            prop_assert_eq!(pending_moves(&settled, &again), 0);
+        }
+    }
+
+    #[test]
+    fn one_shard_at_20_times_the_others_is_balanced_around() {
+        // 64 shards, 3 members, shard 5 at 20×: counts balance leaves its member ~45 %
+        // over the mean; load balance gives that member fewer shards.
+        let members = ids(3);
+        let mut loads = vec![1.0; 64];
+        loads[5] = 20.0;
+        let (counted, _) = settle(&members, vec![None; 64], usize::MAX);
+        let before = member_loads(&counted, &members, &loads);
+        let mean = loads.iter().sum::<f64>() / 3.0;
+        assert!(before.iter().any(|l| *l > mean * 1.3), "{before:?}");
+        let settled = settle_loads(&members, counted, &loads, 4);
+        let after = member_loads(&settled, &members, &loads);
+        for l in &after {
+            assert!((l - mean).abs() <= mean * 0.1, "{after:?} around {mean}");
+        }
+        let hot = settled[5].clone().unwrap();
+        let c = counts(&settled, &members);
+        let hot_count = c[members.iter().position(|m| *m == hot).unwrap()];
+        assert!(
+            hot_count < 64 / 3,
+            "the hot shard's member holds {hot_count} shards"
+        );
+    }
+
+    #[test]
+    fn no_load_falls_back_to_count_balance() {
+        let members = ids(3);
+        let a = plan(PlanInput {
+            active: &members,
+            owners: &vec![None; 1024],
+            max_moves: 16,
+            loads: Some(&[0.0; 1024]),
+            tolerance: 0.1,
+            ..Default::default()
+        });
+        let mut c = counts(&a, &members);
+        c.sort();
+        assert_eq!(c, vec![341, 341, 342]);
     }
 
     #[test]
