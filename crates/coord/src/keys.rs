@@ -19,6 +19,8 @@ pub enum Key {
     /// Operator controls of placement: pins and the freeze.
     Placement,
     Shard(ShardId),
+    /// A member's report of the load on the shards it owns.
+    Load(MemberId),
     /// The latest claim of a Kafka partition by a consumer group member.
     KafkaFence(PartitionRef),
 }
@@ -62,6 +64,11 @@ impl Keys {
         format!("{}placement", self.prefix)
     }
 
+    /// `loads/<member>`, attached to the member's lease.
+    pub fn load(&self, id: &MemberId) -> String {
+        format!("{}loads/{}", self.prefix, id)
+    }
+
     pub fn shard(&self, shard: ShardId) -> String {
         format!("{}shards/{}", self.prefix, shard.0)
     }
@@ -87,6 +94,8 @@ impl Keys {
             _ => {
                 if let Some(id) = rest.strip_prefix("members/") {
                     Some(Key::Member(MemberId::new(id)))
+                } else if let Some(id) = rest.strip_prefix("loads/") {
+                    Some(Key::Load(MemberId::new(id)))
                 } else if let Some(fence) = rest.strip_prefix("kafka-fences/") {
                     let mut parts = fence.splitn(3, '/');
                     let topic = parts.next()?.to_owned();
@@ -118,6 +127,22 @@ pub struct PlacementValue {
     /// Shard → the member it must live on (ignored while that member is not active).
     #[serde(default)]
     pub pins: std::collections::BTreeMap<u32, MemberId>,
+    /// One-shot moves: shard → the member it goes to; the leader forgets each once the
+    /// shard got there (or the member is no longer active). After that the shard is
+    /// balanced like any other.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub moves: std::collections::BTreeMap<u32, MemberId>,
+}
+
+/// Value of `loads/<member>`: the load on each shard the member owns, smoothed over
+/// `load_smoothing` (columns, to keep the value small).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadReport {
+    pub shards: Vec<u32>,
+    /// Handler calls per second.
+    pub calls: Vec<f64>,
+    /// Handler busy time, seconds per second (0.5 = one call running half the time).
+    pub busy: Vec<f64>,
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.
@@ -242,6 +267,10 @@ mod tests {
             Some(Key::Shard(ShardId(17)))
         );
         assert_eq!(k.parse(k.leader().as_bytes()), Some(Key::Leader));
+        assert_eq!(
+            k.parse(k.load(&MemberId::new("a")).as_bytes()),
+            Some(Key::Load(MemberId::new("a")))
+        );
         assert_eq!(k.parse(b"/leasehold/other/leader"), None);
         assert_eq!(k.parse(b"/leasehold/prod/shards/x"), None);
         let p = PartitionRef {

@@ -37,11 +37,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 pub use crate::claims::{claim, claim_value, Claim, ClaimMode};
-pub use crate::keys::{ClusterConfig, Keys, MemberState, PartitionRef, PlacementValue};
+pub use crate::keys::{ClusterConfig, Keys, LoadReport, MemberState, PartitionRef, PlacementValue};
 use crate::lease::LeaseKeeper;
 use crate::reconcile::Reconciler;
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
-pub use crate::view::{Member, PeerAddress, ShardOwner, View};
+pub use crate::view::{Member, PeerAddress, ShardLoad, ShardOwner, View, CALL_COST_SECONDS};
 use crate::watcher::Watcher;
 
 /// Errors of the coordination layer.
@@ -124,6 +124,9 @@ pub struct CoordOptions {
     pub lease_ttl: Duration,
     /// How many owned shards the leader moves at once.
     pub max_moves: usize,
+    /// Balance reported load within this fraction of the mean (`Some(0.1)` = ±10 %) when
+    /// this instance leads; `None`: balance shard counts.
+    pub load_tolerance: Option<f64>,
     pub version: String,
 }
 
@@ -606,6 +609,64 @@ impl Coord {
         member: Option<MemberId>,
     ) -> Result<PlacementValue, Error> {
         let view = self.view();
+        match &member {
+            Some(m) => self.check_placement_target(&view, shard, m)?,
+            None if !view.synced => {
+                return Err(Error::Other(
+                    "this instance has not synced its routing table with etcd yet; try again"
+                        .into(),
+                ))
+            }
+            None if shard.0 >= view.shard_count() => {
+                return Err(Error::Refused(format!(
+                    "shard {shard} is out of range (the cluster has {} shards)",
+                    view.shard_count()
+                )))
+            }
+            None => {}
+        }
+        self.update_placement(|p| match &member {
+            Some(m) => {
+                p.pins.insert(shard.0, m.clone());
+            }
+            None => {
+                p.pins.remove(&shard.0);
+            }
+        })
+        .await
+    }
+
+    /// Moves a shard to a member once: the leader assigns it there (a planned handoff) and
+    /// forgets the request when it got there; afterwards the shard is balanced like any
+    /// other. Refused for a pinned shard (the pin decides).
+    pub async fn move_shard(
+        &self,
+        shard: ShardId,
+        member: MemberId,
+    ) -> Result<PlacementValue, Error> {
+        let view = self.view();
+        self.check_placement_target(&view, shard, &member)?;
+        if let Some(pinned) = view.placement.pins.get(&shard.0) {
+            if *pinned != member {
+                return Err(Error::Refused(format!(
+                    "shard {shard} is pinned to {pinned}; unpin it first, or pin it to {member}"
+                )));
+            }
+        }
+        self.update_placement(|p| {
+            p.moves.insert(shard.0, member.clone());
+        })
+        .await
+    }
+
+    /// The checks a pin or a move must pass: a synced view, the shard in range, the member
+    /// active.
+    fn check_placement_target(
+        &self,
+        view: &View,
+        shard: ShardId,
+        member: &MemberId,
+    ) -> Result<(), Error> {
         if !view.synced {
             return Err(Error::Other(
                 "this instance has not synced its routing table with etcd yet; try again".into(),
@@ -618,26 +679,29 @@ impl Coord {
                 view.shard_count() - 1
             )));
         }
-        if let Some(m) = &member {
-            match view.members.get(m) {
-                None => return Err(Error::UnknownMember(m.to_string())),
-                Some(info) if info.state != MemberState::Active => {
-                    return Err(Error::Refused(format!(
-                        "member {m:?} is draining and cannot take shards"
-                    )))
-                }
-                Some(_) => {}
-            }
+        match view.members.get(member) {
+            None => Err(Error::UnknownMember(member.to_string())),
+            Some(info) if info.state != MemberState::Active => Err(Error::Refused(format!(
+                "member {member:?} is draining and cannot take shards"
+            ))),
+            Some(_) => Ok(()),
         }
-        self.update_placement(|p| match &member {
-            Some(m) => {
-                p.pins.insert(shard.0, m.clone());
-            }
-            None => {
-                p.pins.remove(&shard.0);
-            }
-        })
-        .await
+    }
+
+    /// Publishes this member's load report (`loads/<id>`, on its lease).
+    pub async fn report_load(&self, report: &LoadReport) -> Result<(), Error> {
+        let session = *self.inner.session.borrow();
+        if session.lease == 0 {
+            return Ok(()); // no lease yet: nothing to attach the report to
+        }
+        let mut client = self.client()?;
+        self.etcd(client.put(
+            self.inner.keys.load(self.member_id()),
+            serde_json::to_vec(report).expect("load report serialises"),
+            Some(PutOptions::new().with_lease(session.lease)),
+        ))
+        .await?;
+        Ok(())
     }
 
     /// Freezes (`true`) or unfreezes placement: while frozen no voluntary move happens;
@@ -684,6 +748,7 @@ impl Coord {
                 tracing::info!(
                     frozen = value.frozen,
                     pins = value.pins.len(),
+                    moves = value.moves.len(),
                     "placement controls updated"
                 );
                 return Ok(value);

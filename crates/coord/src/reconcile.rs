@@ -295,20 +295,31 @@ impl Coord {
         } else {
             &view.assignment
         };
-        let pins: Vec<(usize, MemberId)> = view
-            .placement
-            .pins
+        // One-shot moves act as pins until done; a pin of the same shard wins.
+        let placement = &view.placement;
+        let pins: Vec<(usize, MemberId)> = placement
+            .moves
             .iter()
+            .filter(|(s, _)| !placement.pins.contains_key(s))
+            .chain(&placement.pins)
             .map(|(s, m)| (*s as usize, m.clone()))
             .collect();
+        let loads = self
+            .inner
+            .opts
+            .load_tolerance
+            .and_then(|_| view.load_weights());
         let assignment = plan(PlanInput {
             active: &active,
             owners: &owners,
             previous,
             max_moves: self.inner.opts.max_moves,
             pins: &pins,
-            frozen: view.placement.frozen,
+            frozen: placement.frozen,
+            loads: loads.as_deref(),
+            tolerance: self.inner.opts.load_tolerance.unwrap_or(0.0),
         });
+        self.forget_finished_moves(view, &active).await;
         if view.assignment_version > 0 && assignment == *view.assignment {
             return Ok(());
         }
@@ -325,6 +336,37 @@ impl Coord {
             tracing::info!(version, members = active.len(), moves, "assignment written");
         }
         Ok(())
+    }
+
+    /// Drops one-shot moves whose shard reached its member, or whose member is no longer
+    /// active (the leader's job: it alone plans).
+    async fn forget_finished_moves(&self, view: &View, active: &[MemberId]) {
+        let finished = |s: &u32, m: &MemberId| {
+            !active.contains(m) || view.owner(ShardId(*s)).is_some_and(|o| o.owner == *m)
+        };
+        if !view.placement.moves.iter().any(|(s, m)| finished(s, m)) {
+            return;
+        }
+        let done: Vec<(u32, MemberId)> = view
+            .placement
+            .moves
+            .iter()
+            .filter(|(s, m)| finished(s, m))
+            .map(|(s, m)| (*s, m.clone()))
+            .collect();
+        let result = self
+            .update_placement(|p| {
+                for (s, m) in &done {
+                    if p.moves.get(s) == Some(m) {
+                        p.moves.remove(s);
+                    }
+                }
+            })
+            .await;
+        match result {
+            Ok(_) => tracing::info!(moves = ?done, "one-shot moves done"),
+            Err(e) => tracing::warn!(error = %e, "could not forget finished moves"),
+        }
     }
 
     /// Acquires free shards assigned to this instance.

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use leasehold_types::{Epoch, MemberId, ShardId};
 
 use crate::keys::{
-    AssignmentValue, Key, Keys, MemberState, MemberValue, PartitionRef, PlacementValue, ShardValue,
+    AssignmentValue, Key, Keys, LoadReport, MemberState, MemberValue, PartitionRef, PlacementValue,
+    ShardValue,
 };
 
 /// A member as seen in the routing table.
@@ -59,6 +60,30 @@ impl PeerAddress {
     }
 }
 
+/// The latest load reported for one shard (by whichever member reported it last: its
+/// owner, or its previous owner until the new one reports).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ShardLoad {
+    /// Handler calls per second.
+    pub calls: f64,
+    /// Handler busy time, seconds per second.
+    pub busy: f64,
+    /// etcd revision of the report (0: never reported).
+    pub revision: i64,
+}
+
+/// What the load planner weighs per call besides handler busy time: Leasehold's own work
+/// for one call (routing, queueing, the handler round trip's framing), so a no-op handler's
+/// shards are still balanced by their call rates.
+pub const CALL_COST_SECONDS: f64 = 20e-6;
+
+impl ShardLoad {
+    /// One number per shard for the planner: busy time plus the per-call cost.
+    pub fn weight(&self) -> f64 {
+        self.busy + self.calls * CALL_COST_SECONDS
+    }
+}
+
 /// A consistent picture of the cluster at one etcd revision.
 #[derive(Debug, Clone)]
 pub struct View {
@@ -80,6 +105,8 @@ pub struct View {
     pub fences: Arc<HashMap<PartitionRef, u64>>,
     /// Operator pins and the freeze.
     pub placement: Arc<PlacementValue>,
+    /// Latest reported load per shard (kept when the reporter leaves: the last known).
+    pub loads: Arc<Vec<ShardLoad>>,
 }
 
 impl View {
@@ -94,7 +121,16 @@ impl View {
             shards: vec![None; shard_count as usize],
             fences: Arc::default(),
             placement: Arc::default(),
+            loads: Arc::new(vec![ShardLoad::default(); shard_count as usize]),
         }
+    }
+
+    /// Each shard's planner weight; `None` when no shard has a reported load.
+    pub fn load_weights(&self) -> Option<Vec<f64>> {
+        self.loads
+            .iter()
+            .any(|l| l.revision > 0)
+            .then(|| self.loads.iter().map(ShardLoad::weight).collect())
     }
 
     /// The latest claim of a partition this view has seen (0: none).
@@ -135,6 +171,37 @@ impl View {
             put.map(|p| (p.value, p.create_revision, p.lease, p.mod_revision)),
         ) {
             (Key::Config, _) => {}
+            (Key::Load(id), Some((value, _, _, mod_revision))) => {
+                match serde_json::from_slice::<LoadReport>(value) {
+                    Ok(r) => {
+                        let loads = Arc::make_mut(&mut self.loads);
+                        for ((&shard, &calls), &busy) in r.shards.iter().zip(&r.calls).zip(&r.busy)
+                        {
+                            let Some(slot) = loads.get_mut(shard as usize) else {
+                                continue;
+                            };
+                            if slot.revision <= mod_revision
+                                && calls.is_finite()
+                                && busy.is_finite()
+                                && calls >= 0.0
+                                && busy >= 0.0
+                            {
+                                *slot = ShardLoad {
+                                    calls,
+                                    busy,
+                                    revision: mod_revision,
+                                };
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(member = %id, error = %e, "ignoring unreadable load report")
+                    }
+                }
+            }
+            // The member left: its shards' last known loads stay until their new owners
+            // report.
+            (Key::Load(_), None) => {}
             (Key::KafkaFence(p), Some((_, _, _, mod_revision))) => {
                 let fence = Arc::make_mut(&mut self.fences).entry(p).or_default();
                 *fence = (*fence).max(mod_revision as u64);

@@ -753,15 +753,15 @@ mod tests {
 
     /// Members, owners, previous assignment, budget, loads (small shards, sometimes one
     /// hot shard at 20× the others).
-    fn arb_loaded() -> impl Strategy<
-        Value = (
-            usize,
-            Vec<Option<usize>>,
-            Vec<Option<usize>>,
-            usize,
-            Vec<f64>,
-        ),
-    > {
+    type Loaded = (
+        usize,
+        Vec<Option<usize>>,
+        Vec<Option<usize>>,
+        usize,
+        Vec<f64>,
+    );
+
+    fn arb_loaded() -> impl Strategy<Value = Loaded> {
         (1usize..7, 60usize..400).prop_flat_map(|(n, s)| {
             let slot = proptest::option::of(0..n + 2);
             (

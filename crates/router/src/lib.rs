@@ -13,6 +13,7 @@
 mod events;
 mod handler;
 pub mod hot;
+pub mod load;
 mod mailbox;
 mod peers;
 pub mod routing;
@@ -354,6 +355,8 @@ struct Inner {
     routing: routing::RoutingCache,
     /// The keys taking the most calls here.
     hot: hot::HotKeys,
+    /// Calls and busy time per shard, for load reports.
+    load: load::LoadMeter,
 }
 
 /// One call counted against `max_pending_calls` until dropped.
@@ -497,6 +500,7 @@ impl Router {
                 closing: tokio_util::sync::CancellationToken::new(),
                 routing: routing::RoutingCache::default(),
                 hot: hot::HotKeys::default(),
+                load: load::LoadMeter::new(coord.options().shard_count),
                 concurrency: Arc::new(Semaphore::new(opts.max_concurrency)),
                 coord,
                 handler,
@@ -543,6 +547,33 @@ impl Router {
         self.inner.closing.cancel();
         self.inner.peers.close();
         self.inner.tasks.close();
+    }
+
+    /// Publishes this instance's per-shard load every `interval` (smoothed over
+    /// `smoothing`) until `cancel`; a failed write is logged and retried at the next tick.
+    pub async fn report_load(
+        &self,
+        interval: Duration,
+        smoothing: Duration,
+        cancel: tokio_util::sync::CancellationToken,
+    ) {
+        let mut smoother = load::LoadSmoother::new(smoothing);
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = Instant::now();
+            let held = self.inner.coord.table().held();
+            let report = smoother.sample(&self.inner.load, &held, now - last);
+            last = now;
+            if let Err(e) = self.inner.coord.report_load(&report).await {
+                tracing::debug!(error = %e, "load report not written");
+            }
+        }
     }
 
     pub fn refresh_metrics(&self) {
@@ -934,10 +965,9 @@ impl Router {
             tasks: self.inner.tasks.clone(),
         };
         let result = running.await;
-        self.inner
-            .metrics
-            .handler_latency
-            .observe(started.elapsed());
+        let busy = started.elapsed();
+        self.inner.metrics.handler_latency.observe(busy);
+        self.inner.load.record(job.shard, busy);
         Ok(match result {
             Ok(Ok(payload)) => Ok(Reply {
                 payload,

@@ -33,6 +33,10 @@ pub struct ClusterInfo {
     pub frozen: bool,
     /// Operator pins: shard → member.
     pub pins: std::collections::BTreeMap<u32, String>,
+    /// One-shot moves not done yet: shard → member.
+    pub moves: std::collections::BTreeMap<u32, String>,
+    /// What the leader balances (`count` or `load`; this instance's setting).
+    pub balance: &'static str,
 }
 
 #[derive(Debug, Serialize)]
@@ -44,6 +48,39 @@ pub struct ShardInfo {
     /// `owned`, `moving` or `unowned`.
     pub state: &'static str,
     pub assigned_to: Option<String>,
+    /// Latest reported load (absent: never reported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadInfo>,
+}
+
+/// Load as owners report it.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LoadInfo {
+    /// Handler calls per second.
+    pub calls_per_second: f64,
+    /// Handler busy time, seconds per second.
+    pub busy: f64,
+}
+
+impl LoadInfo {
+    fn of(l: &leasehold_coord::ShardLoad) -> Option<Self> {
+        (l.revision > 0).then_some(Self {
+            calls_per_second: l.calls,
+            busy: l.busy,
+        })
+    }
+
+    fn add(&mut self, other: Self) {
+        self.calls_per_second += other.calls_per_second;
+        self.busy += other.busy;
+    }
+
+    fn rounded(self) -> Self {
+        Self {
+            calls_per_second: (self.calls_per_second * 1e3).round() / 1e3,
+            busy: (self.busy * 1e6).round() / 1e6,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -53,6 +90,8 @@ pub struct MemberInfo {
     pub admin_address: String,
     pub state: &'static str,
     pub shards: usize,
+    /// Sum of the reported loads of the shards it owns.
+    pub load: LoadInfo,
 }
 
 pub fn cluster_info(coord: &Coord) -> ClusterInfo {
@@ -72,6 +111,17 @@ pub fn cluster_info(coord: &Coord) -> ClusterInfo {
             .iter()
             .map(|(s, m)| (*s, m.0.clone()))
             .collect(),
+        moves: view
+            .placement
+            .moves
+            .iter()
+            .map(|(s, m)| (*s, m.0.clone()))
+            .collect(),
+        balance: if coord.options().load_tolerance.is_some() {
+            "load"
+        } else {
+            "count"
+        },
     }
 }
 
@@ -90,6 +140,7 @@ fn shard_info(view: &View, shard: ShardId) -> ShardInfo {
         epoch: owner.map_or(0, |o| o.epoch.0),
         state,
         assigned_to: assigned.map(|a| a.0.clone()),
+        load: view.loads.get(shard.0 as usize).and_then(LoadInfo::of),
     }
 }
 
@@ -103,6 +154,12 @@ pub fn shards(coord: &Coord) -> Vec<ShardInfo> {
 
 pub fn members(coord: &Coord) -> Vec<MemberInfo> {
     let view = coord.view();
+    let mut loads: std::collections::HashMap<&MemberId, LoadInfo> = Default::default();
+    for (owner, load) in view.shards.iter().zip(view.loads.iter()) {
+        if let (Some(o), Some(l)) = (owner, LoadInfo::of(load)) {
+            loads.entry(&o.owner).or_default().add(l);
+        }
+    }
     view.members
         .values()
         .map(|m| MemberInfo {
@@ -111,6 +168,7 @@ pub fn members(coord: &Coord) -> Vec<MemberInfo> {
             admin_address: m.admin_address.clone(),
             state: m.state.as_str(),
             shards: view.owned_by(&m.id),
+            load: loads.get(&m.id).copied().unwrap_or_default().rounded(),
         })
         .collect()
 }
@@ -195,6 +253,7 @@ pub fn http_routes(
         .route("/v1/placement", get(get_placement))
         .route("/v1/hot-keys", get(get_hot_keys))
         .route("/v1/shards/{shard}/pin", post(pin).delete(unpin))
+        .route("/v1/shards/{shard}/move", post(move_shard))
         .route("/v1/cluster/freeze", post(freeze))
         .route("/v1/cluster/unfreeze", post(unfreeze))
         .route("/healthz", get(healthz))
@@ -300,11 +359,18 @@ async fn drain(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> Respon
     }
 }
 
-/// Pins and the freeze as JSON: `{"frozen": false, "pins": {"12": "n1"}}`.
+/// Pins, moves and the freeze as JSON:
+/// `{"frozen": false, "pins": {"12": "n1"}, "moves": {"40": "n2"}}`.
 fn placement_json(p: &leasehold_coord::PlacementValue) -> serde_json::Value {
+    let map = |m: &std::collections::BTreeMap<u32, MemberId>| {
+        m.iter()
+            .map(|(s, m)| (s.to_string(), serde_json::Value::from(m.0.clone())))
+            .collect::<serde_json::Map<_, _>>()
+    };
     serde_json::json!({
         "frozen": p.frozen,
-        "pins": p.pins.iter().map(|(s, m)| (s.to_string(), serde_json::Value::from(m.0.clone()))).collect::<serde_json::Map<_, _>>(),
+        "pins": map(&p.pins),
+        "moves": map(&p.moves),
     })
 }
 
@@ -392,6 +458,27 @@ async fn pin(
     placement_answer(coord.pin(shard, Some(MemberId(request.to))).await)
 }
 
+/// `POST /v1/shards/{n}/move {"to": member}`: moves the shard there once (a planned
+/// handoff); afterwards it is balanced like any other shard.
+async fn move_shard(
+    State(s): State<Arc<AppState>>,
+    Path(shard): Path<String>,
+    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let coord = s.router.coord();
+    let shard = match parse_shard(&shard, coord.options().shard_count) {
+        Ok(s) => s,
+        Err(r) => return *r,
+    };
+    let Ok(Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            r#"the body must be JSON like {"to": "member-id"}"#,
+        );
+    };
+    placement_answer(coord.move_shard(shard, MemberId(request.to)).await)
+}
+
 async fn unpin(State(s): State<Arc<AppState>>, Path(shard): Path<String>) -> Response {
     let coord = s.router.coord();
     match parse_shard(&shard, coord.options().shard_count) {
@@ -455,6 +542,8 @@ fn member_pb(m: MemberInfo) -> pb::MemberInfo {
         admin_address: m.admin_address,
         state: m.state.into(),
         shards: m.shards as u32,
+        calls_per_second: m.load.calls_per_second,
+        busy: m.load.busy,
     }
 }
 
@@ -467,6 +556,7 @@ fn placement_grpc(
         Ok(p) => Ok(tonic::Response::new(pb::Placement {
             frozen: p.frozen,
             pins: p.pins.into_iter().map(|(s, m)| (s, m.0)).collect(),
+            moves: p.moves.into_iter().map(|(s, m)| (s, m.0)).collect(),
         })),
         Err(E::UnknownMember(m)) => Err(tonic::Status::invalid_argument(format!(
             "member {m:?} is not registered"
@@ -498,7 +588,25 @@ impl pb::admin_server::Admin for AdminService {
             unowned_shards: c.unowned_shards as u32,
             frozen: c.frozen,
             pins: c.pins.into_iter().collect(),
+            balance: c.balance.into(),
+            moves: c.moves.into_iter().collect(),
         }))
+    }
+
+    async fn r#move(
+        &self,
+        request: tonic::Request<pb::MoveRequest>,
+    ) -> Result<tonic::Response<pb::Placement>, tonic::Status> {
+        authorize(&self.auth, &request, true)?;
+        let r = request.into_inner();
+        if r.member.is_empty() {
+            return Err(tonic::Status::invalid_argument("member must not be empty"));
+        }
+        placement_grpc(
+            self.coord
+                .move_shard(ShardId(r.shard), MemberId(r.member))
+                .await,
+        )
     }
 
     async fn pin(
@@ -533,6 +641,8 @@ impl pb::admin_server::Admin for AdminService {
                 epoch: s.epoch,
                 state: s.state.into(),
                 assigned_to: s.assigned_to.unwrap_or_default(),
+                calls_per_second: s.load.map_or(0.0, |l| l.calls_per_second),
+                busy: s.load.map_or(0.0, |l| l.busy),
             })
             .collect();
         Ok(tonic::Response::new(pb::ListShardsResponse { shards }))
@@ -564,6 +674,7 @@ impl pb::admin_server::Admin for AdminService {
                     admin_address: m.admin_address,
                     state: "draining".into(),
                     shards: self.coord.view().owned_by(&m.id) as u32,
+                    ..Default::default()
                 }),
             })),
             Err(leasehold_coord::Error::UnknownMember(_)) => Err(tonic::Status::not_found(

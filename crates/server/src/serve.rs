@@ -187,6 +187,8 @@ impl Instance {
                 shard_count: config.shards,
                 lease_ttl: config.lease_ttl,
                 max_moves: config.max_moves,
+                load_tolerance: (config.balance == crate::config::Balance::Load)
+                    .then(|| config.balance_tolerance as f64 / 100.0),
                 version: env!("CARGO_PKG_VERSION").into(),
             },
             events.clone(),
@@ -453,6 +455,15 @@ impl Servers {
                 instance.registry.clone(),
                 stop.clone(),
             )),
+        ));
+        tasks.push((
+            "load reporter",
+            tokio::spawn({
+                let router = instance.router.clone();
+                let (interval, smoothing) = (config.load_report_interval, config.load_smoothing);
+                let stop = stop.clone();
+                async move { router.report_load(interval, smoothing, stop).await }
+            }),
         ));
         tasks.push((
             "shard move recorder",

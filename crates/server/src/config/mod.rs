@@ -21,7 +21,7 @@ use leasehold_types::validate_member_id;
 use serde::{Deserialize, Serialize};
 
 pub use self::kafka::{KafkaFlags, KafkaOptions};
-pub use self::values::{AdminAuth, ByteSize, HandlerSpec, List, LogFormat, Secret};
+pub use self::values::{AdminAuth, Balance, ByteSize, HandlerSpec, List, LogFormat, Secret};
 
 /// Prefix of the environment variables: `LEASEHOLD_<SETTING>` (upper case).
 pub const ENV_PREFIX: &str = "LEASEHOLD_";
@@ -162,6 +162,20 @@ settings! {
     /// Owned shards the leader moves at once.
     #[serde(with = "values::num")]
     max_moves: usize = 256,
+    /// What the leader balances: `count` (shards per member) or `load` (the load owners
+    /// report per shard, within balance_tolerance of the mean). Set it the same on every
+    /// instance: the leader's setting applies.
+    balance: Balance = Balance::Count,
+    /// With balance = load: how far (percent of the mean) a member's load may drift before
+    /// shards move; moves then even loads out to half of it.
+    #[serde(with = "values::num")]
+    balance_tolerance: usize = 10,
+    /// How often each instance publishes the load of the shards it owns (to etcd).
+    #[serde(with = "values::duration")]
+    load_report_interval: Duration = Duration::from_secs(10),
+    /// Time constant over which reported loads are smoothed (exponentially).
+    #[serde(with = "values::duration")]
+    load_smoothing: Duration = Duration::from_secs(30),
     /// Client plane TLS certificate chain (PEM); with tls_key the client port speaks
     /// TLS only.
     #[serde(with = "values::opt_string", skip_serializing_if = "Option::is_none")]
@@ -612,6 +626,13 @@ impl ServeOptions {
         in_range("max_concurrency", self.max_concurrency, 1, 1 << 20)?;
         in_range("mailbox_capacity", self.mailbox_capacity, 1, 1 << 20)?;
         in_range("max_moves", self.max_moves, 1, 1 << 20)?;
+        in_range("balance_tolerance", self.balance_tolerance, 1, 100)?;
+        if self.load_report_interval < Duration::from_millis(100) {
+            return Err(ConfigError::field(
+                "load_report_interval",
+                "must be at least 100ms",
+            ));
+        }
         in_range("max_pending_calls", self.max_pending_calls, 1, 1 << 30)?;
         in_range(
             "max_concurrent_streams",

@@ -439,6 +439,39 @@ macro_rules! string_serde {
 
 string_serde!(HandlerSpec);
 
+/// What the leader balances across members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Shard counts (every member holds ⌊S/N⌋ or ⌈S/N⌉ shards).
+    Count,
+    /// The load owners report per shard (handler busy time and calls), within
+    /// `balance_tolerance` of the mean; counts while there are no reports.
+    Load,
+}
+
+impl FromStr for Balance {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "count" => Ok(Balance::Count),
+            "load" => Ok(Balance::Load),
+            other => Err(format!("{other:?}: use count or load")),
+        }
+    }
+}
+
+impl fmt::Display for Balance {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Balance::Count => "count",
+            Balance::Load => "load",
+        })
+    }
+}
+
+string_serde!(Balance);
+
 /// What the admin token protects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AdminAuth {
