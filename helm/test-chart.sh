@@ -122,6 +122,16 @@ for name in default all-options dev-etcd-hpa tls-secrets; do
     elif grep -q '^otlp_endpoint = ' <<<"$printed"; then
       fail "$name: tracing is off but the effective config exports" "$printed"
     fi
+    if [ "$name" = all-options ]; then
+      want_balance='balance = "load"|balance_tolerance = 15|load_report_interval = "5s"|load_smoothing = "20s"'
+    else
+      want_balance='balance = "count"|balance_tolerance = 10|load_report_interval = "10s"|load_smoothing = "30s"'
+    fi
+    if [ "$(grep -cxE "$want_balance" <<<"$printed")" = 4 ]; then
+      ok "$name: effective config balances as placement.* says ($(grep -x 'balance = .*' <<<"$printed"))"
+    else
+      fail "$name: effective config lacks the chart's placement settings" "$printed"
+    fi
     if grep -q '^admin_token_file = "/etc/leasehold/token/token"$' <<<"$printed"; then
       ok "$name: effective config has the admin token file"
     else

@@ -72,10 +72,11 @@ pub struct ShardLoad {
     pub revision: i64,
 }
 
-/// What the load planner weighs per call besides handler busy time: Leasehold's own work
-/// for one call (routing, queueing, the handler round trip's framing), so a no-op handler's
-/// shards are still balanced by their call rates.
-pub const CALL_COST_SECONDS: f64 = 20e-6;
+/// What the load planner weighs per call besides its handler busy time. Busy time alone is
+/// noise for fast handlers (one scheduling hiccup of a few milliseconds outweighs a
+/// thousand microsecond calls), so every call also counts as 1 ms: call rates decide for
+/// fast handlers, busy time for slow ones.
+pub const CALL_COST_SECONDS: f64 = 1e-3;
 
 impl ShardLoad {
     /// One number per shard for the planner: busy time plus the per-call cost.
