@@ -1183,6 +1183,24 @@ async fn placement_follows_a_skewed_load_and_then_stays_put() {
         converged.elapsed()
     );
     assert!(hot_after < 64 / 3, "{hot_after} shards with the hot one");
+    // `leasehold status` shows the balance mode and each member's load.
+    let out = std::process::Command::new(leasehold_bin())
+        .args(["status", "--admin", &n0.admin_url(), "--output", "json"])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["cluster"]["balance"], "load", "{status}");
+    let rates: Vec<f64> = status["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["load"]["calls_per_second"].as_f64().unwrap())
+        .collect();
+    let total: f64 = rates.iter().sum();
+    assert!(
+        (330.0..500.0).contains(&total),
+        "members' calls/s {rates:?}"
+    );
 
     // And stays put: loads wobble, placement does not oscillate (no shard moves twice,
     // at most one corrective round).

@@ -29,6 +29,19 @@ pub struct Cluster {
     /// Operator pins: shard → member.
     #[serde(default)]
     pub pins: BTreeMap<String, String>,
+    /// One-shot moves not done yet: shard → member.
+    #[serde(default)]
+    pub moves: BTreeMap<String, String>,
+    /// What the leader balances (`count` or `load`; absent from older instances).
+    #[serde(default)]
+    pub balance: Option<String>,
+}
+
+/// Reported load of a member's shards.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Deserialize, Serialize)]
+pub struct Load {
+    pub calls_per_second: f64,
+    pub busy: f64,
 }
 
 /// One member of `GET /v1/members`.
@@ -39,6 +52,9 @@ pub struct Member {
     pub admin_address: String,
     pub state: String,
     pub shards: usize,
+    /// Absent from older instances.
+    #[serde(default)]
+    pub load: Load,
 }
 
 #[derive(Debug, Deserialize)]
@@ -195,9 +211,16 @@ fn write_summary(out: &mut String, c: &Cluster) {
     if c.frozen {
         out.push_str("  FROZEN");
     }
+    if let Some(balance) = &c.balance {
+        let _ = write!(out, "  balance {balance}");
+    }
     if !c.pins.is_empty() {
         let pins: Vec<String> = c.pins.iter().map(|(s, m)| format!("{s}→{m}")).collect();
         let _ = write!(out, "  pins {}", pins.join(","));
+    }
+    if !c.moves.is_empty() {
+        let moves: Vec<String> = c.moves.iter().map(|(s, m)| format!("{s}→{m}")).collect();
+        let _ = write!(out, "  moving {}", moves.join(","));
     }
     out.push_str("\n\n");
 }
@@ -205,14 +228,20 @@ fn write_summary(out: &mut String, c: &Cluster) {
 fn write_members(out: &mut String, members: &[Member]) {
     let _ = writeln!(
         out,
-        "{:<24} {:<9} {:>6}  {:<22} {}",
-        "MEMBER", "STATE", "SHARDS", "ADDRESS", "ADMIN"
+        "{:<24} {:<9} {:>6} {:>9} {:>7}  {:<22} {}",
+        "MEMBER", "STATE", "SHARDS", "CALLS/S", "BUSY", "ADDRESS", "ADMIN"
     );
     for m in members {
         let _ = writeln!(
             out,
-            "{:<24} {:<9} {:>6}  {:<22} {}",
-            m.id, m.state, m.shards, m.address, m.admin_address
+            "{:<24} {:<9} {:>6} {:>9.1} {:>7.3}  {:<22} {}",
+            m.id,
+            m.state,
+            m.shards,
+            m.load.calls_per_second,
+            m.load.busy,
+            m.address,
+            m.admin_address
         );
     }
 }
@@ -451,6 +480,8 @@ mod tests {
                 unowned_shards: 1,
                 frozen: false,
                 pins: BTreeMap::new(),
+                moves: BTreeMap::new(),
+                balance: Some("load".into()),
             },
             members: vec![Member {
                 id: "n0".into(),
@@ -458,6 +489,10 @@ mod tests {
                 admin_address: "http://n0:7071".into(),
                 state: "active".into(),
                 shards: 3,
+                load: Load {
+                    calls_per_second: 12.5,
+                    busy: 0.25,
+                },
             }],
             shards: vec![
                 shard(0, Some("n0"), 5, "owned"),
@@ -472,10 +507,10 @@ mod tests {
     fn status_text_groups_shards_by_owner() {
         let text = render_status(&snapshot(), false).text;
         let expected = "\
-cluster prod  shards 4  members 1  leader n0  assignment v7  unowned 1
+cluster prod  shards 4  members 1  leader n0  assignment v7  unowned 1  balance load
 
-MEMBER                   STATE     SHARDS  ADDRESS                ADMIN
-n0                       active         3  http://n0:7070         http://n0:7071
+MEMBER                   STATE     SHARDS   CALLS/S    BUSY  ADDRESS                ADMIN
+n0                       active         3      12.5   0.250  http://n0:7070         http://n0:7071
 
 OWNER                    STATE     COUNT  SHARDS
 -                        unowned       1  2
@@ -504,12 +539,13 @@ n0                       owned         3  0-1,3";
         let mut snapshot = snapshot();
         snapshot.cluster.frozen = true;
         snapshot.cluster.pins.insert("3".into(), "n1".into());
+        snapshot.cluster.moves.insert("2".into(), "n0".into());
         let text = render_status(&snapshot, false).text;
         assert!(
             text.lines()
                 .next()
                 .unwrap()
-                .ends_with("unowned 1  FROZEN  pins 3→n1"),
+                .ends_with("unowned 1  FROZEN  balance load  pins 3→n1  moving 2→n0"),
             "{text}"
         );
     }
@@ -522,14 +558,15 @@ n0                       owned         3  0-1,3";
             json!({
                 "cluster": "prod", "self": "n0", "shard_count": 4, "leader": "n0",
                 "assignment_version": 7, "members": 1, "unowned_shards": 1,
-                "frozen": false, "pins": {}
+                "frozen": false, "pins": {}, "moves": {}, "balance": "load"
             })
         );
         assert_eq!(
             json["members"],
             json!([{
                 "id": "n0", "address": "http://n0:7070", "admin_address": "http://n0:7071",
-                "state": "active", "shards": 3
+                "state": "active", "shards": 3,
+                "load": {"calls_per_second": 12.5, "busy": 0.25}
             }])
         );
         assert_eq!(
