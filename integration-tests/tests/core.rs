@@ -752,6 +752,7 @@ async fn etcd_outages_shorter_and_longer_than_the_ttl() {
             .await
             .expect("call after a long etcd outage");
     }
+    assert_eq!(checker.violations(), Vec::<String>::new());
 }
 
 /// A handler's error reaches a client that called a non-owner as the handler sent it:
@@ -987,6 +988,7 @@ async fn operators_pin_shards_and_freeze_placement_under_load_with_no_failed_cal
         report.failed
     );
     assert!(report.ok > 500, "{} calls", report.ok);
+    assert_eq!(checker.violations(), Vec::<String>::new());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -627,6 +627,8 @@ impl Coord {
         }
         self.update_placement(|p| match &member {
             Some(m) => {
+                // The pin decides from now on: a pending one-shot move of the shard is void.
+                p.moves.remove(&shard.0);
                 p.pins.insert(shard.0, m.clone());
             }
             None => {

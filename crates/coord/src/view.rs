@@ -126,12 +126,26 @@ impl View {
         }
     }
 
-    /// Each shard's planner weight; `None` when no shard has a reported load.
+    /// Each shard's planner weight; `None` when no shard has a reported load. A shard
+    /// never reported weighs the mean of the reported ones (not 0: a member whose report
+    /// is not in yet must not look idle).
     pub fn load_weights(&self) -> Option<Vec<f64>> {
-        self.loads
+        let reported: Vec<f64> = self
+            .loads
             .iter()
-            .any(|l| l.revision > 0)
-            .then(|| self.loads.iter().map(ShardLoad::weight).collect())
+            .filter(|l| l.revision > 0)
+            .map(ShardLoad::weight)
+            .collect();
+        if reported.is_empty() {
+            return None;
+        }
+        let mean = reported.iter().sum::<f64>() / reported.len() as f64;
+        Some(
+            self.loads
+                .iter()
+                .map(|l| if l.revision > 0 { l.weight() } else { mean })
+                .collect(),
+        )
     }
 
     /// The latest claim of a partition this view has seen (0: none).

@@ -344,9 +344,10 @@ fn load_targets(
             .chain(order[1..].iter().rev().map(|&g| (g, lightest)));
         let mut moved = false;
         for (giver, receiver) in pairs {
-            // A move must narrow the pair by more than rounding: one that merely swaps two
-            // loads would be undone by the next plan.
-            let gap = load[giver] - load[receiver] - band.mean * 1e-3;
+            // A move must leave the receiver below the giver's old load by a real margin
+            // (half the tolerance): one that merely swaps two loads, or gains less than
+            // the loads wobble, would be undone by a later plan.
+            let gap = load[giver] - load[receiver] - band.mean * (tolerance / 2.0).max(1e-3);
             if gap <= 0.0 {
                 continue;
             }

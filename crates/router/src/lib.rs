@@ -571,7 +571,7 @@ impl Router {
             let report = smoother.sample(&self.inner.load, &held, now - last);
             last = now;
             if let Err(e) = self.inner.coord.report_load(&report).await {
-                tracing::debug!(error = %e, "load report not written");
+                tracing::warn!(error = %e, "load report not written; retrying at the next interval");
             }
         }
     }
