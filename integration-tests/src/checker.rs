@@ -29,6 +29,8 @@ pub struct State {
     pub kafka: Vec<(String, i32, i64, String)>,
     /// The consumer's claim (fence) each of those calls carried, in the same order.
     pub kafka_fences: Vec<u64>,
+    /// The cluster of each entry of `kafka` (empty without failover).
+    pub kafka_clusters: Vec<String>,
     /// Key → the request metadata the handler received that the test asked to keep
     /// (`traceparent`, `tracestate`, `x-*`), last call wins.
     pub metadata: HashMap<String, Vec<(String, String)>>,
@@ -98,6 +100,7 @@ impl EntityHandler for Service {
             let mut s = self.state.lock().unwrap();
             s.kafka.push(entry);
             s.kafka_fences.push(k.fence);
+            s.kafka_clusters.push(k.cluster.clone());
         }
         if self
             .fail_prefix

@@ -467,6 +467,7 @@ async fn a_forged_kafka_fence_neither_runs_nor_fences_real_records() {
                     offset,
                     group: "g".into(),
                     fence,
+                    cluster: String::new(),
                 })),
             }),
         });

@@ -755,3 +755,188 @@ async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
         .unwrap_or(0.0);
     assert!(fenced >= 1.0, "owner counts refused records: {metrics}");
 }
+
+/// Distinct (partition, offset) handled so far from one cluster of a failover source.
+fn handled_on(checker: &Checker, cluster: &str) -> BTreeSet<(i32, i64)> {
+    let state = checker.state.lock().unwrap();
+    state
+        .kafka
+        .iter()
+        .zip(&state.kafka_clusters)
+        .filter(|(_, c)| *c == cluster)
+        .map(|((_, p, o, _), _)| (*p, *o))
+        .collect()
+}
+
+/// The side a failover source reads, as `GET /v1/kafka/{source}` answers it.
+fn side(instance: &leasehold_integration_tests::Instance) -> Option<serde_json::Value> {
+    instance.get("/v1/kafka/pay")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
+    let mut primary = Kafka::start().await;
+    let standby = Kafka::start().await;
+    for k in [&primary, &standby] {
+        k.create_topic("pay", 3).await;
+        k.create_topic("pay-dlq", 1).await;
+    }
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("leasehold.toml");
+    let group_props =
+        "properties = { \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"1000\" }";
+    std::fs::write(
+        &config,
+        format!(
+            "lease_ttl = \"3s\"\nrequest_timeout = \"10s\"\nhandler = \"{}\"\n\
+             [[kafka]]\nname = \"pay\"\nbrokers = \"{}\"\ntopics = [\"pay\"]\ngroup = \"payments\"\n\
+             key = \"json:/account\"\ndlq_topic = \"pay-dlq\"\n{group_props}\n\
+             [kafka.failover]\nbrokers = \"{}\"\ndown_after = \"3s\"\nfail_back_after = \"4s\"\n\
+             probe_interval = \"500ms\"\noverlap = \"30s\"\n{group_props}\n",
+            checker.handler_flag(),
+            primary.brokers(),
+            standby.brokers()
+        ),
+    )
+    .unwrap();
+    let cluster = Cluster::start(3, &["--config", config.to_str().unwrap()]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let n0 = &cluster.instances[0];
+
+    // The primary is read; every member reports it reachable.
+    primary.produce("pay", &messages(300, 30, 0)).await;
+    wait_until(
+        Duration::from_secs(60),
+        "the primary's records handled",
+        || (handled_on(&checker, "primary").len() >= 300).then_some(()),
+    )
+    .await;
+    let s = wait_until(Duration::from_secs(10), "three healthy reports", || {
+        let s = side(n0)?;
+        (s["health"].as_array()?.len() == 3
+            && s["health"]
+                .as_array()?
+                .iter()
+                .all(|h| h["primary_ok"] == true))
+        .then_some(s)
+    })
+    .await;
+    assert_eq!(s["active"], "primary", "{s}");
+    assert!(handled_on(&checker, "standby").is_empty());
+
+    // The primary goes down: the cluster switches to the standby within down_after plus
+    // a few probes, and what is produced there is handled.
+    primary.stop();
+    let stopped = Instant::now();
+    let s = wait_until(Duration::from_secs(30), "the switch to the standby", || {
+        let s = side(n0)?;
+        (s["active"] == "standby").then_some(s)
+    })
+    .await;
+    eprintln!("switched after {:?}: {}", stopped.elapsed(), s["reason"]);
+    assert!(s["reason"].as_str().unwrap().contains("unreachable"), "{s}");
+    assert_eq!(s["manual"], false);
+    // Every member reads the same side.
+    for i in &cluster.instances {
+        wait_until(
+            Duration::from_secs(5),
+            "every member sees the standby",
+            || (side(i)?["active"] == "standby").then_some(()),
+        )
+        .await;
+    }
+    standby.produce("pay", &messages(300, 30, 300)).await;
+    wait_until(
+        Duration::from_secs(90),
+        "the standby's records handled",
+        || (handled_on(&checker, "standby").len() >= 300).then_some(()),
+    )
+    .await;
+    let end = standby.end_offsets("pay", 3);
+    let on_standby = handled_on(&checker, "standby");
+    for (p, end) in end.iter().enumerate() {
+        for o in 0..*end {
+            assert!(
+                on_standby.contains(&(p as i32, o)),
+                "standby {p}/{o} not handled"
+            );
+        }
+    }
+
+    // The primary comes back: fail-back after fail_back_after, and its new records are
+    // handled there.
+    primary.restart().await;
+    let back = Instant::now();
+    let s = wait_until(
+        Duration::from_secs(60),
+        "the fail-back to the primary",
+        || {
+            let s = side(n0)?;
+            (s["active"] == "primary").then_some(s)
+        },
+    )
+    .await;
+    eprintln!("failed back after {:?}: {}", back.elapsed(), s["reason"]);
+    primary.produce("pay", &messages(300, 30, 600)).await;
+    wait_until(
+        Duration::from_secs(90),
+        "the primary's new records handled",
+        || (handled_on(&checker, "primary").len() >= 600).then_some(()),
+    )
+    .await;
+    assert_first_handling_in_offset_order_per_cluster(&checker);
+
+    // An operator forces a side, then hands the choice back.
+    let post = |path: &str, body: &str| {
+        let r = ureq::post(&format!("{}{path}", n0.admin_url()))
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        match r {
+            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
+            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let (code, answer) = post("/v1/kafka/pay/switch", r#"{"to": "standby"}"#);
+    assert_eq!(
+        (code, &answer["active"], &answer["manual"]),
+        (200, &"standby".into(), &true.into()),
+        "{answer}"
+    );
+    wait_until(Duration::from_secs(10), "the forced side seen", || {
+        let s = side(n0)?;
+        (s["active"] == "standby" && s["manual"] == true).then_some(())
+    })
+    .await;
+    let (code, answer) = post("/v1/kafka/pay/switch", r#"{"to": "auto"}"#);
+    assert_eq!((code, &answer["manual"]), (200, &false.into()), "{answer}");
+    // Automatic again: the healthy primary wins back.
+    wait_until(Duration::from_secs(30), "back to the primary", || {
+        (side(n0)?["active"] == "primary").then_some(())
+    })
+    .await;
+    let (code, _) = post("/v1/kafka/pay/switch", r#"{"to": "sideways"}"#);
+    assert_eq!(code, 400);
+    let (code, _) = post("/v1/kafka/nope/switch", r#"{"to": "standby"}"#);
+    assert_eq!(code, 404);
+}
+
+/// Per cluster, key and partition: records were handled for the first time in offset
+/// order.
+fn assert_first_handling_in_offset_order_per_cluster(checker: &Checker) {
+    let state = checker.state.lock().unwrap();
+    let mut seen = BTreeSet::new();
+    let mut last: HashMap<(String, String, i32), i64> = HashMap::new();
+    for ((key, partition, offset, _), cluster) in state.kafka.iter().zip(&state.kafka_clusters) {
+        if !seen.insert((cluster.clone(), *partition, *offset)) {
+            continue;
+        }
+        if let Some(prev) = last.insert((cluster.clone(), key.clone(), *partition), *offset) {
+            assert!(
+                prev < *offset,
+                "{cluster} key {key} partition {partition}: offset {offset} first handled after {prev}"
+            );
+        }
+    }
+}

@@ -23,6 +23,10 @@ pub enum Key {
     Load(MemberId),
     /// The latest claim of a Kafka partition by a consumer group member.
     KafkaFence(PartitionRef),
+    /// Which cluster of a Kafka source with failover is read.
+    KafkaSide(String),
+    /// One member's view of a failover source's primary cluster: (member, source).
+    KafkaHealth(MemberId, String),
 }
 
 /// A Kafka partition as read by one consumer group.
@@ -83,6 +87,17 @@ impl Keys {
         )
     }
 
+    /// `kafka-sides/<source>`: the active cluster of a source with failover; its mod
+    /// revision fences switches (compare-and-set).
+    pub fn kafka_side(&self, source: &str) -> String {
+        format!("{}kafka-sides/{}", self.prefix, source)
+    }
+
+    /// `kafka-health/<member>/<source>`, on the member's lease.
+    pub fn kafka_health(&self, member: &MemberId, source: &str) -> String {
+        format!("{}kafka-health/{}/{}", self.prefix, member, source)
+    }
+
     /// Parses a key of this cluster; `None` for keys this version does not know.
     pub fn parse(&self, key: &[u8]) -> Option<Key> {
         let rest = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
@@ -96,6 +111,11 @@ impl Keys {
                     Some(Key::Member(MemberId::new(id)))
                 } else if let Some(id) = rest.strip_prefix("loads/") {
                     Some(Key::Load(MemberId::new(id)))
+                } else if let Some(source) = rest.strip_prefix("kafka-sides/") {
+                    Some(Key::KafkaSide(source.to_owned()))
+                } else if let Some(rest) = rest.strip_prefix("kafka-health/") {
+                    let (member, source) = rest.split_once('/')?;
+                    Some(Key::KafkaHealth(MemberId::new(member), source.to_owned()))
                 } else if let Some(fence) = rest.strip_prefix("kafka-fences/") {
                     let mut parts = fence.splitn(3, '/');
                     let topic = parts.next()?.to_owned();
@@ -132,6 +152,9 @@ pub struct PlacementValue {
     /// balanced like any other.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub moves: std::collections::BTreeMap<u32, MemberId>,
+    /// Fields of a newer version, kept as they are when this version rewrites the value.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, serde_json::Value>,
 }
 
 /// Value of `loads/<member>`: the load on each shard the member owns, smoothed over
@@ -143,6 +166,54 @@ pub struct LoadReport {
     pub calls: Vec<f64>,
     /// Handler busy time, seconds per second (0.5 = one call running half the time).
     pub busy: Vec<f64>,
+}
+
+/// A cluster of a Kafka source with failover.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaSide {
+    #[default]
+    Primary,
+    Standby,
+}
+
+impl KafkaSide {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaSide::Primary => "primary",
+            KafkaSide::Standby => "standby",
+        }
+    }
+}
+
+/// Value of `kafka-sides/<source>`: which cluster the source reads, since when and why.
+/// Absent = the primary.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaSideValue {
+    pub active: KafkaSide,
+    /// When the side was chosen (Unix milliseconds, the writer's clock).
+    pub since_ms: u64,
+    pub reason: String,
+    /// Chosen by an operator: the leader does not switch automatically until an operator
+    /// hands it back (`auto`).
+    #[serde(default)]
+    pub manual: bool,
+    /// For the standby: the time its consumer group was positioned at (records from then
+    /// on are read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position_ms: Option<u64>,
+}
+
+/// Value of `kafka-health/<member>/<source>`: whether that member reaches the source's
+/// primary cluster, and since when.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KafkaHealthValue {
+    pub primary_ok: bool,
+    /// Since when (Unix milliseconds, the member's clock) the answer has been the same.
+    pub since_ms: u64,
+    /// The last probe's error.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.
@@ -283,6 +354,24 @@ mod tests {
             Some(Key::KafkaFence(p))
         );
         assert_eq!(k.parse(b"/leasehold/prod/kafka-fences/t/x/g"), None);
+        assert_eq!(
+            k.parse(k.kafka_health(&MemberId::new("n1"), "orders/eu").as_bytes()),
+            Some(Key::KafkaHealth(MemberId::new("n1"), "orders/eu".into()))
+        );
+        assert_eq!(
+            k.parse(k.kafka_side("orders/eu").as_bytes()),
+            Some(Key::KafkaSide("orders/eu".into()))
+        );
+    }
+
+    #[test]
+    fn placement_keeps_fields_of_a_newer_version() {
+        let json = r#"{"frozen":true,"pins":{"3":"a"},"weights":{"a":2}}"#;
+        let mut p: PlacementValue = serde_json::from_str(json).unwrap();
+        p.moves.insert(4, MemberId::new("b"));
+        let again: serde_json::Value = serde_json::to_value(&p).unwrap();
+        assert_eq!(again["weights"], serde_json::json!({"a": 2}));
+        assert_eq!(again["moves"], serde_json::json!({"4": "b"}));
     }
 
     #[test]

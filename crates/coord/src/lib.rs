@@ -37,7 +37,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 pub use crate::claims::{claim, claim_value, Claim, ClaimMode};
-pub use crate::keys::{ClusterConfig, Keys, LoadReport, MemberState, PartitionRef, PlacementValue};
+pub use crate::keys::{
+    ClusterConfig, KafkaHealthValue, KafkaSide, KafkaSideValue, Keys, LoadReport, MemberState,
+    PartitionRef, PlacementValue,
+};
 use crate::lease::LeaseKeeper;
 use crate::reconcile::Reconciler;
 pub use crate::table::{Blocked, CallGuard, LeaseClock, LocalState, ShardTable};
@@ -690,11 +693,72 @@ impl Coord {
         }
     }
 
-    /// Publishes this member's load report (`loads/<id>`, on its lease).
-    pub async fn report_load(&self, report: &LoadReport) -> Result<(), Error> {
+    /// Publishes this member's view of a failover source's primary
+    /// (`kafka-health/<id>/<source>`, on its lease).
+    pub async fn report_kafka_health(
+        &self,
+        source: &str,
+        value: &KafkaHealthValue,
+    ) -> Result<(), Error> {
+        let session = *self.inner.session.borrow();
+        if session.lease == 0 {
+            return Err(Error::Other("no lease yet".into()));
+        }
+        let mut client = self.client()?;
+        self.etcd(client.put(
+            self.inner.keys.kafka_health(self.member_id(), source),
+            serde_json::to_vec(value).expect("health serialises"),
+            Some(PutOptions::new().with_lease(session.lease)),
+        ))
+        .await?;
+        Ok(())
+    }
+
+    /// Switches a failover source's side if its record is still at `expected` (its mod
+    /// revision; 0: no record): false when someone else switched first.
+    pub async fn set_kafka_side(
+        &self,
+        source: &str,
+        value: &KafkaSideValue,
+        expected: i64,
+    ) -> Result<bool, Error> {
+        let key = self.inner.keys.kafka_side(source);
+        let mut client = self.client()?;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                expected,
+            )])
+            .and_then([TxnOp::put(
+                key,
+                serde_json::to_vec(value).expect("side serialises"),
+                None,
+            )]);
+        let switched = self.etcd(client.txn(txn)).await?.succeeded();
+        if switched {
+            tracing::info!(%source, side = value.active.as_str(), reason = %value.reason, "Kafka source side set");
+        }
+        Ok(switched)
+    }
+
+    /// Publishes this member's load report (`loads/<id>`, on its lease), unless `last`
+    /// (what this member wrote last, and under which lease) says it is there already: an
+    /// idle member writes nothing.
+    pub async fn report_load(
+        &self,
+        report: &LoadReport,
+        last: &mut Option<(i64, LoadReport)>,
+    ) -> Result<(), Error> {
         let session = *self.inner.session.borrow();
         if session.lease == 0 {
             return Ok(()); // no lease yet: nothing to attach the report to
+        }
+        if last
+            .as_ref()
+            .is_some_and(|(lease, r)| *lease == session.lease && r == report)
+        {
+            return Ok(());
         }
         let mut client = self.client()?;
         self.etcd(client.put(
@@ -703,6 +767,7 @@ impl Coord {
             Some(PutOptions::new().with_lease(session.lease)),
         ))
         .await?;
+        *last = Some((session.lease, report.clone()));
         Ok(())
     }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use leasehold_types::{Epoch, MemberId, ShardId};
 
 use crate::keys::{
-    AssignmentValue, Key, Keys, LoadReport, MemberState, MemberValue, PartitionRef, PlacementValue,
-    ShardValue,
+    AssignmentValue, KafkaHealthValue, KafkaSideValue, Key, Keys, LoadReport, MemberState,
+    MemberValue, PartitionRef, PlacementValue, ShardValue,
 };
 
 /// A member as seen in the routing table.
@@ -108,6 +108,10 @@ pub struct View {
     pub placement: Arc<PlacementValue>,
     /// Latest reported load per shard (kept when the reporter leaves: the last known).
     pub loads: Arc<Vec<ShardLoad>>,
+    /// Active side of each Kafka source with failover, with the key's mod revision.
+    pub kafka_sides: Arc<BTreeMap<String, (KafkaSideValue, i64)>>,
+    /// Members' health reports of failover sources' primaries: (source, member).
+    pub kafka_health: Arc<BTreeMap<(String, MemberId), KafkaHealthValue>>,
 }
 
 impl View {
@@ -123,7 +127,18 @@ impl View {
             fences: Arc::default(),
             placement: Arc::default(),
             loads: Arc::new(vec![ShardLoad::default(); shard_count as usize]),
+            kafka_sides: Arc::default(),
+            kafka_health: Arc::default(),
         }
+    }
+
+    /// The side a failover source reads (the primary when nothing was decided yet) and
+    /// the revision to compare against when switching (0: no record).
+    pub fn kafka_side(&self, source: &str) -> (KafkaSideValue, i64) {
+        self.kafka_sides
+            .get(source)
+            .cloned()
+            .unwrap_or((KafkaSideValue::default(), 0))
     }
 
     /// Each shard's planner weight; `None` when no shard has a reported load. A shard
@@ -186,16 +201,46 @@ impl View {
             put.map(|p| (p.value, p.create_revision, p.lease, p.mod_revision)),
         ) {
             (Key::Config, _) => {}
+            (Key::KafkaSide(source), Some((value, _, _, mod_revision))) => {
+                match serde_json::from_slice::<KafkaSideValue>(value) {
+                    Ok(v) => {
+                        Arc::make_mut(&mut self.kafka_sides).insert(source, (v, mod_revision));
+                    }
+                    Err(e) => {
+                        tracing::warn!(%source, error = %e, "ignoring unreadable Kafka side record")
+                    }
+                }
+            }
+            (Key::KafkaSide(source), None) => {
+                Arc::make_mut(&mut self.kafka_sides).remove(&source);
+            }
+            (Key::KafkaHealth(member, source), Some((value, _, _, _))) => {
+                if let Ok(v) = serde_json::from_slice::<KafkaHealthValue>(value) {
+                    Arc::make_mut(&mut self.kafka_health).insert((source, member), v);
+                }
+            }
+            (Key::KafkaHealth(member, source), None) => {
+                Arc::make_mut(&mut self.kafka_health).remove(&(source, member));
+            }
             (Key::Load(id), Some((value, _, _, mod_revision))) => {
                 match serde_json::from_slice::<LoadReport>(value) {
                     Ok(r) => {
+                        let shards = &self.shards;
                         let loads = Arc::make_mut(&mut self.loads);
                         for ((&shard, &calls), &busy) in r.shards.iter().zip(&r.calls).zip(&r.busy)
                         {
                             let Some(slot) = loads.get_mut(shard as usize) else {
                                 continue;
                             };
-                            if slot.revision <= mod_revision
+                            // Only the owner's word counts: a member that lost the shard
+                            // (its local table lagging) must not overwrite the new owner's
+                            // rate with its own decaying one.
+                            let owned = shards
+                                .get(shard as usize)
+                                .and_then(|o| o.as_ref())
+                                .is_some_and(|o| o.owner == id);
+                            if owned
+                                && slot.revision <= mod_revision
                                 && calls.is_finite()
                                 && busy.is_finite()
                                 && calls >= 0.0
@@ -356,6 +401,61 @@ mod tests {
             ..p.clone()
         };
         assert_eq!(v.fence(&other), 0);
+    }
+
+    #[test]
+    fn loads_count_from_the_owner_only_and_unreported_shards_weigh_the_mean() {
+        let keys = Keys::new("c");
+        let mut v = View::empty(3);
+        assert_eq!(v.load_weights(), None);
+        let owner = |m: &str| {
+            serde_json::to_vec(&ShardValue {
+                owner: MemberId::new(m),
+                address: "x:1".into(),
+                peer_address: String::new(),
+                peer_identity: String::new(),
+            })
+            .unwrap()
+        };
+        v.apply(
+            &keys,
+            keys.shard(ShardId(0)).as_bytes(),
+            Some(put(&owner("a"), 5, 1)),
+        );
+        v.apply(
+            &keys,
+            keys.shard(ShardId(1)).as_bytes(),
+            Some(put(&owner("b"), 6, 2)),
+        );
+        let report = |shards: Vec<u32>, calls: Vec<f64>| {
+            serde_json::to_vec(&LoadReport {
+                busy: vec![0.0; shards.len()],
+                shards,
+                calls,
+            })
+            .unwrap()
+        };
+        // a reports shards 0 (its own) and 1 (b's): only shard 0 counts.
+        let r = report(vec![0, 1], vec![10.0, 99.0]);
+        v.apply(
+            &keys,
+            keys.load(&MemberId::new("a")).as_bytes(),
+            Some(put(&r, 7, 1)),
+        );
+        assert_eq!(v.loads[0].calls, 10.0);
+        assert_eq!(v.loads[1].revision, 0);
+        // Garbage is dropped, not stored.
+        let r = report(vec![1], vec![f64::NAN]);
+        v.apply(
+            &keys,
+            keys.load(&MemberId::new("b")).as_bytes(),
+            Some(put(&r, 8, 2)),
+        );
+        assert_eq!(v.loads[1].revision, 0);
+        // Shards 1 and 2 were never reported: they weigh what shard 0 weighs.
+        let w = v.load_weights().unwrap();
+        assert_eq!(w, vec![w[0]; 3]);
+        assert!(w[0] > 0.0);
     }
 
     #[test]

@@ -56,7 +56,14 @@ impl Watcher {
             .etcd(client.get(keys.prefix(), Some(GetOptions::new().with_prefix())))
             .await?;
         let mut view = View::empty(self.coord.inner.opts.shard_count);
-        for kv in snapshot.kvs() {
+        // Load reports last: a report counts only for shards its member owns in the view.
+        let is_load = |kv: &&etcd_client::KeyValue| {
+            matches!(keys.parse(kv.key()), Some(crate::keys::Key::Load(_)))
+        };
+        for kv in snapshot.kvs().iter().filter(|kv| !is_load(kv)) {
+            view.apply(keys, kv.key(), Some(Put::of(kv)));
+        }
+        for kv in snapshot.kvs().iter().filter(is_load) {
             view.apply(keys, kv.key(), Some(Put::of(kv)));
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());

@@ -283,6 +283,15 @@ impl Ingest {
         self.status.clone()
     }
 
+    /// Reports into `status` (one handle across consumers of the same source, e.g. on
+    /// either side of a failover), starting it afresh.
+    pub fn with_status(mut self, status: StatusHandle) -> Self {
+        let fresh = self.status.lock().expect("source status lock").clone();
+        *status.lock().expect("source status lock") = fresh;
+        self.status = status;
+        self
+    }
+
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.opts.brokers);
@@ -1001,6 +1010,7 @@ impl Worker {
             offset: r.offset,
             fence: 0,
             trace: trace_headers(r.headers.as_ref()),
+            cluster: self.opts.cluster.clone(),
         };
         let mut attempt = 0u32;
         let mut waits = 0u32;

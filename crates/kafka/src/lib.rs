@@ -4,6 +4,7 @@
 //! previous message with the same key from its partition; the committed offset is the
 //! lowest offset not yet handled or dead-lettered.
 
+pub mod failover;
 mod group;
 mod ingest;
 mod key;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 
+pub use crate::failover::{FailoverOptions, Side};
 pub use crate::ingest::Ingest;
 pub use crate::key::{KeyError, KeySource, KeySourceError};
 pub use crate::window::Window;
@@ -54,6 +56,11 @@ pub struct SourceOptions {
     pub commit_interval: Duration,
     /// Passed to librdkafka unchanged (security.protocol, sasl.*, ssl.*, ...).
     pub properties: BTreeMap<String, String>,
+    /// For a source with failover: which cluster these brokers are (`primary` or
+    /// `standby`), told to the handler with every record; empty otherwise.
+    pub cluster: String,
+    /// The standby cluster, for a source that fails over.
+    pub failover: Option<FailoverOptions>,
 }
 
 /// A source's consumer group on its partitions, as one instance last saw it.
@@ -98,6 +105,8 @@ pub struct KafkaCall {
     /// The record's W3C trace context headers (`traceparent`, `tracestate`), passed on to
     /// the handler.
     pub trace: Vec<(String, String)>,
+    /// `primary` or `standby` for a source with failover; empty otherwise.
+    pub cluster: String,
 }
 
 /// What happens to a message that cannot be handled: its key cannot be extracted, the

@@ -84,7 +84,8 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
         Some(loads) if weights(loads, shard_count).is_some() => {
             let weights = weights(loads, shard_count).expect("checked");
             let tolerance = input.tolerance.clamp(0.0, 1.0);
-            load_targets(n, &pinned, &owner, previous, &weights, tolerance)
+            let budget = input.max_moves;
+            load_targets(n, &pinned, &owner, previous, &weights, tolerance, budget)
         }
         _ => balanced_targets(n, &pinned, &owner, previous),
     };
@@ -267,11 +268,18 @@ fn load_targets(
     previous: impl Fn(usize) -> Option<usize>,
     weight: &[f64],
     tolerance: f64,
+    max_moves: usize,
 ) -> Vec<Option<usize>> {
     let shard_count = owner.len();
     let mut target: Vec<Option<usize>> = (0..shard_count)
         .map(|s| pinned[s].or(previous(s)).or(owner[s]))
         .collect();
+    // Owned shards assigned away from their owner: the greedy stops when they reach the
+    // move budget (the plan would not admit more, and at 65 536 shards computing them all
+    // is the expensive part).
+    let mut away = (0..shard_count)
+        .filter(|&s| owner[s].is_some() && target[s] != owner[s])
+        .count();
     let mut load = vec![0.0f64; n];
     let mut count = vec![0usize; n];
     for (s, t) in target.iter().enumerate() {
@@ -331,7 +339,7 @@ fn load_targets(
     // Every move makes the sum of squared member loads strictly smaller, so this ends;
     // the bound only caps the work.
     for _ in 0..2 * shard_count + n {
-        if !band.outside(&load, &giants, tolerance / 2.0) {
+        if away >= max_moves || !band.outside(&load, &giants, tolerance / 2.0) {
             break;
         }
         order.sort_by(|&a, &b| load[a].total_cmp(&load[b]).then(a.cmp(&b)));
@@ -355,6 +363,11 @@ fn load_targets(
                 let (w, s) = movable[giver].remove(i);
                 let at = movable[receiver].partition_point(|x| (x.0, x.1) < (w, s));
                 movable[receiver].insert(at, (w, s));
+                if owner[s].is_some() {
+                    let was_away = target[s] != owner[s];
+                    let is_away = Some(receiver) != owner[s];
+                    away = away + usize::from(is_away) - usize::from(was_away);
+                }
                 target[s] = Some(receiver);
                 load[giver] -= w;
                 load[receiver] += w;
@@ -874,6 +887,51 @@ mod tests {
             hot_count < 64 / 3,
             "the hot shard's member holds {hot_count} shards"
         );
+    }
+
+    #[test]
+    fn coarse_shards_that_cannot_meet_the_tolerance_do_not_churn() {
+        // 8 equal shards on 3 members: 3/3/2 is 12.5 % off the mean at best; loads
+        // wobbling by 2 % must not move shards back and forth.
+        let members = ids(3);
+        let loads = vec![1.0; 8];
+        let settled = settle_loads(&members, vec![None; 8], &loads, usize::MAX);
+        for round in 0..200u32 {
+            let wobbled: Vec<f64> = (0..8u32)
+                .map(|s| 1.0 + 0.02 * (((s * 7 + round * 13) % 5) as f64 - 2.0) / 2.0)
+                .collect();
+            let a = plan(PlanInput {
+                active: &members,
+                owners: &settled,
+                previous: &settled,
+                max_moves: usize::MAX,
+                loads: Some(&wobbled),
+                tolerance: 0.1,
+                ..Default::default()
+            });
+            assert_eq!(pending_moves(&settled, &a), 0, "round {round}");
+        }
+    }
+
+    #[test]
+    fn the_greedy_stops_at_the_move_budget() {
+        // Everything on m0, two members join: at most 16 moves per plan.
+        let members = ids(3);
+        let owners = vec![Some(members[0].clone()); 600];
+        let loads: Vec<f64> = (0..600).map(|s| 1.0 + (s % 7) as f64).collect();
+        let a = plan(PlanInput {
+            active: &members,
+            owners: &owners,
+            max_moves: 16,
+            loads: Some(&loads),
+            tolerance: 0.1,
+            ..Default::default()
+        });
+        assert_eq!(pending_moves(&owners, &a), 16);
+        let settled = settle_loads(&members, owners, &loads, 16);
+        let l = member_loads(&settled, &members, &loads);
+        let mean = l.iter().sum::<f64>() / 3.0;
+        assert!(l.iter().all(|x| (x - mean).abs() <= mean * 0.1), "{l:?}");
     }
 
     #[test]

@@ -252,6 +252,8 @@ pub struct KafkaRecord {
     pub offset: i64,
     /// The consumer's claim of the partition (see `Coord::claim_partition`); 0: none.
     pub fence: u64,
+    /// `primary` or `standby` for a source with failover; empty otherwise.
+    pub cluster: String,
 }
 
 impl KafkaRecord {
@@ -272,6 +274,7 @@ impl From<pb::KafkaSource> for KafkaRecord {
             partition: k.partition,
             offset: k.offset,
             fence: k.fence,
+            cluster: k.cluster,
         }
     }
 }
@@ -284,6 +287,7 @@ impl From<KafkaRecord> for pb::KafkaSource {
             offset: k.offset,
             group: k.group,
             fence: k.fence,
+            cluster: k.cluster,
         }
     }
 }

@@ -561,6 +561,7 @@ impl Router {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last = Instant::now();
+        let mut written = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -570,7 +571,7 @@ impl Router {
             let held = self.inner.coord.table().held();
             let report = smoother.sample(&self.inner.load, &held, now - last);
             last = now;
-            if let Err(e) = self.inner.coord.report_load(&report).await {
+            if let Err(e) = self.inner.coord.report_load(&report, &mut written).await {
                 tracing::warn!(error = %e, "load report not written; retrying at the next interval");
             }
         }

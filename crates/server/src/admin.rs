@@ -254,6 +254,8 @@ pub fn http_routes(
         .route("/v1/hot-keys", get(get_hot_keys))
         .route("/v1/shards/{shard}/pin", post(pin).delete(unpin))
         .route("/v1/shards/{shard}/move", post(move_shard))
+        .route("/v1/kafka/{source}", get(get_kafka_source))
+        .route("/v1/kafka/{source}/switch", post(switch_kafka_source))
         .route("/v1/cluster/freeze", post(freeze))
         .route("/v1/cluster/unfreeze", post(unfreeze))
         .route("/healthz", get(healthz))
@@ -309,6 +311,143 @@ async fn get_moves(State(s): State<Arc<AppState>>) -> Response {
 
 async fn get_kafka(State(s): State<Arc<AppState>>) -> Response {
     Json(serde_json::json!({ "sources": s.status.kafka() })).into_response()
+}
+
+/// `GET /v1/kafka/{source}`: the side a source with a standby cluster reads, why, and
+/// what each member sees of the primary.
+async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
+    let Some(source) = s.status.failover(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
+                s.status.failover_names()
+            ),
+        );
+    };
+    let view = s.router.coord().view();
+    let (side, revision) = view.kafka_side(&name);
+    let failover = source.failover.clone().expect("a failover source");
+    let health: Vec<serde_json::Value> = view
+        .kafka_health
+        .iter()
+        .filter(|((src, _), _)| *src == name)
+        .map(|((_, member), h)| {
+            serde_json::json!({
+                "member": member.0,
+                "primary_ok": h.primary_ok,
+                "since_ms": h.since_ms,
+                "error": h.error,
+            })
+        })
+        .collect();
+    Json(serde_json::json!({
+        "name": name,
+        "group": source.group,
+        "active": side.active.as_str(),
+        "since_ms": side.since_ms,
+        "reason": if revision == 0 { "no switch yet: the primary is read".to_owned() } else { side.reason.clone() },
+        "manual": side.manual,
+        "position_ms": side.position_ms,
+        "revision": revision,
+        "primary": {"brokers": source.brokers, "topics": source.topics},
+        "standby": {"brokers": failover.brokers, "topics": failover.topics},
+        "policy": {
+            "down_after_seconds": failover.down_after.as_secs_f64(),
+            "fail_back_after_seconds": failover.fail_back_after.as_secs_f64(),
+            "auto_fail_back": failover.auto_fail_back,
+            "probe_interval_seconds": failover.probe_interval.as_secs_f64(),
+            "overlap_seconds": failover.overlap.as_secs_f64(),
+        },
+        "health": health,
+    }))
+    .into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct SwitchRequest {
+    to: String,
+}
+
+/// `POST /v1/kafka/{source}/switch {"to": "primary" | "standby" | "auto"}`: an operator
+/// forces a side (automatic switching then leaves it alone) or hands the choice back.
+async fn switch_kafka_source(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    body: Result<Json<SwitchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Some(source) = s.status.failover(&name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no Kafka source {name:?} with a standby cluster"),
+        );
+    };
+    let Ok(Json(request)) = body else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            r#"the body must be JSON like {"to": "standby"} (primary, standby or auto)"#,
+        );
+    };
+    let coord = s.router.coord();
+    let (current, revision) = coord.view().kafka_side(&name);
+    let now = crate::failover::now_ms();
+    let value = match request.to.as_str() {
+        "primary" | "standby" => leasehold_coord::KafkaSideValue {
+            active: if request.to == "primary" {
+                leasehold_coord::KafkaSide::Primary
+            } else {
+                leasehold_coord::KafkaSide::Standby
+            },
+            since_ms: now,
+            reason: format!("switched to the {} by an operator", request.to),
+            manual: true,
+            position_ms: None,
+        },
+        "auto" => leasehold_coord::KafkaSideValue {
+            manual: false,
+            reason: "handed back to automatic failover by an operator".into(),
+            ..current
+        },
+        other => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("\"to\" is {other:?}; use primary, standby or auto"),
+            )
+        }
+    };
+    // Already there: only the manual flag and reason change (no repositioning).
+    let value = if request.to != "auto" && value.active == current.active && revision != 0 {
+        leasehold_coord::KafkaSideValue {
+            manual: true,
+            reason: value.reason,
+            ..current
+        }
+    } else {
+        value
+    };
+    let repositions = value.active == leasehold_coord::KafkaSide::Standby
+        && (current.active != leasehold_coord::KafkaSide::Standby || revision == 0);
+    let result = if repositions {
+        crate::failover::switch(coord, &source, value, revision).await
+    } else {
+        match coord.set_kafka_side(&name, &value, revision).await {
+            Ok(true) => Ok(value),
+            Ok(false) => Err("the side changed meanwhile; look again and retry".into()),
+            Err(e) => Err(format!("could not write the side: {e}")),
+        }
+    };
+    match result {
+        Ok(v) => Json(serde_json::json!({
+            "name": name,
+            "active": v.active.as_str(),
+            "manual": v.manual,
+            "reason": v.reason,
+            "position_ms": v.position_ms,
+        }))
+        .into_response(),
+        Err(e) if e.contains("changed meanwhile") => error(StatusCode::CONFLICT, e),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
 }
 
 async fn get_cluster(State(s): State<Arc<AppState>>) -> Response {

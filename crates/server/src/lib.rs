@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 mod embedded;
+pub mod failover;
 pub mod gateway;
 pub mod grpc_metrics;
 pub mod security;

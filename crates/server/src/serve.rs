@@ -235,14 +235,31 @@ impl Instance {
             let dispatcher = Arc::new(RouterDispatch {
                 router: self.router.clone(),
             });
-            let ingest = leasehold_kafka::Ingest::new(source.clone(), dispatcher, &self.registry);
-            self.status.add_kafka(ingest.status());
             let cancel = cancel.clone();
             let name = source.name.clone();
             let span = tracing::info_span!("kafka_source", source = %name);
+            let run: futures::future::BoxFuture<'static, Result<(), leasehold_kafka::Error>> =
+                if source.failover.is_some() {
+                    let status = leasehold_kafka::StatusHandle::default();
+                    self.status.add_kafka(status.clone());
+                    self.status.add_failover(source.clone());
+                    Box::pin(crate::failover::run(
+                        source.clone(),
+                        self.coord.clone(),
+                        dispatcher,
+                        self.registry.clone(),
+                        status,
+                        cancel.clone(),
+                    ))
+                } else {
+                    let ingest =
+                        leasehold_kafka::Ingest::new(source.clone(), dispatcher, &self.registry);
+                    self.status.add_kafka(ingest.status());
+                    Box::pin(ingest.run(cancel.clone()))
+                };
             tasks.spawn(tracing::Instrument::instrument(
                 async move {
-                    match ingest.run(cancel.clone()).await {
+                    match run.await {
                         Ok(()) if cancel.is_cancelled() => Ok(()),
                         Ok(()) => Err(ServeError::KafkaStopped(name)),
                         Err(source) => Err(ServeError::Kafka {
@@ -735,6 +752,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
                 partition: call.partition,
                 offset: call.offset,
                 fence: call.fence,
+                cluster: call.cluster,
             });
             let metadata = leasehold_router::CallMetadata::sanitized(call.trace);
             router

@@ -33,6 +33,8 @@ pub struct Move {
 #[derive(Default)]
 pub struct Status {
     kafka: Mutex<Vec<StatusHandle>>,
+    /// Sources with a standby cluster, by name (the admin surface switches them).
+    failover: Mutex<std::collections::BTreeMap<String, leasehold_kafka::SourceOptions>>,
     moves: Mutex<Moves>,
 }
 
@@ -46,6 +48,32 @@ struct Moves {
 impl Status {
     pub fn add_kafka(&self, source: StatusHandle) {
         self.kafka.lock().expect("status lock").push(source);
+    }
+
+    pub fn add_failover(&self, source: leasehold_kafka::SourceOptions) {
+        self.failover
+            .lock()
+            .expect("status lock")
+            .insert(source.name.clone(), source);
+    }
+
+    /// A source with a standby cluster, by name.
+    pub fn failover(&self, name: &str) -> Option<leasehold_kafka::SourceOptions> {
+        self.failover
+            .lock()
+            .expect("status lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Names of the sources with a standby cluster.
+    pub fn failover_names(&self) -> Vec<String> {
+        self.failover
+            .lock()
+            .expect("status lock")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     pub fn kafka(&self) -> Vec<SourceStatus> {

@@ -53,6 +53,118 @@ pub struct KafkaOptions {
     /// written into the configuration.
     #[serde(serialize_with = "redacted_properties")]
     pub properties: BTreeMap<String, String>,
+    /// A standby cluster read while the primary (`brokers`) is down: `[kafka.failover]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverConfig>,
+}
+
+/// `[kafka.failover]`: the standby cluster of a source, and when the cluster switches to
+/// it and back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// The standby's bootstrap servers, comma separated.
+    pub brokers: String,
+    /// The standby's topics, in the order of the source's topics. Default: the same names.
+    pub topics: List,
+    /// librdkafka properties for the standby (the primary's are not inherited).
+    #[serde(serialize_with = "redacted_properties")]
+    pub properties: BTreeMap<String, String>,
+    /// The primary counts as down once most members failed to reach it for this long.
+    #[serde(with = "values::duration")]
+    pub down_after: Duration,
+    /// Back to the primary once most members reached it for this long.
+    #[serde(with = "values::duration")]
+    pub fail_back_after: Duration,
+    /// Whether the cluster goes back to the primary by itself.
+    #[serde(with = "values::boolean")]
+    pub auto_fail_back: bool,
+    /// How often each member probes the primary.
+    #[serde(with = "values::duration")]
+    pub probe_interval: Duration,
+    /// The standby is read from this long before the primary went down.
+    #[serde(with = "values::duration")]
+    pub overlap: Duration,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            brokers: String::new(),
+            topics: List::default(),
+            properties: BTreeMap::new(),
+            down_after: Duration::from_secs(30),
+            fail_back_after: Duration::from_secs(60),
+            auto_fail_back: true,
+            probe_interval: Duration::from_secs(2),
+            overlap: Duration::from_secs(60),
+        }
+    }
+}
+
+impl FailoverConfig {
+    fn to_options(
+        &self,
+        index: usize,
+        primary_topics: &[String],
+    ) -> Result<leasehold_kafka::FailoverOptions, ConfigError> {
+        if self.brokers.trim().is_empty() {
+            return Err(error(
+                index,
+                "failover.brokers",
+                "required: the standby cluster's bootstrap servers",
+            ));
+        }
+        let topics = if self.topics.0.is_empty() {
+            primary_topics.to_vec()
+        } else {
+            self.topics.0.clone()
+        };
+        if topics.len() != primary_topics.len() {
+            return Err(error(
+                index,
+                "failover.topics",
+                format!(
+                    "names {} topics for the source's {} (one standby topic per topic, in order)",
+                    topics.len(),
+                    primary_topics.len()
+                ),
+            ));
+        }
+        if self.probe_interval < Duration::from_millis(100) {
+            return Err(error(
+                index,
+                "failover.probe_interval",
+                "must be at least 100ms",
+            ));
+        }
+        for (field, d) in [
+            ("failover.down_after", self.down_after),
+            ("failover.fail_back_after", self.fail_back_after),
+        ] {
+            if d < self.probe_interval {
+                return Err(error(
+                    index,
+                    field,
+                    format!(
+                        "{} is shorter than probe_interval ({}): one failed probe would switch",
+                        humantime::format_duration(d),
+                        humantime::format_duration(self.probe_interval)
+                    ),
+                ));
+            }
+        }
+        Ok(leasehold_kafka::FailoverOptions {
+            brokers: self.brokers.trim().to_owned(),
+            topics,
+            properties: self.properties.clone(),
+            down_after: self.down_after,
+            fail_back_after: self.fail_back_after,
+            auto_fail_back: self.auto_fail_back,
+            probe_interval: self.probe_interval,
+            overlap: self.overlap,
+        })
+    }
 }
 
 impl Default for KafkaOptions {
@@ -71,6 +183,7 @@ impl Default for KafkaOptions {
             retry_backoff: Duration::from_millis(100),
             commit_interval: Duration::from_secs(1),
             properties: BTreeMap::new(),
+            failover: None,
         }
     }
 }
@@ -266,6 +379,11 @@ impl KafkaOptions {
             retry_backoff: self.retry_backoff,
             commit_interval: self.commit_interval,
             properties: self.properties.clone(),
+            cluster: String::new(),
+            failover: match &self.failover {
+                None => None,
+                Some(f) => Some(f.to_options(index, &self.topics.0)?),
+            },
         })
     }
 }

@@ -813,6 +813,11 @@ impl ServeOptions {
             for (key, value) in source.properties.iter_mut() {
                 *value = kafka::resolve_property(index, key, value)?;
             }
+            if let Some(f) = source.failover.as_mut() {
+                for (key, value) in f.properties.iter_mut() {
+                    *value = kafka::resolve_property(index, key, value)?;
+                }
+            }
         }
         Ok(sources)
     }
