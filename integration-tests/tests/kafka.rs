@@ -2,7 +2,7 @@
 //! `leasehold` processes.
 
 use std::collections::{BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use leasehold_integration_tests::checker::Checker;
 use leasehold_integration_tests::kafka::{Kafka, Record as DeadLetter};
@@ -823,6 +823,23 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     })
     .await;
     assert_eq!(s["active"], "primary", "{s}");
+    // The standby already holds records (a mirror would): 60 from ten minutes ago —
+    // before the overlap — then 60 from now, within it. Nothing reads them yet.
+    let producer = standby.producer();
+    let old_ts = (SystemTime::now() - Duration::from_secs(600))
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    for v in messages(60, 30, 1000) {
+        let record: rdkafka::producer::FutureRecord<'_, (), [u8]> =
+            rdkafka::producer::FutureRecord::to("pay")
+                .payload(&v[..])
+                .timestamp(old_ts);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
+    let before_overlap = standby.end_offsets("pay", 3);
+    standby.produce("pay", &messages(60, 30, 2000)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(handled_on(&checker, "standby").is_empty());
 
     // The primary goes down: the cluster switches to the standby within down_after plus
@@ -847,19 +864,23 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
         .await;
     }
     standby.produce("pay", &messages(300, 30, 300)).await;
+    // Read from the overlap on: the 60 recent records and the 300 new ones, not the 60
+    // from before it.
     wait_until(
         Duration::from_secs(90),
         "the standby's records handled",
-        || (handled_on(&checker, "standby").len() >= 300).then_some(()),
+        || (handled_on(&checker, "standby").len() >= 360).then_some(()),
     )
     .await;
     let end = standby.end_offsets("pay", 3);
     let on_standby = handled_on(&checker, "standby");
     for (p, end) in end.iter().enumerate() {
         for o in 0..*end {
-            assert!(
+            let before = o < before_overlap[p];
+            assert_eq!(
                 on_standby.contains(&(p as i32, o)),
-                "standby {p}/{o} not handled"
+                !before,
+                "standby {p}/{o} (before the overlap: {before})"
             );
         }
     }
@@ -939,4 +960,119 @@ fn assert_first_handling_in_offset_order_per_cluster(checker: &Checker) {
             );
         }
     }
+}
+
+/// Writes a failover source's configuration (primary and standby, `down_after` 3 s).
+fn failover_config(dir: &std::path::Path, handler: &str, primary: &str, standby: &str) -> String {
+    let config = dir.join("leasehold.toml");
+    let props =
+        "properties = { \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"1000\" }";
+    std::fs::write(
+        &config,
+        format!(
+            "lease_ttl = \"3s\"\nrequest_timeout = \"10s\"\nhandler = \"{handler}\"\n\
+             [[kafka]]\nname = \"pay\"\nbrokers = \"{primary}\"\ntopics = [\"pay\"]\ngroup = \"payments\"\n\
+             key = \"json:/account\"\ndlq_topic = \"pay-dlq\"\n{props}\n\
+             [kafka.failover]\nbrokers = \"{standby}\"\ndown_after = \"3s\"\nfail_back_after = \"4s\"\n\
+             probe_interval = \"500ms\"\noverlap = \"30s\"\n{props}\n"
+        ),
+    )
+    .unwrap();
+    config.to_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_back() {
+    use leasehold_integration_tests::proxy::Proxy;
+    use leasehold_integration_tests::{Etcd, Instance, InstanceSpec};
+
+    let mut primary = Kafka::start().await;
+    let standby = Kafka::start().await;
+    for k in [&primary, &standby] {
+        k.create_topic("pay", 3).await;
+        k.create_topic("pay-dlq", 1).await;
+    }
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = failover_config(
+        dir.path(),
+        &checker.handler_flag(),
+        &primary.brokers(),
+        &standby.brokers(),
+    );
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start(etcd.client_port).await;
+    let start = |id: &str, endpoint: String| {
+        Instance::start(&InstanceSpec {
+            id: id.into(),
+            etcd: endpoint,
+            args: vec!["--config".into(), config.clone()],
+        })
+    };
+    let n0 = start("n0", etcd.endpoint());
+    let n1 = start("n1", etcd.endpoint());
+    let n2 = start("n2", proxy.url());
+    // Each member consumes one of the three partitions.
+    let consumed_here = |i: &Instance| -> Option<usize> {
+        let k = i.get("/v1/kafka")?;
+        Some(
+            k["sources"][0]["partitions"]
+                .as_array()?
+                .iter()
+                .filter(|p| p["here"] == true)
+                .count(),
+        )
+    };
+    wait_until(Duration::from_secs(60), "n2 consuming a partition", || {
+        (consumed_here(&n2)? > 0).then_some(())
+    })
+    .await;
+
+    // Cut off from etcd, n2 stops consuming; the group gives its partition to the others.
+    proxy.cut();
+    let cut = Instant::now();
+    let status = wait_until(Duration::from_secs(20), "n2 to stop consuming", || {
+        let k = n2.get("/v1/kafka")?;
+        let source = k["sources"][0].clone();
+        (consumed_here(&n2)? == 0 && source["error"].as_str()?.contains("not consuming"))
+            .then_some(source)
+    })
+    .await;
+    eprintln!(
+        "n2 stopped consuming {:?} after the cut: {}",
+        cut.elapsed(),
+        status["error"]
+    );
+    // The primary goes down meanwhile: n0 and n1 (the active members now) switch.
+    primary.stop();
+    wait_until(Duration::from_secs(30), "the switch to the standby", || {
+        (n0.get("/v1/kafka/pay")?["active"] == "standby").then_some(())
+    })
+    .await;
+    standby.produce("pay", &messages(300, 30, 0)).await;
+    wait_until(
+        Duration::from_secs(90),
+        "the standby's records handled",
+        || (handled_on(&checker, "standby").len() >= 300).then_some(()),
+    )
+    .await;
+    assert!(
+        handled_on(&checker, "primary").is_empty(),
+        "nothing was produced to the primary"
+    );
+
+    // Back in reach of etcd, n2 reads the side the cluster chose while it was away.
+    proxy.heal();
+    wait_until(Duration::from_secs(40), "n2 consuming the standby", || {
+        let side = n2.get("/v1/kafka/pay")?;
+        (side["active"] == "standby" && consumed_here(&n2)? > 0).then_some(())
+    })
+    .await;
+    standby.produce("pay", &messages(300, 30, 300)).await;
+    wait_until(Duration::from_secs(90), "the later records handled", || {
+        (handled_on(&checker, "standby").len() >= 600).then_some(())
+    })
+    .await;
+    assert_first_handling_in_offset_order_per_cluster(&checker);
+    drop(n1);
 }

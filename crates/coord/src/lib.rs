@@ -694,15 +694,23 @@ impl Coord {
     }
 
     /// Publishes this member's view of a failover source's primary
-    /// (`kafka-health/<id>/<source>`, on its lease).
+    /// (`kafka-health/<id>/<source>`, on its lease), unless `last` says it is there
+    /// already under the current lease.
     pub async fn report_kafka_health(
         &self,
         source: &str,
         value: &KafkaHealthValue,
+        last: &mut Option<(i64, KafkaHealthValue)>,
     ) -> Result<(), Error> {
         let session = *self.inner.session.borrow();
         if session.lease == 0 {
             return Err(Error::Other("no lease yet".into()));
+        }
+        if last
+            .as_ref()
+            .is_some_and(|(lease, v)| *lease == session.lease && v == value)
+        {
+            return Ok(());
         }
         let mut client = self.client()?;
         self.etcd(client.put(
@@ -711,30 +719,44 @@ impl Coord {
             Some(PutOptions::new().with_lease(session.lease)),
         ))
         .await?;
+        *last = Some((session.lease, value.clone()));
         Ok(())
     }
 
     /// Switches a failover source's side if its record is still at `expected` (its mod
-    /// revision; 0: no record): false when someone else switched first.
+    /// revision; 0: no record) and, with `as_leader`, this instance still holds the leader
+    /// key under its current lease (a leader that lost its seat while it prepared the
+    /// switch must not write it): false otherwise.
     pub async fn set_kafka_side(
         &self,
         source: &str,
         value: &KafkaSideValue,
         expected: i64,
+        as_leader: bool,
     ) -> Result<bool, Error> {
         let key = self.inner.keys.kafka_side(source);
         let mut client = self.client()?;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.clone(),
+        let mut when = vec![Compare::mod_revision(
+            key.clone(),
+            CompareOp::Equal,
+            expected,
+        )];
+        if as_leader {
+            let lease = self.inner.session.borrow().lease;
+            if lease == 0 {
+                return Ok(false);
+            }
+            when.push(Compare::lease(
+                self.inner.keys.leader(),
                 CompareOp::Equal,
-                expected,
-            )])
-            .and_then([TxnOp::put(
-                key,
-                serde_json::to_vec(value).expect("side serialises"),
-                None,
-            )]);
+                lease,
+            ));
+        }
+        let txn = Txn::new().when(when).and_then([TxnOp::put(
+            key,
+            serde_json::to_vec(value).expect("side serialises"),
+            None,
+        )]);
         let switched = self.etcd(client.txn(txn)).await?.succeeded();
         if switched {
             tracing::info!(%source, side = value.active.as_str(), reason = %value.reason, "Kafka source side set");

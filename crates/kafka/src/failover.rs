@@ -126,17 +126,30 @@ pub fn position_group(
         .create()
         .map_err(|e| e.to_string())?;
     let mut wanted = TopicPartitionList::new();
+    // Ends read before the times: a record produced in between is then read, not skipped.
+    let mut ends = std::collections::HashMap::new();
     for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(topic), timeout)
             .map_err(|e| format!("metadata of {topic}: {e}"))?;
         for t in metadata.topics() {
+            if let Some(e) = t.error() {
+                return Err(format!("{topic}: {e:?}"));
+            }
             for p in t.partitions() {
+                let end = consumer
+                    .fetch_watermarks(topic, p.id(), timeout)
+                    .map_err(|e| format!("end of {topic}/{}: {e}", p.id()))?
+                    .1;
+                ends.insert((topic.clone(), p.id()), end);
                 wanted
                     .add_partition_offset(topic, p.id(), Offset::Offset(at_ms))
                     .map_err(|e| e.to_string())?;
             }
         }
+    }
+    if wanted.count() == 0 {
+        return Err(format!("no partitions found for {topics:?}"));
     }
     let found = consumer
         .offsets_for_times(wanted, timeout)
@@ -148,13 +161,11 @@ pub fn position_group(
         }
         let offset = match e.offset() {
             Offset::Offset(o) => o,
-            // No record at or after the time: start at the end.
-            _ => {
-                consumer
-                    .fetch_watermarks(e.topic(), e.partition(), timeout)
-                    .map_err(|err| format!("end of {}/{}: {err}", e.topic(), e.partition()))?
-                    .1
-            }
+            // No record at or after the time: start at the end (as it was before).
+            _ => ends
+                .get(&(e.topic().to_owned(), e.partition()))
+                .copied()
+                .ok_or_else(|| format!("no end for {}/{}", e.topic(), e.partition()))?,
         };
         commit
             .add_partition_offset(e.topic(), e.partition(), Offset::Offset(offset))

@@ -356,6 +356,7 @@ impl Ingest {
             drop(m);
             self.admit(&state, part, parked);
         }
+        drop(consumer);
         self.stop(state, lag_task).await;
         Ok(())
     }
@@ -641,6 +642,7 @@ impl Ingest {
             tasks,
             partitions,
             consumer,
+            producer,
             ..
         } = state;
         let grace = Duration::from_secs(10);
@@ -654,11 +656,24 @@ impl Ingest {
         for p in partitions.lock().expect("partitions lock").values() {
             p.revoke();
         }
-        if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(source = %o.name, error = %e, "final commit");
-        }
-        consumer.unsubscribe();
         lag_task.abort();
+        let _ = lag_task.await;
+        // The final commit, the group leave and closing the clients block (for long when
+        // the cluster is down, as when a failover source switches away from it): off the
+        // async threads.
+        let name = o.name.clone();
+        let closed = tokio::task::spawn_blocking(move || {
+            if let Err(e) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(source = %name, error = %e, "final commit");
+            }
+            consumer.unsubscribe();
+            drop(consumer);
+            drop(producer);
+        })
+        .await;
+        if let Err(e) = closed {
+            tracing::warn!(source = %o.name, error = %e, "closing the consumer failed");
+        }
         tracing::info!(source = %o.name, "kafka source stopped");
     }
 }

@@ -310,7 +310,25 @@ async fn get_moves(State(s): State<Arc<AppState>>) -> Response {
 }
 
 async fn get_kafka(State(s): State<Arc<AppState>>) -> Response {
-    Json(serde_json::json!({ "sources": s.status.kafka() })).into_response()
+    let view = s.router.coord().view();
+    let sources: Vec<serde_json::Value> = s
+        .status
+        .kafka()
+        .into_iter()
+        .map(|source| {
+            let mut json = serde_json::to_value(&source).unwrap_or_default();
+            if s.status.failover(&source.name).is_some() {
+                let (side, _) = view.kafka_side(&source.name);
+                json["failover"] = serde_json::json!({
+                    "active": side.active.as_str(),
+                    "reason": side.reason,
+                    "manual": side.manual,
+                });
+            }
+            json
+        })
+        .collect();
+    Json(serde_json::json!({ "sources": sources })).into_response()
 }
 
 /// `GET /v1/kafka/{source}`: the side a source with a standby cluster reads, why, and
@@ -427,13 +445,16 @@ async fn switch_kafka_source(
     };
     let repositions = value.active == leasehold_coord::KafkaSide::Standby
         && (current.active != leasehold_coord::KafkaSide::Standby || revision == 0);
+    use crate::failover::SwitchError;
     let result = if repositions {
-        crate::failover::switch(coord, &source, value, revision).await
+        crate::failover::switch(coord, &source, value, revision, false).await
     } else {
-        match coord.set_kafka_side(&name, &value, revision).await {
+        match coord.set_kafka_side(&name, &value, revision, false).await {
             Ok(true) => Ok(value),
-            Ok(false) => Err("the side changed meanwhile; look again and retry".into()),
-            Err(e) => Err(format!("could not write the side: {e}")),
+            Ok(false) => Err(SwitchError::Conflict),
+            Err(e) => Err(SwitchError::Failed(format!(
+                "could not write the side: {e}"
+            ))),
         }
     };
     match result {
@@ -445,8 +466,8 @@ async fn switch_kafka_source(
             "position_ms": v.position_ms,
         }))
         .into_response(),
-        Err(e) if e.contains("changed meanwhile") => error(StatusCode::CONFLICT, e),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        Err(e @ SwitchError::Conflict) => error(StatusCode::CONFLICT, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
 }
 

@@ -30,13 +30,26 @@ fn side_of(s: KafkaSide) -> Side {
     }
 }
 
+/// What the leader knows of one active member's view of the primary.
+#[derive(Debug, Clone, Copy)]
+pub struct Observed<'a> {
+    pub primary_ok: bool,
+    /// How long the leader has seen this answer (its own clock: members' clocks may be
+    /// skewed).
+    pub for_ms: u64,
+    /// Since when the member says so (its clock), for the standby's start time.
+    pub since_ms: u64,
+    pub error: &'a str,
+}
+
 /// The side the leader should switch to, if any: to the standby once a majority of the
 /// active members have failed to reach the primary for `down_after`; back (with
 /// `auto_fail_back`) once a majority have reached it for `fail_back_after`. An operator's
-/// choice (`manual`) is left alone. Pure: `reports` are the active members' latest.
+/// choice (`manual`) is left alone. Pure: `observed` are the active members that
+/// reported (the others count against a switch).
 pub fn decide(
     current: &KafkaSideValue,
-    reports: &[&KafkaHealthValue],
+    observed: &[Observed<'_>],
     active: usize,
     now_ms: u64,
     policy: &FailoverOptions,
@@ -45,23 +58,27 @@ pub fn decide(
         return None;
     }
     let quorum = active / 2 + 1;
-    let lasting = |r: &&KafkaHealthValue, ok: bool, for_ms: u64| {
-        r.primary_ok == ok && now_ms.saturating_sub(r.since_ms) >= for_ms
-    };
+    let lasting =
+        |o: &&Observed<'_>, ok: bool, for_ms: u64| o.primary_ok == ok && o.for_ms >= for_ms;
     match current.active {
         KafkaSide::Primary => {
             let down_ms = policy.down_after.as_millis() as u64;
-            let down: Vec<&&KafkaHealthValue> = reports
+            let down: Vec<&Observed<'_>> = observed
                 .iter()
-                .filter(|r| lasting(r, false, down_ms))
+                .filter(|o| lasting(o, false, down_ms))
                 .collect();
             if down.len() < quorum {
                 return None;
             }
-            let since = down.iter().map(|r| r.since_ms).min().unwrap_or(now_ms);
+            // The earliest failure by either clock: more overlap, never less.
+            let since = down
+                .iter()
+                .map(|o| o.since_ms.min(now_ms.saturating_sub(o.for_ms)))
+                .min()
+                .unwrap_or(now_ms);
             let error = down
                 .iter()
-                .map(|r| r.error.as_str())
+                .map(|o| o.error)
                 .find(|e| !e.is_empty())
                 .unwrap_or("no answer");
             Some(KafkaSideValue {
@@ -78,7 +95,10 @@ pub fn decide(
         }
         KafkaSide::Standby if policy.auto_fail_back => {
             let back_ms = policy.fail_back_after.as_millis() as u64;
-            let healthy = reports.iter().filter(|r| lasting(r, true, back_ms)).count();
+            let healthy = observed
+                .iter()
+                .filter(|o| lasting(o, true, back_ms))
+                .count();
             (healthy >= quorum).then(|| KafkaSideValue {
                 active: KafkaSide::Primary,
                 since_ms: now_ms,
@@ -94,24 +114,63 @@ pub fn decide(
     }
 }
 
-/// Sets the side of `source` (an operator's switch when `manual`, else the leader's):
-/// positions the standby's consumer group first when switching to it, then writes the
-/// side if nobody switched since `expected`. Returns the record written, or why not.
+/// Why a switch did not happen.
+#[derive(Debug)]
+pub enum SwitchError {
+    /// Someone switched first (or this instance is no longer the leader): look again.
+    Conflict,
+    Failed(String),
+}
+
+impl std::fmt::Display for SwitchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SwitchError::Conflict => {
+                f.write_str("the side changed meanwhile; look again and retry")
+            }
+            SwitchError::Failed(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The earliest time a member says the primary has been failing (its clock), if any.
+pub fn first_failure(coord: &Coord, source: &str) -> Option<u64> {
+    coord
+        .view()
+        .kafka_health
+        .iter()
+        .filter(|((s, _), h)| s == source && !h.primary_ok)
+        .map(|(_, h)| h.since_ms)
+        .min()
+}
+
+/// Sets the side of `source` (the leader's decision when `as_leader`, else an
+/// operator's): positions the standby's consumer group first when switching to it (at
+/// `position_ms`, else the first reported failure of the primary, else now, minus the
+/// overlap), then writes the side if nobody switched since `expected`.
 pub async fn switch(
     coord: &Coord,
     source: &SourceOptions,
     mut value: KafkaSideValue,
     expected: i64,
-) -> Result<KafkaSideValue, String> {
-    let failover = source
-        .failover
-        .clone()
-        .ok_or_else(|| format!("source {:?} has no standby cluster", source.name))?;
+    as_leader: bool,
+) -> Result<KafkaSideValue, SwitchError> {
+    let failover = source.failover.clone().ok_or_else(|| {
+        SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
+    })?;
     if value.active == KafkaSide::Standby {
-        let at_ms = value
-            .position_ms
-            .unwrap_or_else(|| now_ms().saturating_sub(failover.overlap.as_millis() as u64));
+        let overlap = failover.overlap.as_millis() as u64;
+        let at_ms = value.position_ms.unwrap_or_else(|| {
+            first_failure(coord, &source.name)
+                .unwrap_or_else(now_ms)
+                .min(now_ms())
+                .saturating_sub(overlap)
+        });
         value.position_ms = Some(at_ms);
+        // Never move a group someone else is switching meanwhile.
+        if coord.view().kafka_side(&source.name).1 != expected {
+            return Err(SwitchError::Conflict);
+        }
         let group = source.group.clone();
         let timeout = failover.probe_interval.max(Duration::from_secs(5));
         let positioned = tokio::task::spawn_blocking(move || {
@@ -125,14 +184,23 @@ pub async fn switch(
             )
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("could not position the standby's consumer group: {e}"))?;
+        .map_err(|e| SwitchError::Failed(e.to_string()))?
+        .map_err(|e| {
+            SwitchError::Failed(format!(
+                "could not position the standby's consumer group: {e}"
+            ))
+        })?;
         tracing::info!(source = %source.name, partitions = positioned, at_ms, "standby consumer group positioned");
     }
-    match coord.set_kafka_side(&source.name, &value, expected).await {
+    match coord
+        .set_kafka_side(&source.name, &value, expected, as_leader)
+        .await
+    {
         Ok(true) => Ok(value),
-        Ok(false) => Err("the side changed meanwhile; look again and retry".into()),
-        Err(e) => Err(format!("could not write the side: {e}")),
+        Ok(false) => Err(SwitchError::Conflict),
+        Err(e) => Err(SwitchError::Failed(format!(
+            "could not write the side: {e}"
+        ))),
     }
 }
 
@@ -168,7 +236,7 @@ pub async fn run(
 }
 
 /// Probes the primary every `probe_interval` and publishes the answer when it changes
-/// (and again every ten probes, so a new lease carries it).
+/// (or this member's lease did).
 async fn probe_primary(
     source: SourceOptions,
     failover: FailoverOptions,
@@ -178,8 +246,7 @@ async fn probe_primary(
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<KafkaHealthValue> = None;
-    let mut unchanged = 0u32;
-    let mut written = false;
+    let mut written = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -197,31 +264,23 @@ async fn probe_primary(
         .await
         .unwrap_or_else(|e| Err(e.to_string()));
         let ok = result.is_ok();
-        let error = result.err().unwrap_or_default();
-        let changed = current.as_ref().is_none_or(|c| c.primary_ok != ok);
-        if changed {
+        if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
+            let error = result.err().unwrap_or_default();
             if current.is_some() {
                 tracing::warn!(source = %source.name, reachable = ok, %error, "primary Kafka cluster reachability changed");
             }
             current = Some(KafkaHealthValue {
                 primary_ok: ok,
                 since_ms: now_ms(),
-                error: error.clone(),
+                error,
             });
-            unchanged = 0;
-            written = false;
-        } else {
-            unchanged += 1;
-            if let Some(c) = current.as_mut() {
-                c.error = error;
-            }
         }
-        if !written || unchanged % 10 == 0 {
-            let value = current.clone().expect("set above");
-            written = coord
-                .report_kafka_health(&source.name, &value)
-                .await
-                .is_ok();
+        let value = current.clone().expect("set above");
+        if let Err(e) = coord
+            .report_kafka_health(&source.name, &value, &mut written)
+            .await
+        {
+            tracing::debug!(source = %source.name, error = %e, "health report not written");
         }
     }
 }
@@ -235,6 +294,9 @@ async fn lead(
 ) {
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Since when (this instance's clock) each member has given its current answer.
+    let mut seen: std::collections::HashMap<MemberId, (bool, tokio::time::Instant)> =
+        Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -245,31 +307,49 @@ async fn lead(
             || view.leader.as_ref() != Some(coord.member_id())
             || coord.table().lease().valid_until().is_none()
         {
+            seen.clear(); // a new term starts counting afresh
             continue;
         }
+        let now = tokio::time::Instant::now();
         let active: Vec<&MemberId> = view
             .members
             .values()
             .filter(|m| m.state == MemberState::Active)
             .map(|m| &m.id)
             .collect();
-        let reports: Vec<&KafkaHealthValue> = active
-            .iter()
-            .filter_map(|m| view.kafka_health.get(&(source.name.clone(), (*m).clone())))
-            .collect();
+        seen.retain(|m, _| active.contains(&m));
+        let mut observed = Vec::new();
+        for m in &active {
+            let Some(h) = view.kafka_health.get(&(source.name.clone(), (*m).clone())) else {
+                seen.remove(*m);
+                continue;
+            };
+            let entry = seen.entry((*m).clone()).or_insert((h.primary_ok, now));
+            if entry.0 != h.primary_ok {
+                *entry = (h.primary_ok, now);
+            }
+            observed.push(Observed {
+                primary_ok: h.primary_ok,
+                for_ms: now.duration_since(entry.1).as_millis() as u64,
+                since_ms: h.since_ms,
+                error: &h.error,
+            });
+        }
         let (current, revision) = view.kafka_side(&source.name);
-        let Some(next) = decide(&current, &reports, active.len(), now_ms(), &failover) else {
+        let Some(next) = decide(&current, &observed, active.len(), now_ms(), &failover) else {
             continue;
         };
         tracing::warn!(source = %source.name, to = next.active.as_str(), reason = %next.reason, "switching the Kafka source's cluster");
-        if let Err(e) = switch(&coord, &source, next, revision).await {
+        if let Err(e) = switch(&coord, &source, next, revision, true).await {
             tracing::warn!(source = %source.name, error = %e, "Kafka cluster switch failed; retrying");
         }
     }
 }
 
-/// Consumes from the chosen side; stops while this member's lease is not valid, and
-/// restarts on the other side when the cluster switches.
+/// Consumes from the chosen side; stops while this member's lease is not valid or its
+/// routing table is not synced, and restarts on the other side when the cluster switches
+/// — after draining the standby when going back to the primary, and not before every
+/// member can have seen the switch when it is recent.
 async fn consume(
     source: SourceOptions,
     coord: Coord,
@@ -279,6 +359,15 @@ async fn consume(
     cancel: CancellationToken,
 ) -> Result<(), leasehold_kafka::Error> {
     let mut views = coord.subscribe_view();
+    let reading_standby = registry.gauge(
+        "leasehold_kafka_reading_standby",
+        "1 while this member consumes the source's standby cluster, else 0.",
+        &[("source", source.name.as_str())],
+    );
+    let failover = source.failover.clone().expect("a failover source");
+    // A member that missed the switch reads the old side until its lease lapses (it
+    // stops then): the new side starts once that time has passed since the switch.
+    let settle = coord.options().lease_ttl + Duration::from_secs(2);
     loop {
         // Wait for a current view of the side.
         loop {
@@ -296,13 +385,34 @@ async fn consume(
             }
         }
         let (side, revision) = coord.view().kafka_side(&source.name);
+        if revision != 0 {
+            let age = Duration::from_millis(now_ms().saturating_sub(side.since_ms));
+            if age < settle {
+                let wait = settle - age;
+                tracing::info!(source = %source.name, side = side.active.as_str(), ?wait, "waiting for every member to leave the previous side");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                if coord.view().kafka_side(&source.name).1 != revision {
+                    continue; // switched again meanwhile
+                }
+            }
+        }
         let options = source.on_side(side_of(side.active));
+        reading_standby.set(if side.active == KafkaSide::Standby {
+            1.0
+        } else {
+            0.0
+        });
         tracing::info!(source = %source.name, side = side.active.as_str(), brokers = %options.brokers, "consuming");
         let ingest =
             Ingest::new(options, dispatcher.clone(), &registry).with_status(status.clone());
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));
-        let mut invalid_since: Option<tokio::time::Instant> = None;
+        let mut cut_off_since: Option<tokio::time::Instant> = None;
+        let mut stopped_because = None;
+        let mut drain = false;
         let ended = loop {
             tokio::select! {
                 r = &mut running => break Some(r),
@@ -313,39 +423,52 @@ async fn consume(
             if cancel.is_cancelled() {
                 break None;
             }
-            let (now, now_revision) = coord.view().kafka_side(&source.name);
+            let view = coord.view();
+            let (now, now_revision) = view.kafka_side(&source.name);
             if now_revision != revision && now.active != side.active {
                 tracing::warn!(source = %source.name, from = side.active.as_str(), to = now.active.as_str(), "the cluster switched sides; restarting the consumer");
+                drain = side.active == KafkaSide::Standby;
                 break None;
             }
             // A member cut off from etcd stops reading: the cluster may switch without it.
-            if coord.table().lease().valid_until().is_none() {
-                let since = *invalid_since.get_or_insert_with(tokio::time::Instant::now);
+            if !view.synced || coord.table().lease().valid_until().is_none() {
+                let since = *cut_off_since.get_or_insert_with(tokio::time::Instant::now);
                 if since.elapsed() >= Duration::from_secs(1) {
-                    tracing::warn!(source = %source.name, "lease not valid; this member stops consuming until it is");
+                    tracing::warn!(source = %source.name, "lease not valid or routing table not synced; this member stops consuming until both are");
+                    stopped_because = Some("not consuming: this member is cut off from etcd (lease not valid or routing table not synced)");
                     break None;
                 }
             } else {
-                invalid_since = None;
+                cut_off_since = None;
             }
         };
+        if drain && ended.is_none() {
+            // Back to the primary: what the standby received until the switch is read
+            // first (records produced there during the outage are not left behind).
+            drain_standby(
+                &source,
+                &status,
+                failover.fail_back_after.max(Duration::from_secs(30)),
+                &cancel,
+            )
+            .await;
+        }
         let result = match ended {
             Some(r) => r,
             None => {
                 stop.cancel();
-                // A consumer of a cluster that went down may take long to close (its
-                // last commits and the group leave time out); the next side does not wait
-                // for it past this. (With the same topic names on both sides, the new
-                // side's claims of the partitions fence its records at the owners.)
-                match tokio::time::timeout(Duration::from_secs(10), &mut running).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        tracing::warn!(source = %source.name, "the previous consumer is still closing; going on without it");
-                        Ok(Ok(()))
-                    }
-                }
+                running.await
             }
         };
+        reading_standby.set(0.0);
+        if let Some(why) = stopped_because {
+            // What /v1/kafka shows until a consumer runs again.
+            let mut st = status.lock().expect("source status lock");
+            st.error = Some(why.to_owned());
+            for p in &mut st.partitions {
+                p.here = false;
+            }
+        }
         match result {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(e),
@@ -358,6 +481,49 @@ async fn consume(
         }
         if cancel.is_cancelled() {
             return Ok(());
+        }
+    }
+}
+
+/// Waits (at most `limit`) until the group's committed offsets on the standby reach the
+/// ends the source's status showed when the switch back was seen.
+async fn drain_standby(
+    source: &SourceOptions,
+    status: &StatusHandle,
+    limit: Duration,
+    cancel: &CancellationToken,
+) {
+    let targets: Vec<(String, i32, i64)> = status
+        .lock()
+        .expect("source status lock")
+        .partitions
+        .iter()
+        .filter_map(|p| Some((p.topic.clone(), p.partition, p.end?)))
+        .collect();
+    let started = tokio::time::Instant::now();
+    loop {
+        let behind = {
+            let st = status.lock().expect("source status lock");
+            targets
+                .iter()
+                .filter(|(t, p, end)| {
+                    !st.partitions.iter().any(|s| {
+                        s.topic == *t && s.partition == *p && s.committed.is_some_and(|c| c >= *end)
+                    })
+                })
+                .count()
+        };
+        if behind == 0 {
+            tracing::info!(source = %source.name, took = ?started.elapsed(), "standby drained up to the switch");
+            return;
+        }
+        if started.elapsed() >= limit {
+            tracing::warn!(source = %source.name, behind, "standby not drained within {limit:?}; going back to the primary anyway");
+            return;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }
@@ -379,15 +545,14 @@ mod tests {
         }
     }
 
-    fn report(ok: bool, since_ms: u64) -> KafkaHealthValue {
-        KafkaHealthValue {
+    /// A member's answer, held `for_ms` by the leader's clock and since `since_ms` by its
+    /// own.
+    fn report(ok: bool, for_ms: u64, since_ms: u64) -> Observed<'static> {
+        Observed {
             primary_ok: ok,
+            for_ms,
             since_ms,
-            error: if ok {
-                String::new()
-            } else {
-                "timed out".into()
-            },
+            error: if ok { "" } else { "timed out" },
         }
     }
 
@@ -397,20 +562,20 @@ mod tests {
         let primary = KafkaSideValue::default();
         let now = 1_000_000;
         let (down_long, down_short, up) = (
-            report(false, now - 11_000),
-            report(false, now - 5_000),
-            report(true, now - 100_000),
+            report(false, 11_000, now - 11_000),
+            report(false, 5_000, now - 5_000),
+            report(true, 100_000, now - 100_000),
         );
         // One of three members: not a majority.
-        assert_eq!(decide(&primary, &[&down_long, &up, &up], 3, now, &p), None);
+        assert_eq!(decide(&primary, &[down_long, up, up], 3, now, &p), None);
         // Two of three, but one not for long enough.
         assert_eq!(
-            decide(&primary, &[&down_long, &down_short, &up], 3, now, &p),
+            decide(&primary, &[down_long, down_short, up], 3, now, &p),
             None
         );
         // Two of three for long enough: the standby, read from the overlap before the
         // earliest failure.
-        let next = decide(&primary, &[&down_long, &down_long, &up], 3, now, &p).unwrap();
+        let next = decide(&primary, &[down_long, down_long, up], 3, now, &p).unwrap();
         assert_eq!(next.active, KafkaSide::Standby);
         assert_eq!(next.position_ms, Some(now - 11_000 - 60_000));
         assert!(
@@ -419,7 +584,23 @@ mod tests {
             next.reason
         );
         // Members that did not report count as not agreeing.
-        assert_eq!(decide(&primary, &[&down_long], 3, now, &p), None);
+        assert_eq!(decide(&primary, &[down_long], 3, now, &p), None);
+    }
+
+    #[test]
+    fn durations_come_from_the_leaders_clock() {
+        let p = policy();
+        let primary = KafkaSideValue::default();
+        let now = 1_000_000;
+        // A member whose clock is far behind claims a failure long ago: the leader has
+        // seen it for 1 s only, so no switch.
+        let skewed = report(false, 1_000, now - 600_000);
+        assert_eq!(decide(&primary, &[skewed, skewed], 2, now, &p), None);
+        // A member whose clock is ahead (since in the future) still counts once the
+        // leader has seen it long enough; the start is the earlier of the two clocks.
+        let ahead = report(false, 12_000, now + 50_000);
+        let next = decide(&primary, &[ahead, ahead], 2, now, &p).unwrap();
+        assert_eq!(next.position_ms, Some(now - 12_000 - 60_000));
     }
 
     #[test]
@@ -430,26 +611,20 @@ mod tests {
             ..Default::default()
         };
         let now = 1_000_000;
-        let (up_long, up_short) = (report(true, now - 31_000), report(true, now - 10_000));
-        assert_eq!(decide(&standby, &[&up_long, &up_short], 2, now, &p), None);
-        let back = decide(&standby, &[&up_long, &up_long], 2, now, &p).unwrap();
+        let (up_long, up_short) = (report(true, 31_000, 0), report(true, 10_000, 0));
+        assert_eq!(decide(&standby, &[up_long, up_short], 2, now, &p), None);
+        // A member that did not report counts against.
+        assert_eq!(decide(&standby, &[up_long], 2, now, &p), None);
+        let back = decide(&standby, &[up_long, up_long], 2, now, &p).unwrap();
         assert_eq!(back.active, KafkaSide::Primary);
         p.auto_fail_back = false;
-        assert_eq!(decide(&standby, &[&up_long, &up_long], 2, now, &p), None);
+        assert_eq!(decide(&standby, &[up_long, up_long], 2, now, &p), None);
         // An operator's choice is never undone automatically.
         let manual = KafkaSideValue {
             manual: true,
             ..Default::default()
         };
-        assert_eq!(
-            decide(
-                &manual,
-                &[&report(false, 0), &report(false, 0)],
-                2,
-                now,
-                &policy()
-            ),
-            None
-        );
+        let down = report(false, 100_000, 0);
+        assert_eq!(decide(&manual, &[down, down], 2, now, &policy()), None);
     }
 }
