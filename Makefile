@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: py-unit bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short
+.PHONY: py-unit bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short soak
 
 all: build
 
@@ -119,6 +119,17 @@ DURATION ?= 60
 chaos: build kafka-deps
 	cargo build -p leasehold-integration-tests --bin leasehold-chaos --bin leasehold-chaos-handler
 	LEASEHOLD_BIN=$(DEBUG_BIN) $(CARGO_TARGET_DIR)/debug/leasehold-chaos --runs $(RUNS) --duration $(DURATION) $(if $(SEED),--seed $(SEED)) --out docs/CHAOS.md
+	$(MAKE) soak
+
+# Longer runs of the placement and Kafka failover scenarios than `make test` has: 60 s of
+# steady skewed load that must not move a shard, and failover, fail-back and a member cut
+# off from etcd, three times over.
+SOAK_RUNS ?= 3
+soak: build kafka-deps
+	LEASEHOLD_BIN=$(DEBUG_BIN) LEASEHOLD_SOAK_SECONDS=60 cargo test -p leasehold-integration-tests --test core placement_follows -- --test-threads=1 --nocapture
+	for i in $$(seq $(SOAK_RUNS)); do \
+	  LEASEHOLD_BIN=$(DEBUG_BIN) cargo test -p leasehold-integration-tests --test kafka -- --test-threads=1 --nocapture standby cut_off || exit 1; \
+	done
 
 # About 3 minutes: one run with 150 s of faults on a fixed schedule (part of `make test`;
 # its report goes to the build cache, not docs/).

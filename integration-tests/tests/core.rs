@@ -979,6 +979,37 @@ async fn operators_pin_shards_and_freeze_placement_under_load_with_no_failed_cal
     assert_eq!(status, 200);
     assert_eq!(placement["pins"], serde_json::json!({}));
 
+    // A one-shot move under load, the checker running: the shard reaches n3 and the
+    // request is forgotten (count balancing may then give n3's extra shard back).
+    let mv = shard_table(&cluster.instances[0])
+        .unwrap()
+        .iter()
+        .find(|s| s.1.as_deref() == Some("n0"))
+        .unwrap()
+        .0;
+    let (status, placement) = admin_send(
+        &cluster.instances[1],
+        "POST",
+        &format!("/v1/shards/{mv}/move"),
+        Some(r#"{"to": "n3"}"#),
+    );
+    assert_eq!(status, 200, "{placement}");
+    wait_until(
+        Duration::from_secs(10),
+        "the moved shard on n3, the move forgotten",
+        || {
+            // Every owner change this instance saw, newest first.
+            let moves = cluster.instances[0].get("/v1/moves")?;
+            let reached = moves["moves"]
+                .as_array()?
+                .iter()
+                .any(|m| m["shard"] == mv && m["to"] == "n3");
+            let p = cluster.instances[0].get("/v1/placement")?;
+            (reached && p["moves"] == serde_json::json!({})).then_some(())
+        },
+    )
+    .await;
+
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();
