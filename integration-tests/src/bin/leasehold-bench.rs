@@ -550,13 +550,16 @@ async fn plain_group(
     let exe = std::env::current_exe().unwrap();
     let end = kafka.end_offsets("bench", 6);
     let t = Instant::now();
-    let mut procs: Vec<std::process::Child> = (0..n)
+    // Killed when dropped, also when the wait below panics.
+    let procs: Vec<KillOnDrop> = (0..n)
         .map(|_| {
-            std::process::Command::new(&exe)
-                .args(["plain-consumer", &kafka.brokers(), "bench", group])
-                .args(handler)
-                .spawn()
-                .unwrap()
+            KillOnDrop(
+                std::process::Command::new(&exe)
+                    .args(["plain-consumer", &kafka.brokers(), "bench", group])
+                    .args(handler)
+                    .spawn()
+                    .unwrap(),
+            )
         })
         .collect();
     wait_until(Duration::from_secs(1800), "plain group committed", || {
@@ -564,10 +567,7 @@ async fn plain_group(
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
-    for p in &mut procs {
-        let _ = p.kill();
-        let _ = p.wait();
-    }
+    drop(procs);
     rate
 }
 
@@ -613,8 +613,16 @@ async fn leasehold_group(
     for i in 0..n {
         cluster.add(&format!("n{i}"));
     }
+    // `KAFKA_BENCH_TIMELINE=1`: the group's committed total every 250 ms (where the time
+    // goes: start, rebalances, steady rate).
+    let timeline = std::env::var_os("KAFKA_BENCH_TIMELINE").is_some();
     wait_until(Duration::from_secs(1800), "all messages committed", || {
-        (kafka.committed(group, "bench", 6) == end).then_some(())
+        let committed = kafka.committed(group, "bench", 6);
+        if timeline {
+            let done: i64 = committed.iter().map(|c| (*c).max(0)).sum();
+            eprintln!("  {:>6.2} s  committed {done}", t.elapsed().as_secs_f64());
+        }
+        (committed == end).then_some(())
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
@@ -675,15 +683,24 @@ async fn kafka_bench() -> Vec<Row> {
     eprintln!("raw consume: {raw:.0} msg/s");
 
     let handler_port = free_port();
-    let mut handler = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["noop-handler", &handler_port.to_string()])
-        .spawn()
-        .unwrap();
+    // Killed also when a phase panics (no stray handler left behind).
+    let mut handler = KillOnDrop(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["noop-handler", &handler_port.to_string()])
+            .spawn()
+            .unwrap(),
+    );
     let handler_url = format!("grpc://127.0.0.1:{handler_port}");
     let plain_url = format!("http://127.0.0.1:{handler_port}");
     let mut samples: [Vec<f64>; 4] = Default::default();
     let mut last = None;
-    for round in 0..3 {
+    // `KAFKA_BENCH_ROUNDS` (default 3) for quicker diagnosis runs.
+    let rounds: usize = std::env::var("KAFKA_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    for round in 0..rounds {
         samples[0].push(
             plain_group(
                 &kafka,
@@ -773,7 +790,8 @@ async fn kafka_bench() -> Vec<Row> {
             met: true,
         },
     ];
-    let cluster = last.expect("three rounds ran");
+    let cluster = last.expect("at least one round ran");
+    let last_group = format!("lh-grpc-{}", rounds - 1);
 
     // Produce-to-handle latency at a fixed rate, from the end-to-end histogram.
     let before = histogram(&cluster);
@@ -789,7 +807,7 @@ async fn kafka_bench() -> Vec<Row> {
     }
     let end = kafka.end_offsets("bench", 6);
     wait_until(Duration::from_secs(60), "latency run committed", || {
-        (kafka.committed("lh-grpc-2", "bench", 6) == end).then_some(())
+        (kafka.committed(&last_group, "bench", 6) == end).then_some(())
     })
     .await;
     let after = histogram(&cluster);
@@ -807,9 +825,19 @@ async fn kafka_bench() -> Vec<Row> {
         met: true,
     });
     // The last cluster's handler serves the latency run: stopped only after it.
-    let _ = handler.kill();
-    let _ = handler.wait();
+    let _ = handler.0.kill();
+    let _ = handler.0.wait();
     rows
+}
+
+/// A child process killed when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Sum over instances of `leasehold_kafka_end_to_end_seconds` buckets: (le, count).
