@@ -775,32 +775,15 @@ fn side(instance: &leasehold_integration_tests::Instance) -> Option<serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
-    let mut primary = Kafka::start().await;
-    let standby = Kafka::start().await;
-    for k in [&primary, &standby] {
-        k.create_topic("pay", 3).await;
-        k.create_topic("pay-dlq", 1).await;
-    }
-    let checker = Checker::start(Duration::ZERO, None).await;
+    let (mut primary, standby, checker) = two_clusters().await;
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("leasehold.toml");
-    let group_props =
-        "properties = { \"session.timeout.ms\" = \"6000\", \"heartbeat.interval.ms\" = \"1000\" }";
-    std::fs::write(
-        &config,
-        format!(
-            "lease_ttl = \"3s\"\nrequest_timeout = \"10s\"\nhandler = \"{}\"\n\
-             [[kafka]]\nname = \"pay\"\nbrokers = \"{}\"\ntopics = [\"pay\"]\ngroup = \"payments\"\n\
-             key = \"json:/account\"\ndlq_topic = \"pay-dlq\"\n{group_props}\n\
-             [kafka.failover]\nbrokers = \"{}\"\ndown_after = \"3s\"\nfail_back_after = \"4s\"\n\
-             probe_interval = \"500ms\"\noverlap = \"30s\"\n{group_props}\n",
-            checker.handler_flag(),
-            primary.brokers(),
-            standby.brokers()
-        ),
-    )
-    .unwrap();
-    let cluster = Cluster::start(3, &["--config", config.to_str().unwrap()]).await;
+    let config = failover_config(
+        dir.path(),
+        &checker.handler_flag(),
+        &primary.brokers(),
+        &standby.brokers(),
+    );
+    let cluster = Cluster::start(3, &["--config", &config]).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0];
 
@@ -962,6 +945,18 @@ fn assert_first_handling_in_offset_order_per_cluster(checker: &Checker) {
     }
 }
 
+/// Two Kafka clusters with the topic `pay` (3 partitions) and its dead-letter topic, and
+/// the checker handler.
+async fn two_clusters() -> (Kafka, Kafka, Checker) {
+    let primary = Kafka::start().await;
+    let standby = Kafka::start().await;
+    for k in [&primary, &standby] {
+        k.create_topic("pay", 3).await;
+        k.create_topic("pay-dlq", 1).await;
+    }
+    (primary, standby, Checker::start(Duration::ZERO, None).await)
+}
+
 /// Writes a failover source's configuration (primary and standby, `down_after` 3 s).
 fn failover_config(dir: &std::path::Path, handler: &str, primary: &str, standby: &str) -> String {
     let config = dir.join("leasehold.toml");
@@ -986,13 +981,7 @@ async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_
     use leasehold_integration_tests::proxy::Proxy;
     use leasehold_integration_tests::{Etcd, Instance, InstanceSpec};
 
-    let mut primary = Kafka::start().await;
-    let standby = Kafka::start().await;
-    for k in [&primary, &standby] {
-        k.create_topic("pay", 3).await;
-        k.create_topic("pay-dlq", 1).await;
-    }
-    let checker = Checker::start(Duration::ZERO, None).await;
+    let (mut primary, standby, checker) = two_clusters().await;
     let dir = tempfile::tempdir().unwrap();
     let config = failover_config(
         dir.path(),

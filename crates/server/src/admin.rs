@@ -597,6 +597,23 @@ struct PinRequest {
     to: String,
 }
 
+/// The shard a path names and the member a `{"to": member}` body names, or the answer
+/// that refuses them.
+fn shard_and_member(
+    coord: &Coord,
+    shard: &str,
+    body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<(ShardId, MemberId), Box<Response>> {
+    let shard = parse_shard(shard, coord.options().shard_count)?;
+    let Ok(Json(request)) = body else {
+        return Err(Box::new(error(
+            StatusCode::BAD_REQUEST,
+            r#"the body must be JSON like {"to": "member-id"}"#,
+        )));
+    };
+    Ok((shard, MemberId(request.to)))
+}
+
 /// `POST /v1/shards/{n}/pin {"to": member}`: the shard lives on that member until unpinned
 /// (moved there through a planned handoff).
 async fn pin(
@@ -605,17 +622,10 @@ async fn pin(
     body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let coord = s.router.coord();
-    let shard = match parse_shard(&shard, coord.options().shard_count) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let Ok(Json(request)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            r#"the body must be JSON like {"to": "member-id"}"#,
-        );
-    };
-    placement_answer(coord.pin(shard, Some(MemberId(request.to))).await)
+    match shard_and_member(coord, &shard, body) {
+        Ok((shard, member)) => placement_answer(coord.pin(shard, Some(member)).await),
+        Err(r) => *r,
+    }
 }
 
 /// `POST /v1/shards/{n}/move {"to": member}`: moves the shard there once (a planned
@@ -626,17 +636,10 @@ async fn move_shard(
     body: Result<Json<PinRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let coord = s.router.coord();
-    let shard = match parse_shard(&shard, coord.options().shard_count) {
-        Ok(s) => s,
-        Err(r) => return *r,
-    };
-    let Ok(Json(request)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            r#"the body must be JSON like {"to": "member-id"}"#,
-        );
-    };
-    placement_answer(coord.move_shard(shard, MemberId(request.to)).await)
+    match shard_and_member(coord, &shard, body) {
+        Ok((shard, member)) => placement_answer(coord.move_shard(shard, member).await),
+        Err(r) => *r,
+    }
 }
 
 async fn unpin(State(s): State<Arc<AppState>>, Path(shard): Path<String>) -> Response {
