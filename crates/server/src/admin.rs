@@ -443,21 +443,8 @@ async fn switch_kafka_source(
     } else {
         value
     };
-    let repositions = value.active == leasehold_coord::KafkaSide::Standby
-        && (current.active != leasehold_coord::KafkaSide::Standby || revision == 0);
     use crate::failover::SwitchError;
-    let result = if repositions {
-        crate::failover::switch(coord, &source, value, revision, false).await
-    } else {
-        match coord.set_kafka_side(&name, &value, revision, false).await {
-            Ok(true) => Ok(value),
-            Ok(false) => Err(SwitchError::Conflict),
-            Err(e) => Err(SwitchError::Failed(format!(
-                "could not write the side: {e}"
-            ))),
-        }
-    };
-    match result {
+    match crate::failover::switch(coord, &source, value, revision, false).await {
         Ok(v) => Json(serde_json::json!({
             "name": name,
             "active": v.active.as_str(),

@@ -158,7 +158,11 @@ pub async fn switch(
     let failover = source.failover.clone().ok_or_else(|| {
         SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
     })?;
-    if value.active == KafkaSide::Standby {
+    // Positioned only when the standby starts being read (not when an operator marks the
+    // side it already reads as chosen).
+    let (current, _) = coord.view().kafka_side(&source.name);
+    if value.active == KafkaSide::Standby && (current.active != KafkaSide::Standby || expected == 0)
+    {
         let overlap = failover.overlap.as_millis() as u64;
         let at_ms = value.position_ms.unwrap_or_else(|| {
             first_failure(coord, &source.name)
