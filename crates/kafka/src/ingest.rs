@@ -2,20 +2,21 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use leasehold_metrics::{Counter, Gauge, Histogram, Registry};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -30,6 +31,58 @@ use crate::{
 struct Context {
     source: String,
     partitions: Partitions,
+    /// The consumer itself, set once it exists: each assigned partition gets its own
+    /// queue, read only as fast as its messages find room (see [`Split`]).
+    consumer: OnceLock<Weak<StreamConsumer<Context>>>,
+    splits: mpsc::UnboundedSender<Split>,
+    /// The reader of each assigned partition's queue, stopped when it is revoked.
+    readers: Mutex<HashMap<(String, i32), CancellationToken>>,
+    /// Each partition's queue, split once and kept while the consumer lives: handles
+    /// of one partition share librdkafka's queue and its wake-up, which dropping any
+    /// handle turns off, so a reader that ends late must not drop the only handle after
+    /// the next reader of the partition started. Cleared when the source stops (the
+    /// handles hold the consumer).
+    queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
+    /// Stops every reader (the source is stopping).
+    stop: CancellationToken,
+}
+
+type PartitionQueue = StreamPartitionQueue<Context>;
+
+/// Drops every partition queue handle the consumer's context keeps.
+struct ReleaseQueues(Arc<StreamConsumer<Context>>);
+
+impl Drop for ReleaseQueues {
+    fn drop(&mut self) {
+        if let Ok(mut queues) = self.0.context().queues.lock() {
+            queues.clear();
+        }
+    }
+}
+
+/// What a partition's reader took from its queue.
+enum Taken {
+    Message(Arc<Partition>, Parked),
+    Failed(rdkafka::error::KafkaError),
+    /// The reader was stopped (its partition revoked).
+    Revoked,
+}
+
+/// An assigned partition's own message queue, split from the consumer's in the assign
+/// callback. Its reader takes the next message only once the previous one has room to
+/// run, so back-pressure is librdkafka's own: it stops fetching the partition at
+/// `queued.min.messages` and resumes `fetch.queue.backoff.ms` after the reader caught
+/// up. Pausing instead makes librdkafka drop what it prefetched, and a resumed
+/// partition is only fetched again on its broker thread's next wake-up, up to a second
+/// later: the whole pipeline idled about half of the time under a backlog.
+struct Split {
+    topic: String,
+    partition: i32,
+    queue: Arc<PartitionQueue>,
+    /// The group generation the partition was assigned in (read in the callback).
+    generation: i32,
+    /// Cancelled when the partition is revoked or the source stops.
+    cancel: CancellationToken,
 }
 
 impl ClientContext for Context {}
@@ -44,12 +97,19 @@ impl ConsumerContext for Context {
                 // waiting in this instance starts after this point: the new assignee
                 // re-reads from the watermark, and a stale copy must not run after it
                 // handled newer offsets.
+                // Under the partitions lock: a reader never creates a state for a
+                // partition whose reader was stopped (see `Ingest::partition`).
                 let mut map = self.partitions.lock().expect("partitions lock");
+                let mut readers = self.readers.lock().expect("readers lock");
                 for tp in &parts {
                     if let Some(p) = map.remove(tp) {
                         p.revoke();
                     }
+                    if let Some(reader) = readers.remove(tp) {
+                        reader.cancel();
+                    }
                 }
+                drop(readers);
                 drop(map);
                 // Commit what is stored for them without blocking the poll.
                 if let Err(e) = consumer.commit_consumer_state(CommitMode::Async) {
@@ -72,6 +132,46 @@ impl ConsumerContext for Context {
             if let Err(e) = consumer.resume(list) {
                 tracing::debug!(source = %self.source, error = %e, "resume on assign");
             }
+            self.split(consumer, &parts);
+        }
+    }
+}
+
+impl Context {
+    /// Gives each newly assigned partition its own queue and hands it to a reader. Done
+    /// here, before any of its messages can be fetched (fetching starts once the group
+    /// coordinator answered the committed offsets), so none reaches the consumer's own
+    /// queue; a partition that cannot be split is read from it as before.
+    fn split(&self, base: &BaseConsumer<Self>, parts: &[(String, i32)]) {
+        let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let generation = crate::group::generation(base);
+        let mut readers = self.readers.lock().expect("readers lock");
+        let mut queues = self.queues.lock().expect("queues lock");
+        for (topic, partition) in parts {
+            let tp = (topic.clone(), *partition);
+            let queue = match queues.get(&tp) {
+                Some(q) => q.clone(),
+                None => match consumer.split_partition_queue(topic, *partition) {
+                    Some(q) => queues.entry(tp).or_insert(Arc::new(q)).clone(),
+                    None => {
+                        tracing::warn!(source = %self.source, %topic, partition, "could not give the partition its own queue; reading it from the consumer's");
+                        continue;
+                    }
+                },
+            };
+            let cancel = self.stop.child_token();
+            if let Some(old) = readers.insert((topic.clone(), *partition), cancel.clone()) {
+                old.cancel();
+            }
+            let _ = self.splits.send(Split {
+                topic: topic.clone(),
+                partition: *partition,
+                queue,
+                generation,
+                cancel,
+            });
         }
     }
 }
@@ -100,6 +200,8 @@ struct Partition {
     revoked: AtomicBool,
     /// The group generation in which this state's assignment was seen.
     generation: i32,
+    /// Read from its own queue by a reader (see [`Split`]), which also reclaims it.
+    split: bool,
     /// Claim whatever is held: this state replaces one whose claim was superseded while
     /// the partition stayed assigned here for a whole session timeout.
     force_claim: bool,
@@ -117,10 +219,11 @@ struct Partition {
     /// Messages consumed while the partition was at its in-flight limit, in offset order
     /// (a drain task starts them as room frees up), so the consumer loop never blocks.
     parked: Mutex<VecDeque<Parked>>,
-    /// Paused in librdkafka because `parked` reached the in-flight limit too. Only then:
-    /// a pause makes librdkafka drop what it prefetched for the partition and fetch it
-    /// again on resume (about half a second idle), so pausing at every burst that fills
-    /// the in-flight limit cut throughput to a seventh.
+    /// Paused in librdkafka because `parked` reached the in-flight limit too (only a
+    /// partition read from the consumer's queue; see [`Split`]). Only then: a pause
+    /// makes librdkafka drop what it prefetched for the partition and fetch it again on
+    /// resume (up to a second idle), so pausing at every burst that fills the in-flight
+    /// limit cut throughput to a seventh.
     paused: AtomicBool,
     watermark: Arc<Gauge>,
     lag: Arc<Gauge>,
@@ -141,7 +244,7 @@ impl Partition {
 
     /// Another consumer claimed the partition since this one did: stop as on a revoke.
     /// The group normally tells this consumer within a heartbeat; if it still has the
-    /// partition after its session timeout, it claims it again (see `reclaim_fenced`).
+    /// partition after its session timeout, it claims it again (see `Ingest::reclaim`).
     /// Returns true the first time.
     fn fenced(&self) -> bool {
         let mut at = self.fenced_at.lock().expect("fenced lock");
@@ -193,6 +296,7 @@ struct Metrics {
 
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
 /// in-flight messages finish (bounded) and commits the watermarks.
+#[derive(Clone)]
 pub struct Ingest {
     /// Shared, not cloned per message.
     opts: Arc<SourceOptions>,
@@ -310,7 +414,9 @@ impl Ingest {
             });
         }
         let partitions: Partitions = Default::default();
-        let (consumer, producer) = self.connect(&partitions)?;
+        let (split_tx, mut splits) = mpsc::unbounded_channel();
+        let readers_stop = CancellationToken::new();
+        let (consumer, producer) = self.connect(&partitions, split_tx, readers_stop.clone())?;
         tracing::info!(source = %o.name, topics = ?o.topics, group = %o.group, key = %o.key, dlq = ?o.dlq_topic, on_failure = o.on_failure.as_str(), "kafka source started");
         let lag_task = tokio::spawn(report_lag(
             consumer.clone(),
@@ -321,7 +427,7 @@ impl Ingest {
         ));
         let mut state = Consuming {
             total: Arc::new(Semaphore::new(o.max_in_flight)),
-            series: HashMap::new(),
+            series: Default::default(),
             tasks: TaskTracker::new(),
             consumer,
             producer,
@@ -331,6 +437,10 @@ impl Ingest {
         let mut reclaim_tick = tokio::time::interval(Duration::from_secs(1));
         reclaim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let consumer = state.consumer.clone();
+        let readers = TaskTracker::new();
+        // Drops the partitions' queue handles also if this loop unwinds: they hold the
+        // consumer, which holds them (in its context), so it would never be closed.
+        let release_queues = ReleaseQueues(consumer.clone());
         loop {
             let message = tokio::select! {
                 biased;
@@ -340,6 +450,12 @@ impl Ingest {
                     self.store_missed_watermarks(&state);
                     continue;
                 }
+                Some(split) = splits.recv() => {
+                    readers.spawn(self.clone().read(state.clone(), split, reclaim_after));
+                    continue;
+                }
+                // Serves the group's events; messages arrive here only for a partition
+                // that could not be given its own queue.
                 m = consumer.recv() => m,
             };
             let m = match message {
@@ -351,14 +467,154 @@ impl Ingest {
                 }
             };
             self.metrics.consumed.inc();
-            let part = self.partition(&mut state, m.topic(), m.partition(), m.offset());
+            let generation = crate::group::generation(consumer.as_ref());
+            let part = self.partition(&state, &m, generation);
             let parked = parked(&m, &o.key);
             drop(m);
             self.admit(&state, part, parked);
         }
+        // The readers hold the consumer too (through their queues): they end, and every
+        // queue handle is dropped, before it is closed.
+        readers_stop.cancel();
+        readers.close();
+        readers.wait().await;
+        drop(splits);
+        drop(release_queues);
         drop(consumer);
         self.stop(state, lag_task).await;
         Ok(())
+    }
+
+    /// Reads one assigned partition's own queue (see [`Split`]) until it is revoked: a
+    /// message is taken only once the previous one has room to start, in offset order.
+    /// A partition fenced by another consumer's claim is not read until this reader
+    /// reclaims it (see `Ingest::reclaim`).
+    async fn read(self, state: Consuming, split: Split, reclaim_after: Duration) {
+        let Split {
+            topic,
+            partition,
+            queue,
+            generation,
+            cancel,
+        } = split;
+        let source = self.opts.name.as_str();
+        let tp = (topic.clone(), partition);
+        tracing::debug!(source, %topic, partition, generation, "reading the partition's own queue");
+        loop {
+            let current = self.partitions(&state).get(&tp).cloned();
+            if let Some(part) = current
+                .as_ref()
+                .filter(|p| p.split && p.fenced_since().is_some())
+            {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if part
+                    .fenced_since()
+                    .is_some_and(|t| t.elapsed() >= reclaim_after)
+                {
+                    // The seek waits for librdkafka: off the async threads.
+                    let (this, st, tp, part) =
+                        (self.clone(), state.clone(), tp.clone(), part.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || this.reclaim(&st, &tp, &part)).await;
+                }
+                continue;
+            }
+            // Woken also when the partition's state is stopped (fenced: time to wait for
+            // the reclaim, even if no further message comes).
+            let stopped = current
+                .filter(|p| !p.is_revoked())
+                .map(|p| p.cancel.clone());
+            let stopped = async {
+                match stopped {
+                    Some(token) => token.cancelled_owned().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let next = self.take(&state, &queue, generation, &cancel);
+            let taken = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = stopped => continue,
+                t = next => t,
+            };
+            let (part, parked) = match taken {
+                Taken::Revoked => return,
+                Taken::Failed(e) => {
+                    tracing::warn!(source, %topic, partition, error = %e, "kafka consume error");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                    continue;
+                }
+                Taken::Message(part, parked) => (part, parked),
+            };
+            self.metrics.consumed.inc();
+            if !part.split {
+                // A state the consumer loop made (a message of this partition reached
+                // the consumer's queue, not expected): its path keeps the order.
+                self.admit(&state, part, parked);
+                continue;
+            }
+            if part.is_revoked() {
+                continue; // fenced: re-read once reclaimed, or by the claimant
+            }
+            let permits = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                _ = part.cancel.cancelled() => continue,
+                p = acquire(&state.total, &part.limit) => p,
+            };
+            let worker = self.worker(&state, &part);
+            // Started under the partition's parking lock, like the consumer loop does.
+            let waiting = part.parked.lock().expect("parked lock");
+            if part.is_revoked() {
+                continue;
+            }
+            let run = worker.start(parked, permits);
+            drop(waiting);
+            state.tasks.spawn(run);
+        }
+    }
+
+    /// Takes the partition's next message and the state it belongs to, both under the
+    /// partitions lock, which the revoke callback holds while it stops this reader: a
+    /// message taken here belongs to this reader's assignment, never to the next one
+    /// (whose reader shares the queue), and none is taken once the reader is stopped.
+    async fn take(
+        &self,
+        state: &Consuming,
+        queue: &PartitionQueue,
+        generation: i32,
+        cancel: &CancellationToken,
+    ) -> Taken {
+        let mut recv = std::pin::pin!(queue.recv());
+        std::future::poll_fn(|cx| {
+            let mut map = self.partitions(state);
+            if cancel.is_cancelled() {
+                return std::task::Poll::Ready(Taken::Revoked);
+            }
+            let m = match std::future::Future::poll(recv.as_mut(), cx) {
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+                std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Taken::Failed(e)),
+                std::task::Poll::Ready(Ok(m)) => m,
+            };
+            let tp = (m.topic().to_owned(), m.partition());
+            let part = match map.get(&tp) {
+                Some(p) => p.clone(),
+                None => {
+                    let part = self.new_state(state, &tp, m.offset(), false, generation, true);
+                    map.insert(tp, part.clone());
+                    part
+                }
+            };
+            let parked = parked(&m, &self.opts.key);
+            std::task::Poll::Ready(Taken::Message(part, parked))
+        })
+        .await
     }
 
     /// The consumer (subscribed, with the rebalance callbacks) and, when messages that
@@ -366,6 +622,8 @@ impl Ingest {
     fn connect(
         &self,
         partitions: &Partitions,
+        splits: mpsc::UnboundedSender<Split>,
+        readers_stop: CancellationToken,
     ) -> Result<(Arc<StreamConsumer<Context>>, Option<FutureProducer>), Error> {
         let o = &self.opts;
         let kafka = |error| Error::Kafka {
@@ -373,10 +631,9 @@ impl Ingest {
             error,
         };
         let mut config = ClientConfig::new();
-        // librdkafka prefetches `queued.min.messages` per partition (100 000 by default):
-        // far more than may be in flight, so every burst would overflow the parking
-        // queue and pause the partition. Prefetch about what may be in flight instead
-        // (the source's properties can still set it).
+        // librdkafka prefetches `queued.min.messages` per partition (100 000 by default)
+        // into the partition's queue while its reader waits for room: prefetch about
+        // what may be in flight instead (the source's properties can still set it).
         config.set(
             "queued.min.messages",
             o.max_in_flight_per_partition.max(100).to_string(),
@@ -403,9 +660,16 @@ impl Ingest {
                 .create_with_context(Context {
                     source: o.name.clone(),
                     partitions: partitions.clone(),
+                    consumer: OnceLock::new(),
+                    splits,
+                    readers: Mutex::new(HashMap::new()),
+                    queues: Mutex::new(HashMap::new()),
+                    stop: readers_stop,
                 })
                 .map_err(kafka)?,
         );
+        // Before subscribing: the first assignment already splits its partitions.
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topics: Vec<&str> = o.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(kafka)?;
         let producer: Option<FutureProducer> = match &o.dlq_topic {
@@ -420,40 +684,57 @@ impl Ingest {
         Ok((consumer, producer))
     }
 
-    /// The state of an assigned partition, created on its first message after an
-    /// assignment (`offset` is where it starts).
+    /// The state of an assigned partition whose message came through the consumer's own
+    /// queue, created on its first message after an assignment (at its offset).
     fn partition(
         &self,
-        state: &mut Consuming,
-        topic: &str,
-        partition: i32,
-        offset: i64,
+        state: &Consuming,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        generation: i32,
     ) -> Arc<Partition> {
-        let tp = (topic.to_owned(), partition);
-        if let Some(p) = state.partitions.lock().expect("partitions lock").get(&tp) {
+        let tp = (m.topic().to_owned(), m.partition());
+        let mut map = self.partitions(state);
+        if let Some(p) = map.get(&tp) {
             return p.clone();
         }
-        let part = self.new_state(state, &tp, offset, false);
-        state
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .insert(tp, part.clone());
+        let part = self.new_state(state, &tp, m.offset(), false, generation, false);
+        map.insert(tp, part.clone());
         part
+    }
+
+    fn partitions<'a>(
+        &self,
+        state: &'a Consuming,
+    ) -> std::sync::MutexGuard<'a, HashMap<(String, i32), Arc<Partition>>> {
+        state.partitions.lock().expect("partitions lock")
+    }
+
+    fn worker(&self, state: &Consuming, part: &Arc<Partition>) -> Worker {
+        Worker {
+            opts: self.opts.clone(),
+            dispatcher: self.dispatcher.clone(),
+            producer: state.producer.clone(),
+            consumer: state.consumer.clone(),
+            metrics: self.metrics.clone(),
+            part: part.clone(),
+        }
     }
 
     /// A new state for a partition starting at `offset`; `force_claim` for a reclaim.
     fn new_state(
         &self,
-        state: &mut Consuming,
+        state: &Consuming,
         tp: &(String, i32),
         offset: i64,
         force_claim: bool,
+        generation: i32,
+        split: bool,
     ) -> Arc<Partition> {
         let o = &self.opts;
         // One series per partition for the life of the process, reused when the
         // partition comes back (a second registration would duplicate the series).
-        let gauges = state.series.entry(tp.clone()).or_insert_with(|| {
+        let mut series = state.series.lock().expect("series lock");
+        let gauges = series.entry(tp.clone()).or_insert_with(|| {
             let partition = tp.1.to_string();
             let labels = [
                 ("source", o.name.as_str()),
@@ -480,9 +761,10 @@ impl Ingest {
             chains: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
             revoked: AtomicBool::new(false),
-            // Read in the loop that serves the group's callbacks: the partition is
-            // assigned in this generation.
-            generation: crate::group::generation(state.consumer.as_ref()),
+            // Read in the loop that serves the group's callbacks (or in the assign
+            // callback itself): the partition is assigned in this generation.
+            generation,
+            split,
             force_claim,
             fence: tokio::sync::OnceCell::new(),
             fenced_at: Mutex::new(None),
@@ -500,56 +782,58 @@ impl Ingest {
     /// timeout later is this consumer's in the group's eyes: its abandoned state is
     /// replaced by one that re-reads from the last stored watermark under a forced claim.
     fn reclaim_fenced(&self, state: &mut Consuming, after: Duration) {
-        let source = self.opts.name.as_str();
+        // A partition with its own queue is reclaimed by its reader (see `Ingest::read`).
         let stale: Vec<((String, i32), Arc<Partition>)> = state
             .partitions
             .lock()
             .expect("partitions lock")
             .iter()
-            .filter(|(_, p)| p.fenced_since().is_some_and(|t| t.elapsed() >= after))
+            .filter(|(_, p)| !p.split && p.fenced_since().is_some_and(|t| t.elapsed() >= after))
             .map(|(tp, p)| (tp.clone(), p.clone()))
             .collect();
-        if stale.is_empty() {
-            return;
+        for (tp, part) in stale {
+            self.reclaim(state, &tp, &part);
         }
-        let assigned = match state.consumer.assignment() {
-            Ok(list) => topic_partitions(&list),
+    }
+
+    /// Replaces a fenced partition's abandoned state by one that re-reads from the last
+    /// stored watermark under a forced claim, if the partition is still assigned here.
+    /// Runs where the partition's messages are read (the consumer loop, or its reader),
+    /// so none is taken between the seek and replacing the state; librdkafka discards
+    /// what it had fetched before the seek. The seek waits for librdkafka to perform it
+    /// (a rare path; a short block): a seek that failed must keep the old state, or the
+    /// new one would start past messages never handled.
+    fn reclaim(&self, state: &Consuming, tp: &(String, i32), part: &Arc<Partition>) {
+        let source = self.opts.name.as_str();
+        match state.consumer.assignment() {
+            Ok(list) if topic_partitions(&list).contains(tp) => {}
+            Ok(_) => return, // the revoke callback removes it
             Err(e) => {
                 tracing::debug!(source, error = %e, "reading the assignment failed");
                 return;
             }
-        };
-        for (tp, part) in stale {
-            if !assigned.contains(&tp) {
-                continue; // the revoke callback removes it
-            }
-            let from = part.resume_from.load(Ordering::Acquire);
-            // Runs in the consumer loop itself, so no message of the partition is taken
-            // between the seek and replacing the old state; librdkafka discards what it
-            // had fetched before the seek. The seek waits for librdkafka to perform it (a
-            // rare path; a short block): a seek that failed must keep the old state, or
-            // the new one would start past messages never handled.
-            let seek =
-                state
-                    .consumer
-                    .seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2));
-            if let Err(e) = seek {
-                tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
-                continue;
-            }
-            let fresh = self.new_state(state, &tp, from, true);
-            {
-                let mut map = state.partitions.lock().expect("partitions lock");
-                if !map.get(&tp).is_some_and(|p| Arc::ptr_eq(p, &part)) {
-                    continue; // revoked meanwhile
-                }
-                map.insert(tp.clone(), fresh);
-            }
-            if let Err(e) = state.consumer.resume(&part.list()) {
-                tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
-            }
-            tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
         }
+        let from = part.resume_from.load(Ordering::Acquire);
+        let seek = state
+            .consumer
+            .seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2));
+        if let Err(e) = seek {
+            tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
+            return;
+        }
+        let generation = crate::group::generation(state.consumer.as_ref());
+        let fresh = self.new_state(state, tp, from, true, generation, part.split);
+        {
+            let mut map = self.partitions(state);
+            if !map.get(tp).is_some_and(|p| Arc::ptr_eq(p, part)) {
+                return; // revoked meanwhile
+            }
+            map.insert(tp.clone(), fresh);
+        }
+        if let Err(e) = state.consumer.resume(&part.list()) {
+            tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
+        }
+        tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
     }
 
     /// Stores again each partition's watermark whose last store librdkafka refused (during
@@ -596,14 +880,7 @@ impl Ingest {
     /// a drain task has room for them; once as many are parked as may be in flight, the
     /// partition is also paused (fetching stops) until its parked messages have started.
     fn admit(&self, state: &Consuming, part: Arc<Partition>, parked: Parked) {
-        let worker = Worker {
-            opts: self.opts.clone(),
-            dispatcher: self.dispatcher.clone(),
-            producer: state.producer.clone(),
-            consumer: state.consumer.clone(),
-            metrics: self.metrics.clone(),
-            part: part.clone(),
-        };
+        let worker = self.worker(state, &part);
         let mut queue = part.parked.lock().expect("parked lock");
         if part.is_revoked() {
             return; // revoked while this message was being read
@@ -678,13 +955,17 @@ impl Ingest {
     }
 }
 
-/// What the consumer loop of one source holds while it runs.
+/// A partition's commit watermark and lag gauges.
+type Series = (Arc<Gauge>, Arc<Gauge>);
+
+/// What the consumer loop of one source (and its partitions' readers) hold while it runs.
+#[derive(Clone)]
 struct Consuming {
     consumer: Arc<StreamConsumer<Context>>,
     producer: Option<FutureProducer>,
     partitions: Partitions,
     /// Gauges (commit watermark, lag) per partition ever assigned here.
-    series: HashMap<(String, i32), (Arc<Gauge>, Arc<Gauge>)>,
+    series: Arc<Mutex<HashMap<(String, i32), Series>>>,
     /// The source's in-flight limit.
     total: Arc<Semaphore>,
     tasks: TaskTracker,
@@ -992,7 +1273,7 @@ impl Worker {
         );
         let work = async move {
             match chain {
-                Err(reason) => self.fail(&record, &format!("key: {reason}")).await,
+                Err(reason) => Box::pin(self.fail(&record, &format!("key: {reason}"))).await,
                 Ok((key, previous, done_tx, done)) => {
                     if let Some(previous) = previous {
                         previous.await; // the previous message with this key, same partition
@@ -1063,14 +1344,14 @@ impl Worker {
                     return;
                 }
                 Err(DispatchError::Rejected(reason)) => {
-                    self.fail(r, &format!("rejected: {reason}")).await;
+                    Box::pin(self.fail(r, &format!("rejected: {reason}"))).await;
                     return;
                 }
                 Err(DispatchError::Handler(reason)) => {
                     attempt += 1;
                     if attempt >= self.opts.retry_attempts {
                         let why = format!("handler failed {attempt} times; last error: {reason}");
-                        self.fail(r, &why).await;
+                        Box::pin(self.fail(r, &why)).await;
                         return;
                     }
                     self.metrics.retries.inc();
@@ -1117,6 +1398,8 @@ impl Worker {
     }
 
     /// A message that cannot be handled: dead-lettered, or skipped, as configured.
+    /// Callers box it: the dead-letter write is a large future on a rare path, and every
+    /// message's task would otherwise carry its size.
     async fn fail(&self, r: &Record, reason: &str) {
         match self.opts.on_failure {
             OnFailure::DeadLetter => self.dead_letter(r, reason).await,

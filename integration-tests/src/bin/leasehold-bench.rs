@@ -626,6 +626,14 @@ async fn leasehold_group(
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
+    // `KAFKA_BENCH_KEEP_LOGS=dir`: the instances' logs of every run, for diagnosis.
+    if let Some(dir) = std::env::var_os("KAFKA_BENCH_KEEP_LOGS") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in &cluster.instances {
+            std::fs::write(dir.join(format!("{group}-{}.log", i.id)), i.log_text()).unwrap();
+        }
+    }
     (rate, cluster)
 }
 
@@ -721,6 +729,17 @@ async fn kafka_bench() -> Vec<Row> {
         .await;
         samples[1].push(rate);
         drop(cluster);
+        // `KAFKA_BENCH_NOOP_ONLY=1` (diagnosis): the gRPC-handler pair is skipped and
+        // reported as 0.
+        if std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some() {
+            samples[2].push(0.0);
+            samples[3].push(0.0);
+            eprintln!(
+                "kafka round {round}: plain no-op {:.0}, leasehold no-op {:.0} msg/s",
+                samples[0][round], samples[1][round]
+            );
+            continue;
+        }
         samples[2].push(
             plain_group(
                 &kafka,
@@ -790,6 +809,9 @@ async fn kafka_bench() -> Vec<Row> {
             met: true,
         },
     ];
+    if std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some() {
+        return rows;
+    }
     let cluster = last.expect("at least one round ran");
     let last_group = format!("lh-grpc-{}", rounds - 1);
 
