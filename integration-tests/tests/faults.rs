@@ -388,12 +388,14 @@ async fn late_claims_of_a_kafka_partition_from_an_earlier_generation_are_refused
         .unwrap();
     let key = "/leasehold/default/kafka-fences/t/0/g".to_owned();
     let (a, b) = (MemberId::new("a"), MemberId::new("b"));
-    let claim_as = |generation: i32, member: &MemberId, mode: ClaimMode| {
-        let value = claim_value(generation, member);
+    let claim_in = |epoch: u64, generation: i32, member: &MemberId, mode: ClaimMode| {
+        let value = claim_value(epoch, generation, member);
         let key = key.clone();
         let mut c = c.clone();
-        async move { claim(&mut c, key, value, mode).await.unwrap() }
+        async move { claim(&mut c, key, epoch, value, mode).await.unwrap() }
     };
+    let claim_as =
+        |generation: i32, member: &MemberId, mode: ClaimMode| claim_in(0, generation, member, mode);
     let ordered = ClaimMode::Ordered;
     let Claim::Claimed { fence: f1 } = claim_as(5, &a, ordered).await else {
         panic!("a first claim goes through")
@@ -401,7 +403,7 @@ async fn late_claims_of_a_kafka_partition_from_an_earlier_generation_are_refused
     assert_eq!(
         claim_as(3, &b, ordered).await,
         Claim::Superseded {
-            holder: claim_value(5, &a)
+            holder: claim_value(0, 5, &a)
         },
         "a claim from an earlier generation is refused"
     );
@@ -426,6 +428,38 @@ async fn late_claims_of_a_kafka_partition_from_an_earlier_generation_are_refused
     assert!(
         matches!(claim_as(1, &b, ordered).await, Claim::Claimed { .. }),
         "claims then order from the forced one"
+    );
+    // A failover source's new side claims in a later epoch: its first generation takes
+    // over from any generation of the old side, and nothing of the old side — not even a
+    // forced claim of a consumer still draining it — takes the partition back.
+    assert!(
+        matches!(claim_in(7, 1, &b, ordered).await, Claim::Claimed { .. }),
+        "a later epoch's first generation takes over"
+    );
+    assert_eq!(
+        claim_as(99, &a, ordered).await,
+        Claim::Superseded {
+            holder: claim_value(7, 1, &b)
+        },
+        "an earlier epoch is refused whatever its generation"
+    );
+    assert!(
+        matches!(
+            claim_as(99, &a, ClaimMode::Force).await,
+            Claim::Superseded { .. }
+        ),
+        "a forced claim does not cross into a later epoch"
+    );
+    assert!(
+        matches!(
+            claim_in(7, 0, &a, ClaimMode::Force).await,
+            Claim::Claimed { .. }
+        ),
+        "a forced claim of the same epoch goes through"
+    );
+    assert!(
+        matches!(claim_in(8, 0, &b, ordered).await, Claim::Claimed { .. }),
+        "and the next epoch again takes over"
     );
 }
 

@@ -712,7 +712,7 @@ async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
         .await
         .unwrap();
     let key = "/leasehold/default/kafka-fences/fenced/0/fencers";
-    let holder = leasehold_coord::claim_value(0, &leasehold_types::MemberId::new("other"));
+    let holder = leasehold_coord::claim_value(0, 0, &leasehold_types::MemberId::new("other"));
     let claimed = etcd.put(key, holder, None).await.unwrap();
     let newer = claimed.header().unwrap().revision() as u64;
     assert!(newer > first_claim);
@@ -839,6 +839,22 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(handled_on(&checker, "standby").is_empty());
 
+    // Partitions fenced so far (by the start-up rebalances): none may be after a switch.
+    let fenced = |cluster: &Cluster| -> Vec<Vec<String>> {
+        cluster
+            .instances
+            .iter()
+            .map(|i| {
+                i.log_text()
+                    .lines()
+                    .filter(|l| l.contains("partition claimed by another consumer"))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .collect()
+    };
+    let fenced_before = fenced(&cluster);
+
     // The primary goes down: the cluster switches to the standby within down_after plus
     // a few probes, and what is produced there is handled.
     primary.stop();
@@ -904,6 +920,14 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     )
     .await;
     assert_first_handling_in_offset_order(&checker);
+    // Each switch starts a new epoch of claims: the new side's consumers (a fresh group
+    // generation on the standby) are not fenced by the other side's older claims, which
+    // would hold their partitions for a session timeout.
+    assert_eq!(
+        fenced(&cluster),
+        fenced_before,
+        "partitions fenced across a switch"
+    );
 
     // An operator forces a side, then hands the choice back.
     let post = |path: &str, body: &str| {

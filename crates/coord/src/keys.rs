@@ -202,6 +202,11 @@ pub struct KafkaSideValue {
     /// on are read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_ms: Option<u64>,
+    /// The epoch of the side's partition claims (see `claim_value`): set by the switch
+    /// whenever the side changes, above every earlier epoch (the record's revision at the
+    /// switch + 1, so a value lost to an older version's rewrite is not reused).
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// Value of `kafka-health/<member>/<source>`: whether that member reaches the source's

@@ -550,17 +550,19 @@ impl Coord {
     }
 
     /// Claims a Kafka partition for this instance's consumer, assigned to it in the
-    /// group's `generation` (see [`claim`] and [`ClaimMode`]).
+    /// group's `generation` of the source's `epoch` (see [`claim_value`], [`claim`] and
+    /// [`ClaimMode`]).
     pub async fn claim_partition(
         &self,
         partition: &PartitionRef,
+        epoch: u64,
         generation: i32,
         mode: ClaimMode,
     ) -> Result<Claim, Error> {
         let key = self.inner.keys.kafka_fence(partition);
-        let value = claim_value(generation, self.member_id());
+        let value = claim_value(epoch, generation, self.member_id());
         let mut client = self.client()?;
-        self.etcd(claim(&mut client, key, value, mode)).await
+        self.etcd(claim(&mut client, key, epoch, value, mode)).await
     }
 
     /// Marks a member draining so the leader moves all its shards away.

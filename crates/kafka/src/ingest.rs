@@ -1389,8 +1389,14 @@ impl Worker {
             let generation = self.part.generation;
             let force = self.part.force_claim;
             let claim = || {
-                self.dispatcher
-                    .claim(&call.group, &call.topic, call.partition, generation, force)
+                self.dispatcher.claim(
+                    &call.group,
+                    &call.topic,
+                    call.partition,
+                    self.opts.claim_epoch,
+                    generation,
+                    force,
+                )
             };
             let fence = *self.part.fence.get_or_try_init(claim).await?;
             tracing::debug!(source = %self.opts.name, topic = %call.topic, partition = call.partition, generation, fence, "partition claimed");

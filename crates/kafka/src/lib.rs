@@ -59,6 +59,10 @@ pub struct SourceOptions {
     /// For a source with failover: which cluster these brokers are (`primary` or
     /// `standby`), told to the handler with every record; empty otherwise.
     pub cluster: String,
+    /// Epoch of this consumer's partition claims: for a source with failover, the epoch
+    /// of the side it reads (grows with every switch; 0 before the first one and without
+    /// failover).
+    pub claim_epoch: u64,
     /// The standby cluster, for a source that fails over.
     pub failover: Option<FailoverOptions>,
 }
@@ -162,11 +166,14 @@ pub trait Dispatcher: Send + Sync + 'static {
     /// `Unavailable` is retried; `Fenced` means a later assignment holds the partition.
     /// `force` takes the partition whatever claim is held (see the reclaim of a fenced
     /// partition that is still assigned).
+    /// `epoch` orders claims across a failover source's clusters (see
+    /// [`SourceOptions::claim_epoch`]).
     fn claim(
         &self,
         group: &str,
         topic: &str,
         partition: i32,
+        epoch: u64,
         generation: i32,
         force: bool,
     ) -> BoxFuture<'static, Result<u64, DispatchError>>;

@@ -420,6 +420,8 @@ async fn switch_kafka_source(
             reason: format!("switched to the {} by an operator", request.to),
             manual: true,
             position_ms: None,
+            // Counted by the switch.
+            epoch: 0,
         },
         "auto" => leasehold_coord::KafkaSideValue {
             manual: false,

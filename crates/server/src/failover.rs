@@ -91,6 +91,8 @@ pub fn decide(
                 ),
                 manual: false,
                 position_ms: Some(since.saturating_sub(policy.overlap.as_millis() as u64)),
+                // Counted by the switch.
+                epoch: 0,
             })
         }
         KafkaSide::Standby if policy.auto_fail_back => {
@@ -108,6 +110,7 @@ pub fn decide(
                 ),
                 manual: false,
                 position_ms: None,
+                epoch: 0,
             })
         }
         KafkaSide::Standby => None,
@@ -160,7 +163,16 @@ pub async fn switch(
     })?;
     // Positioned only when the standby starts being read (not when an operator marks the
     // side it already reads as chosen).
-    let (current, _) = coord.view().kafka_side(&source.name);
+    let (current, revision) = coord.view().kafka_side(&source.name);
+    if revision != expected {
+        return Err(SwitchError::Conflict);
+    }
+    // Every change of side starts a new epoch of partition claims (see `claim_value`).
+    value.epoch = if value.active != current.active {
+        current.epoch.max(revision.max(0) as u64) + 1
+    } else {
+        current.epoch
+    };
     if value.active == KafkaSide::Standby && (current.active != KafkaSide::Standby || expected == 0)
     {
         let overlap = failover.overlap.as_millis() as u64;
@@ -403,7 +415,8 @@ async fn consume(
                 }
             }
         }
-        let options = source.on_side(side_of(side.active));
+        let mut options = source.on_side(side_of(side.active));
+        options.claim_epoch = side.epoch;
         reading_standby.set(if side.active == KafkaSide::Standby {
             1.0
         } else {
@@ -429,8 +442,10 @@ async fn consume(
             }
             let view = coord.view();
             let (now, now_revision) = view.kafka_side(&source.name);
-            if now_revision != revision && now.active != side.active {
-                tracing::warn!(source = %source.name, from = side.active.as_str(), to = now.active.as_str(), "the cluster switched sides; restarting the consumer");
+            // Also when the side is the same but its epoch changed (two switches seen as
+            // one): the consumer's claims must carry the group's epoch.
+            if now_revision != revision && (now.active != side.active || now.epoch != side.epoch) {
+                tracing::warn!(source = %source.name, from = side.active.as_str(), to = now.active.as_str(), epoch = now.epoch, "the cluster switched sides; restarting the consumer");
                 drain = side.active == KafkaSide::Standby;
                 break None;
             }

@@ -768,6 +768,7 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         group: &str,
         topic: &str,
         partition: i32,
+        epoch: u64,
         generation: i32,
         force: bool,
     ) -> futures::future::BoxFuture<'static, Result<u64, leasehold_kafka::DispatchError>> {
@@ -784,7 +785,10 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
             } else {
                 leasehold_coord::ClaimMode::Ordered
             };
-            match coord.claim_partition(&partition, generation, mode).await {
+            match coord
+                .claim_partition(&partition, epoch, generation, mode)
+                .await
+            {
                 Ok(leasehold_coord::Claim::Claimed { fence }) => Ok(fence),
                 Ok(leasehold_coord::Claim::Superseded { holder }) => Err(D::Fenced(format!(
                     "{}/{} is claimed by {holder} (a later assignment than generation {generation})",

@@ -380,6 +380,7 @@ impl KafkaOptions {
             commit_interval: self.commit_interval,
             properties: self.properties.clone(),
             cluster: String::new(),
+            claim_epoch: 0,
             failover: match &self.failover {
                 None => None,
                 Some(f) => Some(f.to_options(index, &self.topics.0)?),
