@@ -97,8 +97,8 @@ impl ConsumerContext for Context {
                 // waiting in this instance starts after this point: the new assignee
                 // re-reads from the watermark, and a stale copy must not run after it
                 // handled newer offsets.
-                // Under the partitions lock: a reader never creates a state for a
-                // partition whose reader was stopped (see `Ingest::partition`).
+                // Under the partitions lock: a stopped reader takes no message and
+                // creates no state (see `Ingest::take`).
                 let mut map = self.partitions.lock().expect("partitions lock");
                 let mut readers = self.readers.lock().expect("readers lock");
                 for tp in &parts {
@@ -139,9 +139,9 @@ impl ConsumerContext for Context {
 
 impl Context {
     /// Gives each newly assigned partition its own queue and hands it to a reader. Done
-    /// here, before any of its messages can be fetched (fetching starts once the group
-    /// coordinator answered the committed offsets), so none reaches the consumer's own
-    /// queue; a partition that cannot be split is read from it as before.
+    /// here, before its messages are normally fetched (fetching starts once the group
+    /// coordinator answered the committed offsets), so none is expected on the consumer's
+    /// own queue; a partition that cannot be split is read from it as before.
     fn split(&self, base: &BaseConsumer<Self>, parts: &[(String, i32)]) {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
