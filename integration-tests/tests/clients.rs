@@ -552,7 +552,13 @@ async fn curl_reaches_entities_through_the_http_gateway() {
     );
     let epoch = table[shard as usize].2.to_string();
     assert_eq!(header(&head, "leasehold-epoch"), Some(epoch.as_str()));
-    assert_eq!(forwards(&cluster, &[]), before + 1, "the call took one hop");
+    // Forwarded (more than once only if the owner answered "not owner" while its routing
+    // table was being re-read, e.g. after its etcd watch broke: then it is sent again).
+    let hops = forwards(&cluster, &[]) - before;
+    assert!(hops >= 1, "the call was forwarded to its owner");
+    if hops > 1 {
+        eprintln!("the call was forwarded {hops} times (retried after \"not owner\")");
+    }
 
     // Where the key lives.
     let (status, _, body) = curl(&[&format!("{}/v1/entities/{key}/location", gateway(2))]);
