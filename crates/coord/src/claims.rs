@@ -63,38 +63,32 @@ pub async fn claim(
     mode: ClaimMode,
 ) -> Result<Claim, etcd_client::Error> {
     let put = || TxnOp::put(key.clone(), value.clone(), None);
-    let txn = match mode {
-        ClaimMode::Force => {
-            // Taken while what is held sorts before the next epoch's first claim.
-            let held = Txn::new()
-                .when([Compare::value(
-                    key.clone(),
-                    CompareOp::Less,
-                    epoch_prefix(epoch + 1),
-                )])
-                .and_then([put()])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([put()])
-                .or_else([TxnOp::txn(held)])
-        }
-        ClaimMode::Ordered => {
-            // etcd fails every value comparison on a missing key, hence the outer branch.
-            let held = Txn::new()
-                .when([Compare::value(
-                    key.clone(),
-                    CompareOp::Greater,
-                    value.clone(),
-                )])
-                .and_then([TxnOp::get(key.clone(), None)])
-                .or_else([put()]);
-            Txn::new()
-                .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([put()])
-                .or_else([TxnOp::txn(held)])
-        }
+    let read = || TxnOp::get(key.clone(), None);
+    // What to do when a claim is held: put ours, or read the holder's (refused).
+    let held = match mode {
+        // Taken while what is held sorts before the next epoch's first claim.
+        ClaimMode::Force => Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Less,
+                epoch_prefix(epoch + 1),
+            )])
+            .and_then([put()])
+            .or_else([read()]),
+        ClaimMode::Ordered => Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Greater,
+                value.clone(),
+            )])
+            .and_then([read()])
+            .or_else([put()]),
     };
+    // etcd fails every value comparison on a missing key, hence the outer branch.
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([put()])
+        .or_else([TxnOp::txn(held)]);
     let resp = client.txn(txn).await?;
     let fence = resp.header().map(|h| h.revision() as u64);
     // Refused exactly when the inner transaction read the held claim instead of putting.

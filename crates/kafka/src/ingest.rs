@@ -602,15 +602,7 @@ impl Ingest {
                 std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Taken::Failed(e)),
                 std::task::Poll::Ready(Ok(m)) => m,
             };
-            let tp = (m.topic().to_owned(), m.partition());
-            let part = match map.get(&tp) {
-                Some(p) => p.clone(),
-                None => {
-                    let part = self.new_state(state, &tp, m.offset(), false, generation, true);
-                    map.insert(tp, part.clone());
-                    part
-                }
-            };
+            let part = self.state_for(&mut map, state, &m, generation, true);
             let parked = parked(&m, &self.opts.key);
             std::task::Poll::Ready(Taken::Message(part, parked))
         })
@@ -707,12 +699,24 @@ impl Ingest {
         m: &rdkafka::message::BorrowedMessage<'_>,
         generation: i32,
     ) -> Arc<Partition> {
+        self.state_for(&mut self.partitions(state), state, m, generation, false)
+    }
+
+    /// The state of `m`'s partition in `map`, created at `m`'s offset if it has none
+    /// (`split`: read from its own queue).
+    fn state_for(
+        &self,
+        map: &mut HashMap<(String, i32), Arc<Partition>>,
+        state: &Consuming,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        generation: i32,
+        split: bool,
+    ) -> Arc<Partition> {
         let tp = (m.topic().to_owned(), m.partition());
-        let mut map = self.partitions(state);
         if let Some(p) = map.get(&tp) {
             return p.clone();
         }
-        let part = self.new_state(state, &tp, m.offset(), false, generation, false);
+        let part = self.new_state(state, &tp, m.offset(), false, generation, split);
         map.insert(tp, part.clone());
         part
     }

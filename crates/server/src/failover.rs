@@ -164,6 +164,7 @@ pub async fn switch(
     // Positioned only when the standby starts being read (not when an operator marks the
     // side it already reads as chosen).
     let (current, revision) = coord.view().kafka_side(&source.name);
+    // Never move a group (nor count an epoch) for a side someone switched meanwhile.
     if revision != expected {
         return Err(SwitchError::Conflict);
     }
@@ -183,10 +184,6 @@ pub async fn switch(
                 .saturating_sub(overlap)
         });
         value.position_ms = Some(at_ms);
-        // Never move a group someone else is switching meanwhile.
-        if coord.view().kafka_side(&source.name).1 != expected {
-            return Err(SwitchError::Conflict);
-        }
         let group = source.group.clone();
         let timeout = failover.probe_interval.max(Duration::from_secs(5));
         let positioned = tokio::task::spawn_blocking(move || {

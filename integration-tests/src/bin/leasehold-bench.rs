@@ -714,6 +714,9 @@ async fn kafka_bench() -> Vec<Row> {
     );
     let handler_url = format!("grpc://127.0.0.1:{handler_port}");
     let plain_url = format!("http://127.0.0.1:{handler_port}");
+    // `KAFKA_BENCH_NOOP_ONLY=1` (diagnosis): the gRPC-handler pair is skipped and
+    // reported as 0, and so is the latency run.
+    let noop_only = std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some();
     let mut samples: [Vec<f64>; 4] = Default::default();
     let mut last = None;
     // `KAFKA_BENCH_ROUNDS` (default 3) for quicker diagnosis runs.
@@ -745,9 +748,7 @@ async fn kafka_bench() -> Vec<Row> {
         .await;
         samples[1].push(rate);
         drop(cluster);
-        // `KAFKA_BENCH_NOOP_ONLY=1` (diagnosis): the gRPC-handler pair is skipped and
-        // reported as 0.
-        if std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some() {
+        if noop_only {
             samples[2].push(0.0);
             samples[3].push(0.0);
             eprintln!(
@@ -827,7 +828,7 @@ async fn kafka_bench() -> Vec<Row> {
             met: true,
         },
     ];
-    if std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some() {
+    if noop_only {
         return rows;
     }
     let cluster = last.expect("at least one round ran");
