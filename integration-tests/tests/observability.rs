@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use leasehold_integration_tests::checker::Checker;
-use leasehold_integration_tests::kafka::{send_all, Kafka};
+use leasehold_integration_tests::kafka::Kafka;
 use leasehold_integration_tests::openmetrics::{self, Family};
 use leasehold_integration_tests::{wait_until, Cluster, Instance};
 use leasehold_proto::v1::CallRequest;
@@ -104,8 +104,22 @@ async fn metrics_parse_strictly_and_match_the_readme() {
     let values: Vec<Vec<u8>> = (0..60)
         .map(|i| format!(r#"{{"account":"acct-{}"}}"#, i % 12).into_bytes())
         .collect();
-    send_all(&kafka.producer(), "orders", &values).await;
-    send_all(&kafka.producer(), "payments", &values[..20]).await;
+    // Spread over every partition explicitly: keyless records sent at once would all go
+    // to one partition (librdkafka's sticky partitioner), leaving the others without
+    // series.
+    let producer = kafka.producer();
+    for (topic, values, partitions) in [("orders", &values[..], 3), ("payments", &values[..20], 2)]
+    {
+        for (i, v) in values.iter().enumerate() {
+            let record = rdkafka::producer::FutureRecord::<(), [u8]>::to(topic)
+                .partition(i as i32 % partitions)
+                .payload(&v[..]);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    }
     // gRPC calls entering one instance: some run there, the rest are forwarded.
     let mut client = cluster.instances[0].client().await;
     for n in 0..30 {
