@@ -795,6 +795,65 @@ async fn a_handler_error_crosses_the_forward_hop_whole() {
     }
 }
 
+/// A forwarded call whose client gave up while it waited at the owner (queued behind a
+/// running call for its key) is dropped there: it never runs after the client left.
+/// Forwarded calls share one stream per peer, so this takes the sender's cancel message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
+    let checker = Checker::start(Duration::from_millis(1500), None).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    let n0 = &cluster.instances[0].id;
+    let key = (0..1000)
+        .map(|i| format!("left-{i}"))
+        .find(|k| {
+            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
+            table[shard.0 as usize].1.as_deref() == Some(n0.as_str())
+        })
+        .expect("a key owned by n0");
+    let request = |payload: &str| CallRequest {
+        key: key.clone(),
+        payload: payload.to_owned().into(),
+    };
+    let history = || {
+        checker
+            .state
+            .lock()
+            .unwrap()
+            .history
+            .get(&key)
+            .cloned()
+            .unwrap_or_default()
+    };
+    // A runs at n0 for 1.5 s, entering through n1.
+    let mut via_n1 = cluster.instances[1].client().await;
+    let first = {
+        let mut c = via_n1.clone();
+        let r = request("a");
+        tokio::spawn(async move { c.call(r).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while history().is_empty() {
+        assert!(Instant::now() < deadline, "call a never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // B enters through n2 and waits at n0 behind A; its client leaves after 300 ms
+    // (no gRPC deadline: only the client's going away can stop it).
+    let mut via_n2 = cluster.instances[2].client().await;
+    let left = tokio::time::timeout(Duration::from_millis(300), via_n2.call(request("b"))).await;
+    assert!(left.is_err(), "call b answered while a still ran: {left:?}");
+    first.await.unwrap().expect("call a");
+    // C, sent after B, runs after everything queued before it at n0: B, had it stayed.
+    via_n1.call(request("c")).await.expect("call c");
+    let ran: Vec<String> = history()
+        .into_iter()
+        .map(|p| String::from_utf8(p).unwrap())
+        .collect();
+    assert_eq!(ran, ["a", "c"], "calls run at the owner, in order");
+    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
+}
+
 /// An admin request with a JSON body (or none); returns (HTTP status, JSON answer).
 fn admin_send(
     instance: &Instance,

@@ -806,6 +806,7 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
                     metadata: Default::default(),
                 }),
                 timeout_ms: 5000,
+                cancel: false,
             }
         })
     };

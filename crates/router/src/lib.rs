@@ -359,6 +359,14 @@ struct Inner {
     load: load::LoadMeter,
 }
 
+/// A call counted as pending and queued for its key's turn (see [`Router::admit`]).
+pub(crate) struct Admitted {
+    key: String,
+    payload: Bytes,
+    pending: Pending,
+    waiting: mailbox::Waiting,
+}
+
 /// One call counted against `max_pending_calls` until dropped.
 struct Pending(Arc<std::sync::atomic::AtomicUsize>);
 
@@ -647,20 +655,45 @@ impl Router {
         result
     }
 
-    /// Runs a call forwarded by a peer; never forwards it again. `expected` is the epoch
-    /// the sender routed by (`Epoch::NONE`: any).
-    async fn serve_forwarded(
+    /// Admits a call forwarded by a peer: counted as pending and queued for its key's
+    /// turn now, so calls read from one stream take their keys' turns in the order they
+    /// were read. Run it with [`Router::serve_forwarded`].
+    pub(crate) fn admit(&self, key: String, payload: Bytes) -> Result<Admitted, CallError> {
+        self.validate(&key, &payload)?;
+        let pending = Pending::enter(&self.inner.pending, self.inner.opts.max_pending_calls)
+            .ok_or_else(|| {
+                CallError::ResourceExhausted(format!(
+                    "{} calls already pending on this instance (max_pending_calls)",
+                    self.inner.opts.max_pending_calls
+                ))
+            })?;
+        let waiting = self.inner.mailboxes.enter(&key).map_err(|_| {
+            CallError::ResourceExhausted(format!(
+                "{} calls already queued for key {key:?} (mailbox_capacity)",
+                self.inner.opts.mailbox_capacity
+            ))
+        })?;
+        Ok(Admitted {
+            key,
+            payload,
+            pending,
+            waiting,
+        })
+    }
+
+    /// Runs an admitted call forwarded by a peer; never forwards it again. `expected` is
+    /// the epoch the sender routed by (`Epoch::NONE`: any). Dropping it before its
+    /// handler started drops the call (its turn passes on).
+    pub(crate) async fn serve_forwarded(
         &self,
-        key: String,
-        payload: Bytes,
+        call: Admitted,
         deadline: Instant,
         source: CallSource,
         expected: Epoch,
         metadata: CallMetadata,
     ) -> Result<Reply, CallError> {
-        self.submit(
-            key,
-            payload,
+        self.proceed(
+            call,
             deadline,
             Origin::Forwarded { expected },
             source,
@@ -678,21 +711,25 @@ impl Router {
         source: CallSource,
         metadata: CallMetadata,
     ) -> Result<Reply, CallError> {
-        self.validate(&key, &payload)?;
-        let _pending = Pending::enter(&self.inner.pending, self.inner.opts.max_pending_calls)
-            .ok_or_else(|| {
-                CallError::ResourceExhausted(format!(
-                    "{} calls already pending on this instance (max_pending_calls)",
-                    self.inner.opts.max_pending_calls
-                ))
-            })?;
+        let call = self.admit(key, payload)?;
+        self.proceed(call, deadline, origin, source, metadata).await
+    }
+
+    async fn proceed(
+        &self,
+        call: Admitted,
+        deadline: Instant,
+        origin: Origin,
+        source: CallSource,
+        metadata: CallMetadata,
+    ) -> Result<Reply, CallError> {
+        let Admitted {
+            key,
+            payload,
+            pending: _pending,
+            waiting,
+        } = call;
         let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
-        let waiting = self.inner.mailboxes.enter(&key).map_err(|_| {
-            CallError::ResourceExhausted(format!(
-                "{} calls already queued for key {key:?} (mailbox_capacity)",
-                self.inner.opts.mailbox_capacity
-            ))
-        })?;
         let turn = tokio::time::timeout_at(deadline.into(), waiting.turn())
             .await
             .map_err(|_| {

@@ -1,4 +1,5 @@
-//! Pooled HTTP/2 channels to peers, and the forwarding hop.
+//! Pooled HTTP/2 channels to peers, and the forwarding hop: one long-lived Dispatch
+//! stream per peer carries every forwarded call.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,8 +45,6 @@ pub(crate) enum PeerError {
     OwnerChanged(ShardId),
     #[error("empty answer from the owner")]
     EmptyAnswer,
-    #[error("{0}")]
-    Transport(String),
     /// Certainly not delivered.
     #[error("dispatch stream to {0} closed before the call was sent")]
     NotSent(String),
@@ -67,7 +66,7 @@ pub(crate) struct Peers {
     /// This instance, named on every call.
     member: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
-    /// One long-lived Dispatch stream per peer, for Kafka messages.
+    /// One long-lived Dispatch stream per peer, for every forwarded call.
     streams: Mutex<HashMap<String, Arc<PeerStream>>>,
     max_message: usize,
     tasks: tokio_util::task::TaskTracker,
@@ -75,13 +74,20 @@ pub(crate) struct Peers {
 
 type Answer = Result<pb::DispatchResponse, PeerError>;
 
+/// A request queued on a Dispatch stream, with the call's deadline: its `timeout_ms` is
+/// set when it is written, so time spent queued here is not given to the owner again.
+type Outgoing = (pb::DispatchRequest, Option<Instant>);
+
+/// How long a cancel may wait for room on a full stream.
+const CANCEL_SEND: Duration = Duration::from_secs(5);
+
 /// A Dispatch stream to one peer: requests go out on `tx`, answers are matched to
 /// `pending` by id. When the stream breaks, every pending call is answered
 /// "unreachable" and the next call opens a new stream.
 struct PeerStream {
     /// Taken at shutdown: the outgoing stream then ends, and the reader with it once the
     /// owner answered what it holds.
-    tx: Mutex<Option<mpsc::Sender<pb::DispatchRequest>>>,
+    tx: Mutex<Option<mpsc::Sender<Outgoing>>>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
@@ -120,6 +126,47 @@ fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
     PeerError::Stream {
         peer: peer.to_owned(),
         reason: reason.into(),
+    }
+}
+
+/// Cancels a call sent on a stream if it is dropped before the call's answer came (the
+/// caller left, the owner changed, no answer in time): the owner drops the call unless
+/// its handler started.
+struct CancelOnDrop<'a> {
+    stream: &'a PeerStream,
+    id: u64,
+}
+
+impl Drop for CancelOnDrop<'_> {
+    fn drop(&mut self) {
+        // Answered (or the stream failed, which answers every pending call): nothing to do.
+        if self
+            .stream
+            .pending
+            .lock()
+            .expect("pending lock")
+            .remove(&self.id)
+            .is_none()
+        {
+            return;
+        }
+        // Without `tx` the stream is closing: the owner answers what it holds.
+        let Some(tx) = self.stream.tx.lock().expect("tx lock").clone() else {
+            return;
+        };
+        let cancel = pb::DispatchRequest {
+            id: self.id,
+            cancel: true,
+            ..Default::default()
+        };
+        // Behind the call on the same stream, so the owner reads it after the call.
+        if let Err(mpsc::error::TrySendError::Full(cancel)) = tx.try_send((cancel, None)) {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = tokio::time::timeout(CANCEL_SEND, tx.send(cancel)).await;
+                });
+            }
+        }
     }
 }
 
@@ -229,7 +276,22 @@ impl Peers {
         let reader = stream.clone();
         let peer = address.to_owned();
         self.tasks.spawn(async move {
-            let mut outgoing = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            use tokio_stream::StreamExt as _;
+            let requests = tokio_stream::wrappers::ReceiverStream::new(rx).map(
+                |(mut request, deadline): Outgoing| {
+                    if let Some(deadline) = deadline {
+                        // 0 when already past: the owner answers "deadline exceeded"
+                        // without running it.
+                        request.timeout_ms = deadline
+                            .saturating_duration_since(Instant::now())
+                            .as_millis()
+                            .min(u128::from(u32::MAX))
+                            as u32;
+                    }
+                    request
+                },
+            );
+            let mut outgoing = tonic::Request::new(requests);
             outgoing.metadata_mut().insert(MEMBER_HEADER, member);
             match client.dispatch(outgoing).await {
                 Ok(answers) => {
@@ -279,18 +341,19 @@ impl Peers {
         let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         stream.pending.lock().expect("pending lock").insert(id, tx);
-        let timeout = job.deadline.saturating_duration_since(Instant::now());
         let request = pb::DispatchRequest {
             id,
             call: Some(request),
-            timeout_ms: timeout.as_millis().min(u128::from(u32::MAX)) as u32,
+            ..Default::default()
         };
         let tx = stream.tx.lock().expect("tx lock").clone();
         // Bounded by the call's deadline: a peer that stops reading fills the queue.
         let sent = match tx {
-            Some(tx) => tokio::time::timeout_at(job.deadline.into(), tx.send(request))
-                .await
-                .map(|r| r.is_ok()),
+            Some(tx) => {
+                tokio::time::timeout_at(job.deadline.into(), tx.send((request, Some(job.deadline))))
+                    .await
+                    .map(|r| r.is_ok())
+            }
             None => Ok(false),
         };
         if sent.is_err() {
@@ -314,15 +377,16 @@ impl Peers {
         {
             return Forwarded::Unreachable(stream_error(address, "closed"));
         }
+        let _cancel = CancelOnDrop {
+            stream: &stream,
+            id,
+        };
         // The owner's own deadline starts one hop later: wait a little past ours so a
         // handler that timed out there is reported as such, not as a lost answer.
         let answer = match tokio::time::timeout_at((job.deadline + ANSWER_GRACE).into(), rx).await {
             Ok(Ok(a)) => a,
             Ok(Err(_)) => Err(stream_error(address, "dropped the call")),
-            Err(_) => {
-                stream.pending.lock().expect("pending lock").remove(&id);
-                Err(PeerError::NoAnswer)
-            }
+            Err(_) => Err(PeerError::NoAnswer),
         };
         match answer {
             Err(e) => Forwarded::Unreachable(e),
@@ -365,11 +429,6 @@ impl Peers {
         expected: Epoch,
         metadata: crate::trace::CallMetadata,
     ) -> Forwarded {
-        let address = peer.address.as_str();
-        let mut client = match self.client(peer) {
-            Ok(c) => c,
-            Err(e) => return Forwarded::Unreachable(e),
-        };
         let (entry, source) = match &job.source {
             CallSource::Grpc { entry } => (entry.0.clone(), None),
             CallSource::Kafka(record) => (
@@ -388,33 +447,8 @@ impl Peers {
             source,
             metadata: metadata.0.into_iter().collect(),
         };
-        // Kafka records share one stream per peer instead of one RPC each. gRPC calls
-        // keep their own RPC: dropping it (the client gave up, the owner changed) resets
-        // its HTTP/2 stream and the owner drops the call if it has not started, while a
-        // message on the shared stream would still run later (see ARCHITECTURE.md).
-        if matches!(job.source, CallSource::Kafka(_)) {
-            return self.dispatch(peer, call, job).await;
-        }
-        let mut request = tonic::Request::new(call);
-        request
-            .metadata_mut()
-            .insert(MEMBER_HEADER, self.member.clone());
-        request.set_timeout(job.deadline.saturating_duration_since(Instant::now()));
-        match client.forward(request).await {
-            Ok(resp) => Self::answer(resp.into_inner(), job),
-            Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => {
-                let kind = s
-                    .metadata()
-                    .get(KIND_HEADER)
-                    .and_then(|k| k.to_str().ok())
-                    .unwrap_or("handler")
-                    .to_owned();
-                Forwarded::Done(Err(CallError::from_remote(s, &kind)))
-            }
-            Err(s) if never_sent(&s) => {
-                Forwarded::Unreachable(PeerError::NotSent(address.to_owned()))
-            }
-            Err(s) => Forwarded::Unreachable(PeerError::Transport(s.to_string())),
-        }
+        // One stream per peer instead of one RPC per call (see ARCHITECTURE.md,
+        // "Forwarded calls share one Dispatch stream per peer").
+        self.dispatch(peer, call, job).await
     }
 }

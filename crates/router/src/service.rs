@@ -1,6 +1,8 @@
 //! gRPC services of the call path: the client-facing `Entities` and the internal `Peer`.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use leasehold_proto::v1::{
     self as pb, entities_server::Entities, forward_response, peer_server::Peer,
@@ -11,7 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::peers::{KIND_HEADER, MEMBER_HEADER, ORIGIN_HEADER};
 use crate::trace::CallMetadata;
-use crate::{CallError, CallSource, Router};
+use crate::{Admitted, CallError, CallSource, Router};
 
 /// Parses a `grpc-timeout` header value (`<digits><unit>`, unit one of H M S m u n).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -175,13 +177,22 @@ impl PeerService {
         Ok(())
     }
 
-    /// Runs one forwarded call; `Err` is the owner's error for it.
+    /// Admits a forwarded call (see [`Router::admit`]); the rest of the request is kept
+    /// for [`PeerService::run`].
+    fn admit(&self, req: &mut pb::ForwardRequest) -> Result<Admitted, CallError> {
+        self.router.admit(
+            std::mem::take(&mut req.key),
+            std::mem::take(&mut req.payload),
+        )
+    }
+
+    /// Runs one admitted forwarded call; `Err` is the owner's error for it.
     async fn run(
         &self,
+        call: Admitted,
         req: pb::ForwardRequest,
-        timeout: Option<Duration>,
+        deadline: Instant,
     ) -> Result<pb::ForwardResponse, CallError> {
-        let deadline = self.router.deadline(timeout);
         let source = match req.source.and_then(|s| s.kind) {
             Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka(k.into()),
             _ => CallSource::Grpc {
@@ -191,8 +202,7 @@ impl PeerService {
         let result = match self
             .router
             .serve_forwarded(
-                req.key,
-                req.payload,
+                call,
                 deadline,
                 source,
                 Epoch(req.expected_epoch),
@@ -234,8 +244,13 @@ impl Peer for PeerService {
         request: Request<pb::ForwardRequest>,
     ) -> Result<Response<pb::ForwardResponse>, Status> {
         self.authorize(&request).map_err(with_origin)?;
-        let timeout = client_timeout(&request);
-        match self.run(request.into_inner(), timeout).await {
+        let deadline = self.router.deadline(client_timeout(&request));
+        let mut req = request.into_inner();
+        let result = match self.admit(&mut req) {
+            Ok(call) => self.run(call, req, deadline).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(r) => Ok(Response::new(r)),
             Err(e) => {
                 let kind = e.kind();
@@ -250,38 +265,45 @@ impl Peer for PeerService {
 
     type DispatchStream = DispatchStream;
 
-    /// Runs every call arriving on the stream concurrently (the sender keeps per-key
-    /// order by sending a key's next call only after the previous one answered), at most
-    /// `max_dispatch_in_flight` at once: past that the stream is not read, so a sender
-    /// that never waits for answers is slowed down instead of growing memory here.
+    /// Runs every call arriving on the stream concurrently (each entry sends a key's next
+    /// call only after the previous one answered), at most `max_dispatch_in_flight` at
+    /// once: past that the stream is not read, so a sender that never waits for answers
+    /// is slowed down instead of growing memory here. Calls take their keys' turns in the
+    /// order they are read; a cancel frame drops its call unless its handler started,
+    /// and so does a connection that breaks, as for unary Forwards whose streams reset.
     async fn dispatch(
         &self,
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<DispatchStream>, Status> {
         let caller = self.authorize(&request).map_err(with_origin)?;
-        let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(
             self.router.options().max_dispatch_in_flight,
         ));
         let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let this = PeerService {
+        let this = Arc::new(PeerService {
             router: self.router.clone(),
-        };
-        let this = std::sync::Arc::new(this);
+        });
         let tasks = self.router.tasks().clone();
         let closing = self.router.inner.closing.clone();
+        // Calls read and not yet answered, by id; removing one drops its call.
+        let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
         tasks.clone().spawn(async move {
-            loop {
+            let broken = loop {
                 let slot = tokio::select! {
                     s = in_flight.clone().acquire_owned() => s.expect("never closed"),
-                    _ = closing.cancelled() => break,
+                    _ = closing.cancelled() => break false,
                 };
                 // At shutdown, stop reading: calls already read still answer.
                 let req = tokio::select! {
                     r = incoming.message() => r,
-                    _ = closing.cancelled() => break,
+                    _ = closing.cancelled() => break false,
                 };
-                let Ok(Some(req)) = req else { break };
+                let req = match req {
+                    Ok(Some(req)) => req,
+                    Ok(None) => break false,
+                    Err(_) => break true,
+                };
                 if let Some(caller) = &caller {
                     if let Err(refusal) = this.check(caller) {
                         // Answer what was read, then end the stream.
@@ -296,18 +318,42 @@ impl Peer for PeerService {
                             }),
                         };
                         let _ = tx.send(Ok(answer)).await;
-                        break;
+                        break false;
                     }
                 }
+                if req.cancel {
+                    // Its task wakes up and drops the call (or finds it done).
+                    running.lock().expect("running lock").remove(&req.id);
+                    continue;
+                }
+                let (id, Some(mut call)) = (req.id, req.call) else {
+                    continue;
+                };
                 this.router.inner.metrics.stream_calls.inc();
-                let (this, tx) = (this.clone(), tx.clone());
+                let deadline = this
+                    .router
+                    .deadline(Some(Duration::from_millis(u64::from(req.timeout_ms))));
+                // Admitted before the next call is read: its key's turn in stream order.
+                let admitted = this.admit(&mut call);
+                let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+                running.lock().expect("running lock").insert(id, cancel);
+                let (this, tx, running) = (this.clone(), tx.clone(), running.clone());
                 tasks.spawn(async move {
                     let _slot = slot;
-                    let Some(call) = req.call else { return };
-                    let timeout = Some(Duration::from_millis(u64::from(req.timeout_ms)));
-                    let response = match this.run(call, timeout).await {
+                    let result = match admitted {
+                        Ok(admitted) => tokio::select! {
+                            biased;
+                            r = this.run(admitted, call, deadline) => r,
+                            // Cancelled: dropped here (a started handler finishes in
+                            // the background); the sender expects no answer.
+                            _ = cancelled => return,
+                        },
+                        Err(e) => Err(e),
+                    };
+                    running.lock().expect("running lock").remove(&id);
+                    let response = match result {
                         Ok(answer) => pb::DispatchResponse {
-                            id: req.id,
+                            id,
                             answer: Some(answer),
                             error: None,
                         },
@@ -315,7 +361,7 @@ impl Peer for PeerService {
                             let kind = e.kind().to_owned();
                             let s = Status::from(e);
                             pb::DispatchResponse {
-                                id: req.id,
+                                id,
                                 answer: None,
                                 error: Some(pb::DispatchError {
                                     code: s.code() as i32,
@@ -329,6 +375,10 @@ impl Peer for PeerService {
                     };
                     let _ = tx.send(Ok(response)).await;
                 });
+            };
+            if broken {
+                // The sender's connection broke: nobody waits for these answers.
+                running.lock().expect("running lock").clear();
             }
         });
         Ok(Response::new(Box::pin(
@@ -336,6 +386,9 @@ impl Peer for PeerService {
         )))
     }
 }
+
+/// The calls of one Dispatch stream still running, by id, with what cancels each.
+type StreamCalls = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
 
 /// A peer whose calls were accepted: who it says it is, and its certificate.
 struct PeerCaller {
