@@ -795,14 +795,37 @@ async fn a_handler_error_crosses_the_forward_hop_whole() {
     }
 }
 
+/// A counter's value in an instance's metrics (0 when absent).
+fn counter(instance: &Instance, name: &str) -> f64 {
+    let text = ureq::get(&format!("{}/metrics", instance.admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// A forwarded call whose client gave up while it waited at the owner (queued behind a
 /// running call for its key) is dropped there: it never runs after the client left.
-/// Forwarded calls share one stream per peer, so this takes the sender's cancel message.
+/// Forwarded calls share a stream per peer, so this takes the sender's cancel message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     let checker = Checker::start(Duration::from_millis(1500), None).await;
     let flag = checker.handler_flag();
-    let cluster = Cluster::start(3, &ttl_args(&flag)).await;
+    // A handler call is bounded by the lease's validity too: a 10 s lease leaves room for
+    // 1.5 s calls (a 3 s one can leave less than that).
+    let args = [
+        "--lease-ttl",
+        "10s",
+        "--handler",
+        &flag,
+        "--request-timeout",
+        "10s",
+    ];
+    let cluster = Cluster::start(3, &args).await;
     let table = cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0].id;
     let key = (0..1000)
@@ -826,8 +849,39 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
             .cloned()
             .unwrap_or_default()
     };
-    // A runs at n0 for 1.5 s, entering through n1.
+    // Both entries learn that n0 takes calls on their streams (the first calls to a peer
+    // go unary until its stream's answer headers came).
     let mut via_n1 = cluster.instances[1].client().await;
+    let mut via_n2 = cluster.instances[2].client().await;
+    let warm = (0..1000)
+        .map(|i| format!("warm-{i}"))
+        .find(|k| {
+            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
+            table[shard.0 as usize].1.as_deref() == Some(n0.as_str())
+        })
+        .expect("a key owned by n0");
+    let streamed = || counter(&cluster.instances[0], "leasehold_peer_stream_calls_total");
+    for (entry, client) in [("n1", &mut via_n1), ("n2", &mut via_n2)] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no call from {entry} reached n0 over a stream"
+            );
+            let before = streamed();
+            client
+                .call(CallRequest {
+                    key: warm.clone(),
+                    payload: "w".into(),
+                })
+                .await
+                .expect("warm-up call");
+            if streamed() > before {
+                break;
+            }
+        }
+    }
+    // A runs at n0 for 1.5 s, entering through n1.
     let first = {
         let mut c = via_n1.clone();
         let r = request("a");
@@ -840,7 +894,7 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     }
     // B enters through n2 and waits at n0 behind A; its client leaves after 300 ms
     // (no gRPC deadline: only the client's going away can stop it).
-    let mut via_n2 = cluster.instances[2].client().await;
+    let cancels = counter(&cluster.instances[0], "leasehold_peer_stream_cancels_total");
     let left = tokio::time::timeout(Duration::from_millis(300), via_n2.call(request("b"))).await;
     assert!(left.is_err(), "call b answered while a still ran: {left:?}");
     first.await.unwrap().expect("call a");
@@ -851,7 +905,15 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
         .map(|p| String::from_utf8(p).unwrap())
         .collect();
     assert_eq!(ran, ["a", "c"], "calls run at the owner, in order");
-    assert!(checker.violations().is_empty(), "{:?}", checker.violations());
+    assert!(
+        counter(&cluster.instances[0], "leasehold_peer_stream_cancels_total") > cancels,
+        "n0 received no cancel message"
+    );
+    assert!(
+        checker.violations().is_empty(),
+        "{:?}",
+        checker.violations()
+    );
 }
 
 /// An admin request with a JSON body (or none); returns (HTTP status, JSON answer).

@@ -205,8 +205,9 @@ async fn metrics_parse_strictly_and_match_the_readme() {
     );
     let forwarded = value(&scrapes[0], "leasehold_forwards", &[]);
     assert!(forwarded > 0.0, "no call was forwarded");
-    // Forwards are gRPC calls (one Peer/Forward each at the owner) plus Kafka records
-    // (messages on Dispatch streams).
+    // Every forward (gRPC call or Kafka record) is a message on a Dispatch stream or, for
+    // the first gRPC calls to a peer (before its stream's answer headers came), a unary
+    // Peer/Forward.
     assert_eq!(
         total(
             "leasehold_grpc_requests",

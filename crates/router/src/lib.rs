@@ -332,6 +332,7 @@ struct Metrics {
     hot_keys: Vec<Arc<Gauge>>,
     mailboxes: Arc<Gauge>,
     stream_calls: Arc<Counter>,
+    stream_cancels: Arc<Counter>,
     fenced: Arc<Counter>,
 }
 
@@ -485,7 +486,11 @@ impl Router {
             ),
             stream_calls: registry.counter(
                 "leasehold_peer_stream_calls_total",
-                "Forwarded calls received over peers' Dispatch streams (Kafka records).", &[],
+                "Forwarded calls and Kafka records received over peers' Dispatch streams.", &[],
+            ),
+            stream_cancels: registry.counter(
+                "leasehold_peer_stream_cancels_total",
+                "Cancel messages received over peers' Dispatch streams (their calls are dropped here unless their handler had started).", &[],
             ),
             fenced: registry.counter(
                 "leasehold_fenced_records_total",
@@ -499,6 +504,7 @@ impl Router {
                 mailboxes: Arc::new(Mailboxes::new(opts.mailbox_capacity)),
                 peers: Peers::new(
                     max_message,
+                    opts.max_dispatch_in_flight,
                     tasks.clone(),
                     coord.member_id().clone(),
                     opts.peer_tls.as_ref().map(|t| t.client.clone()),

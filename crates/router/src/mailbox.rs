@@ -117,12 +117,18 @@ impl Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        if let Some(mut rx) = self.rx.take() {
-            rx.close();
-            if rx.try_recv().is_ok() {
-                // The turn arrived but its caller left: hand it to the next one.
-                self.boxes.pass_on(&self.key);
+        match self.rx.take() {
+            Some(mut rx) => {
+                rx.close();
+                if rx.try_recv().is_ok() {
+                    // The turn arrived but its caller left: hand it to the next one.
+                    self.boxes.pass_on(&self.key);
+                }
             }
+            // First in line, dropped before taking its turn (a call admitted and then
+            // cancelled): hand the turn on. `turn` takes the key (keys are never empty).
+            None if !self.key.is_empty() => self.boxes.pass_on(&self.key),
+            None => {}
         }
     }
 }
@@ -212,5 +218,17 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(1), third.turn())
             .await
             .expect("turn passed on");
+    }
+
+    #[tokio::test]
+    async fn a_first_in_line_dropped_before_taking_its_turn_passes_it_on() {
+        let boxes = Arc::new(Mailboxes::new(10));
+        let first = boxes.enter("k").unwrap(); // its turn is already here
+        let second = boxes.enter("k").unwrap();
+        drop(first); // admitted, then cancelled before it ran
+        tokio::time::timeout(Duration::from_secs(1), second.turn())
+            .await
+            .expect("turn passed on");
+        assert_eq!(boxes.active(), 0);
     }
 }

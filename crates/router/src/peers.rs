@@ -41,6 +41,8 @@ pub(crate) enum PeerError {
     Stream { peer: String, reason: String },
     #[error("no answer from the owner before the deadline")]
     NoAnswer,
+    #[error("{0}")]
+    Transport(String),
     #[error("owner of shard {0} changed during the forward")]
     OwnerChanged(ShardId),
     #[error("empty answer from the owner")]
@@ -61,14 +63,32 @@ impl PeerError {
 /// receiver checks that the connection's certificate carries that member's identity.
 pub(crate) const MEMBER_HEADER: &str = "leasehold-member";
 
+/// Set on a Dispatch stream's answer headers by receivers that take gRPC calls on it:
+/// they honour cancel messages and admit calls in stream order. Receivers of earlier
+/// versions get gRPC calls as unary Forwards.
+pub(crate) const STREAM_CALLS_HEADER: &str = "leasehold-stream-calls";
+
+/// What a Dispatch stream carries. Each peer gets one stream per lane, so a Kafka backlog
+/// never queues interactive calls behind it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Lane {
+    Calls,
+    Records,
+}
+
 pub(crate) struct Peers {
     channels: RwLock<HashMap<String, PeerClient<Channel>>>,
     /// This instance, named on every call.
     member: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
     tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
-    /// One long-lived Dispatch stream per peer, for every forwarded call.
-    streams: Mutex<HashMap<String, Arc<PeerStream>>>,
+    /// Long-lived Dispatch streams, one per peer and lane.
+    streams: Mutex<HashMap<(String, Lane), Arc<PeerStream>>>,
+    /// Set by [`Peers::close`]: later calls use unary Forwards (a stream opened then
+    /// would never be ended).
+    closing: AtomicBool,
     max_message: usize,
+    /// Calls one stream may have unanswered: the receiver's `max_dispatch_in_flight`.
+    window: usize,
     tasks: tokio_util::task::TaskTracker,
 }
 
@@ -91,6 +111,13 @@ struct PeerStream {
     pending: Mutex<HashMap<u64, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
     closed: AtomicBool,
+    /// Calls sent and neither answered nor cancelled stay within the receiver's in-flight
+    /// limit, so the receiver reads every call as soon as it arrives: a call never waits
+    /// unread on the stream (where its deadline, counted from when it is read, would
+    /// stretch), and a cancel never waits behind calls.
+    credits: Arc<tokio::sync::Semaphore>,
+    /// The receiver said it takes gRPC calls (see [`STREAM_CALLS_HEADER`]).
+    takes_calls: AtomicBool,
 }
 
 /// Transport failures that mean the request never reached the peer: the connection could
@@ -129,25 +156,28 @@ fn stream_error(peer: &str, reason: impl Into<String>) -> PeerError {
     }
 }
 
-/// Cancels a call sent on a stream if it is dropped before the call's answer came (the
-/// caller left, the owner changed, no answer in time): the owner drops the call unless
-/// its handler started.
-struct CancelOnDrop<'a> {
+/// One call's place on a stream, from its registration to its answer. Dropped before the
+/// answer came (the caller left, the owner changed, no answer in time), it cancels the
+/// call if it was sent: the owner drops it unless its handler started.
+struct StreamUse<'a> {
     stream: &'a PeerStream,
     id: u64,
+    queued: bool,
+    _credit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for CancelOnDrop<'_> {
+impl Drop for StreamUse<'_> {
     fn drop(&mut self) {
-        // Answered (or the stream failed, which answers every pending call): nothing to do.
-        if self
+        // Answered (or the stream failed, which answers every pending call): nothing to
+        // cancel.
+        let abandoned = self
             .stream
             .pending
             .lock()
             .expect("pending lock")
             .remove(&self.id)
-            .is_none()
-        {
+            .is_some();
+        if !(abandoned && self.queued) {
             return;
         }
         // Without `tx` the stream is closing: the owner answers what it holds.
@@ -182,6 +212,7 @@ impl PeerStream {
 impl Peers {
     pub(crate) fn new(
         max_message: usize,
+        window: usize,
         tasks: tokio_util::task::TaskTracker,
         member: MemberId,
         tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
@@ -192,7 +223,9 @@ impl Peers {
             member: member.0.parse().expect("member ids are valid metadata"),
             tls,
             streams: Mutex::new(HashMap::new()),
+            closing: AtomicBool::new(false),
             max_message,
+            window: window.max(1),
             tasks,
         }
     }
@@ -248,16 +281,21 @@ impl Peers {
     /// Ends every Dispatch stream (their readers finish once the owners answered what
     /// they hold).
     pub(crate) fn close(&self) {
-        for (_, stream) in self.streams.lock().expect("streams lock").drain() {
+        let mut streams = self.streams.lock().expect("streams lock");
+        self.closing.store(true, Ordering::Release);
+        for (_, stream) in streams.drain() {
             stream.tx.lock().expect("tx lock").take();
         }
     }
 
-    /// The peer's Dispatch stream, opened on first use or after it broke.
-    fn stream(&self, peer: &PeerAddress) -> Result<Arc<PeerStream>, PeerError> {
+    /// The peer's Dispatch stream for `lane`, opened on first use or after it broke.
+    fn stream(&self, peer: &PeerAddress, lane: Lane) -> Result<Arc<PeerStream>, PeerError> {
         let address = peer.address.as_str();
-        let key = Self::cache_key(peer);
+        let key = (Self::cache_key(peer), lane);
         let mut streams = self.streams.lock().expect("streams lock");
+        if self.closing.load(Ordering::Acquire) {
+            return Err(PeerError::NotSent(address.to_owned()));
+        }
         if let Some(s) = streams
             .get(&key)
             .filter(|s| !s.closed.load(Ordering::Acquire))
@@ -272,6 +310,8 @@ impl Peers {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
+            credits: Arc::new(tokio::sync::Semaphore::new(self.window)),
+            takes_calls: AtomicBool::new(false),
         });
         let reader = stream.clone();
         let peer = address.to_owned();
@@ -295,6 +335,9 @@ impl Peers {
             outgoing.metadata_mut().insert(MEMBER_HEADER, member);
             match client.dispatch(outgoing).await {
                 Ok(answers) => {
+                    if answers.metadata().get(STREAM_CALLS_HEADER).is_some() {
+                        reader.takes_calls.store(true, Ordering::Release);
+                    }
                     let mut answers = answers.into_inner();
                     loop {
                         match answers.message().await {
@@ -326,21 +369,30 @@ impl Peers {
         Ok(stream)
     }
 
-    /// Sends a forwarded call over the peer's Dispatch stream.
+    /// Sends a forwarded call over a Dispatch stream to the peer at `address`.
     async fn dispatch(
         &self,
-        peer: &PeerAddress,
+        stream: &PeerStream,
+        address: &str,
         request: pb::ForwardRequest,
         job: &Job,
     ) -> Forwarded {
-        let address = peer.address.as_str();
-        let stream = match self.stream(peer) {
-            Ok(s) => s,
-            Err(e) => return Forwarded::Unreachable(e),
+        let not_sent = || Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
+        // Within the receiver's in-flight limit (see `PeerStream::credits`).
+        let credit =
+            tokio::time::timeout_at(job.deadline.into(), stream.credits.clone().acquire_owned());
+        let Ok(Ok(credit)) = credit.await else {
+            return not_sent();
         };
         let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         stream.pending.lock().expect("pending lock").insert(id, tx);
+        let mut used = StreamUse {
+            stream,
+            id,
+            queued: false,
+            _credit: credit,
+        };
         let request = pb::DispatchRequest {
             id,
             call: Some(request),
@@ -354,17 +406,18 @@ impl Peers {
                     .await
                     .map(|r| r.is_ok())
             }
-            None => Ok(false),
+            // Closed at shutdown: the calls already on it are still answered.
+            None => return not_sent(),
         };
-        if sent.is_err() {
+        match sent {
             // Still queued nowhere: not sent, and the stream itself is fine.
-            stream.pending.lock().expect("pending lock").remove(&id);
-            return Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
-        }
-        if sent == Ok(false) {
-            stream.pending.lock().expect("pending lock").remove(&id);
-            stream.fail_all(stream_error(address, "closed"));
-            return Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
+            Err(_) => return not_sent(),
+            // The writer is gone: the stream broke.
+            Ok(false) => {
+                stream.fail_all(stream_error(address, "closed"));
+                return not_sent();
+            }
+            Ok(true) => used.queued = true,
         }
         // Closed before our call was registered: nobody will answer it.
         if stream.closed.load(Ordering::Acquire)
@@ -377,10 +430,6 @@ impl Peers {
         {
             return Forwarded::Unreachable(stream_error(address, "closed"));
         }
-        let _cancel = CancelOnDrop {
-            stream: &stream,
-            id,
-        };
         // The owner's own deadline starts one hop later: wait a little past ours so a
         // handler that timed out there is reported as such, not as a lost answer.
         let answer = match tokio::time::timeout_at((job.deadline + ANSWER_GRACE).into(), rx).await {
@@ -388,6 +437,7 @@ impl Peers {
             Ok(Err(_)) => Err(stream_error(address, "dropped the call")),
             Err(_) => Err(PeerError::NoAnswer),
         };
+        drop(used);
         match answer {
             Err(e) => Forwarded::Unreachable(e),
             Ok(a) => match (a.answer, a.error) {
@@ -447,8 +497,54 @@ impl Peers {
             source,
             metadata: metadata.0.into_iter().collect(),
         };
-        // One stream per peer instead of one RPC per call (see ARCHITECTURE.md,
-        // "Forwarded calls share one Dispatch stream per peer").
-        self.dispatch(peer, call, job).await
+        // A stream per peer and lane instead of one RPC per call (see ARCHITECTURE.md,
+        // "Forwarded calls share Dispatch streams"). gRPC calls go unary to a receiver
+        // that has not said it takes them on a stream (an earlier version, or a stream
+        // whose answer headers have not come yet), and every call does once this
+        // instance closed its streams at shutdown.
+        let lane = match job.source {
+            CallSource::Grpc { .. } => Lane::Calls,
+            CallSource::Kafka(_) => Lane::Records,
+        };
+        if !self.closing.load(Ordering::Acquire) {
+            match self.stream(peer, lane) {
+                Ok(s) if lane == Lane::Records || s.takes_calls.load(Ordering::Acquire) => {
+                    return self.dispatch(&s, &peer.address, call, job).await;
+                }
+                Ok(_) => {}
+                Err(PeerError::NotSent(_)) => {} // closed meanwhile
+                Err(e) => return Forwarded::Unreachable(e),
+            }
+        }
+        self.unary(peer, call, job).await
+    }
+
+    /// Sends a forwarded call as its own `Peer.Forward` RPC.
+    async fn unary(&self, peer: &PeerAddress, call: pb::ForwardRequest, job: &Job) -> Forwarded {
+        let mut client = match self.client(peer) {
+            Ok(c) => c,
+            Err(e) => return Forwarded::Unreachable(e),
+        };
+        let mut request = tonic::Request::new(call);
+        request
+            .metadata_mut()
+            .insert(MEMBER_HEADER, self.member.clone());
+        request.set_timeout(job.deadline.saturating_duration_since(Instant::now()));
+        match client.forward(request).await {
+            Ok(resp) => Self::answer(resp.into_inner(), job),
+            Err(s) if s.metadata().get(ORIGIN_HEADER).is_some() => {
+                let kind = s
+                    .metadata()
+                    .get(KIND_HEADER)
+                    .and_then(|k| k.to_str().ok())
+                    .unwrap_or("handler")
+                    .to_owned();
+                Forwarded::Done(Err(CallError::from_remote(s, &kind)))
+            }
+            Err(s) if never_sent(&s) => {
+                Forwarded::Unreachable(PeerError::NotSent(peer.address.clone()))
+            }
+            Err(s) => Forwarded::Unreachable(PeerError::Transport(s.to_string())),
+        }
     }
 }

@@ -11,7 +11,7 @@ use leasehold_types::{shard_for_key, Epoch, MemberId};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
-use crate::peers::{KIND_HEADER, MEMBER_HEADER, ORIGIN_HEADER};
+use crate::peers::{KIND_HEADER, MEMBER_HEADER, ORIGIN_HEADER, STREAM_CALLS_HEADER};
 use crate::trace::CallMetadata;
 use crate::{Admitted, CallError, CallSource, Router};
 
@@ -268,9 +268,10 @@ impl Peer for PeerService {
     /// Runs every call arriving on the stream concurrently (each entry sends a key's next
     /// call only after the previous one answered), at most `max_dispatch_in_flight` at
     /// once: past that the stream is not read, so a sender that never waits for answers
-    /// is slowed down instead of growing memory here. Calls take their keys' turns in the
-    /// order they are read; a cancel frame drops its call unless its handler started,
-    /// and so does a connection that breaks, as for unary Forwards whose streams reset.
+    /// is slowed down instead of growing memory here (senders of this version stay
+    /// within the limit by themselves). Calls take their keys' turns in the order they
+    /// are read; a cancel message drops its call unless its handler started, and so does
+    /// a connection that breaks, as for unary Forwards whose streams reset.
     async fn dispatch(
         &self,
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
@@ -289,39 +290,19 @@ impl Peer for PeerService {
         // Calls read and not yet answered, by id; removing one drops its call.
         let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
         tasks.clone().spawn(async move {
-            let broken = loop {
-                let slot = tokio::select! {
-                    s = in_flight.clone().acquire_owned() => s.expect("never closed"),
-                    _ = closing.cancelled() => break false,
-                };
-                // At shutdown, stop reading: calls already read still answer.
+            let ended = loop {
                 let req = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => break Ended::Closing,
                     r = incoming.message() => r,
-                    _ = closing.cancelled() => break false,
                 };
                 let req = match req {
                     Ok(Some(req)) => req,
-                    Ok(None) => break false,
-                    Err(_) => break true,
+                    Ok(None) => break Ended::Finished,
+                    Err(_) => break Ended::Broken,
                 };
-                if let Some(caller) = &caller {
-                    if let Err(refusal) = this.check(caller) {
-                        // Answer what was read, then end the stream.
-                        let answer = pb::DispatchResponse {
-                            id: req.id,
-                            answer: None,
-                            error: Some(pb::DispatchError {
-                                code: refusal.code() as i32,
-                                message: refusal.message().to_owned(),
-                                kind: "unavailable".into(),
-                                ..Default::default()
-                            }),
-                        };
-                        let _ = tx.send(Ok(answer)).await;
-                        break false;
-                    }
-                }
                 if req.cancel {
+                    this.router.inner.metrics.stream_cancels.inc();
                     // Its task wakes up and drops the call (or finds it done).
                     running.lock().expect("running lock").remove(&req.id);
                     continue;
@@ -330,60 +311,153 @@ impl Peer for PeerService {
                     continue;
                 };
                 this.router.inner.metrics.stream_calls.inc();
+                // Counted from the read: the sender keeps its calls within our slots, so
+                // it was written just now.
                 let deadline = this
                     .router
                     .deadline(Some(Duration::from_millis(u64::from(req.timeout_ms))));
-                // Admitted before the next call is read: its key's turn in stream order.
+                if let Some(caller) = &caller {
+                    if let Err(refusal) = this.check(caller) {
+                        // Not run; the calls after it are checked on their own.
+                        let answer = refusal_answer(id, &refusal);
+                        let _ = tx.send(Ok(answer)).await;
+                        continue;
+                    }
+                }
+                let slot = tokio::select! {
+                    biased;
+                    _ = closing.cancelled() => {
+                        let _ = tx.send(Ok(this.not_owner(id, call.shard))).await;
+                        break Ended::Closing;
+                    }
+                    s = in_flight.clone().acquire_owned() => s.expect("never closed"),
+                };
+                // Admitted before the next message is read: its key's turn in stream order.
                 let admitted = this.admit(&mut call);
-                let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
+                let (cancel, mut cancelled) = tokio::sync::oneshot::channel::<()>();
                 running.lock().expect("running lock").insert(id, cancel);
                 let (this, tx, running) = (this.clone(), tx.clone(), running.clone());
                 tasks.spawn(async move {
                     let _slot = slot;
                     let result = match admitted {
                         Ok(admitted) => tokio::select! {
+                            // A cancel read before the call first ran stops it here.
                             biased;
+                            // Dropped: a started handler finishes in the background;
+                            // the sender expects no answer.
+                            _ = &mut cancelled => return,
                             r = this.run(admitted, call, deadline) => r,
-                            // Cancelled: dropped here (a started handler finishes in
-                            // the background); the sender expects no answer.
-                            _ = cancelled => return,
                         },
                         Err(e) => Err(e),
                     };
                     running.lock().expect("running lock").remove(&id);
-                    let response = match result {
-                        Ok(answer) => pb::DispatchResponse {
-                            id,
-                            answer: Some(answer),
-                            error: None,
-                        },
-                        Err(e) => {
-                            let kind = e.kind().to_owned();
-                            let s = Status::from(e);
-                            pb::DispatchResponse {
-                                id,
-                                answer: None,
-                                error: Some(pb::DispatchError {
-                                    code: s.code() as i32,
-                                    message: s.message().to_owned(),
-                                    kind,
-                                    details: s.details().to_vec().into(),
-                                    metadata: ascii_metadata(s.metadata()),
-                                }),
-                            }
-                        }
-                    };
-                    let _ = tx.send(Ok(response)).await;
+                    let _ = tx.send(Ok(answer(id, result))).await;
                 });
             };
-            if broken {
+            match ended {
                 // The sender's connection broke: nobody waits for these answers.
-                running.lock().expect("running lock").clear();
+                Ended::Broken => running.lock().expect("running lock").clear(),
+                // Shutting down (this instance no longer owns shards): calls already
+                // here are answered "not owner" without running, so their senders route
+                // them again; calls read before still answer.
+                Ended::Closing => {
+                    while let Some(Ok(Some(req))) =
+                        futures::FutureExt::now_or_never(incoming.message())
+                    {
+                        if req.cancel {
+                            this.router.inner.metrics.stream_cancels.inc();
+                            running.lock().expect("running lock").remove(&req.id);
+                        } else if let Some(call) = req.call {
+                            let answer = this.not_owner(req.id, call.shard);
+                            let send = tx.send(Ok(answer));
+                            if tokio::time::timeout(Duration::from_secs(1), send)
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    }
+                }
+                Ended::Finished => {}
             }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        let mut response = Response::new(
+            Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as DispatchStream
+        );
+        response
+            .metadata_mut()
+            .insert(STREAM_CALLS_HEADER, MetadataValue::from_static("1"));
+        Ok(response)
+    }
+}
+
+/// Why a Dispatch stream's read loop ended.
+enum Ended {
+    /// The sender ended its side.
+    Finished,
+    /// The sender's connection broke.
+    Broken,
+    /// This instance is shutting down.
+    Closing,
+}
+
+impl PeerService {
+    /// "Not owner" with this instance's view of the shard: the call did not run here.
+    fn not_owner(&self, id: u64, shard: u32) -> pb::DispatchResponse {
+        let view = self.router.coord().view();
+        let owner = view.owner(leasehold_types::ShardId(shard));
+        pb::DispatchResponse {
+            id,
+            answer: Some(pb::ForwardResponse {
+                result: Some(forward_response::Result::NotOwner(pb::NotOwner {
+                    shard,
+                    owner: owner.map(|o| o.owner.0.clone()).unwrap_or_default(),
+                    epoch: owner.map_or(0, |o| o.epoch.0),
+                })),
+            }),
+            error: None,
+        }
+    }
+}
+
+/// A call's answer on a Dispatch stream.
+fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::DispatchResponse {
+    match result {
+        Ok(answer) => pb::DispatchResponse {
+            id,
+            answer: Some(answer),
+            error: None,
+        },
+        Err(e) => {
+            let kind = e.kind().to_owned();
+            let s = Status::from(e);
+            pb::DispatchResponse {
+                id,
+                answer: None,
+                error: Some(pb::DispatchError {
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                    kind,
+                    details: s.details().to_vec().into(),
+                    metadata: ascii_metadata(s.metadata()),
+                }),
+            }
+        }
+    }
+}
+
+/// A peer call refused before it ran (see [`PeerService::check`]).
+fn refusal_answer(id: u64, refusal: &Status) -> pb::DispatchResponse {
+    pb::DispatchResponse {
+        id,
+        answer: None,
+        error: Some(pb::DispatchError {
+            code: refusal.code() as i32,
+            message: refusal.message().to_owned(),
+            kind: "unavailable".into(),
+            ..Default::default()
+        }),
     }
 }
 
