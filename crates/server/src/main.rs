@@ -11,12 +11,6 @@ use cli::tls::{AdminArgs, TlsArgs};
 use leasehold_server::config::{ServeArgs, ServeOptions};
 use leasehold_server::serve::{serve, Listeners};
 
-/// mimalloc instead of the system allocator: the data path allocates many small,
-/// short-lived objects per message (task futures, frames, strings), where it is cheaper
-/// (see ARCHITECTURE.md, "Allocator").
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Leasehold: single-writer-per-key execution across many instances.
 #[derive(Parser)]
 #[command(name = "leasehold", version, about, after_help = EXIT_CODES_HELP)]
