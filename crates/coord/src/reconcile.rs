@@ -408,13 +408,14 @@ impl Coord {
                 Ok::<_, Error>((shard, resp.succeeded().then_some(Epoch(revision as u64))))
             }
         });
-        let results: Vec<_> = attempts
-            .buffer_unordered(ACQUIRE_CONCURRENCY)
-            .collect()
-            .await;
+        // Each shard is marked owned as soon as its own write succeeded, not once the
+        // whole batch did: peers see the key (and route calls here) as soon as it is
+        // written, and calls reaching this instance before its table says so are
+        // answered "not owner" (after a SIGKILL, hundreds of shards are taken at once).
+        let mut results = std::pin::pin!(attempts.buffer_unordered(ACQUIRE_CONCURRENCY));
         let mut acquired = 0;
         let (mut failed, mut last_error) = (0, None);
-        for result in results {
+        while let Some(result) = results.next().await {
             match result {
                 Ok((shard, Some(epoch))) => {
                     // Announced first: no call of the ownership may start before its
