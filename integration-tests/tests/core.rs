@@ -764,13 +764,7 @@ async fn a_handler_error_crosses_the_forward_hop_whole() {
     let cluster = Cluster::start(2, &ttl_args(&flag)).await;
     let table = cluster.wait_balanced(Duration::from_secs(10)).await;
     let n1 = &cluster.instances[1].id;
-    let key = (0..1000)
-        .map(|i| format!("bad-{i}"))
-        .find(|k| {
-            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
-            table[shard.0 as usize].1.as_deref() == Some(n1.as_str())
-        })
-        .expect("a failing key owned by n1");
+    let key = key_owned_by(&table, "bad-", n1);
     let mut client = cluster.instances[0].client().await;
     for payload in ["small".to_owned(), "x".repeat(100 * 1024)] {
         let status = client
@@ -793,6 +787,17 @@ async fn a_handler_error_crosses_the_forward_hop_whole() {
             payload.len()
         );
     }
+}
+
+/// The first key `<prefix><n>` that `owner` owns in `table` (from `wait_balanced`).
+fn key_owned_by(table: &[(u64, Option<String>, u64)], prefix: &str, owner: &str) -> String {
+    (0..10_000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|k| {
+            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
+            table[shard.0 as usize].1.as_deref() == Some(owner)
+        })
+        .unwrap_or_else(|| panic!("no key {prefix}… owned by {owner}"))
 }
 
 /// A counter's value in an instance's metrics (0 when absent).
@@ -828,13 +833,7 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     let cluster = Cluster::start(3, &args).await;
     let table = cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0].id;
-    let key = (0..1000)
-        .map(|i| format!("left-{i}"))
-        .find(|k| {
-            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
-            table[shard.0 as usize].1.as_deref() == Some(n0.as_str())
-        })
-        .expect("a key owned by n0");
+    let key = key_owned_by(&table, "left-", n0);
     let request = |payload: &str| CallRequest {
         key: key.clone(),
         payload: payload.to_owned().into(),
@@ -853,13 +852,7 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     // go unary until its stream's answer headers came).
     let mut via_n1 = cluster.instances[1].client().await;
     let mut via_n2 = cluster.instances[2].client().await;
-    let warm = (0..1000)
-        .map(|i| format!("warm-{i}"))
-        .find(|k| {
-            let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
-            table[shard.0 as usize].1.as_deref() == Some(n0.as_str())
-        })
-        .expect("a key owned by n0");
+    let warm = key_owned_by(&table, "warm-", n0);
     let streamed = || counter(&cluster.instances[0], "leasehold_peer_stream_calls_total");
     for (entry, client) in [("n1", &mut via_n1), ("n2", &mut via_n2)] {
         let deadline = Instant::now() + Duration::from_secs(30);
