@@ -1,5 +1,6 @@
-//! Pooled HTTP/2 channels to peers, and the forwarding hop: one long-lived Dispatch
-//! stream per peer carries every forwarded call.
+//! Pooled HTTP/2 channels to peers, and the forwarding hop: long-lived Dispatch streams
+//! per peer (one for gRPC calls, one for Kafka records), unary Forwards where a stream
+//! cannot be used.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -41,12 +42,12 @@ pub(crate) enum PeerError {
     Stream { peer: String, reason: String },
     #[error("no answer from the owner before the deadline")]
     NoAnswer,
-    #[error("{0}")]
-    Transport(String),
     #[error("owner of shard {0} changed during the forward")]
     OwnerChanged(ShardId),
     #[error("empty answer from the owner")]
     EmptyAnswer,
+    #[error("{0}")]
+    Transport(String),
     /// Certainly not delivered.
     #[error("dispatch stream to {0} closed before the call was sent")]
     NotSent(String),
@@ -498,25 +499,21 @@ impl Peers {
             metadata: metadata.0.into_iter().collect(),
         };
         // A stream per peer and lane instead of one RPC per call (see ARCHITECTURE.md,
-        // "Forwarded calls share Dispatch streams"). gRPC calls go unary to a receiver
-        // that has not said it takes them on a stream (an earlier version, or a stream
-        // whose answer headers have not come yet), and every call does once this
-        // instance closed its streams at shutdown.
+        // "Forwarded calls share Dispatch streams").
         let lane = match job.source {
             CallSource::Grpc { .. } => Lane::Calls,
             CallSource::Kafka(_) => Lane::Records,
         };
-        if !self.closing.load(Ordering::Acquire) {
-            match self.stream(peer, lane) {
-                Ok(s) if lane == Lane::Records || s.takes_calls.load(Ordering::Acquire) => {
-                    return self.dispatch(&s, &peer.address, call, job).await;
-                }
-                Ok(_) => {}
-                Err(PeerError::NotSent(_)) => {} // closed meanwhile
-                Err(e) => return Forwarded::Unreachable(e),
+        match self.stream(peer, lane) {
+            Ok(s) if lane == Lane::Records || s.takes_calls.load(Ordering::Acquire) => {
+                self.dispatch(&s, &peer.address, call, job).await
             }
+            // gRPC calls to a receiver that has not said it takes them on a stream (an
+            // earlier version, or a stream whose answer headers have not come yet), and
+            // every call once this instance closed its streams at shutdown.
+            Ok(_) | Err(PeerError::NotSent(_)) => self.unary(peer, call, job).await,
+            Err(e) => Forwarded::Unreachable(e),
         }
-        self.unary(peer, call, job).await
     }
 
     /// Sends a forwarded call as its own `Peer.Forward` RPC.

@@ -319,7 +319,7 @@ impl Peer for PeerService {
                 if let Some(caller) = &caller {
                     if let Err(refusal) = this.check(caller) {
                         // Not run; the calls after it are checked on their own.
-                        let answer = refusal_answer(id, &refusal);
+                        let answer = error_answer(id, &refusal, "unavailable");
                         let _ = tx.send(Ok(answer)).await;
                         continue;
                     }
@@ -430,33 +430,23 @@ fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::Dispat
             error: None,
         },
         Err(e) => {
-            let kind = e.kind().to_owned();
-            let s = Status::from(e);
-            pb::DispatchResponse {
-                id,
-                answer: None,
-                error: Some(pb::DispatchError {
-                    code: s.code() as i32,
-                    message: s.message().to_owned(),
-                    kind,
-                    details: s.details().to_vec().into(),
-                    metadata: ascii_metadata(s.metadata()),
-                }),
-            }
+            let kind = e.kind();
+            error_answer(id, &Status::from(e), kind)
         }
     }
 }
 
-/// A peer call refused before it ran (see [`PeerService::check`]).
-fn refusal_answer(id: u64, refusal: &Status) -> pb::DispatchResponse {
+/// A call's error on a Dispatch stream: the status whole, and what failed (`kind`).
+fn error_answer(id: u64, s: &Status, kind: &str) -> pb::DispatchResponse {
     pb::DispatchResponse {
         id,
         answer: None,
         error: Some(pb::DispatchError {
-            code: refusal.code() as i32,
-            message: refusal.message().to_owned(),
-            kind: "unavailable".into(),
-            ..Default::default()
+            code: s.code() as i32,
+            message: s.message().to_owned(),
+            kind: kind.to_owned(),
+            details: s.details().to_vec().into(),
+            metadata: ascii_metadata(s.metadata()),
         }),
     }
 }
