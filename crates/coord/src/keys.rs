@@ -32,8 +32,9 @@ pub enum Key {
 /// A Kafka partition as read by one consumer group.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PartitionRef {
-    pub group: String,
-    pub topic: String,
+    /// Shared with the records that name it (a fence check per record).
+    pub group: std::sync::Arc<str>,
+    pub topic: std::sync::Arc<str>,
     pub partition: i32,
 }
 
@@ -118,9 +119,9 @@ impl Keys {
                     Some(Key::KafkaHealth(MemberId::new(member), source.to_owned()))
                 } else if let Some(fence) = rest.strip_prefix("kafka-fences/") {
                     let mut parts = fence.splitn(3, '/');
-                    let topic = parts.next()?.to_owned();
+                    let topic = parts.next()?.into();
                     let partition = parts.next()?.parse().ok()?;
-                    let group = parts.next()?.to_owned();
+                    let group = parts.next()?.into();
                     Some(Key::KafkaFence(PartitionRef {
                         group,
                         topic,

@@ -191,7 +191,7 @@ type Partitions = Arc<Mutex<HashMap<(String, i32), Arc<Partition>>>>;
 /// State of one assigned partition. Replaced when the partition is assigned again, so
 /// work of an earlier assignment never stores offsets.
 struct Partition {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     window: Mutex<Window>,
     /// Key → completion of the latest message with that key (per-key order).
@@ -300,6 +300,9 @@ struct Metrics {
 pub struct Ingest {
     /// Shared, not cloned per message.
     opts: Arc<SourceOptions>,
+    /// `opts.group` and `opts.cluster`, shared by every message's call.
+    group: Arc<str>,
+    cluster: Arc<str>,
     status: StatusHandle,
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
@@ -373,6 +376,8 @@ impl Ingest {
             ..SourceStatus::default()
         }));
         Self {
+            group: opts.group.as_str().into(),
+            cluster: opts.cluster.as_str().into(),
             opts: Arc::new(opts),
             status,
             dispatcher,
@@ -469,7 +474,7 @@ impl Ingest {
             self.metrics.consumed.inc();
             let generation = crate::group::generation(consumer.as_ref());
             let part = self.partition(&state, &m, generation);
-            let parked = parked(&m, &o.key);
+            let parked = parked(&m, &part, &o.key);
             drop(m);
             self.admit(&state, part, parked);
         }
@@ -533,7 +538,7 @@ impl Ingest {
                     None => std::future::pending().await,
                 }
             };
-            let next = self.take(&state, &queue, generation, &cancel);
+            let next = self.take(&state, &tp, &queue, generation, &cancel);
             let taken = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
@@ -587,6 +592,7 @@ impl Ingest {
     async fn take(
         &self,
         state: &Consuming,
+        tp: &(String, i32),
         queue: &PartitionQueue,
         generation: i32,
         cancel: &CancellationToken,
@@ -602,8 +608,8 @@ impl Ingest {
                 std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Taken::Failed(e)),
                 std::task::Poll::Ready(Ok(m)) => m,
             };
-            let part = self.state_for(&mut map, state, &m, generation, true);
-            let parked = parked(&m, &self.opts.key);
+            let part = self.state_for(&mut map, state, tp, m.offset(), generation, true);
+            let parked = parked(&m, &part, &self.opts.key);
             std::task::Poll::Ready(Taken::Message(part, parked))
         })
         .await
@@ -699,25 +705,33 @@ impl Ingest {
         m: &rdkafka::message::BorrowedMessage<'_>,
         generation: i32,
     ) -> Arc<Partition> {
-        self.state_for(&mut self.partitions(state), state, m, generation, false)
+        let tp = (m.topic().to_owned(), m.partition());
+        self.state_for(
+            &mut self.partitions(state),
+            state,
+            &tp,
+            m.offset(),
+            generation,
+            false,
+        )
     }
 
-    /// The state of `m`'s partition in `map`, created at `m`'s offset if it has none
-    /// (`split`: read from its own queue).
+    /// The state of partition `tp` in `map`, created at `offset` (the message just
+    /// read) if it has none (`split`: read from its own queue).
     fn state_for(
         &self,
         map: &mut HashMap<(String, i32), Arc<Partition>>,
         state: &Consuming,
-        m: &rdkafka::message::BorrowedMessage<'_>,
+        tp: &(String, i32),
+        offset: i64,
         generation: i32,
         split: bool,
     ) -> Arc<Partition> {
-        let tp = (m.topic().to_owned(), m.partition());
-        if let Some(p) = map.get(&tp) {
+        if let Some(p) = map.get(tp) {
             return p.clone();
         }
-        let part = self.new_state(state, &tp, m.offset(), false, generation, split);
-        map.insert(tp, part.clone());
+        let part = self.new_state(state, tp, offset, false, generation, split);
+        map.insert(tp.clone(), part.clone());
         part
     }
 
@@ -731,6 +745,8 @@ impl Ingest {
     fn worker(&self, state: &Consuming, part: &Arc<Partition>) -> Worker {
         Worker {
             opts: self.opts.clone(),
+            group: self.group.clone(),
+            cluster: self.cluster.clone(),
             dispatcher: self.dispatcher.clone(),
             producer: state.producer.clone(),
             consumer: state.consumer.clone(),
@@ -774,7 +790,7 @@ impl Ingest {
             )
         });
         Arc::new(Partition {
-            topic: tp.0.clone(),
+            topic: tp.0.as_str().into(),
             partition: tp.1,
             window: Mutex::new(Window::default()),
             chains: Mutex::new(HashMap::new()),
@@ -992,7 +1008,11 @@ struct Consuming {
 
 /// A consumed message, detached from the consumer's buffer, with its key (or why there
 /// is none).
-fn parked(m: &rdkafka::message::BorrowedMessage<'_>, key: &crate::KeySource) -> Parked {
+fn parked(
+    m: &rdkafka::message::BorrowedMessage<'_>,
+    part: &Partition,
+    key: &crate::KeySource,
+) -> Parked {
     let extracted = key.extract(m.key(), m.payload(), |name| {
         m.headers()
             .and_then(|h| h.iter().find(|hd| hd.key == name).and_then(|hd| hd.value))
@@ -1000,7 +1020,7 @@ fn parked(m: &rdkafka::message::BorrowedMessage<'_>, key: &crate::KeySource) -> 
     Parked {
         timestamp: m.timestamp().to_millis(),
         record: Record {
-            topic: m.topic().to_owned(),
+            topic: part.topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
             key: m.key().map(Bytes::copy_from_slice),
@@ -1126,7 +1146,7 @@ async fn report_lag(
                 Err(_) => parts
                     .iter()
                     .filter(|p| !p.is_revoked())
-                    .map(|p| (p.topic.clone(), p.partition))
+                    .map(|p| (p.topic.to_string(), p.partition))
                     .collect(),
             };
             // Its own budget: a slow lag pass must not leave the snapshot stale.
@@ -1231,7 +1251,7 @@ fn try_acquire(total: &Arc<Semaphore>, part: &Arc<Semaphore>) -> Option<Permits>
 
 /// A consumed message, detached from the consumer's buffer.
 struct Record {
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     key: Option<Bytes>,
@@ -1242,6 +1262,8 @@ struct Record {
 struct Worker {
     /// Shared, not cloned per message.
     opts: Arc<SourceOptions>,
+    group: Arc<str>,
+    cluster: Arc<str>,
     dispatcher: Arc<dyn Dispatcher>,
     producer: Option<FutureProducer>,
     consumer: Arc<StreamConsumer<Context>>,
@@ -1253,6 +1275,8 @@ impl Worker {
     fn clone_for(&self, part: &Arc<Partition>) -> Worker {
         Worker {
             opts: self.opts.clone(),
+            group: self.group.clone(),
+            cluster: self.cluster.clone(),
             dispatcher: self.dispatcher.clone(),
             producer: self.producer.clone(),
             consumer: self.consumer.clone(),
@@ -1319,13 +1343,13 @@ impl Worker {
         let mut call = KafkaCall {
             key,
             payload: r.payload.clone(),
-            group: self.opts.group.clone(),
+            group: self.group.clone(),
             topic: r.topic.clone(),
             partition: r.partition,
             offset: r.offset,
             fence: 0,
             trace: trace_headers(r.headers.as_ref()),
-            cluster: self.opts.cluster.clone(),
+            cluster: self.cluster.clone(),
         };
         let mut attempt = 0u32;
         let mut waits = 0u32;
@@ -1446,7 +1470,7 @@ impl Worker {
         let mut headers = r.headers.clone().unwrap_or_default();
         for (k, v) in [
             ("leasehold.reason", reason),
-            ("leasehold.source.topic", r.topic.as_str()),
+            ("leasehold.source.topic", &*r.topic),
             ("leasehold.source.partition", partition.as_str()),
             ("leasehold.source.offset", offset.as_str()),
         ] {

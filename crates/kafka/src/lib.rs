@@ -11,6 +11,7 @@ mod key;
 mod window;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -100,8 +101,9 @@ pub type StatusHandle = std::sync::Arc<std::sync::Mutex<SourceStatus>>;
 pub struct KafkaCall {
     pub key: String,
     pub payload: Bytes,
-    pub group: String,
-    pub topic: String,
+    /// Shared, not copied per message (as are `topic` and `cluster`).
+    pub group: Arc<str>,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// This consumer's claim of the partition (from [`Dispatcher::claim`]).
@@ -110,7 +112,7 @@ pub struct KafkaCall {
     /// the handler.
     pub trace: Vec<(String, String)>,
     /// `primary` or `standby` for a source with failover; empty otherwise.
-    pub cluster: String,
+    pub cluster: Arc<str>,
 }
 
 /// What happens to a message that cannot be handled: its key cannot be extracted, the

@@ -4,6 +4,7 @@
 //! owner's `acquired`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,9 @@ pub struct ShardEvents {
     chains: Mutex<HashMap<ShardId, Link>>,
     slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
+    /// Per shard, the epoch whose `acquired` hook has finished: every call checks its
+    /// ownership's hook, and this answers the usual case (long done) without the lock.
+    announced: Arc<[AtomicU64]>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -58,8 +62,14 @@ enum Kind {
 }
 
 impl ShardEvents {
-    /// Delivers to `handler`, waiting at most `timeout` for each hook.
-    pub fn new(handler: Arc<dyn Handler>, timeout: Duration, registry: &Registry) -> Arc<Self> {
+    /// Delivers to `handler`, waiting at most `timeout` for each hook. `shards`: the
+    /// cluster's shard count (a shard past it is served, through the lock).
+    pub fn new(
+        handler: Arc<dyn Handler>,
+        timeout: Duration,
+        shards: u32,
+        registry: &Registry,
+    ) -> Arc<Self> {
         let failures = |event, reason| {
             registry.counter(
                 "leasehold_shard_event_failures_total",
@@ -84,12 +94,18 @@ impl ShardEvents {
             chains: Mutex::default(),
             slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOOKS)),
             metrics: Arc::new(metrics),
+            // Epochs are etcd revisions, never 0.
+            announced: (0..shards).map(|_| AtomicU64::new(0)).collect(),
         })
     }
 
     /// The pending delivery of the `acquired` hook of this ownership, if it has not
     /// finished: calls of the ownership wait for it.
     pub fn acquiring(&self, shard: ShardId, epoch: Epoch) -> Option<Delivery> {
+        let done = self.announced.get(shard.0 as usize);
+        if done.is_some_and(|e| e.load(Ordering::Acquire) == epoch.0) {
+            return None;
+        }
         let chains = self.chains.lock().expect("shard events lock");
         let (acquired, done) = chains.get(&shard)?.acquire.as_ref()?;
         (*acquired == epoch && done.peek().is_none()).then(|| done.clone())
@@ -113,11 +129,12 @@ impl ShardEvents {
         }
         let previous = chains.get(&shard).map(|l| l.done.clone());
         let last_acquire = chains.get(&shard).and_then(|l| l.acquire.clone());
-        let (handler, timeout, metrics, slots) = (
+        let (handler, timeout, metrics, slots, announced) = (
             self.handler.clone(),
             self.timeout,
             self.metrics.clone(),
             self.slots.clone(),
+            self.announced.clone(),
         );
         let event = ShardEvent {
             shard,
@@ -130,6 +147,11 @@ impl ShardEvents {
             }
             let _slot = slots.acquire_owned().await;
             deliver(handler, kind, event, timeout, &metrics).await;
+            if kind == Kind::Acquired {
+                if let Some(done) = announced.get(shard.0 as usize) {
+                    done.store(epoch.0, Ordering::Release);
+                }
+            }
         }
         .boxed()
         .shared();
@@ -244,7 +266,12 @@ mod tests {
     #[tokio::test]
     async fn hooks_run_in_order_and_calls_wait_for_acquired() {
         let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(recorder.clone(), Duration::from_secs(1), &Registry::new());
+        let events = ShardEvents::new(
+            recorder.clone(),
+            Duration::from_secs(1),
+            16,
+            &Registry::new(),
+        );
         events.acquired(ShardId(1), Epoch(10));
         let waiting = events.acquiring(ShardId(1), Epoch(10)).expect("pending");
         assert!(
@@ -273,7 +300,12 @@ mod tests {
     #[tokio::test]
     async fn a_release_of_an_older_ownership_is_not_delivered() {
         let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(recorder.clone(), Duration::from_secs(1), &Registry::new());
+        let events = ShardEvents::new(
+            recorder.clone(),
+            Duration::from_secs(1),
+            16,
+            &Registry::new(),
+        );
         events.acquired(ShardId(2), Epoch(10));
         events.lost(ShardId(2), Epoch(10));
         events.acquired(ShardId(2), Epoch(12));
@@ -291,7 +323,12 @@ mod tests {
     #[tokio::test]
     async fn a_loss_queued_behind_a_pending_acquire_still_gates_its_calls() {
         let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(recorder.clone(), Duration::from_secs(1), &Registry::new());
+        let events = ShardEvents::new(
+            recorder.clone(),
+            Duration::from_secs(1),
+            16,
+            &Registry::new(),
+        );
         events.acquired(ShardId(1), Epoch(10)); // slow: 50 ms
         events.lost(ShardId(1), Epoch(10));
         let waiting = events
@@ -315,7 +352,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_stuck_hook_is_abandoned_at_the_timeout() {
-        let events = ShardEvents::new(Arc::new(Stuck), Duration::from_millis(50), &Registry::new());
+        let events = ShardEvents::new(
+            Arc::new(Stuck),
+            Duration::from_millis(50),
+            16,
+            &Registry::new(),
+        );
         let started = Instant::now();
         events.releasing(ShardId(3), Epoch(1)).await;
         assert!(started.elapsed() < Duration::from_secs(2));

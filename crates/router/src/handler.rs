@@ -246,14 +246,15 @@ pub enum CallSource {
 /// Origin of a Kafka record, with the reading consumer's claim of its partition.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KafkaRecord {
-    pub group: String,
-    pub topic: String,
+    /// Shared, not copied per record (as are `topic` and `cluster`).
+    pub group: Arc<str>,
+    pub topic: Arc<str>,
     pub partition: i32,
     pub offset: i64,
     /// The consumer's claim of the partition (see `Coord::claim_partition`); 0: none.
     pub fence: u64,
     /// `primary` or `standby` for a source with failover; empty otherwise.
-    pub cluster: String,
+    pub cluster: Arc<str>,
 }
 
 impl KafkaRecord {
@@ -269,12 +270,12 @@ impl KafkaRecord {
 impl From<pb::KafkaSource> for KafkaRecord {
     fn from(k: pb::KafkaSource) -> Self {
         Self {
-            group: k.group,
-            topic: k.topic,
+            group: k.group.into(),
+            topic: k.topic.into(),
             partition: k.partition,
             offset: k.offset,
             fence: k.fence,
-            cluster: k.cluster,
+            cluster: k.cluster.into(),
         }
     }
 }
@@ -282,12 +283,12 @@ impl From<pb::KafkaSource> for KafkaRecord {
 impl From<KafkaRecord> for pb::KafkaSource {
     fn from(k: KafkaRecord) -> Self {
         Self {
-            topic: k.topic,
+            topic: k.topic.to_string(),
             partition: k.partition,
             offset: k.offset,
-            group: k.group,
+            group: k.group.to_string(),
             fence: k.fence,
-            cluster: k.cluster,
+            cluster: k.cluster.to_string(),
         }
     }
 }

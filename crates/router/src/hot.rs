@@ -36,6 +36,34 @@ struct Counts {
     started: Option<Instant>,
     /// Key → (sampled count, shard).
     keys: HashMap<String, (u64, ShardId)>,
+    /// Eviction candidates: keys that had the smallest count, `floor`, when the table
+    /// was last scanned. Counts only grow and newcomers enter above the floor, so a
+    /// candidate still at `floor` is a smallest key; one scan serves many evictions
+    /// (with many keys, most share the smallest count).
+    candidates: Vec<String>,
+    floor: u64,
+}
+
+impl Counts {
+    /// Removes a key with the smallest count and returns that count.
+    fn evict_smallest(&mut self) -> u64 {
+        loop {
+            while let Some(k) = self.candidates.pop() {
+                if self.keys.get(&k).is_some_and(|(c, _)| *c == self.floor) {
+                    self.keys.remove(&k);
+                    return self.floor;
+                }
+            }
+            self.floor = self.keys.values().map(|(c, _)| *c).min().expect("full");
+            let floor = self.floor;
+            self.candidates = self
+                .keys
+                .iter()
+                .filter(|(_, (c, _))| *c == floor)
+                .map(|(k, _)| k.clone())
+                .collect();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -62,25 +90,19 @@ impl HotKeys {
         let now = Instant::now();
         let mut p = self.periods.lock().expect("hot keys lock");
         p.roll(now);
-        let counts = &mut p.current.keys;
-        if let Some(entry) = counts.get_mut(key) {
+        let counts = &mut p.current;
+        if let Some(entry) = counts.keys.get_mut(key) {
             entry.0 += 1;
             return;
         }
-        let start = if counts.len() < CAPACITY {
+        let start = if counts.keys.len() < CAPACITY {
             0
         } else {
             // Space-Saving: the newcomer inherits the smallest count (an upper bound of
             // what it may have had while untracked).
-            let (smallest, count) = counts
-                .iter()
-                .min_by_key(|(_, (c, _))| *c)
-                .map(|(k, (c, _))| (k.clone(), *c))
-                .expect("full");
-            counts.remove(&smallest);
-            count
+            counts.evict_smallest()
         };
-        counts.insert(key.to_owned(), (start + 1, shard));
+        counts.keys.insert(key.to_owned(), (start + 1, shard));
     }
 
     /// The hottest keys over the current and the previous period, hottest first.
@@ -158,6 +180,26 @@ mod tests {
             top[0].calls_per_second > top[1].calls_per_second * 10.0,
             "{top:?}"
         );
+    }
+
+    #[test]
+    fn eviction_removes_a_key_with_the_smallest_count() {
+        let mut c = Counts::default();
+        for i in 0..CAPACITY as u64 {
+            c.keys.insert(format!("k{i}"), (10 + i % 3, ShardId(0)));
+        }
+        let mut evicted = Vec::new();
+        for _ in 0..(CAPACITY / 3 + 5) {
+            let count = c.evict_smallest();
+            let smallest = c.keys.values().map(|(n, _)| *n).min().unwrap();
+            assert!(count <= smallest, "evicted {count}, {smallest} left");
+            evicted.push(count);
+            c.keys
+                .insert(format!("new{}", evicted.len()), (count + 1, ShardId(0)));
+        }
+        // The 86 keys at 10 go first; then the newcomers (at 11) and the keys at 11 tie.
+        assert!(evicted[..86].iter().all(|n| *n == 10), "{evicted:?}");
+        assert!(evicted[86..].iter().all(|n| *n == 11), "{evicted:?}");
     }
 
     #[test]

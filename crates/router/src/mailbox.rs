@@ -17,8 +17,11 @@ const STRIPES: usize = 64;
 
 type Waiters = VecDeque<oneshot::Sender<()>>;
 
+/// Keys are shared between the map and the call holding the turn (one copy per call).
+type Key = Arc<str>;
+
 pub(crate) struct Mailboxes {
-    stripes: Vec<Mutex<HashMap<String, Waiters>>>,
+    stripes: Vec<Mutex<HashMap<Key, Waiters>>>,
     capacity: usize,
 }
 
@@ -29,14 +32,15 @@ pub(crate) struct Full;
 /// The right to run the next call for a key; dropping it passes the turn on.
 pub(crate) struct Turn {
     boxes: Arc<Mailboxes>,
-    key: String,
+    key: Key,
 }
 
 /// A queued call waiting for its turn. Dropping it (the caller gave up) is safe: a turn
 /// handed to it in the meantime is passed on.
 pub(crate) struct Waiting {
     boxes: Arc<Mailboxes>,
-    key: String,
+    /// `None` once `turn` took it.
+    key: Option<Key>,
     rx: Option<oneshot::Receiver<()>>,
 }
 
@@ -48,7 +52,7 @@ impl Mailboxes {
         }
     }
 
-    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Waiters>> {
+    fn stripe(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<Key, Waiters>> {
         self.stripes[(key_hash(key.as_bytes()) % STRIPES as u64) as usize]
             .lock()
             .expect("mailbox lock")
@@ -57,21 +61,22 @@ impl Mailboxes {
     /// Joins the queue of `key`.
     pub(crate) fn enter(self: &Arc<Self>, key: &str) -> Result<Waiting, Full> {
         let mut map = self.stripe(key);
-        let rx = match map.get_mut(key) {
+        let (key, rx) = match map.get_mut(key) {
             None => {
-                map.insert(key.to_owned(), VecDeque::new());
-                None
+                let key: Key = key.into();
+                map.insert(key.clone(), VecDeque::new());
+                (key, None)
             }
             Some(waiters) if waiters.len() >= self.capacity => return Err(Full),
             Some(waiters) => {
                 let (tx, rx) = oneshot::channel();
                 waiters.push_back(tx);
-                Some(rx)
+                (key.into(), Some(rx))
             }
         };
         Ok(Waiting {
             boxes: self.clone(),
-            key: key.to_owned(),
+            key: Some(key),
             rx,
         })
     }
@@ -110,25 +115,27 @@ impl Waiting {
         self.rx = None;
         Turn {
             boxes: self.boxes.clone(),
-            key: std::mem::take(&mut self.key),
+            key: self.key.take().expect("a waiting call has its key"),
         }
     }
 }
 
 impl Drop for Waiting {
     fn drop(&mut self) {
+        let Some(key) = self.key.take() else {
+            return; // `turn` took it
+        };
         match self.rx.take() {
             Some(mut rx) => {
                 rx.close();
                 if rx.try_recv().is_ok() {
                     // The turn arrived but its caller left: hand it to the next one.
-                    self.boxes.pass_on(&self.key);
+                    self.boxes.pass_on(&key);
                 }
             }
             // First in line, dropped before taking its turn (a call admitted and then
-            // cancelled): hand the turn on. `turn` takes the key (keys are never empty).
-            None if !self.key.is_empty() => self.boxes.pass_on(&self.key),
-            None => {}
+            // cancelled): hand the turn on.
+            None => self.boxes.pass_on(&key),
         }
     }
 }

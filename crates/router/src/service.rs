@@ -199,6 +199,9 @@ impl PeerService {
                 entry: MemberId(req.entry),
             },
         };
+        // Nobody reads a Kafka record's reply (its consumer only needs to know it was
+        // handled): it does not travel back.
+        let reply_wanted = !matches!(source, CallSource::Kafka(_));
         let result = match self
             .router
             .serve_forwarded(
@@ -211,7 +214,11 @@ impl PeerService {
             .await
         {
             Ok(r) => forward_response::Result::Ok(pb::CallResponse {
-                payload: r.payload,
+                payload: if reply_wanted {
+                    r.payload
+                } else {
+                    Default::default()
+                },
                 shard: r.shard.0,
                 epoch: r.epoch.0,
                 owner: r.owner.0,

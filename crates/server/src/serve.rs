@@ -170,7 +170,12 @@ impl Instance {
                 )?)
             }
         };
-        let events = ShardEvents::new(handler.clone(), config.shard_event_timeout, &registry);
+        let events = ShardEvents::new(
+            handler.clone(),
+            config.shard_event_timeout,
+            config.shards,
+            &registry,
+        );
         let coord = Coord::new(
             CoordOptions {
                 cluster: config.cluster.clone(),
@@ -774,8 +779,8 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
     ) -> futures::future::BoxFuture<'static, Result<u64, leasehold_kafka::DispatchError>> {
         let coord = self.router.coord().clone();
         let partition = leasehold_coord::PartitionRef {
-            group: group.to_owned(),
-            topic: topic.to_owned(),
+            group: group.into(),
+            topic: topic.into(),
             partition,
         };
         Box::pin(async move {

@@ -156,6 +156,36 @@ fn rss_kib(pid: i32) -> u64 {
         .unwrap()
 }
 
+/// CPU time (user + system) a process has used so far.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces:
+    // state is the 3rd field, utime the 14th and stime the 15th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    (f[0] + f[1]) as f64 / clock_ticks()
+}
+
+/// The kernel's clock ticks per second (the unit of /proc CPU times).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        let out = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .expect("getconf");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("CLK_TCK")
+    })
+}
+
 struct Row {
     name: &'static str,
     measured: String,
@@ -576,7 +606,7 @@ fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 
 /// Messages per second for a consumer group of `n` plain consumer processes (handler:
 /// none, or the no-op `EntityHandler` at `handler`), from their start until the group
-/// committed every message.
+/// committed every message, and the CPU seconds the processes used meanwhile.
 async fn plain_group(
     kafka: &leasehold_integration_tests::kafka::Kafka,
     topic: &str,
@@ -584,7 +614,7 @@ async fn plain_group(
     n: usize,
     handler: Option<&str>,
     total: usize,
-) -> f64 {
+) -> (f64, f64) {
     let exe = std::env::current_exe().unwrap();
     let end = kafka.end_offsets(topic, 6);
     let t = Instant::now();
@@ -605,12 +635,14 @@ async fn plain_group(
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
+    let cpu = procs.iter().map(|p| cpu_seconds(p.0.id() as i32)).sum();
     drop(procs);
-    rate
+    (rate, cpu)
 }
 
 /// Messages per second for Leasehold: `n` instances (on a running etcd) with `handler`,
-/// from their start until the group committed every message.
+/// from their start until the group committed every message, the CPU seconds the
+/// instances used meanwhile, and the cluster.
 async fn leasehold_group(
     kafka: &leasehold_integration_tests::kafka::Kafka,
     topic: &str,
@@ -618,7 +650,7 @@ async fn leasehold_group(
     n: usize,
     handler: &str,
     total: usize,
-) -> (f64, Cluster) {
+) -> (f64, f64, Cluster) {
     let brokers = kafka.brokers();
     let log = std::env::var("KAFKA_BENCH_LOG").unwrap_or_else(|_| "info".into());
     let args = [
@@ -668,6 +700,7 @@ async fn leasehold_group(
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
+    let cpu = cluster.instances.iter().map(|i| cpu_seconds(i.pid())).sum();
     // `KAFKA_BENCH_KEEP_LOGS=dir`: the instances' logs of every run, for diagnosis.
     if let Some(dir) = std::env::var_os("KAFKA_BENCH_KEEP_LOGS") {
         let dir = std::path::PathBuf::from(dir);
@@ -676,7 +709,7 @@ async fn leasehold_group(
             std::fs::write(dir.join(format!("{group}-{}.log", i.id)), i.log_text()).unwrap();
         }
     }
-    (rate, cluster)
+    (rate, cpu, cluster)
 }
 
 /// Kafka throughput against what users write today, alternating A/B three times.
@@ -755,6 +788,8 @@ async fn kafka_bench() -> Vec<Row> {
     // reported as 0, and so is the latency run.
     let noop_only = std::env::var_os("KAFKA_BENCH_NOOP_ONLY").is_some();
     let mut samples: [Vec<f64>; 4] = Default::default();
+    // CPU microseconds per message of the no-op pair: plain group, Leasehold.
+    let mut cpu: [Vec<f64>; 2] = Default::default();
     let mut last = None;
     // `KAFKA_BENCH_ROUNDS` (default 3) for quicker diagnosis runs.
     let rounds: usize = std::env::var("KAFKA_BENCH_ROUNDS")
@@ -763,18 +798,18 @@ async fn kafka_bench() -> Vec<Row> {
         .unwrap_or(3)
         .max(1);
     for round in 0..rounds {
-        samples[0].push(
-            plain_group(
-                &kafka,
-                "bench",
-                &format!("plain-noop-{round}"),
-                instances,
-                None,
-                total,
-            )
-            .await,
-        );
-        let (rate, cluster) = leasehold_group(
+        let (rate, seconds) = plain_group(
+            &kafka,
+            "bench",
+            &format!("plain-noop-{round}"),
+            instances,
+            None,
+            total,
+        )
+        .await;
+        samples[0].push(rate);
+        cpu[0].push(seconds * 1e6 / total as f64);
+        let (rate, seconds, cluster) = leasehold_group(
             &kafka,
             "bench",
             &format!("lh-noop-{round}"),
@@ -784,13 +819,14 @@ async fn kafka_bench() -> Vec<Row> {
         )
         .await;
         samples[1].push(rate);
+        cpu[1].push(seconds * 1e6 / total as f64);
         drop(cluster);
         if noop_only {
             samples[2].push(0.0);
             samples[3].push(0.0);
             eprintln!(
-                "kafka round {round}: plain no-op {:.0}, leasehold no-op {:.0} msg/s",
-                samples[0][round], samples[1][round]
+                "kafka round {round}: plain no-op {:.0}, leasehold no-op {:.0} msg/s; CPU {:.2} / {:.2} µs per message",
+                samples[0][round], samples[1][round], cpu[0][round], cpu[1][round]
             );
             continue;
         }
@@ -803,9 +839,10 @@ async fn kafka_bench() -> Vec<Row> {
                 Some(&plain_url),
                 total_grpc,
             )
-            .await,
+            .await
+            .0,
         );
-        let (rate, cluster) = leasehold_group(
+        let (rate, _, cluster) = leasehold_group(
             &kafka,
             "bench-grpc",
             &format!("lh-grpc-{round}"),
@@ -822,7 +859,9 @@ async fn kafka_bench() -> Vec<Row> {
         last = Some(cluster);
     }
     let [plain_noop, lh_noop, plain_grpc, lh_grpc] = samples.map(median_spread);
-    let fmt = |(m, lo, hi): (f64, f64, f64)| format!("{m:.0} msg/s (3 runs: {lo:.0}–{hi:.0})");
+    let [plain_cpu, lh_cpu] = cpu.map(median_spread);
+    let fmt =
+        |(m, lo, hi): (f64, f64, f64)| format!("{m:.0} msg/s ({rounds} runs: {lo:.0}–{hi:.0})");
     // Two runs' medians are only comparable when their spreads do not swamp the gap.
     let wide = |(m, lo, hi): (f64, f64, f64)| (hi - lo) / m > 0.3;
     let note = |a, b| {
@@ -856,6 +895,22 @@ async fn kafka_bench() -> Vec<Row> {
             ),
             target: "≥ 0.9× plain gRPC group",
             met: lh_grpc.0 / plain_grpc.0 >= 0.9,
+        },
+        Row {
+            name: "Kafka no-op pipeline: CPU per message (all processes of the group, start to last commit; informative)",
+            measured: format!(
+                "Leasehold {:.1} µs/msg ({} runs: {:.1}–{:.1})",
+                lh_cpu.0, rounds, lh_cpu.1, lh_cpu.2
+            ),
+            baseline: format!(
+                "plain consumer group {:.1} µs/msg ({:.1}–{:.1}) → ratio {:.1}",
+                plain_cpu.0,
+                plain_cpu.1,
+                plain_cpu.2,
+                lh_cpu.0 / plain_cpu.0
+            ),
+            target: "report",
+            met: true,
         },
         Row {
             name: "Kafka raw consume-only loop (1 consumer; informative)",
