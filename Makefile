@@ -7,7 +7,7 @@ export CARGO_TERM_COLOR ?= never
 DEBUG_BIN := $(CARGO_TARGET_DIR)/debug/leasehold
 RELEASE_BIN := $(CARGO_TARGET_DIR)/release/leasehold
 
-.PHONY: py-unit bench-scale all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short soak
+.PHONY: py-unit bench-scale bench-pekko all doctor deps test-install kafka-deps py-deps screenshots helm-deps build test fmt-check clippy doc unused-deps licenses unit integration helm-test run bench profile fmt chaos chaos-short soak
 
 all: build
 
@@ -104,6 +104,17 @@ profile: deps kafka-deps
 bench-scale: deps
 	cargo build --release --bin leasehold --bin leasehold-bench
 	LEASEHOLD_BIN=$(RELEASE_BIN) $(CARGO_TARGET_DIR)/release/leasehold-bench --scale --out docs/BENCHMARKS.md
+
+# Side by side with Apache Pekko Cluster Sharding 1.1.5: the same Java client loop drives
+# both, one and three nodes (Java 17; the jars come from Maven Central into the cache).
+# Writes docs/BENCHMARKS.md's "Pekko" section.
+PEKKO_BUILD := $(HOME)/.cache/leasehold/pekko
+bench-pekko: deps
+	cargo build --release --bin leasehold --bin leasehold-bench
+	mvn -q -B -f integration-tests/pekko/pom.xml -Dmaven.repo.local=$(HOME)/.cache/leasehold/m2 \
+	  -Dpekko.build=$(PEKKO_BUILD) compile dependency:copy-dependencies -DoutputDirectory=$(PEKKO_BUILD)/lib
+	PEKKO_BENCH_CLASSPATH='$(PEKKO_BUILD)/classes:$(PEKKO_BUILD)/lib/*' LEASEHOLD_BIN=$(RELEASE_BIN) \
+	  $(CARGO_TARGET_DIR)/release/leasehold-bench --pekko --out docs/BENCHMARKS.md
 
 bench: deps
 	cargo build --release --bin leasehold --bin leasehold-bench

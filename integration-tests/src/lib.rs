@@ -12,6 +12,7 @@ pub mod load;
 pub mod netns;
 pub mod openmetrics;
 pub mod otlp;
+pub mod pekko;
 pub mod pki;
 pub mod proxy;
 pub mod scale;

@@ -608,6 +608,8 @@ impl Ingest {
                 std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Taken::Failed(e)),
                 std::task::Poll::Ready(Ok(m)) => m,
             };
+            // A partition's own queue holds only its messages.
+            debug_assert!(m.topic() == tp.0 && m.partition() == tp.1);
             let part = self.state_for(&mut map, state, tp, m.offset(), generation, true);
             let parked = parked(&m, &part, &self.opts.key);
             std::task::Poll::Ready(Taken::Message(part, parked))

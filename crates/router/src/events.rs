@@ -26,6 +26,8 @@ struct Link {
     /// The last `acquired` hook: calls of its ownership wait for it, also when a `lost`
     /// was queued behind it meanwhile.
     acquire: Option<(Epoch, Delivery)>,
+    /// Names that hook's queuing: only its delivery may mark the shard announced.
+    acquire_token: u64,
 }
 
 struct Metrics {
@@ -44,11 +46,14 @@ const CONCURRENT_HOOKS: usize = 32;
 pub struct ShardEvents {
     handler: Arc<dyn Handler>,
     timeout: Duration,
-    chains: Mutex<HashMap<ShardId, Link>>,
+    chains: Arc<Mutex<HashMap<ShardId, Link>>>,
+    next_token: AtomicU64,
     slots: Arc<tokio::sync::Semaphore>,
     metrics: Arc<Metrics>,
     /// Per shard, the epoch whose `acquired` hook has finished: every call checks its
     /// ownership's hook, and this answers the usual case (long done) without the lock.
+    /// Written only under `chains`' lock: cleared when an `acquired` is queued, set when
+    /// the latest queued one was delivered.
     announced: Arc<[AtomicU64]>,
 }
 
@@ -91,7 +96,8 @@ impl ShardEvents {
         Arc::new(Self {
             handler,
             timeout,
-            chains: Mutex::default(),
+            chains: Arc::default(),
+            next_token: AtomicU64::new(1),
             slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOOKS)),
             metrics: Arc::new(metrics),
             // Epochs are etcd revisions, never 0.
@@ -129,6 +135,17 @@ impl ShardEvents {
         }
         let previous = chains.get(&shard).map(|l| l.done.clone());
         let last_acquire = chains.get(&shard).and_then(|l| l.acquire.clone());
+        let last_token = chains.get(&shard).map_or(0, |l| l.acquire_token);
+        let token = match kind {
+            Kind::Acquired => {
+                if let Some(done) = self.announced.get(shard.0 as usize) {
+                    done.store(0, Ordering::Release);
+                }
+                self.next_token.fetch_add(1, Ordering::Relaxed)
+            }
+            _ => last_token,
+        };
+        let links = Arc::downgrade(&self.chains);
         let (handler, timeout, metrics, slots, announced) = (
             self.handler.clone(),
             self.timeout,
@@ -148,8 +165,12 @@ impl ShardEvents {
             let _slot = slots.acquire_owned().await;
             deliver(handler, kind, event, timeout, &metrics).await;
             if kind == Kind::Acquired {
-                if let Some(done) = announced.get(shard.0 as usize) {
-                    done.store(epoch.0, Ordering::Release);
+                if let Some(links) = links.upgrade() {
+                    let links = links.lock().expect("shard events lock");
+                    let latest = links.get(&shard).is_some_and(|l| l.acquire_token == token);
+                    if let Some(done) = announced.get(shard.0 as usize).filter(|_| latest) {
+                        done.store(epoch.0, Ordering::Release);
+                    }
                 }
             }
         }
@@ -166,6 +187,7 @@ impl ShardEvents {
                 acquired: kind == Kind::Acquired,
                 done: done.clone(),
                 acquire,
+                acquire_token: token,
             },
         );
         // Delivered whether or not anyone waits for it.
@@ -295,6 +317,35 @@ mod tests {
             *recorder.0.lock().unwrap(),
             [(true, 1, 10), (false, 1, 10), (true, 1, 12)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_hook_queued_again_for_an_announced_epoch_gates_calls_again() {
+        let recorder = Arc::new(Recorder::default());
+        let events = ShardEvents::new(
+            recorder.clone(),
+            Duration::from_secs(1),
+            16,
+            &Registry::new(),
+        );
+        events.acquired(ShardId(1), Epoch(10)); // slow: 50 ms
+        events
+            .acquiring(ShardId(1), Epoch(10))
+            .expect("pending")
+            .await;
+        assert!(
+            events.acquiring(ShardId(1), Epoch(10)).is_none(),
+            "announced"
+        );
+        // Not something the coordinator does (each acquisition has a new epoch), but
+        // the lock-free answer must not outlive a hook queued again.
+        events.lost(ShardId(1), Epoch(10));
+        events.acquired(ShardId(1), Epoch(10));
+        let again = events
+            .acquiring(ShardId(1), Epoch(10))
+            .expect("the new hook is pending");
+        again.await;
+        assert!(events.acquiring(ShardId(1), Epoch(10)).is_none());
     }
 
     #[tokio::test]

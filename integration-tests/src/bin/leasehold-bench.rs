@@ -1119,6 +1119,41 @@ fn main() {
         return;
     }
     // A quick look at one figure alone (three runs), for comparing changes to it.
+    if args.iter().any(|a| a == "--pekko") {
+        let dir = tempfile::tempdir().unwrap();
+        let figures = rt.block_on(leasehold_integration_tests::pekko::run(
+            dir.path().to_path_buf(),
+        ));
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "## Pekko
+"
+        );
+        let _ = writeln!(
+            md,
+            "Reproduce with `make bench-pekko` (release build; Java 17). Measured {} on {} ({} cores): Apache Pekko Cluster Sharding 1.1.5 (entities that echo, Jackson CBOR between nodes, gRPC front on each node) and Leasehold (echo handler), driven by the same Java gRPC client loop (`integration-tests/pekko`: 32 calls in flight, 1000 keys, 100 B payloads); each cluster warmed up first (Pekko 150 s, `PEKKO_BENCH_WARMUP_S`; Leasehold 20 s), then 8 s warm-up and 10 s measured per run, alternating three times; medians with (min–max).\n",
+            now(),
+            host(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        let _ = writeln!(md, "| benchmark | measured | target | met |");
+        let _ = writeln!(md, "|---|---|---|---|");
+        for f in &figures {
+            let met = match f.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "—",
+            };
+            let _ = writeln!(md, "| {} | {} | {} | {met} |", f.name, f.measured, f.target);
+        }
+        print!("{md}");
+        if let Some(path) = out {
+            let old = std::fs::read_to_string(&path).unwrap_or_default();
+            std::fs::write(&path, replace_section(&old, "## Pekko", &md)).unwrap();
+        }
+        return;
+    }
     let single = args.iter().find_map(|a| match a.as_str() {
         "--owner-only" | "--forward-only" | "--recovery-only" => Some(a.clone()),
         _ => None,
