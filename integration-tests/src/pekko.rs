@@ -8,15 +8,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::scale::Figure;
 use crate::{free_port, Cluster};
-
-/// One row of the section.
-pub struct Figure {
-    pub name: String,
-    pub measured: String,
-    pub target: String,
-    pub met: Option<bool>,
-}
 
 /// What one run of the client loop measured.
 #[derive(Clone, Copy, Debug)]

@@ -285,8 +285,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn hooks_run_in_order_and_calls_wait_for_acquired() {
+    /// Events delivered to a fresh [`Recorder`] (1 s hook timeout, 16 shards).
+    fn recorded() -> (Arc<Recorder>, Arc<ShardEvents>) {
         let recorder = Arc::new(Recorder::default());
         let events = ShardEvents::new(
             recorder.clone(),
@@ -294,6 +294,12 @@ mod tests {
             16,
             &Registry::new(),
         );
+        (recorder, events)
+    }
+
+    #[tokio::test]
+    async fn hooks_run_in_order_and_calls_wait_for_acquired() {
+        let (recorder, events) = recorded();
         events.acquired(ShardId(1), Epoch(10));
         let waiting = events.acquiring(ShardId(1), Epoch(10)).expect("pending");
         assert!(
@@ -321,13 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_hook_queued_again_for_an_announced_epoch_gates_calls_again() {
-        let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(
-            recorder.clone(),
-            Duration::from_secs(1),
-            16,
-            &Registry::new(),
-        );
+        let (recorder, events) = recorded();
         events.acquired(ShardId(1), Epoch(10)); // slow: 50 ms
         events
             .acquiring(ShardId(1), Epoch(10))
@@ -346,17 +346,15 @@ mod tests {
             .expect("the new hook is pending");
         again.await;
         assert!(events.acquiring(ShardId(1), Epoch(10)).is_none());
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [(true, 1, 10), (false, 1, 10), (true, 1, 10)]
+        );
     }
 
     #[tokio::test]
     async fn a_release_of_an_older_ownership_is_not_delivered() {
-        let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(
-            recorder.clone(),
-            Duration::from_secs(1),
-            16,
-            &Registry::new(),
-        );
+        let (recorder, events) = recorded();
         events.acquired(ShardId(2), Epoch(10));
         events.lost(ShardId(2), Epoch(10));
         events.acquired(ShardId(2), Epoch(12));
@@ -373,13 +371,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_loss_queued_behind_a_pending_acquire_still_gates_its_calls() {
-        let recorder = Arc::new(Recorder::default());
-        let events = ShardEvents::new(
-            recorder.clone(),
-            Duration::from_secs(1),
-            16,
-            &Registry::new(),
-        );
+        let (_recorder, events) = recorded();
         events.acquired(ShardId(1), Epoch(10)); // slow: 50 ms
         events.lost(ShardId(1), Epoch(10));
         let waiting = events

@@ -1092,68 +1092,31 @@ fn main() {
     // `make bench-scale`: its own table, in its own section of the file.
     if args.iter().any(|a| a == "--scale") {
         let figures = rt.block_on(leasehold_integration_tests::scale::run());
-        let mut md = String::new();
-        let _ = writeln!(md, "## Scale\n");
-        let _ = writeln!(
-            md,
-            "Reproduce with `make bench-scale` (`SCALE_INSTANCES`, `SCALE_SHARDS`; release build). Measured {} on {} ({} cores), every instance and etcd on this one machine.\n",
+        let intro = format!(
+            "Reproduce with `make bench-scale` (`SCALE_INSTANCES`, `SCALE_SHARDS`; release build). Measured {} on {} ({} cores), every instance and etcd on this one machine.",
             now(),
             host(),
-            std::thread::available_parallelism().map_or(0, |n| n.get())
+            cores()
         );
-        let _ = writeln!(md, "| benchmark | measured | target | met |");
-        let _ = writeln!(md, "|---|---|---|---|");
-        for f in &figures {
-            let met = match f.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "—",
-            };
-            let _ = writeln!(md, "| {} | {} | {} | {met} |", f.name, f.measured, f.target);
-        }
-        print!("{md}");
-        if let Some(path) = out {
-            let old = std::fs::read_to_string(&path).unwrap_or_default();
-            std::fs::write(&path, replace_section(&old, "## Scale", &md)).unwrap();
-        }
+        write_section("## Scale", &intro, &figures, out.as_deref());
         return;
     }
-    // A quick look at one figure alone (three runs), for comparing changes to it.
+    // `make bench-pekko`: likewise.
     if args.iter().any(|a| a == "--pekko") {
         let dir = tempfile::tempdir().unwrap();
         let figures = rt.block_on(leasehold_integration_tests::pekko::run(
             dir.path().to_path_buf(),
         ));
-        let mut md = String::new();
-        let _ = writeln!(
-            md,
-            "## Pekko
-"
-        );
-        let _ = writeln!(
-            md,
-            "Reproduce with `make bench-pekko` (release build; Java 17). Measured {} on {} ({} cores): Apache Pekko Cluster Sharding 1.1.5 (entities that echo, Jackson CBOR between nodes, gRPC front on each node) and Leasehold (echo handler), driven by the same Java gRPC client loop (`integration-tests/pekko`: 32 calls in flight, 1000 keys, 100 B payloads); each cluster warmed up first (Pekko 150 s, `PEKKO_BENCH_WARMUP_S`; Leasehold 20 s), then 8 s warm-up and 10 s measured per run, alternating three times; medians with (min–max).\n",
+        let intro = format!(
+            "Reproduce with `make bench-pekko` (release build; Java 17). Measured {} on {} ({} cores): Apache Pekko Cluster Sharding 1.1.5 (entities that echo, Jackson CBOR between nodes, gRPC front on each node) and Leasehold (echo handler), driven by the same Java gRPC client loop (`integration-tests/pekko`: 32 calls in flight, 1000 keys, 100 B payloads); each cluster warmed up first (Pekko 150 s, `PEKKO_BENCH_WARMUP_S`; Leasehold 20 s), then 8 s warm-up and 10 s measured per run, alternating three times; medians with (min–max).",
             now(),
             host(),
-            std::thread::available_parallelism().map_or(0, |n| n.get())
+            cores()
         );
-        let _ = writeln!(md, "| benchmark | measured | target | met |");
-        let _ = writeln!(md, "|---|---|---|---|");
-        for f in &figures {
-            let met = match f.met {
-                Some(true) => "yes",
-                Some(false) => "**no**",
-                None => "—",
-            };
-            let _ = writeln!(md, "| {} | {} | {} | {met} |", f.name, f.measured, f.target);
-        }
-        print!("{md}");
-        if let Some(path) = out {
-            let old = std::fs::read_to_string(&path).unwrap_or_default();
-            std::fs::write(&path, replace_section(&old, "## Pekko", &md)).unwrap();
-        }
+        write_section("## Pekko", &intro, &figures, out.as_deref());
         return;
     }
+    // A quick look at one figure alone (three runs), for comparing changes to it.
     let single = args.iter().find_map(|a| match a.as_str() {
         "--owner-only" | "--forward-only" | "--recovery-only" => Some(a.clone()),
         _ => None,
@@ -1184,7 +1147,7 @@ fn main() {
     });
     let mut md = String::new();
     let _ = writeln!(md, "# Benchmarks\n");
-    let _ = writeln!(md, "Reproduce with `make bench` (release build; writes this file). Measured {} on {} ({} cores).", now(), host(), std::thread::available_parallelism().map_or(0, |n| n.get()));
+    let _ = writeln!(md, "Reproduce with `make bench` (release build; writes this file). Measured {} on {} ({} cores).", now(), host(), cores());
     let _ = writeln!(md, "Every figure is compared with a baseline or target measured in the same run; these machines are noisy, so read ratios, not absolute numbers.\n");
     let _ = writeln!(
         md,
@@ -1215,6 +1178,37 @@ fn main() {
             .unwrap_or_default();
         std::fs::write(&path, format!("{md}{kept}")).unwrap();
         eprintln!("wrote {path}");
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(0, |n| n.get())
+}
+
+/// Prints a section of its own (`heading`, `intro`, a table of `figures`) and, with
+/// `out`, writes it into that file in place of the section's previous figures.
+fn write_section(
+    heading: &str,
+    intro: &str,
+    figures: &[leasehold_integration_tests::scale::Figure],
+    out: Option<&str>,
+) {
+    let mut md = String::new();
+    let _ = writeln!(md, "{heading}\n\n{intro}\n");
+    let _ = writeln!(md, "| benchmark | measured | target | met |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for f in figures {
+        let met = match f.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "—",
+        };
+        let _ = writeln!(md, "| {} | {} | {} | {met} |", f.name, f.measured, f.target);
+    }
+    print!("{md}");
+    if let Some(path) = out {
+        let old = std::fs::read_to_string(path).unwrap_or_default();
+        std::fs::write(path, replace_section(&old, heading, &md)).unwrap();
     }
 }
 
