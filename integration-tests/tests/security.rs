@@ -276,19 +276,32 @@ async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let members = admin.get(&instances[0], "/v1/members").unwrap();
-    let n2 = members["members"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["id"] == "n2")
-        .cloned()
-        .unwrap();
-    assert_eq!(
-        (n2["state"].as_str(), n2["shards"].as_u64()),
-        (Some("draining"), Some(0)),
-        "{members}"
-    );
+    // The CLI waited on n2's own view: there, n2 holds nothing now.
+    let n2_seen_by = |i: usize| {
+        let members = admin.get(&instances[i], "/v1/members").unwrap();
+        let n2 = members["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == "n2")
+            .cloned()
+            .unwrap();
+        (
+            (
+                n2["state"].as_str().map(str::to_owned),
+                n2["shards"].as_u64(),
+            ),
+            members,
+        )
+    };
+    let (n2, members) = n2_seen_by(2);
+    assert_eq!(n2, (Some("draining".into()), Some(0)), "{members}");
+    // Another member's view follows within a watch event.
+    wait_until(Duration::from_secs(10), "n0 sees n2 drained", || {
+        let (n2, _) = n2_seen_by(0);
+        (n2 == (Some("draining".into()), Some(0))).then_some(())
+    })
+    .await;
     assert!(i > 0, "calls ran during the move");
 
     // etcd's client certificate rotates: every instance reconnects with the new one and
