@@ -45,6 +45,22 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// A child process killed (and reaped) when dropped, also when a panic unwinds.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Median and spread (min, max) of samples.
+pub fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 /// Polls `f` until it returns `Some` or `timeout` passes.
 pub async fn wait_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -5,11 +5,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::scale::Figure;
-use crate::{free_port, Cluster};
+use crate::{free_port, median_spread as median, Cluster, KillOnDrop};
 
 /// What one run of the client loop measured.
 #[derive(Clone, Copy, Debug)]
@@ -22,6 +22,10 @@ struct Run {
 /// Warm-up of each measured run (the client loop's JVM and the servers' paths).
 const WARMUP_S: u64 = 8;
 const MEASURE_S: u64 = 10;
+const IN_FLIGHT: &str = "32";
+const KEYS: usize = 1000;
+const ROUNDS: usize = 3;
+
 /// Warm-up of a Pekko cluster once started (`PEKKO_BENCH_WARMUP_S`): its JVMs compile
 /// while they serve, and with three nodes and the client on two cores the rate still
 /// climbed after a minute (2.3 k, 5 k, 12 k calls/s at 25, 50 and 75 s).
@@ -31,9 +35,6 @@ fn cluster_warmup() -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(150)
 }
-const IN_FLIGHT: &str = "32";
-const KEYS: usize = 1000;
-const ROUNDS: usize = 3;
 
 fn classpath() -> String {
     std::env::var("PEKKO_BENCH_CLASSPATH")
@@ -45,15 +46,6 @@ fn classpath() -> String {
 /// every asynchronous step (Pekko's `ask` takes several): a JDK quirk, not Pekko's
 /// design, so it is tuned away (measured here: 4.4 k calls/s without, 22 k with).
 const JVM_FLAGS: &[&str] = &["-Djava.util.concurrent.ForkJoinPool.common.parallelism=4"];
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Runs the client loop against `target` (ports, or `@file` of `key port` lines).
 fn load(target: &[String]) -> Run {
@@ -87,7 +79,7 @@ fn load_for(warmup: u64, measure: u64, target: &[String]) -> Run {
 /// A Pekko cluster of `n` nodes on loopback; dropped, it is killed.
 struct Pekko {
     /// Killed when the cluster is dropped.
-    _nodes: Vec<Killed>,
+    _nodes: Vec<KillOnDrop>,
     grpc_ports: Vec<u16>,
 }
 
@@ -110,7 +102,7 @@ impl Pekko {
                 .spawn()
                 .expect("start a Pekko node");
             outputs.push(child.stdout.take().expect("stdout"));
-            nodes.push(Killed(child));
+            nodes.push(KillOnDrop(child));
             grpc_ports.push(grpc);
         }
         // Each node prints "ready" once all n are up.
@@ -140,14 +132,9 @@ fn ports(ports: &[u16]) -> Vec<String> {
     ports.iter().map(u16::to_string).collect()
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 /// Runs the comparison; `out_dir` holds the routes file of the owner-path runs.
 pub async fn run(out_dir: PathBuf) -> Vec<Figure> {
-    // (name, Leasehold runs, Pekko runs)
+    // (Leasehold runs, Pekko runs) per cluster size; Leasehold's owner-path runs.
     let mut one = (Vec::new(), Vec::new());
     let mut three = (Vec::new(), Vec::new());
     let mut owner = Vec::new();

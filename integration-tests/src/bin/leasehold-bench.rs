@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_integration_tests::load::{self, Load};
-use leasehold_integration_tests::{free_port, shard_table, wait_until, Cluster};
+use leasehold_integration_tests::{
+    free_port, median_spread, shard_table, wait_until, Cluster, KillOnDrop,
+};
 use leasehold_proto::v1::entities_client::EntitiesClient;
 use leasehold_proto::v1::entities_server::{Entities, EntitiesServer};
 use leasehold_proto::v1::{
@@ -595,15 +597,6 @@ async fn recovery_and_drain() -> Vec<Row> {
     rows
 }
 
-/// Kafka: consume → route → no-op handler → commit with 3 instances, against a raw
-/// rdkafka consume-only loop over the same topic; then produce-to-handle latency at a
-/// fixed rate.
-/// Median and spread (min, max) of samples.
-fn median_spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 /// Messages per second for a consumer group of `n` plain consumer processes (handler:
 /// none, or the no-op `EntityHandler` at `handler`), from their start until the group
 /// committed every message, and the CPU seconds the processes used meanwhile.
@@ -961,16 +954,6 @@ async fn kafka_bench() -> Vec<Row> {
     let _ = handler.0.kill();
     let _ = handler.0.wait();
     rows
-}
-
-/// A child process killed when dropped.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// Sum over instances of `leasehold_kafka_end_to_end_seconds` buckets: (le, count).
