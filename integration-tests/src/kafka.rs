@@ -231,6 +231,40 @@ impl Kafka {
             .collect()
     }
 
+    /// How far the group has read each partition: its committed offset, or 0 where it
+    /// never committed (a test topic starts at offset 0, and a partition the producer's
+    /// partitioner left empty has nothing to commit).
+    pub fn position(&self, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+        self.committed(group, topic, partitions)
+            .into_iter()
+            .map(|c| c.max(0))
+            .collect()
+    }
+
+    /// Polls until the group's position (see [`Kafka::position`]) reaches the end of
+    /// every partition; on timeout, fails naming both.
+    pub async fn wait_committed_to_end(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) {
+        let end = self.end_offsets(topic, partitions);
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let position = self.position(group, topic, partitions);
+            if position == end {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "group {group} on {topic}: committed {position:?}, end {end:?} after {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// High watermarks (end offsets) per partition.
     pub fn end_offsets(&self, topic: &str, partitions: i32) -> Vec<i64> {
         let c: BaseConsumer = ClientConfig::new()

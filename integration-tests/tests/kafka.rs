@@ -164,12 +164,9 @@ async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     assert_eq!(checker.violations(), Vec::<String>::new());
     let end = kafka.end_offsets("payments", 6);
     assert_eq!(end.iter().sum::<i64>(), 100_000);
-    wait_until(
-        Duration::from_secs(15),
-        "offsets committed to the end",
-        || (kafka.committed("ledger", "payments", 6) == end).then_some(()),
-    )
-    .await;
+    kafka
+        .wait_committed_to_end("ledger", "payments", 6, Duration::from_secs(15))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -234,13 +231,10 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
         },
     )
     .await;
-    let end = kafka.end_offsets("orders", 3);
-    wait_until(
-        Duration::from_secs(15),
-        "offsets committed past the poison",
-        || (kafka.committed("orders-app", "orders", 3) == end).then_some(()),
-    )
-    .await;
+    // Past the poison: committed to the end.
+    kafka
+        .wait_committed_to_end("orders-app", "orders", 3, Duration::from_secs(15))
+        .await;
     // Metrics: dead letters counted, and lag drops to 0 once everything is done.
     wait_until(Duration::from_secs(20), "lag metrics at 0", || {
         let text = scrape_all(&cluster);
@@ -408,13 +402,9 @@ async fn killed_and_terminated_instances_lose_nothing_and_commit_only_handled_of
     assert_commits_cover_only_handled(&kafka, &checker, "projector", "events", 6);
     assert_first_handling_in_offset_order(&checker);
     assert_eq!(checker.violations(), Vec::<String>::new());
-    let end = kafka.end_offsets("events", 6);
-    wait_until(
-        Duration::from_secs(20),
-        "offsets committed to the end",
-        || (kafka.committed("projector", "events", 6) == end).then_some(()),
-    )
-    .await;
+    kafka
+        .wait_committed_to_end("projector", "events", 6, Duration::from_secs(20))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -457,10 +447,10 @@ async fn a_broker_outage_mid_stream_loses_nothing() {
     // After the outage the group rebalances more than once; commits follow within a
     // few commit intervals of the last one.
     let t = Instant::now();
-    let mut committed = kafka.committed("ticker", "ticks", 3);
+    let mut committed = kafka.position("ticker", "ticks", 3);
     while committed != end && t.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        committed = kafka.committed("ticker", "ticks", 3);
+        committed = kafka.position("ticker", "ticks", 3);
     }
     if committed != end {
         for i in &cluster.instances {

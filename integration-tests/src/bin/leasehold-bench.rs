@@ -624,7 +624,7 @@ async fn plain_group(
         })
         .collect();
     wait_until(Duration::from_secs(1800), "plain group committed", || {
-        (kafka.committed(group, topic, 6) == end).then_some(())
+        (kafka.position(group, topic, 6) == end).then_some(())
     })
     .await;
     let rate = total as f64 / t.elapsed().as_secs_f64();
@@ -681,9 +681,9 @@ async fn leasehold_group(
     // goes: start, rebalances, steady rate).
     let timeline = std::env::var_os("KAFKA_BENCH_TIMELINE").is_some();
     wait_until(Duration::from_secs(1800), "all messages committed", || {
-        let committed = kafka.committed(group, topic, 6);
+        let committed = kafka.position(group, topic, 6);
         if timeline {
-            let done: i64 = committed.iter().map(|c| (*c).max(0)).sum();
+            let done: i64 = committed.iter().sum();
             eprintln!(
                 "  {:>6.2} s  committed {done} {committed:?} of {end:?}",
                 t.elapsed().as_secs_f64()
@@ -933,7 +933,7 @@ async fn kafka_bench() -> Vec<Row> {
     }
     let end = kafka.end_offsets("bench-grpc", 6);
     wait_until(Duration::from_secs(60), "latency run committed", || {
-        (kafka.committed(&last_group, "bench-grpc", 6) == end).then_some(())
+        (kafka.position(&last_group, "bench-grpc", 6) == end).then_some(())
     })
     .await;
     let after = histogram(&cluster);
