@@ -296,6 +296,7 @@ impl Peer for PeerService {
         let closing = self.router.inner.closing.clone();
         // Calls read and not yet answered, by id; removing one drops its call.
         let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
+        let inline = self.router.inner.handler.polls_quickly();
         tasks.clone().spawn(async move {
             let ended = loop {
                 let req = tokio::select! {
@@ -343,8 +344,8 @@ impl Peer for PeerService {
                 let admitted = this.admit(&mut call);
                 let (cancel, mut cancelled) = tokio::sync::oneshot::channel::<()>();
                 running.lock().expect("running lock").insert(id, cancel);
-                let (this, tx, running) = (this.clone(), tx.clone(), running.clone());
-                tasks.spawn(async move {
+                let (run_this, run_tx, run_running) = (this.clone(), tx.clone(), running.clone());
+                let mut work = Box::pin(async move {
                     let _slot = slot;
                     let result = match admitted {
                         Ok(admitted) => tokio::select! {
@@ -353,13 +354,39 @@ impl Peer for PeerService {
                             // Dropped: a started handler finishes in the background;
                             // the sender expects no answer.
                             _ = &mut cancelled => return,
-                            r = this.run(admitted, call, deadline) => r,
+                            r = run_this.run(admitted, call, deadline) => r,
                         },
                         Err(e) => Err(e),
                     };
-                    running.lock().expect("running lock").remove(&id);
-                    let _ = tx.send(Ok(answer(id, result))).await;
+                    run_running.lock().expect("running lock").remove(&id);
+                    let _ = run_tx.send(Ok(answer(id, result))).await;
                 });
+                if !inline {
+                    tasks.spawn(work);
+                    continue;
+                }
+                // Polled once here (a handler whose polls return at once, see
+                // `Handler::polls_quickly`): a call whose key is free and whose handler
+                // answers at once is done without a task of its own and the hand-off to
+                // it. One that waits (its key's turn, a handler over the network) goes on
+                // in a task, polled again there with its own waker. A handler that
+                // panics here fails its own call (the handler was lost; it may have
+                // run), not the stream's other calls.
+                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    futures::FutureExt::now_or_never(&mut work)
+                }));
+                match polled {
+                    Ok(Some(())) => {}
+                    Ok(None) => {
+                        tasks.spawn(work);
+                    }
+                    Err(_) => {
+                        drop(work);
+                        running.lock().expect("running lock").remove(&id);
+                        let lost = CallError::HandlerLost("the handler panicked".into());
+                        let _ = tx.send(Ok(answer(id, Err(lost)))).await;
+                    }
+                }
             };
             match ended {
                 // The sender's connection broke: nobody waits for these answers.
