@@ -224,6 +224,12 @@ impl Handler for LedgerHandler {
         Box::pin(async move { ledger.load(event) })
     }
 
+    /// Each poll of `handle`'s future returns at once (the store round trip is awaited),
+    /// so calls forwarded here need no task of their own until they wait.
+    fn polls_quickly(&self) -> bool {
+        true
+    }
+
     fn shard_released(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
         let ledger = self.0.clone();
         Box::pin(async move {
