@@ -49,13 +49,22 @@ pub async fn serve_noop_handler(port: u16) {
 
 /// A plain consumer-group member: for each message, call the handler (nothing, or the
 /// `EntityHandler` at `handler` over gRPC), then store its offset; librdkafka
-/// auto-commits the stored offsets. Runs until the process ends.
-pub async fn plain_consumer(brokers: &str, topic: &str, group: &str, handler: Option<&str>) {
+/// auto-commits the stored offsets every `commit_interval`. Runs until the process ends.
+pub async fn plain_consumer(
+    brokers: &str,
+    topic: &str,
+    group: &str,
+    handler: Option<&str>,
+    commit_interval: Duration,
+) {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "true")
-        .set("auto.commit.interval.ms", "1000")
+        .set(
+            "auto.commit.interval.ms",
+            commit_interval.as_millis().to_string(),
+        )
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .create()
