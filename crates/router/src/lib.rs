@@ -1102,11 +1102,20 @@ impl std::future::Future for Running {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<HandlerResult> {
-        let call = self.call.as_mut().expect("polled after completion");
-        let result = std::task::ready!(call.as_mut().poll(cx));
-        self.call = None;
-        self.hold = None;
-        std::task::Poll::Ready(result)
+        // Out of `self` while polled: a handler that panics is dropped with the unwind,
+        // and `drop` does not poll it again in a task (it would panic again, or run
+        // again); what it holds is released.
+        let mut call = self.call.take().expect("polled after completion");
+        match call.as_mut().poll(cx) {
+            std::task::Poll::Pending => {
+                self.call = Some(call);
+                std::task::Poll::Pending
+            }
+            std::task::Poll::Ready(result) => {
+                self.hold = None;
+                std::task::Poll::Ready(result)
+            }
+        }
     }
 }
 
@@ -1285,5 +1294,40 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_releases_its_shard_and_key_and_is_not_polled_again() {
+        use futures::FutureExt;
+        let lease = Arc::new(LeaseClock::default());
+        lease.set_valid_until(Instant::now() + Duration::from_secs(60));
+        let table = Arc::new(ShardTable::new(4, lease));
+        assert!(table.set_owned(0, ShardId(1), Epoch(5)));
+        let boxes = Arc::new(Mailboxes::new(8));
+        let turn = Arc::new(boxes.enter("k").unwrap().turn().await);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = polls.clone();
+        let handler = futures::future::poll_fn(move |_| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            panic!("the handler fails hard")
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let handler: futures::future::BoxFuture<'static, Result<Bytes, HandleError>> =
+            Box::pin(handler);
+        let tasks = TaskTracker::new();
+        let running = Running {
+            call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
+            hold: Some((table.try_start(ShardId(1)).unwrap(), permit, turn)),
+            tasks: tasks.clone(),
+        };
+        let caught = std::panic::AssertUnwindSafe(running).catch_unwind().await;
+        assert!(caught.is_err(), "the panic reaches the caller");
+        assert_eq!(tasks.len(), 0, "nothing polls the panicked handler again");
+        assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(table.in_flight(ShardId(1)), 0, "the shard's call ended");
+        tokio::time::timeout(Duration::from_secs(5), boxes.enter("k").unwrap().turn())
+            .await
+            .expect("the key's next call gets its turn");
     }
 }

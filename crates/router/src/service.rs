@@ -4,6 +4,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+
 use leasehold_proto::v1::{
     self as pb, entities_server::Entities, forward_response, peer_server::Peer,
 };
@@ -354,7 +356,13 @@ impl Peer for PeerService {
                             // Dropped: a started handler finishes in the background;
                             // the sender expects no answer.
                             _ = &mut cancelled => return,
-                            r = run_this.run(admitted, call, deadline) => r,
+                            // A handler that panics fails its own call (the handler's
+                            // error: a Kafka record is retried, then dead-lettered), not
+                            // the stream's other calls.
+                            r = std::panic::AssertUnwindSafe(run_this.run(admitted, call, deadline))
+                                .catch_unwind() => r.unwrap_or_else(|_| {
+                                    Err(CallError::Handler(Status::internal("the handler panicked")))
+                                }),
                         },
                         Err(e) => Err(e),
                     };
@@ -369,23 +377,9 @@ impl Peer for PeerService {
                 // `Handler::polls_quickly`): a call whose key is free and whose handler
                 // answers at once is done without a task of its own and the hand-off to
                 // it. One that waits (its key's turn, a handler over the network) goes on
-                // in a task, polled again there with its own waker. A handler that
-                // panics here fails its own call (the handler was lost; it may have
-                // run), not the stream's other calls.
-                let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    futures::FutureExt::now_or_never(&mut work)
-                }));
-                match polled {
-                    Ok(Some(())) => {}
-                    Ok(None) => {
-                        tasks.spawn(work);
-                    }
-                    Err(_) => {
-                        drop(work);
-                        running.lock().expect("running lock").remove(&id);
-                        let lost = CallError::HandlerLost("the handler panicked".into());
-                        let _ = tx.send(Ok(answer(id, Err(lost)))).await;
-                    }
+                // in a task, polled again there with its own waker.
+                if work.as_mut().now_or_never().is_none() {
+                    tasks.spawn(work);
                 }
             };
             match ended {

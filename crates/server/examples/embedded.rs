@@ -224,8 +224,9 @@ impl Handler for LedgerHandler {
         Box::pin(async move { ledger.load(event) })
     }
 
-    /// Each poll of `handle`'s future returns at once (the store round trip is awaited),
-    /// so calls forwarded here need no task of their own until they wait.
+    /// `handle`'s first poll only checks the key and starts waiting for the store round
+    /// trip, so a call forwarded here is polled where its stream is read; it goes on in
+    /// a task of its own once it waits (the short audit write comes after that).
     fn polls_quickly(&self) -> bool {
         true
     }
