@@ -1002,7 +1002,7 @@ impl Router {
         let started = Instant::now();
         self.inner.metrics.shard_calls.inc(job.shard.0 as usize);
         self.inner.hot.record(&job.key, job.shard);
-        let handle = tracing::Instrument::instrument(self.inner.handler.handle(call), span);
+        let handle = tracing::Instrument::instrument(caught(&*self.inner.handler, call), span);
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),
             hold: Some((guard, permit, turn.clone())),
@@ -1084,6 +1084,27 @@ impl Router {
 }
 
 type HandlerResult = Result<Result<Bytes, HandleError>, tokio::time::error::Elapsed>;
+
+/// The handler's answer to `call`, with a panic (in `handle` or its future) turned into
+/// the handler's error `INTERNAL`: only that call fails, whichever path it came by (a
+/// Kafka record is retried, then dead-lettered), and nothing else unwinds with it.
+fn caught(
+    handler: &dyn Handler,
+    call: HandleCall,
+) -> impl std::future::Future<Output = Result<Bytes, HandleError>> {
+    use futures::FutureExt;
+    let panicked = || HandleError::internal("the handler panicked");
+    let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.handle(call)));
+    async move {
+        match started {
+            Ok(answer) => std::panic::AssertUnwindSafe(answer)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err(panicked())),
+            Err(_) => Err(panicked()),
+        }
+    }
+}
 
 /// A handler call in progress, with what it holds: the shard's call guard, a concurrency
 /// permit and the key's turn. Awaited inline (no task per call); if it is dropped before
@@ -1250,8 +1271,11 @@ mod tests {
         )));
     }
 
-    #[tokio::test]
-    async fn a_call_whose_caller_left_keeps_its_shard_and_key_until_the_handler_ends() {
+    type Hold = (CallGuard, tokio::sync::OwnedSemaphorePermit, Arc<Turn>);
+
+    /// Shard 1 owned here, and what a call on key "k" holds while it runs: the shard's
+    /// call guard, a concurrency permit and the key's turn.
+    async fn a_running_calls_hold() -> (Arc<ShardTable>, Arc<Mailboxes>, Hold) {
         let lease = Arc::new(LeaseClock::default());
         lease.set_valid_until(Instant::now() + Duration::from_secs(60));
         let table = Arc::new(ShardTable::new(4, lease));
@@ -1259,6 +1283,13 @@ mod tests {
         let boxes = Arc::new(Mailboxes::new(8));
         let turn = Arc::new(boxes.enter("k").unwrap().turn().await);
         let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let guard = table.try_start(ShardId(1)).unwrap();
+        (table, boxes, (guard, permit, turn))
+    }
+
+    #[tokio::test]
+    async fn a_call_whose_caller_left_keeps_its_shard_and_key_until_the_handler_ends() {
+        let (table, boxes, hold) = a_running_calls_hold().await;
         let (finish, finished) = tokio::sync::oneshot::channel::<()>();
         let handler = async move {
             let _ = finished.await;
@@ -1267,7 +1298,7 @@ mod tests {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
-            hold: Some((table.try_start(ShardId(1)).unwrap(), permit, turn)),
+            hold: Some(hold),
             tasks: TaskTracker::new(),
         };
         // The caller gives up while the handler still runs.
@@ -1299,13 +1330,7 @@ mod tests {
     #[tokio::test]
     async fn a_handler_that_panics_releases_its_shard_and_key_and_is_not_polled_again() {
         use futures::FutureExt;
-        let lease = Arc::new(LeaseClock::default());
-        lease.set_valid_until(Instant::now() + Duration::from_secs(60));
-        let table = Arc::new(ShardTable::new(4, lease));
-        assert!(table.set_owned(0, ShardId(1), Epoch(5)));
-        let boxes = Arc::new(Mailboxes::new(8));
-        let turn = Arc::new(boxes.enter("k").unwrap().turn().await);
-        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let (table, boxes, hold) = a_running_calls_hold().await;
         let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = polls.clone();
         let handler = futures::future::poll_fn(move |_| {
@@ -1318,7 +1343,7 @@ mod tests {
         let tasks = TaskTracker::new();
         let running = Running {
             call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
-            hold: Some((table.try_start(ShardId(1)).unwrap(), permit, turn)),
+            hold: Some(hold),
             tasks: tasks.clone(),
         };
         let caught = std::panic::AssertUnwindSafe(running).catch_unwind().await;

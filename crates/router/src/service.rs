@@ -356,13 +356,9 @@ impl Peer for PeerService {
                             // Dropped: a started handler finishes in the background;
                             // the sender expects no answer.
                             _ = &mut cancelled => return,
-                            // A handler that panics fails its own call (the handler's
-                            // error: a Kafka record is retried, then dead-lettered), not
-                            // the stream's other calls.
-                            r = std::panic::AssertUnwindSafe(run_this.run(admitted, call, deadline))
-                                .catch_unwind() => r.unwrap_or_else(|_| {
-                                    Err(CallError::Handler(Status::internal("the handler panicked")))
-                                }),
+                            // (A handler that panics fails only its own call: see
+                            // `caught`.)
+                            r = run_this.run(admitted, call, deadline) => r,
                         },
                         Err(e) => Err(e),
                     };
