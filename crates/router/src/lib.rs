@@ -1328,6 +1328,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_handler_that_panics_fails_only_its_call_with_internal() {
+        /// Panics in `handle` itself for key "now", in its future for any other key.
+        struct Panics;
+        impl Handler for Panics {
+            fn handle(
+                &self,
+                call: HandleCall,
+            ) -> futures::future::BoxFuture<'static, Result<Bytes, HandleError>> {
+                assert_ne!(call.key, "now", "the handler fails hard");
+                Box::pin(async move { panic!("the handler fails hard on {}", call.key) })
+            }
+        }
+        for key in ["now", "later"] {
+            let call = HandleCall {
+                key: key.into(),
+                payload: Bytes::new(),
+                shard: ShardId(1),
+                epoch: Epoch(5),
+                owner: MemberId("n0".into()),
+                source: CallSource::Grpc {
+                    entry: MemberId("n0".into()),
+                },
+                deadline: Instant::now() + Duration::from_secs(5),
+                metadata: Default::default(),
+            };
+            let error = caught(&Panics, call).await.unwrap_err();
+            assert_eq!(error.code(), ErrorCode::Internal, "{key}");
+            assert_eq!(error.message(), "the handler panicked", "{key}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_handler_that_panics_releases_its_shard_and_key_and_is_not_polled_again() {
         use futures::FutureExt;
         let (table, boxes, hold) = a_running_calls_hold().await;
