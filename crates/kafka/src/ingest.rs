@@ -103,11 +103,6 @@ impl ConsumerContext for Context {
                 let mut readers = self.readers.lock().expect("readers lock");
                 for tp in &parts {
                     if let Some(p) = map.remove(tp) {
-                        // What is done by now is committed with the revoke, not re-read
-                        // by the next assignee (stores otherwise wait for the next flush).
-                        if let Err(e) = p.store_watermark(consumer) {
-                            tracing::debug!(source = %self.source, topic = %p.topic, partition = p.partition, error = %e, "storing the watermark on revoke");
-                        }
                         p.revoke();
                     }
                     if let Some(reader) = readers.remove(tp) {
@@ -271,57 +266,12 @@ impl Partition {
         tpl.add_partition(&self.topic, self.partition);
         tpl
     }
-
-    /// Stores the watermark for the next commit if it moved since the last store;
-    /// `Ok(Some(_))` when it stored one. Never for a state no longer assigned here.
-    /// librdkafka refuses a store for a partition it no longer has (revoked meanwhile):
-    /// `Err`, and the next flush tries again while the state lives.
-    fn store_watermark<C: ConsumerContext>(
-        &self,
-        consumer: &impl Consumer<C>,
-    ) -> Result<Option<i64>, String> {
-        let Some(watermark) = self.window.lock().expect("window lock").watermark() else {
-            return Ok(None);
-        };
-        // Checked after reading the window (abandoned messages never leave it anyway).
-        if self.is_revoked() || watermark <= self.resume_from.load(Ordering::Acquire) {
-            return Ok(None);
-        }
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&self.topic, self.partition, Offset::Offset(watermark))
-            .map_err(|e| e.to_string())?;
-        // store_offsets stores exactly the value given and reports per-partition
-        // failures in the list, not in its result.
-        consumer.store_offsets(&tpl).map_err(|e| e.to_string())?;
-        if let Some(e) = tpl.elements().iter().find_map(|e| e.error().err()) {
-            return Err(e.to_string());
-        }
-        self.watermark.set(watermark as f64);
-        self.resume_from.store(watermark, Ordering::Release);
-        Ok(Some(watermark))
-    }
 }
-
-/// How often each partition's watermark is stored for the next commit (only when it
-/// moved). Storing it as each message finished cost a librdkafka store (a partition
-/// list allocated, locks taken) per message; a commit only ever sends the latest one.
-const STORE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How many messages a partition may park per message it may have in flight, before it
 /// is paused: enough to absorb librdkafka's prefetch bursts without pausing (a pause
 /// makes librdkafka drop and re-fetch what it prefetched).
 const PARKED_PER_IN_FLIGHT: usize = 4;
-
-/// How a message's work ended.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-#[must_use]
-enum Outcome {
-    /// Handled, dead-lettered or skipped: its offset may be committed.
-    Done,
-    /// Left for the partition's next reader (revoked or fenced here): never committed
-    /// by this state.
-    Abandoned,
-}
 
 /// A consumed message waiting for room in its partition.
 struct Parked {
@@ -491,8 +441,6 @@ impl Ingest {
         let reclaim_after = session_timeout(&o.properties) + Duration::from_secs(1);
         let mut reclaim_tick = tokio::time::interval(Duration::from_secs(1));
         reclaim_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut store_tick = tokio::time::interval(STORE_INTERVAL);
-        store_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let consumer = state.consumer.clone();
         let readers = TaskTracker::new();
         // Drops the partitions' queue handles also if this loop unwinds: they hold the
@@ -504,10 +452,7 @@ impl Ingest {
                 _ = cancel.cancelled() => break,
                 _ = reclaim_tick.tick() => {
                     self.reclaim_fenced(&mut state, reclaim_after);
-                    continue;
-                }
-                _ = store_tick.tick() => {
-                    self.store_watermarks(&state);
+                    self.store_missed_watermarks(&state);
                     continue;
                 }
                 Some(split) = splits.recv() => {
@@ -928,9 +873,10 @@ impl Ingest {
         tracing::warn!(source, topic = %tp.0, partition = tp.1, from, "partition still assigned a session timeout after its claim was superseded; claiming it again and re-reading");
     }
 
-    /// Stores each assigned partition's watermark that moved since its last store (see
-    /// [`STORE_INTERVAL`]); the next auto-commit sends it.
-    fn store_watermarks(&self, state: &Consuming) {
+    /// Stores again each partition's watermark whose last store librdkafka refused (during
+    /// a rebalance, say): otherwise a partition whose last messages were done by then
+    /// would never commit them, as nothing else would store its offset again.
+    fn store_missed_watermarks(&self, state: &Consuming) {
         let parts: Vec<Arc<Partition>> = state
             .partitions
             .lock()
@@ -939,9 +885,28 @@ impl Ingest {
             .cloned()
             .collect();
         for part in parts {
-            if let Err(e) = part.store_watermark(state.consumer.as_ref()) {
-                self.metrics.store_errors.inc();
-                tracing::debug!(source = %self.opts.name, topic = %part.topic, partition = part.partition, error = %e, "offset store refused (partition revoked?)");
+            if part.is_revoked() {
+                continue;
+            }
+            let Some(watermark) = part.window.lock().expect("window lock").watermark() else {
+                continue;
+            };
+            if watermark <= part.resume_from.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut tpl = TopicPartitionList::new();
+            if tpl
+                .add_partition_offset(&part.topic, part.partition, Offset::Offset(watermark))
+                .is_err()
+            {
+                continue;
+            }
+            let stored = state.consumer.store_offsets(&tpl).is_ok()
+                && tpl.elements().iter().all(|e| e.error().is_ok());
+            if stored {
+                part.watermark.set(watermark as f64);
+                part.resume_from.store(watermark, Ordering::Release);
+                tracing::debug!(source = %self.opts.name, topic = %part.topic, partition = part.partition, watermark, "stored a watermark a refused store had left behind");
             }
         }
     }
@@ -1000,13 +965,9 @@ impl Ingest {
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(source = %o.name, left = tasks.len(), "in-flight messages abandoned (not committed)");
         }
-        // What is done is stored for the final commit; whatever still waits is
-        // abandoned (the next assignee re-reads it), and nothing stores an offset after
-        // the final commit.
+        // Whatever still waits is abandoned (the next assignee re-reads it), and nothing
+        // stores an offset after the final commit.
         for p in partitions.lock().expect("partitions lock").values() {
-            if let Err(e) = p.store_watermark(consumer.as_ref()) {
-                tracing::debug!(source = %o.name, topic = %p.topic, partition = p.partition, error = %e, "storing the watermark on stop");
-            }
             p.revoke();
         }
         lag_task.abort();
@@ -1356,25 +1317,21 @@ impl Worker {
             offset = record.offset
         );
         let work = async move {
-            let outcome = match chain {
-                Err(reason) => {
-                    Box::pin(self.fail(&record, &format!("key: {reason}"))).await;
-                    Outcome::Done
-                }
+            match chain {
+                Err(reason) => Box::pin(self.fail(&record, &format!("key: {reason}"))).await,
                 Ok((key, previous, done_tx, done)) => {
                     if let Some(previous) = previous {
                         previous.await; // the previous message with this key, same partition
                     }
-                    let outcome = self.handle(key.clone(), &record).await;
+                    self.handle(key.clone(), &record).await;
                     let _ = done_tx.send(());
                     let mut chains = self.part.chains.lock().expect("chains lock");
                     if chains.get(&key).is_some_and(|d| d.ptr_eq(&done)) {
                         chains.remove(&key);
                     }
-                    outcome
                 }
-            };
-            self.finish(offset, timestamp, outcome);
+            }
+            self.finish(offset, timestamp);
             drop(permits);
         };
         tracing::Instrument::instrument(work, span)
@@ -1384,7 +1341,7 @@ impl Worker {
     /// the handler's own errors are retried `retry_attempts` times, then the message
     /// fails (dead-letter or skip). Stops when the partition is revoked: the new
     /// assignee re-reads the message.
-    async fn handle(&self, key: String, r: &Record) -> Outcome {
+    async fn handle(&self, key: String, r: &Record) {
         let mut call = KafkaCall {
             key,
             payload: r.payload.clone(),
@@ -1407,18 +1364,18 @@ impl Worker {
                 self.part.revoke();
             }
             if self.part.is_revoked() {
-                return Outcome::Abandoned;
+                return;
             }
             let dispatched = tokio::select! {
                 r = self.claimed_dispatch(&mut call) => r,
                 // Dropping the call path's future abandons a call that has not started
                 // (one already running finishes at its owner first).
-                _ = self.part.cancel.cancelled() => return Outcome::Abandoned,
+                _ = self.part.cancel.cancelled() => return,
             };
             let backoff = match dispatched {
                 Ok(()) => {
                     self.metrics.handled.inc();
-                    return Outcome::Done;
+                    return;
                 }
                 Err(DispatchError::Fenced(reason)) => {
                     if self.part.fenced() {
@@ -1429,18 +1386,18 @@ impl Worker {
                         }
                         tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason = %reason, "partition claimed by another consumer; abandoning its messages here (they are re-read there)");
                     }
-                    return Outcome::Abandoned;
+                    return;
                 }
                 Err(DispatchError::Rejected(reason)) => {
                     Box::pin(self.fail(r, &format!("rejected: {reason}"))).await;
-                    return Outcome::Done;
+                    return;
                 }
                 Err(DispatchError::Handler(reason)) => {
                     attempt += 1;
                     if attempt >= self.opts.retry_attempts {
                         let why = format!("handler failed {attempt} times; last error: {reason}");
                         Box::pin(self.fail(r, &why)).await;
-                        return Outcome::Done;
+                        return;
                     }
                     self.metrics.retries.inc();
                     tracing::debug!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, attempt, error = %reason, "handler failed; retrying");
@@ -1545,14 +1502,9 @@ impl Worker {
         }
     }
 
-    /// Marks a message done; the consumer loop stores the watermark it moves (see
-    /// [`STORE_INTERVAL`]). An abandoned message (its partition revoked or fenced here)
-    /// stays in the window: the watermark never passes it, whenever a store reads it.
-    fn finish(&self, offset: i64, timestamp: Option<i64>, outcome: Outcome) {
+    /// Marks a message done and stores the new watermark for the next commit.
+    fn finish(&self, offset: i64, timestamp: Option<i64>) {
         self.metrics.in_flight.add(-1);
-        if outcome == Outcome::Abandoned {
-            return;
-        }
         if let Some(ts) = timestamp {
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -1561,6 +1513,39 @@ impl Worker {
                 .latency
                 .observe(Duration::from_millis(now.saturating_sub(ts).max(0) as u64));
         }
-        self.part.window.lock().expect("window lock").finish(offset);
+        let watermark = self.part.window.lock().expect("window lock").finish(offset);
+        let Some(watermark) = watermark else { return };
+        if self.part.is_revoked() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        if tpl
+            .add_partition_offset(
+                &self.part.topic,
+                self.part.partition,
+                Offset::Offset(watermark),
+            )
+            .is_err()
+        {
+            return;
+        }
+        // store_offsets stores exactly the value given and reports per-partition failures
+        // in the list, not in its result.
+        let result = self.consumer.store_offsets(&tpl);
+        let failed = result.err().map(|e| e.to_string()).or_else(|| {
+            tpl.elements()
+                .iter()
+                .find_map(|e| e.error().err().map(|e| e.to_string()))
+        });
+        match failed {
+            None => {
+                self.part.watermark.set(watermark as f64);
+                self.part.resume_from.store(watermark, Ordering::Release);
+            }
+            Some(e) => {
+                self.metrics.store_errors.inc();
+                tracing::debug!(topic = %self.part.topic, partition = self.part.partition, watermark, error = %e, "offset store refused (partition revoked?)");
+            }
+        }
     }
 }

@@ -12,6 +12,8 @@ pub struct Window {
     in_flight: BTreeSet<i64>,
     /// One past the highest offset consumed.
     next: Option<i64>,
+    /// Last watermark handed out.
+    committed: Option<i64>,
 }
 
 impl Window {
@@ -20,9 +22,15 @@ impl Window {
         self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
     }
 
-    /// Marks `offset` done.
-    pub fn finish(&mut self, offset: i64) {
+    /// Marks `offset` done; returns the new watermark when it moved.
+    pub fn finish(&mut self, offset: i64) -> Option<i64> {
         self.in_flight.remove(&offset);
+        let watermark = self.watermark()?;
+        if self.committed.is_some_and(|c| c >= watermark) {
+            return None;
+        }
+        self.committed = Some(watermark);
+        Some(watermark)
     }
 
     /// Lowest offset not done, or one past the highest consumed when all are done.
@@ -54,14 +62,14 @@ mod tests {
             let mut last = 0;
             for o in order {
                 done.insert(o);
-                w.finish(1000 + o);
-                let wm = w.watermark().expect("offsets were started");
-                prop_assert!(wm >= last);
-                last = wm;
-                // every offset below the watermark is done
-                prop_assert!((1000..wm).all(|x| done.contains(&(x - 1000))));
-                // and the watermark itself is not (or is the end)
-                prop_assert!(wm == 1200 || !done.contains(&(wm - 1000)));
+                if let Some(wm) = w.finish(1000 + o) {
+                    prop_assert!(wm > last);
+                    last = wm;
+                    // every offset below the watermark is done
+                    prop_assert!((1000..wm).all(|x| done.contains(&(x - 1000))));
+                    // and the watermark itself is not (or is the end)
+                    prop_assert!(wm == 1200 || !done.contains(&(wm - 1000)));
+                }
             }
             prop_assert_eq!(last, 1200);
             prop_assert_eq!(w.in_flight(), 0);

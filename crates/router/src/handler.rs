@@ -354,15 +354,6 @@ pub trait Handler: Send + Sync + 'static {
     fn ready(&self) -> BoxFuture<'static, Result<(), HandlerError>> {
         Box::pin(futures::future::ready(Ok(())))
     }
-
-    /// Whether every poll of `handle`'s future returns at once (no computing for long,
-    /// no blocking before it awaits). Then a call forwarded from another instance is
-    /// first polled where the peer's stream is read, which saves it a task and a
-    /// hand-off; otherwise (the default) each such call runs in a task of its own, so a
-    /// handler busy computing does not hold up the stream's other calls.
-    fn polls_quickly(&self) -> bool {
-        false
-    }
 }
 
 /// Answers every call with its payload (benchmarks, demos, smoke tests).
@@ -371,10 +362,6 @@ pub struct EchoHandler;
 impl Handler for EchoHandler {
     fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {
         Box::pin(futures::future::ready(Ok(call.payload)))
-    }
-
-    fn polls_quickly(&self) -> bool {
-        true
     }
 }
 
@@ -439,11 +426,6 @@ impl Handler for GrpcHandler {
                     reason: e.to_string(),
                 })
         })
-    }
-
-    /// A poll encodes the request and hands it to the connection, or reads the answer.
-    fn polls_quickly(&self) -> bool {
-        true
     }
 
     fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {

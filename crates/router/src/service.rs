@@ -4,8 +4,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
-
 use leasehold_proto::v1::{
     self as pb, entities_server::Entities, forward_response, peer_server::Peer,
 };
@@ -298,7 +296,6 @@ impl Peer for PeerService {
         let closing = self.router.inner.closing.clone();
         // Calls read and not yet answered, by id; removing one drops its call.
         let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
-        let inline = self.router.inner.handler.polls_quickly();
         tasks.clone().spawn(async move {
             let ended = loop {
                 let req = tokio::select! {
@@ -346,8 +343,8 @@ impl Peer for PeerService {
                 let admitted = this.admit(&mut call);
                 let (cancel, mut cancelled) = tokio::sync::oneshot::channel::<()>();
                 running.lock().expect("running lock").insert(id, cancel);
-                let (run_this, run_tx, run_running) = (this.clone(), tx.clone(), running.clone());
-                let mut work = Box::pin(async move {
+                let (this, tx, running) = (this.clone(), tx.clone(), running.clone());
+                tasks.spawn(async move {
                     let _slot = slot;
                     let result = match admitted {
                         Ok(admitted) => tokio::select! {
@@ -356,27 +353,13 @@ impl Peer for PeerService {
                             // Dropped: a started handler finishes in the background;
                             // the sender expects no answer.
                             _ = &mut cancelled => return,
-                            // (A handler that panics fails only its own call: see
-                            // `caught`.)
-                            r = run_this.run(admitted, call, deadline) => r,
+                            r = this.run(admitted, call, deadline) => r,
                         },
                         Err(e) => Err(e),
                     };
-                    run_running.lock().expect("running lock").remove(&id);
-                    let _ = run_tx.send(Ok(answer(id, result))).await;
+                    running.lock().expect("running lock").remove(&id);
+                    let _ = tx.send(Ok(answer(id, result))).await;
                 });
-                if !inline {
-                    tasks.spawn(work);
-                    continue;
-                }
-                // Polled once here (a handler whose polls return at once, see
-                // `Handler::polls_quickly`): a call whose key is free and whose handler
-                // answers at once is done without a task of its own and the hand-off to
-                // it. One that waits (its key's turn, a handler over the network) goes on
-                // in a task, polled again there with its own waker.
-                if work.as_mut().now_or_never().is_none() {
-                    tasks.spawn(work);
-                }
             };
             match ended {
                 // The sender's connection broke: nobody waits for these answers.

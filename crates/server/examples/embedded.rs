@@ -224,13 +224,6 @@ impl Handler for LedgerHandler {
         Box::pin(async move { ledger.load(event) })
     }
 
-    /// `handle`'s first poll only checks the key and starts waiting for the store round
-    /// trip, so a call forwarded here is polled where its stream is read; it goes on in
-    /// a task of its own once it waits (the short audit write comes after that).
-    fn polls_quickly(&self) -> bool {
-        true
-    }
-
     fn shard_released(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
         let ledger = self.0.clone();
         Box::pin(async move {
