@@ -294,9 +294,23 @@ impl Instance {
         Self::start_program(&leasehold_bin(), &["serve"], spec)
     }
 
+    /// [`Instance::start`] with extra environment variables (failpoints).
+    pub fn start_with_env(spec: &InstanceSpec, env: &[(&str, &str)]) -> Instance {
+        Self::spawn(&leasehold_bin(), &["serve"], spec, env)
+    }
+
     /// An instance run by another program that takes `leasehold serve`'s flags after
     /// `leading` (an application embedding Leasehold).
     pub fn start_program(program: &Path, leading: &[&str], spec: &InstanceSpec) -> Instance {
+        Self::spawn(program, leading, spec, &[])
+    }
+
+    fn spawn(
+        program: &Path,
+        leading: &[&str],
+        spec: &InstanceSpec,
+        env: &[(&str, &str)],
+    ) -> Instance {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(format!("{}.log", spec.id));
         let (grpc_port, admin_port, peer_port) = (free_port(), free_port(), free_port());
@@ -308,6 +322,7 @@ impl Instance {
             .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
             .args(&spec.args)
             .env("LEASEHOLD_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()

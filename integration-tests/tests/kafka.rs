@@ -6,7 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use leasehold_integration_tests::checker::Checker;
 use leasehold_integration_tests::kafka::{Kafka, Record as DeadLetter};
-use leasehold_integration_tests::{wait_until, Cluster};
+use leasehold_integration_tests::{wait_until, Cluster, Instance, InstanceSpec};
 
 /// `n` JSON messages over `keys` accounts, each with a per-account sequence number.
 fn messages(n: usize, keys: usize, start: usize) -> Vec<Vec<u8>> {
@@ -166,6 +166,62 @@ async fn null_keyed_messages_keep_per_key_order_past_the_partition_count() {
     assert_eq!(end.iter().sum::<i64>(), 100_000);
     kafka
         .wait_committed_to_end("ledger", "payments", 6, Duration::from_secs(15))
+        .await;
+}
+
+/// A consumer's first assignment, with a backlog waiting and the assign callback held up
+/// (a failpoint) once the assignment took effect: fetching starts meanwhile, and none of
+/// the fetched messages may reach a second reader of the partition, or its keys'
+/// messages start out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_first_assignment_with_a_backlog_keeps_per_key_order_however_late_the_callback_ends() {
+    let kafka = Kafka::start().await;
+    kafka.create_topic("backlog", 2).await;
+    kafka.create_topic("backlog-dlq", 1).await;
+    let checker = Checker::start(Duration::ZERO, None).await;
+    // Few keys and many messages each: two readers of a partition interleave them.
+    kafka.produce("backlog", &messages(20_000, 10, 0)).await;
+    let (brokers, handler) = (kafka.brokers(), checker.handler_flag());
+    let args = source_args(
+        &brokers,
+        "backlog",
+        "late-callback",
+        &handler,
+        "backlog-dlq",
+    );
+    let mut cluster = Cluster {
+        etcd: leasehold_integration_tests::Etcd::start().await,
+        instances: Vec::new(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+    };
+    let spec = InstanceSpec {
+        id: "n0".into(),
+        etcd: cluster.etcd.endpoint(),
+        args: cluster.args.clone(),
+    };
+    cluster.instances.push(Instance::start_with_env(
+        &spec,
+        &[("FAILPOINT_KAFKA_AFTER_ASSIGN_MS", "2000")],
+    ));
+    wait_until(Duration::from_secs(120), "20 000 messages handled", || {
+        (handled(&checker).len() >= 20_000).then_some(())
+    })
+    .await;
+    assert_first_handling_in_offset_order(&checker);
+    assert_eq!(checker.violations(), Vec::<String>::new());
+    let metrics = scrape_all(&cluster);
+    let misrouted: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("leasehold_kafka_misrouted_messages_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .collect();
+    assert_eq!(
+        misrouted,
+        [0.0],
+        "messages that reached the consumer's queue"
+    );
+    kafka
+        .wait_committed_to_end("late-callback", "backlog", 2, Duration::from_secs(15))
         .await;
 }
 
@@ -988,7 +1044,7 @@ fn failover_config(dir: &std::path::Path, handler: &str, primary: &str, standby:
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_back() {
     use leasehold_integration_tests::proxy::Proxy;
-    use leasehold_integration_tests::{Etcd, Instance, InstanceSpec};
+    use leasehold_integration_tests::Etcd;
 
     let (mut primary, standby, checker) = two_clusters().await;
     let dir = tempfile::tempdir().unwrap();

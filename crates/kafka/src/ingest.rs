@@ -45,6 +45,14 @@ struct Context {
     queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
     /// Stops every reader (the source is stopping).
     stop: CancellationToken,
+    /// Testing only: how long the assign callback sleeps once the assignment took effect
+    /// (`FAILPOINT_KAFKA_AFTER_ASSIGN_MS`). It widens the window in which the first
+    /// messages of a newly assigned partition are fetched, so a test can show that none
+    /// of them reaches the consumer's own queue, whatever the timing.
+    after_assign: Option<Duration>,
+    misrouted: Arc<Counter>,
+    /// Partitions a misrouted message was logged for (once each).
+    misrouted_logged: Mutex<std::collections::HashSet<(String, i32)>>,
 }
 
 type PartitionQueue = StreamPartitionQueue<Context>;
@@ -116,7 +124,14 @@ impl ConsumerContext for Context {
                     tracing::debug!(source = %self.source, error = %e, "commit on revoke");
                 }
             }
-            Rebalance::Assign(_) => {}
+            // Each new partition gets its own queue BEFORE the assignment takes effect:
+            // fetching starts as soon as the group coordinator answered the committed
+            // offsets, and messages fetched before the split would sit in the consumer's
+            // queue, read by the consumer loop while the partition's reader reads the
+            // later ones — two readers of one partition, whose keys' messages would start
+            // out of order. librdkafka keeps a queue split by the application unforwarded
+            // across assignments (`RD_KAFKA_Q_F_FWD_APP`).
+            Rebalance::Assign(list) => self.split(consumer, &topic_partitions(list)),
             Rebalance::Error(e) => {
                 tracing::warn!(source = %self.source, error = %e, "rebalance error")
             }
@@ -132,16 +147,18 @@ impl ConsumerContext for Context {
             if let Err(e) = consumer.resume(list) {
                 tracing::debug!(source = %self.source, error = %e, "resume on assign");
             }
-            self.split(consumer, &parts);
+            if let Some(pause) = self.after_assign {
+                std::thread::sleep(pause);
+            }
         }
     }
 }
 
 impl Context {
-    /// Gives each newly assigned partition its own queue and hands it to a reader. Done
-    /// here, before its messages are normally fetched (fetching starts once the group
-    /// coordinator answered the committed offsets), so none is expected on the consumer's
-    /// own queue; a partition that cannot be split is read from it as before.
+    /// Gives each partition about to be assigned its own queue and hands it to a reader.
+    /// Called before the assignment takes effect, so none of the partition's messages
+    /// reaches the consumer's own queue; a partition that cannot be split is read from it
+    /// instead (and only from it).
     fn split(&self, base: &BaseConsumer<Self>, parts: &[(String, i32)]) {
         let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
             return;
@@ -172,6 +189,31 @@ impl Context {
                 generation,
                 cancel,
             });
+        }
+    }
+}
+
+impl Context {
+    /// A message read from the consumer's own queue must belong to a partition that has
+    /// no queue of its own; one that does is counted and logged as an error.
+    fn check_unsplit(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
+        let split = self
+            .queues
+            .lock()
+            .expect("queues lock")
+            .contains_key(&(m.topic().to_owned(), m.partition()));
+        if !split {
+            return;
+        }
+        self.misrouted.inc();
+        let tp = (m.topic().to_owned(), m.partition());
+        if self
+            .misrouted_logged
+            .lock()
+            .expect("misrouted lock")
+            .insert(tp)
+        {
+            tracing::error!(source = %self.source, topic = m.topic(), partition = m.partition(), offset = m.offset(), "a message of a partition with its own queue arrived on the consumer's queue; per-key order on this partition is not guaranteed");
         }
     }
 }
@@ -292,6 +334,7 @@ struct Metrics {
     skipped: Arc<Counter>,
     paused: Arc<Gauge>,
     fenced: Arc<Counter>,
+    misrouted: Arc<Counter>,
 }
 
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
@@ -366,6 +409,11 @@ impl Ingest {
             fenced: registry.counter(
                 "leasehold_kafka_fenced_partitions_total",
                 "Partitions this consumer stopped because another consumer of the group claimed them since.",
+                &l,
+            ),
+            misrouted: registry.counter(
+                "leasehold_kafka_misrouted_messages_total",
+                "Messages of a partition read from its own queue that arrived on the consumer's queue (never expected: their order against the partition's queue is not kept).",
                 &l,
             ),
         };
@@ -473,6 +521,7 @@ impl Ingest {
             };
             self.metrics.consumed.inc();
             let generation = crate::group::generation(consumer.as_ref());
+            consumer.context().check_unsplit(&m);
             let part = self.partition(&state, &m, generation);
             let parked = parked(&m, &part, &o.key);
             drop(m);
@@ -560,7 +609,7 @@ impl Ingest {
             self.metrics.consumed.inc();
             if !part.split {
                 // A state the consumer loop made (a message of this partition reached
-                // the consumer's queue, not expected): its path keeps the order.
+                // the consumer's queue, never expected; counted there).
                 self.admit(&state, part, parked);
                 continue;
             }
@@ -680,6 +729,12 @@ impl Ingest {
                     readers: Mutex::new(HashMap::new()),
                     queues: Mutex::new(HashMap::new()),
                     stop: readers_stop,
+                    after_assign: std::env::var("FAILPOINT_KAFKA_AFTER_ASSIGN_MS")
+                        .ok()
+                        .and_then(|ms| ms.parse().ok())
+                        .map(Duration::from_millis),
+                    misrouted: self.metrics.misrouted.clone(),
+                    misrouted_logged: Default::default(),
                 })
                 .map_err(kafka)?,
         );
