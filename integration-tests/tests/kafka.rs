@@ -207,6 +207,13 @@ async fn a_first_assignment_with_a_backlog_keeps_per_key_order_however_late_the_
         (handled(&checker).len() >= 20_000).then_some(())
     })
     .await;
+    // The failpoint held the callback (a debug build of the binary).
+    assert!(
+        cluster.instances[0]
+            .log_text()
+            .contains("failpoint: holding the assign callback"),
+        "the failpoint did not fire; a release build ignores it"
+    );
     assert_first_handling_in_offset_order(&checker);
     assert_eq!(checker.violations(), Vec::<String>::new());
     let metrics = scrape_all(&cluster);

@@ -45,10 +45,11 @@ struct Context {
     queues: Mutex<HashMap<(String, i32), Arc<PartitionQueue>>>,
     /// Stops every reader (the source is stopping).
     stop: CancellationToken,
-    /// Testing only: how long the assign callback sleeps once the assignment took effect
-    /// (`FAILPOINT_KAFKA_AFTER_ASSIGN_MS`). It widens the window in which the first
-    /// messages of a newly assigned partition are fetched, so a test can show that none
-    /// of them reaches the consumer's own queue, whatever the timing.
+    /// Testing only, and only in debug builds: how long the assign callback sleeps right
+    /// after the assignment took effect (`FAILPOINT_KAFKA_AFTER_ASSIGN_MS`). It widens the
+    /// window in which the first messages of a newly assigned partition are fetched, so
+    /// a test can show that none of them reaches the consumer's own queue.
+    #[cfg_attr(not(debug_assertions), allow(dead_code))]
     after_assign: Option<Duration>,
     misrouted: Arc<Counter>,
     /// Partitions a misrouted message was logged for (once each).
@@ -140,15 +141,17 @@ impl ConsumerContext for Context {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(list) = rebalance {
+            #[cfg(debug_assertions)]
+            if let Some(pause) = self.after_assign {
+                tracing::warn!(source = %self.source, ?pause, "failpoint: holding the assign callback");
+                std::thread::sleep(pause);
+            }
             let parts = topic_partitions(list);
             tracing::info!(source = %self.source, partitions = ?parts, "partitions assigned");
             // A partition paused for back-pressure when it was revoked may come back
             // paused; its new state starts empty, so fetch it again.
             if let Err(e) = consumer.resume(list) {
                 tracing::debug!(source = %self.source, error = %e, "resume on assign");
-            }
-            if let Some(pause) = self.after_assign {
-                std::thread::sleep(pause);
             }
         }
     }
@@ -731,6 +734,7 @@ impl Ingest {
                     stop: readers_stop,
                     after_assign: std::env::var("FAILPOINT_KAFKA_AFTER_ASSIGN_MS")
                         .ok()
+                        .filter(|_| cfg!(debug_assertions))
                         .and_then(|ms| ms.parse().ok())
                         .map(Duration::from_millis),
                     misrouted: self.metrics.misrouted.clone(),
@@ -897,6 +901,15 @@ impl Ingest {
     /// new one would start past messages never handled.
     fn reclaim(&self, state: &Consuming, tp: &(String, i32), part: &Arc<Partition>) {
         let source = self.opts.name.as_str();
+        // Checked and done under the partitions lock, which the revoke callback takes
+        // first: a reader reclaims off the consumer loop's thread, and a revoke followed
+        // by a new assignment of the partition (whose reader may have started later
+        // offsets already) must not come between the checks and the seek, or that
+        // assignment would be rewound.
+        let mut map = self.partitions(state);
+        if !map.get(tp).is_some_and(|p| Arc::ptr_eq(p, part)) {
+            return; // revoked meanwhile
+        }
         match state.consumer.assignment() {
             Ok(list) if topic_partitions(&list).contains(tp) => {}
             Ok(_) => return, // the revoke callback removes it
@@ -915,13 +928,8 @@ impl Ingest {
         }
         let generation = crate::group::generation(state.consumer.as_ref());
         let fresh = self.new_state(state, tp, from, true, generation, part.split);
-        {
-            let mut map = self.partitions(state);
-            if !map.get(tp).is_some_and(|p| Arc::ptr_eq(p, part)) {
-                return; // revoked meanwhile
-            }
-            map.insert(tp.clone(), fresh);
-        }
+        map.insert(tp.clone(), fresh);
+        drop(map);
         if let Err(e) = state.consumer.resume(&part.list()) {
             tracing::debug!(source, topic = %tp.0, partition = tp.1, error = %e, "resume on reclaim");
         }
