@@ -171,6 +171,13 @@ impl Context {
         let mut queues = self.queues.lock().expect("queues lock");
         for (topic, partition) in parts {
             let tp = (topic.clone(), *partition);
+            // Assigned again without a revoke in between (not expected of the cooperative
+            // protocol): its reader goes on. Replacing it would stop it with a message it
+            // took and not yet started, which the shared state would never see again.
+            if readers.get(&tp).is_some_and(|r| !r.is_cancelled()) {
+                tracing::warn!(source = %self.source, %topic, partition, "partition assigned again while its reader runs; keeping the reader");
+                continue;
+            }
             let queue = match queues.get(&tp) {
                 Some(q) => q.clone(),
                 None => match consumer.split_partition_queue(topic, *partition) {
@@ -182,9 +189,7 @@ impl Context {
                 },
             };
             let cancel = self.stop.child_token();
-            if let Some(old) = readers.insert((topic.clone(), *partition), cancel.clone()) {
-                old.cancel();
-            }
+            readers.insert((topic.clone(), *partition), cancel.clone());
             let _ = self.splits.send(Split {
                 topic: topic.clone(),
                 partition: *partition,

@@ -320,7 +320,9 @@ async fn forwarded_latency() -> Vec<Row> {
     let (ftm, flo, fhi) = median_spread(ft);
     let (dts, fts) = (dhi / dlo - 1.0, fhi / flo - 1.0);
     let tr = ftm / dtm;
+    let floor = tokio::task::spawn_blocking(relay_floor).await.unwrap();
     vec![
+        floor,
         Row {
             name: "forwarded Call throughput (2 instances, 32 callers, every call entering the non-owner)",
             measured: format!("{ftm:.0} calls/s (3 runs, spread {:.0} %)", fts * 100.0),
@@ -356,6 +358,83 @@ async fn forwarded_latency() -> Vec<Row> {
             met: mr <= 1.05,
         },
     ]
+}
+
+/// What one hop costs on this machine with no protocol at all: sequential 100-byte
+/// round trips over loopback TCP (blocking threads, `TCP_NODELAY`) to an echo server, and
+/// the same through a relay thread that copies each message to the echo server and back.
+/// The forward hop's p50 ratio is read against this floor.
+fn relay_floor() -> Row {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    const SIZE: usize = 100;
+    fn serve(listener: TcpListener, upstream: Option<std::net::SocketAddr>) {
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let _ = conn.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut up = upstream.map(|a| {
+                        let s = TcpStream::connect(a).unwrap();
+                        s.set_nodelay(true).unwrap();
+                        s
+                    });
+                    let mut buf = [0u8; SIZE];
+                    while conn.read_exact(&mut buf).is_ok() {
+                        if let Some(up) = up.as_mut() {
+                            if up.write_all(&buf).is_err() || up.read_exact(&mut buf).is_err() {
+                                return;
+                            }
+                        }
+                        if conn.write_all(&buf).is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+    }
+    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+    let (echo, relay) = (bind(), bind());
+    let (echo_at, relay_at) = (echo.local_addr().unwrap(), relay.local_addr().unwrap());
+    serve(echo, None);
+    serve(relay, Some(echo_at));
+    let run = |to: std::net::SocketAddr, n: usize| {
+        let mut s = TcpStream::connect(to).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut buf = [7u8; SIZE];
+        let mut l: Vec<Duration> = (0..n)
+            .map(|_| {
+                let t = Instant::now();
+                s.write_all(&buf).unwrap();
+                s.read_exact(&mut buf).unwrap();
+                t.elapsed()
+            })
+            .collect();
+        l.sort();
+        (l[n / 2], l[n * 99 / 100])
+    };
+    run(echo_at, 500);
+    run(relay_at, 500);
+    let (mut d, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        d.push(run(echo_at, 3000));
+        r.push(run(relay_at, 3000));
+    }
+    let p50 = |v: &[(Duration, Duration)]| latency_median(v.iter().map(|x| x.0).collect());
+    let p99 = |v: &[(Duration, Duration)]| latency_median(v.iter().map(|x| x.1).collect());
+    let ((d50, _), (d99, _), (r50, r50s), (r99, _)) = (p50(&d), p99(&d), p50(&r), p99(&r));
+    Row {
+        name: "one hop with no protocol: loopback TCP through a relay (sequential 100 B round trips; informative floor of the forward hop)",
+        measured: format!("p50 {r50:?} ({:.0} % spread), p99 {r99:?}", r50s * 100.0),
+        baseline: format!(
+            "the same round trips straight to the echo server: p50 {d50:?}, p99 {d99:?} → ratios {:.2} / {:.2}",
+            r50.as_secs_f64() / d50.as_secs_f64(),
+            r99.as_secs_f64() / d99.as_secs_f64()
+        ),
+        target: "report",
+        met: true,
+    }
 }
 
 /// `serve` flags for TLS on the client plane and mutual TLS on the peer plane, the
