@@ -77,36 +77,47 @@ fn client(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig 
     c
 }
 
-/// Whether the cluster answers a metadata request for `topics` within `timeout`, with a
-/// leader for every partition (blocking: run it off the async threads).
-pub fn probe(
-    brokers: &str,
-    properties: &BTreeMap<String, String>,
-    topics: &[String],
-    timeout: Duration,
-) -> Result<(), String> {
-    let consumer: BaseConsumer = client(brokers, properties)
-        .create()
-        .map_err(|e| e.to_string())?;
-    for topic in topics {
-        let metadata = consumer
-            .fetch_metadata(Some(topic), timeout)
-            .map_err(|e| format!("metadata of {topic}: {e}"))?;
-        let t = metadata
-            .topics()
-            .first()
-            .ok_or_else(|| format!("no metadata for {topic}"))?;
-        if let Some(e) = t.error() {
-            return Err(format!("{topic}: {e:?}"));
-        }
-        if t.partitions().is_empty() {
-            return Err(format!("{topic} has no partitions"));
-        }
-        if let Some(p) = t.partitions().iter().find(|p| p.leader() < 0) {
-            return Err(format!("{topic}/{} has no leader", p.id()));
-        }
+/// A client for probing one cluster, kept while its probes succeed: a healthy cluster is
+/// probed without a new librdkafka client (its threads, connections and handshakes) each
+/// time. The caller drops it after a failed probe, so a cluster that is down is probed
+/// with fresh clients, which connect at once when it is back (a kept client would wait
+/// out librdkafka's reconnect backoff, up to 10 s).
+pub struct Prober {
+    consumer: BaseConsumer,
+}
+
+impl Prober {
+    pub fn new(brokers: &str, properties: &BTreeMap<String, String>) -> Result<Self, String> {
+        let consumer = client(brokers, properties)
+            .create()
+            .map_err(|e| e.to_string())?;
+        Ok(Self { consumer })
     }
-    Ok(())
+
+    /// Whether the cluster answers a metadata request for `topics` within `timeout`,
+    /// with a leader for every partition (blocking: run it off the async threads).
+    pub fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), String> {
+        for topic in topics {
+            let metadata = self
+                .consumer
+                .fetch_metadata(Some(topic), timeout)
+                .map_err(|e| format!("metadata of {topic}: {e}"))?;
+            let t = metadata
+                .topics()
+                .first()
+                .ok_or_else(|| format!("no metadata for {topic}"))?;
+            if let Some(e) = t.error() {
+                return Err(format!("{topic}: {e:?}"));
+            }
+            if t.partitions().is_empty() {
+                return Err(format!("{topic} has no partitions"));
+            }
+            if let Some(p) = t.partitions().iter().find(|p| p.leader() < 0) {
+                return Err(format!("{topic}/{} has no leader", p.id()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Commits, for `group` on the given cluster, the first offset of every partition of

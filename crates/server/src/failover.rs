@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use leasehold_coord::{Coord, KafkaHealthValue, KafkaSide, KafkaSideValue, MemberState};
+use leasehold_kafka::failover::Prober;
 use leasehold_kafka::{Dispatcher, FailoverOptions, Ingest, Side, SourceOptions, StatusHandle};
 use leasehold_metrics::Registry;
 use leasehold_types::MemberId;
@@ -260,9 +261,17 @@ async fn probe_primary(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<KafkaHealthValue> = None;
     let mut written = None;
+    // One client for the probes while they succeed (see `Prober`).
+    let mut prober: Option<Prober> = None;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => {
+                // Closing a librdkafka client waits for its threads: off the async ones.
+                if let Some(p) = prober.take() {
+                    tokio::task::spawn_blocking(move || drop(p));
+                }
+                return;
+            }
             _ = tick.tick() => {}
         }
         let (brokers, properties, topics) = (
@@ -271,11 +280,28 @@ async fn probe_primary(
             source.topics.clone(),
         );
         let timeout = failover.probe_interval.max(Duration::from_millis(500));
-        let result = tokio::task::spawn_blocking(move || {
-            leasehold_kafka::failover::probe(&brokers, &properties, &topics, timeout)
+        let held = prober.take();
+        let probed = tokio::task::spawn_blocking(move || {
+            let p = match held {
+                Some(p) => p,
+                None => match Prober::new(&brokers, &properties) {
+                    Ok(p) => p,
+                    Err(e) => return (None, Err(e)),
+                },
+            };
+            let result = p.probe(&topics, timeout);
+            // Kept only while the cluster answers (see `Prober`); dropped here, off the
+            // async threads, otherwise.
+            (result.is_ok().then_some(p), result)
         })
-        .await
-        .unwrap_or_else(|e| Err(e.to_string()));
+        .await;
+        let result = match probed {
+            Ok((p, result)) => {
+                prober = p;
+                result
+            }
+            Err(e) => Err(e.to_string()),
+        };
         let ok = result.is_ok();
         if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
             let error = result.err().unwrap_or_default();

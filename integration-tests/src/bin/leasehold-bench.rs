@@ -1187,7 +1187,9 @@ fn replace_section(text: &str, heading: &str, section: &str) -> String {
         let rest = &text[start + 1..];
         let end = rest[heading.len()..]
             .find("\n## ")
-            .map_or(text.len(), |i| start + 1 + heading.len() + i + 1);
+            // From the newline that ends the section: the blank line before the next
+            // heading stays.
+            .map_or(text.len(), |i| start + 1 + heading.len() + i);
         return format!("{}\n{}{}", &text[..start], section, &text[end..]);
     }
     match text.find("\n## Notes") {
