@@ -81,25 +81,40 @@ fn client(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig 
 /// probed without a new librdkafka client (its threads, connections and handshakes) each
 /// time. The caller drops it after a failed probe, so a cluster that is down is probed
 /// with fresh clients, which connect at once when it is back (a kept client would wait
-/// out librdkafka's reconnect backoff, up to 10 s).
+/// out librdkafka's reconnect backoff, up to 10 s), and once it is [`Prober::stale`], so
+/// the bootstrap address, credentials and certificates are checked again as a new
+/// consumer would meet them. Dropped, it closes the client on a thread of its own
+/// (closing waits for librdkafka's threads).
 pub struct Prober {
-    consumer: BaseConsumer,
+    consumer: Option<BaseConsumer>,
+    made: std::time::Instant,
 }
+
+/// How long a [`Prober`] is kept at most.
+const PROBER_MAX_AGE: Duration = Duration::from_secs(300);
 
 impl Prober {
     pub fn new(brokers: &str, properties: &BTreeMap<String, String>) -> Result<Self, String> {
         let consumer = client(brokers, properties)
             .create()
             .map_err(|e| e.to_string())?;
-        Ok(Self { consumer })
+        Ok(Self {
+            consumer: Some(consumer),
+            made: std::time::Instant::now(),
+        })
+    }
+
+    /// Old enough to be replaced by a fresh client.
+    pub fn stale(&self) -> bool {
+        self.made.elapsed() >= PROBER_MAX_AGE
     }
 
     /// Whether the cluster answers a metadata request for `topics` within `timeout`,
     /// with a leader for every partition (blocking: run it off the async threads).
     pub fn probe(&self, topics: &[String], timeout: Duration) -> Result<(), String> {
+        let consumer = self.consumer.as_ref().expect("held until dropped");
         for topic in topics {
-            let metadata = self
-                .consumer
+            let metadata = consumer
                 .fetch_metadata(Some(topic), timeout)
                 .map_err(|e| format!("metadata of {topic}: {e}"))?;
             let t = metadata
@@ -117,6 +132,16 @@ impl Prober {
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for Prober {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.consumer.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-prober-close".into())
+                .spawn(move || drop(consumer));
+        }
     }
 }
 

@@ -36,7 +36,7 @@ struct Context {
     consumer: OnceLock<Weak<StreamConsumer<Context>>>,
     splits: mpsc::UnboundedSender<Split>,
     /// The reader of each assigned partition's queue, stopped when it is revoked.
-    readers: Mutex<HashMap<(String, i32), CancellationToken>>,
+    readers: Mutex<HashMap<(String, i32), Reader>>,
     /// Each partition's queue, split once and kept while the consumer lives: handles
     /// of one partition share librdkafka's queue and its wake-up, which dropping any
     /// handle turns off, so a reader that ends late must not drop the only handle after
@@ -57,6 +57,13 @@ struct Context {
 }
 
 type PartitionQueue = StreamPartitionQueue<Context>;
+
+/// A running reader of one partition's queue, as the context knows it.
+struct Reader {
+    cancel: CancellationToken,
+    /// The generation of the partition's latest assignment (see [`Split::generation`]).
+    generation: Arc<std::sync::atomic::AtomicI32>,
+}
 
 /// Drops every partition queue handle the consumer's context keeps.
 struct ReleaseQueues(Arc<StreamConsumer<Context>>);
@@ -88,8 +95,9 @@ struct Split {
     topic: String,
     partition: i32,
     queue: Arc<PartitionQueue>,
-    /// The group generation the partition was assigned in (read in the callback).
-    generation: i32,
+    /// The group generation the partition was assigned in (read in the callback); a
+    /// later assignment that keeps the reader updates it.
+    generation: Arc<std::sync::atomic::AtomicI32>,
     /// Cancelled when the partition is revoked or the source stops.
     cancel: CancellationToken,
 }
@@ -115,7 +123,7 @@ impl ConsumerContext for Context {
                         p.revoke();
                     }
                     if let Some(reader) = readers.remove(tp) {
-                        reader.cancel();
+                        reader.cancel.cancel();
                     }
                 }
                 drop(readers);
@@ -174,8 +182,9 @@ impl Context {
             // Assigned again without a revoke in between (not expected of the cooperative
             // protocol): its reader goes on. Replacing it would stop it with a message it
             // took and not yet started, which the shared state would never see again.
-            if readers.get(&tp).is_some_and(|r| !r.is_cancelled()) {
-                tracing::warn!(source = %self.source, %topic, partition, "partition assigned again while its reader runs; keeping the reader");
+            if let Some(reader) = readers.get(&tp).filter(|r| !r.cancel.is_cancelled()) {
+                tracing::warn!(source = %self.source, %topic, partition, generation, "partition assigned again while its reader runs; keeping the reader");
+                reader.generation.store(generation, Ordering::Release);
                 continue;
             }
             let queue = match queues.get(&tp) {
@@ -189,7 +198,14 @@ impl Context {
                 },
             };
             let cancel = self.stop.child_token();
-            readers.insert((topic.clone(), *partition), cancel.clone());
+            let generation = Arc::new(std::sync::atomic::AtomicI32::new(generation));
+            readers.insert(
+                (topic.clone(), *partition),
+                Reader {
+                    cancel: cancel.clone(),
+                    generation: generation.clone(),
+                },
+            );
             let _ = self.splits.send(Split {
                 topic: topic.clone(),
                 partition: *partition,
@@ -561,7 +577,10 @@ impl Ingest {
         } = split;
         let source = self.opts.name.as_str();
         let tp = (topic.clone(), partition);
-        tracing::debug!(source, %topic, partition, generation, "reading the partition's own queue");
+        // However this reader ends (a panic too), its partition's next assignment sees it
+        // stopped and starts another.
+        let _stopped = cancel.clone().drop_guard();
+        tracing::debug!(source, %topic, partition, generation = generation.load(Ordering::Acquire), "reading the partition's own queue");
         loop {
             let current = self.partitions(&state).get(&tp).cloned();
             if let Some(part) = current
@@ -595,7 +614,13 @@ impl Ingest {
                     None => std::future::pending().await,
                 }
             };
-            let next = self.take(&state, &tp, &queue, generation, &cancel);
+            let next = self.take(
+                &state,
+                &tp,
+                &queue,
+                generation.load(Ordering::Acquire),
+                &cancel,
+            );
             let taken = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return,
@@ -906,15 +931,6 @@ impl Ingest {
     /// new one would start past messages never handled.
     fn reclaim(&self, state: &Consuming, tp: &(String, i32), part: &Arc<Partition>) {
         let source = self.opts.name.as_str();
-        // Checked and done under the partitions lock, which the revoke callback takes
-        // first: a reader reclaims off the consumer loop's thread, and a revoke followed
-        // by a new assignment of the partition (whose reader may have started later
-        // offsets already) must not come between the checks and the seek, or that
-        // assignment would be rewound.
-        let mut map = self.partitions(state);
-        if !map.get(tp).is_some_and(|p| Arc::ptr_eq(p, part)) {
-            return; // revoked meanwhile
-        }
         match state.consumer.assignment() {
             Ok(list) if topic_partitions(&list).contains(tp) => {}
             Ok(_) => return, // the revoke callback removes it
@@ -923,10 +939,26 @@ impl Ingest {
                 return;
             }
         }
+        // The seek is made under the partitions lock, which the revoke callback takes
+        // first: a reader reclaims off the consumer loop's thread, and a revoke followed
+        // by a new assignment of the partition (whose reader may have started later
+        // offsets already) must not come between the check that this state is still the
+        // partition's and the seek, or that assignment would be rewound (librdkafka
+        // applies a seek queued before the revoke's stop to the old assignment). Briefly:
+        // readers and the revoke callback wait for this lock on the async threads. A seek
+        // that takes longer fails here and is retried on the next tick; should it land
+        // later, the fenced state has taken nothing meanwhile.
+        let mut map = self.partitions(state);
+        if !map.get(tp).is_some_and(|p| Arc::ptr_eq(p, part)) {
+            return; // revoked meanwhile
+        }
         let from = part.resume_from.load(Ordering::Acquire);
-        let seek = state
-            .consumer
-            .seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(2));
+        let seek = state.consumer.seek(
+            &tp.0,
+            tp.1,
+            Offset::Offset(from),
+            Duration::from_millis(200),
+        );
         if let Err(e) = seek {
             tracing::warn!(source, topic = %tp.0, partition = tp.1, from, error = %e, "re-reading a reclaimed partition failed; retrying");
             return;

@@ -265,13 +265,8 @@ async fn probe_primary(
     let mut prober: Option<Prober> = None;
     loop {
         tokio::select! {
-            _ = cancel.cancelled() => {
-                // Closing a librdkafka client waits for its threads: off the async ones.
-                if let Some(p) = prober.take() {
-                    tokio::task::spawn_blocking(move || drop(p));
-                }
-                return;
-            }
+            // The prober closes its client off the async threads when dropped.
+            _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         let (brokers, properties, topics) = (
@@ -280,7 +275,7 @@ async fn probe_primary(
             source.topics.clone(),
         );
         let timeout = failover.probe_interval.max(Duration::from_millis(500));
-        let held = prober.take();
+        let held = prober.take().filter(|p| !p.stale());
         let probed = tokio::task::spawn_blocking(move || {
             let p = match held {
                 Some(p) => p,
@@ -290,8 +285,7 @@ async fn probe_primary(
                 },
             };
             let result = p.probe(&topics, timeout);
-            // Kept only while the cluster answers (see `Prober`); dropped here, off the
-            // async threads, otherwise.
+            // Kept only while the cluster answers (see `Prober`).
             (result.is_ok().then_some(p), result)
         })
         .await;

@@ -268,6 +268,8 @@ fn latency_median(mut runs: Vec<Duration>) -> (Duration, f64) {
 /// by n0): direct to n0, through n1 (one hop), and the smart client seeded with n1 only
 /// (it follows the routing table to n0). Runs alternate, 3 rounds; medians reported.
 async fn forwarded_latency() -> Vec<Row> {
+    // Before the cluster starts: nothing else runs while the floor is measured.
+    let floor = tokio::task::spawn_blocking(relay_floor).await.unwrap();
     let cluster = Cluster::start(2, &[]).await;
     let table = cluster.wait_balanced(Duration::from_secs(10)).await;
     let count = table.len() as u32;
@@ -320,7 +322,6 @@ async fn forwarded_latency() -> Vec<Row> {
     let (ftm, flo, fhi) = median_spread(ft);
     let (dts, fts) = (dhi / dlo - 1.0, fhi / flo - 1.0);
     let tr = ftm / dtm;
-    let floor = tokio::task::spawn_blocking(relay_floor).await.unwrap();
     vec![
         floor,
         Row {
