@@ -1435,3 +1435,82 @@ async fn placement_follows_a_skewed_load_and_then_stays_put() {
     assert!(failed.is_empty(), "failed calls: {failed:?}");
     assert!(calls.load(Ordering::Relaxed) > 5000, "{calls:?} calls");
 }
+
+/// A handler that panics fails only that call, with `INTERNAL`, whether the call reached
+/// its owner directly or across the forward hop: the key's next call runs at once, both
+/// processes keep serving, and the peer stream carries the calls after the panic too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
+    let etcd = Etcd::start().await;
+    let program = std::path::Path::new(env!("CARGO_BIN_EXE_leasehold-panicking"));
+    let start = |id: &str| {
+        Instance::start_program(
+            program,
+            &[],
+            &InstanceSpec {
+                id: id.into(),
+                etcd: etcd.endpoint(),
+                args: vec!["--lease-ttl".into(), "3s".into()],
+            },
+        )
+    };
+    let instances = vec![start("n0"), start("n1")];
+    let cluster = Cluster {
+        etcd,
+        instances,
+        args: Vec::new(),
+    };
+    let table = cluster.wait_balanced(Duration::from_secs(15)).await;
+    let count = table.len() as u32;
+    let key = (0..)
+        .map(|i| format!("acct-{i}"))
+        .find(|k| {
+            table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
+                .1
+                .as_deref()
+                == Some("n0")
+        })
+        .unwrap();
+    let request = |payload: &'static [u8]| CallRequest {
+        key: key.clone(),
+        payload: payload.to_vec().into(),
+    };
+    let mut owner = cluster.instances[0].client().await;
+    let mut entry = cluster.instances[1].client().await;
+    for (path, client) in [("at the owner", &mut owner), ("forwarded", &mut entry)] {
+        for _ in 0..3 {
+            let e = client
+                .call(request(b"panic"))
+                .await
+                .expect_err("a call whose handler panicked succeeded");
+            assert_eq!(e.code(), tonic::Code::Internal, "{path}: {e:?}");
+            assert!(e.message().contains("panicked"), "{path}: {e:?}");
+            let next = tokio::time::timeout(Duration::from_secs(5), client.call(request(b"after")))
+                .await
+                .unwrap_or_else(|_| panic!("{path}: the key's next call did not finish"))
+                .unwrap_or_else(|e| panic!("{path}: the key's next call failed: {e:?}"));
+            assert_eq!(&next.into_inner().payload[..], b"after", "{path}");
+        }
+    }
+    assert!(
+        cluster.instances.iter().all(|i| i.ready()),
+        "an instance stopped serving"
+    );
+    // The forwarded calls after the first, the ones after each panic included, went over
+    // the Dispatch stream to the owner (the first opens the stream and goes as a unary
+    // Forward while the stream's answer headers are on the way: both paths panicked).
+    let metrics = ureq::get(&format!("{}/metrics", cluster.instances[0].admin_url()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    let streamed: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("leasehold_peer_stream_calls_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        streamed >= 5.0,
+        "calls the owner read from peer streams: {streamed}"
+    );
+}
