@@ -1461,16 +1461,7 @@ async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
         args: Vec::new(),
     };
     let table = cluster.wait_balanced(Duration::from_secs(15)).await;
-    let count = table.len() as u32;
-    let key = (0..)
-        .map(|i| format!("acct-{i}"))
-        .find(|k| {
-            table[leasehold_types::shard_for_key(k.as_bytes(), count).0 as usize]
-                .1
-                .as_deref()
-                == Some("n0")
-        })
-        .unwrap();
+    let key = key_owned_by(&table, "acct-", "n0");
     let request = |payload: &'static [u8]| CallRequest {
         key: key.clone(),
         payload: payload.to_vec().into(),
@@ -1499,16 +1490,7 @@ async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
     // The forwarded calls after the first, the ones after each panic included, went over
     // the Dispatch stream to the owner (the first opens the stream and goes as a unary
     // Forward while the stream's answer headers are on the way: both paths panicked).
-    let metrics = ureq::get(&format!("{}/metrics", cluster.instances[0].admin_url()))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    let streamed: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("leasehold_peer_stream_calls_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let streamed = counter(&cluster.instances[0], "leasehold_peer_stream_calls_total");
     assert!(
         streamed >= 5.0,
         "calls the owner read from peer streams: {streamed}"

@@ -1,7 +1,7 @@
 //! The consumer loop of one source.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -62,7 +62,7 @@ type PartitionQueue = StreamPartitionQueue<Context>;
 struct Reader {
     cancel: CancellationToken,
     /// The generation of the partition's latest assignment (see [`Split::generation`]).
-    generation: Arc<std::sync::atomic::AtomicI32>,
+    generation: Arc<AtomicI32>,
 }
 
 /// Drops every partition queue handle the consumer's context keeps.
@@ -97,7 +97,7 @@ struct Split {
     queue: Arc<PartitionQueue>,
     /// The group generation the partition was assigned in (read in the callback); a
     /// later assignment that keeps the reader updates it.
-    generation: Arc<std::sync::atomic::AtomicI32>,
+    generation: Arc<AtomicI32>,
     /// Cancelled when the partition is revoked or the source stops.
     cancel: CancellationToken,
 }
@@ -198,7 +198,7 @@ impl Context {
                 },
             };
             let cancel = self.stop.child_token();
-            let generation = Arc::new(std::sync::atomic::AtomicI32::new(generation));
+            let generation = Arc::new(AtomicI32::new(generation));
             readers.insert(
                 (topic.clone(), *partition),
                 Reader {
@@ -215,22 +215,15 @@ impl Context {
             });
         }
     }
-}
 
-impl Context {
     /// A message read from the consumer's own queue must belong to a partition that has
     /// no queue of its own; one that does is counted and logged as an error.
     fn check_unsplit(&self, m: &rdkafka::message::BorrowedMessage<'_>) {
-        let split = self
-            .queues
-            .lock()
-            .expect("queues lock")
-            .contains_key(&(m.topic().to_owned(), m.partition()));
-        if !split {
+        let tp = (m.topic().to_owned(), m.partition());
+        if !self.queues.lock().expect("queues lock").contains_key(&tp) {
             return;
         }
         self.misrouted.inc();
-        let tp = (m.topic().to_owned(), m.partition());
         if self
             .misrouted_logged
             .lock()
@@ -764,7 +757,6 @@ impl Ingest {
                     stop: readers_stop,
                     after_assign: std::env::var("FAILPOINT_KAFKA_AFTER_ASSIGN_MS")
                         .ok()
-                        .filter(|_| cfg!(debug_assertions))
                         .and_then(|ms| ms.parse().ok())
                         .map(Duration::from_millis),
                     misrouted: self.metrics.misrouted.clone(),
