@@ -31,6 +31,9 @@ pub struct State {
     pub kafka_fences: Vec<u64>,
     /// The cluster of each entry of `kafka` (empty without failover).
     pub kafka_clusters: Vec<String>,
+    /// The distinct (partition, offset) pairs of `kafka`, kept as calls arrive: tests poll
+    /// their count, and rebuilding it from `kafka` under this lock stalls the handler.
+    pub kafka_distinct: std::collections::HashSet<(i32, i64)>,
     /// Key → the request metadata the handler received that the test asked to keep
     /// (`traceparent`, `tracestate`, `x-*`), last call wins.
     pub metadata: HashMap<String, Vec<(String, String)>>,
@@ -98,6 +101,7 @@ impl EntityHandler for Service {
         {
             let entry = (r.key.clone(), k.partition, k.offset, r.owner.clone());
             let mut s = self.state.lock().unwrap();
+            s.kafka_distinct.insert((k.partition, k.offset));
             s.kafka.push(entry);
             s.kafka_fences.push(k.fence);
             s.kafka_clusters.push(k.cluster.clone());

@@ -1,5 +1,6 @@
 //! The lease keeper: one etcd lease per instance, kept alive by hand.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::{LeaseKeepAliveStream, LeaseKeeper as KeepAliveSender};
@@ -21,6 +22,8 @@ pub(crate) struct LeaseKeeper {
     ttl_secs: i64,
     /// Between failed grants.
     backoff: Backoff,
+    /// Set while etcd does not answer; cleared (and the watcher told) when it does again.
+    unheard: AtomicBool,
 }
 
 impl LeaseKeeper {
@@ -28,6 +31,7 @@ impl LeaseKeeper {
         Self {
             ttl_secs: coord.inner.opts.lease_ttl.as_secs().max(1) as i64,
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            unheard: AtomicBool::new(false),
             coord,
         }
     }
@@ -45,14 +49,21 @@ impl LeaseKeeper {
             let (id, ttl) = match grant {
                 Ok(g) => (g.id(), Duration::from_secs(g.ttl().max(0) as u64)),
                 Err(e) => {
+                    self.unheard.store(true, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "lease grant failed, retrying");
-                    if !self.backoff.wait(&cancel).await {
+                    // Sooner when the watcher finds etcd reachable again.
+                    let go_on = tokio::select! {
+                        go_on = self.backoff.wait(&cancel) => go_on,
+                        _ = self.coord.inner.etcd_back_to_keeper.notified() => !cancel.is_cancelled(),
+                    };
+                    if !go_on {
                         return;
                     }
                     continue;
                 }
             };
             self.backoff.reset();
+            self.heard();
             self.set_valid(sent, ttl);
             self.coord.inner.session.send_modify(|s| {
                 *s = Session {
@@ -92,6 +103,14 @@ impl LeaseKeeper {
         );
     }
 
+    /// etcd answered: if it had not for a while, the watcher may be waiting out its
+    /// back-off; it re-syncs now.
+    fn heard(&self) {
+        if self.unheard.swap(false, Ordering::Relaxed) {
+            self.coord.inner.etcd_back_to_watcher.notify_one();
+        }
+    }
+
     /// Moves `valid_until` to `sent` + `ttl` − the safety margin.
     fn set_valid(&self, sent: Instant, ttl: Duration) {
         let inner = &self.coord.inner;
@@ -104,8 +123,14 @@ impl LeaseKeeper {
     /// Sends a keepalive every TTL/3 and reads its answer. Returns when etcd reports the
     /// lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the stream, as
     /// the lease may well survive a short etcd outage.
+    ///
+    /// When the watcher finds etcd reachable again after losing it, a pending attempt (sent
+    /// while etcd was out of reach, it may hang until its timeout) is dropped and the stream
+    /// reopened at once: a lease that expired meanwhile is found gone, and re-granted, up
+    /// to a keepalive interval sooner.
     async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
         let interval = (ttl / 3).max(Duration::from_millis(100));
+        let back = &self.coord.inner.etcd_back_to_keeper;
         let mut stream: Option<(KeepAliveSender, LeaseKeepAliveStream)> = None;
         loop {
             let sent = Instant::now();
@@ -114,8 +139,15 @@ impl LeaseKeeper {
                     let client = self.coord.client()?;
                     self.coord.etcd(client.lease_client().keep_alive(id)).await
                 };
-                match tokio::select! { _ = cancel.cancelled() => return End::Cancelled, r = opened => r }
-                {
+                let opened = tokio::select! {
+                    _ = cancel.cancelled() => return End::Cancelled,
+                    _ = back.notified() => {
+                        tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
+                        continue;
+                    }
+                    r = opened => r,
+                };
+                match opened {
                     Ok(s) => stream = Some(s),
                     // Opening sends a first keepalive; etcd answers TTL 0 for a lease it
                     // no longer has, which the client reports as "lease not found". That
@@ -123,9 +155,11 @@ impl LeaseKeeper {
                     Err(Error::Etcd(etcd_client::Error::LeaseKeepAliveError(e)))
                         if e.contains("not found") =>
                     {
+                        self.heard();
                         return End::Expired;
                     }
                     Err(e) => {
+                        self.unheard.store(true, Ordering::Relaxed);
                         tracing::warn!(lease = id, error = %e, "keepalive stream failed to open")
                     }
                 }
@@ -137,13 +171,22 @@ impl LeaseKeeper {
                 };
                 let answer = tokio::select! {
                     _ = cancel.cancelled() => return End::Cancelled,
+                    _ = back.notified() => {
+                        tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
+                        stream = None;
+                        continue;
+                    }
                     r = tokio::time::timeout(interval, round) => r,
                 };
                 match answer {
                     Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
+                        self.heard();
                         self.set_valid(sent, Duration::from_secs(resp.ttl() as u64));
                     }
-                    Ok(Ok(Some(_))) => return End::Expired,
+                    Ok(Ok(Some(_))) => {
+                        self.heard();
+                        return End::Expired;
+                    }
                     Ok(Ok(None)) => {
                         tracing::warn!(lease = id, "keepalive stream closed");
                         stream = None;
@@ -157,10 +200,22 @@ impl LeaseKeeper {
                         stream = None;
                     }
                 }
+                if stream.is_none() {
+                    self.unheard.store(true, Ordering::Relaxed);
+                }
             }
             let next = sent + interval;
             tokio::select! {
                 _ = cancel.cancelled() => return End::Cancelled,
+                _ = back.notified() => {
+                    if stream.is_some() {
+                        // Healthy: the watch broke on its own; keep the usual pace.
+                        tokio::select! {
+                            _ = cancel.cancelled() => return End::Cancelled,
+                            _ = tokio::time::sleep_until(next.into()) => {}
+                        }
+                    }
+                }
                 _ = tokio::time::sleep_until(next.into()) => {}
             }
         }

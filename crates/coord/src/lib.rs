@@ -256,6 +256,12 @@ struct Inner {
     /// Set until the handler first answers; no shard is taken before.
     awaiting_handler: AtomicBool,
     wake: Notify,
+    /// Notified when the watcher re-synced after losing its watch: etcd answers again, so
+    /// the lease keeper retries at once instead of at its next keepalive tick.
+    etcd_back_to_keeper: Notify,
+    /// Notified when the lease keeper hears from etcd again after failing to: the watcher
+    /// takes its snapshot at once instead of at the end of its back-off.
+    etcd_back_to_watcher: Notify,
     liveness: Liveness,
     listener: Arc<dyn ShardListener>,
     metrics: Metrics,
@@ -284,6 +290,8 @@ impl Coord {
                 draining: AtomicBool::new(false),
                 awaiting_handler: AtomicBool::new(true),
                 wake: Notify::new(),
+                etcd_back_to_keeper: Notify::new(),
+                etcd_back_to_watcher: Notify::new(),
                 liveness: Liveness::default(),
                 listener,
                 metrics: Metrics::new(registry),

@@ -27,9 +27,10 @@ impl Watcher {
     }
 
     pub(crate) async fn run(mut self, cancel: CancellationToken) {
+        let mut lost = false;
         loop {
             let synced_before = self.coord.inner.view.borrow().synced;
-            match self.sync(&cancel).await {
+            match self.sync(&cancel, lost).await {
                 Ok(()) => return,
                 Err(e) => {
                     if synced_before {
@@ -39,16 +40,24 @@ impl Watcher {
                             .send_modify(|v| Arc::make_mut(v).synced = false);
                     }
                     tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "routing table watch lost; taking a new snapshot");
+                    lost = true;
                 }
             }
-            if !self.backoff.wait(&cancel).await {
+            // Sooner when the lease keeper hears from etcd again.
+            let go_on = tokio::select! {
+                go_on = self.backoff.wait(&cancel) => go_on,
+                _ = self.coord.inner.etcd_back_to_watcher.notified() => !cancel.is_cancelled(),
+            };
+            if !go_on {
                 return;
             }
         }
     }
 
-    /// Loads a snapshot, publishes it, then applies watch events until an error.
-    async fn sync(&self, cancel: &CancellationToken) -> Result<(), Error> {
+    /// Loads a snapshot, publishes it, then applies watch events until an error. After a
+    /// lost watch (`after_loss`), a snapshot read means etcd is reachable again: the lease
+    /// keeper is told, as its lease may have expired meanwhile.
+    async fn sync(&mut self, cancel: &CancellationToken, after_loss: bool) -> Result<(), Error> {
         let keys = &self.coord.inner.keys;
         let mut client = self.coord.client()?;
         let snapshot = self
@@ -68,6 +77,12 @@ impl Watcher {
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());
         view.synced = true;
+        // The back-off counts failed snapshots in a row, not losses over a lifetime.
+        self.backoff.reset();
+        if after_loss {
+            // One stored permit at most: the keeper takes it on its next wait.
+            self.coord.inner.etcd_back_to_keeper.notify_one();
+        }
         self.coord.inner.metrics.watch_resyncs.inc();
         tracing::info!(
             revision = view.revision,

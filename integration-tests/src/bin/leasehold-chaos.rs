@@ -468,16 +468,23 @@ impl World {
         None
     }
 
-    /// Polls until healed; Ok(time taken) or Err(last reason) after `deadline`.
+    /// Polls until healed; Ok(time taken) or Err(last reason) after `deadline`. Prints
+    /// each new reason with its time, so that a slow heal shows where the time went.
     async fn wait_healed(&self, deadline: Duration) -> Result<Duration, String> {
         let t0 = Instant::now();
+        let mut last: Option<String> = None;
         loop {
             let r = tokio::task::block_in_place(|| self.not_healed());
+            if r.is_some() && r != last {
+                let why = r.as_deref().unwrap_or_default();
+                eprintln!("            +{:.2}s {why}", t0.elapsed().as_secs_f64());
+            }
             match r {
                 None => return Ok(t0.elapsed()),
                 Some(why) if t0.elapsed() > deadline => return Err(why),
                 Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
+            last = r;
         }
     }
 }
