@@ -124,13 +124,16 @@ impl LeaseKeeper {
     /// lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the stream, as
     /// the lease may well survive a short etcd outage.
     ///
-    /// When the watcher finds etcd reachable again after losing it, a pending attempt (sent
-    /// while etcd was out of reach, it may hang until its timeout) is dropped and the stream
-    /// reopened at once: a lease that expired meanwhile is found gone, and re-granted, up
-    /// to a keepalive interval sooner.
+    /// When the watcher finds etcd reachable again while keepalives are failing here, a
+    /// pending attempt (sent while etcd was out of reach, it may hang until its timeout) is
+    /// dropped and the stream reopened at once: a lease that expired meanwhile is found
+    /// gone, and re-granted, up to a keepalive interval sooner. A stream that answers is
+    /// never dropped for it. Dropping a round always drops its stream too, so no answer to
+    /// an abandoned keepalive is ever read as the answer to a later one.
     async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
         let interval = (ttl / 3).max(Duration::from_millis(100));
         let back = &self.coord.inner.etcd_back_to_keeper;
+        let failing = || self.unheard.load(Ordering::Relaxed);
         let mut stream: Option<(KeepAliveSender, LeaseKeepAliveStream)> = None;
         loop {
             let sent = Instant::now();
@@ -141,7 +144,7 @@ impl LeaseKeeper {
                 };
                 let opened = tokio::select! {
                     _ = cancel.cancelled() => return End::Cancelled,
-                    _ = back.notified() => {
+                    _ = back.notified(), if failing() => {
                         tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
                         continue;
                     }
@@ -171,7 +174,7 @@ impl LeaseKeeper {
                 };
                 let answer = tokio::select! {
                     _ = cancel.cancelled() => return End::Cancelled,
-                    _ = back.notified() => {
+                    _ = back.notified(), if failing() => {
                         tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
                         stream = None;
                         continue;
@@ -207,15 +210,7 @@ impl LeaseKeeper {
             let next = sent + interval;
             tokio::select! {
                 _ = cancel.cancelled() => return End::Cancelled,
-                _ = back.notified() => {
-                    if stream.is_some() {
-                        // Healthy: the watch broke on its own; keep the usual pace.
-                        tokio::select! {
-                            _ = cancel.cancelled() => return End::Cancelled,
-                            _ = tokio::time::sleep_until(next.into()) => {}
-                        }
-                    }
-                }
+                _ = back.notified(), if stream.is_none() && failing() => {}
                 _ = tokio::time::sleep_until(next.into()) => {}
             }
         }

@@ -138,8 +138,15 @@ pub(crate) fn decide(
     }
 }
 
-/// How many shard acquisitions run at once.
-const ACQUIRE_CONCURRENCY: usize = 64;
+/// How many shard key repairs run at once.
+const REPAIR_CONCURRENCY: usize = 64;
+
+/// Shards written per acquisition transaction: one comparison and one put each, well
+/// under etcd's default limit of 128 operations per transaction (`--max-txn-ops`).
+const ACQUIRE_BATCH: usize = 32;
+
+/// How many acquisition transactions run at once.
+const ACQUIRE_BATCHES_AT_ONCE: usize = 8;
 
 /// Brings this instance in line with the routing table, one pass per change (or every
 /// 500 ms): registers the member under each new lease, leads when it is the leader, and
@@ -391,46 +398,34 @@ impl Coord {
             peer_identity: self.inner.opts.peer_identity.clone(),
         })
         .expect("shard value serialises");
-        let attempts = futures::stream::iter(wanted).map(|shard| {
-            let value = value.clone();
-            async move {
-                let key = self.inner.keys.shard(shard);
-                let txn = Txn::new()
-                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                    .and_then([TxnOp::put(
-                        key,
-                        value,
-                        Some(PutOptions::new().with_lease(session.lease)),
-                    )]);
-                let mut client = self.client()?;
-                let resp = self.etcd(client.txn(txn)).await?;
-                let revision = resp.header().map_or(0, |h| h.revision());
-                Ok::<_, Error>((shard, resp.succeeded().then_some(Epoch(revision as u64))))
-            }
-        });
-        // Each shard is marked owned as soon as its own write succeeded, not once the
-        // whole batch did: peers see the key (and route calls here) as soon as it is
+        let chunks: Vec<Vec<ShardId>> = wanted.chunks(ACQUIRE_BATCH).map(<[_]>::to_vec).collect();
+        let attempts = futures::stream::iter(chunks)
+            .map(|chunk| self.acquire_chunk(chunk, &value, session.lease));
+        // Each shard is marked owned as soon as its own transaction succeeded, not once
+        // every one did: peers see the key (and route calls here) as soon as it is
         // written, and calls reaching this instance before its table says so are
         // answered "not owner" (after a SIGKILL, hundreds of shards are taken at once).
-        let mut results = std::pin::pin!(attempts.buffer_unordered(ACQUIRE_CONCURRENCY));
+        let mut results = std::pin::pin!(attempts.buffer_unordered(ACQUIRE_BATCHES_AT_ONCE));
         let mut acquired = 0;
         let (mut failed, mut last_error) = (0, None);
-        while let Some(result) = results.next().await {
-            match result {
-                Ok((shard, Some(epoch))) => {
-                    // Announced first: no call of the ownership may start before its
-                    // `acquired` hook was queued.
-                    self.inner.listener.acquired(shard, epoch);
-                    if table.set_owned(generation, shard, epoch) {
-                        acquired += 1;
-                    } else {
-                        self.inner.listener.lost(shard, epoch);
+        while let Some(chunk) = results.next().await {
+            for (shard, result) in chunk {
+                match result {
+                    Ok(Some(epoch)) => {
+                        // Announced first: no call of the ownership may start before its
+                        // `acquired` hook was queued.
+                        self.inner.listener.acquired(shard, epoch);
+                        if table.set_owned(generation, shard, epoch) {
+                            acquired += 1;
+                        } else {
+                            self.inner.listener.lost(shard, epoch);
+                        }
                     }
-                }
-                Ok((_, None)) => {} // someone else still holds it; the watch will tell
-                Err(e) => {
-                    failed += 1;
-                    last_error = Some(e);
+                    Ok(None) => {} // someone else still holds it; the watch will tell
+                    Err(e) => {
+                        failed += 1;
+                        last_error = Some(e);
+                    }
                 }
             }
         }
@@ -444,6 +439,54 @@ impl Coord {
                 owned = table.held().len(),
                 "shards acquired"
             );
+        }
+    }
+
+    /// Writes the keys of `shards` under `lease` in one transaction, if none exists: a
+    /// whole chunk costs one etcd round trip and one raft entry (every shard's epoch is
+    /// that entry's revision). When one of them exists (the routing table was behind),
+    /// the others are tried one by one.
+    async fn acquire_chunk(
+        &self,
+        shards: Vec<ShardId>,
+        value: &[u8],
+        lease: i64,
+    ) -> Vec<(ShardId, Result<Option<Epoch>, Error>)> {
+        let write = |shards: &[ShardId]| {
+            let keys: Vec<String> = shards.iter().map(|&s| self.inner.keys.shard(s)).collect();
+            let when: Vec<Compare> = keys
+                .iter()
+                .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
+                .collect();
+            let puts: Vec<TxnOp> = keys
+                .into_iter()
+                .map(|k| TxnOp::put(k, value, Some(PutOptions::new().with_lease(lease))))
+                .collect();
+            let txn = Txn::new().when(when).and_then(puts);
+            async move {
+                let mut client = self.client()?;
+                let resp = self.etcd(client.txn(txn)).await?;
+                let revision = resp.header().map_or(0, |h| h.revision());
+                Ok::<_, Error>(resp.succeeded().then_some(Epoch(revision as u64)))
+            }
+        };
+        match write(&shards).await {
+            Ok(None) if shards.len() > 1 => {
+                let one_by_one = shards
+                    .iter()
+                    .map(|&s| async move { (s, write(&[s]).await) });
+                futures::future::join_all(one_by_one).await
+            }
+            Ok(epoch) => shards.into_iter().map(|s| (s, Ok(epoch))).collect(),
+            // The same error for each (it is counted per shard); the write may have been
+            // applied all the same: the repair pass adopts keys held under this lease.
+            Err(e) => {
+                let reason = e.to_string();
+                shards
+                    .into_iter()
+                    .map(|s| (s, Err(Error::Other(reason.clone()))))
+                    .collect()
+            }
         }
     }
 
@@ -570,7 +613,7 @@ impl Coord {
             }
         });
         passes
-            .buffer_unordered(ACQUIRE_CONCURRENCY)
+            .buffer_unordered(REPAIR_CONCURRENCY)
             .collect::<Vec<()>>()
             .await;
     }

@@ -1,7 +1,7 @@
 //! The routing-table watcher: snapshot, then watch from the snapshot's revision.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, GetOptions, WatchOptions};
 use tokio_util::sync::CancellationToken;
@@ -9,6 +9,12 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::view::Put;
 use crate::{Coord, Error, View};
+
+/// The first wait before a new snapshot after a lost watch.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+
+/// A watch that held this long resets the back-off when it is lost.
+const STABLE_WATCH: Duration = Duration::from_secs(5);
 
 /// Keeps the routing table: publishes a snapshot of the cluster's keys, then every watch
 /// event after it; on a lost or cancelled watch marks the table unsynced and starts over.
@@ -22,7 +28,7 @@ impl Watcher {
     pub(crate) fn new(coord: Coord) -> Self {
         Self {
             coord,
-            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(2)),
+            backoff: Backoff::new(FIRST_RETRY, Duration::from_secs(2)),
         }
     }
 
@@ -30,6 +36,7 @@ impl Watcher {
         let mut lost = false;
         loop {
             let synced_before = self.coord.inner.view.borrow().synced;
+            let started = Instant::now();
             match self.sync(&cancel, lost).await {
                 Ok(()) => return,
                 Err(e) => {
@@ -39,14 +46,25 @@ impl Watcher {
                             .view
                             .send_modify(|v| Arc::make_mut(v).synced = false);
                     }
+                    // The back-off counts failures in a row: a watch that held for a
+                    // while was a success (one that fails right after each snapshot,
+                    // e.g. on a member without a leader, is not).
+                    if started.elapsed() >= STABLE_WATCH {
+                        self.backoff.reset();
+                    }
                     tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "routing table watch lost; taking a new snapshot");
                     lost = true;
                 }
             }
-            // Sooner when the lease keeper hears from etcd again.
+            // Sooner when the lease keeper hears from etcd again, yet never more often
+            // than the back-off's first step.
+            let back = async {
+                self.coord.inner.etcd_back_to_watcher.notified().await;
+                tokio::time::sleep(FIRST_RETRY).await;
+            };
             let go_on = tokio::select! {
                 go_on = self.backoff.wait(&cancel) => go_on,
-                _ = self.coord.inner.etcd_back_to_watcher.notified() => !cancel.is_cancelled(),
+                _ = back => !cancel.is_cancelled(),
             };
             if !go_on {
                 return;
@@ -57,7 +75,7 @@ impl Watcher {
     /// Loads a snapshot, publishes it, then applies watch events until an error. After a
     /// lost watch (`after_loss`), a snapshot read means etcd is reachable again: the lease
     /// keeper is told, as its lease may have expired meanwhile.
-    async fn sync(&mut self, cancel: &CancellationToken, after_loss: bool) -> Result<(), Error> {
+    async fn sync(&self, cancel: &CancellationToken, after_loss: bool) -> Result<(), Error> {
         let keys = &self.coord.inner.keys;
         let mut client = self.coord.client()?;
         let snapshot = self
@@ -77,8 +95,6 @@ impl Watcher {
         }
         view.revision = snapshot.header().map_or(0, |h| h.revision());
         view.synced = true;
-        // The back-off counts failed snapshots in a row, not losses over a lifetime.
-        self.backoff.reset();
         if after_loss {
             // One stored permit at most: the keeper takes it on its next wait.
             self.coord.inner.etcd_back_to_keeper.notify_one();
