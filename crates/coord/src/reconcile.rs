@@ -141,12 +141,17 @@ pub(crate) fn decide(
 /// How many shard key repairs run at once.
 const REPAIR_CONCURRENCY: usize = 64;
 
-/// Shards written per acquisition transaction: one comparison and one put each, well
-/// under etcd's default limit of 128 operations per transaction (`--max-txn-ops`).
+/// Shards written per acquisition transaction: 32 comparisons and 32 puts, under etcd's
+/// default limit of 128 of each per transaction (`--max-txn-ops`; a lower limit makes
+/// etcd refuse the batch, whose shards are then written one by one).
 const ACQUIRE_BATCH: usize = 32;
 
-/// How many acquisition transactions run at once.
-const ACQUIRE_BATCHES_AT_ONCE: usize = 8;
+/// Acquisition transactions in flight at once (chunks, or single shards after a chunk
+/// could not be written whole)...
+const ACQUIRE_TXNS_AT_ONCE: usize = 64;
+
+/// ...and the shards they write, at most.
+const ACQUIRE_SHARDS_AT_ONCE: usize = 256;
 
 /// Brings this instance in line with the routing table, one pass per change (or every
 /// 500 ms): registers the member under each new lease, leads when it is the leader, and
@@ -398,22 +403,51 @@ impl Coord {
             peer_identity: self.inner.opts.peer_identity.clone(),
         })
         .expect("shard value serialises");
-        let chunks: Vec<Vec<ShardId>> = wanted.chunks(ACQUIRE_BATCH).map(<[_]>::to_vec).collect();
-        let attempts = futures::stream::iter(chunks)
-            .map(|chunk| self.acquire_chunk(chunk, &value, session.lease));
-        // Each shard is marked owned as soon as its own transaction succeeded, not once
-        // every one did: peers see the key (and route calls here) as soon as it is
-        // written, and calls reaching this instance before its table says so are
-        // answered "not owner" (after a SIGKILL, hundreds of shards are taken at once).
-        let mut results = std::pin::pin!(attempts.buffer_unordered(ACQUIRE_BATCHES_AT_ONCE));
+        // Chunks first; a chunk whose keys are not all free (the routing table was
+        // behind) or that etcd refuses outright (a lowered `--max-txn-ops`) comes back
+        // as single shards. Each shard is marked owned as soon as its own transaction
+        // succeeded, not once every one did: peers see the key (and route calls here)
+        // as soon as it is written, and calls reaching this instance before its table
+        // says so are answered "not owner" (after a SIGKILL, hundreds of shards are
+        // taken at once).
+        let mut pending: std::collections::VecDeque<Vec<ShardId>> =
+            wanted.chunks(ACQUIRE_BATCH).map(<[_]>::to_vec).collect();
+        let mut running = futures::stream::FuturesUnordered::new();
+        let mut shards_in_flight = 0;
         let mut acquired = 0;
         let (mut failed, mut last_error) = (0, None);
-        while let Some(chunk) = results.next().await {
-            for (shard, result) in chunk {
-                match result {
-                    Ok(Some(epoch)) => {
-                        // Announced first: no call of the ownership may start before its
-                        // `acquired` hook was queued.
+        loop {
+            while let Some(next) = pending.front() {
+                if running.len() >= ACQUIRE_TXNS_AT_ONCE
+                    || shards_in_flight + next.len() > ACQUIRE_SHARDS_AT_ONCE
+                {
+                    break;
+                }
+                let shards = pending.pop_front().expect("a front");
+                shards_in_flight += shards.len();
+                running.push(async {
+                    let result = self.write_shards(&shards, &value, session.lease).await;
+                    (shards, result)
+                });
+            }
+            let Some((shards, result)) = running.next().await else {
+                break;
+            };
+            shards_in_flight -= shards.len();
+            match result {
+                Ok(None) if shards.len() > 1 => {
+                    pending.extend(shards.into_iter().map(|s| vec![s]));
+                }
+                Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
+                    if shards.len() > 1 && status.code() == tonic::Code::InvalidArgument =>
+                {
+                    tracing::debug!(error = %status.message(), "etcd refused a batch of shard keys; writing them one by one");
+                    pending.extend(shards.into_iter().map(|s| vec![s]));
+                }
+                Ok(Some(epoch)) => {
+                    for shard in shards {
+                        // Announced first: no call of the ownership may start before
+                        // its `acquired` hook was queued.
                         self.inner.listener.acquired(shard, epoch);
                         if table.set_owned(generation, shard, epoch) {
                             acquired += 1;
@@ -421,11 +455,13 @@ impl Coord {
                             self.inner.listener.lost(shard, epoch);
                         }
                     }
-                    Ok(None) => {} // someone else still holds it; the watch will tell
-                    Err(e) => {
-                        failed += 1;
-                        last_error = Some(e);
-                    }
+                }
+                Ok(None) => {} // someone else still holds it; the watch will tell
+                // The write may have been applied all the same: the repair pass adopts
+                // keys held under this lease that the table lacks.
+                Err(e) => {
+                    failed += shards.len();
+                    last_error = Some(e);
                 }
             }
         }
@@ -442,52 +478,30 @@ impl Coord {
         }
     }
 
-    /// Writes the keys of `shards` under `lease` in one transaction, if none exists: a
-    /// whole chunk costs one etcd round trip and one raft entry (every shard's epoch is
-    /// that entry's revision). When one of them exists (the routing table was behind),
-    /// the others are tried one by one.
-    async fn acquire_chunk(
+    /// Writes the keys of `shards` under `lease` in one transaction if none of them
+    /// exists; the epoch they then share is that transaction's revision. A chunk costs one
+    /// etcd round trip and one raft entry instead of one per shard.
+    async fn write_shards(
         &self,
-        shards: Vec<ShardId>,
+        shards: &[ShardId],
         value: &[u8],
         lease: i64,
-    ) -> Vec<(ShardId, Result<Option<Epoch>, Error>)> {
-        let write = |shards: &[ShardId]| {
-            let keys: Vec<String> = shards.iter().map(|&s| self.inner.keys.shard(s)).collect();
-            let when: Vec<Compare> = keys
-                .iter()
-                .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
-                .collect();
-            let puts: Vec<TxnOp> = keys
-                .into_iter()
-                .map(|k| TxnOp::put(k, value, Some(PutOptions::new().with_lease(lease))))
-                .collect();
-            let txn = Txn::new().when(when).and_then(puts);
-            async move {
-                let mut client = self.client()?;
-                let resp = self.etcd(client.txn(txn)).await?;
-                let revision = resp.header().map_or(0, |h| h.revision());
-                Ok::<_, Error>(resp.succeeded().then_some(Epoch(revision as u64)))
-            }
-        };
-        match write(&shards).await {
-            Ok(None) if shards.len() > 1 => {
-                let one_by_one = shards
-                    .iter()
-                    .map(|&s| async move { (s, write(&[s]).await) });
-                futures::future::join_all(one_by_one).await
-            }
-            Ok(epoch) => shards.into_iter().map(|s| (s, Ok(epoch))).collect(),
-            // The same error for each (it is counted per shard); the write may have been
-            // applied all the same: the repair pass adopts keys held under this lease.
-            Err(e) => {
-                let reason = e.to_string();
-                shards
-                    .into_iter()
-                    .map(|s| (s, Err(Error::Other(reason.clone()))))
-                    .collect()
-            }
-        }
+    ) -> Result<Option<Epoch>, Error> {
+        let keys: Vec<String> = shards.iter().map(|&s| self.inner.keys.shard(s)).collect();
+        let when: Vec<Compare> = keys
+            .iter()
+            .map(|k| Compare::create_revision(k.clone(), CompareOp::Equal, 0))
+            .collect();
+        let puts: Vec<TxnOp> = keys
+            .into_iter()
+            .map(|k| TxnOp::put(k, value, Some(PutOptions::new().with_lease(lease))))
+            .collect();
+        let mut client = self.client()?;
+        let resp = self
+            .etcd(client.txn(Txn::new().when(when).and_then(puts)))
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        Ok(resp.succeeded().then_some(Epoch(revision as u64)))
     }
 
     /// Starts a handoff for owned shards assigned elsewhere.
