@@ -238,6 +238,29 @@ async fn expired_etcd_auth_tokens_are_refreshed() {
     assert!(a.ready() && b.ready());
 }
 
+/// An etcd that takes fewer operations per transaction than a batch of shard keys holds
+/// (`--max-txn-ops` lowered by its operator): the keys are written one by one instead,
+/// and the cluster owns every shard as with the default limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shards_are_acquired_one_by_one_from_an_etcd_that_refuses_batches() {
+    let etcd = Etcd::start_with(&["--max-txn-ops", "8"]).await;
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let a = start("a", etcd.endpoint(), args(&checker.handler_flag()));
+    let b = start("b", etcd.endpoint(), args(&checker.handler_flag()));
+    wait_balanced(&[&a, &b], Duration::from_secs(30)).await;
+    let refused = |i: &Instance| i.log_text().contains("etcd refused a batch of shard keys");
+    assert!(
+        refused(&a) || refused(&b),
+        "no batch was refused: the test no longer exercises the one-by-one path"
+    );
+    for shard in [0, 511, 1023] {
+        call_ok(&a, &key_in(shard), Duration::from_secs(5))
+            .await
+            .unwrap();
+    }
+    assert!(a.ready() && b.ready());
+}
+
 /// Hole 10: a forwarded copy runs only at the epoch its sender routed by; a copy that
 /// waited while the shard moved away and back must not run after newer calls ran.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

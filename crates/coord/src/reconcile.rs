@@ -416,6 +416,7 @@ impl Coord {
         let mut shards_in_flight = 0;
         let mut acquired = 0;
         let (mut failed, mut last_error) = (0, None);
+        let mut refused = None;
         loop {
             while let Some(next) = pending.front() {
                 if running.len() >= ACQUIRE_TXNS_AT_ONCE
@@ -441,7 +442,7 @@ impl Coord {
                 Err(Error::Etcd(etcd_client::Error::GRpcStatus(status)))
                     if shards.len() > 1 && status.code() == tonic::Code::InvalidArgument =>
                 {
-                    tracing::debug!(error = %status.message(), "etcd refused a batch of shard keys; writing them one by one");
+                    refused = Some(status.message().to_owned());
                     pending.extend(shards.into_iter().map(|s| vec![s]));
                 }
                 Ok(Some(epoch)) => {
@@ -464,6 +465,10 @@ impl Coord {
                     last_error = Some(e);
                 }
             }
+        }
+        if let Some(reason) = refused {
+            // Once per pass: each pass pays a refused round trip per chunk.
+            tracing::warn!(%reason, "etcd refused a batch of shard keys (is its --max-txn-ops below 32?); wrote them one by one");
         }
         if let Some(e) = last_error {
             tracing::warn!(shards = failed, error = %e, "shard acquisition failed");

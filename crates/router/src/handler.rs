@@ -453,7 +453,6 @@ impl Handler for GrpcHandler {
             match client.handle(request).await {
                 Ok(resp) => Ok(resp.into_inner().payload),
                 // A status without metadata is the transport's, not the application's.
-                // A status without metadata is the transport's, not the application's.
                 Err(s) if s.metadata().is_empty() && crate::peers::never_sent(&s) => {
                     Err(HandleError::transport_failure(
                         Transport::Unreachable,
