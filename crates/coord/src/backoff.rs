@@ -39,6 +39,19 @@ impl Backoff {
             _ = tokio::time::sleep(delay) => true,
         }
     }
+
+    /// Like [`Backoff::wait`], but ends early when `wake` completes first (still doubling
+    /// the next delay). False if `cancel` fired.
+    pub(crate) async fn wait_or(
+        &mut self,
+        cancel: &CancellationToken,
+        wake: impl std::future::Future<Output = ()>,
+    ) -> bool {
+        tokio::select! {
+            go_on = self.wait(cancel) => go_on,
+            () = wake => !cancel.is_cancelled(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -64,5 +77,19 @@ mod tests {
         let t = Instant::now();
         assert!(!b.wait(&cancel).await, "a cancelled wait says so");
         assert_eq!(t.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wake_ends_the_wait_early_and_the_next_delay_still_doubles() {
+        let cancel = CancellationToken::new();
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let t = Instant::now();
+        let wake = tokio::time::sleep(Duration::from_millis(30));
+        assert!(b.wait_or(&cancel, wake).await);
+        assert_eq!(t.elapsed().as_millis(), 30);
+        assert_eq!(b.peek(), Duration::from_millis(200));
+        let t = Instant::now();
+        assert!(b.wait_or(&cancel, std::future::pending()).await);
+        assert_eq!(t.elapsed().as_millis(), 200);
     }
 }

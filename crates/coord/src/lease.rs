@@ -52,11 +52,8 @@ impl LeaseKeeper {
                     self.unheard.store(true, Ordering::Relaxed);
                     tracing::warn!(error = %e, retry_in = ?self.backoff.peek(), "lease grant failed, retrying");
                     // Sooner when the watcher finds etcd reachable again.
-                    let go_on = tokio::select! {
-                        go_on = self.backoff.wait(&cancel) => go_on,
-                        _ = self.coord.inner.etcd_back_to_keeper.notified() => !cancel.is_cancelled(),
-                    };
-                    if !go_on {
+                    let back = self.coord.inner.etcd_back_to_keeper.notified();
+                    if !self.backoff.wait_or(&cancel, back).await {
                         return;
                     }
                     continue;

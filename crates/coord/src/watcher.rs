@@ -62,11 +62,7 @@ impl Watcher {
                 self.coord.inner.etcd_back_to_watcher.notified().await;
                 tokio::time::sleep(FIRST_RETRY).await;
             };
-            let go_on = tokio::select! {
-                go_on = self.backoff.wait(&cancel) => go_on,
-                _ = back => !cancel.is_cancelled(),
-            };
-            if !go_on {
+            if !self.backoff.wait_or(&cancel, back).await {
                 return;
             }
         }
