@@ -643,22 +643,31 @@ impl Router {
     }
 
     /// Runs a call accepted by this instance, wherever its key lives.
-    pub async fn call(
+    ///
+    /// The call is admitted (counted as pending, queued for its key's turn) when this is
+    /// called, not when the future is first polled. The future owns what it needs and
+    /// holds each part once: futures are allocated per call (boxed, spawned), and their
+    /// size is copied and allocated every time (see ARCHITECTURE.md, "Per-call future
+    /// size").
+    pub fn call(
         &self,
         key: String,
         payload: Bytes,
         deadline: Instant,
         source: CallSource,
         metadata: CallMetadata,
-    ) -> Result<Reply, CallError> {
-        let result = self
-            .submit(key, payload, deadline, Origin::Entry, source, metadata)
-            .await;
-        match &result {
-            Ok(_) => self.inner.metrics.ok.inc(),
-            Err(_) => self.inner.metrics.failed.inc(),
-        }
-        result
+    ) -> impl std::future::Future<Output = Result<Reply, CallError>> + Send + 'static {
+        use futures::future::{Either, FutureExt as _};
+        // Combinators, not an async block awaiting `run`: that would hold the future twice.
+        let run = match self.admit(key, payload) {
+            Ok(call) => Either::Left(self.proceed(call, deadline, Origin::Entry, source, metadata)),
+            Err(e) => Either::Right(std::future::ready(Err(e))),
+        };
+        let inner = self.inner.clone();
+        run.inspect(move |result| match result {
+            Ok(_) => inner.metrics.ok.inc(),
+            Err(_) => inner.metrics.failed.inc(),
+        })
     }
 
     /// Admits a call forwarded by a peer: counted as pending and queued for its key's
@@ -690,14 +699,14 @@ impl Router {
     /// Runs an admitted call forwarded by a peer; never forwards it again. `expected` is
     /// the epoch the sender routed by (`Epoch::NONE`: any). Dropping it before its
     /// handler started drops the call (its turn passes on).
-    pub(crate) async fn serve_forwarded(
+    pub(crate) fn serve_forwarded(
         &self,
         call: Admitted,
         deadline: Instant,
         source: CallSource,
         expected: Epoch,
         metadata: CallMetadata,
-    ) -> Result<Reply, CallError> {
+    ) -> impl std::future::Future<Output = Result<Reply, CallError>> + Send + 'static {
         self.proceed(
             call,
             deadline,
@@ -705,54 +714,25 @@ impl Router {
             source,
             metadata,
         )
-        .await
     }
 
-    async fn submit(
-        &self,
-        key: String,
-        payload: Bytes,
-        deadline: Instant,
-        origin: Origin,
-        source: CallSource,
-        metadata: CallMetadata,
-    ) -> Result<Reply, CallError> {
-        let call = self.admit(key, payload)?;
-        self.proceed(call, deadline, origin, source, metadata).await
-    }
-
-    async fn proceed(
+    /// Waits for the call's turn for its key, then routes it. The job is built now, and
+    /// the future owns it and a handle to the router (no copy of its parts).
+    fn proceed(
         &self,
         call: Admitted,
         deadline: Instant,
         origin: Origin,
         source: CallSource,
         metadata: CallMetadata,
-    ) -> Result<Reply, CallError> {
+    ) -> impl std::future::Future<Output = Result<Reply, CallError>> + Send + 'static {
         let Admitted {
             key,
             payload,
-            pending: _pending,
+            pending,
             waiting,
         } = call;
         let shard = shard_for_key(key.as_bytes(), self.inner.coord.table().shard_count());
-        let turn = tokio::time::timeout_at(deadline.into(), waiting.turn())
-            .await
-            .map_err(|_| {
-                CallError::DeadlineExceeded(format!(
-                    "deadline passed while queued behind earlier calls for key {key:?}"
-                ))
-            })?;
-        let forwarded = matches!(origin, Origin::Forwarded { .. });
-        let span = tracing::debug_span!(
-            "call",
-            otel.name = span_name(forwarded, &source),
-            otel.kind = if forwarded || matches!(source, CallSource::Grpc { .. }) { "server" } else { "consumer" },
-            key_hash = format_args!("{:016x}", leasehold_types::key_hash(key.as_bytes())),
-            %shard,
-            forwarded,
-        );
-        trace::continue_trace(&span, &metadata);
         let job = Job {
             key,
             shard,
@@ -762,7 +742,29 @@ impl Router {
             source,
             metadata,
         };
-        tracing::Instrument::instrument(self.route(&job, Arc::new(turn)), span).await
+        let this = self.clone();
+        async move {
+            let _pending = pending;
+            let turn = tokio::time::timeout_at(job.deadline.into(), waiting.turn())
+                .await
+                .map_err(|_| {
+                    CallError::DeadlineExceeded(format!(
+                        "deadline passed while queued behind earlier calls for key {:?}",
+                        job.key
+                    ))
+                })?;
+            let forwarded = matches!(job.origin, Origin::Forwarded { .. });
+            let span = tracing::debug_span!(
+                "call",
+                otel.name = span_name(forwarded, &job.source),
+                otel.kind = if forwarded || matches!(job.source, CallSource::Grpc { .. }) { "server" } else { "consumer" },
+                key_hash = format_args!("{:016x}", leasehold_types::key_hash(job.key.as_bytes())),
+                shard = %job.shard,
+                forwarded,
+            );
+            trace::continue_trace(&span, &job.metadata);
+            tracing::Instrument::instrument(this.route(&job, Arc::new(turn)), span).await
+        }
     }
 
     async fn route(&self, job: &Job, turn: Arc<Turn>) -> Result<Reply, CallError> {

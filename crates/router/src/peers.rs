@@ -400,13 +400,18 @@ impl Peers {
             ..Default::default()
         };
         let tx = stream.tx.lock().expect("tx lock").clone();
-        // Bounded by the call's deadline: a peer that stops reading fills the queue.
+        // Bounded by the call's deadline: a peer that stops reading fills the queue. A
+        // slot is reserved first, so the waiting future does not hold the request.
         let sent = match tx {
-            Some(tx) => {
-                tokio::time::timeout_at(job.deadline.into(), tx.send((request, Some(job.deadline))))
-                    .await
-                    .map(|r| r.is_ok())
-            }
+            Some(tx) => tokio::time::timeout_at(job.deadline.into(), tx.reserve())
+                .await
+                .map(|permit| match permit {
+                    Ok(permit) => {
+                        permit.send((request, Some(job.deadline)));
+                        true
+                    }
+                    Err(_) => false,
+                }),
             // Closed at shutdown: the calls already on it are still answered.
             None => return not_sent(),
         };
@@ -511,7 +516,10 @@ impl Peers {
             // gRPC calls to a receiver that has not said it takes them on a stream (an
             // earlier version, or a stream whose answer headers have not come yet), and
             // every call once this instance closed its streams at shutdown.
-            Ok(_) | Err(PeerError::NotSent(_)) => self.unary(peer, call, job).await,
+            // Boxed: a unary call's future is three times the size of the stream path's,
+            // and every forward would otherwise carry it (see ARCHITECTURE.md, "Per-call
+            // future size").
+            Ok(_) | Err(PeerError::NotSent(_)) => Box::pin(self.unary(peer, call, job)).await,
             Err(e) => Forwarded::Unreachable(e),
         }
     }

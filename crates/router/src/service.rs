@@ -1,5 +1,6 @@
 //! gRPC services of the call path: the client-facing `Entities` and the internal `Peer`.
 
+use futures::future::{Either, FutureExt as _};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -186,13 +187,15 @@ impl PeerService {
         )
     }
 
-    /// Runs one admitted forwarded call; `Err` is the owner's error for it.
-    async fn run(
+    /// Runs one admitted forwarded call; `Err` is the owner's error for it. The future is
+    /// built now and owns what it needs, once (it is spawned for every call).
+    fn run(
         &self,
         call: Admitted,
         req: pb::ForwardRequest,
         deadline: Instant,
-    ) -> Result<pb::ForwardResponse, CallError> {
+    ) -> impl std::future::Future<Output = Result<pb::ForwardResponse, CallError>> + Send + 'static
+    {
         let source = match req.source.and_then(|s| s.kind) {
             Some(pb::source::Kind::Kafka(k)) => CallSource::Kafka(k.into()),
             _ => CallSource::Grpc {
@@ -202,40 +205,39 @@ impl PeerService {
         // Nobody reads a Kafka record's reply (its consumer only needs to know it was
         // handled): it does not travel back.
         let reply_wanted = !matches!(source, CallSource::Kafka(_));
-        let result = match self
-            .router
-            .serve_forwarded(
-                call,
-                deadline,
-                source,
-                Epoch(req.expected_epoch),
-                CallMetadata::sanitized(req.metadata.into_iter().collect()),
-            )
-            .await
-        {
-            Ok(r) => forward_response::Result::Ok(pb::CallResponse {
-                payload: if reply_wanted {
-                    r.payload
-                } else {
-                    Default::default()
-                },
-                shard: r.shard.0,
-                epoch: r.epoch.0,
-                owner: r.owner.0,
-            }),
-            Err(CallError::NotOwner {
-                shard,
-                owner,
-                epoch,
-            }) => forward_response::Result::NotOwner(pb::NotOwner {
-                shard: shard.0,
-                owner: owner.map(|o| o.0).unwrap_or_default(),
-                epoch: epoch.0,
-            }),
-            Err(e) => return Err(e),
-        };
-        Ok(pb::ForwardResponse {
-            result: Some(result),
+        let served = self.router.serve_forwarded(
+            call,
+            deadline,
+            source,
+            Epoch(req.expected_epoch),
+            CallMetadata::sanitized(req.metadata.into_iter().collect()),
+        );
+        served.map(move |served| {
+            let result = match served {
+                Ok(r) => forward_response::Result::Ok(pb::CallResponse {
+                    payload: if reply_wanted {
+                        r.payload
+                    } else {
+                        Default::default()
+                    },
+                    shard: r.shard.0,
+                    epoch: r.epoch.0,
+                    owner: r.owner.0,
+                }),
+                Err(CallError::NotOwner {
+                    shard,
+                    owner,
+                    epoch,
+                }) => forward_response::Result::NotOwner(pb::NotOwner {
+                    shard: shard.0,
+                    owner: owner.map(|o| o.0).unwrap_or_default(),
+                    epoch: epoch.0,
+                }),
+                Err(e) => return Err(e),
+            };
+            Ok(pb::ForwardResponse {
+                result: Some(result),
+            })
         })
     }
 }
@@ -340,26 +342,33 @@ impl Peer for PeerService {
                     s = in_flight.clone().acquire_owned() => s.expect("never closed"),
                 };
                 // Admitted before the next message is read: its key's turn in stream order.
-                let admitted = this.admit(&mut call);
-                let (cancel, mut cancelled) = tokio::sync::oneshot::channel::<()>();
-                running.lock().expect("running lock").insert(id, cancel);
-                let (this, tx, running) = (this.clone(), tx.clone(), running.clone());
-                tasks.spawn(async move {
-                    let _slot = slot;
-                    let result = match admitted {
-                        Ok(admitted) => tokio::select! {
-                            // A cancel read before the call first ran stops it here.
-                            biased;
-                            // Dropped: a started handler finishes in the background;
-                            // the sender expects no answer.
-                            _ = &mut cancelled => return,
-                            r = this.run(admitted, call, deadline) => r,
-                        },
-                        Err(e) => Err(e),
-                    };
-                    running.lock().expect("running lock").remove(&id);
-                    let _ = tx.send(Ok(answer(id, result))).await;
+                let run = match this.admit(&mut call) {
+                    Ok(admitted) => Either::Left(this.run(admitted, call, deadline)),
+                    Err(e) => Either::Right(std::future::ready(Err(e))),
+                };
+                let (cancel, registration) = futures::future::AbortHandle::new_pair();
+                running
+                    .lock()
+                    .expect("running lock")
+                    .insert(id, CancelOnDrop(cancel));
+                let (tx, running) = (tx.clone(), running.clone());
+                // Combinators rather than an async block awaiting `run`, which would hold
+                // the call's future twice (see ARCHITECTURE.md, "Per-call future size").
+                // A cancel read before the call first ran stops it here: `Abortable`
+                // checks for it before each poll.
+                let work = futures::future::Abortable::new(run, registration).then(move |outcome| {
+                    // Cancelled: the call's future is dropped with the `Abortable` (a
+                    // started handler finishes in the background); the sender expects no
+                    // answer.
+                    let result = outcome.ok();
+                    async move {
+                        let Some(result) = result else { return };
+                        running.lock().expect("running lock").remove(&id);
+                        let _ = tx.send(Ok(answer(id, result))).await;
+                        drop(slot);
+                    }
                 });
+                tasks.spawn(work);
             };
             match ended {
                 // The sender's connection broke: nobody waits for these answers.
@@ -459,7 +468,18 @@ fn error_answer(id: u64, s: &Status, kind: &str) -> pb::DispatchResponse {
 }
 
 /// The calls of one Dispatch stream still running, by id, with what cancels each.
-type StreamCalls = Arc<Mutex<HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
+type StreamCalls = Arc<Mutex<HashMap<u64, CancelOnDrop>>>;
+
+/// Cancels a call read from a Dispatch stream when dropped (taken out of
+/// [`StreamCalls`] by a cancel message or a broken stream). Dropped after the call's
+/// answer was written, it does nothing.
+struct CancelOnDrop(futures::future::AbortHandle);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// A peer whose calls were accepted: who it says it is, and its certificate.
 struct PeerCaller {

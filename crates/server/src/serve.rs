@@ -748,24 +748,24 @@ impl leasehold_kafka::Dispatcher for RouterDispatch {
         &self,
         call: leasehold_kafka::KafkaCall,
     ) -> futures::future::BoxFuture<'static, Result<(), leasehold_kafka::DispatchError>> {
-        let router = self.router.clone();
-        Box::pin(async move {
-            let deadline = router.deadline(None);
-            let source = leasehold_router::CallSource::Kafka(leasehold_router::KafkaRecord {
-                group: call.group,
-                topic: call.topic,
-                partition: call.partition,
-                offset: call.offset,
-                fence: call.fence,
-                cluster: call.cluster,
-            });
-            let metadata = leasehold_router::CallMetadata::sanitized(call.trace);
-            router
-                .call(call.key, call.payload, deadline, source, metadata)
-                .await
-                .map(|_| ())
-                .map_err(dispatch_error)
-        })
+        let deadline = self.router.deadline(None);
+        let source = leasehold_router::CallSource::Kafka(leasehold_router::KafkaRecord {
+            group: call.group,
+            topic: call.topic,
+            partition: call.partition,
+            offset: call.offset,
+            fence: call.fence,
+            cluster: call.cluster,
+        });
+        let metadata = leasehold_router::CallMetadata::sanitized(call.trace);
+        // Built here, so the boxed future holds the call once (see ARCHITECTURE.md,
+        // "Per-call future size").
+        let run = self
+            .router
+            .call(call.key, call.payload, deadline, source, metadata);
+        Box::pin(futures::FutureExt::map(run, |r| {
+            r.map(|_| ()).map_err(dispatch_error)
+        }))
     }
 
     fn claim(
