@@ -356,18 +356,19 @@ impl Peer for PeerService {
                 // the call's future twice (see ARCHITECTURE.md, "Per-call future size").
                 // A cancel read before the call first ran stops it here: `Abortable`
                 // checks for it before each poll.
-                let work = futures::future::Abortable::new(run, registration).then(move |outcome| {
-                    // Cancelled: the call's future is dropped with the `Abortable` (a
-                    // started handler finishes in the background); the sender expects no
-                    // answer.
-                    let result = outcome.ok();
-                    async move {
-                        let Some(result) = result else { return };
-                        running.lock().expect("running lock").remove(&id);
-                        let _ = tx.send(Ok(answer(id, result))).await;
-                        drop(slot);
-                    }
-                });
+                let work =
+                    futures::future::Abortable::new(run, registration).then(move |outcome| {
+                        // Cancelled: the call's future is dropped with the `Abortable` (a
+                        // started handler finishes in the background); the sender expects no
+                        // answer.
+                        let result = outcome.ok();
+                        async move {
+                            let Some(result) = result else { return };
+                            running.lock().expect("running lock").remove(&id);
+                            let _ = tx.send(Ok(answer(id, result))).await;
+                            drop(slot);
+                        }
+                    });
                 tasks.spawn(work);
             };
             match ended {
