@@ -7,10 +7,11 @@ target="${CARGO_TARGET_DIR:?}"
 out="$target/profile"
 mkdir -p "$out"
 log="$out/bench.log"
+# In a process group of its own: the broker, etcd and handler it starts are ended with it.
 KAFKA_BENCH_INSTANCES="${KAFKA_BENCH_INSTANCES:-1}" KAFKA_BENCH_MESSAGES="${KAFKA_BENCH_MESSAGES:-600000}" \
-  LEASEHOLD_BIN="$target/release/leasehold" "$target/release/leasehold-bench" --kafka-only >"$log" 2>&1 &
+  LEASEHOLD_BIN="$target/release/leasehold" setsid "$target/release/leasehold-bench" --kafka-only >"$log" 2>&1 &
 bench=$!
-trap 'kill "$bench" 2>/dev/null; pkill -f "$target/release/leasehold serve" 2>/dev/null || true' EXIT
+trap 'kill -- -"$bench" 2>/dev/null; pkill -f "$target/release/leasehold serve" 2>/dev/null || true' EXIT
 pid=""
 for _ in $(seq 600); do
   pid=$(pgrep -f "$target/release/leasehold serve" | head -1 || true)
