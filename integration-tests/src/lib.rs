@@ -408,6 +408,22 @@ impl Instance {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+
+    /// The sum of every series of the metric family `name` on `/metrics` (0 when it has
+    /// none yet); None when the page cannot be read.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.admin_url()))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        Some(
+            text.lines()
+                .filter(|l| l.split([' ', '{']).next() == Some(name))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
 }
 
 impl Drop for Instance {

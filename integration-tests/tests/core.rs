@@ -800,19 +800,6 @@ fn key_owned_by(table: &[(u64, Option<String>, u64)], prefix: &str, owner: &str)
         .unwrap_or_else(|| panic!("no key {prefix}… owned by {owner}"))
 }
 
-/// A counter's value in an instance's metrics (0 when absent).
-fn counter(instance: &Instance, name: &str) -> f64 {
-    let text = ureq::get(&format!("{}/metrics", instance.admin_url()))
-        .call()
-        .unwrap()
-        .into_string()
-        .unwrap();
-    text.lines()
-        .filter(|l| l.split([' ', '{']).next() == Some(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// A forwarded call whose client gave up while it waited at the owner (queued behind a
 /// running call for its key) is dropped there: it never runs after the client left.
 /// Forwarded calls share a stream per peer, so this takes the sender's cancel message.
@@ -853,7 +840,11 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     let mut via_n1 = cluster.instances[1].client().await;
     let mut via_n2 = cluster.instances[2].client().await;
     let warm = key_owned_by(&table, "warm-", n0);
-    let streamed = || counter(&cluster.instances[0], "leasehold_peer_stream_calls_total");
+    let streamed = || {
+        cluster.instances[0]
+            .metric("leasehold_peer_stream_calls_total")
+            .expect("metrics")
+    };
     for (entry, client) in [("n1", &mut via_n1), ("n2", &mut via_n2)] {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -887,7 +878,9 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
     }
     // B enters through n2 and waits at n0 behind A; its client leaves after 300 ms
     // (no gRPC deadline: only the client's going away can stop it).
-    let cancels = counter(&cluster.instances[0], "leasehold_peer_stream_cancels_total");
+    let cancels = cluster.instances[0]
+        .metric("leasehold_peer_stream_cancels_total")
+        .expect("metrics");
     let left = tokio::time::timeout(Duration::from_millis(300), via_n2.call(request("b"))).await;
     assert!(left.is_err(), "call b answered while a still ran: {left:?}");
     first.await.unwrap().expect("call a");
@@ -899,7 +892,10 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
         .collect();
     assert_eq!(ran, ["a", "c"], "calls run at the owner, in order");
     assert!(
-        counter(&cluster.instances[0], "leasehold_peer_stream_cancels_total") > cancels,
+        cluster.instances[0]
+            .metric("leasehold_peer_stream_cancels_total")
+            .expect("metrics")
+            > cancels,
         "n0 received no cancel message"
     );
     assert!(
@@ -1490,7 +1486,9 @@ async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
     // The forwarded calls after the first, the ones after each panic included, went over
     // the Dispatch stream to the owner (the first opens the stream and goes as a unary
     // Forward while the stream's answer headers are on the way: both paths panicked).
-    let streamed = counter(&cluster.instances[0], "leasehold_peer_stream_calls_total");
+    let streamed = cluster.instances[0]
+        .metric("leasehold_peer_stream_calls_total")
+        .expect("metrics");
     assert!(
         streamed >= 5.0,
         "calls the owner read from peer streams: {streamed}"

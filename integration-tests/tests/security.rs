@@ -773,17 +773,7 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
         "n0 owns every shard, hooks run",
         || {
             let c = n0.get("/v1/cluster")?;
-            let metrics = ureq::get(&format!("{}/metrics", n0.admin_url()))
-                .call()
-                .ok()?
-                .into_string()
-                .ok()?;
-            let hooks: f64 = metrics
-                .lines()
-                .find_map(|l| l.strip_prefix("leasehold_shard_event_duration_seconds_count "))?
-                .trim()
-                .parse()
-                .ok()?;
+            let hooks = n0.metric("leasehold_shard_event_duration_seconds_count")?;
             (c["unowned_shards"] == 0 && n0.ready() && hooks >= 1024.0).then_some(())
         },
     )
