@@ -3,7 +3,7 @@
 //! `released` (of a planned move) before the shard key is deleted, so before the next
 //! owner's `acquired`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -12,6 +12,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use leasehold_coord::ShardListener;
 use leasehold_metrics::{Counter, Histogram, Registry};
 use leasehold_types::{Epoch, ShardId};
+use tokio::sync::{oneshot, Notify};
 
 use crate::handler::{Handler, ShardEvent};
 
@@ -25,9 +26,19 @@ struct Link {
     done: Delivery,
     /// The last `acquired` hook: calls of its ownership wait for it, also when a `lost`
     /// was queued behind it meanwhile.
-    acquire: Option<(Epoch, Delivery)>,
+    acquire: Option<Acquire>,
     /// Names that hook's queuing: only its delivery may mark the shard announced.
     acquire_token: u64,
+}
+
+/// An `acquired` hook queued for a shard, as calls of its ownership see it.
+#[derive(Clone)]
+struct Acquire {
+    epoch: Epoch,
+    done: Delivery,
+    /// Notified by calls that wait for it: the hook then takes the next free hook slot
+    /// before hooks nobody waits for.
+    urge: Arc<Notify>,
 }
 
 struct Metrics {
@@ -42,13 +53,104 @@ struct Metrics {
 /// `ShardAcquired` at a time when an instance takes a thousand shards).
 const CONCURRENT_HOOKS: usize = 32;
 
+/// The hook slots: at most [`CONCURRENT_HOOKS`] hooks run at once; a hook waiting for a
+/// slot gets one in queuing order, except that hooks a call waits for (urged) go first.
+///
+/// After an instance takes many shards at once (a failover), their `acquired` hooks
+/// queue for the slots; a call for one of them waits for its hook, and without the
+/// urging it would wait for every hook queued before it (hundreds of shards, one slow
+/// hook each) although nobody waits for those yet.
+struct HookSlots {
+    queue: Mutex<SlotQueue>,
+}
+
+struct SlotQueue {
+    free: usize,
+    /// Waiting hooks by (not urged, queued at): urged ones first, each kind in order.
+    waiting: BTreeMap<(bool, u64), oneshot::Sender<HookSlot>>,
+    next: u64,
+}
+
+/// A hook slot, given back when dropped (also when it is dropped unreceived, inside the
+/// channel of a waiter that went away).
+struct HookSlot(Option<Arc<HookSlots>>);
+
+impl Drop for HookSlot {
+    fn drop(&mut self) {
+        if let Some(slots) = self.0.take() {
+            slots.release();
+        }
+    }
+}
+
+impl HookSlots {
+    fn new(slots: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::new(SlotQueue {
+                free: slots,
+                waiting: BTreeMap::new(),
+                next: 0,
+            }),
+        })
+    }
+
+    /// Waits for a slot; from the moment `urge` is notified (before or while waiting),
+    /// ahead of the hooks not urged.
+    async fn acquire(self: &Arc<Self>, urge: Option<&Notify>) -> HookSlot {
+        let (rx, at) = {
+            let mut q = self.queue.lock().expect("hook slots lock");
+            if q.free > 0 {
+                q.free -= 1;
+                return HookSlot(Some(self.clone()));
+            }
+            let at = q.next;
+            q.next += 1;
+            let (tx, rx) = oneshot::channel();
+            q.waiting.insert((true, at), tx);
+            (rx, at)
+        };
+        let mut rx = std::pin::pin!(rx);
+        if let Some(urge) = urge {
+            tokio::select! {
+                slot = &mut rx => return slot.unwrap_or(HookSlot(None)),
+                _ = urge.notified() => {
+                    let mut q = self.queue.lock().expect("hook slots lock");
+                    // Not there: a slot was sent to it meanwhile.
+                    if let Some(tx) = q.waiting.remove(&(true, at)) {
+                        q.waiting.insert((false, at), tx);
+                    }
+                }
+            }
+        }
+        // The sender is dropped unsent only with the queue, which this future keeps
+        // alive; should it happen, the hook runs without a slot rather than never.
+        rx.await.unwrap_or(HookSlot(None))
+    }
+
+    /// A slot given back: to the first waiting hook still waiting, or to the free ones.
+    fn release(self: &Arc<Self>) {
+        let mut q = self.queue.lock().expect("hook slots lock");
+        while let Some((_, tx)) = q.waiting.pop_first() {
+            match tx.send(HookSlot(Some(self.clone()))) {
+                Ok(()) => return,
+                // Its waiter went away: defused (dropping it would come back here under
+                // the lock), and the next one gets it.
+                Err(mut slot) => {
+                    slot.0 = None;
+                }
+            }
+        }
+        q.free += 1;
+    }
+}
+
 /// Delivers shard events to the handler; the coordinator's [`ShardListener`].
 pub struct ShardEvents {
     handler: Arc<dyn Handler>,
     timeout: Duration,
     chains: Arc<Mutex<HashMap<ShardId, Link>>>,
     next_token: AtomicU64,
-    slots: Arc<tokio::sync::Semaphore>,
+    slots: Arc<HookSlots>,
     metrics: Arc<Metrics>,
     /// Per shard, the epoch whose `acquired` hook has finished: every call checks its
     /// ownership's hook, and this answers the usual case (long done) without the lock.
@@ -98,7 +200,7 @@ impl ShardEvents {
             timeout,
             chains: Arc::default(),
             next_token: AtomicU64::new(1),
-            slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENT_HOOKS)),
+            slots: HookSlots::new(CONCURRENT_HOOKS),
             metrics: Arc::new(metrics),
             // Epochs are etcd revisions, never 0.
             announced: (0..shards).map(|_| AtomicU64::new(0)).collect(),
@@ -106,15 +208,20 @@ impl ShardEvents {
     }
 
     /// The pending delivery of the `acquired` hook of this ownership, if it has not
-    /// finished: calls of the ownership wait for it.
+    /// finished: calls of the ownership wait for it, so it is urged (it takes the next
+    /// free hook slot before hooks nobody waits for).
     pub fn acquiring(&self, shard: ShardId, epoch: Epoch) -> Option<Delivery> {
         let done = self.announced.get(shard.0 as usize);
         if done.is_some_and(|e| e.load(Ordering::Acquire) == epoch.0) {
             return None;
         }
         let chains = self.chains.lock().expect("shard events lock");
-        let (acquired, done) = chains.get(&shard)?.acquire.as_ref()?;
-        (*acquired == epoch && done.peek().is_none()).then(|| done.clone())
+        let acquire = chains.get(&shard)?.acquire.as_ref()?;
+        if acquire.epoch != epoch || acquire.done.peek().is_some() {
+            return None;
+        }
+        acquire.urge.notify_one();
+        Some(acquire.done.clone())
     }
 
     /// Queues an event behind the shard's previous one and starts delivering it.
@@ -124,10 +231,7 @@ impl ShardEvents {
             // One release per ownership (a handoff cut short by a lost lease is also
             // reported lost), and none for an ownership older than the last acquired
             // one (a handoff that outlived its lease and a re-acquisition).
-            let stale = match &last.acquire {
-                Some((acquired, _)) => epoch < *acquired,
-                None => false,
-            };
+            let stale = last.acquire.as_ref().is_some_and(|a| epoch < a.epoch);
             let repeated = !last.acquired && last.epoch == epoch;
             if kind != Kind::Acquired && (stale || repeated) {
                 return last.done.clone();
@@ -158,11 +262,13 @@ impl ShardEvents {
             epoch,
             lost: kind == Kind::Lost,
         };
+        let urge = Arc::new(Notify::new());
+        let urged = (kind == Kind::Acquired).then(|| urge.clone());
         let done = async move {
             if let Some(previous) = previous {
                 previous.await;
             }
-            let _slot = slots.acquire_owned().await;
+            let _slot = slots.acquire(urged.as_deref()).await;
             deliver(handler, kind, event, timeout, &metrics).await;
             if kind == Kind::Acquired {
                 if let Some(links) = links.upgrade() {
@@ -177,7 +283,11 @@ impl ShardEvents {
         .boxed()
         .shared();
         let acquire = match kind {
-            Kind::Acquired => Some((epoch, done.clone())),
+            Kind::Acquired => Some(Acquire {
+                epoch,
+                done: done.clone(),
+                urge,
+            }),
             _ => last_acquire,
         };
         chains.insert(
@@ -390,6 +500,89 @@ mod tests {
         }
         fn shard_released(&self, _: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
             Box::pin(futures::future::pending())
+        }
+    }
+
+    /// `acquired` hooks that wait for the test to let one end; records the order in which
+    /// they started and how many ran at once.
+    struct Gated {
+        gate: Arc<tokio::sync::Semaphore>,
+        started: Mutex<Vec<u32>>,
+        running: Arc<AtomicU64>,
+        most: AtomicU64,
+    }
+
+    impl Handler for Gated {
+        fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {
+            Box::pin(futures::future::ready(Ok(call.payload)))
+        }
+        fn shard_acquired(&self, e: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+            self.started.lock().unwrap().push(e.shard.0);
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+            let (gate, running) = (self.gate.clone(), self.running.clone());
+            Box::pin(async move {
+                gate.acquire().await.expect("open").forget();
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_a_call_waits_for_takes_the_next_slot_before_earlier_queued_ones() {
+        let handler = Arc::new(Gated {
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            started: Mutex::new(Vec::new()),
+            running: Arc::new(AtomicU64::new(0)),
+            most: AtomicU64::new(0),
+        });
+        let events = ShardEvents::new(
+            handler.clone(),
+            Duration::from_secs(30),
+            64,
+            &Registry::new(),
+        );
+        let total = CONCURRENT_HOOKS as u32 + 8;
+        for shard in 0..total {
+            events.acquired(ShardId(shard), Epoch(10));
+        }
+        let started = |n: usize| {
+            let handler = handler.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while handler.started.lock().unwrap().len() < n {
+                    assert!(Instant::now() < deadline, "{n} hooks never started");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        started(CONCURRENT_HOOKS).await;
+        // The last one queued; a call of its ownership now waits for it.
+        let last = ShardId(total - 1);
+        let waited = events.acquiring(last, Epoch(10)).expect("pending");
+        // One running hook ends: its slot goes to the hook the call waits for, not to the
+        // first one queued.
+        handler.gate.add_permits(1);
+        started(CONCURRENT_HOOKS + 1).await;
+        let order = handler.started.lock().unwrap().clone();
+        assert_eq!(
+            order[CONCURRENT_HOOKS], last.0,
+            "started in this order: {order:?}"
+        );
+        handler.gate.add_permits(total as usize);
+        tokio::time::timeout(Duration::from_secs(5), waited)
+            .await
+            .expect("the waited-for hook was delivered");
+        started(total as usize).await;
+        // Never more than the bound, urged or not.
+        assert_eq!(handler.most.load(Ordering::SeqCst), CONCURRENT_HOOKS as u64);
+        for shard in 0..total {
+            if let Some(d) = events.acquiring(ShardId(shard), Epoch(10)) {
+                tokio::time::timeout(Duration::from_secs(5), d)
+                    .await
+                    .expect("delivered");
+            }
         }
     }
 
