@@ -495,7 +495,7 @@ impl Ingest {
             self.status.clone(),
             cancel.clone(),
         ));
-        let mut state = Consuming {
+        let state = Consuming {
             total: Arc::new(Semaphore::new(o.max_in_flight)),
             series: Default::default(),
             tasks: TaskTracker::new(),
@@ -516,7 +516,18 @@ impl Ingest {
                 biased;
                 _ = cancel.cancelled() => break,
                 _ = reclaim_tick.tick() => {
-                    self.reclaim_fenced(&mut state, reclaim_after);
+                    let stale = self.fenced_unsplit(&state, reclaim_after);
+                    if !stale.is_empty() {
+                        // The seeks wait for librdkafka: off the async threads. This loop
+                        // takes no message meanwhile, as `reclaim` requires.
+                        let (this, st) = (self.clone(), state.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            for (tp, part) in stale {
+                                this.reclaim(&st, &tp, &part);
+                            }
+                        })
+                        .await;
+                    }
                     self.store_missed_watermarks(&state);
                     continue;
                 }
@@ -899,19 +910,22 @@ impl Ingest {
     /// heartbeat (the group took it away). One still assigned here a whole session
     /// timeout later is this consumer's in the group's eyes: its abandoned state is
     /// replaced by one that re-reads from the last stored watermark under a forced claim.
-    fn reclaim_fenced(&self, state: &mut Consuming, after: Duration) {
+    /// These are such partitions read by the consumer loop itself (no queue of their
+    /// own), fenced for `after`; the loop reclaims them with [`Ingest::reclaim`].
+    fn fenced_unsplit(
+        &self,
+        state: &Consuming,
+        after: Duration,
+    ) -> Vec<((String, i32), Arc<Partition>)> {
         // A partition with its own queue is reclaimed by its reader (see `Ingest::read`).
-        let stale: Vec<((String, i32), Arc<Partition>)> = state
+        state
             .partitions
             .lock()
             .expect("partitions lock")
             .iter()
             .filter(|(_, p)| !p.split && p.fenced_since().is_some_and(|t| t.elapsed() >= after))
             .map(|(tp, p)| (tp.clone(), p.clone()))
-            .collect();
-        for (tp, part) in stale {
-            self.reclaim(state, &tp, &part);
-        }
+            .collect()
     }
 
     /// Replaces a fenced partition's abandoned state by one that re-reads from the last
