@@ -29,6 +29,8 @@ struct Link {
     acquire: Option<Acquire>,
     /// Names that hook's queuing: only its delivery may mark the shard announced.
     acquire_token: u64,
+    /// Urges the last hook queued (see [`Acquire::urge`]).
+    urge: Arc<Notify>,
 }
 
 /// An `acquired` hook queued for a shard, as calls of its ownership see it.
@@ -37,7 +39,8 @@ struct Acquire {
     epoch: Epoch,
     done: Delivery,
     /// Notified by calls that wait for it: the hook then takes the next free hook slot
-    /// before hooks nobody waits for.
+    /// before hooks nobody waits for, and so do the shard's earlier hooks it waits
+    /// behind (each urges the one before it while it waits for it).
     urge: Arc<Notify>,
 }
 
@@ -94,9 +97,9 @@ impl HookSlots {
         })
     }
 
-    /// Waits for a slot; from the moment `urge` is notified (before or while waiting),
-    /// ahead of the hooks not urged.
-    async fn acquire(self: &Arc<Self>, urge: Option<&Notify>) -> HookSlot {
+    /// Waits for a slot; ahead of the hooks not urged if `urged`, or from the moment
+    /// `urge` is notified (before or while waiting).
+    async fn acquire(self: &Arc<Self>, urge: &Notify, urged: bool) -> HookSlot {
         let (rx, at) = {
             let mut q = self.queue.lock().expect("hook slots lock");
             if q.free > 0 {
@@ -106,11 +109,11 @@ impl HookSlots {
             let at = q.next;
             q.next += 1;
             let (tx, rx) = oneshot::channel();
-            q.waiting.insert((true, at), tx);
+            q.waiting.insert((!urged, at), tx);
             (rx, at)
         };
         let mut rx = std::pin::pin!(rx);
-        if let Some(urge) = urge {
+        if !urged {
             tokio::select! {
                 slot = &mut rx => return slot.unwrap_or(HookSlot(None)),
                 _ = urge.notified() => {
@@ -263,12 +266,25 @@ impl ShardEvents {
             lost: kind == Kind::Lost,
         };
         let urge = Arc::new(Notify::new());
-        let urged = (kind == Kind::Acquired).then(|| urge.clone());
+        let previous_urge = chains.get(&shard).map(|l| l.urge.clone());
+        let own = urge.clone();
         let done = async move {
-            if let Some(previous) = previous {
-                previous.await;
+            let mut urged = false;
+            if let Some(mut previous) = previous {
+                tokio::select! {
+                    _ = &mut previous => {}
+                    // Urged while it waits for the shard's previous hook: that one is
+                    // urged too (and, through it, the rest of the shard's chain).
+                    _ = own.notified() => {
+                        urged = true;
+                        if let Some(earlier) = &previous_urge {
+                            earlier.notify_one();
+                        }
+                        previous.await;
+                    }
+                }
             }
-            let _slot = slots.acquire(urged.as_deref()).await;
+            let _slot = slots.acquire(&own, urged).await;
             deliver(handler, kind, event, timeout, &metrics).await;
             if kind == Kind::Acquired {
                 if let Some(links) = links.upgrade() {
@@ -286,7 +302,7 @@ impl ShardEvents {
             Kind::Acquired => Some(Acquire {
                 epoch,
                 done: done.clone(),
-                urge,
+                urge: urge.clone(),
             }),
             _ => last_acquire,
         };
@@ -298,6 +314,7 @@ impl ShardEvents {
                 done: done.clone(),
                 acquire,
                 acquire_token: token,
+                urge,
             },
         );
         // Delivered whether or not anyone waits for it.
@@ -503,13 +520,43 @@ mod tests {
         }
     }
 
-    /// `acquired` hooks that wait for the test to let one end; records the order in which
-    /// they started and how many ran at once.
+    /// `acquired` hooks that wait for the test to let one end, `released` hooks that end
+    /// at once; records the order in which they started (acquired or not, shard) and
+    /// how many ran at once.
     struct Gated {
         gate: Arc<tokio::sync::Semaphore>,
-        started: Mutex<Vec<u32>>,
+        started: Mutex<Vec<(bool, u32)>>,
         running: Arc<AtomicU64>,
         most: AtomicU64,
+    }
+
+    impl Gated {
+        fn new() -> Arc<Self> {
+            Arc::new(Gated {
+                gate: Arc::new(tokio::sync::Semaphore::new(0)),
+                started: Mutex::new(Vec::new()),
+                running: Arc::new(AtomicU64::new(0)),
+                most: AtomicU64::new(0),
+            })
+        }
+
+        fn start(&self, acquired: bool, shard: ShardId) {
+            self.started.lock().unwrap().push((acquired, shard.0));
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(now, Ordering::SeqCst);
+        }
+
+        fn order(&self) -> Vec<(bool, u32)> {
+            self.started.lock().unwrap().clone()
+        }
+
+        async fn started(&self, n: usize) {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while self.started.lock().unwrap().len() < n {
+                assert!(Instant::now() < deadline, "{n} hooks never started");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
     }
 
     impl Handler for Gated {
@@ -517,9 +564,7 @@ mod tests {
             Box::pin(futures::future::ready(Ok(call.payload)))
         }
         fn shard_acquired(&self, e: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
-            self.started.lock().unwrap().push(e.shard.0);
-            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
-            self.most.fetch_max(now, Ordering::SeqCst);
+            self.start(true, e.shard);
             let (gate, running) = (self.gate.clone(), self.running.clone());
             Box::pin(async move {
                 gate.acquire().await.expect("open").forget();
@@ -527,54 +572,49 @@ mod tests {
                 Ok(())
             })
         }
+        fn shard_released(&self, e: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+            self.start(false, e.shard);
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            Box::pin(futures::future::ready(Ok(())))
+        }
     }
 
-    #[tokio::test]
-    async fn a_hook_a_call_waits_for_takes_the_next_slot_before_earlier_queued_ones() {
-        let handler = Arc::new(Gated {
-            gate: Arc::new(tokio::sync::Semaphore::new(0)),
-            started: Mutex::new(Vec::new()),
-            running: Arc::new(AtomicU64::new(0)),
-            most: AtomicU64::new(0),
-        });
-        let events = ShardEvents::new(
+    fn gated_events(handler: &Arc<Gated>) -> Arc<ShardEvents> {
+        ShardEvents::new(
             handler.clone(),
             Duration::from_secs(30),
             64,
             &Registry::new(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_hook_a_call_waits_for_takes_the_next_slot_before_earlier_queued_ones() {
+        let handler = Gated::new();
+        let events = gated_events(&handler);
         let total = CONCURRENT_HOOKS as u32 + 8;
         for shard in 0..total {
             events.acquired(ShardId(shard), Epoch(10));
         }
-        let started = |n: usize| {
-            let handler = handler.clone();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while handler.started.lock().unwrap().len() < n {
-                    assert!(Instant::now() < deadline, "{n} hooks never started");
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-        };
-        started(CONCURRENT_HOOKS).await;
+        handler.started(CONCURRENT_HOOKS).await;
         // The last one queued; a call of its ownership now waits for it.
         let last = ShardId(total - 1);
         let waited = events.acquiring(last, Epoch(10)).expect("pending");
         // One running hook ends: its slot goes to the hook the call waits for, not to the
         // first one queued.
         handler.gate.add_permits(1);
-        started(CONCURRENT_HOOKS + 1).await;
-        let order = handler.started.lock().unwrap().clone();
+        handler.started(CONCURRENT_HOOKS + 1).await;
+        let order = handler.order();
         assert_eq!(
-            order[CONCURRENT_HOOKS], last.0,
+            order[CONCURRENT_HOOKS],
+            (true, last.0),
             "started in this order: {order:?}"
         );
         handler.gate.add_permits(total as usize);
         tokio::time::timeout(Duration::from_secs(5), waited)
             .await
             .expect("the waited-for hook was delivered");
-        started(total as usize).await;
+        handler.started(total as usize).await;
         // Never more than the bound, urged or not.
         assert_eq!(handler.most.load(Ordering::SeqCst), CONCURRENT_HOOKS as u64);
         for shard in 0..total {
@@ -584,6 +624,63 @@ mod tests {
                     .expect("delivered");
             }
         }
+    }
+
+    #[tokio::test]
+    async fn urging_an_acquired_hook_urges_the_earlier_hooks_of_its_shard_it_waits_behind() {
+        let handler = Gated::new();
+        let events = gated_events(&handler);
+        for shard in 0..CONCURRENT_HOOKS as u32 {
+            events.acquired(ShardId(shard), Epoch(10)); // every slot taken
+        }
+        handler.started(CONCURRENT_HOOKS).await;
+        // Eight shards lost (an expired lease), nobody waiting for their hooks; the last
+        // of them taken again: its `acquired` waits behind its own loss.
+        let (first, last) = (CONCURRENT_HOOKS as u32, CONCURRENT_HOOKS as u32 + 7);
+        for shard in first..=last {
+            events.lost(ShardId(shard), Epoch(5));
+        }
+        events.acquired(ShardId(last), Epoch(10));
+        let waited = events.acquiring(ShardId(last), Epoch(10)).expect("pending");
+        // The urge reaches the loss queued for a slot.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !events
+            .slots
+            .queue
+            .lock()
+            .unwrap()
+            .waiting
+            .keys()
+            .any(|(not_urged, _)| !not_urged)
+        {
+            assert!(Instant::now() < deadline, "the loss was never urged");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        handler.gate.add_permits(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let at = loop {
+            if let Some(at) = handler.order().iter().position(|e| *e == (true, last)) {
+                break at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the waited-for hook never started"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let order = handler.order();
+        let losses_before = order[..at].iter().filter(|(acquired, _)| !acquired).count();
+        // Without the urge reaching its loss, all eight losses (queued first) run before
+        // it; with it, its own loss and at most the two that take the slots freed meanwhile.
+        assert!(
+            losses_before <= 3,
+            "{losses_before} losses ran before the waited-for hook: {order:?}"
+        );
+        assert_eq!(order[CONCURRENT_HOOKS], (false, last), "{order:?}");
+        handler.gate.add_permits(64);
+        tokio::time::timeout(Duration::from_secs(5), waited)
+            .await
+            .expect("delivered");
     }
 
     #[tokio::test]
