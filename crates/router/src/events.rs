@@ -29,8 +29,21 @@ struct Link {
     acquire: Option<Acquire>,
     /// Names that hook's queuing: only its delivery may mark the shard announced.
     acquire_token: u64,
-    /// Urges the last hook queued (see [`Acquire::urge`]).
-    urge: Arc<Notify>,
+    /// The last hook queued's urging and hand-over (see [`Handover`]).
+    handover: Arc<Handover>,
+}
+
+/// Between a queued hook and the shard's next one.
+struct Handover {
+    /// Notified by calls that wait for the hook (for an `acquired` hook, through
+    /// [`ShardEvents::acquiring`]) or by the shard's next hook while that one is urged and
+    /// waits for this one: the hook then takes the next free hook slot before hooks
+    /// nobody waits for, and urges the shard's hook before it in turn.
+    urge: Notify,
+    /// Set by the shard's next hook when it was urged while waiting for this one: this
+    /// hook hands it its slot when it ends, so an urged chain keeps one slot from step to
+    /// step instead of queuing again at each.
+    pass_to: Mutex<Option<oneshot::Sender<HookSlot>>>,
 }
 
 /// An `acquired` hook queued for a shard, as calls of its ownership see it.
@@ -38,10 +51,8 @@ struct Link {
 struct Acquire {
     epoch: Epoch,
     done: Delivery,
-    /// Notified by calls that wait for it: the hook then takes the next free hook slot
-    /// before hooks nobody waits for, and so do the shard's earlier hooks it waits
-    /// behind (each urges the one before it while it waits for it).
-    urge: Arc<Notify>,
+    /// Urged by calls that wait for it (see [`Handover`]).
+    handover: Arc<Handover>,
 }
 
 struct Metrics {
@@ -223,7 +234,7 @@ impl ShardEvents {
         if acquire.epoch != epoch || acquire.done.peek().is_some() {
             return None;
         }
-        acquire.urge.notify_one();
+        acquire.handover.urge.notify_one();
         Some(acquire.done.clone())
     }
 
@@ -265,27 +276,47 @@ impl ShardEvents {
             epoch,
             lost: kind == Kind::Lost,
         };
-        let urge = Arc::new(Notify::new());
-        let previous_urge = chains.get(&shard).map(|l| l.urge.clone());
-        let own = urge.clone();
+        let handover = Arc::new(Handover {
+            urge: Notify::new(),
+            pass_to: Mutex::new(None),
+        });
+        let earlier = chains.get(&shard).map(|l| l.handover.clone());
+        let own = handover.clone();
         let done = async move {
             let mut urged = false;
+            let mut handed = None;
             if let Some(mut previous) = previous {
                 tokio::select! {
                     _ = &mut previous => {}
                     // Urged while it waits for the shard's previous hook: that one is
-                    // urged too (and, through it, the rest of the shard's chain).
-                    _ = own.notified() => {
+                    // urged too (and, through it, the rest of the shard's chain), and
+                    // hands its slot on here when it ends.
+                    _ = own.urge.notified() => {
                         urged = true;
-                        if let Some(earlier) = &previous_urge {
-                            earlier.notify_one();
+                        let (tx, mut rx) = oneshot::channel();
+                        if let Some(earlier) = &earlier {
+                            *earlier.pass_to.lock().expect("handover lock") = Some(tx);
+                            earlier.urge.notify_one();
                         }
                         previous.await;
+                        // Sent before the previous hook's delivery completed, if at all
+                        // (it had ended already when the sender was set: queue instead).
+                        handed = rx.try_recv().ok();
                     }
                 }
             }
-            let _slot = slots.acquire(&own, urged).await;
+            let slot = match handed {
+                Some(slot) => slot,
+                None => slots.acquire(&own.urge, urged).await,
+            };
             deliver(handler, kind, event, timeout, &metrics).await;
+            // The shard's next hook, urged, takes the slot as it is; else it is given
+            // back.
+            let next = own.pass_to.lock().expect("handover lock").take();
+            match next {
+                Some(next) => drop(next.send(slot)),
+                None => drop(slot),
+            }
             if kind == Kind::Acquired {
                 if let Some(links) = links.upgrade() {
                     let links = links.lock().expect("shard events lock");
@@ -302,7 +333,7 @@ impl ShardEvents {
             Kind::Acquired => Some(Acquire {
                 epoch,
                 done: done.clone(),
-                urge: urge.clone(),
+                handover: handover.clone(),
             }),
             _ => last_acquire,
         };
@@ -314,7 +345,7 @@ impl ShardEvents {
                 done: done.clone(),
                 acquire,
                 acquire_token: token,
-                urge,
+                handover,
             },
         );
         // Delivered whether or not anyone waits for it.
@@ -671,12 +702,13 @@ mod tests {
         let order = handler.order();
         let losses_before = order[..at].iter().filter(|(acquired, _)| !acquired).count();
         // Without the urge reaching its loss, all eight losses (queued first) run before
-        // it; with it, its own loss and at most the two that take the slots freed meanwhile.
-        assert!(
-            losses_before <= 3,
-            "{losses_before} losses ran before the waited-for hook: {order:?}"
+        // it; with it, only its own loss, which hands it its slot.
+        assert_eq!(
+            losses_before, 1,
+            "losses ran before the waited-for hook: {order:?}"
         );
         assert_eq!(order[CONCURRENT_HOOKS], (false, last), "{order:?}");
+        assert_eq!(handler.most.load(Ordering::SeqCst), CONCURRENT_HOOKS as u64);
         handler.gate.add_permits(64);
         tokio::time::timeout(Duration::from_secs(5), waited)
             .await
