@@ -14,7 +14,7 @@ use leasehold_metrics::{Counter, Histogram, Registry};
 use leasehold_types::{Epoch, ShardId};
 use tokio::sync::{oneshot, Notify};
 
-use crate::handler::{Handler, ShardEvent};
+use crate::handler::{HandleError, Handler, ShardEvent};
 
 type Delivery = Shared<BoxFuture<'static, ()>>;
 
@@ -68,7 +68,9 @@ struct Metrics {
 const CONCURRENT_HOOKS: usize = 32;
 
 /// The hook slots: at most [`CONCURRENT_HOOKS`] hooks run at once; a hook waiting for a
-/// slot gets one in queuing order, except that hooks a call waits for (urged) go first.
+/// slot gets one in queuing order, except that hooks a call waits for (urged) go first,
+/// and that an urged hook takes the slot of the shard's hook before it as that one ends
+/// (see [`Handover`]), ahead of any queued hook.
 ///
 /// After an instance takes many shards at once (a failover), their `acquired` hooks
 /// queue for the slots; a call for one of them waits for its hook, and without the
@@ -366,13 +368,18 @@ async fn deliver(
         Kind::Acquired => "acquired",
         Kind::Released | Kind::Lost => "released",
     };
-    // Made inside the bound too: a hook may do work before its first await.
-    let hook = async move {
+    // Made inside the bound too: a hook may do work before its first await. A hook that
+    // panics (an embedded handler's) fails like one that returned an error: its panic
+    // must not poison the shard's chain, which later hooks and every call of the
+    // ownership await.
+    let hook = std::panic::AssertUnwindSafe(async move {
         match kind {
             Kind::Acquired => handler.shard_acquired(event).await,
             Kind::Released | Kind::Lost => handler.shard_released(event).await,
         }
-    };
+    })
+    .catch_unwind()
+    .map(|r| r.unwrap_or_else(|_| Err(HandleError::internal("the shard hook panicked"))));
     let result = tokio::time::timeout(timeout, hook).await;
     metrics.duration.observe(started.elapsed());
     let (shard, epoch) = (event.shard, event.epoch);
@@ -537,6 +544,71 @@ mod tests {
             .expect("still pending");
         waiting.await;
         assert!(events.acquiring(ShardId(1), Epoch(10)).is_none());
+    }
+
+    /// `acquired` panics for epoch 10 (before its future, or in it for shard 2);
+    /// records what it delivered otherwise.
+    #[derive(Default)]
+    struct Panicky(Mutex<Vec<(bool, u32, u64)>>);
+
+    impl Handler for Panicky {
+        fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>> {
+            Box::pin(futures::future::ready(Ok(call.payload)))
+        }
+        fn shard_acquired(&self, e: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+            if e.epoch == Epoch(10) && e.shard != ShardId(2) {
+                panic!("hook of shard {} panics before its future", e.shard);
+            }
+            self.0.lock().unwrap().push((true, e.shard.0, e.epoch.0));
+            Box::pin(async move {
+                if e.epoch == Epoch(10) {
+                    panic!("hook of shard {} panics in its future", e.shard);
+                }
+                Ok(())
+            })
+        }
+        fn shard_released(&self, e: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+            self.0.lock().unwrap().push((false, e.shard.0, e.epoch.0));
+            Box::pin(futures::future::ready(Ok(())))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hook_that_panics_fails_alone_and_the_shards_next_hooks_and_calls_go_on() {
+        let handler = Arc::new(Panicky::default());
+        let events = ShardEvents::new(
+            handler.clone(),
+            Duration::from_secs(5),
+            16,
+            &Registry::new(),
+        );
+        for shard in [ShardId(1), ShardId(2)] {
+            events.acquired(shard, Epoch(10));
+            // A call of the ownership waits for the hook: it ends (failed), not panics.
+            if let Some(hook) = events.acquiring(shard, Epoch(10)) {
+                tokio::time::timeout(Duration::from_secs(5), hook)
+                    .await
+                    .expect("the failed hook ends");
+            }
+            assert!(events.acquiring(shard, Epoch(10)).is_none(), "announced");
+            // The shard's next hooks run.
+            events.releasing(shard, Epoch(10)).await;
+            events.acquired(shard, Epoch(12));
+            if let Some(hook) = events.acquiring(shard, Epoch(12)) {
+                hook.await;
+            }
+        }
+        assert_eq!(events.metrics.acquired_failed.get(), 2);
+        assert_eq!(
+            *handler.0.lock().unwrap(),
+            [
+                (false, 1, 10),
+                (true, 1, 12),
+                (true, 2, 10),
+                (false, 2, 10),
+                (true, 2, 12)
+            ]
+        );
     }
 
     /// A hook that never returns holds nothing up past the timeout.
