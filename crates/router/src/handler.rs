@@ -328,8 +328,9 @@ pub struct ShardEvent {
 /// shard hooks are delivered per shard in epoch order: `shard_acquired` before the first
 /// call of the ownership, `shard_released` after its last call — for a planned move
 /// (rebalancing, drain, shutdown) before the next owner can take the shard. Each hook is
-/// bounded by `shard_event_timeout`; past it Leasehold goes on without it and says so
-/// (log and `leasehold_shard_event_failures_total`).
+/// bounded by `shard_event_timeout`; past it, or when it fails or panics, Leasehold goes
+/// on without it and says so (log and `leasehold_shard_event_failures_total`). A `handle`
+/// that panics fails only its call, with `INTERNAL`.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, call: HandleCall) -> BoxFuture<'static, Result<Bytes, HandleError>>;
 
