@@ -1434,7 +1434,8 @@ async fn placement_follows_a_skewed_load_and_then_stays_put() {
 
 /// A handler that panics fails only that call, with `INTERNAL`, whether the call reached
 /// its owner directly or across the forward hop: the key's next call runs at once, both
-/// processes keep serving, and the peer stream carries the calls after the panic too.
+/// processes keep serving, and the peer stream carries the calls after the panic too. A
+/// `shard_acquired` hook that panics fails only that hook: the shard's calls run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
     let etcd = Etcd::start().await;
@@ -1479,6 +1480,34 @@ async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
             assert_eq!(&next.into_inner().payload[..], b"after", "{path}");
         }
     }
+    // Shards whose `acquired` hook panicked (before its future: 1 mod 4; in it: 3 mod 4)
+    // take their calls: the hook failed, and the ownership went on without it.
+    for residue in [1, 3] {
+        let key = (0..10_000)
+            .map(|i| format!("hooked-{i}"))
+            .find(|k| {
+                let shard = leasehold_types::shard_for_key(k.as_bytes(), table.len() as u32);
+                shard.0 % 4 == residue && table[shard.0 as usize].1.as_deref() == Some("n0")
+            })
+            .expect("a key in such a shard");
+        for (path, client) in [("at the owner", &mut owner), ("forwarded", &mut entry)] {
+            let answer = tokio::time::timeout(
+                Duration::from_secs(5),
+                client.call(CallRequest {
+                    key: key.clone(),
+                    payload: b"hooked".to_vec().into(),
+                }),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("{path}: a call of shard {residue} mod 4 hung"))
+            .unwrap_or_else(|e| panic!("{path}: a call of shard {residue} mod 4 failed: {e:?}"));
+            assert_eq!(&answer.into_inner().payload[..], b"hooked", "{path}");
+        }
+    }
+    let failed = cluster.instances[0]
+        .metric("leasehold_shard_event_failures_total")
+        .expect("metrics");
+    assert!(failed >= 2.0, "hooks counted as failed: {failed}");
     assert!(
         cluster.instances.iter().all(|i| i.ready()),
         "an instance stopped serving"

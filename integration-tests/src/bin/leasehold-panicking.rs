@@ -1,13 +1,16 @@
 //! A Leasehold instance whose handler panics when a call's payload is `panic` and echoes
-//! every other payload: the tests of a handler that panics, on every path (the call's
-//! owner, across the forward hop). It takes every `leasehold serve` flag except
-//! `--handler`.
+//! every other payload, and whose `shard_acquired` hook panics for shards 1 and 3 mod 4
+//! (before its future, and in it): the tests of a handler that panics, on every path
+//! (the call's owner, across the forward hop, a shard hook). It takes every
+//! `leasehold serve` flag except `--handler`.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use leasehold_server::config::ServeArgs;
-use leasehold_server::{BoxFuture, Bytes, HandleCall, HandleError, Handler, ServeOptions, Server};
+use leasehold_server::{
+    BoxFuture, Bytes, HandleCall, HandleError, Handler, ServeOptions, Server, ShardEvent,
+};
 
 #[derive(Parser)]
 struct Args {
@@ -26,6 +29,20 @@ impl Handler for Panicking {
                 panic!("the test handler was asked to panic (key {})", call.key);
             }
             Ok(call.payload)
+        })
+    }
+
+    fn shard_acquired(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
+        let shard = event.shard.0;
+        if shard % 4 == 1 {
+            panic!("the test handler's hook panics for shard {shard}");
+        }
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            if shard % 4 == 3 {
+                panic!("the test handler's hook panics in its future for shard {shard}");
+            }
+            Ok(())
         })
     }
 }
