@@ -713,7 +713,6 @@ async fn watch_files(
     .await
 }
 
-/// Runs Kafka messages through the call path: the key's owner runs the handler.
 /// Resolves once the handler answers, retrying with back-off: an instance takes no shard
 /// before (its calls would only fail or wait).
 async fn handler_ready(handler: Arc<dyn Handler>) {
@@ -739,6 +738,7 @@ async fn handler_ready(handler: Arc<dyn Handler>) {
     }
 }
 
+/// Runs Kafka messages through the call path: the key's owner runs the handler.
 struct RouterDispatch {
     router: Router,
 }
