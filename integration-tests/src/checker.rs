@@ -37,6 +37,8 @@ pub struct State {
     /// Key → the request metadata the handler received that the test asked to keep
     /// (`traceparent`, `tracestate`, `x-*`), last call wins.
     pub metadata: HashMap<String, Vec<(String, String)>>,
+    /// The shards of the `ShardAcquired` hooks received, in the order they arrived.
+    pub acquired: Vec<u32>,
 }
 
 /// Removes a call from `running` when the handler finishes or is cancelled (only this
@@ -62,6 +64,8 @@ struct Service {
     delay: Duration,
     /// Keys starting with this prefix fail with INTERNAL (for error-path tests).
     fail_prefix: Option<String>,
+    /// How long each `ShardAcquired` hook takes.
+    hook_delay: Duration,
 }
 
 #[tonic::async_trait]
@@ -184,8 +188,12 @@ impl EntityHandler for Service {
 
     async fn shard_acquired(
         &self,
-        _: Request<ShardEvent>,
+        r: Request<ShardEvent>,
     ) -> Result<Response<ShardEventAck>, Status> {
+        self.state.lock().unwrap().acquired.push(r.get_ref().shard);
+        if !self.hook_delay.is_zero() {
+            tokio::time::sleep(self.hook_delay).await;
+        }
         Ok(Response::new(ShardEventAck {}))
     }
 
@@ -213,12 +221,18 @@ impl Checker {
     /// Starts the checker on a given loopback port (0: any free one), e.g. one that
     /// instances were pointed at before their handler existed.
     pub async fn start_on(port: u16, delay: Duration, fail_prefix: Option<&str>) -> Checker {
-        Self::start_with(port, delay, fail_prefix, None).await
+        Self::start_with(port, delay, fail_prefix, None, Duration::ZERO).await
     }
 
     /// Starts the checker serving TLS with `identity` (certificate, key PEM).
     pub async fn start_tls(identity: &crate::pki::Leaf) -> Checker {
-        Self::start_with(0, Duration::ZERO, None, Some(identity)).await
+        Self::start_with(0, Duration::ZERO, None, Some(identity), Duration::ZERO).await
+    }
+
+    /// Starts the checker with calls answered at once and each `ShardAcquired` hook
+    /// taking `hook_delay`.
+    pub async fn start_slow_hooks(hook_delay: Duration) -> Checker {
+        Self::start_with(0, Duration::ZERO, None, None, hook_delay).await
     }
 
     async fn start_with(
@@ -226,6 +240,7 @@ impl Checker {
         delay: Duration,
         fail_prefix: Option<&str>,
         tls: Option<&crate::pki::Leaf>,
+        hook_delay: Duration,
     ) -> Checker {
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
             .await
@@ -236,6 +251,7 @@ impl Checker {
             state: state.clone(),
             delay,
             fail_prefix: fail_prefix.map(str::to_owned),
+            hook_delay,
         };
         let (tx, rx) = oneshot::channel::<()>();
         let mut server = tonic::transport::Server::builder();

@@ -1432,6 +1432,54 @@ async fn placement_follows_a_skewed_load_and_then_stays_put() {
     assert!(calls.load(Ordering::Relaxed) > 5000, "{calls:?} calls");
 }
 
+/// An instance that takes every shard at once queues as many `ShardAcquired` hooks, run
+/// 32 at a time; a call waits for its own shard's hook, which moves ahead of the hooks
+/// nobody waits for: here the call's shard is among the last acquired, and its hook is
+/// delivered among the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_waits_for_its_own_shards_hook_not_for_every_hook_queued_before_it() {
+    // 1024 hooks of 200 ms, 32 at a time: 6.4 s to deliver them all.
+    let checker = Checker::start_slow_hooks(Duration::from_millis(200)).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(1, &["--handler", &flag]).await;
+    let key = (0..100_000)
+        .map(|i| format!("late-{i}"))
+        .find(|k| leasehold_types::shard_for_key(k.as_bytes(), 1024).0 >= 1016)
+        .expect("a key in one of the last shards");
+    let shard = leasehold_types::shard_for_key(key.as_bytes(), 1024).0;
+    // Sent as soon as the instance listens; held until its shard is owned, then it waits
+    // for the shard's hook.
+    let mut client = cluster.instances[0].client().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let call = client.call(CallRequest {
+            key: key.clone(),
+            payload: b"late".to_vec().into(),
+        });
+        match tokio::time::timeout(Duration::from_secs(20), call).await {
+            Ok(Ok(answer)) => {
+                assert_eq!(&answer.into_inner().payload[..], b"late");
+                break;
+            }
+            Ok(Err(e)) if e.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => panic!("the call failed: {other:?}"),
+        }
+    }
+    let order = checker.state.lock().unwrap().acquired.clone();
+    let at = order
+        .iter()
+        .position(|s| *s == shard)
+        .expect("the shard's hook ran before its call");
+    // In queuing order it would have been about the 1000th; 32 run at a time.
+    assert!(
+        at < 256,
+        "shard {shard}'s hook was delivered {at}th, after {} others had started",
+        order.len()
+    );
+}
+
 /// A handler that panics fails only that call, with `INTERNAL`, whether the call reached
 /// its owner directly or across the forward hop: the key's next call runs at once, both
 /// processes keep serving, and the peer stream carries the calls after the panic too. A
