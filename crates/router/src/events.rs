@@ -253,7 +253,10 @@ impl ShardEvents {
                 return last.done.clone();
             }
         }
-        let previous = chains.get(&shard).map(|l| l.done.clone());
+        // The shard's last hook: this one waits for it, and may urge it and take its slot.
+        let previous = chains
+            .get(&shard)
+            .map(|l| (l.done.clone(), l.handover.clone()));
         let last_acquire = chains.get(&shard).and_then(|l| l.acquire.clone());
         let last_token = chains.get(&shard).map_or(0, |l| l.acquire_token);
         let token = match kind {
@@ -282,12 +285,11 @@ impl ShardEvents {
             urge: Notify::new(),
             pass_to: Mutex::new(None),
         });
-        let earlier = chains.get(&shard).map(|l| l.handover.clone());
         let own = handover.clone();
         let done = async move {
             let mut urged = false;
             let mut handed = None;
-            if let Some(mut previous) = previous {
+            if let Some((mut previous, earlier)) = previous {
                 tokio::select! {
                     _ = &mut previous => {}
                     // Urged while it waits for the shard's previous hook: that one is
@@ -296,10 +298,8 @@ impl ShardEvents {
                     _ = own.urge.notified() => {
                         urged = true;
                         let (tx, mut rx) = oneshot::channel();
-                        if let Some(earlier) = &earlier {
-                            *earlier.pass_to.lock().expect("handover lock") = Some(tx);
-                            earlier.urge.notify_one();
-                        }
+                        *earlier.pass_to.lock().expect("handover lock") = Some(tx);
+                        earlier.urge.notify_one();
                         previous.await;
                         // Sent before the previous hook's delivery completed, if at all
                         // (it had ended already when the sender was set: queue instead).
