@@ -5,7 +5,8 @@
 //! Properties (each has a property test below):
 //! - **balanced**: once moves settle, every active member holds ⌊S/N⌋ or ⌈S/N⌉ shards;
 //! - **minimal movement**: one member joining or leaving among N moves about S/N shards;
-//! - **idempotent**: `plan` with its own output as the previous assignment returns it again;
+//! - **idempotent**: `plan` with its own output as the previous assignment returns it again
+//!   (a plan the move budget cut short is re-planned from until it repeats);
 //! - **rate-limited**: at most `max_moves` owned shards are assigned away from their owner
 //!   at once (unowned shards are not moves: nothing has to be handed off);
 //! - **pinned**: a shard an operator pinned to an active member is assigned to it (the
@@ -69,7 +70,9 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
         members.iter().enumerate().map(|(i, m)| (*m, i)).collect();
     let active = |m: &Option<MemberId>| m.as_ref().and_then(|m| index.get(m).copied());
     let owner: Vec<Option<usize>> = input.owners.iter().map(active).collect();
-    let previous = |s: usize| input.previous.get(s).and_then(active);
+    let previous: Vec<Option<usize>> = (0..shard_count)
+        .map(|s| input.previous.get(s).and_then(active))
+        .collect();
 
     let n = members.len();
     // Pins to active members; the last pin of a shard wins.
@@ -79,41 +82,103 @@ pub fn plan(input: PlanInput<'_>) -> Vec<Option<MemberId>> {
             *slot = Some(i);
         }
     }
-    let target = match input.loads {
-        _ if input.frozen => frozen_targets(n, &pinned, &owner, previous),
-        Some(loads) if weights(loads, shard_count).is_some() => {
-            let weights = weights(loads, shard_count).expect("checked");
-            let tolerance = input.tolerance.clamp(0.0, 1.0);
-            let budget = input.max_moves;
-            load_targets(n, &pinned, &owner, previous, &weights, tolerance, budget)
-        }
-        _ => balanced_targets(n, &pinned, &owner, previous),
+    let shard_weights = match input.loads {
+        Some(loads) if !input.frozen => weights(loads, shard_count),
+        _ => None,
     };
-
-    // Rate limit: moves already in flight stay; new moves are admitted up to the budget,
-    // shards of members that are leaving first.
-    let is_move = |s: usize, t: &[Option<usize>]| input.owners[s].is_some() && t[s] != owner[s];
-    let in_flight = (0..shard_count)
-        .filter(|&s| is_move(s, &target) && previous(s).is_some() && previous(s) == target[s])
-        .count();
-    let mut budget = input.max_moves.saturating_sub(in_flight);
-    let mut new_moves: Vec<usize> = (0..shard_count)
-        .filter(|&s| is_move(s, &target) && !(previous(s).is_some() && previous(s) == target[s]))
-        .collect();
-    new_moves.sort_by_key(|&s| (owner[s].is_some(), s));
-
-    let mut out: Vec<Option<MemberId>> = target
-        .iter()
-        .map(|t| t.map(|m| members[m].clone()))
-        .collect();
-    for s in new_moves {
-        if budget > 0 {
-            budget -= 1;
-        } else {
-            out[s] = input.owners[s].clone();
+    let decider = Decider {
+        n,
+        pinned: &pinned,
+        owner: &owner,
+        owned: input.owners,
+        weights: shard_weights.as_deref(),
+        tolerance: input.tolerance.clamp(0.0, 1.0),
+        frozen: input.frozen,
+        max_moves: input.max_moves,
+    };
+    // A plan the move budget cut short is not its own answer yet: the moves it deferred
+    // leave their owners above their share, and planning again from it would balance
+    // around them differently (shed another shard instead). Planning from each answer
+    // until the answer repeats makes the result a fixed point, so the next pass, which
+    // plans from it, returns it unchanged (idempotence). Each round keeps the budget.
+    let mut decided = decider.decide(&previous);
+    for _ in 0..FIXED_POINT_ROUNDS {
+        let again = decider.decide(&decided);
+        if again == decided {
+            break;
         }
+        decided = again;
     }
-    out
+    decided
+        .iter()
+        .zip(input.owners)
+        .map(|(d, o)| d.map_or_else(|| o.clone(), |m| Some(members[m].clone())))
+        .collect()
+}
+
+/// How many times `plan` re-plans from its own answer before it settles for it (in
+/// practice it repeats after one or two).
+const FIXED_POINT_ROUNDS: usize = 8;
+
+/// One planning round on member indices.
+struct Decider<'a> {
+    n: usize,
+    pinned: &'a [Option<usize>],
+    owner: &'a [Option<usize>],
+    /// The owners as given: a shard whose move is deferred stays with it, active or not.
+    owned: &'a [Option<MemberId>],
+    /// Shard weights when balancing load.
+    weights: Option<&'a [f64]>,
+    tolerance: f64,
+    frozen: bool,
+    max_moves: usize,
+}
+
+impl Decider<'_> {
+    /// The member index each shard is assigned to from `previous`; `None` for a shard
+    /// whose move was deferred while its owner is not active (it stays with that owner).
+    fn decide(&self, previous: &[Option<usize>]) -> Vec<Option<usize>> {
+        let (n, pinned, owner) = (self.n, self.pinned, self.owner);
+        let shard_count = owner.len();
+        let previous = |s: usize| previous.get(s).copied().flatten();
+        let target = match self.weights {
+            _ if self.frozen => frozen_targets(n, pinned, owner, previous),
+            Some(weights) => load_targets(
+                n,
+                pinned,
+                owner,
+                previous,
+                weights,
+                self.tolerance,
+                self.max_moves,
+            ),
+            None => balanced_targets(n, pinned, owner, previous),
+        };
+
+        // Rate limit: moves already in flight stay; new moves are admitted up to the
+        // budget, shards of members that are leaving first.
+        let is_move = |s: usize, t: &[Option<usize>]| self.owned[s].is_some() && t[s] != owner[s];
+        let in_flight = (0..shard_count)
+            .filter(|&s| is_move(s, &target) && previous(s).is_some() && previous(s) == target[s])
+            .count();
+        let mut budget = self.max_moves.saturating_sub(in_flight);
+        let mut new_moves: Vec<usize> = (0..shard_count)
+            .filter(|&s| {
+                is_move(s, &target) && !(previous(s).is_some() && previous(s) == target[s])
+            })
+            .collect();
+        new_moves.sort_by_key(|&s| (owner[s].is_some(), s));
+
+        let mut out = target;
+        for s in new_moves {
+            if budget > 0 {
+                budget -= 1;
+            } else {
+                out[s] = owner[s];
+            }
+        }
+        out
+    }
 }
 
 /// Balance: every member ends with its quota of shards (⌊S/N⌋ or ⌈S/N⌉), counting its
@@ -354,12 +419,27 @@ fn load_targets(
         for (giver, receiver) in pairs {
             // A move must leave the receiver below the giver's old load by a real margin
             // (half the tolerance): one that merely swaps two loads, or gains less than
-            // the loads wobble, would be undone by a later plan.
+            // the loads wobble, would be undone by a later plan. Where shards are too
+            // coarse for that margin, a move that brings the pair from outside a band
+            // (half the tolerance, else the tolerance) to inside it is still made: no later
+            // plan undoes it, and without it the plan would stop short, and the first
+            // wobble that opened the margin would move the shard after all.
             let gap = load[giver] - load[receiver] - band.mean * (tolerance / 2.0).max(1e-3);
-            if gap <= 0.0 {
-                continue;
-            }
-            if let Some(i) = best_shard(&movable[giver], gap) {
+            let plain = giants[giver].0 == 0 && giants[receiver].0 == 0;
+            let into_band = |within: f64| {
+                let (from, to) = (load[giver], load[receiver]);
+                let (lo, hi) = (band.mean * (1.0 - within), band.mean * (1.0 + within));
+                let fits = (from - hi).max(lo - to)..=(from - lo).min(hi - to);
+                (plain && (from > hi || to < lo))
+                    .then(|| shard_within(&movable[giver], fits, (from - to) / 2.0))
+                    .flatten()
+            };
+            let pick = (gap > 0.0)
+                .then(|| best_shard(&movable[giver], gap))
+                .flatten()
+                .or_else(|| into_band(tolerance / 2.0))
+                .or_else(|| into_band(tolerance));
+            if let Some(i) = pick {
                 let (w, s) = movable[giver].remove(i);
                 let at = movable[receiver].partition_point(|x| (x.0, x.1) < (w, s));
                 movable[receiver].insert(at, (w, s));
@@ -451,6 +531,23 @@ fn best_shard(sorted: &[(f64, usize)], gap: f64) -> Option<usize> {
                 .total_cmp(&(sorted[b].0 - gap / 2.0).abs())
                 .then(a.cmp(&b))
         })
+}
+
+/// Index of the shard (sorted by weight) whose weight lies in `fits` and is closest to
+/// `ideal`.
+fn shard_within(
+    sorted: &[(f64, usize)],
+    fits: std::ops::RangeInclusive<f64>,
+    ideal: f64,
+) -> Option<usize> {
+    let from = sorted.partition_point(|x| x.0 < *fits.start());
+    let to = sorted.partition_point(|x| x.0 <= *fits.end());
+    (from..to).min_by(|&a, &b| {
+        (sorted[a].0 - ideal)
+            .abs()
+            .total_cmp(&(sorted[b].0 - ideal).abs())
+            .then(a.cmp(&b))
+    })
 }
 
 /// Frozen: pins, else the move already decided (it finishes), else the active owner, else
@@ -718,6 +815,48 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_plan_the_move_budget_cut_short_is_its_own_answer() {
+        // Found by the property test: shard 9 is taken from m0 (over its share) and its
+        // move from m4 deferred (budget spent on shard 17's move), so m4 keeps one shard
+        // beyond its share; planning again from that answer gave shard 19 (unowned,
+        // decided for m4) away instead. The answer must already be that fixed point.
+        let ix = |v: &[i8]| -> Vec<Option<MemberId>> {
+            v.iter()
+                .map(|&i| (i >= 0).then(|| MemberId(format!("m{i}"))))
+                .collect()
+        };
+        let owners = ix(&[
+            -1, -1, -1, -1, 0, -1, -1, 4, -1, 4, -1, 5, 2, -1, 3, -1, 2, 2, -1, -1, -1, 0, 6, -1, 6,
+        ]);
+        let previous = ix(&[
+            6, -1, 6, -1, -1, 4, 4, -1, -1, 0, 3, -1, -1, 0, -1, 3, -1, 4, -1, 4, -1, 2, 0, -1, -1,
+        ]);
+        let pins: Vec<(usize, MemberId)> =
+            [(1, 0), (3, 0), (0, 2), (13, 5), (15, 4), (6, 0), (21, 0)]
+                .iter()
+                .map(|&(s, m)| (s, MemberId(format!("m{m}"))))
+                .collect();
+        let members = ids(5);
+        let input = PlanInput {
+            active: &members,
+            owners: &owners,
+            previous: &previous,
+            max_moves: 1,
+            pins: &pins,
+            ..Default::default()
+        };
+        let a = plan(input);
+        assert!(pending_moves(&owners, &a) <= 1, "the budget is one move");
+        assert_eq!(
+            plan(PlanInput {
+                previous: &a,
+                ..input
+            }),
+            a
+        );
+    }
+
     /// Each member's summed load under `assignment`.
     fn member_loads(
         assignment: &[Option<MemberId>],
@@ -803,30 +942,38 @@ mod tests {
             let settled = settle_loads(&members, to_ids(&owners), &loads, max_moves);
             prop_assert!(settled.iter().all(|a| a.as_ref().is_some_and(|a| members.contains(a))));
             let l = member_loads(&settled, &members, &loads);
-            let mean = l.iter().sum::<f64>() / n as f64;
             // Shards heavier than the share of the members left cannot be split: their
             // members hold them (and no more than the band beside them); the others are
             // within the tolerance (plus the 1 % idle floor; a rebalance the move budget
-            // cut short may end anywhere inside it).
+            // cut short may end anywhere inside it). A shard just above the share may be
+            // taken for one either way (the planner weighs the idle floor in), so both
+            // readings are accepted from the share up to 6 % above it.
             let mut by_weight = loads.clone();
             by_weight.sort_by(|a, b| b.total_cmp(a));
-            let (mut k, mut rest) = (0, loads.iter().sum::<f64>());
-            let mut share = rest / n as f64;
-            while k + 1 < n && by_weight[k] > share * 1.06 {
-                rest -= by_weight[k];
-                k += 1;
-                share = rest / (n - k) as f64;
-            }
-            let giant = |s: usize| k > 0 && loads[s] >= by_weight[k - 1];
-            for (i, m) in members.iter().enumerate() {
-                let held_giant: f64 = (0..loads.len()).filter(|&s| giant(s) && settled[s].as_ref() == Some(m)).map(|s| loads[s]).sum();
-                if held_giant > 0.0 {
-                    prop_assert!(l[i] - held_giant <= share * 0.11, "member {} holds {} beside its giant; loads {:?}", i, l[i] - held_giant, l);
-                } else {
-                    prop_assert!((l[i] - share).abs() <= share * 0.11, "member {} at {}, share {}; loads {:?}", i, l[i], share, l);
+            let within = |margin: f64| -> Result<(), String> {
+                let (mut k, mut rest) = (0, loads.iter().sum::<f64>());
+                let mut share = rest / n as f64;
+                while k + 1 < n && by_weight[k] > share * margin {
+                    rest -= by_weight[k];
+                    k += 1;
+                    share = rest / (n - k) as f64;
                 }
+                let giant = |s: usize| k > 0 && loads[s] >= by_weight[k - 1];
+                for (i, m) in members.iter().enumerate() {
+                    let held_giant: f64 = (0..loads.len()).filter(|&s| giant(s) && settled[s].as_ref() == Some(m)).map(|s| loads[s]).sum();
+                    if held_giant > 0.0 {
+                        if l[i] - held_giant > share * 0.11 {
+                            return Err(format!("member {i} holds {} beside its giant; loads {l:?}", l[i] - held_giant));
+                        }
+                    } else if (l[i] - share).abs() > share * 0.11 {
+                        return Err(format!("member {i} at {}, share {share}; loads {l:?}", l[i]));
+                    }
+                }
+                Ok(())
+            };
+            if let (Err(e), Err(_)) = (within(1.06), within(1.0)) {
+                prop_assert!(false, "{}", e);
             }
-            let _ = mean;
         }
 
         #[test]
