@@ -1008,6 +1008,86 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     assert_eq!(code, 400);
     let (code, _) = post("/v1/kafka/nope/switch", r#"{"to": "standby"}"#);
     assert_eq!(code, 404);
+
+    // The same controls over gRPC (Admin), on another instance.
+    use leasehold_proto::v1 as pb;
+    let mut admin = pb::admin_client::AdminClient::new(
+        tonic::transport::Endpoint::from_shared(cluster.instances[1].admin_url())
+            .unwrap()
+            .connect_lazy(),
+    );
+    let read = admin
+        .get_kafka_source(pb::GetKafkaSourceRequest { name: "pay".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let http = side(n0).unwrap();
+    assert_eq!(
+        (
+            read.active.as_str(),
+            read.manual,
+            read.group.as_str(),
+            read.health.len()
+        ),
+        ("primary", false, http["group"].as_str().unwrap(), 3),
+        "{read:?} against {http}"
+    );
+    assert!(
+        read.revision > 0 && read.health.iter().all(|h| h.primary_ok),
+        "{read:?}"
+    );
+    let switch = |to: pb::KafkaSwitchTo| pb::SwitchKafkaSourceRequest {
+        name: "pay".into(),
+        to: to.into(),
+    };
+    let forced = admin
+        .switch_kafka_source(switch(pb::KafkaSwitchTo::Standby))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (forced.active.as_str(), forced.manual),
+        ("standby", true),
+        "{forced:?}"
+    );
+    assert!(
+        forced.revision > read.revision && forced.position_ms > 0,
+        "{forced:?}"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the side forced over gRPC seen",
+        || {
+            let s = side(n0)?;
+            (s["active"] == "standby" && s["manual"] == true).then_some(())
+        },
+    )
+    .await;
+    let back = admin
+        .switch_kafka_source(switch(pb::KafkaSwitchTo::Auto))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!back.manual, "{back:?}");
+    wait_until(
+        Duration::from_secs(30),
+        "back to the primary after gRPC",
+        || (side(n0)?["active"] == "primary").then_some(()),
+    )
+    .await;
+    let refused = admin
+        .switch_kafka_source(switch(pb::KafkaSwitchTo::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    let missing = admin
+        .get_kafka_source(pb::GetKafkaSourceRequest {
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    assert!(missing.message().contains("\"pay\""), "{missing:?}");
 }
 
 /// Two Kafka clusters with the topic `pay` (3 partitions) and its dead-letter topic, and

@@ -565,6 +565,20 @@ async fn admin_needs_the_token(admin: &Admin, instances: &[Instance], pki: &Pki)
         grpc.drain(wrong).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
     );
+    // Every other gRPC mutation too (refused before anything is looked up).
+    let e = grpc
+        .switch_kafka_source(leasehold_proto::v1::SwitchKafkaSourceRequest {
+            name: "pay".into(),
+            to: leasehold_proto::v1::KafkaSwitchTo::Standby.into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    let e = grpc
+        .freeze(leasehold_proto::v1::FreezeRequest { frozen: true })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
     // Reads are open, over gRPC too.
     let info = grpc
         .get_cluster(leasehold_proto::v1::GetClusterRequest {})

@@ -743,7 +743,7 @@ impl Coord {
         value: &KafkaSideValue,
         expected: i64,
         as_leader: bool,
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<i64>, Error> {
         let key = self.inner.keys.kafka_side(source);
         let mut client = self.client()?;
         let mut when = vec![Compare::mod_revision(
@@ -754,7 +754,7 @@ impl Coord {
         if as_leader {
             let lease = self.inner.session.borrow().lease;
             if lease == 0 {
-                return Ok(false);
+                return Ok(None);
             }
             when.push(Compare::lease(
                 self.inner.keys.leader(),
@@ -767,11 +767,12 @@ impl Coord {
             serde_json::to_vec(value).expect("side serialises"),
             None,
         )]);
-        let switched = self.etcd(client.txn(txn)).await?.succeeded();
-        if switched {
-            tracing::info!(%source, side = value.active.as_str(), reason = %value.reason, "Kafka source side set");
+        let response = self.etcd(client.txn(txn)).await?;
+        if !response.succeeded() {
+            return Ok(None);
         }
-        Ok(switched)
+        tracing::info!(%source, side = value.active.as_str(), reason = %value.reason, "Kafka source side set");
+        Ok(Some(response.header().map_or(0, |h| h.revision())))
     }
 
     /// Publishes this member's load report (`loads/<id>`, on its lease), unless `last`

@@ -331,26 +331,158 @@ async fn get_kafka(State(s): State<Arc<AppState>>) -> Response {
     Json(serde_json::json!({ "sources": sources })).into_response()
 }
 
+/// A source with a standby cluster as the admin APIs show it.
+struct KafkaSourceView {
+    name: String,
+    source: leasehold_kafka::SourceOptions,
+    failover: leasehold_kafka::FailoverOptions,
+    side: leasehold_coord::KafkaSideValue,
+    /// The side record's revision; 0 before the first switch.
+    revision: i64,
+    /// Each member's view of the primary.
+    health: Vec<(MemberId, leasehold_coord::KafkaHealthValue)>,
+}
+
+impl KafkaSourceView {
+    fn reason(&self) -> String {
+        if self.revision == 0 {
+            "no switch yet: the primary is read".to_owned()
+        } else {
+            self.side.reason.clone()
+        }
+    }
+
+    fn to_pb(&self) -> pb::KafkaFailover {
+        pb::KafkaFailover {
+            name: self.name.clone(),
+            group: self.source.group.clone(),
+            active: self.side.active.as_str().into(),
+            since_ms: self.side.since_ms,
+            reason: self.reason(),
+            manual: self.side.manual,
+            position_ms: self.side.position_ms.unwrap_or(0),
+            revision: self.revision,
+            health: self
+                .health
+                .iter()
+                .map(|(member, h)| pb::KafkaPrimaryHealth {
+                    member: member.0.clone(),
+                    primary_ok: h.primary_ok,
+                    since_ms: h.since_ms,
+                    error: h.error.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The source `name` if it has a standby cluster; else what to tell the caller.
+fn kafka_source(status: &Status, coord: &Coord, name: &str) -> Result<KafkaSourceView, String> {
+    let Some(source) = status.failover(name) else {
+        return Err(format!(
+            "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
+            status.failover_names()
+        ));
+    };
+    let view = coord.view();
+    let (side, revision) = view.kafka_side(name);
+    let health = view
+        .kafka_health
+        .iter()
+        .filter(|((src, _), _)| src == name)
+        .map(|((_, member), h)| (member.clone(), h.clone()))
+        .collect();
+    let failover = source.failover.clone().expect("a failover source");
+    Ok(KafkaSourceView {
+        name: name.to_owned(),
+        source,
+        failover,
+        side,
+        revision,
+        health,
+    })
+}
+
+/// Why an operator's switch was not made.
+enum SwitchRefused {
+    NotFound(String),
+    BadRequest(String),
+    /// The side changed meanwhile.
+    Conflict(String),
+    Unavailable(String),
+}
+
+/// An operator forces `to` ("primary" or "standby"; automatic switching then leaves it
+/// alone) or hands the choice back ("auto").
+async fn switch_kafka(
+    status: &Status,
+    coord: &Coord,
+    name: &str,
+    to: &str,
+) -> Result<(leasehold_coord::KafkaSideValue, i64), SwitchRefused> {
+    use leasehold_coord::{KafkaSide, KafkaSideValue};
+    let Some(source) = status.failover(name) else {
+        return Err(SwitchRefused::NotFound(format!(
+            "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
+            status.failover_names()
+        )));
+    };
+    let (current, revision) = coord.view().kafka_side(name);
+    let value = match to {
+        "primary" | "standby" => KafkaSideValue {
+            active: if to == "primary" {
+                KafkaSide::Primary
+            } else {
+                KafkaSide::Standby
+            },
+            since_ms: crate::failover::now_ms(),
+            reason: format!("switched to the {to} by an operator"),
+            manual: true,
+            position_ms: None,
+            // Counted by the switch.
+            epoch: 0,
+        },
+        "auto" => KafkaSideValue {
+            manual: false,
+            reason: "handed back to automatic failover by an operator".into(),
+            ..current.clone()
+        },
+        other => {
+            return Err(SwitchRefused::BadRequest(format!(
+                "the side to switch to is {other:?}; use primary, standby or auto"
+            )))
+        }
+    };
+    // Already there: only the manual flag and reason change (no repositioning).
+    let value = if to != "auto" && value.active == current.active && revision != 0 {
+        KafkaSideValue {
+            manual: true,
+            reason: value.reason,
+            ..current
+        }
+    } else {
+        value
+    };
+    use crate::failover::SwitchError;
+    crate::failover::switch(coord, &source, value, revision, false)
+        .await
+        .map_err(|e| match e {
+            SwitchError::Conflict => SwitchRefused::Conflict(e.to_string()),
+            SwitchError::Failed(_) => SwitchRefused::Unavailable(e.to_string()),
+        })
+}
+
 /// `GET /v1/kafka/{source}`: the side a source with a standby cluster reads, why, and
 /// what each member sees of the primary.
 async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> Response {
-    let Some(source) = s.status.failover(&name) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!(
-                "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
-                s.status.failover_names()
-            ),
-        );
+    let v = match kafka_source(&s.status, s.router.coord(), &name) {
+        Ok(v) => v,
+        Err(why) => return error(StatusCode::NOT_FOUND, why),
     };
-    let view = s.router.coord().view();
-    let (side, revision) = view.kafka_side(&name);
-    let failover = source.failover.clone().expect("a failover source");
-    let health: Vec<serde_json::Value> = view
-        .kafka_health
+    let health: Vec<serde_json::Value> = v
+        .health
         .iter()
-        .filter(|((src, _), _)| *src == name)
-        .map(|((_, member), h)| {
+        .map(|(member, h)| {
             serde_json::json!({
                 "member": member.0,
                 "primary_ok": h.primary_ok,
@@ -359,15 +491,16 @@ async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<Strin
             })
         })
         .collect();
+    let (source, failover) = (&v.source, &v.failover);
     Json(serde_json::json!({
-        "name": name,
+        "name": v.name,
         "group": source.group,
-        "active": side.active.as_str(),
-        "since_ms": side.since_ms,
-        "reason": if revision == 0 { "no switch yet: the primary is read".to_owned() } else { side.reason.clone() },
-        "manual": side.manual,
-        "position_ms": side.position_ms,
-        "revision": revision,
+        "active": v.side.active.as_str(),
+        "since_ms": v.side.since_ms,
+        "reason": v.reason(),
+        "manual": v.side.manual,
+        "position_ms": v.side.position_ms,
+        "revision": v.revision,
         "primary": {"brokers": source.brokers, "topics": source.topics},
         "standby": {"brokers": failover.brokers, "topics": failover.topics},
         "policy": {
@@ -394,60 +527,20 @@ async fn switch_kafka_source(
     Path(name): Path<String>,
     body: Result<Json<SwitchRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    let Some(source) = s.status.failover(&name) else {
+    if s.status.failover(&name).is_none() {
         return error(
             StatusCode::NOT_FOUND,
             format!("no Kafka source {name:?} with a standby cluster"),
         );
-    };
+    }
     let Ok(Json(request)) = body else {
         return error(
             StatusCode::BAD_REQUEST,
             r#"the body must be JSON like {"to": "standby"} (primary, standby or auto)"#,
         );
     };
-    let coord = s.router.coord();
-    let (current, revision) = coord.view().kafka_side(&name);
-    let now = crate::failover::now_ms();
-    let value = match request.to.as_str() {
-        "primary" | "standby" => leasehold_coord::KafkaSideValue {
-            active: if request.to == "primary" {
-                leasehold_coord::KafkaSide::Primary
-            } else {
-                leasehold_coord::KafkaSide::Standby
-            },
-            since_ms: now,
-            reason: format!("switched to the {} by an operator", request.to),
-            manual: true,
-            position_ms: None,
-            // Counted by the switch.
-            epoch: 0,
-        },
-        "auto" => leasehold_coord::KafkaSideValue {
-            manual: false,
-            reason: "handed back to automatic failover by an operator".into(),
-            ..current
-        },
-        other => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("\"to\" is {other:?}; use primary, standby or auto"),
-            )
-        }
-    };
-    // Already there: only the manual flag and reason change (no repositioning).
-    let value = if request.to != "auto" && value.active == current.active && revision != 0 {
-        leasehold_coord::KafkaSideValue {
-            manual: true,
-            reason: value.reason,
-            ..current
-        }
-    } else {
-        value
-    };
-    use crate::failover::SwitchError;
-    match crate::failover::switch(coord, &source, value, revision, false).await {
-        Ok(v) => Json(serde_json::json!({
+    match switch_kafka(&s.status, s.router.coord(), &name, &request.to).await {
+        Ok((v, _)) => Json(serde_json::json!({
             "name": name,
             "active": v.active.as_str(),
             "manual": v.manual,
@@ -455,8 +548,10 @@ async fn switch_kafka_source(
             "position_ms": v.position_ms,
         }))
         .into_response(),
-        Err(e @ SwitchError::Conflict) => error(StatusCode::CONFLICT, e.to_string()),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(SwitchRefused::NotFound(why)) => error(StatusCode::NOT_FOUND, why),
+        Err(SwitchRefused::BadRequest(why)) => error(StatusCode::BAD_REQUEST, why),
+        Err(SwitchRefused::Conflict(why)) => error(StatusCode::CONFLICT, why),
+        Err(SwitchRefused::Unavailable(why)) => error(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
 
@@ -685,6 +780,8 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
 pub struct AdminService {
     pub coord: Coord,
     pub auth: Arc<AdminAuthz>,
+    /// Kafka sources, for the failover controls.
+    pub status: Arc<Status>,
 }
 
 fn member_pb(m: MemberInfo) -> pb::MemberInfo {
@@ -835,6 +932,51 @@ impl pb::admin_server::Admin for AdminService {
             Err(e) => Err(tonic::Status::unavailable(format!(
                 "could not drain {id:?}: {e}"
             ))),
+        }
+    }
+
+    async fn get_kafka_source(
+        &self,
+        request: tonic::Request<pb::GetKafkaSourceRequest>,
+    ) -> Result<tonic::Response<pb::KafkaFailover>, tonic::Status> {
+        authorize(&self.auth, &request, false)?;
+        let name = request.into_inner().name;
+        kafka_source(&self.status, &self.coord, &name)
+            .map(|v| tonic::Response::new(v.to_pb()))
+            .map_err(tonic::Status::not_found)
+    }
+
+    async fn switch_kafka_source(
+        &self,
+        request: tonic::Request<pb::SwitchKafkaSourceRequest>,
+    ) -> Result<tonic::Response<pb::KafkaFailover>, tonic::Status> {
+        authorize(&self.auth, &request, true)?;
+        let r = request.into_inner();
+        let to = match pb::KafkaSwitchTo::try_from(r.to) {
+            Ok(pb::KafkaSwitchTo::Primary) => "primary",
+            Ok(pb::KafkaSwitchTo::Standby) => "standby",
+            Ok(pb::KafkaSwitchTo::Auto) => "auto",
+            _ => {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "to is {}; use KAFKA_SWITCH_TO_PRIMARY, KAFKA_SWITCH_TO_STANDBY or KAFKA_SWITCH_TO_AUTO",
+                    r.to
+                )))
+            }
+        };
+        match switch_kafka(&self.status, &self.coord, &r.name, to).await {
+            // The source with what was written (this instance's view may not have it yet).
+            Ok((side, revision)) => {
+                let mut v = kafka_source(&self.status, &self.coord, &r.name)
+                    .map_err(tonic::Status::not_found)?;
+                if v.revision < revision {
+                    (v.side, v.revision) = (side, revision);
+                }
+                Ok(tonic::Response::new(v.to_pb()))
+            }
+            Err(SwitchRefused::NotFound(why)) => Err(tonic::Status::not_found(why)),
+            Err(SwitchRefused::BadRequest(why)) => Err(tonic::Status::invalid_argument(why)),
+            Err(SwitchRefused::Conflict(why)) => Err(tonic::Status::aborted(why)),
+            Err(SwitchRefused::Unavailable(why)) => Err(tonic::Status::unavailable(why)),
         }
     }
 }

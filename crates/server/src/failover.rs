@@ -151,14 +151,15 @@ pub fn first_failure(coord: &Coord, source: &str) -> Option<u64> {
 /// Sets the side of `source` (the leader's decision when `as_leader`, else an
 /// operator's): positions the standby's consumer group first when switching to it (at
 /// `position_ms`, else the first reported failure of the primary, else now, minus the
-/// overlap), then writes the side if nobody switched since `expected`.
+/// overlap), then writes the side if nobody switched since `expected`. Returns what it
+/// wrote and the etcd revision of the write.
 pub async fn switch(
     coord: &Coord,
     source: &SourceOptions,
     mut value: KafkaSideValue,
     expected: i64,
     as_leader: bool,
-) -> Result<KafkaSideValue, SwitchError> {
+) -> Result<(KafkaSideValue, i64), SwitchError> {
     let failover = source.failover.clone().ok_or_else(|| {
         SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
     })?;
@@ -210,8 +211,8 @@ pub async fn switch(
         .set_kafka_side(&source.name, &value, expected, as_leader)
         .await
     {
-        Ok(true) => Ok(value),
-        Ok(false) => Err(SwitchError::Conflict),
+        Ok(Some(revision)) => Ok((value, revision)),
+        Ok(None) => Err(SwitchError::Conflict),
         Err(e) => Err(SwitchError::Failed(format!(
             "could not write the side: {e}"
         ))),

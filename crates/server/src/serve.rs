@@ -548,6 +548,7 @@ impl Servers {
         .add_service(AdminServer::new(AdminService {
             coord: instance.coord.clone(),
             auth,
+            status: instance.status.clone(),
         }));
         let admin = server_builder(config)
             .accept_http1(true)
