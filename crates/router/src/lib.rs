@@ -1006,7 +1006,7 @@ impl Router {
         self.inner.hot.record(&job.key, job.shard);
         let handle = tracing::Instrument::instrument(caught(&*self.inner.handler, call), span);
         let running = Running {
-            call: Some(Box::pin(tokio::time::timeout_at(deadline.into(), handle))),
+            call: Some(Box::pin(until_deadline(deadline.into(), handle))),
             hold: Some((guard, permit, turn.clone())),
             tasks: self.inner.tasks.clone(),
         };
@@ -1085,7 +1085,34 @@ impl Router {
     }
 }
 
-type HandlerResult = Result<Result<Bytes, HandleError>, tokio::time::error::Elapsed>;
+type HandlerResult = Result<Result<Bytes, HandleError>, TimedOut>;
+
+/// A handler call that reached its deadline.
+#[derive(Debug)]
+struct TimedOut;
+
+/// Runs a handler call until `deadline`, reading the clock before every poll. tokio's
+/// `timeout_at` polls its future before its timer: after a pause longer than the time
+/// left (the process stopped, the runtime stalled), a handler whose I/O became ready
+/// meanwhile would take one more step — a write, say — past the lease's validity, when
+/// another owner may already run the key. Here it is dropped without that step.
+async fn until_deadline<F>(deadline: tokio::time::Instant, call: F) -> HandlerResult
+where
+    F: std::future::Future<Output = Result<Bytes, HandleError>>,
+{
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer, call);
+    std::future::poll_fn(|cx| {
+        if tokio::time::Instant::now() >= deadline {
+            return std::task::Poll::Ready(Err(TimedOut));
+        }
+        if let std::task::Poll::Ready(answer) = call.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Ok(answer));
+        }
+        std::future::Future::poll(timer.as_mut(), cx).map(|()| Err(TimedOut))
+    })
+    .await
+}
 
 /// The handler's answer to `call`, with a panic (in `handle` or its future) turned into
 /// the handler's error `INTERNAL`: only that call fails, whichever path it came by (a
@@ -1162,6 +1189,31 @@ mod tests {
     use leasehold_coord::{LeaseClock, ShardTable};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_handler_past_its_deadline_is_not_polled_again() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // As after a pause: the deadline passed while the handler's next step was ready.
+        // (`tokio::time::timeout_at` would poll it once more and let it write.)
+        let wrote = Arc::new(AtomicBool::new(false));
+        let step = {
+            let wrote = wrote.clone();
+            async move {
+                wrote.store(true, Ordering::SeqCst);
+                Ok(Bytes::from_static(b"written"))
+            }
+        };
+        let past = tokio::time::Instant::now() - Duration::from_millis(1);
+        assert!(matches!(until_deadline(past, step).await, Err(TimedOut)));
+        assert!(!wrote.load(Ordering::SeqCst), "the handler took a step past its deadline");
+        // Before the deadline it runs, and a slow one is cut off at it.
+        let soon = tokio::time::Instant::now() + Duration::from_secs(5);
+        let answer = until_deadline(soon, async { Ok(Bytes::from_static(b"ok")) }).await;
+        assert_eq!(answer.unwrap().unwrap(), Bytes::from_static(b"ok"));
+        let near = tokio::time::Instant::now() + Duration::from_millis(20);
+        let slow = until_deadline(near, std::future::pending()).await;
+        assert!(matches!(slow, Err(TimedOut)));
+    }
 
     #[test]
     fn errors_carry_their_code_a_reason_and_whether_to_retry() {
@@ -1299,7 +1351,7 @@ mod tests {
         };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let running = Running {
-            call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
+            call: Some(Box::pin(until_deadline(deadline, handler))),
             hold: Some(hold),
             tasks: TaskTracker::new(),
         };
@@ -1376,7 +1428,7 @@ mod tests {
             Box::pin(handler);
         let tasks = TaskTracker::new();
         let running = Running {
-            call: Some(Box::pin(tokio::time::timeout_at(deadline, handler))),
+            call: Some(Box::pin(until_deadline(deadline, handler))),
             hold: Some(hold),
             tasks: tasks.clone(),
         };
