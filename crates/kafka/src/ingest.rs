@@ -997,7 +997,10 @@ impl Ingest {
             let Some(watermark) = part.window.lock().expect("window lock").watermark() else {
                 continue;
             };
-            if watermark <= part.resume_from.load(Ordering::Acquire) {
+            // Checked again after the read, as `finish` does: a record abandoned by a
+            // revoke (fenced, say) leaves the window right after the revoke, so a
+            // watermark read past it is one the partition did not reach.
+            if part.is_revoked() || watermark <= part.resume_from.load(Ordering::Acquire) {
                 continue;
             }
             let mut tpl = TopicPartitionList::new();
