@@ -826,7 +826,8 @@ impl Router {
                             // it said when it acquired the shard.
                             let peer = view.members.get(&o.owner).map_or(&o.peer, |m| &m.peer);
                             // Boxed: the forward future is large and the owner path should not carry it.
-                            match Box::pin(self.forward(job, peer, o.epoch, &mut changes)).await {
+                            let forward = self.forward(job, &o.owner, peer, o.epoch, &mut changes);
+                            match Box::pin(forward).await {
                                 Forwarded::Done(result) => return settle(result, sent_unanswered),
                                 Forwarded::NotOwner => {
                                     self.inner.metrics.not_owner_retries.inc();
@@ -887,11 +888,19 @@ impl Router {
         }
     }
 
-    /// Forwards a job to the owner at `epoch`, giving up early when the routing table
-    /// shows a new owner (the old one crashed or paused) so the call can follow it.
+    /// Forwards a job to `owner` at `epoch`, giving up early when the routing table shows
+    /// a new owner and `owner` is no longer a member (it crashed, or paused past its
+    /// lease: it runs nothing more), so the call can follow the shard.
+    ///
+    /// While `owner` is still a member, its answer is awaited even after the shard moved:
+    /// in a planned handoff it ran the call before releasing the shard, or answers "not
+    /// owner" — following the shard instead would run a call that already ran a second
+    /// time whenever the routing table's change arrived before the answer. Its answer
+    /// also wins over a change seen in the same instant.
     async fn forward(
         &self,
         job: &Job,
+        owner: &MemberId,
         peer: &leasehold_coord::PeerAddress,
         epoch: Epoch,
         changes: &mut tokio::sync::watch::Receiver<u64>,
@@ -912,10 +921,15 @@ impl Router {
         tokio::pin!(forward);
         loop {
             tokio::select! {
+                biased;
                 result = &mut forward => return result,
                 changed = changes.changed() => {
-                    let current = self.inner.coord.view().owner(shard).map(|o| o.epoch);
-                    if changed.is_err() || current != Some(epoch) {
+                    if changed.is_err() {
+                        return Forwarded::Unreachable(PeerError::OwnerChanged(shard));
+                    }
+                    let view = self.inner.coord.view();
+                    let moved = view.owner(shard).map(|o| o.epoch) != Some(epoch);
+                    if moved && !view.members.contains_key(owner) {
                         return Forwarded::Unreachable(PeerError::OwnerChanged(shard));
                     }
                 }
