@@ -213,6 +213,35 @@ async fn shard_keys_on_an_instances_lease_but_not_in_its_table_are_repaired() {
     assert_eq!(checker.violations(), Vec::<String>::new());
 }
 
+/// An assignment key that went back (deleted by hand, or etcd restored from a backup)
+/// used to stop the leader from planning for good: it waited for its own last version to
+/// appear. A member that joins afterwards must still get its share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_plans_again_after_the_assignment_key_went_back() {
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let mut cluster = cluster(2, &checker).await;
+    cluster.wait_balanced(Duration::from_secs(15)).await;
+    let mut etcd = etcd_client::Client::connect([cluster.etcd.endpoint()], None)
+        .await
+        .unwrap();
+    let deleted = etcd
+        .delete("/leasehold/default/assignment", None)
+        .await
+        .unwrap()
+        .deleted();
+    assert_eq!(deleted, 1, "no assignment key to delete");
+    cluster.add("n2");
+    let instances: Vec<&Instance> = cluster.instances.iter().collect();
+    // The leader gives up waiting for its own write after 4 TTLs (8 s here).
+    wait_balanced(&instances, Duration::from_secs(30)).await;
+    let leader_saw_it = cluster
+        .instances
+        .iter()
+        .any(|i| i.log_text().contains("never appeared"));
+    assert!(leader_saw_it, "no leader noticed its assignment was gone");
+    assert_eq!(checker.violations(), Vec::<String>::new());
+}
+
 /// Hole 3: etcd auth tokens expire (here after 2 idle seconds); every write after that
 /// used to fail, so the next rebalance hung.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -162,9 +162,13 @@ pub(crate) struct Reconciler {
     session: watch::Receiver<Session>,
     /// The session generation the member key was last written under.
     registered: u64,
-    /// The assignment version this instance last wrote as leader.
-    written_version: u64,
+    /// The assignment version this instance last wrote as leader, and when.
+    written_version: Written,
 }
+
+/// The assignment version this leader last wrote, and when.
+#[derive(Debug, Default)]
+struct Written(Option<(u64, std::time::Instant)>);
 
 impl Reconciler {
     pub(crate) fn new(coord: Coord) -> Self {
@@ -172,7 +176,7 @@ impl Reconciler {
             view: coord.inner.view.subscribe(),
             session: coord.inner.session.subscribe(),
             registered: 0,
-            written_version: 0,
+            written_version: Written::default(),
             coord,
         }
     }
@@ -267,7 +271,12 @@ impl Coord {
     }
 
     /// Campaigns when there is no leader; plans when this instance leads.
-    async fn lead(&self, view: &View, session: Session, written: &mut u64) -> Result<(), Error> {
+    async fn lead(
+        &self,
+        view: &View,
+        session: Session,
+        written: &mut Written,
+    ) -> Result<(), Error> {
         let me = self.member_id();
         let key = self.inner.keys.leader();
         let mut client = self.client()?;
@@ -288,8 +297,21 @@ impl Coord {
             Some(leader) if leader != me => return Ok(()),
             Some(_) => {}
         }
-        if view.assignment_version < *written {
-            return Ok(()); // our last write has not reached the view yet
+        if let Some((version, at)) = written.0 {
+            if view.assignment_version < version {
+                // Our last write has not reached the view yet; if it still has not long
+                // after, the key went back (deleted, or etcd restored from a backup):
+                // plan from what the view shows rather than never again.
+                if at.elapsed() < self.inner.opts.lease_ttl * 4 {
+                    return Ok(());
+                }
+                tracing::warn!(
+                    written = version,
+                    seen = view.assignment_version,
+                    "the assignment this leader wrote never appeared (the key was deleted or went back); planning from the current one"
+                );
+                written.0 = None;
+            }
         }
         let active: Vec<MemberId> = view
             .members
@@ -343,7 +365,7 @@ impl Coord {
             .when([Compare::lease(key, CompareOp::Equal, session.lease)])
             .and_then([TxnOp::put(self.inner.keys.assignment(), value, None)]);
         if self.etcd(client.txn(txn)).await?.succeeded() {
-            *written = version;
+            written.0 = Some((version, std::time::Instant::now()));
             let moves = leasehold_placement::pending_moves(&owners, &assignment);
             tracing::info!(version, members = active.len(), moves, "assignment written");
         }

@@ -1219,7 +1219,10 @@ mod tests {
         };
         let past = tokio::time::Instant::now() - Duration::from_millis(1);
         assert!(matches!(until_deadline(past, step).await, Err(TimedOut)));
-        assert!(!wrote.load(Ordering::SeqCst), "the handler took a step past its deadline");
+        assert!(
+            !wrote.load(Ordering::SeqCst),
+            "the handler took a step past its deadline"
+        );
         // Before the deadline it runs, and a slow one is cut off at it.
         let soon = tokio::time::Instant::now() + Duration::from_secs(5);
         let answer = until_deadline(soon, async { Ok(Bytes::from_static(b"ok")) }).await;
