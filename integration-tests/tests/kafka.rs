@@ -229,7 +229,11 @@ async fn a_first_assignment_with_a_backlog_keeps_per_key_order_however_late_the_
 async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
     let kafka = Kafka::start().await;
     kafka.create_topic("orders", 3).await;
-    kafka.create_topic("orders-dlq", 1).await;
+    // Takes records of at most 4 KB: a larger poison message is dead-lettered without
+    // its payload instead of holding its partition for good.
+    kafka
+        .create_topic_with("orders-dlq", 1, &[("max.message.bytes", "4096")])
+        .await;
     // The handler refuses every key starting with "poison".
     let checker = Checker::start(Duration::ZERO, Some("poison")).await;
     let brokers = kafka.brokers();
@@ -248,11 +252,39 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
             format!(r#"{{"account":"poison-{i}","seq":0}}"#).into_bytes(),
         );
     }
+    let big = format!(
+        r#"{{"account":"poison-big","seq":0,"pad":"{}"}}"#,
+        "x".repeat(20_000)
+    );
+    values.insert(2500, big.into_bytes());
     kafka.produce("orders", &values).await;
 
-    let dlq = kafka.read_all("orders-dlq", 8, Duration::from_secs(60));
+    let dlq = kafka.read_all("orders-dlq", 9, Duration::from_secs(60));
     let reasons = dead_letter_reasons(&dlq);
-    assert_eq!(dlq.len(), 8, "dead letters: {reasons:?}");
+    assert_eq!(dlq.len(), 9, "dead letters: {reasons:?}");
+    // The one too large for the dead-letter topic: without its payload, saying why.
+    let (whole, omitted): (Vec<DeadLetter>, Vec<DeadLetter>) = dlq
+        .into_iter()
+        .partition(|(_, _, _, h)| !h.iter().any(|(k, _)| k == "leasehold.payload-omitted"));
+    assert_eq!(omitted.len(), 1, "{reasons:?}");
+    let (_, _, value, headers) = &omitted[0];
+    assert!(value.is_empty(), "{} bytes kept", value.len());
+    let why = headers
+        .iter()
+        .find(|(k, _)| k == "leasehold.payload-omitted")
+        .map(|(_, v)| v.as_str())
+        .unwrap();
+    assert!(
+        why.contains("more than the dead-letter topic takes"),
+        "{why}"
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k == "leasehold.reason" && v.contains("poison-big")),
+        "{headers:?}"
+    );
+    let dlq = whole;
     assert!(
         reasons.iter().any(|r| r.contains("not JSON")),
         "{reasons:?}"
@@ -267,7 +299,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
             .iter()
             .filter(|r| r.contains("handler failed") && r.contains("checker refuses key poison"))
             .count(),
-        5,
+        6,
         "{reasons:?}"
     );
     assert_dead_letters_name_their_source(&dlq, "orders");
@@ -301,7 +333,7 @@ async fn poison_messages_are_dead_lettered_with_reasons_and_nothing_stalls() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum();
         let partitions: BTreeSet<&str> = lags.iter().map(|(p, _)| p.as_str()).collect();
-        (partitions.len() == 3 && lags.iter().all(|(_, l)| *l == 0.0) && dead == 8.0).then_some(())
+        (partitions.len() == 3 && lags.iter().all(|(_, l)| *l == 0.0) && dead == 9.0).then_some(())
     })
     .await;
     assert_first_handling_in_offset_order(&checker);

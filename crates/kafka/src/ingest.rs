@@ -13,6 +13,7 @@ use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -783,6 +784,9 @@ impl Ingest {
             Some(_) if o.on_failure == OnFailure::DeadLetter => Some(
                 self.client_config()
                     .set("enable.idempotence", "true")
+                    // One dead letter per batch (they are rare): a "too large" answer is
+                    // then about that record alone, never a neighbour's.
+                    .set("batch.num.messages", "1")
                     .create()
                     .map_err(kafka)?,
             ),
@@ -1571,7 +1575,10 @@ impl Worker {
     }
 
     /// Writes the message unchanged to the dead-letter topic with the reason and origin
-    /// in headers; retries the write until it is acknowledged.
+    /// in headers; retries the write until it is acknowledged. A message too large for
+    /// the dead-letter topic is written without its payload (header
+    /// `leasehold.payload-omitted` says why; the payload stays at its source offset):
+    /// retrying could never succeed and would hold its partition for good.
     async fn dead_letter(&self, r: &Record, reason: &str) {
         let (Some(producer), Some(topic)) = (&self.producer, &self.opts.dlq_topic) else {
             unreachable!("on_failure = dead-letter is validated to have a dead-letter topic");
@@ -1590,18 +1597,34 @@ impl Worker {
                 value: Some(v),
             });
         }
+        let mut omitted = false;
         loop {
-            let mut record = FutureRecord::to(topic)
-                .payload(&r.payload[..])
-                .headers(headers.clone());
+            let mut record = FutureRecord::to(topic).headers(headers.clone());
+            if !omitted {
+                record = record.payload(&r.payload[..]);
+            }
             if let Some(k) = &r.key {
                 record = record.key(&k[..]);
             }
             match producer.send(record, Duration::from_secs(10)).await {
                 Ok(_) => {
                     self.metrics.dead_lettered.inc();
-                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, "message dead-lettered");
+                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, payload_omitted = omitted, "message dead-lettered");
                     return;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                    if !omitted =>
+                {
+                    omitted = true;
+                    let why = format!(
+                        "{} bytes are more than the dead-letter topic takes; the payload is at the source offset",
+                        r.payload.len()
+                    );
+                    tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, size = r.payload.len(), "message too large for the dead-letter topic; dead-lettering it without its payload");
+                    headers = headers.insert(Header {
+                        key: "leasehold.payload-omitted",
+                        value: Some(why.as_str()),
+                    });
                 }
                 Err((e, _)) => {
                     tracing::warn!(dlq = %topic, error = %e, "dead-letter write failed; retrying");
