@@ -301,7 +301,8 @@ impl Coord {
             if view.assignment_version < version {
                 // Our last write has not reached the view yet; if it still has not long
                 // after, the key went back (deleted, or etcd restored from a backup):
-                // plan from what the view shows rather than never again.
+                // plan from what the view shows rather than never again (the write is
+                // refused if the view is only slow: it compares the key's revision).
                 if at.elapsed() < self.inner.opts.lease_ttl * 4 {
                     return Ok(());
                 }
@@ -360,9 +361,18 @@ impl Coord {
         let version = view.assignment_version + 1;
         let value = serde_json::to_vec(&AssignmentValue::encode(version, &assignment))
             .expect("assignment serialises");
-        // Only the holder of the leader key (by lease) may write the assignment.
+        // Only the holder of the leader key (by lease) may write the assignment, and only
+        // over the value it planned from: a plan from a view behind the key (its own last
+        // write not seen yet) would undo moves under way.
         let txn = Txn::new()
-            .when([Compare::lease(key, CompareOp::Equal, session.lease)])
+            .when([
+                Compare::lease(key, CompareOp::Equal, session.lease),
+                Compare::mod_revision(
+                    self.inner.keys.assignment(),
+                    CompareOp::Equal,
+                    view.assignment_revision,
+                ),
+            ])
             .and_then([TxnOp::put(self.inner.keys.assignment(), value, None)]);
         if self.etcd(client.txn(txn)).await?.succeeded() {
             written.0 = Some((version, std::time::Instant::now()));

@@ -95,6 +95,9 @@ pub struct View {
     pub members: BTreeMap<MemberId, Member>,
     pub leader: Option<MemberId>,
     pub assignment_version: u64,
+    /// The assignment key's mod revision (0: no key); the leader writes only over the
+    /// value this view shows.
+    pub assignment_revision: i64,
     /// Desired owner per shard (from the leader). Shared between views: it changes
     /// wholesale, rarely.
     pub assignment: Arc<Vec<Option<MemberId>>>,
@@ -122,6 +125,7 @@ impl View {
             members: BTreeMap::new(),
             leader: None,
             assignment_version: 0,
+            assignment_revision: 0,
             assignment: Arc::new(vec![None; shard_count as usize]),
             shards: vec![None; shard_count as usize],
             fences: Arc::default(),
@@ -296,7 +300,8 @@ impl View {
                 self.leader = Some(MemberId::new(String::from_utf8_lossy(value)));
             }
             (Key::Leader, None) => self.leader = None,
-            (Key::Assignment, Some((value, _, _, _))) => {
+            (Key::Assignment, Some((value, _, _, mod_revision))) => {
+                self.assignment_revision = mod_revision;
                 match serde_json::from_slice::<AssignmentValue>(value) {
                     Ok(v) if v.shards.len() == self.shards.len() => {
                         self.assignment_version = v.version;
@@ -318,6 +323,7 @@ impl View {
             (Key::Placement, None) => self.placement = Arc::default(),
             (Key::Assignment, None) => {
                 self.assignment_version = 0;
+                self.assignment_revision = 0;
                 self.assignment = Arc::new(vec![None; self.shards.len()]);
             }
             (Key::Shard(shard), put) => {

@@ -889,8 +889,9 @@ impl Router {
     }
 
     /// Forwards a job to `owner` at `epoch`, giving up early when the routing table shows
-    /// a new owner and `owner` is no longer a member (it crashed, or paused past its
-    /// lease: it runs nothing more), so the call can follow the shard.
+    /// a new owner and the call was not sent yet (it waits for room on the stream), or
+    /// `owner` is no longer a member (it crashed, or paused past its lease: it runs
+    /// nothing more), so the call can follow the shard.
     ///
     /// While `owner` is still a member, its answer is awaited even after the shard moved:
     /// in a planned handoff it ran the call before releasing the shard, or answers "not
@@ -912,10 +913,15 @@ impl Router {
             peer = %peer.address,
             %epoch,
         );
+        let sent = std::sync::atomic::AtomicBool::new(false);
         let forward = tracing::Instrument::instrument(
-            self.inner
-                .peers
-                .forward(peer, job, epoch, trace::outgoing(&span, &job.metadata)),
+            self.inner.peers.forward(
+                peer,
+                job,
+                epoch,
+                trace::outgoing(&span, &job.metadata),
+                &sent,
+            ),
             span,
         );
         tokio::pin!(forward);
@@ -928,8 +934,14 @@ impl Router {
                         return Forwarded::Unreachable(PeerError::OwnerChanged(shard));
                     }
                     let view = self.inner.coord.view();
-                    let moved = view.owner(shard).map(|o| o.epoch) != Some(epoch);
-                    if moved && !view.members.contains_key(owner) {
+                    if view.owner(shard).map(|o| o.epoch) == Some(epoch) {
+                        continue;
+                    }
+                    // Still waiting for room on the stream: not sent, follow the shard.
+                    if !sent.load(std::sync::atomic::Ordering::Acquire) {
+                        return Forwarded::Unreachable(PeerError::MovedBeforeSent(shard));
+                    }
+                    if !view.members.contains_key(owner) {
                         return Forwarded::Unreachable(PeerError::OwnerChanged(shard));
                     }
                 }
@@ -1016,6 +1028,12 @@ impl Router {
             metadata: trace::outgoing(&span, &job.metadata),
         };
         let started = Instant::now();
+        // `handle` may do work before returning its future; after a pause (the hook wait
+        // above can end late) the deadline or the lease's validity may have passed already:
+        // the caller's loop then ends the call, or waits for the lease.
+        if started >= deadline {
+            return Err(Blocked::LeaseInvalid);
+        }
         self.inner.metrics.shard_calls.inc(job.shard.0 as usize);
         self.inner.hot.record(&job.key, job.shard);
         let handle = tracing::Instrument::instrument(caught(&*self.inner.handler, call), span);

@@ -51,12 +51,18 @@ pub(crate) enum PeerError {
     /// Certainly not delivered.
     #[error("dispatch stream to {0} closed before the call was sent")]
     NotSent(String),
+    /// Given up before it was sent (still waiting for room on the stream): the shard moved.
+    #[error("owner of shard {0} changed before the call was sent")]
+    MovedBeforeSent(ShardId),
 }
 
 impl PeerError {
     /// Whether the owner may have received (and run) the call.
     pub(crate) fn may_have_run(&self) -> bool {
-        !matches!(self, PeerError::Address { .. } | PeerError::NotSent(_))
+        !matches!(
+            self,
+            PeerError::Address { .. } | PeerError::NotSent(_) | PeerError::MovedBeforeSent(_)
+        )
     }
 }
 
@@ -377,6 +383,7 @@ impl Peers {
         address: &str,
         request: pb::ForwardRequest,
         job: &Job,
+        left: &AtomicBool,
     ) -> Forwarded {
         let not_sent = || Forwarded::Unreachable(PeerError::NotSent(address.to_owned()));
         // Within the receiver's in-flight limit (see `PeerStream::credits`).
@@ -423,7 +430,10 @@ impl Peers {
                 stream.fail_all(stream_error(address, "closed"));
                 return not_sent();
             }
-            Ok(true) => used.queued = true,
+            Ok(true) => {
+                used.queued = true;
+                left.store(true, Ordering::Release);
+            }
         }
         // Closed before our call was registered: nobody will answer it.
         if stream.closed.load(Ordering::Acquire)
@@ -478,12 +488,15 @@ impl Peers {
         }
     }
 
+    /// Forwards a call to the owner at `peer`; `sent` is set once the call may have left
+    /// this instance (queued on a stream, or its unary RPC started).
     pub(crate) async fn forward(
         &self,
         peer: &PeerAddress,
         job: &Job,
         expected: Epoch,
         metadata: crate::trace::CallMetadata,
+        sent: &AtomicBool,
     ) -> Forwarded {
         let (entry, source) = match &job.source {
             CallSource::Grpc { entry } => (entry.0.clone(), None),
@@ -511,7 +524,7 @@ impl Peers {
         };
         match self.stream(peer, lane) {
             Ok(s) if lane == Lane::Records || s.takes_calls.load(Ordering::Acquire) => {
-                self.dispatch(&s, &peer.address, call, job).await
+                self.dispatch(&s, &peer.address, call, job, sent).await
             }
             // gRPC calls to a receiver that has not said it takes them on a stream (an
             // earlier version, or a stream whose answer headers have not come yet), and
@@ -519,7 +532,10 @@ impl Peers {
             // Boxed: a unary call's future is three times the size of the stream path's,
             // and every forward would otherwise carry it (see ARCHITECTURE.md, "Per-call
             // future size").
-            Ok(_) | Err(PeerError::NotSent(_)) => Box::pin(self.unary(peer, call, job)).await,
+            Ok(_) | Err(PeerError::NotSent(_)) => {
+                sent.store(true, Ordering::Release);
+                Box::pin(self.unary(peer, call, job)).await
+            }
             Err(e) => Forwarded::Unreachable(e),
         }
     }
