@@ -1585,48 +1585,79 @@ impl Worker {
         };
         let partition = r.partition.to_string();
         let offset = r.offset.to_string();
-        let mut headers = r.headers.clone().unwrap_or_default();
-        for (k, v) in [
-            ("leasehold.reason", reason),
-            ("leasehold.source.topic", &*r.topic),
-            ("leasehold.source.partition", partition.as_str()),
-            ("leasehold.source.offset", offset.as_str()),
-        ] {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
-        }
-        let mut omitted = false;
-        loop {
-            let mut record = FutureRecord::to(topic).headers(headers.clone());
-            if !omitted {
-                record = record.payload(&r.payload[..]);
+        // What Leasehold adds; the reason is cut to 1 KB for the smallest form below.
+        let ours = |reason: &str, omitted: Option<&str>| {
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in [
+                ("leasehold.reason", reason),
+                ("leasehold.source.topic", &*r.topic),
+                ("leasehold.source.partition", partition.as_str()),
+                ("leasehold.source.offset", offset.as_str()),
+            ]
+            .into_iter()
+            .chain(omitted.map(|why| ("leasehold.payload-omitted", why)))
+            {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
             }
-            if let Some(k) = &r.key {
-                record = record.key(&k[..]);
+            headers
+        };
+        let with_source_headers = |mut headers: OwnedHeaders, ours: OwnedHeaders| {
+            for h in ours.iter() {
+                headers = headers.insert(h);
+            }
+            headers
+        };
+        let full = with_source_headers(r.headers.clone().unwrap_or_default(), ours(reason, None));
+        // Forms tried in turn while the dead-letter topic refuses the record as too large:
+        // whole; without the payload; Leasehold's headers alone (no key, no source
+        // headers, the reason cut to 1 KB). Retrying one it refused could never succeed
+        // and would hold the partition for good.
+        let why = format!(
+            "{} bytes are more than the dead-letter topic takes; the payload is at the source offset",
+            r.payload.len()
+        );
+        let short: String = reason.chars().take(1024).collect();
+        let mut form = 0;
+        loop {
+            let (headers, payload, key) = match form {
+                0 => (full.clone(), Some(&r.payload[..]), r.key.as_deref()),
+                1 => (
+                    with_source_headers(
+                        r.headers.clone().unwrap_or_default(),
+                        ours(reason, Some(&why)),
+                    ),
+                    None,
+                    r.key.as_deref(),
+                ),
+                _ => (ours(&short, Some(&why)), None, None),
+            };
+            let mut record = FutureRecord::to(topic).headers(headers);
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            if let Some(k) = key {
+                record = record.key(k);
             }
             match producer.send(record, Duration::from_secs(10)).await {
                 Ok(_) => {
                     self.metrics.dead_lettered.inc();
-                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, payload_omitted = omitted, "message dead-lettered");
+                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, payload_omitted = form > 0, "message dead-lettered");
                     return;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
-                    if !omitted =>
+                    if form < 2 =>
                 {
-                    omitted = true;
-                    let why = format!(
-                        "{} bytes are more than the dead-letter topic takes; the payload is at the source offset",
-                        r.payload.len()
-                    );
-                    tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, size = r.payload.len(), "message too large for the dead-letter topic; dead-lettering it without its payload");
-                    headers = headers.insert(Header {
-                        key: "leasehold.payload-omitted",
-                        value: Some(why.as_str()),
-                    });
+                    form += 1;
+                    tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, size = r.payload.len(), form, "message too large for the dead-letter topic; dead-lettering a smaller form of it (without its payload)");
                 }
                 Err((e, _)) => {
+                    // The partition's next assignee reads the message again.
+                    if self.part.is_revoked() {
+                        return;
+                    }
                     tracing::warn!(dlq = %topic, error = %e, "dead-letter write failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
