@@ -368,6 +368,8 @@ pub struct Ingest {
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     metrics: Arc<Metrics>,
+    /// Set before cancelling: stop without the grace for in-flight messages.
+    abandon: Arc<AtomicBool>,
 }
 
 impl Ingest {
@@ -449,7 +451,18 @@ impl Ingest {
             dispatcher,
             registry: registry.clone(),
             metrics: Arc::new(metrics),
+            abandon: Arc::default(),
         }
+    }
+
+    /// A switch that, set before [`Ingest::run`]'s token is cancelled, makes the stop
+    /// abandon the messages in flight at once instead of giving them a grace: those not
+    /// running a handler yet (waiting their turn, parked, between retries) never start,
+    /// and are read again by whoever consumes the partition next. For a failover source
+    /// leaving a side: the other side may start soon, and with other topic names no
+    /// partition claim fences this side's records there.
+    pub fn abandon_switch(&self) -> Arc<AtomicBool> {
+        self.abandon.clone()
     }
 
     /// The group's position on the source's partitions, refreshed every 5 s while
@@ -1072,8 +1085,18 @@ impl Ingest {
             producer,
             ..
         } = state;
-        let grace = Duration::from_secs(10);
-        tracing::info!(source = %o.name, in_flight = tasks.len(), "kafka source stopping");
+        let abandon = self.abandon.load(Ordering::Acquire);
+        let grace = if abandon {
+            Duration::ZERO
+        } else {
+            Duration::from_secs(10)
+        };
+        tracing::info!(source = %o.name, in_flight = tasks.len(), abandon, "kafka source stopping");
+        if abandon {
+            for p in partitions.lock().expect("partitions lock").values() {
+                p.revoke();
+            }
+        }
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(source = %o.name, left = tasks.len(), "in-flight messages abandoned (not committed)");

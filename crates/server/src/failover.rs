@@ -443,6 +443,7 @@ async fn consume(
         tracing::info!(source = %source.name, side = side.active.as_str(), brokers = %options.brokers, "consuming");
         let ingest =
             Ingest::new(options, dispatcher.clone(), &registry).with_status(status.clone());
+        let abandon = ingest.abandon_switch();
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));
         let mut cut_off_since: Option<tokio::time::Instant> = None;
@@ -465,6 +466,13 @@ async fn consume(
             if now_revision != revision && (now.active != side.active || now.epoch != side.epoch) {
                 tracing::warn!(source = %source.name, from = side.active.as_str(), to = now.active.as_str(), epoch = now.epoch, "the cluster switched sides; restarting the consumer");
                 drain = side.active == KafkaSide::Standby;
+                // Leaving the primary: its records not running yet must not start once
+                // the standby may have (its topics may have other names, and then no
+                // claim fences them); they are read again when the primary is read next.
+                // (Going back, the standby is drained first: best effort, see README.)
+                if !drain {
+                    abandon.store(true, std::sync::atomic::Ordering::Release);
+                }
                 break None;
             }
             // A member cut off from etcd stops reading: the cluster may switch without it.
@@ -473,6 +481,7 @@ async fn consume(
                 if since.elapsed() >= Duration::from_secs(1) {
                     tracing::warn!(source = %source.name, "lease not valid or routing table not synced; this member stops consuming until both are");
                     stopped_because = Some("not consuming: this member is cut off from etcd (lease not valid or routing table not synced)");
+                    abandon.store(true, std::sync::atomic::Ordering::Release);
                     break None;
                 }
             } else {
