@@ -569,6 +569,12 @@ impl Ingest {
             drop(m);
             self.admit(&state, part, parked);
         }
+        // Abandoning: nothing not yet running starts from here on (see `abandon_switch`).
+        if self.abandon.load(Ordering::Acquire) {
+            for p in state.partitions.lock().expect("partitions lock").values() {
+                p.revoke();
+            }
+        }
         // The readers hold the consumer too (through their queues): they end, and every
         // queue handle is dropped, before it is closed.
         readers_stop.cancel();
@@ -1086,8 +1092,10 @@ impl Ingest {
             ..
         } = state;
         let abandon = self.abandon.load(Ordering::Acquire);
+        // Abandoning, the tasks only unwind (nothing new starts; waits watch the revoke);
+        // a moment for them to let go of the consumer, whose last handle closes it.
         let grace = if abandon {
-            Duration::ZERO
+            Duration::from_secs(2)
         } else {
             Duration::from_secs(10)
         };
@@ -1503,10 +1511,11 @@ impl Worker {
                 return;
             }
             let dispatched = tokio::select! {
-                r = self.claimed_dispatch(&mut call) => r,
+                biased;
                 // Dropping the call path's future abandons a call that has not started
                 // (one already running finishes at its owner first).
                 _ = self.part.cancel.cancelled() => return,
+                r = self.claimed_dispatch(&mut call) => r,
             };
             let backoff = match dispatched {
                 Ok(()) => {
@@ -1551,7 +1560,11 @@ impl Worker {
                 }
             };
             let backoff = backoff.clamp(Duration::from_millis(10), Duration::from_secs(5));
-            tokio::time::sleep(backoff).await;
+            tokio::select! {
+                biased;
+                _ = self.part.cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
         }
     }
 
@@ -1581,6 +1594,11 @@ impl Worker {
                 ));
             }
         }
+        // The claim may have taken a while: a partition revoked meanwhile starts nothing.
+        // (`handle` then returns: its wait ends on the revoke.)
+        if self.part.is_revoked() {
+            return Err(DispatchError::Unavailable("partition revoked".into()));
+        }
         self.dispatcher.dispatch(call.clone()).await
     }
 
@@ -1600,16 +1618,18 @@ impl Worker {
     /// Writes the message unchanged to the dead-letter topic with the reason and origin
     /// in headers; retries the write until it is acknowledged. A message too large for
     /// the dead-letter topic is written without its payload (header
-    /// `leasehold.payload-omitted` says why; the payload stays at its source offset):
-    /// retrying could never succeed and would hold its partition for good.
+    /// `leasehold.payload-omitted` says why; the payload stays at its source offset), and
+    /// if need be with Leasehold's headers alone: retrying could never succeed and would
+    /// hold its partition for good. Stops when the partition is revoked (its next
+    /// assignee reads the message again).
     async fn dead_letter(&self, r: &Record, reason: &str) {
         let (Some(producer), Some(topic)) = (&self.producer, &self.opts.dlq_topic) else {
             unreachable!("on_failure = dead-letter is validated to have a dead-letter topic");
         };
         let partition = r.partition.to_string();
         let offset = r.offset.to_string();
-        // What Leasehold adds; the reason is cut to 1 KB for the smallest form below.
-        let ours = |reason: &str, omitted: Option<&str>| {
+        // What Leasehold adds, and what a smaller form left out.
+        let ours = |reason: &str, omitted: &[(&str, &str)]| {
             let mut headers = OwnedHeaders::new();
             for (k, v) in [
                 ("leasehold.reason", reason),
@@ -1618,7 +1638,7 @@ impl Worker {
                 ("leasehold.source.offset", offset.as_str()),
             ]
             .into_iter()
-            .chain(omitted.map(|why| ("leasehold.payload-omitted", why)))
+            .chain(omitted.iter().copied())
             {
                 headers = headers.insert(Header {
                     key: k,
@@ -1633,29 +1653,47 @@ impl Worker {
             }
             headers
         };
-        let full = with_source_headers(r.headers.clone().unwrap_or_default(), ours(reason, None));
         // Forms tried in turn while the dead-letter topic refuses the record as too large:
         // whole; without the payload; Leasehold's headers alone (no key, no source
         // headers, the reason cut to 1 KB). Retrying one it refused could never succeed
         // and would hold the partition for good.
         let why = format!(
-            "{} bytes are more than the dead-letter topic takes; the payload is at the source offset",
-            r.payload.len()
+            "the record (payload {} bytes, key {} bytes, with its headers) is more than the dead-letter topic takes; the payload is at the source offset",
+            r.payload.len(),
+            r.key.as_ref().map_or(0, |k| k.len())
         );
-        let short: String = reason.chars().take(1024).collect();
+        let mut cut = reason.len().min(1024);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let short = &reason[..cut];
         let mut form = 0;
+        let mut failures = 0u32;
         loop {
             let (headers, payload, key) = match form {
-                0 => (full.clone(), Some(&r.payload[..]), r.key.as_deref()),
+                0 => (
+                    with_source_headers(r.headers.clone().unwrap_or_default(), ours(reason, &[])),
+                    Some(&r.payload[..]),
+                    r.key.as_deref(),
+                ),
                 1 => (
                     with_source_headers(
                         r.headers.clone().unwrap_or_default(),
-                        ours(reason, Some(&why)),
+                        ours(reason, &[("leasehold.payload-omitted", &why)]),
                     ),
                     None,
                     r.key.as_deref(),
                 ),
-                _ => (ours(&short, Some(&why)), None, None),
+                _ => {
+                    let mut omitted = vec![
+                        ("leasehold.payload-omitted", why.as_str()),
+                        ("leasehold.key-and-headers-omitted", "true"),
+                    ];
+                    if cut < reason.len() {
+                        omitted.push(("leasehold.reason-truncated", "true"));
+                    }
+                    (ours(short, &omitted), None, None)
+                }
             };
             let mut record = FutureRecord::to(topic).headers(headers);
             if let Some(p) = payload {
@@ -1664,10 +1702,16 @@ impl Worker {
             if let Some(k) = key {
                 record = record.key(k);
             }
-            match producer.send(record, Duration::from_secs(10)).await {
+            let sent = tokio::select! {
+                biased;
+                // The partition's next assignee reads the message again.
+                _ = self.part.cancel.cancelled() => return,
+                sent = producer.send(record, Duration::from_secs(10)) => sent,
+            };
+            match sent {
                 Ok(_) => {
                     self.metrics.dead_lettered.inc();
-                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, payload_omitted = form > 0, "message dead-lettered");
+                    tracing::warn!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, reason, dlq = %topic, form, "message dead-lettered");
                     return;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
@@ -1677,12 +1721,19 @@ impl Worker {
                     tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, size = r.payload.len(), form, "message too large for the dead-letter topic; dead-lettering a smaller form of it (without its payload)");
                 }
                 Err((e, _)) => {
-                    // The partition's next assignee reads the message again.
-                    if self.part.is_revoked() {
-                        return;
+                    failures += 1;
+                    if form == 2 {
+                        // Nothing is dropped: the partition waits until the topic takes it.
+                        tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, error = %e, "the dead-letter topic refuses even Leasehold's own headers for this message (is its max.message.bytes below 2 KB?); retrying");
+                    } else {
+                        tracing::warn!(dlq = %topic, error = %e, "dead-letter write failed; retrying");
                     }
-                    tracing::warn!(dlq = %topic, error = %e, "dead-letter write failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    let pause = Duration::from_millis(500).saturating_mul(failures.min(10));
+                    tokio::select! {
+                        biased;
+                        _ = self.part.cancel.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
