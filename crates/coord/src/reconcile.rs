@@ -163,12 +163,8 @@ pub(crate) struct Reconciler {
     /// The session generation the member key was last written under.
     registered: u64,
     /// The assignment version this instance last wrote as leader, and when.
-    written_version: Written,
+    written_version: Option<(u64, std::time::Instant)>,
 }
-
-/// The assignment version this leader last wrote, and when.
-#[derive(Debug, Default)]
-struct Written(Option<(u64, std::time::Instant)>);
 
 impl Reconciler {
     pub(crate) fn new(coord: Coord) -> Self {
@@ -176,7 +172,7 @@ impl Reconciler {
             view: coord.inner.view.subscribe(),
             session: coord.inner.session.subscribe(),
             registered: 0,
-            written_version: Written::default(),
+            written_version: None,
             coord,
         }
     }
@@ -275,7 +271,7 @@ impl Coord {
         &self,
         view: &View,
         session: Session,
-        written: &mut Written,
+        written: &mut Option<(u64, std::time::Instant)>,
     ) -> Result<(), Error> {
         let me = self.member_id();
         let key = self.inner.keys.leader();
@@ -297,7 +293,7 @@ impl Coord {
             Some(leader) if leader != me => return Ok(()),
             Some(_) => {}
         }
-        if let Some((version, at)) = written.0 {
+        if let Some((version, at)) = *written {
             if view.assignment_version < version {
                 // Our last write has not reached the view yet; if it still has not long
                 // after, the key went back (deleted, or etcd restored from a backup):
@@ -311,7 +307,7 @@ impl Coord {
                     seen = view.assignment_version,
                     "the assignment this leader wrote never appeared (the key was deleted or went back); planning from the current one"
                 );
-                written.0 = None;
+                *written = None;
             }
         }
         let active: Vec<MemberId> = view
@@ -375,7 +371,7 @@ impl Coord {
             ])
             .and_then([TxnOp::put(self.inner.keys.assignment(), value, None)]);
         if self.etcd(client.txn(txn)).await?.succeeded() {
-            written.0 = Some((version, std::time::Instant::now()));
+            *written = Some((version, std::time::Instant::now()));
             let moves = leasehold_placement::pending_moves(&owners, &assignment);
             tracing::info!(version, members = active.len(), moves, "assignment written");
         }

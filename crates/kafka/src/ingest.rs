@@ -1099,12 +1099,8 @@ impl Ingest {
         } else {
             Duration::from_secs(10)
         };
+        // (Abandoning, `run` revoked every partition already.)
         tracing::info!(source = %o.name, in_flight = tasks.len(), abandon, "kafka source stopping");
-        if abandon {
-            for p in partitions.lock().expect("partitions lock").values() {
-                p.revoke();
-            }
-        }
         tasks.close();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!(source = %o.name, left = tasks.len(), "in-flight messages abandoned (not committed)");
@@ -1647,8 +1643,10 @@ impl Worker {
             }
             headers
         };
-        let with_source_headers = |mut headers: OwnedHeaders, ours: OwnedHeaders| {
-            for h in ours.iter() {
+        // The record's own headers, then Leasehold's.
+        let with_source_headers = |omitted: &[(&str, &str)]| {
+            let mut headers = r.headers.clone().unwrap_or_default();
+            for h in ours(reason, omitted).iter() {
                 headers = headers.insert(h);
             }
             headers
@@ -1672,15 +1670,12 @@ impl Worker {
         loop {
             let (headers, payload, key) = match form {
                 0 => (
-                    with_source_headers(r.headers.clone().unwrap_or_default(), ours(reason, &[])),
+                    with_source_headers(&[]),
                     Some(&r.payload[..]),
                     r.key.as_deref(),
                 ),
                 1 => (
-                    with_source_headers(
-                        r.headers.clone().unwrap_or_default(),
-                        ours(reason, &[("leasehold.payload-omitted", &why)]),
-                    ),
+                    with_source_headers(&[("leasehold.payload-omitted", &why)]),
                     None,
                     r.key.as_deref(),
                 ),

@@ -376,14 +376,19 @@ impl KafkaSourceView {
     }
 }
 
-/// The source `name` if it has a standby cluster; else what to tell the caller.
-fn kafka_source(status: &Status, coord: &Coord, name: &str) -> Result<KafkaSourceView, String> {
-    let Some(source) = status.failover(name) else {
-        return Err(format!(
+/// The options of source `name` if it has a standby cluster; else what to tell the caller.
+fn failover_source(status: &Status, name: &str) -> Result<leasehold_kafka::SourceOptions, String> {
+    status.failover(name).ok_or_else(|| {
+        format!(
             "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
             status.failover_names()
-        ));
-    };
+        )
+    })
+}
+
+/// The source `name` if it has a standby cluster; else what to tell the caller.
+fn kafka_source(status: &Status, coord: &Coord, name: &str) -> Result<KafkaSourceView, String> {
+    let source = failover_source(status, name)?;
     let view = coord.view();
     let (side, revision) = view.kafka_side(name);
     let health = view
@@ -421,12 +426,7 @@ async fn switch_kafka(
     to: &str,
 ) -> Result<(leasehold_coord::KafkaSideValue, i64), SwitchRefused> {
     use leasehold_coord::{KafkaSide, KafkaSideValue};
-    let Some(source) = status.failover(name) else {
-        return Err(SwitchRefused::NotFound(format!(
-            "no Kafka source {name:?} with a standby cluster; sources with one: {:?}",
-            status.failover_names()
-        )));
-    };
+    let source = failover_source(status, name).map_err(SwitchRefused::NotFound)?;
     let (current, revision) = coord.view().kafka_side(name);
     let value = match to {
         "primary" | "standby" => KafkaSideValue {
