@@ -507,6 +507,22 @@ async fn strangers_are_refused(pki: &Pki, instances: &[Instance], checker: &Chec
     );
     assert!(e.message().contains("identity"), "{e}");
 
+    // The same certificate on peer frames (the Dispatch streams' own protocol on the
+    // peer port): refused in the answer to its greeting; the call it sent is not run.
+    let refusal = peer_frames_refusal(
+        n0.peer_port,
+        &pki.peer_ca.pem,
+        &intruder,
+        forward("stranger-frames"),
+    )
+    .await;
+    assert_eq!(
+        refusal.code,
+        tonic::Code::PermissionDenied as i32,
+        "non-member certificate on peer frames: {refusal:?}"
+    );
+    assert!(refusal.message.contains("identity"), "{refusal:?}");
+
     let e = PeerClient::new(plain_channel(n0.peer_port))
         .forward(with_member("stranger-plain-peer"))
         .await
@@ -519,6 +535,7 @@ async fn strangers_are_refused(pki: &Pki, instances: &[Instance], checker: &Chec
         "stranger-other-ca",
         "stranger-client-cert-on-peer",
         "stranger-non-member",
+        "stranger-frames",
         "stranger-plain-peer",
     ] {
         assert!(!handled(key), "the handler ran a stranger's call {key}");
@@ -528,6 +545,51 @@ async fn strangers_are_refused(pki: &Pki, instances: &[Instance], checker: &Chec
         log.contains("client certificate refused") && log.contains("stranger CA"),
         "the refusal names the certificate:\n{log}"
     );
+}
+
+/// Opens a peer-frames connection over TLS presenting `identity`, names member n1, sends
+/// `call`, and returns the receiver's refusal (its first answer, which must be one).
+async fn peer_frames_refusal(
+    port: u16,
+    ca: &str,
+    identity: &Leaf,
+    call: ForwardRequest,
+) -> leasehold_proto::v1::DispatchError {
+    use prost::Message as _;
+    use rustls::pki_types::ServerName;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config = pki::client_config(ca, Some(identity), &[b"h2"]);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from(PEER_NAME).unwrap(), tcp)
+        .await
+        .unwrap();
+    let frame = |body: Vec<u8>| [(body.len() as u32).to_be_bytes().to_vec(), body].concat();
+    let request = leasehold_proto::v1::DispatchRequest {
+        id: 1,
+        call: Some(call),
+        timeout_ms: 5000,
+        cancel: false,
+    };
+    let mut out = b"LEASEHOLD PEER FRAMES/1\n".to_vec();
+    out.extend(frame(b"n1".to_vec()));
+    out.extend(frame(request.encode_to_vec()));
+    tls.write_all(&out).await.unwrap();
+    let len = tls.read_u32().await.unwrap() as usize;
+    let mut body = vec![0; len];
+    tls.read_exact(&mut body).await.unwrap();
+    let answer = leasehold_proto::v1::DispatchResponse::decode(&body[..]).unwrap();
+    assert_eq!(
+        answer.id, 0,
+        "the first answer is the greeting's: {answer:?}"
+    );
+    // Nothing else comes: the receiver closed the connection.
+    let mut rest = Vec::new();
+    let _ = tls.read_to_end(&mut rest).await;
+    assert!(rest.is_empty(), "more answers after the refusal");
+    answer.error.expect("the greeting was refused")
 }
 
 /// Admin mutations need the token (HTTP and gRPC); reads stay open; nothing changes on a

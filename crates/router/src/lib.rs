@@ -11,6 +11,7 @@
 //!    sender waits for its routing table to catch up and tries again.
 
 mod events;
+mod frames;
 mod handler;
 pub mod hot;
 pub mod load;

@@ -207,6 +207,188 @@ impl Drop for StreamUse<'_> {
     }
 }
 
+/// A request as it is written: its `timeout_ms` is the time left now.
+fn stamped((mut request, deadline): Outgoing) -> pb::DispatchRequest {
+    if let Some(deadline) = deadline {
+        // 0 when already past: the owner answers "deadline exceeded" without running it.
+        request.timeout_ms = deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .min(u128::from(u32::MAX)) as u32;
+    }
+    request
+}
+
+/// Hands an answer to the call waiting for it.
+fn deliver(stream: &PeerStream, answer: pb::DispatchResponse) {
+    if let Some(tx) = stream
+        .pending
+        .lock()
+        .expect("pending lock")
+        .remove(&answer.id)
+    {
+        let _ = tx.send(Ok(answer));
+    }
+}
+
+/// A Dispatch stream over HTTP/2 (`Peer.Dispatch`).
+async fn run_grpc(
+    mut client: PeerClient<Channel>,
+    member: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
+    rx: mpsc::Receiver<Outgoing>,
+    stream: &PeerStream,
+    peer: &str,
+) {
+    use tokio_stream::StreamExt as _;
+    let requests = tokio_stream::wrappers::ReceiverStream::new(rx).map(stamped);
+    let mut outgoing = tonic::Request::new(requests);
+    outgoing.metadata_mut().insert(MEMBER_HEADER, member);
+    match client.dispatch(outgoing).await {
+        Ok(answers) => {
+            if answers.metadata().get(STREAM_CALLS_HEADER).is_some() {
+                stream.takes_calls.store(true, Ordering::Release);
+            }
+            let mut answers = answers.into_inner();
+            loop {
+                match answers.message().await {
+                    Ok(Some(a)) => deliver(stream, a),
+                    Ok(None) => break stream.fail_all(stream_error(peer, "ended")),
+                    Err(e) => break stream.fail_all(stream_error(peer, format!("failed: {e}"))),
+                }
+            }
+        }
+        // The stream never opened: nothing queued on it was sent, unless the failure came
+        // after the first messages left (the body goes out before the answer's headers
+        // arrive), so only a connection never made or a refusal from the peer itself
+        // proves it.
+        Err(s) if never_sent(&s) || s.metadata().get(ORIGIN_HEADER).is_some() => {
+            stream.fail_all(PeerError::NotSent(peer.to_owned()))
+        }
+        Err(s) => stream.fail_all(stream_error(peer, format!("did not open: {s}"))),
+    }
+}
+
+/// Where to open a peer-frames connection, and as whom.
+struct FramesTarget {
+    address: String,
+    identity: String,
+    tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
+    member: String,
+    max_message: usize,
+}
+
+/// A peer-frames connection, accepted by its receiver.
+type FramesConn = (
+    crate::frames::FrameReader<tokio::io::ReadHalf<Box<dyn crate::frames::Io>>>,
+    tokio::io::WriteHalf<Box<dyn crate::frames::Io>>,
+);
+
+impl FramesTarget {
+    /// Connects (with the peer TLS config, checking the identity the member registered)
+    /// and names this member. `Ok(None)`: the receiver closed the connection without an
+    /// answer, as one that only takes HTTP/2 does. Nothing but the greeting has been sent
+    /// when this returns an error, so every error is "not sent".
+    async fn open(&self) -> Result<Option<FramesConn>, PeerError> {
+        use crate::frames;
+        use tokio::io::AsyncWriteExt as _;
+        let not_sent = |why: String| {
+            tracing::debug!(peer = %self.address, "peer-frames connection not made: {why}");
+            PeerError::NotSent(self.address.clone())
+        };
+        let (host, port) = self
+            .address
+            .rsplit_once(':')
+            .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+            .ok_or_else(|| PeerError::Address {
+                address: self.address.clone(),
+                reason: "expected host:port".into(),
+            })?;
+        let io: Box<dyn frames::Io> = match &self.tls {
+            None => {
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                let connect = tokio::net::TcpStream::connect((host, port));
+                let tcp = tokio::time::timeout(Duration::from_secs(1), connect)
+                    .await
+                    .map_err(|_| not_sent("not connected within 1s".into()))?
+                    .map_err(|e| not_sent(e.to_string()))?;
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+            Some(tls) => {
+                let identity = Some(self.identity.clone()).filter(|i| !i.is_empty());
+                let connector = leasehold_tls::Connector::new(tls.clone(), identity);
+                Box::new(
+                    connector
+                        .connect(host, port)
+                        .await
+                        .map_err(|e| not_sent(e.to_string()))?,
+                )
+            }
+        };
+        let (read, mut write) = tokio::io::split(io);
+        let mut greeting = bytes::BytesMut::from(frames::MAGIC);
+        frames::put_bytes(&mut greeting, self.member.as_bytes());
+        write
+            .write_all(&greeting)
+            .await
+            .map_err(|e| not_sent(e.to_string()))?;
+        write.flush().await.map_err(|e| not_sent(e.to_string()))?;
+        let mut reader = frames::FrameReader::new(read, self.max_message);
+        match reader.next::<pb::DispatchResponse>().await {
+            Ok(Some(pb::DispatchResponse {
+                id: 0, error: None, ..
+            })) => Ok(Some((reader, write))),
+            Ok(Some(pb::DispatchResponse { error: Some(e), .. })) => {
+                tracing::warn!(peer = %self.address, code = e.code, reason = %e.message, "peer refused this member's calls");
+                Err(PeerError::NotSent(self.address.clone()))
+            }
+            Ok(Some(_)) => Err(not_sent("unexpected first answer".into())),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                Err(not_sent(format!("no answer to the greeting: {e}")))
+            }
+            // Closed without an answer: a receiver that only takes HTTP/2.
+            Ok(None) | Err(_) => Ok(None),
+        }
+    }
+}
+
+/// A Dispatch stream over a peer-frames connection: requests are written by a task of
+/// their own (with a ping every second), answers read here until the connection ends,
+/// breaks or falls silent.
+async fn run_frames(
+    (mut reader, write): FramesConn,
+    rx: mpsc::Receiver<Outgoing>,
+    stream: &PeerStream,
+    peer: &str,
+) {
+    use crate::frames;
+    let ping = pb::DispatchRequest::default();
+    let end = pb::DispatchRequest {
+        cancel: true,
+        ..Default::default()
+    };
+    let writer = tokio::spawn(frames::write_frames(
+        write,
+        rx,
+        |o| Some(stamped(o)),
+        Some(ping),
+        Some(end),
+    ));
+    let why = loop {
+        match reader.next::<pb::DispatchResponse>().await {
+            // A ping's answer.
+            Ok(Some(a)) if a.id == 0 => {}
+            Ok(Some(a)) => deliver(stream, a),
+            Ok(None) => break stream_error(peer, "ended"),
+            Err(e) => break stream_error(peer, format!("failed: {e}")),
+        }
+    };
+    stream.fail_all(why);
+    // Dropping both halves closes the connection; without the clean end the receiver
+    // drops the calls it has not started.
+    writer.abort();
+}
+
 impl PeerStream {
     fn fail_all(&self, why: PeerError) {
         self.closed.store(true, Ordering::Release);
@@ -309,7 +491,7 @@ impl Peers {
         {
             return Ok(s.clone());
         }
-        let mut client = self.client(peer)?;
+        let client = self.client(peer)?;
         let member = self.member.clone();
         let (tx, rx) = mpsc::channel(4096);
         let stream = Arc::new(PeerStream {
@@ -321,55 +503,22 @@ impl Peers {
             takes_calls: AtomicBool::new(false),
         });
         let reader = stream.clone();
-        let peer = address.to_owned();
+        let target = FramesTarget {
+            address: address.to_owned(),
+            identity: peer.identity.clone(),
+            tls: self.tls.clone(),
+            member: self.member.to_str().unwrap_or_default().to_owned(),
+            max_message: self.max_message,
+        };
         self.tasks.spawn(async move {
-            use tokio_stream::StreamExt as _;
-            let requests = tokio_stream::wrappers::ReceiverStream::new(rx).map(
-                |(mut request, deadline): Outgoing| {
-                    if let Some(deadline) = deadline {
-                        // 0 when already past: the owner answers "deadline exceeded"
-                        // without running it.
-                        request.timeout_ms = deadline
-                            .saturating_duration_since(Instant::now())
-                            .as_millis()
-                            .min(u128::from(u32::MAX))
-                            as u32;
-                    }
-                    request
-                },
-            );
-            let mut outgoing = tonic::Request::new(requests);
-            outgoing.metadata_mut().insert(MEMBER_HEADER, member);
-            match client.dispatch(outgoing).await {
-                Ok(answers) => {
-                    if answers.metadata().get(STREAM_CALLS_HEADER).is_some() {
-                        reader.takes_calls.store(true, Ordering::Release);
-                    }
-                    let mut answers = answers.into_inner();
-                    loop {
-                        match answers.message().await {
-                            Ok(Some(a)) => {
-                                if let Some(tx) =
-                                    reader.pending.lock().expect("pending lock").remove(&a.id)
-                                {
-                                    let _ = tx.send(Ok(a));
-                                }
-                            }
-                            Ok(None) => break reader.fail_all(stream_error(&peer, "ended")),
-                            Err(e) => {
-                                break reader.fail_all(stream_error(&peer, format!("failed: {e}")))
-                            }
-                        }
-                    }
+            // Peer frames first; over HTTP/2 to a receiver that does not take them.
+            match target.open().await {
+                Ok(Some(conn)) => {
+                    reader.takes_calls.store(true, Ordering::Release);
+                    run_frames(conn, rx, &reader, &target.address).await;
                 }
-                // The stream never opened: nothing queued on it was sent, unless the
-                // failure came after the first messages left (the body goes out before
-                // the answer's headers arrive), so only a connection never made or a
-                // refusal from the peer itself proves it.
-                Err(s) if never_sent(&s) || s.metadata().get(ORIGIN_HEADER).is_some() => {
-                    reader.fail_all(PeerError::NotSent(peer.clone()))
-                }
-                Err(s) => reader.fail_all(stream_error(&peer, format!("did not open: {s}"))),
+                Ok(None) => run_grpc(client, member, rx, &reader, &target.address).await,
+                Err(e) => reader.fail_all(e),
             }
         });
         streams.insert(key, stream.clone());
@@ -567,5 +716,85 @@ impl Peers {
             }
             Err(s) => Forwarded::Unreachable(PeerError::Transport(s.to_string())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    fn target(address: std::net::SocketAddr) -> FramesTarget {
+        FramesTarget {
+            address: address.to_string(),
+            identity: String::new(),
+            tls: None,
+            member: "m1".into(),
+            max_message: 1 << 20,
+        }
+    }
+
+    /// Reads the greeting a sender writes: the magic, then its member id in a frame.
+    async fn greeting(conn: &mut tokio::net::TcpStream) -> String {
+        let mut magic = [0; 24];
+        conn.read_exact(&mut magic).await.unwrap();
+        assert_eq!(&magic[..], crate::frames::MAGIC);
+        let len = conn.read_u32().await.unwrap() as usize;
+        let mut member = vec![0; len];
+        conn.read_exact(&mut member).await.unwrap();
+        String::from_utf8(member).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_receiver_that_closes_at_the_greeting_is_one_that_only_takes_http2() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let receiver = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            // Not an HTTP/2 preface: an HTTP/2 server closes the connection.
+            let mut preface = [0; 24];
+            conn.read_exact(&mut preface).await.unwrap();
+        });
+        assert!(target(address).open().await.unwrap().is_none());
+        receiver.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_greeting_is_accepted_or_refused_by_the_receivers_first_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let receiver = tokio::spawn(async move {
+            let mut members = Vec::new();
+            for refuse in [false, true] {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                members.push(greeting(&mut conn).await);
+                let answer = pb::DispatchResponse {
+                    error: refuse.then(|| pb::DispatchError {
+                        code: tonic::Code::PermissionDenied as i32,
+                        message: "not a member".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                let mut frame = bytes::BytesMut::new();
+                crate::frames::put(&mut frame, &answer);
+                conn.write_all(&frame).await.unwrap();
+                if !refuse {
+                    // Held open until the sender is done with it.
+                    let _ = conn.read_u8().await;
+                }
+            }
+            members
+        });
+        let accepted = target(address).open().await.unwrap();
+        assert!(accepted.is_some());
+        drop(accepted);
+        let refused = target(address).open().await;
+        assert!(
+            matches!(refused, Err(PeerError::NotSent(_))),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(receiver.await.unwrap(), ["m1", "m1"]);
     }
 }

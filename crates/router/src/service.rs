@@ -127,22 +127,31 @@ impl PeerService {
     /// by the handshake) must carry the identity the member registered. Refused calls
     /// never reach the handler.
     fn authorize<T>(&self, request: &Request<T>) -> Result<Option<PeerCaller>, Status> {
+        self.authorize_sender(
+            request.extensions().get::<leasehold_tls::ConnInfo>(),
+            request
+                .metadata()
+                .get(MEMBER_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        )
+    }
+
+    /// [`PeerService::authorize`] for a connection and the member it names (peer frames
+    /// name it in their first frame).
+    fn authorize_sender(
+        &self,
+        conn: Option<&leasehold_tls::ConnInfo>,
+        sender: Option<&str>,
+    ) -> Result<Option<PeerCaller>, Status> {
         if self.router.options().peer_tls.is_none() {
             return Ok(None);
         }
-        let Some(cert) = request
-            .extensions()
-            .get::<leasehold_tls::ConnInfo>()
-            .and_then(|c| c.peer_cert.clone())
-        else {
+        let Some(cert) = conn.and_then(|c| c.peer_cert.clone()) else {
             return Err(refused(
                 "peer calls need a client certificate signed by the peer CA",
             ));
         };
-        let sender = request
-            .metadata()
-            .get(MEMBER_HEADER)
-            .and_then(|v| v.to_str().ok())
+        let sender = sender
             .ok_or_else(|| refused("peer calls must name their member (leasehold-member)"))?;
         let caller = PeerCaller {
             member: MemberId(sender.to_owned()),
@@ -286,119 +295,14 @@ impl Peer for PeerService {
         request: Request<tonic::Streaming<pb::DispatchRequest>>,
     ) -> Result<Response<DispatchStream>, Status> {
         let caller = self.authorize(&request).map_err(with_origin)?;
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(
-            self.router.options().max_dispatch_in_flight,
-        ));
-        let mut incoming = request.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        let this = Arc::new(PeerService {
+        let this = PeerService {
             router: self.router.clone(),
-        });
-        let tasks = self.router.tasks().clone();
-        let closing = self.router.inner.closing.clone();
-        // Calls read and not yet answered, by id; removing one drops its call.
-        let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
-        tasks.clone().spawn(async move {
-            let ended = loop {
-                let req = tokio::select! {
-                    biased;
-                    _ = closing.cancelled() => break Ended::Closing,
-                    r = incoming.message() => r,
-                };
-                let req = match req {
-                    Ok(Some(req)) => req,
-                    Ok(None) => break Ended::Finished,
-                    Err(_) => break Ended::Broken,
-                };
-                if req.cancel {
-                    this.router.inner.metrics.stream_cancels.inc();
-                    // Its task wakes up and drops the call (or finds it done).
-                    running.lock().expect("running lock").remove(&req.id);
-                    continue;
-                }
-                let (id, Some(mut call)) = (req.id, req.call) else {
-                    continue;
-                };
-                this.router.inner.metrics.stream_calls.inc();
-                // Counted from the read: the sender keeps its calls within our slots, so
-                // it was written just now.
-                let deadline = this
-                    .router
-                    .deadline(Some(Duration::from_millis(u64::from(req.timeout_ms))));
-                if let Some(caller) = &caller {
-                    if let Err(refusal) = this.check(caller) {
-                        // Not run; the calls after it are checked on their own.
-                        let answer = error_answer(id, &refusal, "unavailable");
-                        let _ = tx.send(Ok(answer)).await;
-                        continue;
-                    }
-                }
-                let slot = tokio::select! {
-                    biased;
-                    _ = closing.cancelled() => {
-                        let _ = tx.send(Ok(this.not_owner(id, call.shard))).await;
-                        break Ended::Closing;
-                    }
-                    s = in_flight.clone().acquire_owned() => s.expect("never closed"),
-                };
-                // Admitted before the next message is read: its key's turn in stream order.
-                let run = match this.admit(&mut call) {
-                    Ok(admitted) => Either::Left(this.run(admitted, call, deadline)),
-                    Err(e) => Either::Right(std::future::ready(Err(e))),
-                };
-                let (cancel, registration) = futures::future::AbortHandle::new_pair();
-                running
-                    .lock()
-                    .expect("running lock")
-                    .insert(id, CancelOnDrop(cancel));
-                let (tx, running) = (tx.clone(), running.clone());
-                // Combinators rather than an async block awaiting `run`, which would hold
-                // the call's future twice (see ARCHITECTURE.md, "Per-call future size").
-                // A cancel read before the call first ran stops it here: `Abortable`
-                // checks for it before each poll.
-                let work =
-                    futures::future::Abortable::new(run, registration).then(move |outcome| {
-                        // Cancelled: the call's future is dropped with the `Abortable` (a
-                        // started handler finishes in the background); the sender expects no
-                        // answer.
-                        let result = outcome.ok();
-                        async move {
-                            let Some(result) = result else { return };
-                            running.lock().expect("running lock").remove(&id);
-                            let _ = tx.send(Ok(answer(id, result))).await;
-                            drop(slot);
-                        }
-                    });
-                tasks.spawn(work);
-            };
-            match ended {
-                // The sender's connection broke: nobody waits for these answers.
-                Ended::Broken => running.lock().expect("running lock").clear(),
-                // Shutting down (this instance no longer owns shards): calls already
-                // here are answered "not owner" without running, so their senders route
-                // them again; calls read before still answer.
-                Ended::Closing => {
-                    while let Some(Ok(Some(req))) =
-                        futures::FutureExt::now_or_never(incoming.message())
-                    {
-                        if req.cancel {
-                            this.router.inner.metrics.stream_cancels.inc();
-                            running.lock().expect("running lock").remove(&req.id);
-                        } else if let Some(call) = req.call {
-                            let answer = this.not_owner(req.id, call.shard);
-                            let send = tx.send(Ok(answer));
-                            if tokio::time::timeout(Duration::from_secs(1), send)
-                                .await
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                    }
-                }
-                Ended::Finished => {}
-            }
-        });
+        };
+        let incoming = Requests::Grpc(request.into_inner());
+        self.router
+            .tasks()
+            .spawn(this.run_stream(caller, incoming, tx));
         let mut response = Response::new(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as DispatchStream
         );
@@ -406,6 +310,195 @@ impl Peer for PeerService {
             .metadata_mut()
             .insert(STREAM_CALLS_HEADER, MetadataValue::from_static("1"));
         Ok(response)
+    }
+}
+
+/// Where a Dispatch stream's requests come from.
+enum Requests {
+    Grpc(tonic::Streaming<pb::DispatchRequest>),
+    Frames(crate::frames::FrameReader<tokio::io::ReadHalf<leasehold_tls::Conn>>),
+}
+
+impl Requests {
+    /// The next request; `Ok(None)` when the sender ended the stream, `Err` when its
+    /// connection broke (or, for frames, fell silent).
+    async fn message(&mut self) -> Result<Option<pb::DispatchRequest>, ()> {
+        match self {
+            Requests::Grpc(s) => s.message().await.map_err(|_| ()),
+            Requests::Frames(r) => match r.next().await {
+                // The sender's clean end.
+                Ok(Some(pb::DispatchRequest {
+                    id: 0,
+                    cancel: true,
+                    ..
+                })) => Ok(None),
+                Ok(Some(req)) => Ok(Some(req)),
+                // Ended without saying so, failed, or silent.
+                _ => Err(()),
+            },
+        }
+    }
+}
+
+/// Answers on a Dispatch stream (whichever way they travel).
+type Answers = tokio::sync::mpsc::Sender<Result<pb::DispatchResponse, Status>>;
+
+impl PeerService {
+    /// Takes the peer-frames connections of the peer plane (see `frames`): the same
+    /// Dispatch streams as [`Peer::dispatch`], without HTTP/2.
+    pub fn frames(router: Router) -> leasehold_tls::Alongside {
+        leasehold_tls::Alongside {
+            magic: crate::frames::MAGIC,
+            serve: Arc::new(move |conn| {
+                let this = PeerService::new(router.clone());
+                router.tasks().spawn(this.serve_frames(conn));
+            }),
+        }
+    }
+
+    async fn serve_frames(self, conn: leasehold_tls::Conn) {
+        use crate::frames;
+        let info = conn.info().clone();
+        let (read, write) = tokio::io::split(conn);
+        let max = self.router.options().max_payload + (1 << 20);
+        let mut reader = frames::FrameReader::new(read, max);
+        // The sending member, in a frame of its own.
+        let sender = match reader.next_bytes().await {
+            Ok(Some(member)) => String::from_utf8(member.to_vec()).ok(),
+            _ => {
+                tracing::debug!(remote = %info.remote, "peer-frames connection closed before it named its member");
+                return;
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        self.router.tasks().spawn(async move {
+            let _ = frames::write_frames(write, rx, Result::ok, None, None).await;
+        });
+        let accepted = pb::DispatchResponse::default();
+        match self.authorize_sender(Some(&info), sender.as_deref()) {
+            Ok(caller) => {
+                let _ = tx.send(Ok(accepted)).await;
+                self.run_stream(caller, Requests::Frames(reader), tx).await;
+            }
+            Err(refusal) => {
+                tracing::warn!(remote = %info.remote, reason = %refusal.message(), "peer-frames connection refused");
+                let _ = tx.send(Ok(error_answer(0, &refusal, "unavailable"))).await;
+            }
+        }
+    }
+
+    /// Runs every call arriving on a Dispatch stream; see [`Peer::dispatch`].
+    async fn run_stream(self, caller: Option<PeerCaller>, mut incoming: Requests, tx: Answers) {
+        let this = Arc::new(self);
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(
+            this.router.options().max_dispatch_in_flight,
+        ));
+        let tasks = this.router.tasks().clone();
+        let closing = this.router.inner.closing.clone();
+        // Calls read and not yet answered, by id; removing one drops its call.
+        let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
+        let ended = loop {
+            let req = tokio::select! {
+                biased;
+                _ = closing.cancelled() => break Ended::Closing,
+                r = incoming.message() => r,
+            };
+            let req = match req {
+                Ok(Some(req)) => req,
+                Ok(None) => break Ended::Finished,
+                Err(_) => break Ended::Broken,
+            };
+            // A peer-frames ping: the answer tells the sender this side is alive.
+            if req.id == 0 {
+                let _ = tx.try_send(Ok(pb::DispatchResponse::default()));
+                continue;
+            }
+            if req.cancel {
+                this.router.inner.metrics.stream_cancels.inc();
+                // Its task wakes up and drops the call (or finds it done).
+                running.lock().expect("running lock").remove(&req.id);
+                continue;
+            }
+            let (id, Some(mut call)) = (req.id, req.call) else {
+                continue;
+            };
+            this.router.inner.metrics.stream_calls.inc();
+            // Counted from the read: the sender keeps its calls within our slots, so
+            // it was written just now.
+            let deadline = this
+                .router
+                .deadline(Some(Duration::from_millis(u64::from(req.timeout_ms))));
+            if let Some(caller) = &caller {
+                if let Err(refusal) = this.check(caller) {
+                    // Not run; the calls after it are checked on their own.
+                    let answer = error_answer(id, &refusal, "unavailable");
+                    let _ = tx.send(Ok(answer)).await;
+                    continue;
+                }
+            }
+            let slot = tokio::select! {
+                biased;
+                _ = closing.cancelled() => {
+                    let _ = tx.send(Ok(this.not_owner(id, call.shard))).await;
+                    break Ended::Closing;
+                }
+                s = in_flight.clone().acquire_owned() => s.expect("never closed"),
+            };
+            // Admitted before the next message is read: its key's turn in stream order.
+            let run = match this.admit(&mut call) {
+                Ok(admitted) => Either::Left(this.run(admitted, call, deadline)),
+                Err(e) => Either::Right(std::future::ready(Err(e))),
+            };
+            let (cancel, registration) = futures::future::AbortHandle::new_pair();
+            running
+                .lock()
+                .expect("running lock")
+                .insert(id, CancelOnDrop(cancel));
+            let (tx, running) = (tx.clone(), running.clone());
+            // Combinators rather than an async block awaiting `run`, which would hold
+            // the call's future twice (see ARCHITECTURE.md, "Per-call future size").
+            // A cancel read before the call first ran stops it here: `Abortable`
+            // checks for it before each poll.
+            let work = futures::future::Abortable::new(run, registration).then(move |outcome| {
+                // Cancelled: the call's future is dropped with the `Abortable` (a
+                // started handler finishes in the background); the sender expects no
+                // answer.
+                let result = outcome.ok();
+                async move {
+                    let Some(result) = result else { return };
+                    running.lock().expect("running lock").remove(&id);
+                    let _ = tx.send(Ok(answer(id, result))).await;
+                    drop(slot);
+                }
+            });
+            tasks.spawn(work);
+        };
+        match ended {
+            // The sender's connection broke: nobody waits for these answers.
+            Ended::Broken => running.lock().expect("running lock").clear(),
+            // Shutting down (this instance no longer owns shards): calls already
+            // here are answered "not owner" without running, so their senders route
+            // them again; calls read before still answer.
+            Ended::Closing => {
+                while let Some(Ok(Some(req))) = futures::FutureExt::now_or_never(incoming.message())
+                {
+                    if req.cancel {
+                        this.router.inner.metrics.stream_cancels.inc();
+                        running.lock().expect("running lock").remove(&req.id);
+                    } else if let Some(call) = req.call {
+                        let answer = this.not_owner(req.id, call.shard);
+                        let send = tx.send(Ok(answer));
+                        if tokio::time::timeout(Duration::from_secs(1), send)
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                }
+            }
+            Ended::Finished => {}
+        }
     }
 }
 

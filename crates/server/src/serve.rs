@@ -506,13 +506,14 @@ impl Servers {
                 )),
             ));
         }
-        let incoming = |plane, listener, tls: &Option<_>| {
+        let incoming = |plane, listener, tls: &Option<_>, alongside| {
             leasehold_tls::incoming(
                 plane,
                 listener,
                 tls.clone(),
                 config.max_connections,
                 stop.clone(),
+                alongside,
             )
         };
         let reflection = tonic_reflection::server::Builder::configure()
@@ -557,17 +558,23 @@ impl Servers {
         let planes = [
             (
                 "client",
-                incoming("client", listeners.client, &security.client),
+                incoming("client", listeners.client, &security.client, None),
                 client,
             ),
             (
                 "peer",
-                incoming("peer", listeners.peer, &security.peer_server),
+                // Dispatch streams also come as peer frames, without HTTP/2.
+                incoming(
+                    "peer",
+                    listeners.peer,
+                    &security.peer_server,
+                    Some(PeerService::frames(instance.router.clone())),
+                ),
                 peer,
             ),
             (
                 "admin",
-                incoming("admin", listeners.admin, &security.admin),
+                incoming("admin", listeners.admin, &security.admin, None),
                 admin,
             ),
         ];
@@ -580,7 +587,7 @@ impl Servers {
                         instance.router.clone(),
                         &instance.registry,
                     )));
-            let incoming = incoming("http", listener, &security.http);
+            let incoming = incoming("http", listener, &security.http, None);
             let stop = stop.clone();
             tasks.push((
                 "http",

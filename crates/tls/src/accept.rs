@@ -43,6 +43,8 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     /// Until the first byte arrives: when it fires, reads fail and the server closes.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Bytes read to tell the protocol apart, served again before the socket's.
+    prefix: Vec<u8>,
 }
 
 impl Conn {
@@ -52,7 +54,26 @@ impl Conn {
             info,
             _slot: slot,
             first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+            prefix: Vec::new(),
         }
+    }
+
+    /// Who is at the other end (address, verified client certificate).
+    pub fn info(&self) -> &ConnInfo {
+        &self.info
+    }
+
+    /// Reads the connection's first bytes: true if they are `magic` (consumed), false if
+    /// not (they are read again by whoever reads the connection next).
+    async fn starts_with(&mut self, magic: &[u8]) -> io::Result<bool> {
+        use tokio::io::AsyncReadExt as _;
+        let mut first = vec![0; magic.len()];
+        self.read_exact(&mut first).await?;
+        if first == magic {
+            return Ok(true);
+        }
+        self.prefix = first;
+        Ok(false)
     }
 }
 
@@ -71,6 +92,12 @@ impl AsyncRead for Conn {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.drain(..n);
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let read = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -151,15 +178,47 @@ impl Stream for Incoming {
     }
 }
 
+/// A second protocol a plane takes beside HTTP/2: connections whose first bytes are
+/// `magic` (consumed) are given to `serve` instead of the HTTP/2 server.
+#[derive(Clone)]
+pub struct Alongside {
+    pub magic: &'static [u8],
+    pub serve: Arc<dyn Fn(Conn) + Send + Sync>,
+}
+
+/// Hands `conn` to the protocol its first bytes name; a connection that sends fewer
+/// bytes than the magic within the first-byte timeout is closed.
+async fn route(conn: Conn, alongside: Option<&Alongside>, tx: &mpsc::Sender<Conn>) {
+    let mut conn = conn;
+    let Some(other) = alongside else {
+        let _ = tx.send(conn).await;
+        return;
+    };
+    match tokio::time::timeout(FIRST_BYTE_TIMEOUT, conn.starts_with(other.magic)).await {
+        Ok(Ok(true)) => (other.serve)(conn),
+        Ok(Ok(false)) => {
+            let _ = tx.send(conn).await;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(remote = %conn.info.remote, error = %e, "connection closed before it named its protocol")
+        }
+        Err(_) => {
+            tracing::debug!(remote = %conn.info.remote, "connection sent too little within {FIRST_BYTE_TIMEOUT:?}; closed")
+        }
+    }
+}
+
 /// Accepts on `listener` until `cancel`: at most `max_connections` open at once (further
 /// ones wait in the kernel's backlog), `TCP_NODELAY`, and with `tls` a handshake per
-/// connection in its own task. Failed handshakes are logged and dropped.
+/// connection in its own task. Failed handshakes are logged and dropped. With
+/// `alongside`, connections are told apart by their first bytes (in a task of their own).
 pub fn incoming(
     plane: &'static str,
     listener: TcpListener,
     tls: Option<Arc<Reloading<rustls::ServerConfig>>>,
     max_connections: usize,
     cancel: CancellationToken,
+    alongside: Option<Alongside>,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -205,12 +264,17 @@ pub fn incoming(
                     peer_cert: None,
                 };
                 let conn = Conn::new(Io::Plain(tcp), info, slot);
-                if tx.send(conn).await.is_err() {
-                    return;
+                if alongside.is_none() {
+                    if tx.send(conn).await.is_err() {
+                        return;
+                    }
+                } else {
+                    let (tx, alongside) = (tx.clone(), alongside.clone());
+                    tokio::spawn(async move { route(conn, alongside.as_ref(), &tx).await });
                 }
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, alongside) = (tx.clone(), alongside.clone());
             tokio::spawn(async move {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -224,7 +288,7 @@ pub fn incoming(
                             .map(Arc::new);
                         let info = ConnInfo { remote, peer_cert };
                         let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot);
-                        let _ = tx.send(conn).await;
+                        route(conn, alongside.as_ref(), &tx).await;
                     }
                     Ok(Err(e)) => {
                         let hint = if e.to_string().contains("InvalidContentType") {
@@ -244,4 +308,44 @@ pub fn incoming(
         }
     });
     Incoming { rx }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn connections_are_told_apart_by_their_first_bytes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let (taken_tx, mut taken) = mpsc::unbounded_channel();
+        let alongside = Alongside {
+            magic: b"MAGIC",
+            serve: Arc::new(move |conn| {
+                let _ = taken_tx.send(conn);
+            }),
+        };
+        let cancel = CancellationToken::new();
+        let mut incoming = incoming("test", listener, None, 8, cancel.clone(), Some(alongside));
+
+        // The other protocol: the magic is consumed, the rest is read by its server.
+        let mut ours = TcpStream::connect(address).await.unwrap();
+        ours.write_all(b"MAGIC and then frames").await.unwrap();
+        let mut conn = taken.recv().await.unwrap();
+        let mut rest = [0; 16];
+        conn.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b" and then frames");
+
+        // HTTP/2's preface: handed to the HTTP/2 server whole, the sniffed bytes first.
+        let mut h2 = TcpStream::connect(address).await.unwrap();
+        h2.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut conn = incoming.next().await.unwrap().unwrap();
+        let mut preface = [0; 16];
+        conn.read_exact(&mut preface).await.unwrap();
+        assert_eq!(&preface, b"PRI * HTTP/2.0\r\n");
+        assert!(taken.try_recv().is_err());
+        cancel.cancel();
+    }
 }

@@ -126,37 +126,51 @@ impl tower_service::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let config = self.tls.current();
-        let name = self.server_name.clone();
+        let this = self.clone();
         Box::pin(async move {
             let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
             let host = uri
                 .host()
-                .ok_or_else(|| invalid(format!("no host in {uri}")))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
+                .ok_or_else(|| invalid(format!("no host in {uri}")))?;
             let port = uri
                 .port_u16()
                 .ok_or_else(|| invalid(format!("no port in {uri}")))?;
-            let server_name = ServerName::try_from(name.unwrap_or_else(|| host.clone()))
-                .map_err(|e| invalid(format!("server name: {e}")))?;
-            let connect = async {
-                let tcp = TcpStream::connect((host.as_str(), port)).await?;
-                tcp.set_nodelay(true)?;
-                tokio_rustls::TlsConnector::from(config)
-                    .connect(server_name, tcp)
-                    .await
-            };
-            let stream = tokio::time::timeout(Duration::from_secs(5), connect)
-                .await
-                .map_err(|_| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("TLS connection to {host}:{port} not made within 5s"),
-                    )
-                })??;
-            Ok(TokioIo::new(stream))
+            Ok(TokioIo::new(this.connect(host, port).await?))
         })
+    }
+}
+
+impl Connector {
+    /// Opens a TCP connection to `host:port` (an IPv6 host may be bracketed) and makes
+    /// the TLS handshake, within 5 s.
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, m);
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let server_name =
+            ServerName::try_from(self.server_name.clone().unwrap_or_else(|| host.clone()))
+                .map_err(|e| invalid(format!("server name: {e}")))?;
+        let config = self.tls.current();
+        let connect = async {
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            tokio_rustls::TlsConnector::from(config)
+                .connect(server_name, tcp)
+                .await
+        };
+        tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("TLS connection to {host}:{port} not made within 5s"),
+                )
+            })?
     }
 }

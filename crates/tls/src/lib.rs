@@ -17,7 +17,7 @@ mod certs;
 mod connect;
 mod reload;
 
-pub use crate::accept::{incoming, Conn, ConnInfo, Incoming};
+pub use crate::accept::{incoming, Alongside, Conn, ConnInfo, Incoming};
 pub use crate::certs::{CertInfo, EXPIRY_WARNING};
 pub use crate::connect::{client_config, client_config_with, Connector};
 pub use crate::reload::{watch, Reload, Reloading};

@@ -1,0 +1,304 @@
+//! Peer frames: Dispatch streams over the peer plane's connection itself (TCP, or TLS
+//! with the peer certificates) instead of an HTTP/2 stream, for the forwarding hop's
+//! latency (see ARCHITECTURE.md, "Peer frames").
+//!
+//! A sender opens a connection to the peer port and writes [`MAGIC`], then a frame
+//! holding its member id. The receiver answers a frame with a `DispatchResponse` of id 0:
+//! accepted when it carries no error, refused (and closed) when it does. Then each side
+//! writes frames: `DispatchRequest`s one way, `DispatchResponse`s the other, each a
+//! 4-byte big-endian length and the protobuf message. Id 0 is the connection's own:
+//! a request with id 0 is a ping (answered with a response of id 0), or with `cancel`
+//! set the sender's clean end. Either side that hears nothing for [`SILENCE`] (the
+//! sender pings every [`PING_EVERY`]) closes the connection, as the HTTP/2 keepalive
+//! does on the gRPC planes; a connection that ends without the clean end is a broken
+//! one (the receiver drops the calls not started, as for a reset HTTP/2 stream).
+
+use std::io;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// The first bytes of a peer-frames connection. As long as HTTP/2's preface (24 bytes,
+/// "PRI * HTTP/2.0…"), so the receiver tells the two apart from the same read, and a
+/// receiver that only speaks HTTP/2 refuses it at once instead of waiting for more.
+pub(crate) const MAGIC: &[u8] = b"LEASEHOLD PEER FRAMES/1\n";
+/// How often a sender pings its connection.
+pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
+/// How long either side waits for a frame before it closes the connection.
+pub(crate) const SILENCE: Duration = Duration::from_secs(3);
+/// Frames written together at most (the writer takes what is queued up to this).
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A connection either side reads and writes frames on.
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+/// Reads frames; cancel safe (bytes read stay in its buffer), so it can lose a `select!`.
+pub(crate) struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    max: usize,
+    /// When the last frame arrived, and a tick every second to compare it with: one
+    /// timer for the connection rather than one per read.
+    last: Instant,
+    ticks: tokio::time::Interval,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(io: R, max: usize) -> Self {
+        let mut ticks = tokio::time::interval(PING_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            io,
+            buf: BytesMut::with_capacity(16 * 1024),
+            max,
+            last: Instant::now(),
+            ticks,
+        }
+    }
+
+    /// The next frame's bytes; `None` when the connection ended between frames, an error
+    /// of kind `TimedOut` when nothing arrived for [`SILENCE`].
+    pub(crate) async fn next_bytes(&mut self) -> io::Result<Option<Bytes>> {
+        loop {
+            tokio::select! {
+                biased;
+                frame = read_frame(&mut self.io, &mut self.buf, self.max) => {
+                    self.last = Instant::now();
+                    return frame;
+                }
+                _ = self.ticks.tick() => {
+                    if self.last.elapsed() >= SILENCE {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("nothing received for {SILENCE:?}"),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next frame as a message.
+    pub(crate) async fn next<M: prost::Message + Default>(&mut self) -> io::Result<Option<M>> {
+        match self.next_bytes().await? {
+            Some(b) => M::decode(b)
+                .map(Some)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Reads until `buf` holds a whole frame and takes it out.
+async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> io::Result<Option<Bytes>> {
+    loop {
+        if buf.len() >= 4 {
+            let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+            if len > max {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("frame of {len} bytes is over the limit of {max}"),
+                ));
+            }
+            if buf.len() >= 4 + len {
+                buf.advance(4);
+                return Ok(Some(buf.split_to(len).freeze()));
+            }
+            buf.reserve(4 + len - buf.len());
+        }
+        if io.read_buf(buf).await? == 0 {
+            if buf.is_empty() {
+                return Ok(None);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Appends `m` as a frame.
+pub(crate) fn put(buf: &mut BytesMut, m: &impl prost::Message) {
+    let len = m.encoded_len();
+    buf.reserve(4 + len);
+    buf.put_u32(len as u32);
+    m.encode(buf).expect("reserved");
+}
+
+/// Appends `bytes` as a frame.
+pub(crate) fn put_bytes(buf: &mut BytesMut, bytes: &[u8]) {
+    buf.reserve(4 + bytes.len());
+    buf.put_u32(bytes.len() as u32);
+    buf.put_slice(bytes);
+}
+
+/// Writes what arrives on `rx` as frames (`encode` turns each into a message, or `None`
+/// to skip it), taking whatever else is queued into the same write. With `ping`, writes
+/// it every [`PING_EVERY`] as well. When `rx` ends, writes `last` (if any) and shuts the
+/// connection's sending side.
+pub(crate) async fn write_frames<W, T, M>(
+    mut io: W,
+    mut rx: mpsc::Receiver<T>,
+    mut encode: impl FnMut(T) -> Option<M>,
+    ping: Option<M>,
+    last: Option<M>,
+) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+    M: prost::Message,
+{
+    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut ticks = tokio::time::interval(PING_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            biased;
+            item = rx.recv() => item,
+            _ = ticks.tick(), if ping.is_some() => {
+                put(&mut buf, ping.as_ref().expect("checked"));
+                io.write_all(&buf).await?;
+                io.flush().await?;
+                buf.clear();
+                continue;
+            }
+        };
+        let Some(item) = first else { break };
+        if let Some(m) = encode(item) {
+            put(&mut buf, &m);
+        }
+        while buf.len() < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(item) => {
+                    if let Some(m) = encode(item) {
+                        put(&mut buf, &m);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        if !buf.is_empty() {
+            io.write_all(&buf).await?;
+            io.flush().await?;
+            buf.clear();
+        }
+    }
+    if let Some(m) = last {
+        put(&mut buf, &m);
+        io.write_all(&buf).await?;
+    }
+    io.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_proto::v1 as pb;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn frames_written_in_batches_read_back_one_by_one_and_the_end_is_clean() {
+        let (a, b) = tokio::io::duplex(64);
+        let (tx, rx) = mpsc::channel(16);
+        let writer = tokio::spawn(write_frames(
+            a,
+            rx,
+            |id: u64| {
+                Some(pb::DispatchRequest {
+                    id,
+                    timeout_ms: 7,
+                    ..Default::default()
+                })
+            },
+            None,
+            Some(pb::DispatchRequest {
+                id: 0,
+                cancel: true,
+                ..Default::default()
+            }),
+        ));
+        for id in 1..=5 {
+            tx.send(id).await.unwrap();
+        }
+        drop(tx);
+        let mut reader = FrameReader::new(b, 1024);
+        for id in 1..=5 {
+            let m: pb::DispatchRequest = reader.next().await.unwrap().unwrap();
+            assert_eq!((m.id, m.timeout_ms), (id, 7));
+        }
+        let end: pb::DispatchRequest = reader.next().await.unwrap().unwrap();
+        assert!(end.id == 0 && end.cancel);
+        assert!(reader
+            .next::<pb::DispatchRequest>()
+            .await
+            .unwrap()
+            .is_none());
+        writer.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_frame_over_the_limit_or_cut_short_is_an_error() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        put_bytes(&mut buf, &[1; 100]);
+        a.write_all(&buf).await.unwrap();
+        let mut reader = FrameReader::new(b, 99);
+        let e = reader.next_bytes().await.unwrap_err();
+        assert!(e.to_string().contains("over the limit"), "{e}");
+
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(&buf[..50]).await.unwrap();
+        drop(a);
+        let mut reader = FrameReader::new(b, 1024);
+        let e = reader.next_bytes().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_lost_a_select_keeps_the_bytes_it_read() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut buf = BytesMut::new();
+        put_bytes(&mut buf, b"hello");
+        let mut reader = FrameReader::new(b, 1024);
+        // Half a frame, then the read is dropped.
+        a.write_all(&buf[..6]).await.unwrap();
+        let lost = tokio::time::timeout(Duration::from_millis(20), reader.next_bytes()).await;
+        assert!(lost.is_err());
+        a.write_all(&buf[6..]).await.unwrap();
+        assert_eq!(reader.next_bytes().await.unwrap().unwrap(), &b"hello"[..]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_silent_for_the_silence_limit_fails_and_one_that_pings_does_not() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut reader = FrameReader::new(b, 1024);
+        let pinger = tokio::spawn(async move {
+            let mut ping = BytesMut::new();
+            put(&mut ping, &pb::DispatchRequest::default());
+            for _ in 0..5 {
+                a.write_all(&ping).await.unwrap();
+                tokio::time::sleep(PING_EVERY).await;
+            }
+            // Then silence, the connection still open.
+            a
+        });
+        for _ in 0..5 {
+            let ping: pb::DispatchRequest = reader.next().await.unwrap().unwrap();
+            assert_eq!(ping.id, 0);
+        }
+        let started = tokio::time::Instant::now();
+        let e = reader.next::<pb::DispatchRequest>().await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(
+            waited >= SILENCE - PING_EVERY && waited <= SILENCE + PING_EVERY,
+            "{waited:?}"
+        );
+        drop(pinger.await.unwrap());
+    }
+}
