@@ -41,7 +41,7 @@ pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     max: usize,
-    /// When the last frame arrived, and a tick every second to compare it with: one
+    /// When the last bytes arrived, and a tick every second to compare it with: one
     /// timer for the connection rather than one per read.
     last: Instant,
     ticks: tokio::time::Interval,
@@ -61,25 +61,36 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 
     /// The next frame's bytes; `None` when the connection ended between frames, an error
-    /// of kind `TimedOut` when nothing arrived for [`SILENCE`].
+    /// of kind `TimedOut` when no byte arrived for [`SILENCE`] (a large frame arriving
+    /// slowly is not silence).
     pub(crate) async fn next_bytes(&mut self) -> io::Result<Option<Bytes>> {
         loop {
-            tokio::select! {
+            if let Some(frame) = take_frame(&mut self.buf, self.max)? {
+                return Ok(Some(frame));
+            }
+            let read = tokio::select! {
                 biased;
-                frame = read_frame(&mut self.io, &mut self.buf, self.max) => {
-                    self.last = Instant::now();
-                    return frame;
+                r = self.io.read_buf(&mut self.buf) => Some(r?),
+                _ = self.ticks.tick() => None,
+            };
+            match read {
+                Some(0) if self.buf.is_empty() => return Ok(None),
+                Some(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Some(_) => self.last = Instant::now(),
+                None if self.last.elapsed() >= SILENCE => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("nothing received for {SILENCE:?}"),
+                    ))
                 }
-                _ = self.ticks.tick() => {
-                    if self.last.elapsed() >= SILENCE {
-                        return Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            format!("nothing received for {SILENCE:?}"),
-                        ));
-                    }
-                }
+                None => {}
             }
         }
+    }
+
+    /// Frames longer than `max` bytes are refused from now on.
+    pub(crate) fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// The next frame as a message.
@@ -93,34 +104,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     }
 }
 
-/// Reads until `buf` holds a whole frame and takes it out.
-async fn read_frame<R: AsyncRead + Unpin>(
-    io: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-) -> io::Result<Option<Bytes>> {
-    loop {
-        if buf.len() >= 4 {
-            let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
-            if len > max {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("frame of {len} bytes is over the limit of {max}"),
-                ));
-            }
-            if buf.len() >= 4 + len {
-                buf.advance(4);
-                return Ok(Some(buf.split_to(len).freeze()));
-            }
-            buf.reserve(4 + len - buf.len());
-        }
-        if io.read_buf(buf).await? == 0 {
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
+/// Takes a whole frame out of `buf` if it holds one.
+fn take_frame(buf: &mut BytesMut, max: usize) -> io::Result<Option<Bytes>> {
+    if buf.len() < 4 {
+        return Ok(None);
     }
+    let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes")) as usize;
+    if len > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {max}"),
+        ));
+    }
+    if buf.len() < 4 + len {
+        buf.reserve(4 + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(4);
+    Ok(Some(buf.split_to(len).freeze()))
 }
 
 /// Appends `m` as a frame.
@@ -300,5 +301,24 @@ mod tests {
             "{waited:?}"
         );
         drop(pinger.await.unwrap());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_arriving_slowly_is_not_silence() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut frame = BytesMut::new();
+        put_bytes(&mut frame, &[7; 100]);
+        let writer = tokio::spawn(async move {
+            // 104 bytes over about 10 s, a chunk a second.
+            for chunk in frame.chunks(10) {
+                a.write_all(chunk).await.unwrap();
+                tokio::time::sleep(PING_EVERY).await;
+            }
+            a
+        });
+        let mut reader = FrameReader::new(b, 1024);
+        let got = reader.next_bytes().await.unwrap().unwrap();
+        assert_eq!(got.len(), 100);
+        drop(writer.await.unwrap());
     }
 }

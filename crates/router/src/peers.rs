@@ -90,6 +90,9 @@ pub(crate) struct Peers {
     tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
     /// Long-lived Dispatch streams, one per peer and lane.
     streams: Mutex<HashMap<(String, Lane), Arc<PeerStream>>>,
+    /// Peers that refused this member's peer-frames greeting, and when: for a second
+    /// their streams go over HTTP/2, whose refusal costs no new connection.
+    frames_refused: Arc<Mutex<HashMap<String, Instant>>>,
     /// Set by [`Peers::close`]: later calls use unary Forwards (a stream opened then
     /// would never be ended).
     closing: AtomicBool,
@@ -170,7 +173,9 @@ struct StreamUse<'a> {
     stream: &'a PeerStream,
     id: u64,
     queued: bool,
-    _credit: tokio::sync::OwnedSemaphorePermit,
+    /// Released once the call is answered or its cancel is queued (the receiver frees
+    /// the call's slot when it reads the cancel, which comes before any later call).
+    credit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for StreamUse<'_> {
@@ -199,8 +204,10 @@ impl Drop for StreamUse<'_> {
         // Behind the call on the same stream, so the owner reads it after the call.
         if let Err(mpsc::error::TrySendError::Full(cancel)) = tx.try_send((cancel, None)) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let credit = self.credit.take();
                 rt.spawn(async move {
                     let _ = tokio::time::timeout(CANCEL_SEND, tx.send(cancel)).await;
+                    drop(credit);
                 });
             }
         }
@@ -268,8 +275,14 @@ async fn run_grpc(
     }
 }
 
+/// How long a peer that refused the peer-frames greeting is reached over HTTP/2.
+const REFUSAL_HOLD: Duration = Duration::from_secs(1);
+
 /// Where to open a peer-frames connection, and as whom.
 struct FramesTarget {
+    /// The peer's key in [`Peers::frames_refused`].
+    key: String,
+    refused: Arc<Mutex<HashMap<String, Instant>>>,
     address: String,
     identity: String,
     tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
@@ -278,23 +291,32 @@ struct FramesTarget {
 }
 
 /// A peer-frames connection, accepted by its receiver.
-type FramesConn = (
-    crate::frames::FrameReader<tokio::io::ReadHalf<Box<dyn crate::frames::Io>>>,
-    tokio::io::WriteHalf<Box<dyn crate::frames::Io>>,
-);
+struct Accepted {
+    reader: crate::frames::FrameReader<tokio::io::ReadHalf<Box<dyn crate::frames::Io>>>,
+    write: tokio::io::WriteHalf<Box<dyn crate::frames::Io>>,
+    /// The receiver's `max_dispatch_in_flight` (0 if it did not say).
+    max_in_flight: usize,
+}
 
 impl FramesTarget {
     /// Connects (with the peer TLS config, checking the identity the member registered)
     /// and names this member. `Ok(None)`: the receiver closed the connection without an
     /// answer, as one that only takes HTTP/2 does. Nothing but the greeting has been sent
     /// when this returns an error, so every error is "not sent".
-    async fn open(&self) -> Result<Option<FramesConn>, PeerError> {
+    async fn open(&self) -> Result<Option<Accepted>, PeerError> {
         use crate::frames;
         use tokio::io::AsyncWriteExt as _;
         let not_sent = |why: String| {
             tracing::debug!(peer = %self.address, "peer-frames connection not made: {why}");
             PeerError::NotSent(self.address.clone())
         };
+        {
+            let mut refused = self.refused.lock().expect("refused lock");
+            refused.retain(|_, at| at.elapsed() < REFUSAL_HOLD);
+            if refused.contains_key(&self.key) {
+                return Ok(None);
+            }
+        }
         let (host, port) = self
             .address
             .rsplit_once(':')
@@ -333,13 +355,28 @@ impl FramesTarget {
             .await
             .map_err(|e| not_sent(e.to_string()))?;
         write.flush().await.map_err(|e| not_sent(e.to_string()))?;
-        let mut reader = frames::FrameReader::new(read, self.max_message);
+        // The answer to the greeting is small.
+        let mut reader = frames::FrameReader::new(read, 64 * 1024);
         match reader.next::<pb::DispatchResponse>().await {
             Ok(Some(pb::DispatchResponse {
-                id: 0, error: None, ..
-            })) => Ok(Some((reader, write))),
+                id: 0,
+                error: None,
+                max_in_flight,
+                ..
+            })) => {
+                reader.set_max(self.max_message);
+                Ok(Some(Accepted {
+                    reader,
+                    write,
+                    max_in_flight: max_in_flight as usize,
+                }))
+            }
             Ok(Some(pb::DispatchResponse { error: Some(e), .. })) => {
                 tracing::warn!(peer = %self.address, code = e.code, reason = %e.message, "peer refused this member's calls");
+                self.refused
+                    .lock()
+                    .expect("refused lock")
+                    .insert(self.key.clone(), Instant::now());
                 Err(PeerError::NotSent(self.address.clone()))
             }
             Ok(Some(_)) => Err(not_sent("unexpected first answer".into())),
@@ -356,7 +393,9 @@ impl FramesTarget {
 /// their own (with a ping every second), answers read here until the connection ends,
 /// breaks or falls silent.
 async fn run_frames(
-    (mut reader, write): FramesConn,
+    Accepted {
+        mut reader, write, ..
+    }: Accepted,
     rx: mpsc::Receiver<Outgoing>,
     stream: &PeerStream,
     peer: &str,
@@ -412,6 +451,7 @@ impl Peers {
             member: member.0.parse().expect("member ids are valid metadata"),
             tls,
             streams: Mutex::new(HashMap::new()),
+            frames_refused: Default::default(),
             closing: AtomicBool::new(false),
             max_message,
             window: window.max(1),
@@ -503,7 +543,10 @@ impl Peers {
             takes_calls: AtomicBool::new(false),
         });
         let reader = stream.clone();
+        let window = self.window;
         let target = FramesTarget {
+            key: key.0.clone(),
+            refused: self.frames_refused.clone(),
             address: address.to_owned(),
             identity: peer.identity.clone(),
             tls: self.tls.clone(),
@@ -514,6 +557,11 @@ impl Peers {
             // Peer frames first; over HTTP/2 to a receiver that does not take them.
             match target.open().await {
                 Ok(Some(conn)) => {
+                    // Within the receiver's limit if it is lower than ours, so it always
+                    // reads what arrives (see `PeerStream::credits`).
+                    if (1..window).contains(&conn.max_in_flight) {
+                        reader.credits.forget_permits(window - conn.max_in_flight);
+                    }
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
                 }
@@ -548,7 +596,7 @@ impl Peers {
             stream,
             id,
             queued: false,
-            _credit: credit,
+            credit: Some(credit),
         };
         let request = pb::DispatchRequest {
             id,
@@ -726,6 +774,8 @@ mod tests {
 
     fn target(address: std::net::SocketAddr) -> FramesTarget {
         FramesTarget {
+            key: address.to_string(),
+            refused: Default::default(),
             address: address.to_string(),
             identity: String::new(),
             tls: None,
@@ -789,12 +839,16 @@ mod tests {
         let accepted = target(address).open().await.unwrap();
         assert!(accepted.is_some());
         drop(accepted);
-        let refused = target(address).open().await;
+        let refusing = target(address);
+        let refused = refusing.open().await;
         assert!(
             matches!(refused, Err(PeerError::NotSent(_))),
             "{:?}",
             refused.err()
         );
+        // For a while, streams to the peer that refused go over HTTP/2 (no connection
+        // is made here: the receiver would not answer a third greeting).
+        assert!(refusing.open().await.unwrap().is_none());
         assert_eq!(receiver.await.unwrap(), ["m1", "m1"]);
     }
 }

@@ -299,10 +299,10 @@ impl Peer for PeerService {
         let this = PeerService {
             router: self.router.clone(),
         };
-        let incoming = Requests::Grpc(request.into_inner());
-        self.router
-            .tasks()
-            .spawn(this.run_stream(caller, incoming, tx));
+        let mut incoming = Requests::Grpc(request.into_inner());
+        self.router.tasks().spawn(async move {
+            this.run_stream(caller, &mut incoming, tx).await;
+        });
         let mut response = Response::new(
             Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as DispatchStream
         );
@@ -360,9 +360,8 @@ impl PeerService {
         use crate::frames;
         let info = conn.info().clone();
         let (read, write) = tokio::io::split(conn);
-        let max = self.router.options().max_payload + (1 << 20);
-        let mut reader = frames::FrameReader::new(read, max);
-        // The sending member, in a frame of its own.
+        // The greeting is read before the sender is known: a member id, not a call.
+        let mut reader = frames::FrameReader::new(read, 256);
         let sender = match reader.next_bytes().await {
             Ok(Some(member)) => String::from_utf8(member.to_vec()).ok(),
             _ => {
@@ -370,25 +369,77 @@ impl PeerService {
                 return;
             }
         };
+        reader.set_max(self.router.options().max_payload + (1 << 20));
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        self.router.tasks().spawn(async move {
-            let _ = frames::write_frames(write, rx, Result::ok, None, None).await;
-        });
-        let accepted = pb::DispatchResponse::default();
-        match self.authorize_sender(Some(&info), sender.as_deref()) {
-            Ok(caller) => {
-                let _ = tx.send(Ok(accepted)).await;
-                self.run_stream(caller, Requests::Frames(reader), tx).await;
-            }
+        // Pings every second, so the sender hears this side is alive while its calls run.
+        let ping = Some(pb::DispatchResponse::default());
+        let mut writer = tokio::spawn(frames::write_frames(write, rx, Result::ok, ping, None));
+        let refusal = if self.router.inner.closing.is_cancelled() {
+            // Calls sent now would never be read: "not sent" instead.
+            Err(Status::unavailable("shutting down"))
+        } else {
+            self.authorize_sender(Some(&info), sender.as_deref())
+        };
+        let caller = match refusal {
+            Ok(caller) => caller,
             Err(refusal) => {
-                tracing::warn!(remote = %info.remote, reason = %refusal.message(), "peer-frames connection refused");
+                tracing::warn!(remote = %info.remote, sender = sender.as_deref().unwrap_or("?"), reason = %refusal.message(), "peer-frames connection refused");
                 let _ = tx.send(Ok(error_answer(0, &refusal, "unavailable"))).await;
+                drop(tx);
+                let _ = tokio::time::timeout(frames::SILENCE, writer).await;
+                return;
             }
+        };
+        let accepted = pb::DispatchResponse {
+            max_in_flight: u32::try_from(self.router.options().max_dispatch_in_flight)
+                .unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        let _ = tx.send(Ok(accepted)).await;
+        let mut incoming = Requests::Frames(reader);
+        match self.run_stream(caller, &mut incoming, tx).await {
+            // Nobody waits for the answers of calls still running: close now.
+            Ended::Broken => writer.abort(),
+            // The sender still reads the answers of the calls it sent.
+            Ended::Finished => {
+                let _ = writer.await;
+            }
+            // Every answer is written before the connection closes, and the sender's
+            // side is read to its end: a socket closed with bytes unread is reset, which
+            // drops answers not yet delivered. Calls read meanwhile are neither run nor
+            // answered (their sender finds the connection ended and routes them again).
+            Ended::Closing => loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut writer => {
+                        let drain = async { while let Ok(Some(_)) = incoming.message().await {} };
+                        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                        break;
+                    }
+                    r = incoming.message() => match r {
+                        Ok(Some(_)) => {}
+                        // The sender's clean end: it reads the answers still to come.
+                        Ok(None) => {
+                            let _ = (&mut writer).await;
+                            break;
+                        }
+                        Err(()) => {
+                            writer.abort();
+                            break;
+                        }
+                    },
+                }
+            },
         }
     }
 
     /// Runs every call arriving on a Dispatch stream; see [`Peer::dispatch`].
-    async fn run_stream(self, caller: Option<PeerCaller>, mut incoming: Requests, tx: Answers) {
+    async fn run_stream(
+        self,
+        caller: Option<PeerCaller>,
+        incoming: &mut Requests,
+        tx: Answers,
+    ) -> Ended {
         let this = Arc::new(self);
         let in_flight = Arc::new(tokio::sync::Semaphore::new(
             this.router.options().max_dispatch_in_flight,
@@ -408,9 +459,8 @@ impl PeerService {
                 Ok(None) => break Ended::Finished,
                 Err(_) => break Ended::Broken,
             };
-            // A peer-frames ping: the answer tells the sender this side is alive.
+            // A peer-frames ping (it kept the connection alive by arriving).
             if req.id == 0 {
-                let _ = tx.try_send(Ok(pb::DispatchResponse::default()));
                 continue;
             }
             if req.cancel {
@@ -430,9 +480,13 @@ impl PeerService {
                 .deadline(Some(Duration::from_millis(u64::from(req.timeout_ms))));
             if let Some(caller) = &caller {
                 if let Err(refusal) = this.check(caller) {
-                    // Not run; the calls after it are checked on their own.
+                    // Not run; the calls after it are checked on their own. A sender that
+                    // reads no answer for this long is gone.
                     let answer = error_answer(id, &refusal, "unavailable");
-                    let _ = tx.send(Ok(answer)).await;
+                    let sent = tokio::time::timeout(crate::frames::SILENCE, tx.send(Ok(answer)));
+                    if sent.await.is_err() {
+                        break Ended::Broken;
+                    }
                     continue;
                 }
             }
@@ -499,10 +553,12 @@ impl PeerService {
             }
             Ended::Finished => {}
         }
+        ended
     }
 }
 
 /// Why a Dispatch stream's read loop ended.
+#[derive(Clone, Copy)]
 enum Ended {
     /// The sender ended its side.
     Finished,
@@ -527,6 +583,7 @@ impl PeerService {
                 })),
             }),
             error: None,
+            max_in_flight: 0,
         }
     }
 }
@@ -538,6 +595,7 @@ fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::Dispat
             id,
             answer: Some(answer),
             error: None,
+            max_in_flight: 0,
         },
         Err(e) => {
             let kind = e.kind();
@@ -558,6 +616,7 @@ fn error_answer(id: u64, s: &Status, kind: &str) -> pb::DispatchResponse {
             details: s.details().to_vec().into(),
             metadata: ascii_metadata(s.metadata()),
         }),
+        max_in_flight: 0,
     }
 }
 
