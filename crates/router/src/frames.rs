@@ -163,9 +163,7 @@ where
             item = rx.recv() => item,
             _ = ticks.tick(), if ping.is_some() => {
                 put(&mut buf, ping.as_ref().expect("checked"));
-                io.write_all(&buf).await?;
-                io.flush().await?;
-                buf.clear();
+                write_out(&mut io, &mut buf).await?;
                 continue;
             }
         };
@@ -184,16 +182,33 @@ where
             }
         }
         if !buf.is_empty() {
-            io.write_all(&buf).await?;
-            io.flush().await?;
-            buf.clear();
+            write_out(&mut io, &mut buf).await?;
         }
     }
     if let Some(m) = last {
         put(&mut buf, &m);
-        io.write_all(&buf).await?;
+        write_out(&mut io, &mut buf).await?;
     }
     io.shutdown().await
+}
+
+/// Writes all of `buf` and empties it; a write that makes no progress for [`SILENCE`]
+/// fails (the other side stopped reading: gone, or cut off).
+async fn write_out<W: AsyncWrite + Unpin>(io: &mut W, buf: &mut BytesMut) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = tokio::time::timeout(SILENCE, io.write(buf))
+            .await
+            .map_err(|_| {
+                io::Error::new(io::ErrorKind::TimedOut, "the other side reads nothing")
+            })??;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        buf.advance(n);
+    }
+    tokio::time::timeout(SILENCE, io.flush())
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the other side reads nothing"))?
 }
 
 #[cfg(test)]

@@ -124,7 +124,9 @@ struct PeerStream {
     /// Calls sent and neither answered nor cancelled stay within the receiver's in-flight
     /// limit, so the receiver reads every call as soon as it arrives: a call never waits
     /// unread on the stream (where its deadline, counted from when it is read, would
-    /// stretch), and a cancel never waits behind calls.
+    /// stretch), and a cancel never waits behind calls. None until the stream is open
+    /// (then as many as the receiver takes); closed when the stream fails, so calls
+    /// waiting for one are "not sent" at once.
     credits: Arc<tokio::sync::Semaphore>,
     /// The receiver said it takes gRPC calls (see [`STREAM_CALLS_HEADER`]).
     takes_calls: AtomicBool,
@@ -206,8 +208,16 @@ impl Drop for StreamUse<'_> {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let credit = self.credit.take();
                 rt.spawn(async move {
-                    let _ = tokio::time::timeout(CANCEL_SEND, tx.send(cancel)).await;
-                    drop(credit);
+                    if tokio::time::timeout(CANCEL_SEND, tx.send(cancel))
+                        .await
+                        .is_err()
+                    {
+                        // Never queued: the receiver keeps the call's slot until the call
+                        // ends, so this stream keeps one credit less.
+                        if let Some(credit) = credit {
+                            credit.forget();
+                        }
+                    }
                 });
             }
         }
@@ -361,7 +371,7 @@ impl FramesTarget {
             Ok(Some(pb::DispatchResponse {
                 id: 0,
                 error: None,
-                max_in_flight,
+                max_in_flight: max_in_flight @ 1..,
                 ..
             })) => {
                 reader.set_max(self.max_message);
@@ -415,8 +425,11 @@ async fn run_frames(
     ));
     let why = loop {
         match reader.next::<pb::DispatchResponse>().await {
-            // A ping's answer.
-            Ok(Some(a)) if a.id == 0 => {}
+            // The receiver's ping.
+            Ok(Some(a)) if a.id == 0 && a.error.is_none() => {}
+            Ok(Some(a)) if a.id == 0 => {
+                break stream_error(peer, format!("refused: {:?}", a.error.map(|e| e.message)))
+            }
             Ok(Some(a)) => deliver(stream, a),
             Ok(None) => break stream_error(peer, "ended"),
             Err(e) => break stream_error(peer, format!("failed: {e}")),
@@ -431,6 +444,7 @@ async fn run_frames(
 impl PeerStream {
     fn fail_all(&self, why: PeerError) {
         self.closed.store(true, Ordering::Release);
+        self.credits.close();
         for (_, tx) in self.pending.lock().expect("pending lock").drain() {
             let _ = tx.send(Err(why.clone()));
         }
@@ -539,7 +553,7 @@ impl Peers {
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
-            credits: Arc::new(tokio::sync::Semaphore::new(self.window)),
+            credits: Arc::new(tokio::sync::Semaphore::new(0)),
             takes_calls: AtomicBool::new(false),
         });
         let reader = stream.clone();
@@ -559,13 +573,18 @@ impl Peers {
                 Ok(Some(conn)) => {
                     // Within the receiver's limit if it is lower than ours, so it always
                     // reads what arrives (see `PeerStream::credits`).
-                    if (1..window).contains(&conn.max_in_flight) {
-                        reader.credits.forget_permits(window - conn.max_in_flight);
-                    }
+                    let limit = match conn.max_in_flight {
+                        0 => window,
+                        theirs => theirs.min(window),
+                    };
+                    reader.credits.add_permits(limit);
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
                 }
-                Ok(None) => run_grpc(client, member, rx, &reader, &target.address).await,
+                Ok(None) => {
+                    reader.credits.add_permits(window);
+                    run_grpc(client, member, rx, &reader, &target.address).await
+                }
                 Err(e) => reader.fail_all(e),
             }
         });
@@ -819,6 +838,7 @@ mod tests {
                 let (mut conn, _) = listener.accept().await.unwrap();
                 members.push(greeting(&mut conn).await);
                 let answer = pb::DispatchResponse {
+                    max_in_flight: if refuse { 0 } else { 16 },
                     error: refuse.then(|| pb::DispatchError {
                         code: tonic::Code::PermissionDenied as i32,
                         message: "not a member".into(),
@@ -837,7 +857,7 @@ mod tests {
             members
         });
         let accepted = target(address).open().await.unwrap();
-        assert!(accepted.is_some());
+        assert_eq!(accepted.as_ref().map(|a| a.max_in_flight), Some(16));
         drop(accepted);
         let refusing = target(address);
         let refused = refusing.open().await;

@@ -316,7 +316,11 @@ impl Peer for PeerService {
 /// Where a Dispatch stream's requests come from.
 enum Requests {
     Grpc(tonic::Streaming<pb::DispatchRequest>),
-    Frames(crate::frames::FrameReader<tokio::io::ReadHalf<leasehold_tls::Conn>>),
+    Frames {
+        reader: crate::frames::FrameReader<tokio::io::ReadHalf<leasehold_tls::Conn>>,
+        /// The sender's clean end was read: it sends nothing more.
+        ended: bool,
+    },
 }
 
 impl Requests {
@@ -325,13 +329,17 @@ impl Requests {
     async fn message(&mut self) -> Result<Option<pb::DispatchRequest>, ()> {
         match self {
             Requests::Grpc(s) => s.message().await.map_err(|_| ()),
-            Requests::Frames(r) => match r.next().await {
+            Requests::Frames { ended: true, .. } => Ok(None),
+            Requests::Frames { reader, ended } => match reader.next().await {
                 // The sender's clean end.
                 Ok(Some(pb::DispatchRequest {
                     id: 0,
                     cancel: true,
                     ..
-                })) => Ok(None),
+                })) => {
+                    *ended = true;
+                    Ok(None)
+                }
                 Ok(Some(req)) => Ok(Some(req)),
                 // Ended without saying so, failed, or silent.
                 _ => Err(()),
@@ -362,41 +370,51 @@ impl PeerService {
         let (read, write) = tokio::io::split(conn);
         // The greeting is read before the sender is known: a member id, not a call.
         let mut reader = frames::FrameReader::new(read, 256);
-        let sender = match reader.next_bytes().await {
-            Ok(Some(member)) => String::from_utf8(member.to_vec()).ok(),
+        // Within the silence as a whole: trickling it a byte at a time holds no slot.
+        let greeting = tokio::time::timeout(frames::SILENCE, reader.next_bytes());
+        let sender = match greeting.await {
+            Ok(Ok(Some(member))) => String::from_utf8(member.to_vec()).ok(),
             _ => {
                 tracing::debug!(remote = %info.remote, "peer-frames connection closed before it named its member");
                 return;
             }
         };
         reader.set_max(self.router.options().max_payload + (1 << 20));
-        let (tx, rx) = tokio::sync::mpsc::channel(1024);
-        // Pings every second, so the sender hears this side is alive while its calls run.
-        let ping = Some(pb::DispatchResponse::default());
-        let mut writer = tokio::spawn(frames::write_frames(write, rx, Result::ok, ping, None));
-        let refusal = if self.router.inner.closing.is_cancelled() {
+        let verdict = if self.router.inner.closing.is_cancelled() {
             // Calls sent now would never be read: "not sent" instead.
             Err(Status::unavailable("shutting down"))
         } else {
             self.authorize_sender(Some(&info), sender.as_deref())
         };
-        let caller = match refusal {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        // The answer to the greeting is queued before the writer starts, so it is the
+        // first frame (not a ping).
+        let first = match &verdict {
+            Ok(_) => pb::DispatchResponse {
+                max_in_flight: u32::try_from(self.router.options().max_dispatch_in_flight)
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                ..Default::default()
+            },
+            Err(refusal) => error_answer(0, refusal, "unavailable"),
+        };
+        tx.try_send(Ok(first)).expect("an empty channel has room");
+        // Pings every second, so the sender hears this side is alive while its calls run.
+        let ping = Some(pb::DispatchResponse::default());
+        let mut writer = tokio::spawn(frames::write_frames(write, rx, Result::ok, ping, None));
+        let caller = match verdict {
             Ok(caller) => caller,
             Err(refusal) => {
                 tracing::warn!(remote = %info.remote, sender = sender.as_deref().unwrap_or("?"), reason = %refusal.message(), "peer-frames connection refused");
-                let _ = tx.send(Ok(error_answer(0, &refusal, "unavailable"))).await;
                 drop(tx);
                 let _ = tokio::time::timeout(frames::SILENCE, writer).await;
                 return;
             }
         };
-        let accepted = pb::DispatchResponse {
-            max_in_flight: u32::try_from(self.router.options().max_dispatch_in_flight)
-                .unwrap_or(u32::MAX),
-            ..Default::default()
+        let mut incoming = Requests::Frames {
+            reader,
+            ended: false,
         };
-        let _ = tx.send(Ok(accepted)).await;
-        let mut incoming = Requests::Frames(reader);
         match self.run_stream(caller, &mut incoming, tx).await {
             // Nobody waits for the answers of calls still running: close now.
             Ended::Broken => writer.abort(),
@@ -493,7 +511,8 @@ impl PeerService {
             let slot = tokio::select! {
                 biased;
                 _ = closing.cancelled() => {
-                    let _ = tx.send(Ok(this.not_owner(id, call.shard))).await;
+                    let answer = tx.send(Ok(this.not_owner(id, call.shard)));
+                    let _ = tokio::time::timeout(crate::frames::SILENCE, answer).await;
                     break Ended::Closing;
                 }
                 s = in_flight.clone().acquire_owned() => s.expect("never closed"),
