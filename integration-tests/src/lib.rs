@@ -411,6 +411,22 @@ impl Instance {
 
     /// The sum of every series of the metric family `name` on `/metrics` (0 when it has
     /// none yet); None when the page cannot be read.
+    /// The sum of the samples of metric `name` whose line contains `label` (for example
+    /// `transport="frames"`).
+    pub fn metric_where(&self, name: &str, label: &str) -> Option<f64> {
+        let text = ureq::get(&format!("{}/metrics", self.admin_url()))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        Some(
+            text.lines()
+                .filter(|l| l.split([' ', '{']).next() == Some(name) && l.contains(label))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum(),
+        )
+    }
+
     pub fn metric(&self, name: &str) -> Option<f64> {
         let text = ureq::get(&format!("{}/metrics", self.admin_url()))
             .call()

@@ -898,6 +898,17 @@ async fn a_forwarded_call_whose_client_left_does_not_run_at_the_owner() {
             > cancels,
         "n0 received no cancel message"
     );
+    // The calls went over peer frames, not the HTTP/2 Dispatch stream.
+    let opened = "leasehold_peer_streams_opened_total";
+    for entry in &cluster.instances[1..3] {
+        let frames = entry.metric_where(opened, "transport=\"frames\"");
+        let grpc = entry.metric_where(opened, "transport=\"grpc\"");
+        assert!(
+            frames >= Some(1.0) && grpc == Some(0.0),
+            "streams opened by {}: frames {frames:?}, grpc {grpc:?}",
+            entry.id
+        );
+    }
     assert!(
         checker.violations().is_empty(),
         "{:?}",

@@ -509,6 +509,13 @@ impl Router {
                     tasks.clone(),
                     coord.member_id().clone(),
                     opts.peer_tls.as_ref().map(|t| t.client.clone()),
+                    ["frames", "grpc"].map(|transport| {
+                        registry.counter(
+                            "leasehold_peer_streams_opened_total",
+                            "Dispatch streams this instance opened to peers, by transport (peer frames; gRPC to a peer that only takes HTTP/2 or refused the frames greeting in the last second).",
+                            &[("transport", transport)],
+                        )
+                    }),
                 ),
                 pending: Default::default(),
                 tasks,

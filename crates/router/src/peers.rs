@@ -93,6 +93,8 @@ pub(crate) struct Peers {
     /// Peers that refused this member's peer-frames greeting, and when: for a second
     /// their streams go over HTTP/2, whose refusal costs no new connection.
     frames_refused: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Streams opened over peer frames and over HTTP/2.
+    opened: [Arc<leasehold_metrics::Counter>; 2],
     /// Set by [`Peers::close`]: later calls use unary Forwards (a stream opened then
     /// would never be ended).
     closing: AtomicBool,
@@ -304,7 +306,7 @@ struct FramesTarget {
 struct Accepted {
     reader: crate::frames::FrameReader<tokio::io::ReadHalf<Box<dyn crate::frames::Io>>>,
     write: tokio::io::WriteHalf<Box<dyn crate::frames::Io>>,
-    /// The receiver's `max_dispatch_in_flight` (0 if it did not say).
+    /// The receiver's `max_dispatch_in_flight` (at least 1).
     max_in_flight: usize,
 }
 
@@ -458,6 +460,7 @@ impl Peers {
         tasks: tokio_util::task::TaskTracker,
         member: MemberId,
         tls: Option<Arc<leasehold_tls::Reloading<rustls::ClientConfig>>>,
+        opened: [Arc<leasehold_metrics::Counter>; 2],
     ) -> Self {
         Self {
             channels: RwLock::new(HashMap::new()),
@@ -466,6 +469,7 @@ impl Peers {
             tls,
             streams: Mutex::new(HashMap::new()),
             frames_refused: Default::default(),
+            opened,
             closing: AtomicBool::new(false),
             max_message,
             window: window.max(1),
@@ -558,6 +562,7 @@ impl Peers {
         });
         let reader = stream.clone();
         let window = self.window;
+        let [frames_opened, grpc_opened] = self.opened.clone();
         let target = FramesTarget {
             key: key.0.clone(),
             refused: self.frames_refused.clone(),
@@ -573,15 +578,13 @@ impl Peers {
                 Ok(Some(conn)) => {
                     // Within the receiver's limit if it is lower than ours, so it always
                     // reads what arrives (see `PeerStream::credits`).
-                    let limit = match conn.max_in_flight {
-                        0 => window,
-                        theirs => theirs.min(window),
-                    };
-                    reader.credits.add_permits(limit);
+                    frames_opened.inc();
+                    reader.credits.add_permits(conn.max_in_flight.min(window));
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
                 }
                 Ok(None) => {
+                    grpc_opened.inc();
                     reader.credits.add_permits(window);
                     run_grpc(client, member, rx, &reader, &target.address).await
                 }
