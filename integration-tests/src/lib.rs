@@ -409,10 +409,9 @@ impl Instance {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The sum of every series of the metric family `name` on `/metrics` (0 when it has
-    /// none yet); None when the page cannot be read.
-    /// The sum of the samples of metric `name` whose line contains `label` (for example
-    /// `transport="frames"`).
+    /// The sum of the series of the metric family `name` on `/metrics` whose line
+    /// contains `label` (for example `transport="frames"`; 0 when it has none yet); None
+    /// when the page cannot be read.
     pub fn metric_where(&self, name: &str, label: &str) -> Option<f64> {
         let text = ureq::get(&format!("{}/metrics", self.admin_url()))
             .call()
@@ -427,18 +426,9 @@ impl Instance {
         )
     }
 
+    /// [`Instance::metric_where`] over every series of `name`.
     pub fn metric(&self, name: &str) -> Option<f64> {
-        let text = ureq::get(&format!("{}/metrics", self.admin_url()))
-            .call()
-            .ok()?
-            .into_string()
-            .ok()?;
-        Some(
-            text.lines()
-                .filter(|l| l.split([' ', '{']).next() == Some(name))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum(),
-        )
+        self.metric_where(name, "")
     }
 }
 

@@ -408,6 +408,11 @@ impl PeerService {
                 tracing::warn!(remote = %info.remote, sender = sender.as_deref().unwrap_or("?"), reason = %refusal.message(), "peer-frames connection refused");
                 drop(tx);
                 let _ = tokio::time::timeout(frames::SILENCE, writer).await;
+                // Whatever the sender wrote after its greeting is read (and dropped) until
+                // it closes: a socket closed with bytes unread is reset, which can drop the
+                // refusal before the sender reads it.
+                let drain = async { while let Ok(Some(_)) = reader.next_bytes().await {} };
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
                 return;
             }
         };
