@@ -3,15 +3,16 @@
 //! latency (see ARCHITECTURE.md, "Peer frames").
 //!
 //! A sender opens a connection to the peer port and writes [`MAGIC`], then a frame
-//! holding its member id. The receiver answers a frame with a `DispatchResponse` of id 0:
-//! accepted when it carries no error, refused (and closed) when it does. Then each side
-//! writes frames: `DispatchRequest`s one way, `DispatchResponse`s the other, each a
-//! 4-byte big-endian length and the protobuf message. Id 0 is the connection's own:
-//! a request with id 0 is a ping (answered with a response of id 0), or with `cancel`
-//! set the sender's clean end. Either side that hears nothing for [`SILENCE`] (the
-//! sender pings every [`PING_EVERY`]) closes the connection, as the HTTP/2 keepalive
-//! does on the gRPC planes; a connection that ends without the clean end is a broken
-//! one (the receiver drops the calls not started, as for a reset HTTP/2 stream).
+//! holding its member id. The receiver answers with a `DispatchResponse` of id 0 as its
+//! first frame: accepted when it carries no error (and its `max_in_flight`), refused
+//! (and closed) when it does. Then each side writes frames: `DispatchRequest`s one way,
+//! `DispatchResponse`s the other, each a 4-byte big-endian length and the protobuf
+//! message. Id 0 is the connection's own: each side's writer sends a message of id 0
+//! every [`PING_EVERY`] (a ping, not answered), and a request of id 0 with `cancel` set
+//! is the sender's clean end. Either side that receives no byte for [`SILENCE`] closes
+//! the connection, as the HTTP/2 keepalive does on the gRPC planes; a connection that
+//! ends without the clean end is a broken one (the receiver drops the calls not
+//! started, as for a reset HTTP/2 stream).
 
 use std::io;
 use std::time::Duration;
@@ -25,9 +26,10 @@ use tokio::time::Instant;
 /// "PRI * HTTP/2.0…"), so the receiver tells the two apart from the same read, and a
 /// receiver that only speaks HTTP/2 refuses it at once instead of waiting for more.
 pub(crate) const MAGIC: &[u8] = b"LEASEHOLD PEER FRAMES/1\n";
-/// How often a sender pings its connection.
+/// How often each side's writer pings the connection.
 pub(crate) const PING_EVERY: Duration = Duration::from_secs(1);
-/// How long either side waits for a frame before it closes the connection.
+/// How long either side waits for a byte (or a write waits to make progress) before it
+/// closes the connection.
 pub(crate) const SILENCE: Duration = Duration::from_secs(3);
 /// Frames written together at most (the writer takes what is queued up to this).
 const WRITE_BATCH: usize = 64 * 1024;
