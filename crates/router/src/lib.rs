@@ -78,6 +78,14 @@ impl std::fmt::Debug for PeerTls {
     }
 }
 
+impl RouterOptions {
+    /// Largest message between instances: a payload of `max_payload` and room for the
+    /// rest of the call (key, source, metadata).
+    pub(crate) fn max_message(&self) -> usize {
+        self.max_payload + (1 << 20)
+    }
+}
+
 impl Default for RouterOptions {
     fn default() -> Self {
         Self {
@@ -498,7 +506,7 @@ impl Router {
                 "Kafka records refused at their owner because their consumer's claim of the partition was superseded.", &[],
             ),
         };
-        let max_message = opts.max_payload + (1 << 20);
+        let max_message = opts.max_message();
         let tasks = TaskTracker::new();
         Self {
             inner: Arc::new(Inner {

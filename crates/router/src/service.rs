@@ -346,6 +346,14 @@ impl Requests {
             },
         }
     }
+
+    /// Reads (and drops) what the sender still writes until it ends or closes, for at
+    /// most a second: a socket closed with bytes unread is reset, which can drop what
+    /// this side wrote last before the sender reads it.
+    async fn drain(&mut self) {
+        let drain = async { while let Ok(Some(_)) = self.message().await {} };
+        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+    }
 }
 
 /// Answers on a Dispatch stream (whichever way they travel).
@@ -379,7 +387,7 @@ impl PeerService {
                 return;
             }
         };
-        reader.set_max(self.router.options().max_payload + (1 << 20));
+        reader.set_max(self.router.options().max_message());
         let verdict = if self.router.inner.closing.is_cancelled() {
             // Calls sent now would never be read: "not sent" instead.
             Err(Status::unavailable("shutting down"))
@@ -402,23 +410,19 @@ impl PeerService {
         // Pings every second, so the sender hears this side is alive while its calls run.
         let ping = Some(pb::DispatchResponse::default());
         let mut writer = tokio::spawn(frames::write_frames(write, rx, Result::ok, ping, None));
+        let mut incoming = Requests::Frames {
+            reader,
+            ended: false,
+        };
         let caller = match verdict {
             Ok(caller) => caller,
             Err(refusal) => {
                 tracing::warn!(remote = %info.remote, sender = sender.as_deref().unwrap_or("?"), reason = %refusal.message(), "peer-frames connection refused");
                 drop(tx);
                 let _ = tokio::time::timeout(frames::SILENCE, writer).await;
-                // Whatever the sender wrote after its greeting is read (and dropped) until
-                // it closes: a socket closed with bytes unread is reset, which can drop the
-                // refusal before the sender reads it.
-                let drain = async { while let Ok(Some(_)) = reader.next_bytes().await {} };
-                let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                incoming.drain().await;
                 return;
             }
-        };
-        let mut incoming = Requests::Frames {
-            reader,
-            ended: false,
         };
         match self.run_stream(caller, &mut incoming, tx).await {
             // Nobody waits for the answers of calls still running: close now.
@@ -435,8 +439,7 @@ impl PeerService {
                 tokio::select! {
                     biased;
                     _ = &mut writer => {
-                        let drain = async { while let Ok(Some(_)) = incoming.message().await {} };
-                        let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+                        incoming.drain().await;
                         break;
                     }
                     r = incoming.message() => match r {

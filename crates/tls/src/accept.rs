@@ -188,8 +188,7 @@ pub struct Alongside {
 
 /// Hands `conn` to the protocol its first bytes name; a connection that sends fewer
 /// bytes than the magic within the first-byte timeout is closed.
-async fn route(conn: Conn, alongside: Option<&Alongside>, tx: &mpsc::Sender<Conn>) {
-    let mut conn = conn;
+async fn route(mut conn: Conn, alongside: Option<&Alongside>, tx: &mpsc::Sender<Conn>) {
     let Some(other) = alongside else {
         let _ = tx.send(conn).await;
         return;
