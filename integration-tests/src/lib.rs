@@ -26,23 +26,46 @@ use leasehold_proto::v1::entities_client::EntitiesClient;
 use serde_json::Value;
 use tonic::transport::Channel;
 
-/// A free TCP port on 127.0.0.1 (bound and released). Never the same port twice in one
-/// process: the kernel readily hands a just-released port out again, and two instances
-/// of one test were given the same one.
+/// A free TCP port on 127.0.0.1 for a server a test starts; one process is not given the
+/// same port twice (until it has used up the range).
+///
+/// Taken from below the kernel's ephemeral range (`net.ipv4.ip_local_port_range`), so
+/// that no port the kernel hands out on its own can take it between this check and the
+/// server's bind: not a `:0` listener of an instance started earlier (a gateway on
+/// `--http-listen 127.0.0.1:0` once took the admin port picked for the next instance),
+/// and not the local end of an outgoing connection. Each process starts at its own
+/// offset, so test processes running side by side rarely try the same ports; a port
+/// something else listens on is skipped.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap();
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
-            given.push(port);
+    static NEXT: std::sync::Mutex<Option<u32>> = std::sync::Mutex::new(None);
+    let (low, high) = reserved_port_range();
+    let span = high - low;
+    let mut next = NEXT.lock().unwrap();
+    let start = *next.get_or_insert_with(|| std::process::id().wrapping_mul(7919) % span);
+    for i in 0..span {
+        let offset = (start + i) % span;
+        let port = (low + offset) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            *next = Some((offset + 1) % span);
             return port;
         }
     }
+    panic!("no free port on 127.0.0.1 in {low}..{high}");
+}
+
+/// The ports `free_port` takes from: 10000 up to the start of the kernel's ephemeral
+/// range (32768 by default).
+fn reserved_port_range() -> (u32, u32) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    assert!(
+        ephemeral_low > 11000,
+        "the kernel's ephemeral port range starts at {ephemeral_low}: too low to keep test \
+         servers' ports apart from it (net.ipv4.ip_local_port_range)"
+    );
+    (10000, ephemeral_low)
 }
 
 /// A child process killed (and reaped) when dropped, also when a panic unwinds.
