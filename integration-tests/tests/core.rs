@@ -573,8 +573,12 @@ async fn bad_input_gets_clear_errors_and_the_process_keeps_serving() {
         ],
     };
     let good = Instance::start(&spec);
-    wait_until(Duration::from_secs(10), "n9 ready", || {
-        good.ready().then_some(())
+    // Ready, and owning shards (ready may come first): some of the calls below are its.
+    wait_until(Duration::from_secs(10), "n9 ready, owning shards", || {
+        let owns = shard_table(&good)?
+            .iter()
+            .any(|s| s.1.as_deref() == Some("n9"));
+        (good.ready() && owns).then_some(())
     })
     .await;
     let mut c = good.client().await;
@@ -1449,8 +1453,9 @@ async fn placement_follows_a_skewed_load_and_then_stays_put() {
 /// delivered among the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_call_waits_for_its_own_shards_hook_not_for_every_hook_queued_before_it() {
-    // 1024 hooks of 200 ms, 32 at a time: 6.4 s to deliver them all.
-    let checker = Checker::start_slow_hooks(Duration::from_millis(200)).await;
+    // 1024 hooks of 500 ms, 32 at a time: 16 s to deliver them all, and 4 s before the
+    // 256th starts, ample for the instance to acquire the last shards on a slow machine.
+    let checker = Checker::start_slow_hooks(Duration::from_millis(500)).await;
     let flag = checker.handler_flag();
     let cluster = Cluster::start(1, &["--handler", &flag]).await;
     let key = (0..100_000)
