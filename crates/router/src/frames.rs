@@ -320,7 +320,7 @@ mod tests {
 
     /// A busy writer (its last write just now: the clock is paused) waits one turn of the
     /// scheduler, so a frame queued by a task that runs meanwhile goes out in the same
-    /// write; an idle writer writes a lone frame at once.
+    /// write; an idle writer (its last write `BUSY` ago) writes a lone frame at once.
     #[tokio::test(start_paused = true)]
     async fn a_busy_writer_takes_the_frames_queued_in_the_next_turn_into_one_write() {
         let (a, b) = tokio::io::duplex(1 << 16);
@@ -341,35 +341,49 @@ mod tests {
         // The frames are read at the end: a reader's silence timer would let the paused
         // clock jump ahead while the tasks wait.
         async fn until(done: impl Fn() -> bool) {
-            while !done() {
+            for _ in 0..10_000 {
+                if done() {
+                    return;
+                }
                 tokio::task::yield_now().await;
             }
+            panic!("the writer did not get there");
         }
 
         // Idle: the first frame is written alone.
         tx.send(1).await.unwrap();
         until(|| written() == 1).await;
 
-        // Busy: frame 2 wakes the writer, and the task that queues frame 3 is ready to
-        // run behind it; it runs while the writer gives up its turn, and frame 3 joins
-        // frame 2's write.
-        let producer = {
+        // Frame `first` wakes the writer, and the task that queues the next frame is
+        // ready to run behind it.
+        let two_frames = |first: u64| {
             let tx = tx.clone();
             tokio::spawn(async move {
-                tx.send(2).await.unwrap();
-                let third = tokio::spawn(async move { tx.send(3).await.unwrap() });
-                third.await.unwrap();
+                tx.send(first).await.unwrap();
+                let next = tokio::spawn(async move { tx.send(first + 1).await.unwrap() });
+                next.await.unwrap();
             })
         };
-        producer.await.unwrap();
+        // Busy (frame 1 was written just now): the task runs while the writer gives up
+        // its turn, and frame 3 joins frame 2's write.
+        two_frames(2).await.unwrap();
+        until(|| written() == 2).await;
+        // Idle again: frame 4 is written at once, frame 5 on its own after it.
+        tokio::time::advance(BUSY).await;
+        two_frames(4).await.unwrap();
+        until(|| written() >= 3).await;
         drop(tx);
         writer.await.unwrap().unwrap();
         let mut reader = FrameReader::new(b, 1024);
-        for id in 1..=3 {
+        for id in 1..=5 {
             let m: pb::DispatchRequest = reader.next().await.unwrap().unwrap();
             assert_eq!(m.id, id);
         }
-        assert_eq!(written(), 2, "frames 2 and 3 in one write");
+        assert_eq!(
+            written(),
+            4,
+            "frames 2 and 3 in one write, 4 and 5 in one each"
+        );
     }
 
     #[tokio::test]
