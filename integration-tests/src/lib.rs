@@ -488,7 +488,11 @@ pub fn get_json(url: &str) -> Option<Value> {
 
 /// Shard table from an admin endpoint: (shard, owner, epoch).
 pub fn shard_table(instance: &Instance) -> Option<Vec<(u64, Option<String>, u64)>> {
-    let v = instance.get("/v1/shards")?;
+    parse_shards(&instance.get("/v1/shards")?)
+}
+
+/// The (shard, owner, epoch) rows of a `/v1/shards` answer.
+pub fn parse_shards(v: &Value) -> Option<Vec<(u64, Option<String>, u64)>> {
     Some(
         v["shards"]
             .as_array()?
@@ -502,6 +506,16 @@ pub fn shard_table(instance: &Instance) -> Option<Vec<(u64, Option<String>, u64)
             })
             .collect(),
     )
+}
+
+/// Every shard of `table` owned by one of `ids`, each owning its even share (within one).
+pub fn balanced(table: &[(u64, Option<String>, u64)], ids: &[String]) -> bool {
+    let (n, s) = (ids.len(), table.len());
+    let counts: Vec<usize> = ids
+        .iter()
+        .map(|id| table.iter().filter(|t| t.1.as_deref() == Some(id)).count())
+        .collect();
+    counts.iter().sum::<usize>() == s && counts.iter().all(|&c| c >= s / n && c <= s.div_ceil(n))
 }
 
 /// A cluster of instances sharing one etcd.
@@ -553,15 +567,7 @@ impl Cluster {
         let first = &self.instances[0];
         wait_until(timeout, "all shards owned and balanced", || {
             let table = shard_table(first)?;
-            let n = ids.len();
-            let s = table.len();
-            let counts: Vec<usize> = ids
-                .iter()
-                .map(|id| table.iter().filter(|t| t.1.as_deref() == Some(id)).count())
-                .collect();
-            let balanced = counts.iter().sum::<usize>() == s
-                && counts.iter().all(|&c| c >= s / n && c <= s.div_ceil(n));
-            balanced.then_some(table)
+            balanced(&table, &ids).then_some(table)
         })
         .await
     }

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use leasehold_integration_tests::checker::Checker;
 use leasehold_integration_tests::pki::{self, Ca, Leaf, Validity};
-use leasehold_integration_tests::{wait_until, Etcd, Instance, InstanceSpec};
+use leasehold_integration_tests::{
+    balanced, parse_shards, wait_until, Etcd, Instance, InstanceSpec,
+};
 use leasehold_proto::v1::entities_client::EntitiesClient;
 use leasehold_proto::v1::peer_client::PeerClient;
 use leasehold_proto::v1::{CallRequest, ForwardRequest};
@@ -209,14 +211,9 @@ async fn tls_on_every_plane_serves_moves_and_drains_and_refuses_strangers() {
         Duration::from_secs(30),
         "3 members own every shard, balanced",
         || {
-            let v = admin.get(&instances[0], "/v1/shards")?;
-            let shards = v["shards"].as_array()?;
-            let counts: Vec<usize> = ["n0", "n1", "n2"]
-                .iter()
-                .map(|id| shards.iter().filter(|s| s["owner"] == *id).count())
-                .collect();
-            (counts.iter().sum::<usize>() == 1024 && counts.iter().all(|&c| c == 341 || c == 342))
-                .then_some(())
+            let table = parse_shards(&admin.get(&instances[0], "/v1/shards")?)?;
+            let ids: Vec<String> = instances.iter().map(|i| i.id.clone()).collect();
+            (table.len() == 1024 && balanced(&table, &ids)).then_some(())
         },
     )
     .await;
@@ -404,14 +401,13 @@ async fn smart_client_and_gateway_over_mutual_tls(
         Duration::from_secs(10),
         "the client's table to match the cluster's",
         || {
-            let v = admin.get(&instances[0], "/v1/shards")?;
-            let shards = v["shards"].as_array()?;
+            let table = parse_shards(&admin.get(&instances[0], "/v1/shards")?)?;
             let routing = client.routing()?;
-            let same = shards.len() == 1024
-                && shards.iter().all(|s| {
-                    let shard = s["shard"].as_u64().unwrap() as u32;
-                    routing.owner(shard).map(|m| m.id.as_str()) == s["owner"].as_str()
-                        && routing.epoch(shard) == s["epoch"].as_u64().unwrap()
+            let same = table.len() == 1024
+                && table.iter().all(|(shard, owner, epoch)| {
+                    let s = *shard as u32;
+                    routing.owner(s).map(|m| m.id.as_str()) == owner.as_deref()
+                        && routing.epoch(s) == *epoch
                 });
             same.then_some(())
         },
