@@ -130,6 +130,11 @@ struct PeerStream {
     /// (then as many as the receiver takes); closed when the stream fails, so calls
     /// waiting for one are "not sent" at once.
     credits: Arc<tokio::sync::Semaphore>,
+    /// Credits of calls abandoned while the stream's queue was full, by id, until their
+    /// cancel is queued or, if it never is, until the receiver answers the call (it
+    /// frees the call's slot then); without this a full queue would shrink the stream's
+    /// window for good.
+    orphans: Arc<Mutex<HashMap<u64, tokio::sync::OwnedSemaphorePermit>>>,
     /// The receiver said it takes gRPC calls (see [`STREAM_CALLS_HEADER`]).
     takes_calls: AtomicBool,
 }
@@ -208,18 +213,22 @@ impl Drop for StreamUse<'_> {
         // Behind the call on the same stream, so the owner reads it after the call.
         if let Err(mpsc::error::TrySendError::Full(cancel)) = tx.try_send((cancel, None)) {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                let credit = self.credit.take();
+                // Until the cancel is queued the receiver may still run the call and
+                // hold its slot: the credit waits with the call's id.
+                let id = self.id;
+                if let Some(credit) = self.credit.take() {
+                    self.stream.orphan(id, credit);
+                }
+                let orphans = self.stream.orphans.clone();
                 rt.spawn(async move {
                     if tokio::time::timeout(CANCEL_SEND, tx.send(cancel))
                         .await
-                        .is_err()
+                        .is_ok()
                     {
-                        // Never queued: the receiver keeps the call's slot until the call
-                        // ends, so this stream keeps one credit less.
-                        if let Some(credit) = credit {
-                            credit.forget();
-                        }
+                        // The receiver frees the slot when it reads the cancel.
+                        orphans.lock().expect("orphans lock").remove(&id);
                     }
+                    // Never queued: the credit comes back with the call's answer.
                 });
             }
         }
@@ -238,15 +247,25 @@ fn stamped((mut request, deadline): Outgoing) -> pb::DispatchRequest {
     request
 }
 
-/// Hands an answer to the call waiting for it.
+/// Hands an answer to the call waiting for it; the answer of a call abandoned without
+/// a cancel gives its credit back.
 fn deliver(stream: &PeerStream, answer: pb::DispatchResponse) {
-    if let Some(tx) = stream
+    let waiting = stream
         .pending
         .lock()
         .expect("pending lock")
-        .remove(&answer.id)
-    {
-        let _ = tx.send(Ok(answer));
+        .remove(&answer.id);
+    match waiting {
+        Some(tx) => {
+            let _ = tx.send(Ok(answer));
+        }
+        None => {
+            stream
+                .orphans
+                .lock()
+                .expect("orphans lock")
+                .remove(&answer.id);
+        }
     }
 }
 
@@ -444,9 +463,33 @@ async fn run_frames(
 }
 
 impl PeerStream {
+    fn new(tx: mpsc::Sender<Outgoing>) -> Self {
+        Self {
+            tx: Mutex::new(Some(tx)),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            closed: AtomicBool::new(false),
+            credits: Arc::new(tokio::sync::Semaphore::new(0)),
+            orphans: Arc::default(),
+            takes_calls: AtomicBool::new(false),
+        }
+    }
+
+    /// Keeps the credit of a call abandoned before its cancel could be queued (see
+    /// `orphans`).
+    fn orphan(&self, id: u64, credit: tokio::sync::OwnedSemaphorePermit) {
+        if !self.closed.load(Ordering::Acquire) {
+            self.orphans
+                .lock()
+                .expect("orphans lock")
+                .insert(id, credit);
+        }
+    }
+
     fn fail_all(&self, why: PeerError) {
         self.closed.store(true, Ordering::Release);
         self.credits.close();
+        self.orphans.lock().expect("orphans lock").clear();
         for (_, tx) in self.pending.lock().expect("pending lock").drain() {
             let _ = tx.send(Err(why.clone()));
         }
@@ -552,14 +595,7 @@ impl Peers {
         let client = self.client(peer)?;
         let member = self.member.clone();
         let (tx, rx) = mpsc::channel(4096);
-        let stream = Arc::new(PeerStream {
-            tx: Mutex::new(Some(tx)),
-            pending: Mutex::new(HashMap::new()),
-            next_id: AtomicU64::new(1),
-            closed: AtomicBool::new(false),
-            credits: Arc::new(tokio::sync::Semaphore::new(0)),
-            takes_calls: AtomicBool::new(false),
-        });
+        let stream = Arc::new(PeerStream::new(tx));
         let reader = stream.clone();
         let window = self.window;
         let [frames_opened, grpc_opened] = self.opened.clone();
@@ -815,6 +851,58 @@ mod tests {
         let mut member = vec![0; len];
         conn.read_exact(&mut member).await.unwrap();
         String::from_utf8(member).unwrap()
+    }
+
+    /// A call abandoned while the stream's queue is full gives its credit back once the
+    /// receiver can free the call's slot: when its cancel is finally queued, or, if it
+    /// never is, when the receiver answers the call.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_abandoned_on_a_full_queue_gives_its_credit_back() {
+        let (tx, mut rx) = mpsc::channel(1);
+        let stream = PeerStream::new(tx.clone());
+        stream.credits.add_permits(2);
+        let abandon = |stream: &PeerStream| {
+            let credit = stream.credits.clone().try_acquire_owned().unwrap();
+            let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
+            let (answer_tx, _answer_rx) = oneshot::channel();
+            stream.pending.lock().unwrap().insert(id, answer_tx);
+            drop(StreamUse {
+                stream,
+                id,
+                queued: true,
+                credit: Some(credit),
+            });
+            id
+        };
+        let idle = || tokio::task::yield_now();
+        tx.try_send((pb::DispatchRequest::default(), None)).unwrap(); // the queue is full
+                                                                      // Its cancel is queued once the writer takes the frame before it.
+        abandon(&stream);
+        assert_eq!(stream.credits.available_permits(), 1);
+        rx.recv().await.unwrap();
+        idle().await;
+        assert_eq!(
+            stream.credits.available_permits(),
+            2,
+            "back when its cancel is queued"
+        );
+        // Its cancel is never queued (the writer stays stuck past the cancel's time):
+        // the receiver still answers the call, and the credit comes back then.
+        let id = abandon(&stream);
+        tokio::time::sleep(CANCEL_SEND * 2).await;
+        assert_eq!(stream.credits.available_permits(), 1);
+        deliver(
+            &stream,
+            pb::DispatchResponse {
+                id,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            stream.credits.available_permits(),
+            2,
+            "back with the answer"
+        );
     }
 
     #[tokio::test]
