@@ -28,8 +28,23 @@ if ((${#need[@]})); then
   sudo=""
   if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
   echo "installing ${need[*]} with apt-get"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # A fresh machine's first minutes: a mirror that drops a download, or another apt
+  # (unattended upgrades) holding the lock. apt retries downloads and waits for the
+  # lock itself; the whole step is tried three times before it fails the run.
+  apt_opts=(-o Acquire::Retries=3 -o DPkg::Lock::Timeout=300)
+  for attempt in 1 2 3; do
+    if $sudo apt-get "${apt_opts[@]}" update -qq &&
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get "${apt_opts[@]}" install -y -qq \
+        --no-install-recommends "${need[@]}" >/dev/null; then
+      break
+    fi
+    if [ "$attempt" -eq 3 ]; then
+      echo "error: apt-get could not install ${need[*]} (3 attempts)" >&2
+      exit 1
+    fi
+    echo "apt-get failed (attempt $attempt of 3); retrying in $((attempt * 10)) s" >&2
+    sleep $((attempt * 10))
+  done
 fi
 
 # etcd-server's package starts a system etcd on 2379; ours run on their own ports, so
