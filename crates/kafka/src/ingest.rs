@@ -353,6 +353,7 @@ struct Metrics {
     paused: Arc<Gauge>,
     fenced: Arc<Counter>,
     misrouted: Arc<Counter>,
+    internal_errors: Arc<Counter>,
 }
 
 /// Ingestion of one source. `run` until cancelled; then it stops fetching, lets
@@ -434,6 +435,11 @@ impl Ingest {
             misrouted: registry.counter(
                 "leasehold_kafka_misrouted_messages_total",
                 "Messages of a partition read from its own queue that arrived on the consumer's queue (never expected: their order against the partition's queue is not kept).",
+                &l,
+            ),
+            internal_errors: registry.counter(
+                "leasehold_kafka_internal_errors_total",
+                "Messages whose handling hit an internal error (a panic in Leasehold, never expected); each then failed like a message that cannot be handled (on_failure).",
                 &l,
             ),
         };
@@ -1463,7 +1469,24 @@ impl Worker {
                     if let Some(previous) = previous {
                         previous.await; // the previous message with this key, same partition
                     }
-                    self.handle(key.clone(), &record).await;
+                    // A panic here is a bug of this consumer (a handler's own panic is its
+                    // call's error): the message fails like one that cannot be handled and
+                    // its offset still finishes, so the partition's commits go on rather
+                    // than stop at it until the next rebalance.
+                    let handled = std::panic::AssertUnwindSafe(self.handle(key.clone(), &record))
+                        .catch_unwind()
+                        .await;
+                    if let Err(panic) = handled {
+                        let panic = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_default();
+                        self.metrics.internal_errors.inc();
+                        tracing::error!(source = %self.opts.name, topic = %record.topic, partition = record.partition, offset = record.offset, panic, "internal error while handling a message");
+                        let why = format!("internal error: {panic}");
+                        Box::pin(self.fail(&record, &why)).await;
+                    }
                     let _ = done_tx.send(());
                     let mut chains = self.part.chains.lock().expect("chains lock");
                     if chains.get(&key).is_some_and(|d| d.ptr_eq(&done)) {
@@ -1779,5 +1802,108 @@ impl Worker {
                 tracing::debug!(topic = %self.part.topic, partition = self.part.partition, watermark, error = %e, "offset store refused (partition revoked?)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeySource;
+
+    /// A call path with a bug: every dispatch panics.
+    struct Panics;
+
+    impl Dispatcher for Panics {
+        fn dispatch(&self, _: KafkaCall) -> BoxFuture<'static, Result<(), DispatchError>> {
+            async { panic!("a bug in the call path") }.boxed()
+        }
+
+        fn claim(
+            &self,
+            _: &str,
+            _: &str,
+            _: i32,
+            _: u64,
+            _: i32,
+            _: bool,
+        ) -> BoxFuture<'static, Result<u64, DispatchError>> {
+            async { Ok(1) }.boxed()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_handling_fails_the_message_and_its_offset_still_finishes() {
+        let opts = SourceOptions {
+            name: "s".into(),
+            // Nothing listens there: the consumer is made, never used.
+            brokers: "127.0.0.1:9".into(),
+            topics: vec!["t".into()],
+            group: "g".into(),
+            key: KeySource::MessageKey,
+            dlq_topic: None,
+            on_failure: OnFailure::Skip,
+            max_in_flight_per_partition: 4,
+            max_in_flight: 8,
+            retry_attempts: 3,
+            retry_backoff: Duration::from_millis(10),
+            commit_interval: Duration::from_secs(1),
+            properties: Default::default(),
+            cluster: String::new(),
+            claim_epoch: 0,
+            failover: None,
+        };
+        let ingest = Ingest::new(opts, Arc::new(Panics), &Registry::new());
+        let partitions = Partitions::default();
+        let (splits, _splits) = mpsc::unbounded_channel();
+        let (consumer, producer) = ingest
+            .connect(&partitions, splits, CancellationToken::new())
+            .unwrap();
+        let state = Consuming {
+            consumer,
+            producer,
+            partitions,
+            series: Default::default(),
+            total: Arc::new(Semaphore::new(8)),
+            tasks: TaskTracker::new(),
+        };
+        let part = ingest.new_state(&state, &("t".into(), 0), 5, false, 1, true);
+        let record = |offset| Parked {
+            record: Record {
+                topic: "t".into(),
+                partition: 0,
+                offset,
+                key: Some(Bytes::from_static(b"k")),
+                payload: Bytes::new(),
+                headers: None,
+            },
+            key: Ok("k".into()),
+            timestamp: None,
+        };
+        // Two messages of one key, spawned like the partition's reader does: the second
+        // waits for the first's turn, which a panic must end too.
+        let mut runs = Vec::new();
+        for offset in [5, 6] {
+            let permits = try_acquire(&state.total, &part.limit).unwrap();
+            let run = ingest.worker(&state, &part).start(record(offset), permits);
+            runs.push(tokio::spawn(run));
+        }
+        for run in runs {
+            let ended = tokio::time::timeout(Duration::from_secs(10), run).await;
+            ended
+                .expect("the message's task ends")
+                .expect("the panic stays inside the message's task");
+        }
+        assert_eq!(ingest.metrics.internal_errors.get(), 2);
+        assert_eq!(ingest.metrics.skipped.get(), 2, "failed as on_failure says");
+        let window = part.window.lock().unwrap();
+        assert_eq!(window.in_flight(), 0);
+        assert_eq!(window.watermark(), Some(7), "both offsets finished");
+        drop(window);
+        assert_eq!(
+            part.limit.available_permits(),
+            4,
+            "their room is free again"
+        );
+        assert!(part.chains.lock().unwrap().is_empty());
     }
 }
