@@ -189,47 +189,53 @@ struct StreamUse<'a> {
 
 impl Drop for StreamUse<'_> {
     fn drop(&mut self) {
-        // Answered (or the stream failed, which answers every pending call): nothing to
-        // cancel.
-        let abandoned = self
-            .stream
-            .pending
-            .lock()
-            .expect("pending lock")
-            .remove(&self.id)
-            .is_some();
-        if !(abandoned && self.queued) {
-            return;
+        {
+            let mut pending = self.stream.pending.lock().expect("pending lock");
+            // Answered (or the stream failed, which answers every pending call): nothing
+            // to cancel.
+            let abandoned = pending.remove(&self.id).is_some();
+            if !(abandoned && self.queued) {
+                return;
+            }
+            // Until its cancel is queued the receiver may run the call and hold its slot:
+            // the credit waits with the call's id, for the cancel to be queued or the
+            // call's answer to arrive. Put there under the pending lock, so an answer
+            // that arrives meanwhile finds it.
+            if let Some(credit) = self.credit.take() {
+                self.stream.orphan(self.id, credit);
+            }
         }
+        let id = self.id;
+        let release = move |orphans: &Mutex<HashMap<u64, _>>| {
+            orphans.lock().expect("orphans lock").remove(&id);
+        };
         // Without `tx` the stream is closing: the owner answers what it holds.
         let Some(tx) = self.stream.tx.lock().expect("tx lock").clone() else {
             return;
         };
         let cancel = pb::DispatchRequest {
-            id: self.id,
+            id,
             cancel: true,
             ..Default::default()
         };
-        // Behind the call on the same stream, so the owner reads it after the call.
-        if let Err(mpsc::error::TrySendError::Full(cancel)) = tx.try_send((cancel, None)) {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                // Until the cancel is queued the receiver may still run the call and
-                // hold its slot: the credit waits with the call's id.
-                let id = self.id;
-                if let Some(credit) = self.credit.take() {
-                    self.stream.orphan(id, credit);
+        // Behind the call on the same stream, so the owner reads it after the call (and
+        // frees the call's slot when it reads it).
+        match tx.try_send((cancel, None)) {
+            // Closed: the writer is gone, so is the stream.
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => release(&self.stream.orphans),
+            Err(mpsc::error::TrySendError::Full(cancel)) => {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let orphans = self.stream.orphans.clone();
+                    rt.spawn(async move {
+                        if tokio::time::timeout(CANCEL_SEND, tx.send(cancel))
+                            .await
+                            .is_ok()
+                        {
+                            release(&orphans);
+                        }
+                        // Never queued: the credit comes back with the call's answer.
+                    });
                 }
-                let orphans = self.stream.orphans.clone();
-                rt.spawn(async move {
-                    if tokio::time::timeout(CANCEL_SEND, tx.send(cancel))
-                        .await
-                        .is_ok()
-                    {
-                        // The receiver frees the slot when it reads the cancel.
-                        orphans.lock().expect("orphans lock").remove(&id);
-                    }
-                    // Never queued: the credit comes back with the call's answer.
-                });
             }
         }
     }

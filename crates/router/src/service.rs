@@ -424,6 +424,13 @@ impl PeerService {
                 return;
             }
         };
+        // Calls read while this instance closes are answered "not owner" while the writer
+        // still runs (without keeping it running: it ends once the calls' answers are
+        // written).
+        let late = tx.downgrade();
+        let this = PeerService {
+            router: self.router.clone(),
+        };
         match self.run_stream(caller, &mut incoming, tx).await {
             // Nobody waits for the answers of calls still running: close now.
             Ended::Broken => writer.abort(),
@@ -433,8 +440,9 @@ impl PeerService {
             }
             // Every answer is written before the connection closes, and the sender's
             // side is read to its end: a socket closed with bytes unread is reset, which
-            // drops answers not yet delivered. Calls read meanwhile are neither run nor
-            // answered (their sender finds the connection ended and routes them again).
+            // drops answers not yet delivered. Calls read meanwhile are not run; they are
+            // answered "not owner" (did not run: their senders route them again) while
+            // the writer takes answers, and otherwise end with the connection.
             Ended::Closing => loop {
                 tokio::select! {
                     biased;
@@ -443,7 +451,11 @@ impl PeerService {
                         break;
                     }
                     r = incoming.message() => match r {
-                        Ok(Some(_)) => {}
+                        Ok(Some(req)) => {
+                            if let (Some(call), Some(tx)) = (req.call, late.upgrade()) {
+                                let _ = tx.try_send(Ok(this.not_owner(req.id, call.shard)));
+                            }
+                        }
                         // The sender's clean end: it reads the answers still to come.
                         Ok(None) => {
                             let _ = (&mut writer).await;
@@ -471,6 +483,7 @@ impl PeerService {
             this.router.options().max_dispatch_in_flight,
         ));
         let tasks = this.router.tasks().clone();
+        let max_message = this.router.options().max_message();
         let closing = this.router.inner.closing.clone();
         // Calls read and not yet answered, by id; removing one drops its call.
         let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
@@ -548,7 +561,7 @@ impl PeerService {
                 async move {
                     let Some(result) = result else { return };
                     running.lock().expect("running lock").remove(&id);
-                    let _ = tx.send(Ok(answer(id, result))).await;
+                    let _ = tx.send(Ok(answer_within(id, result, max_message))).await;
                     drop(slot);
                 }
             });
@@ -631,6 +644,25 @@ fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::Dispat
     }
 }
 
+/// A call's answer, or, if it would not fit in a frame the sender reads (`max_message`),
+/// an error saying so: an oversized frame would break the stream and fail every call on
+/// it.
+fn answer_within(
+    id: u64,
+    result: Result<pb::ForwardResponse, CallError>,
+    max_message: usize,
+) -> pb::DispatchResponse {
+    let a = answer(id, result);
+    let size = prost::Message::encoded_len(&a);
+    if size <= max_message {
+        return a;
+    }
+    let e = CallError::ResourceExhausted(format!(
+        "the handler ran, but its reply ({size} bytes with its envelope) is larger than a forwarded answer may be ({max_message} bytes: max_payload + 1 MiB); call the key's owner directly or return less"
+    ));
+    answer(id, Err(e))
+}
+
 /// A call's error on a Dispatch stream: the status whole, and what failed (`kind`).
 fn error_answer(id: u64, s: &Status, kind: &str) -> pb::DispatchResponse {
     pb::DispatchResponse {
@@ -703,5 +735,35 @@ mod tests {
         assert_eq!(parse_grpc_timeout("10x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
         assert_eq!(parse_grpc_timeout("1234567890S"), None);
+    }
+
+    #[test]
+    fn a_reply_too_large_for_the_senders_frames_is_answered_resource_exhausted() {
+        let reply = |bytes: usize| {
+            Ok(pb::ForwardResponse {
+                result: Some(forward_response::Result::Ok(pb::CallResponse {
+                    payload: vec![7; bytes].into(),
+                    shard: 1,
+                    epoch: 2,
+                    owner: "n0".into(),
+                })),
+            })
+        };
+        let fits = answer_within(9, reply(1000), 2000);
+        assert_eq!(fits.id, 9);
+        assert!(fits.error.is_none() && fits.answer.is_some(), "{fits:?}");
+        let over = answer_within(9, reply(2000), 2000);
+        assert_eq!(over.id, 9);
+        assert!(over.answer.is_none());
+        let e = over.error.expect("an error answer");
+        assert_eq!(e.code, tonic::Code::ResourceExhausted as i32);
+        assert_eq!(e.kind, "resource_exhausted");
+        assert!(e.message.contains("2000 bytes"), "{}", e.message);
+        assert!(prost::Message::encoded_len(&pb::DispatchResponse {
+            id: 9,
+            answer: None,
+            error: Some(e),
+            max_in_flight: 0,
+        }) <= 2000);
     }
 }
