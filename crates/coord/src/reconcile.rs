@@ -438,8 +438,13 @@ impl Coord {
         // as soon as it is written, and calls reaching this instance before its table
         // says so are answered "not owner" (after a SIGKILL, hundreds of shards are
         // taken at once).
+        let batch = if self.inner.batches_refused.load(Ordering::Acquire) {
+            1
+        } else {
+            ACQUIRE_BATCH
+        };
         let mut pending: std::collections::VecDeque<Vec<ShardId>> =
-            wanted.chunks(ACQUIRE_BATCH).map(<[_]>::to_vec).collect();
+            wanted.chunks(batch).map(<[_]>::to_vec).collect();
         let mut running = futures::stream::FuturesUnordered::new();
         let mut shards_in_flight = 0;
         let mut acquired = 0;
@@ -495,8 +500,9 @@ impl Coord {
             }
         }
         if let Some(reason) = refused {
-            // Once per pass: each pass pays a refused round trip per chunk.
-            tracing::warn!(%reason, "etcd refused a batch of shard keys (is its --max-txn-ops below 32?); wrote them one by one");
+            if !self.inner.batches_refused.swap(true, Ordering::AcqRel) {
+                tracing::warn!(%reason, "etcd refused a batch of shard keys (is its --max-txn-ops below 32?); writing shard keys one by one from now on");
+            }
         }
         if let Some(e) = last_error {
             tracing::warn!(shards = failed, error = %e, "shard acquisition failed");
