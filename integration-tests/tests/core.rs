@@ -395,6 +395,21 @@ async fn sigterm_drains_and_exits_without_failing_a_call() {
     assert!(report.ok > 100);
     assert_eq!(checker.violations(), Vec::<String>::new());
     assert!(cluster.instances[1].log_text().contains("lease revoked"));
+    // The others forwarded to n1: they forget its connections once it left (pod addresses
+    // change with every restart, so they would pile up), at their next load report.
+    for i in [0, 2] {
+        let peer = &cluster.instances[i];
+        wait_until(
+            Duration::from_secs(20),
+            "n1's connections forgotten",
+            || {
+                peer.log_text()
+                    .contains("forgot connections to peers that left")
+                    .then_some(())
+            },
+        )
+        .await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

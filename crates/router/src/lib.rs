@@ -604,6 +604,31 @@ impl Router {
             if let Err(e) = self.inner.coord.report_load(&report, &mut written).await {
                 tracing::warn!(error = %e, "load report not written; retrying at the next interval");
             }
+            self.forget_departed_peers();
+        }
+    }
+
+    /// Forgets connections and streams to peer addresses the routing table no longer
+    /// names (see `Peers::retain`); run with each load report.
+    fn forget_departed_peers(&self) {
+        let view = self.inner.coord.view();
+        if !view.synced {
+            return;
+        }
+        let mut live: std::collections::HashSet<String> = view
+            .members
+            .values()
+            .map(|m| Peers::cache_key(&m.peer))
+            .collect();
+        // A shard whose owner's member key is gone is still forwarded to its key's address.
+        for o in view.shards.iter().flatten() {
+            if !view.members.contains_key(&o.owner) {
+                live.insert(Peers::cache_key(&o.peer));
+            }
+        }
+        let forgotten = self.inner.peers.retain(&live);
+        if forgotten > 0 {
+            tracing::info!(forgotten, "forgot connections to peers that left");
         }
     }
 

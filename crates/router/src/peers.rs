@@ -529,7 +529,7 @@ impl Peers {
     /// Channels and streams are kept per address *and* identity: a member that comes back
     /// at the same address with another certificate gets a new connection checked for
     /// its new identity.
-    fn cache_key(peer: &PeerAddress) -> String {
+    pub(crate) fn cache_key(peer: &PeerAddress) -> String {
         if peer.identity.is_empty() {
             peer.address.clone()
         } else {
@@ -572,6 +572,38 @@ impl Peers {
             .expect("peers lock")
             .insert(key, client.clone());
         Ok(client)
+    }
+
+    /// Forgets the connections and streams of peers not in `live` (cache keys of the
+    /// members and shard owners the routing table knows) and streams that broke: each
+    /// peer address ever reached would otherwise keep its channel (with its task) and
+    /// stream for the life of this instance, and pod addresses change with every
+    /// restart. A stream still open to a peer that left ends cleanly (its calls are
+    /// answered; one about to be queued is "not sent" and routed again). Returns how
+    /// many entries were forgotten.
+    pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> usize {
+        let mut forgotten = 0;
+        self.channels.write().expect("peers lock").retain(|key, _| {
+            let keep = live.contains(key);
+            forgotten += usize::from(!keep);
+            keep
+        });
+        let mut ended = Vec::new();
+        self.streams
+            .lock()
+            .expect("streams lock")
+            .retain(|(key, _), stream| {
+                let keep = live.contains(key) && !stream.closed.load(Ordering::Acquire);
+                if !keep {
+                    ended.push(stream.clone());
+                }
+                keep
+            });
+        forgotten += ended.len();
+        for stream in ended {
+            stream.tx.lock().expect("tx lock").take();
+        }
+        forgotten
     }
 
     /// Ends every Dispatch stream (their readers finish once the owners answered what
@@ -909,6 +941,62 @@ mod tests {
             2,
             "back with the answer"
         );
+    }
+
+    #[tokio::test]
+    async fn peers_that_left_and_broken_streams_are_forgotten() {
+        let peers = Peers::new(
+            1 << 20,
+            16,
+            Default::default(),
+            MemberId("m1".into()),
+            None,
+            [Arc::default(), Arc::default()],
+        );
+        let address = |a: &str| PeerAddress {
+            address: a.into(),
+            identity: String::new(),
+        };
+        for a in ["10.0.0.1:7001", "10.0.0.2:7001", "10.0.0.3:7001"] {
+            peers.client(&address(a)).unwrap();
+        }
+        // An open stream to a peer that stays, one to a peer that left, and a broken one
+        // to a peer that stays.
+        let mut outgoing = Vec::new();
+        let mut stream = |key: &str, lane: Lane| {
+            let (tx, rx) = mpsc::channel(1);
+            outgoing.push(rx);
+            let s = Arc::new(PeerStream::new(tx));
+            peers
+                .streams
+                .lock()
+                .unwrap()
+                .insert((key.to_owned(), lane), s.clone());
+            s
+        };
+        let stays = stream("10.0.0.1:7001", Lane::Calls);
+        let left = stream("10.0.0.2:7001", Lane::Calls);
+        let broken = stream("10.0.0.1:7001", Lane::Records);
+        broken.fail_all(PeerError::NoAnswer);
+        let live = ["10.0.0.1:7001".to_owned(), "10.0.0.3:7001".to_owned()].into();
+        assert_eq!(peers.retain(&live), 3, "a channel and two streams");
+        let mut channels: Vec<String> = peers.channels.read().unwrap().keys().cloned().collect();
+        channels.sort();
+        assert_eq!(channels, ["10.0.0.1:7001", "10.0.0.3:7001"]);
+        let streams = peers.streams.lock().unwrap();
+        assert_eq!(streams.len(), 1);
+        assert!(Arc::ptr_eq(
+            &streams[&("10.0.0.1:7001".to_owned(), Lane::Calls)],
+            &stays
+        ));
+        drop(streams);
+        assert!(stays.tx.lock().unwrap().is_some());
+        assert!(
+            left.tx.lock().unwrap().is_none(),
+            "the stream to the peer that left ends"
+        );
+        // Nothing more to forget.
+        assert_eq!(peers.retain(&live), 0);
     }
 
     #[tokio::test]

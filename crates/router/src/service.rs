@@ -759,11 +759,13 @@ mod tests {
         assert_eq!(e.code, tonic::Code::ResourceExhausted as i32);
         assert_eq!(e.kind, "resource_exhausted");
         assert!(e.message.contains("2000 bytes"), "{}", e.message);
-        assert!(prost::Message::encoded_len(&pb::DispatchResponse {
-            id: 9,
-            answer: None,
-            error: Some(e),
-            max_in_flight: 0,
-        }) <= 2000);
+        assert!(
+            prost::Message::encoded_len(&pb::DispatchResponse {
+                id: 9,
+                answer: None,
+                error: Some(e),
+                max_in_flight: 0,
+            }) <= 2000
+        );
     }
 }
