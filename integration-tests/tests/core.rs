@@ -396,19 +396,34 @@ async fn sigterm_drains_and_exits_without_failing_a_call() {
     assert_eq!(checker.violations(), Vec::<String>::new());
     assert!(cluster.instances[1].log_text().contains("lease revoked"));
     // The others forwarded to n1: they forget its connections once it left (pod addresses
-    // change with every restart, so they would pile up), at their next load report.
-    for i in [0, 2] {
-        let peer = &cluster.instances[i];
-        wait_until(
+    // change with every restart, so they would pile up), at their next load report, and
+    // never those of a peer still there.
+    let address = |i: usize| format!("127.0.0.1:{}", cluster.instances[i].peer_port);
+    let departed = |i: usize| -> Vec<String> {
+        cluster.instances[i]
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("forgot connections to peers that left"))
+            .map(String::from)
+            .collect()
+    };
+    for (i, other) in [(0, 2), (2, 0)] {
+        let lines = wait_until(
             Duration::from_secs(20),
             "n1's connections forgotten",
             || {
-                peer.log_text()
-                    .contains("forgot connections to peers that left")
-                    .then_some(())
+                let lines = departed(i);
+                lines
+                    .iter()
+                    .any(|l| l.contains(&address(1)))
+                    .then_some(lines)
             },
         )
         .await;
+        assert!(
+            !lines.iter().any(|l| l.contains(&address(other))),
+            "n{i} forgot a peer still there: {lines:?}"
+        );
     }
 }
 

@@ -626,9 +626,12 @@ impl Router {
                 live.insert(Peers::cache_key(&o.peer));
             }
         }
-        let forgotten = self.inner.peers.retain(&live);
-        if forgotten > 0 {
-            tracing::info!(forgotten, "forgot connections to peers that left");
+        let (departed, broken) = self.inner.peers.retain(&live);
+        if !departed.is_empty() {
+            tracing::info!(?departed, "forgot connections to peers that left");
+        }
+        if broken > 0 {
+            tracing::debug!(broken, "dropped broken streams to peers");
         }
     }
 

@@ -579,31 +579,37 @@ impl Peers {
     /// peer address ever reached would otherwise keep its channel (with its task) and
     /// stream for the life of this instance, and pod addresses change with every
     /// restart. A stream still open to a peer that left ends cleanly (its calls are
-    /// answered; one about to be queued is "not sent" and routed again). Returns how
-    /// many entries were forgotten.
-    pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> usize {
-        let mut forgotten = 0;
+    /// answered; one about to be queued is "not sent" and routed again). Returns the
+    /// peers forgotten because they left (sorted), and how many broken streams to peers
+    /// still named were dropped.
+    pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> (Vec<String>, usize) {
+        let mut departed = std::collections::BTreeSet::new();
         self.channels.write().expect("peers lock").retain(|key, _| {
             let keep = live.contains(key);
-            forgotten += usize::from(!keep);
+            if !keep {
+                departed.insert(key.clone());
+            }
             keep
         });
-        let mut ended = Vec::new();
+        let (mut ended, mut broken) = (Vec::new(), 0);
         self.streams
             .lock()
             .expect("streams lock")
             .retain(|(key, _), stream| {
-                let keep = live.contains(key) && !stream.closed.load(Ordering::Acquire);
-                if !keep {
-                    ended.push(stream.clone());
+                if !live.contains(key) {
+                    departed.insert(key.clone());
+                } else if stream.closed.load(Ordering::Acquire) {
+                    broken += 1;
+                } else {
+                    return true;
                 }
-                keep
+                ended.push(stream.clone());
+                false
             });
-        forgotten += ended.len();
         for stream in ended {
             stream.tx.lock().expect("tx lock").take();
         }
-        forgotten
+        (departed.into_iter().collect(), broken)
     }
 
     /// Ends every Dispatch stream (their readers finish once the owners answered what
@@ -979,7 +985,7 @@ mod tests {
         let broken = stream("10.0.0.1:7001", Lane::Records);
         broken.fail_all(PeerError::NoAnswer);
         let live = ["10.0.0.1:7001".to_owned(), "10.0.0.3:7001".to_owned()].into();
-        assert_eq!(peers.retain(&live), 3, "a channel and two streams");
+        assert_eq!(peers.retain(&live), (vec!["10.0.0.2:7001".to_owned()], 1));
         let mut channels: Vec<String> = peers.channels.read().unwrap().keys().cloned().collect();
         channels.sort();
         assert_eq!(channels, ["10.0.0.1:7001", "10.0.0.3:7001"]);
@@ -996,7 +1002,7 @@ mod tests {
             "the stream to the peer that left ends"
         );
         // Nothing more to forget.
-        assert_eq!(peers.retain(&live), 0);
+        assert_eq!(peers.retain(&live), (vec![], 0));
     }
 
     #[tokio::test]

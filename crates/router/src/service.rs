@@ -453,7 +453,8 @@ impl PeerService {
                     r = incoming.message() => match r {
                         Ok(Some(req)) => {
                             if let (Some(call), Some(tx)) = (req.call, late.upgrade()) {
-                                let _ = tx.try_send(Ok(this.not_owner(req.id, call.shard)));
+                                let answer = tx.send(Ok(this.not_owner(req.id, call.shard)));
+                                let _ = tokio::time::timeout(Duration::from_secs(1), answer).await;
                             }
                         }
                         // The sender's clean end: it reads the answers still to come.
@@ -657,9 +658,10 @@ fn answer_within(
     if size <= max_message {
         return a;
     }
-    let e = CallError::ResourceExhausted(format!(
+    // The handler's own outcome (kind "handler"): not to be retried, since it ran.
+    let e = CallError::Handler(Status::resource_exhausted(format!(
         "the handler ran, but its reply ({size} bytes with its envelope) is larger than a forwarded answer may be ({max_message} bytes: max_payload + 1 MiB); call the key's owner directly or return less"
-    ));
+    )));
     answer(id, Err(e))
 }
 
@@ -757,7 +759,14 @@ mod tests {
         assert!(over.answer.is_none());
         let e = over.error.expect("an error answer");
         assert_eq!(e.code, tonic::Code::ResourceExhausted as i32);
-        assert_eq!(e.kind, "resource_exhausted");
+        // The handler's outcome: not retried (it ran), passed through as it is.
+        assert_eq!(e.kind, "handler");
+        let at_sender = CallError::from_remote(
+            Status::new(tonic::Code::from(e.code), e.message.clone()),
+            &e.kind,
+        );
+        assert!(!at_sender.is_retryable(), "{at_sender:?}");
+        assert_eq!(at_sender.code(), tonic::Code::ResourceExhausted);
         assert!(e.message.contains("2000 bytes"), "{}", e.message);
         assert!(
             prost::Message::encoded_len(&pb::DispatchResponse {
