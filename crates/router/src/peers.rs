@@ -137,6 +137,11 @@ struct PeerStream {
     orphans: Arc<Mutex<HashMap<u64, tokio::sync::OwnedSemaphorePermit>>>,
     /// The receiver said it takes gRPC calls (see [`STREAM_CALLS_HEADER`]).
     takes_calls: AtomicBool,
+    /// Over HTTP/2 only because the peer refused this member's greeting a moment ago or
+    /// the greeting failed (not because the peer takes HTTP/2 only): replaced after
+    /// [`FALLBACK_FOR`] by a stream that tries peer frames again.
+    fallback: AtomicBool,
+    opened: Instant,
 }
 
 /// Transport failures that mean the request never reached the peer: the connection could
@@ -315,6 +320,21 @@ async fn run_grpc(
 /// How long a peer that refused the peer-frames greeting is reached over HTTP/2.
 const REFUSAL_HOLD: Duration = Duration::from_secs(1);
 
+/// How long a stream that went over HTTP/2 for want of peer frames (see
+/// `PeerStream::fallback`) is kept before it is replaced.
+const FALLBACK_FOR: Duration = Duration::from_secs(30);
+
+/// How a Dispatch stream to a peer goes.
+enum Transport {
+    Frames(Accepted),
+    /// The receiver closed the connection at the greeting without an answer, as one
+    /// that takes HTTP/2 only does.
+    Http2,
+    /// The receiver refused this member's greeting a moment ago, or the greeting failed
+    /// in another way: HTTP/2 for now.
+    Http2ForNow,
+}
+
 /// Where to open a peer-frames connection, and as whom.
 struct FramesTarget {
     /// The peer's key in [`Peers::frames_refused`].
@@ -337,10 +357,9 @@ struct Accepted {
 
 impl FramesTarget {
     /// Connects (with the peer TLS config, checking the identity the member registered)
-    /// and names this member. `Ok(None)`: the receiver closed the connection without an
-    /// answer, as one that only takes HTTP/2 does. Nothing but the greeting has been sent
-    /// when this returns an error, so every error is "not sent".
-    async fn open(&self) -> Result<Option<Accepted>, PeerError> {
+    /// and names this member. Nothing but the greeting has been sent when this returns
+    /// an error, so every error is "not sent".
+    async fn open(&self) -> Result<Transport, PeerError> {
         use crate::frames;
         use tokio::io::AsyncWriteExt as _;
         let not_sent = |why: String| {
@@ -351,7 +370,7 @@ impl FramesTarget {
             let mut refused = self.refused.lock().expect("refused lock");
             refused.retain(|_, at| at.elapsed() < REFUSAL_HOLD);
             if refused.contains_key(&self.key) {
-                return Ok(None);
+                return Ok(Transport::Http2ForNow);
             }
         }
         let (host, port) = self
@@ -402,7 +421,7 @@ impl FramesTarget {
                 ..
             })) => {
                 reader.set_max(self.max_message);
-                Ok(Some(Accepted {
+                Ok(Transport::Frames(Accepted {
                     reader,
                     write,
                     max_in_flight: max_in_flight as usize,
@@ -421,7 +440,12 @@ impl FramesTarget {
                 Err(not_sent(format!("no answer to the greeting: {e}")))
             }
             // Closed without an answer: a receiver that only takes HTTP/2.
-            Ok(None) | Err(_) => Ok(None),
+            Ok(None) => Ok(Transport::Http2),
+            // Reset, or bytes that are no answer: HTTP/2 for now, frames again later.
+            Err(e) => {
+                tracing::debug!(peer = %self.address, error = %e, "peer-frames greeting failed; HTTP/2 for now");
+                Ok(Transport::Http2ForNow)
+            }
         }
     }
 }
@@ -478,6 +502,8 @@ impl PeerStream {
             credits: Arc::new(tokio::sync::Semaphore::new(0)),
             orphans: Arc::default(),
             takes_calls: AtomicBool::new(false),
+            fallback: AtomicBool::new(false),
+            opened: Instant::now(),
         }
     }
 
@@ -579,9 +605,11 @@ impl Peers {
     /// peer address ever reached would otherwise keep its channel (with its task) and
     /// stream for the life of this instance, and pod addresses change with every
     /// restart. A stream still open to a peer that left ends cleanly (its calls are
-    /// answered; one about to be queued is "not sent" and routed again). Returns the
-    /// peers forgotten because they left (sorted), and how many broken streams to peers
-    /// still named were dropped.
+    /// answered; one about to be queued is "not sent" and routed again). A stream that
+    /// went over HTTP/2 for want of peer frames ends the same way once it is
+    /// [`FALLBACK_FOR`] old, so the next call tries frames again. Returns the peers
+    /// forgotten because they left (sorted), and how many broken streams to peers still
+    /// named were dropped.
     pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> (Vec<String>, usize) {
         let mut departed = std::collections::BTreeSet::new();
         self.channels.write().expect("peers lock").retain(|key, _| {
@@ -600,7 +628,9 @@ impl Peers {
                     departed.insert(key.clone());
                 } else if stream.closed.load(Ordering::Acquire) {
                     broken += 1;
-                } else {
+                } else if !(stream.fallback.load(Ordering::Acquire)
+                    && stream.opened.elapsed() >= FALLBACK_FOR)
+                {
                     return true;
                 }
                 ended.push(stream.clone());
@@ -655,7 +685,7 @@ impl Peers {
         self.tasks.spawn(async move {
             // Peer frames first; over HTTP/2 to a receiver that does not take them.
             match target.open().await {
-                Ok(Some(conn)) => {
+                Ok(Transport::Frames(conn)) => {
                     // Within the receiver's limit if it is lower than ours, so it always
                     // reads what arrives (see `PeerStream::credits`).
                     frames_opened.inc();
@@ -663,8 +693,11 @@ impl Peers {
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
                 }
-                Ok(None) => {
+                Ok(transport @ (Transport::Http2 | Transport::Http2ForNow)) => {
                     grpc_opened.inc();
+                    if matches!(transport, Transport::Http2ForNow) {
+                        reader.fallback.store(true, Ordering::Release);
+                    }
                     reader.credits.add_permits(window);
                     run_grpc(client, member, rx, &reader, &target.address).await
                 }
@@ -984,13 +1017,37 @@ mod tests {
         let left = stream("10.0.0.2:7001", Lane::Calls);
         let broken = stream("10.0.0.1:7001", Lane::Records);
         broken.fail_all(PeerError::NoAnswer);
-        let live = ["10.0.0.1:7001".to_owned(), "10.0.0.3:7001".to_owned()].into();
+        // Over HTTP/2 for want of peer frames: kept a while, then replaced.
+        let fallback = |key: &str, age: Duration| {
+            let (tx, _) = mpsc::channel(1);
+            let mut s = PeerStream::new(tx);
+            s.fallback = AtomicBool::new(true);
+            s.opened = Instant::now() - age;
+            let s = Arc::new(s);
+            let lane = Lane::Calls;
+            peers
+                .streams
+                .lock()
+                .unwrap()
+                .insert((key.to_owned(), lane), s.clone());
+            s
+        };
+        let recent = fallback("10.0.0.3:7001", Duration::ZERO);
+        let old = fallback("10.0.0.4:7001", FALLBACK_FOR);
+        let live = ["10.0.0.1:7001", "10.0.0.3:7001", "10.0.0.4:7001"]
+            .map(String::from)
+            .into();
         assert_eq!(peers.retain(&live), (vec!["10.0.0.2:7001".to_owned()], 1));
+        assert!(
+            recent.tx.lock().unwrap().is_some(),
+            "a recent fallback is kept"
+        );
+        assert!(old.tx.lock().unwrap().is_none(), "an old fallback ends");
         let mut channels: Vec<String> = peers.channels.read().unwrap().keys().cloned().collect();
         channels.sort();
         assert_eq!(channels, ["10.0.0.1:7001", "10.0.0.3:7001"]);
         let streams = peers.streams.lock().unwrap();
-        assert_eq!(streams.len(), 1);
+        assert_eq!(streams.len(), 2, "the open stream and the recent fallback");
         assert!(Arc::ptr_eq(
             &streams[&("10.0.0.1:7001".to_owned(), Lane::Calls)],
             &stays
@@ -1005,17 +1062,35 @@ mod tests {
         assert_eq!(peers.retain(&live), (vec![], 0));
     }
 
+    /// A receiver that closes the connection at the greeting without a word takes HTTP/2
+    /// only; one whose connection breaks (a reset: it closed with the greeting unread)
+    /// is reached over HTTP/2 for now, and with frames again later.
     #[tokio::test]
     async fn a_receiver_that_closes_at_the_greeting_is_one_that_only_takes_http2() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let receiver = tokio::spawn(async move {
-            let (mut conn, _) = listener.accept().await.unwrap();
-            // Not an HTTP/2 preface: an HTTP/2 server closes the connection.
-            let mut preface = [0; 24];
-            conn.read_exact(&mut preface).await.unwrap();
+            for read_it_all in [true, false] {
+                let (mut conn, _) = listener.accept().await.unwrap();
+                if read_it_all {
+                    greeting(&mut conn).await;
+                    conn.shutdown().await.unwrap();
+                    let _ = conn.read_u8().await; // until the sender closes
+                } else {
+                    // Not an HTTP/2 preface: closed with the rest unread, so reset.
+                    let mut preface = [0; 24];
+                    conn.read_exact(&mut preface).await.unwrap();
+                }
+            }
         });
-        assert!(target(address).open().await.unwrap().is_none());
+        assert!(matches!(
+            target(address).open().await.unwrap(),
+            Transport::Http2
+        ));
+        assert!(matches!(
+            target(address).open().await.unwrap(),
+            Transport::Http2ForNow
+        ));
         receiver.await.unwrap();
     }
 
@@ -1048,7 +1123,10 @@ mod tests {
             members
         });
         let accepted = target(address).open().await.unwrap();
-        assert_eq!(accepted.as_ref().map(|a| a.max_in_flight), Some(16));
+        let Transport::Frames(accepted) = accepted else {
+            panic!("not accepted")
+        };
+        assert_eq!(accepted.max_in_flight, 16);
         drop(accepted);
         let refusing = target(address);
         let refused = refusing.open().await;
@@ -1059,7 +1137,10 @@ mod tests {
         );
         // For a while, streams to the peer that refused go over HTTP/2 (no connection
         // is made here: the receiver would not answer a third greeting).
-        assert!(refusing.open().await.unwrap().is_none());
+        assert!(matches!(
+            refusing.open().await.unwrap(),
+            Transport::Http2ForNow
+        ));
         assert_eq!(receiver.await.unwrap(), ["m1", "m1"]);
     }
 }
