@@ -520,7 +520,7 @@ impl Router {
                     ["frames", "grpc"].map(|transport| {
                         registry.counter(
                             "leasehold_peer_streams_opened_total",
-                            "Dispatch streams this instance opened to peers, by transport (peer frames; gRPC to a peer that only takes HTTP/2 or refused the frames greeting in the last second).",
+                            "Dispatch streams this instance opened to peers, by transport (peer frames; gRPC to a peer that refused the frames greeting in the last second or did not answer it, such as one that only takes HTTP/2).",
                             &[("transport", transport)],
                         )
                     }),

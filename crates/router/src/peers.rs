@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use leasehold_coord::PeerAddress;
@@ -137,11 +137,9 @@ struct PeerStream {
     orphans: Arc<Mutex<HashMap<u64, tokio::sync::OwnedSemaphorePermit>>>,
     /// The receiver said it takes gRPC calls (see [`STREAM_CALLS_HEADER`]).
     takes_calls: AtomicBool,
-    /// Over HTTP/2 only because the peer refused this member's greeting a moment ago or
-    /// the greeting failed (not because the peer takes HTTP/2 only): replaced after
-    /// [`FALLBACK_FOR`] by a stream that tries peer frames again.
-    fallback: AtomicBool,
-    opened: Instant,
+    /// For a stream over HTTP/2: when to replace it by one that tries peer frames again
+    /// (see [`Transport::Http2`]); set once the transport is known.
+    replace_at: OnceLock<Instant>,
 }
 
 /// Transport failures that mean the request never reached the peer: the connection could
@@ -320,19 +318,20 @@ async fn run_grpc(
 /// How long a peer that refused the peer-frames greeting is reached over HTTP/2.
 const REFUSAL_HOLD: Duration = Duration::from_secs(1);
 
-/// How long a stream that went over HTTP/2 for want of peer frames (see
-/// `PeerStream::fallback`) is kept before it is replaced.
-const FALLBACK_FOR: Duration = Duration::from_secs(30);
+/// How long a stream goes over HTTP/2 before peer frames are tried again: after a
+/// refusal of this member's greeting (a restarted member is refused until the
+/// receiver's routing table knows its new certificate), and after a greeting that got
+/// no answer (a receiver that takes HTTP/2 only — an earlier version — or a connection
+/// that broke: the two look alike, as an HTTP/2 server writes its settings and drops the
+/// connection).
+const AFTER_REFUSAL: Duration = Duration::from_secs(30);
+const AFTER_NO_ANSWER: Duration = Duration::from_secs(600);
 
 /// How a Dispatch stream to a peer goes.
 enum Transport {
     Frames(Accepted),
-    /// The receiver closed the connection at the greeting without an answer, as one
-    /// that takes HTTP/2 only does.
-    Http2,
-    /// The receiver refused this member's greeting a moment ago, or the greeting failed
-    /// in another way: HTTP/2 for now.
-    Http2ForNow,
+    /// Over HTTP/2, with peer frames tried again by a new stream after this long.
+    Http2(Duration),
 }
 
 /// Where to open a peer-frames connection, and as whom.
@@ -370,7 +369,7 @@ impl FramesTarget {
             let mut refused = self.refused.lock().expect("refused lock");
             refused.retain(|_, at| at.elapsed() < REFUSAL_HOLD);
             if refused.contains_key(&self.key) {
-                return Ok(Transport::Http2ForNow);
+                return Ok(Transport::Http2(AFTER_REFUSAL));
             }
         }
         let (host, port) = self
@@ -439,13 +438,10 @@ impl FramesTarget {
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                 Err(not_sent(format!("no answer to the greeting: {e}")))
             }
-            // Closed without an answer: a receiver that only takes HTTP/2.
-            Ok(None) => Ok(Transport::Http2),
-            // Reset, or bytes that are no answer: HTTP/2 for now, frames again later.
-            Err(e) => {
-                tracing::debug!(peer = %self.address, error = %e, "peer-frames greeting failed; HTTP/2 for now");
-                Ok(Transport::Http2ForNow)
-            }
+            // Closed without an answer, or what came is no answer (an HTTP/2 server's
+            // settings, a reset): a receiver that takes HTTP/2 only, or a broken
+            // connection.
+            Ok(None) | Err(_) => Ok(Transport::Http2(AFTER_NO_ANSWER)),
         }
     }
 }
@@ -502,8 +498,7 @@ impl PeerStream {
             credits: Arc::new(tokio::sync::Semaphore::new(0)),
             orphans: Arc::default(),
             takes_calls: AtomicBool::new(false),
-            fallback: AtomicBool::new(false),
-            opened: Instant::now(),
+            replace_at: OnceLock::new(),
         }
     }
 
@@ -516,6 +511,14 @@ impl PeerStream {
                 .expect("orphans lock")
                 .insert(id, credit);
         }
+    }
+
+    /// Ends the stream cleanly: no call is queued on it any more (one waiting for a credit
+    /// or room is "not sent" at once), the owner answers what it holds, and the reader
+    /// ends after the last answer.
+    fn end(&self) {
+        self.tx.lock().expect("tx lock").take();
+        self.credits.close();
     }
 
     fn fail_all(&self, why: PeerError) {
@@ -605,12 +608,13 @@ impl Peers {
     /// peer address ever reached would otherwise keep its channel (with its task) and
     /// stream for the life of this instance, and pod addresses change with every
     /// restart. A stream still open to a peer that left ends cleanly (its calls are
-    /// answered; one about to be queued is "not sent" and routed again). A stream that
-    /// went over HTTP/2 for want of peer frames ends the same way once it is
-    /// [`FALLBACK_FOR`] old, so the next call tries frames again. Returns the peers
+    /// answered; one about to be queued is "not sent" and routed again). A stream over
+    /// HTTP/2 ends the same way once due (see [`Transport::Http2`]), so the next call
+    /// tries peer frames again. Returns the peers
     /// forgotten because they left (sorted), and how many broken streams to peers still
     /// named were dropped.
     pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> (Vec<String>, usize) {
+        let now = Instant::now();
         let mut departed = std::collections::BTreeSet::new();
         self.channels.write().expect("peers lock").retain(|key, _| {
             let keep = live.contains(key);
@@ -628,16 +632,14 @@ impl Peers {
                     departed.insert(key.clone());
                 } else if stream.closed.load(Ordering::Acquire) {
                     broken += 1;
-                } else if !(stream.fallback.load(Ordering::Acquire)
-                    && stream.opened.elapsed() >= FALLBACK_FOR)
-                {
+                } else if stream.replace_at.get().is_none_or(|at| *at > now) {
                     return true;
                 }
                 ended.push(stream.clone());
                 false
             });
         for stream in ended {
-            stream.tx.lock().expect("tx lock").take();
+            stream.end();
         }
         (departed.into_iter().collect(), broken)
     }
@@ -648,7 +650,7 @@ impl Peers {
         let mut streams = self.streams.lock().expect("streams lock");
         self.closing.store(true, Ordering::Release);
         for (_, stream) in streams.drain() {
-            stream.tx.lock().expect("tx lock").take();
+            stream.end();
         }
     }
 
@@ -693,11 +695,9 @@ impl Peers {
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
                 }
-                Ok(transport @ (Transport::Http2 | Transport::Http2ForNow)) => {
+                Ok(Transport::Http2(frames_again)) => {
                     grpc_opened.inc();
-                    if matches!(transport, Transport::Http2ForNow) {
-                        reader.fallback.store(true, Ordering::Release);
-                    }
+                    let _ = reader.replace_at.set(Instant::now() + frames_again);
                     reader.credits.add_permits(window);
                     run_grpc(client, member, rx, &reader, &target.address).await
                 }
@@ -1018,11 +1018,10 @@ mod tests {
         let broken = stream("10.0.0.1:7001", Lane::Records);
         broken.fail_all(PeerError::NoAnswer);
         // Over HTTP/2 for want of peer frames: kept a while, then replaced.
-        let fallback = |key: &str, age: Duration| {
+        let fallback = |key: &str, due_in: Duration| {
             let (tx, _) = mpsc::channel(1);
-            let mut s = PeerStream::new(tx);
-            s.fallback = AtomicBool::new(true);
-            s.opened = Instant::now() - age;
+            let s = PeerStream::new(tx);
+            s.replace_at.set(Instant::now() + due_in).unwrap();
             let s = Arc::new(s);
             let lane = Lane::Calls;
             peers
@@ -1032,8 +1031,8 @@ mod tests {
                 .insert((key.to_owned(), lane), s.clone());
             s
         };
-        let recent = fallback("10.0.0.3:7001", Duration::ZERO);
-        let old = fallback("10.0.0.4:7001", FALLBACK_FOR);
+        let recent = fallback("10.0.0.3:7001", AFTER_REFUSAL);
+        let old = fallback("10.0.0.4:7001", Duration::ZERO);
         let live = ["10.0.0.1:7001", "10.0.0.3:7001", "10.0.0.4:7001"]
             .map(String::from)
             .into();
@@ -1062,35 +1061,29 @@ mod tests {
         assert_eq!(peers.retain(&live), (vec![], 0));
     }
 
-    /// A receiver that closes the connection at the greeting without a word takes HTTP/2
-    /// only; one whose connection breaks (a reset: it closed with the greeting unread)
-    /// is reached over HTTP/2 for now, and with frames again later.
+    /// A receiver that does not answer the greeting — an HTTP/2 server (it writes its
+    /// settings, reads a bad preface and drops the connection) or one that closes it —
+    /// is reached over HTTP/2, with peer frames tried again much later.
     #[tokio::test]
-    async fn a_receiver_that_closes_at_the_greeting_is_one_that_only_takes_http2() {
+    async fn a_receiver_that_does_not_answer_the_greeting_is_reached_over_http2() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let receiver = tokio::spawn(async move {
-            for read_it_all in [true, false] {
-                let (mut conn, _) = listener.accept().await.unwrap();
-                if read_it_all {
-                    greeting(&mut conn).await;
-                    conn.shutdown().await.unwrap();
-                    let _ = conn.read_u8().await; // until the sender closes
-                } else {
-                    // Not an HTTP/2 preface: closed with the rest unread, so reset.
-                    let mut preface = [0; 24];
-                    conn.read_exact(&mut preface).await.unwrap();
-                }
-            }
+            let (conn, _) = listener.accept().await.unwrap();
+            let refused = h2::server::handshake(conn).await;
+            assert!(refused.is_err(), "the greeting is no HTTP/2 preface");
+            let (mut conn, _) = listener.accept().await.unwrap();
+            greeting(&mut conn).await;
+            conn.shutdown().await.unwrap();
+            let _ = conn.read_u8().await; // until the sender closes
         });
-        assert!(matches!(
-            target(address).open().await.unwrap(),
-            Transport::Http2
-        ));
-        assert!(matches!(
-            target(address).open().await.unwrap(),
-            Transport::Http2ForNow
-        ));
+        for receiver in ["an HTTP/2 server", "one that closes"] {
+            match target(address).open().await {
+                Ok(Transport::Http2(again)) => assert_eq!(again, AFTER_NO_ANSWER, "{receiver}"),
+                Ok(Transport::Frames(_)) => panic!("{receiver}: accepted"),
+                Err(e) => panic!("{receiver}: {e}"),
+            }
+        }
         receiver.await.unwrap();
     }
 
@@ -1139,7 +1132,7 @@ mod tests {
         // is made here: the receiver would not answer a third greeting).
         assert!(matches!(
             refusing.open().await.unwrap(),
-            Transport::Http2ForNow
+            Transport::Http2(AFTER_REFUSAL)
         ));
         assert_eq!(receiver.await.unwrap(), ["m1", "m1"]);
     }
