@@ -270,8 +270,8 @@ async fn expired_etcd_auth_tokens_are_refreshed() {
 /// An etcd that takes fewer operations per transaction than a batch of shard keys holds
 /// (`--max-txn-ops` lowered by its operator): the keys are written one by one instead,
 /// and the cluster owns every shard as with the default limit. An instance that was
-/// refused once writes one by one from then on: taking over its peer's shards later
-/// costs no further refusal.
+/// refused writes one by one for a while (10 minutes): taking over its peer's shards
+/// soon after costs no further refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn shards_are_acquired_one_by_one_from_an_etcd_that_refuses_batches() {
     let etcd = Etcd::start_with(&["--max-txn-ops", "8"]).await;

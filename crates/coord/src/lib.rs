@@ -255,10 +255,11 @@ struct Inner {
     draining: AtomicBool,
     /// Set until the handler first answers; no shard is taken before.
     awaiting_handler: AtomicBool,
-    /// Set once etcd refused a batch of shard keys (its `--max-txn-ops` is lower than a
-    /// batch needs): every later acquisition writes its shards one by one from the start
-    /// instead of paying a refused round trip per batch at every pass.
-    batches_refused: AtomicBool,
+    /// When etcd last refused a batch of shard keys (its `--max-txn-ops` is lower than a
+    /// batch needs): for 10 minutes after it, acquisitions write their
+    /// shards one by one from the start instead of paying a refused round trip per batch
+    /// at every pass; then batches are tried again (the limit may have been raised).
+    batches_refused: Mutex<Option<Instant>>,
     wake: Notify,
     /// Notified when the watcher re-synced after losing its watch: etcd answers again, so
     /// the lease keeper retries at once instead of at its next keepalive tick.
@@ -293,7 +294,7 @@ impl Coord {
                 etcd_tls: std::sync::RwLock::new(opts.etcd_tls.clone()),
                 draining: AtomicBool::new(false),
                 awaiting_handler: AtomicBool::new(true),
-                batches_refused: AtomicBool::new(false),
+                batches_refused: Mutex::new(None),
                 wake: Notify::new(),
                 etcd_back_to_keeper: Notify::new(),
                 etcd_back_to_watcher: Notify::new(),

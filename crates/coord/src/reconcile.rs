@@ -146,6 +146,9 @@ const REPAIR_CONCURRENCY: usize = 64;
 /// etcd refuse the batch, whose shards are then written one by one).
 const ACQUIRE_BATCH: usize = 32;
 
+/// How long shard keys are written one by one after etcd refused a batch of them.
+const BATCHES_AGAIN_AFTER: Duration = Duration::from_secs(600);
+
 /// Acquisition transactions in flight at once (chunks, or single shards after a chunk
 /// could not be written whole)...
 const ACQUIRE_TXNS_AT_ONCE: usize = 64;
@@ -438,11 +441,13 @@ impl Coord {
         // as soon as it is written, and calls reaching this instance before its table
         // says so are answered "not owner" (after a SIGKILL, hundreds of shards are
         // taken at once).
-        let batch = if self.inner.batches_refused.load(Ordering::Acquire) {
-            1
-        } else {
-            ACQUIRE_BATCH
-        };
+        let refused_lately = self
+            .inner
+            .batches_refused
+            .lock()
+            .expect("batches lock")
+            .is_some_and(|at| at.elapsed() < BATCHES_AGAIN_AFTER);
+        let batch = if refused_lately { 1 } else { ACQUIRE_BATCH };
         let mut pending: std::collections::VecDeque<Vec<ShardId>> =
             wanted.chunks(batch).map(<[_]>::to_vec).collect();
         let mut running = futures::stream::FuturesUnordered::new();
@@ -500,9 +505,11 @@ impl Coord {
             }
         }
         if let Some(reason) = refused {
-            if !self.inner.batches_refused.swap(true, Ordering::AcqRel) {
-                tracing::warn!(%reason, "etcd refused a batch of shard keys (is its --max-txn-ops below 32?); writing shard keys one by one from now on");
+            let mut refused_at = self.inner.batches_refused.lock().expect("batches lock");
+            if !refused_lately {
+                tracing::warn!(%reason, "etcd refused a batch of shard keys (is its --max-txn-ops below 32?); writing shard keys one by one for the next 10 minutes");
             }
+            *refused_at = Some(Instant::now());
         }
         if let Some(e) = last_error {
             tracing::warn!(shards = failed, error = %e, "shard acquisition failed");
