@@ -337,22 +337,27 @@ impl Instance {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join(format!("{}.log", spec.id));
         let (grpc_port, admin_port, peer_port) = (free_port(), free_port(), free_port());
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        // The harness's own variables are no settings: the instance would warn of each.
+        for own in [
+            "LEASEHOLD_BIN",
+            "LEASEHOLD_DEMO_BIN",
+            "LEASEHOLD_KAFKA_LIBS",
+            "LEASEHOLD_UPDATE_SCREENSHOTS",
+            "LEASEHOLD_SOAK_SECONDS",
+            "LEASEHOLD_PYTHON",
+            "LEASEHOLD_CACHE",
+            "LEASEHOLD_DEBUG_LOADS",
+        ] {
+            command.env_remove(own);
+        }
+        let child = command
             .args(leading)
             .args(["--id", &spec.id, "--etcd", &spec.etcd])
             .args(["--listen", &format!("127.0.0.1:{grpc_port}")])
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--peer-listen", &format!("127.0.0.1:{peer_port}")])
             .args(&spec.args)
-            // The harness's own variables are no settings: the instance would warn of each.
-            .env_remove("LEASEHOLD_BIN")
-            .env_remove("LEASEHOLD_DEMO_BIN")
-            .env_remove("LEASEHOLD_KAFKA_LIBS")
-            .env_remove("LEASEHOLD_UPDATE_SCREENSHOTS")
-            .env_remove("LEASEHOLD_SOAK_SECONDS")
-            .env_remove("LEASEHOLD_PYTHON")
-            .env_remove("LEASEHOLD_CACHE")
-            .env_remove("LEASEHOLD_DEBUG_LOADS")
             .env("LEASEHOLD_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::null())

@@ -610,9 +610,8 @@ impl Peers {
     /// restart. A stream still open to a peer that left ends cleanly (its calls are
     /// answered; one about to be queued is "not sent" and routed again). A stream over
     /// HTTP/2 ends the same way once due (see [`Transport::Http2`]), so the next call
-    /// tries peer frames again. Returns the peers
-    /// forgotten because they left (sorted), and how many broken streams to peers still
-    /// named were dropped.
+    /// tries peer frames again. Returns the peers forgotten because they left (sorted),
+    /// and how many broken streams to peers still named were dropped.
     pub(crate) fn retain(&self, live: &std::collections::HashSet<String>) -> (Vec<String>, usize) {
         let now = Instant::now();
         let mut departed = std::collections::BTreeSet::new();
