@@ -823,6 +823,61 @@ async fn a_handler_error_crosses_the_forward_hop_whole() {
     }
 }
 
+/// Instances whose max_payload differ (the setting changed in a rolling restart): a call
+/// larger than its owner reads is refused where it entered, saying why, instead of being
+/// written to the owner, which would break the peer stream and every call on it, again
+/// at each retry until the call's deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_call_larger_than_its_owner_reads_is_refused_and_the_peer_stream_stays() {
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let flag = checker.handler_flag();
+    let mut cluster = Cluster::start(1, &ttl_args(&flag)).await;
+    // n1 reads frames of at most 64 KiB + 1 MiB; n0 takes payloads of up to 4 MiB.
+    cluster
+        .args
+        .extend(["--max-payload".into(), "64KiB".into()]);
+    cluster.add("n1");
+    let table = cluster.wait_balanced(Duration::from_secs(15)).await;
+    let key = key_owned_by(&table, "big-", "n1");
+    let mut client = cluster.instances[0].client().await;
+    let call = |n: usize| {
+        let mut r = tonic::Request::new(CallRequest {
+            key: key.clone(),
+            payload: vec![7u8; n].into(),
+        });
+        r.set_timeout(Duration::from_secs(5));
+        r
+    };
+    client.call(call(10)).await.expect("a small call crosses");
+    let streams = || {
+        cluster.instances[0]
+            .metric_where("leasehold_peer_streams_opened_total", "transport=")
+            .unwrap()
+    };
+    let opened = streams();
+    assert!(opened >= 1.0, "no peer stream was opened");
+
+    let e = client.call(call(2 << 20)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let owner = format!("127.0.0.1:{}", cluster.instances[1].peer_port);
+    assert!(
+        e.message().contains("max_payload") && e.message().contains(&owner),
+        "{}",
+        e.message()
+    );
+    client.call(call(10)).await.expect("the next call crosses");
+    assert_eq!(
+        streams(),
+        opened,
+        "a peer stream broke and was opened again"
+    );
+    let state = checker.state.lock().unwrap();
+    assert!(
+        !state.history[&key].iter().any(|p| p.len() > 64 * 1024),
+        "the large call ran"
+    );
+}
+
 /// The first key `<prefix><n>` that `owner` owns in `table` (from `wait_balanced`).
 fn key_owned_by(table: &[(u64, Option<String>, u64)], prefix: &str, owner: &str) -> String {
     (0..10_000)

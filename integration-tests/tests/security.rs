@@ -594,7 +594,7 @@ async fn peer_frames_refusal(
         id: 1,
         call: Some(call),
         timeout_ms: 5000,
-        cancel: false,
+        ..Default::default()
     };
     let mut out = b"LEASEHOLD PEER FRAMES/1\n".to_vec();
     out.extend(frame(b"n1".to_vec()));
@@ -953,7 +953,7 @@ async fn limits_refuse_clearly_and_memory_stays_bounded() {
                     metadata: Default::default(),
                 }),
                 timeout_ms: 5000,
-                cancel: false,
+                ..Default::default()
             }
         })
     };

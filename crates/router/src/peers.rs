@@ -3,7 +3,7 @@
 //! cannot be used.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -140,6 +140,9 @@ struct PeerStream {
     /// For a stream over HTTP/2: when to replace it by one that tries peer frames again
     /// (see [`Transport::Http2`]); set once the transport is known.
     replace_at: OnceLock<Instant>,
+    /// The largest request frame the receiver reads, as it said in its answer to the
+    /// greeting (`usize::MAX` until then, and when it did not say).
+    max_request: AtomicUsize,
 }
 
 /// Transport failures that mean the request never reached the peer: the connection could
@@ -352,6 +355,8 @@ struct Accepted {
     write: tokio::io::WriteHalf<Box<dyn crate::frames::Io>>,
     /// The receiver's `max_dispatch_in_flight` (at least 1).
     max_in_flight: usize,
+    /// The largest frame the receiver reads (`usize::MAX` if it did not say).
+    max_frame: usize,
 }
 
 impl FramesTarget {
@@ -405,6 +410,13 @@ impl FramesTarget {
         let (read, mut write) = tokio::io::split(io);
         let mut greeting = bytes::BytesMut::from(frames::MAGIC);
         frames::put_bytes(&mut greeting, self.member.as_bytes());
+        // Then the largest answer this side reads, before any call (a receiver of an
+        // earlier version takes it for a ping).
+        let limit = pb::DispatchRequest {
+            max_frame: u32::try_from(self.max_message).unwrap_or(u32::MAX),
+            ..Default::default()
+        };
+        frames::put(&mut greeting, &limit);
         write
             .write_all(&greeting)
             .await
@@ -417,6 +429,7 @@ impl FramesTarget {
                 id: 0,
                 error: None,
                 max_in_flight: max_in_flight @ 1..,
+                max_frame,
                 ..
             })) => {
                 reader.set_max(self.max_message);
@@ -424,6 +437,10 @@ impl FramesTarget {
                     reader,
                     write,
                     max_in_flight: max_in_flight as usize,
+                    max_frame: match max_frame {
+                        0 => usize::MAX,
+                        n => n as usize,
+                    },
                 }))
             }
             Ok(Some(pb::DispatchResponse { error: Some(e), .. })) => {
@@ -499,6 +516,7 @@ impl PeerStream {
             orphans: Arc::default(),
             takes_calls: AtomicBool::new(false),
             replace_at: OnceLock::new(),
+            max_request: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -690,6 +708,8 @@ impl Peers {
                     // Within the receiver's limit if it is lower than ours, so it always
                     // reads what arrives (see `PeerStream::credits`).
                     frames_opened.inc();
+                    // Set before the credits: no call is checked against the default.
+                    reader.max_request.store(conn.max_frame, Ordering::Release);
                     reader.credits.add_permits(conn.max_in_flight.min(window));
                     reader.takes_calls.store(true, Ordering::Release);
                     run_frames(conn, rx, &reader, &target.address).await;
@@ -723,6 +743,16 @@ impl Peers {
         let Ok(Ok(credit)) = credit.await else {
             return not_sent();
         };
+        // A frame over the receiver's limit would break the connection (and every call
+        // on it), again at each retry: refused here as the owner would refuse a payload
+        // over its max_payload. The envelope's other fields take at most 32 bytes.
+        let max = stream.max_request.load(Ordering::Acquire);
+        let size = prost::Message::encoded_len(&request) + 32;
+        if size > max {
+            return Forwarded::Done(Err(CallError::InvalidArgument(format!(
+                "the call is {size} bytes as forwarded, over the {max} bytes its key's owner (peer {address}) reads: that instance's max_payload is lower than this one's (give every instance the same max_payload)"
+            ))));
+        }
         let id = stream.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         stream.pending.lock().expect("pending lock").insert(id, tx);
@@ -918,14 +948,25 @@ mod tests {
         }
     }
 
-    /// Reads the greeting a sender writes: the magic, then its member id in a frame.
+    /// Reads the greeting a sender writes: the magic, then its member id in a frame, then
+    /// a request of id 0 with the largest frame it reads.
     async fn greeting(conn: &mut tokio::net::TcpStream) -> String {
         let mut magic = [0; 24];
         conn.read_exact(&mut magic).await.unwrap();
         assert_eq!(&magic[..], crate::frames::MAGIC);
-        let len = conn.read_u32().await.unwrap() as usize;
-        let mut member = vec![0; len];
-        conn.read_exact(&mut member).await.unwrap();
+        let mut frames = Vec::new();
+        for _ in 0..2 {
+            let len = conn.read_u32().await.unwrap() as usize;
+            let mut bytes = vec![0; len];
+            conn.read_exact(&mut bytes).await.unwrap();
+            frames.push(bytes);
+        }
+        let limit: pb::DispatchRequest = prost::Message::decode(&frames[1][..]).unwrap();
+        let member = frames.swap_remove(0);
+        assert_eq!(
+            (limit.id, limit.max_frame, limit.call.is_none()),
+            (0, 1 << 20, true)
+        );
         String::from_utf8(member).unwrap()
     }
 
@@ -1097,6 +1138,7 @@ mod tests {
                 members.push(greeting(&mut conn).await);
                 let answer = pb::DispatchResponse {
                     max_in_flight: if refuse { 0 } else { 16 },
+                    max_frame: 1000,
                     error: refuse.then(|| pb::DispatchError {
                         code: tonic::Code::PermissionDenied as i32,
                         message: "not a member".into(),
@@ -1118,7 +1160,7 @@ mod tests {
         let Transport::Frames(accepted) = accepted else {
             panic!("not accepted")
         };
-        assert_eq!(accepted.max_in_flight, 16);
+        assert_eq!((accepted.max_in_flight, accepted.max_frame), (16, 1000));
         drop(accepted);
         let refusing = target(address);
         let refused = refusing.open().await;

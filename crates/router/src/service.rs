@@ -402,6 +402,7 @@ impl PeerService {
                 max_in_flight: u32::try_from(self.router.options().max_dispatch_in_flight)
                     .unwrap_or(u32::MAX)
                     .max(1),
+                max_frame: u32::try_from(self.router.options().max_message()).unwrap_or(u32::MAX),
                 ..Default::default()
             },
             Err(refusal) => error_answer(0, refusal, "unavailable"),
@@ -484,7 +485,9 @@ impl PeerService {
             this.router.options().max_dispatch_in_flight,
         ));
         let tasks = this.router.tasks().clone();
-        let max_message = this.router.options().max_message();
+        // Answers fit in a frame the sender reads: our own limit, or the sender's if it
+        // said it is lower (its first message, before any call).
+        let mut max_answer = this.router.options().max_message();
         let closing = this.router.inner.closing.clone();
         // Calls read and not yet answered, by id; removing one drops its call.
         let running: StreamCalls = Arc::new(Mutex::new(HashMap::new()));
@@ -499,8 +502,12 @@ impl PeerService {
                 Ok(None) => break Ended::Finished,
                 Err(_) => break Ended::Broken,
             };
-            // A peer-frames ping (it kept the connection alive by arriving).
+            // A peer-frames ping (it kept the connection alive by arriving), or the
+            // sender's limit.
             if req.id == 0 {
+                if req.max_frame > 0 {
+                    max_answer = max_answer.min(req.max_frame as usize);
+                }
                 continue;
             }
             if req.cancel {
@@ -562,7 +569,7 @@ impl PeerService {
                 async move {
                     let Some(result) = result else { return };
                     running.lock().expect("running lock").remove(&id);
-                    let _ = tx.send(Ok(answer_within(id, result, max_message))).await;
+                    let _ = tx.send(Ok(answer_within(id, result, max_answer))).await;
                     drop(slot);
                 }
             });
@@ -624,7 +631,7 @@ impl PeerService {
                 })),
             }),
             error: None,
-            max_in_flight: 0,
+            ..Default::default()
         }
     }
 }
@@ -636,7 +643,7 @@ fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::Dispat
             id,
             answer: Some(answer),
             error: None,
-            max_in_flight: 0,
+            ..Default::default()
         },
         Err(e) => {
             let kind = e.kind();
@@ -645,22 +652,22 @@ fn answer(id: u64, result: Result<pb::ForwardResponse, CallError>) -> pb::Dispat
     }
 }
 
-/// A call's answer, or, if it would not fit in a frame the sender reads (`max_message`),
-/// an error saying so: an oversized frame would break the stream and fail every call on
-/// it.
+/// A call's answer, or, if it would not fit in a frame the sender reads (`max_answer`:
+/// the lower of the two instances' max_payload + 1 MiB), an error saying so: an oversized
+/// frame would break the stream and fail every call on it.
 fn answer_within(
     id: u64,
     result: Result<pb::ForwardResponse, CallError>,
-    max_message: usize,
+    max_answer: usize,
 ) -> pb::DispatchResponse {
     let a = answer(id, result);
     let size = prost::Message::encoded_len(&a);
-    if size <= max_message {
+    if size <= max_answer {
         return a;
     }
     // The handler's own outcome (kind "handler"): not to be retried, since it ran.
     let e = CallError::Handler(Status::resource_exhausted(format!(
-        "the handler ran, but its reply ({size} bytes with its envelope) is larger than a forwarded answer may be ({max_message} bytes: max_payload + 1 MiB); call the key's owner directly or return less"
+        "the handler ran, but its reply ({size} bytes with its envelope) is larger than a forwarded answer may be ({max_answer} bytes: the lower max_payload of the two instances + 1 MiB); call the key's owner directly or return less"
     )));
     answer(id, Err(e))
 }
@@ -677,7 +684,7 @@ fn error_answer(id: u64, s: &Status, kind: &str) -> pb::DispatchResponse {
             details: s.details().to_vec().into(),
             metadata: ascii_metadata(s.metadata()),
         }),
-        max_in_flight: 0,
+        ..Default::default()
     }
 }
 
@@ -773,7 +780,7 @@ mod tests {
                 id: 9,
                 answer: None,
                 error: Some(e),
-                max_in_flight: 0,
+                ..Default::default()
             }) <= 2000
         );
     }
