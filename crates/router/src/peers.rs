@@ -747,10 +747,15 @@ impl Peers {
         // on it), again at each retry: refused here as the owner would refuse a payload
         // over its max_payload. The envelope's other fields take at most 32 bytes.
         let max = stream.max_request.load(Ordering::Acquire);
-        let size = prost::Message::encoded_len(&request) + 32;
-        if size > max {
+        let size = prost::Message::encoded_len(&request);
+        if size + 32 > max {
+            let why = if max < self.max_message {
+                "that instance's max_payload is lower than this one's (give every instance the same max_payload)"
+            } else {
+                "its key and forwarded metadata leave too little room beside the payload"
+            };
             return Forwarded::Done(Err(CallError::InvalidArgument(format!(
-                "the call is {size} bytes as forwarded, over the {max} bytes its key's owner (peer {address}) reads: that instance's max_payload is lower than this one's (give every instance the same max_payload)"
+                "the call is {size} bytes as forwarded, over the {max} bytes its key's owner (peer {address}) reads: {why}"
             ))));
         }
         let id = stream.next_id.fetch_add(1, Ordering::Relaxed);

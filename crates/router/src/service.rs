@@ -503,9 +503,10 @@ impl PeerService {
                 Err(_) => break Ended::Broken,
             };
             // A peer-frames ping (it kept the connection alive by arriving), or the
-            // sender's limit.
+            // sender's limit (never below 1 MiB + 1 byte: any other value is a sender's
+            // bug, which would otherwise turn every answer into an error).
             if req.id == 0 {
-                if req.max_frame > 0 {
+                if req.max_frame > 1 << 20 {
                     max_answer = max_answer.min(req.max_frame as usize);
                 }
                 continue;
