@@ -1124,6 +1124,115 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     assert!(missing.message().contains("\"pay\""), "{missing:?}");
 }
 
+/// A group that lagged further back than the overlap when the primary failed: the standby
+/// is read from the first record the group had not finished, not from the failure minus
+/// the overlap, so no record it had not handled is skipped there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() {
+    let mut primary = Kafka::start().await;
+    let standby = Kafka::start().await;
+    for k in [&primary, &standby] {
+        k.create_topic("pay", 3).await;
+        k.create_topic("pay-dlq", 1).await;
+    }
+    // Records of `stuck-…` accounts are refused and retried: they stay unfinished.
+    let checker = Checker::start(Duration::ZERO, Some("stuck")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = failover_config(
+        dir.path(),
+        &checker.handler_flag(),
+        &primary.brokers(),
+        &standby.brokers(),
+    );
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("overlap = \"30s\"", "overlap = \"1s\"")
+        .replace(
+            "dlq_topic = \"pay-dlq\"\n",
+            "dlq_topic = \"pay-dlq\"\nretry_attempts = 1000\n",
+        );
+    assert!(text.contains("retry_attempts = 1000") && text.contains("overlap = \"1s\""));
+    std::fs::write(&config, text).unwrap();
+    let cluster = Cluster::start(2, &["--config", &config]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let n0 = &cluster.instances[0];
+
+    // On partition 0: a record from ten minutes ago on the standby only, then on both
+    // clusters (as a mirror copies records, with their times) one from two minutes ago
+    // that the handler keeps refusing.
+    let ago = |secs: u64| {
+        (SystemTime::now() - Duration::from_secs(secs))
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let (old_ts, stuck_ts) = (ago(600), ago(120));
+    let send = |producer: rdkafka::producer::FutureProducer, account: &'static str, ts: i64| async move {
+        let value = format!(r#"{{"account":"{account}","seq":0,"amount":1}}"#);
+        let record: rdkafka::producer::FutureRecord<'_, (), str> =
+            rdkafka::producer::FutureRecord::to("pay")
+                .partition(0)
+                .payload(value.as_str())
+                .timestamp(ts);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    };
+    send(standby.producer(), "acct-old", old_ts).await;
+    send(standby.producer(), "stuck-1", stuck_ts).await;
+    send(primary.producer(), "stuck-1", stuck_ts).await;
+    let called_on = |cluster: &str| {
+        let state = checker.state.lock().unwrap();
+        state
+            .kafka
+            .iter()
+            .zip(&state.kafka_clusters)
+            .any(|((key, ..), c)| key == "stuck-1" && c == cluster)
+    };
+    wait_until(Duration::from_secs(60), "the stuck record tried", || {
+        called_on("primary").then_some(())
+    })
+    .await;
+    // Its reader reports it (every 5 s, then with its next health report).
+    wait_until(
+        Duration::from_secs(20),
+        "a report of the unfinished record",
+        || {
+            side(n0)?["health"]
+                .as_array()?
+                .iter()
+                .any(|h| {
+                    h["first_unfinished_ms"]
+                        .as_i64()
+                        .is_some_and(|t| t <= stuck_ts)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+
+    primary.stop();
+    let s = wait_until(Duration::from_secs(30), "the switch to the standby", || {
+        let s = side(n0)?;
+        (s["active"] == "standby").then_some(s)
+    })
+    .await;
+    let position = s["position_ms"].as_i64().unwrap();
+    assert!(
+        position <= stuck_ts && position > old_ts,
+        "the standby is read from {position}: the stuck record is from {stuck_ts}, the old one from {old_ts}"
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "the stuck record read from the standby",
+        || called_on("standby").then_some(()),
+    )
+    .await;
+    assert_eq!(
+        handled_on(&checker, "standby"),
+        BTreeSet::from([(0, 1)]),
+        "only the stuck record is read there (the one before it is older than the position)"
+    );
+}
+
 /// Two Kafka clusters with the topic `pay` (3 partitions) and its dead-letter topic, and
 /// the checker handler.
 async fn two_clusters() -> (Kafka, Kafka, Checker) {

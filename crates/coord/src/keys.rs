@@ -220,6 +220,12 @@ pub struct KafkaHealthValue {
     /// The last probe's error.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
+    /// The time (Unix ms, rounded down to 30 s) of the first record this member's
+    /// consumer of the source read and has not finished, over its partitions: the
+    /// standby is read from no later than this, so records the group had not handled
+    /// when the primary failed are read there too. `None` when it knows none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_unfinished_ms: Option<u64>,
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.

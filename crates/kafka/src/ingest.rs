@@ -371,6 +371,24 @@ pub struct Ingest {
     metrics: Arc<Metrics>,
     /// Set before cancelling: stop without the grace for in-flight messages.
     abandon: Arc<AtomicBool>,
+    first_unfinished: FirstUnfinished,
+}
+
+/// The time of the first record this consumer read and has not finished, over the
+/// partitions it holds (the earliest [`Window::first_unfinished_time`]), in Unix
+/// milliseconds; refreshed every 5 s while [`Ingest::run`] runs, `None` before it knows
+/// one. Every record of those partitions that is not done is at or after it.
+#[derive(Debug, Clone, Default)]
+pub struct FirstUnfinished(Arc<Mutex<Option<i64>>>);
+
+impl FirstUnfinished {
+    pub fn get(&self) -> Option<i64> {
+        *self.0.lock().expect("first unfinished lock")
+    }
+
+    fn set(&self, value: Option<i64>) {
+        *self.0.lock().expect("first unfinished lock") = value;
+    }
 }
 
 impl Ingest {
@@ -458,7 +476,16 @@ impl Ingest {
             registry: registry.clone(),
             metrics: Arc::new(metrics),
             abandon: Arc::default(),
+            first_unfinished: FirstUnfinished::default(),
         }
+    }
+
+    /// Reports into `handle` (one across consumers of the same source, e.g. on either
+    /// side of a failover), starting it afresh.
+    pub fn with_first_unfinished(mut self, handle: FirstUnfinished) -> Self {
+        handle.set(None);
+        self.first_unfinished = handle;
+        self
     }
 
     /// A switch that, set before [`Ingest::run`]'s token is cancelled, makes the stop
@@ -513,6 +540,7 @@ impl Ingest {
             partitions.clone(),
             self.opts.clone(),
             self.status.clone(),
+            self.first_unfinished.clone(),
             cancel.clone(),
         ));
         let state = Consuming {
@@ -1244,6 +1272,7 @@ async fn report_lag(
     partitions: Partitions,
     opts: Arc<SourceOptions>,
     status: StatusHandle,
+    first_unfinished: FirstUnfinished,
     cancel: CancellationToken,
 ) {
     loop {
@@ -1257,6 +1286,20 @@ async fn report_lag(
             .values()
             .cloned()
             .collect();
+        // From this instance's own state, before any broker request (the cluster may be
+        // the one that is down).
+        first_unfinished.set(
+            parts
+                .iter()
+                .filter(|p| !p.is_revoked())
+                .filter_map(|p| {
+                    p.window
+                        .lock()
+                        .expect("window lock")
+                        .first_unfinished_time()
+                })
+                .min(),
+        );
         let consumer = consumer.clone();
         let opts = opts.clone();
         let status = status.clone();
@@ -1443,7 +1486,11 @@ impl Worker {
             timestamp,
         } = m;
         let offset = record.offset;
-        self.part.window.lock().expect("window lock").start(offset);
+        self.part
+            .window
+            .lock()
+            .expect("window lock")
+            .start(offset, timestamp);
         self.metrics.in_flight.add(1);
         let chain = key.map(|key| {
             let (done_tx, done_rx) = oneshot::channel::<()>();

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 pub use crate::failover::{FailoverOptions, Side};
-pub use crate::ingest::Ingest;
+pub use crate::ingest::{FirstUnfinished, Ingest};
 pub use crate::key::{KeyError, KeySource, KeySourceError};
 pub use crate::window::Window;
 

@@ -370,6 +370,7 @@ impl KafkaSourceView {
                     primary_ok: h.primary_ok,
                     since_ms: h.since_ms,
                     error: h.error.clone(),
+                    first_unfinished_ms: h.first_unfinished_ms.unwrap_or(0),
                 })
                 .collect(),
         }
@@ -488,6 +489,7 @@ async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<Strin
                 "primary_ok": h.primary_ok,
                 "since_ms": h.since_ms,
                 "error": h.error,
+                "first_unfinished_ms": h.first_unfinished_ms,
             })
         })
         .collect();

@@ -13,7 +13,9 @@ use std::time::{Duration, SystemTime};
 
 use leasehold_coord::{Coord, KafkaHealthValue, KafkaSide, KafkaSideValue, MemberState};
 use leasehold_kafka::failover::Prober;
-use leasehold_kafka::{Dispatcher, FailoverOptions, Ingest, Side, SourceOptions, StatusHandle};
+use leasehold_kafka::{
+    Dispatcher, FailoverOptions, FirstUnfinished, Ingest, Side, SourceOptions, StatusHandle,
+};
 use leasehold_metrics::Registry;
 use leasehold_types::MemberId;
 use tokio_util::sync::CancellationToken;
@@ -137,6 +139,21 @@ impl std::fmt::Display for SwitchError {
     }
 }
 
+/// The granularity of the health reports' `first_unfinished_ms`.
+const FIRST_UNFINISHED_STEP_MS: u64 = 30_000;
+
+/// The earliest time of a record some member's consumer read and had not finished when
+/// it last reported (see `KafkaHealthValue::first_unfinished_ms`), if any.
+pub fn first_unfinished(coord: &Coord, source: &str) -> Option<u64> {
+    coord
+        .view()
+        .kafka_health
+        .iter()
+        .filter(|((s, _), _)| s == source)
+        .filter_map(|(_, h)| h.first_unfinished_ms)
+        .min()
+}
+
 /// The earliest time a member says the primary has been failing (its clock), if any.
 pub fn first_failure(coord: &Coord, source: &str) -> Option<u64> {
     coord
@@ -179,12 +196,21 @@ pub async fn switch(
     if value.active == KafkaSide::Standby && (current.active != KafkaSide::Standby || expected == 0)
     {
         let overlap = failover.overlap.as_millis() as u64;
-        let at_ms = value.position_ms.unwrap_or_else(|| {
+        let from_failure = value.position_ms.unwrap_or_else(|| {
             first_failure(coord, &source.name)
                 .unwrap_or_else(now_ms)
                 .min(now_ms())
                 .saturating_sub(overlap)
         });
+        // A group that lagged further than the overlap had records older than it not
+        // handled yet: the standby is read from the first of them.
+        let at_ms = match first_unfinished(coord, &source.name) {
+            Some(unfinished) if unfinished < from_failure => {
+                tracing::warn!(source = %source.name, from_failure, at_ms = unfinished, behind_s = (from_failure - unfinished) / 1000, "the group had not handled records older than the failure minus the overlap: the standby is read from the first of them");
+                unfinished
+            }
+            _ => from_failure,
+        };
         value.position_ms = Some(at_ms);
         let group = source.group.clone();
         let timeout = failover.probe_interval.max(Duration::from_secs(5));
@@ -231,10 +257,12 @@ pub async fn run(
 ) -> Result<(), leasehold_kafka::Error> {
     let failover = source.failover.clone().expect("a failover source");
     let background = CancellationToken::new();
+    let first_unfinished = FirstUnfinished::default();
     let prober = tokio::spawn(probe_primary(
         source.clone(),
         failover.clone(),
         coord.clone(),
+        first_unfinished.clone(),
         background.clone(),
     ));
     let decider = tokio::spawn(lead(
@@ -243,19 +271,30 @@ pub async fn run(
         coord.clone(),
         background.clone(),
     ));
-    let result = consume(source, coord, dispatcher, registry, status, cancel).await;
+    let result = consume(
+        source,
+        coord,
+        dispatcher,
+        registry,
+        status,
+        first_unfinished,
+        cancel,
+    )
+    .await;
     background.cancel();
     let _ = prober.await;
     let _ = decider.await;
     result
 }
 
-/// Probes the primary every `probe_interval` and publishes the answer when it changes
-/// (or this member's lease did).
+/// Probes the primary every `probe_interval` and publishes the answer, with the time of
+/// the first record this member's consumer has not finished, when either changes (or
+/// this member's lease did).
 async fn probe_primary(
     source: SourceOptions,
     failover: FailoverOptions,
     coord: Coord,
+    first_unfinished: FirstUnfinished,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(failover.probe_interval);
@@ -307,9 +346,15 @@ async fn probe_primary(
                 primary_ok: ok,
                 since_ms: now_ms(),
                 error,
+                first_unfinished_ms: None,
             });
         }
-        let value = current.clone().expect("set above");
+        let mut value = current.clone().expect("set above");
+        // Rounded down (earlier: more records read again on the standby, none missed),
+        // so the report is rewritten every 30 s at most while records flow.
+        value.first_unfinished_ms = first_unfinished
+            .get()
+            .map(|t| (t.max(0) as u64) / FIRST_UNFINISHED_STEP_MS * FIRST_UNFINISHED_STEP_MS);
         if let Err(e) = coord
             .report_kafka_health(&source.name, &value, &mut written)
             .await
@@ -390,6 +435,7 @@ async fn consume(
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     status: StatusHandle,
+    first_unfinished: FirstUnfinished,
     cancel: CancellationToken,
 ) -> Result<(), leasehold_kafka::Error> {
     let mut views = coord.subscribe_view();
@@ -441,8 +487,9 @@ async fn consume(
             0.0
         });
         tracing::info!(source = %source.name, side = side.active.as_str(), brokers = %options.brokers, "consuming");
-        let ingest =
-            Ingest::new(options, dispatcher.clone(), &registry).with_status(status.clone());
+        let ingest = Ingest::new(options, dispatcher.clone(), &registry)
+            .with_status(status.clone())
+            .with_first_unfinished(first_unfinished.clone());
         let abandon = ingest.abandon_switch();
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));

@@ -82,7 +82,8 @@ pub struct FailoverConfig {
     /// How often each member probes the primary.
     #[serde(with = "values::duration")]
     pub probe_interval: Duration,
-    /// The standby is read from this long before the primary went down.
+    /// The standby is read from this long before the primary went down (or earlier, from
+    /// the first record the group had not finished).
     #[serde(with = "values::duration")]
     pub overlap: Duration,
 }
