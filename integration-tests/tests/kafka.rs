@@ -1124,9 +1124,12 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     assert!(missing.message().contains("\"pay\""), "{missing:?}");
 }
 
-/// A group that lagged further back than the overlap when the primary failed: the standby
-/// is read from the first record the group had not finished, not from the failure minus
-/// the overlap, so no record it had not handled is skipped there.
+/// A group that lagged further back than the overlap when the primary failed: each
+/// partition of the standby is read from the first record the group had not finished
+/// there, not from the failure minus the overlap, so no record it had not handled is
+/// skipped — even after the group's session timeout revoked the partitions, before the
+/// switch. A partition that had long been idle is read from its last record, and does
+/// not drag the others back with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() {
     let mut primary = Kafka::start().await;
@@ -1144,92 +1147,108 @@ async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() 
         &primary.brokers(),
         &standby.brokers(),
     );
+    // The switch comes after the group's session timeout (6 s) revoked the partitions.
     let text = std::fs::read_to_string(&config)
         .unwrap()
         .replace("overlap = \"30s\"", "overlap = \"1s\"")
+        .replace("down_after = \"3s\"", "down_after = \"10s\"")
         .replace(
             "dlq_topic = \"pay-dlq\"\n",
             "dlq_topic = \"pay-dlq\"\nretry_attempts = 1000\n",
         );
-    assert!(text.contains("retry_attempts = 1000") && text.contains("overlap = \"1s\""));
+    for setting in [
+        "retry_attempts = 1000",
+        "overlap = \"1s\"",
+        "down_after = \"10s\"",
+    ] {
+        assert!(text.contains(setting), "{setting}");
+    }
     std::fs::write(&config, text).unwrap();
     let cluster = Cluster::start(2, &["--config", &config]).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0];
 
-    // On partition 0: a record from ten minutes ago on the standby only, then on both
-    // clusters (as a mirror copies records, with their times) one from two minutes ago
-    // that the handler keeps refusing.
+    // Partition 0: a record from two minutes ago that the handler keeps refusing, on both
+    // clusters (as a mirror copies records, with their times); before it, on the standby
+    // only, one from ten minutes ago. Partition 1: a record from an hour ago, handled;
+    // before it, on the standby only, one from two hours ago.
     let ago = |secs: u64| {
         (SystemTime::now() - Duration::from_secs(secs))
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64
     };
-    let (old_ts, stuck_ts) = (ago(600), ago(120));
-    let send = |producer: rdkafka::producer::FutureProducer, account: &'static str, ts: i64| async move {
+    let (older_ts, idle_ts, old_ts, stuck_ts) = (ago(7200), ago(3600), ago(600), ago(120));
+    let send = |producer: rdkafka::producer::FutureProducer,
+                partition: i32,
+                account: &'static str,
+                ts: i64| async move {
         let value = format!(r#"{{"account":"{account}","seq":0,"amount":1}}"#);
         let record: rdkafka::producer::FutureRecord<'_, (), str> =
             rdkafka::producer::FutureRecord::to("pay")
-                .partition(0)
+                .partition(partition)
                 .payload(value.as_str())
                 .timestamp(ts);
         producer.send(record, Duration::from_secs(5)).await.unwrap();
     };
-    send(standby.producer(), "acct-old", old_ts).await;
-    send(standby.producer(), "stuck-1", stuck_ts).await;
-    send(primary.producer(), "stuck-1", stuck_ts).await;
-    let called_on = |cluster: &str| {
+    send(standby.producer(), 0, "acct-old", old_ts).await;
+    send(standby.producer(), 0, "stuck-1", stuck_ts).await;
+    send(standby.producer(), 1, "acct-older", older_ts).await;
+    send(standby.producer(), 1, "acct-idle", idle_ts).await;
+    send(primary.producer(), 0, "stuck-1", stuck_ts).await;
+    send(primary.producer(), 1, "acct-idle", idle_ts).await;
+    let called_on = |account: &str, cluster: &str| {
         let state = checker.state.lock().unwrap();
         state
             .kafka
             .iter()
             .zip(&state.kafka_clusters)
-            .any(|((key, ..), c)| key == "stuck-1" && c == cluster)
+            .any(|((key, ..), c)| key == account && c == cluster)
     };
-    wait_until(Duration::from_secs(60), "the stuck record tried", || {
-        called_on("primary").then_some(())
+    wait_until(Duration::from_secs(60), "both records tried", || {
+        (called_on("stuck-1", "primary") && called_on("acct-idle", "primary")).then_some(())
     })
     .await;
-    // Its reader reports it (every 5 s, then with its next health report).
-    wait_until(
-        Duration::from_secs(20),
-        "a report of the unfinished record",
-        || {
-            side(n0)?["health"]
-                .as_array()?
-                .iter()
-                .any(|h| {
-                    h["first_unfinished_ms"]
+    // Their readers report them (every 5 s, then with the next health report).
+    let reported = |partition: &str, at_most: i64| {
+        side(n0).and_then(|s| {
+            s["health"].as_array().map(|members| {
+                members.iter().any(|h| {
+                    h["first_unfinished_ms"]["pay"][partition]
                         .as_i64()
-                        .is_some_and(|t| t <= stuck_ts)
+                        .is_some_and(|t| t <= at_most)
                 })
-                .then_some(())
-        },
+            })
+        }) == Some(true)
+    };
+    wait_until(
+        Duration::from_secs(30),
+        "reports of both partitions",
+        || (reported("0", stuck_ts) && reported("1", idle_ts)).then_some(()),
     )
     .await;
 
     primary.stop();
-    let s = wait_until(Duration::from_secs(30), "the switch to the standby", || {
-        let s = side(n0)?;
-        (s["active"] == "standby").then_some(s)
+    let stopped = Instant::now();
+    wait_until(Duration::from_secs(40), "the switch to the standby", || {
+        (side(n0)?["active"] == "standby").then_some(())
     })
     .await;
-    let position = s["position_ms"].as_i64().unwrap();
     assert!(
-        position <= stuck_ts && position > old_ts,
-        "the standby is read from {position}: the stuck record is from {stuck_ts}, the old one from {old_ts}"
+        stopped.elapsed() > Duration::from_secs(8),
+        "switched after {:?}, before the session timeout",
+        stopped.elapsed()
     );
     wait_until(
         Duration::from_secs(60),
-        "the stuck record read from the standby",
-        || called_on("standby").then_some(()),
+        "both records read from the standby",
+        || (called_on("stuck-1", "standby") && called_on("acct-idle", "standby")).then_some(()),
     )
     .await;
     assert_eq!(
         handled_on(&checker, "standby"),
-        BTreeSet::from([(0, 1)]),
-        "only the stuck record is read there (the one before it is older than the position)"
+        BTreeSet::from([(0, 1), (1, 1)]),
+        "each partition is read from its own first unfinished record, the earlier ones not"
     );
 }
 

@@ -1,5 +1,7 @@
 //! The etcd keyspace under `/leasehold/<cluster>/` and the JSON values stored in it.
 
+use std::collections::BTreeMap;
+
 use leasehold_types::{MemberId, ShardId, HASH_VERSION};
 use serde::{Deserialize, Serialize};
 
@@ -220,12 +222,13 @@ pub struct KafkaHealthValue {
     /// The last probe's error.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
-    /// The time (Unix ms, rounded down to 30 s) of the first record this member's
-    /// consumer of the source read and has not finished, over its partitions: the
-    /// standby is read from no later than this, so records the group had not handled
-    /// when the primary failed are read there too. `None` when it knows none.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub first_unfinished_ms: Option<u64>,
+    /// Per topic and partition this member's consumer of the primary holds, the time
+    /// (Unix ms, rounded down to 30 s) of the first record it read there and has not
+    /// finished: a switch reads the standby's partition from no later than this, so
+    /// records the group had not handled when the primary failed are read there too.
+    /// While the primary is down, no time rises and none is dropped.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub first_unfinished_ms: BTreeMap<String, BTreeMap<i32, u64>>,
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.

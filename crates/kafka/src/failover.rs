@@ -146,14 +146,16 @@ impl Drop for Prober {
 }
 
 /// Commits, for `group` on the given cluster, the first offset of every partition of
-/// `topics` at or after `at_ms` (the end where no record is that recent), so that the
-/// group's consumers start there. Blocking. Returns the partitions positioned.
+/// `topics` at or after `at_ms` (or the partition's time in `earlier`, when it has an
+/// earlier one; the end where no record is that recent), so that the group's consumers
+/// start there. Blocking. Returns the partitions positioned.
 pub fn position_group(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     group: &str,
     topics: &[String],
     at_ms: i64,
+    earlier: &std::collections::HashMap<(String, i32), i64>,
     timeout: Duration,
 ) -> Result<usize, String> {
     let consumer: BaseConsumer = client(brokers, properties)
@@ -178,8 +180,11 @@ pub fn position_group(
                     .map_err(|e| format!("end of {topic}/{}: {e}", p.id()))?
                     .1;
                 ends.insert((topic.clone(), p.id()), end);
+                let at = earlier
+                    .get(&(topic.clone(), p.id()))
+                    .map_or(at_ms, |t| (*t).min(at_ms));
                 wanted
-                    .add_partition_offset(topic, p.id(), Offset::Offset(at_ms))
+                    .add_partition_offset(topic, p.id(), Offset::Offset(at))
                     .map_err(|e| e.to_string())?;
             }
         }
@@ -189,7 +194,7 @@ pub fn position_group(
     }
     let found = consumer
         .offsets_for_times(wanted, timeout)
-        .map_err(|e| format!("offsets for time {at_ms}: {e}"))?;
+        .map_err(|e| format!("offsets for times (from {at_ms}): {e}"))?;
     let mut commit = TopicPartitionList::new();
     for e in found.elements() {
         if let Err(err) = e.error() {

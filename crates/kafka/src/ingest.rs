@@ -1,6 +1,6 @@
 //! The consumer loop of one source.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -374,19 +374,19 @@ pub struct Ingest {
     first_unfinished: FirstUnfinished,
 }
 
-/// The time of the first record this consumer read and has not finished, over the
-/// partitions it holds (the earliest [`Window::first_unfinished_time`]), in Unix
-/// milliseconds; refreshed every 5 s while [`Ingest::run`] runs, `None` before it knows
-/// one. Every record of those partitions that is not done is at or after it.
+/// For each partition this consumer holds, by (topic, partition), the time of the first
+/// record it read and has not finished ([`Window::first_unfinished_time`]), in Unix
+/// milliseconds: every record of the partition that is not done is at or after it.
+/// Refreshed every 5 s while [`Ingest::run`] runs, from this instance's own state.
 #[derive(Debug, Clone, Default)]
-pub struct FirstUnfinished(Arc<Mutex<Option<i64>>>);
+pub struct FirstUnfinished(Arc<Mutex<BTreeMap<(String, i32), i64>>>);
 
 impl FirstUnfinished {
-    pub fn get(&self) -> Option<i64> {
-        *self.0.lock().expect("first unfinished lock")
+    pub fn get(&self) -> BTreeMap<(String, i32), i64> {
+        self.0.lock().expect("first unfinished lock").clone()
     }
 
-    fn set(&self, value: Option<i64>) {
+    fn set(&self, value: BTreeMap<(String, i32), i64>) {
         *self.0.lock().expect("first unfinished lock") = value;
     }
 }
@@ -483,7 +483,7 @@ impl Ingest {
     /// Reports into `handle` (one across consumers of the same source, e.g. on either
     /// side of a failover), starting it afresh.
     pub fn with_first_unfinished(mut self, handle: FirstUnfinished) -> Self {
-        handle.set(None);
+        handle.set(BTreeMap::new());
         self.first_unfinished = handle;
         self
     }
@@ -750,7 +750,8 @@ impl Ingest {
             };
             // A partition's own queue holds only its messages.
             debug_assert!(m.topic() == tp.0 && m.partition() == tp.1);
-            let part = self.state_for(&mut map, state, tp, m.offset(), generation, true);
+            let first = (m.offset(), m.timestamp().to_millis());
+            let part = self.state_for(&mut map, state, tp, first, generation, true);
             let parked = parked(&m, &part, &self.opts.key);
             std::task::Poll::Ready(Taken::Message(part, parked))
         })
@@ -861,27 +862,27 @@ impl Ingest {
             &mut self.partitions(state),
             state,
             &tp,
-            m.offset(),
+            (m.offset(), m.timestamp().to_millis()),
             generation,
             false,
         )
     }
 
-    /// The state of partition `tp` in `map`, created at `offset` (the message just
-    /// read) if it has none (`split`: read from its own queue).
+    /// The state of partition `tp` in `map`, created at `first` (the offset and time of
+    /// the message just read) if it has none (`split`: read from its own queue).
     fn state_for(
         &self,
         map: &mut HashMap<(String, i32), Arc<Partition>>,
         state: &Consuming,
         tp: &(String, i32),
-        offset: i64,
+        first: (i64, Option<i64>),
         generation: i32,
         split: bool,
     ) -> Arc<Partition> {
         if let Some(p) = map.get(tp) {
             return p.clone();
         }
-        let part = self.new_state(state, tp, offset, false, generation, split);
+        let part = self.new_state(state, tp, first, false, generation, split);
         map.insert(tp.clone(), part.clone());
         part
     }
@@ -906,12 +907,13 @@ impl Ingest {
         }
     }
 
-    /// A new state for a partition starting at `offset`; `force_claim` for a reclaim.
+    /// A new state for a partition starting at `offset` (with the time of the record
+    /// there, if it was read); `force_claim` for a reclaim.
     fn new_state(
         &self,
         state: &Consuming,
         tp: &(String, i32),
-        offset: i64,
+        (offset, timestamp): (i64, Option<i64>),
         force_claim: bool,
         generation: i32,
         split: bool,
@@ -943,7 +945,7 @@ impl Ingest {
         Arc::new(Partition {
             topic: tp.0.as_str().into(),
             partition: tp.1,
-            window: Mutex::new(Window::default()),
+            window: Mutex::new(Window::read_from(timestamp)),
             chains: Mutex::new(HashMap::new()),
             limit: Arc::new(Semaphore::new(o.max_in_flight_per_partition)),
             revoked: AtomicBool::new(false),
@@ -1027,7 +1029,7 @@ impl Ingest {
             return;
         }
         let generation = crate::group::generation(state.consumer.as_ref());
-        let fresh = self.new_state(state, tp, from, true, generation, part.split);
+        let fresh = self.new_state(state, tp, (from, None), true, generation, part.split);
         map.insert(tp.clone(), fresh);
         drop(map);
         if let Err(e) = state.consumer.resume(&part.list()) {
@@ -1293,12 +1295,14 @@ async fn report_lag(
                 .iter()
                 .filter(|p| !p.is_revoked())
                 .filter_map(|p| {
-                    p.window
+                    let time = p
+                        .window
                         .lock()
                         .expect("window lock")
-                        .first_unfinished_time()
+                        .first_unfinished_time()?;
+                    Some(((p.topic.to_string(), p.partition), time))
                 })
-                .min(),
+                .collect(),
         );
         let consumer = consumer.clone();
         let opts = opts.clone();
@@ -1919,7 +1923,7 @@ mod tests {
             total: Arc::new(Semaphore::new(8)),
             tasks: TaskTracker::new(),
         };
-        let part = ingest.new_state(&state, &("t".into(), 0), 5, false, 1, true);
+        let part = ingest.new_state(&state, &("t".into(), 0), (5, None), false, 1, true);
         let record = |offset| Parked {
             record: Record {
                 topic: "t".into(),

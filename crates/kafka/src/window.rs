@@ -20,6 +20,15 @@ pub struct Window {
 }
 
 impl Window {
+    /// A window whose first record, not started yet (it may wait for room), has
+    /// `timestamp`: until one starts, it is the first unfinished.
+    pub fn read_from(timestamp: Option<i64>) -> Self {
+        Self {
+            last_timestamp: timestamp.filter(|t| *t >= 0),
+            ..Self::default()
+        }
+    }
+
     pub fn start(&mut self, offset: i64, timestamp: Option<i64>) {
         let timestamp = timestamp.filter(|t| *t >= 0);
         self.in_flight.insert(offset, timestamp);
@@ -32,10 +41,10 @@ impl Window {
     /// The timestamp of the first record not done (the oldest one in flight, or, when
     /// none is, the last one consumed: what follows it was not read yet): every record
     /// of the partition this consumer read and did not finish is at or after it in the
-    /// partition, so reading from the first record at or after this time (Kafka's
-    /// offsets for times) misses none of them, as long as the partition's timestamps
-    /// grow with its offsets up to it. `None` before the first record, or when that
-    /// record has no timestamp.
+    /// partition, and what it did not read yet follows the last one read, so reading
+    /// from the first record at or after this time (Kafka's offsets for times) misses
+    /// none of them, as long as the records after it are no older than it. `None`
+    /// before the first record, or when that record has no timestamp.
     pub fn first_unfinished_time(&self) -> Option<i64> {
         match self.in_flight.first_key_value() {
             Some((_, timestamp)) => *timestamp,
@@ -104,6 +113,11 @@ mod tests {
     fn the_first_unfinished_time_is_the_oldest_record_in_flight_else_the_last_read() {
         let mut w = Window::default();
         assert_eq!(w.first_unfinished_time(), None);
+        // Read, waiting for room: the first unfinished already.
+        let mut w2 = Window::read_from(Some(90));
+        assert_eq!(w2.first_unfinished_time(), Some(90));
+        w2.start(9, Some(90));
+        assert_eq!(w2.first_unfinished_time(), Some(90));
         w.start(10, Some(100));
         w.start(11, Some(105));
         w.start(12, Some(103));

@@ -370,7 +370,17 @@ impl KafkaSourceView {
                     primary_ok: h.primary_ok,
                     since_ms: h.since_ms,
                     error: h.error.clone(),
-                    first_unfinished_ms: h.first_unfinished_ms.unwrap_or(0),
+                    first_unfinished: h
+                        .first_unfinished_ms
+                        .iter()
+                        .flat_map(|(topic, parts)| {
+                            parts.iter().map(|(p, t)| pb::PartitionTime {
+                                topic: topic.clone(),
+                                partition: *p,
+                                time_ms: *t,
+                            })
+                        })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -465,7 +475,7 @@ async fn switch_kafka(
         value
     };
     use crate::failover::SwitchError;
-    crate::failover::switch(coord, &source, value, revision, false)
+    crate::failover::switch(coord, &source, value, revision, false, &Default::default())
         .await
         .map_err(|e| match e {
             SwitchError::Conflict => SwitchRefused::Conflict(e.to_string()),

@@ -8,6 +8,7 @@
 //! routing table and consumes only from it. A member that loses etcd (lease not valid)
 //! stops consuming, so no member reads a side the cluster left.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -139,19 +140,92 @@ impl std::fmt::Display for SwitchError {
     }
 }
 
-/// The granularity of the health reports' `first_unfinished_ms`.
-const FIRST_UNFINISHED_STEP_MS: u64 = 30_000;
+/// By topic and partition of the primary, the time of the first record a consumer read
+/// there and has not finished (see `KafkaHealthValue::first_unfinished_ms`).
+pub type Unfinished = BTreeMap<String, BTreeMap<i32, u64>>;
 
-/// The earliest time of a record some member's consumer read and had not finished when
-/// it last reported (see `KafkaHealthValue::first_unfinished_ms`), if any.
-pub fn first_unfinished(coord: &Coord, source: &str) -> Option<u64> {
-    coord
-        .view()
-        .kafka_health
-        .iter()
-        .filter(|((s, _), _)| s == source)
-        .filter_map(|(_, h)| h.first_unfinished_ms)
-        .min()
+/// The granularity of the health reports' times.
+const UNFINISHED_STEP_MS: u64 = 30_000;
+/// While the primary is up, a report whose times only moved on (or lost partitions) is
+/// rewritten at most this often; an earlier time or a new partition is written at once.
+const UNFINISHED_REFRESH: Duration = Duration::from_secs(60);
+/// How long the members keep a departed member's last times (see [`lead`]).
+const REMEMBER_DEPARTED: Duration = Duration::from_secs(600);
+
+/// A consumer's times, rounded down (earlier: more records read again, none missed).
+fn rounded(times: &BTreeMap<(String, i32), i64>) -> Unfinished {
+    let mut out = Unfinished::new();
+    for ((topic, partition), t) in times {
+        let t = (*t).max(0) as u64 / UNFINISHED_STEP_MS * UNFINISHED_STEP_MS;
+        out.entry(topic.clone()).or_default().insert(*partition, t);
+    }
+    out
+}
+
+/// The earlier time of either, for every partition either has.
+fn earliest(mut a: Unfinished, b: &Unfinished) -> Unfinished {
+    for (topic, parts) in b {
+        let mine = a.entry(topic.clone()).or_default();
+        for (p, t) in parts {
+            mine.entry(*p)
+                .and_modify(|m| *m = (*m).min(*t))
+                .or_insert(*t);
+        }
+    }
+    a
+}
+
+/// What a member publishes next, from what it published and its consumer's times now.
+/// While the primary is down nothing rises and nothing is dropped: the group's session
+/// timeout revokes the consumer's partitions (and a cut-off from etcd restarts the
+/// consumer) before the switch may read the report. While it is up, the current times,
+/// written at once when one went back or a partition appeared, else once `refresh_due`.
+fn next_report(
+    published: &Unfinished,
+    current: Unfinished,
+    primary_ok: bool,
+    refresh_due: bool,
+) -> Unfinished {
+    if !primary_ok {
+        return earliest(published.clone(), &current);
+    }
+    let sooner = current.iter().any(|(topic, parts)| {
+        parts.iter().any(|(p, t)| {
+            published
+                .get(topic)
+                .and_then(|was| was.get(p))
+                .is_none_or(|was| t < was)
+        })
+    });
+    if sooner || refresh_due {
+        current
+    } else {
+        published.clone()
+    }
+}
+
+/// Per partition of the standby (by its topic name), the time to read it from when that
+/// is earlier than `from`: the earliest any report gives for the primary's partition.
+fn rewinds(
+    source: &SourceOptions,
+    failover: &FailoverOptions,
+    reports: &Unfinished,
+    from: u64,
+) -> HashMap<(String, i32), i64> {
+    let mut out = HashMap::new();
+    for (topic, parts) in reports {
+        // The standby's topics are the source's, in order (the same names by default).
+        let Some(i) = source.topics.iter().position(|t| t == topic) else {
+            continue;
+        };
+        let standby = failover.topics.get(i).unwrap_or(topic);
+        for (p, t) in parts {
+            if *t < from {
+                out.insert((standby.clone(), *p), *t as i64);
+            }
+        }
+    }
+    out
 }
 
 /// The earliest time a member says the primary has been failing (its clock), if any.
@@ -168,14 +242,17 @@ pub fn first_failure(coord: &Coord, source: &str) -> Option<u64> {
 /// Sets the side of `source` (the leader's decision when `as_leader`, else an
 /// operator's): positions the standby's consumer group first when switching to it (at
 /// `position_ms`, else the first reported failure of the primary, else now, minus the
-/// overlap), then writes the side if nobody switched since `expected`. Returns what it
-/// wrote and the etcd revision of the write.
+/// overlap; earlier on a partition where a member reported a record not finished before
+/// that, or `departed` — departed members' last reports — does), then writes the side
+/// if nobody switched since `expected`. Returns what it wrote and the etcd revision of
+/// the write.
 pub async fn switch(
     coord: &Coord,
     source: &SourceOptions,
     mut value: KafkaSideValue,
     expected: i64,
     as_leader: bool,
+    departed: &Unfinished,
 ) -> Result<(KafkaSideValue, i64), SwitchError> {
     let failover = source.failover.clone().ok_or_else(|| {
         SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
@@ -202,15 +279,21 @@ pub async fn switch(
                 .min(now_ms())
                 .saturating_sub(overlap)
         });
-        // A group that lagged further than the overlap had records older than it not
-        // handled yet: the standby is read from the first of them.
-        let at_ms = match first_unfinished(coord, &source.name) {
-            Some(unfinished) if unfinished < from_failure => {
-                tracing::warn!(source = %source.name, from_failure, at_ms = unfinished, behind_s = (from_failure - unfinished) / 1000, "the group had not handled records older than the failure minus the overlap: the standby is read from the first of them");
-                unfinished
-            }
-            _ => from_failure,
-        };
+        // Where the group lagged further back than the overlap, records older than it
+        // were not handled yet: those partitions are read from the first of them.
+        let reports = coord
+            .view()
+            .kafka_health
+            .iter()
+            .filter(|((s, _), _)| *s == source.name)
+            .fold(departed.clone(), |all, (_, h)| {
+                earliest(all, &h.first_unfinished_ms)
+            });
+        let earlier = rewinds(source, &failover, &reports, from_failure);
+        if let Some(first) = earlier.values().min() {
+            tracing::warn!(source = %source.name, partitions = earlier.len(), from_failure, first, behind_s = (from_failure as i64 - first) / 1000, "the group had records older than the failure minus the overlap not finished: those partitions of the standby are read from the first of them");
+        }
+        let at_ms = from_failure;
         value.position_ms = Some(at_ms);
         let group = source.group.clone();
         let timeout = failover.probe_interval.max(Duration::from_secs(5));
@@ -221,6 +304,7 @@ pub async fn switch(
                 &group,
                 &failover.topics,
                 at_ms as i64,
+                &earlier,
                 timeout,
             )
         })
@@ -301,6 +385,10 @@ async fn probe_primary(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<KafkaHealthValue> = None;
     let mut written = None;
+    // The consumer's times as published, and when they were last refreshed while the
+    // primary was up (see `next_report`).
+    let mut published = Unfinished::new();
+    let mut refreshed: Option<tokio::time::Instant> = None;
     // One client for the probes while they succeed (see `Prober`).
     let mut prober: Option<Prober> = None;
     loop {
@@ -346,15 +434,22 @@ async fn probe_primary(
                 primary_ok: ok,
                 since_ms: now_ms(),
                 error,
-                first_unfinished_ms: None,
+                first_unfinished_ms: published.clone(),
             });
         }
         let mut value = current.clone().expect("set above");
-        // Rounded down (earlier: more records read again on the standby, none missed),
-        // so the report is rewritten every 30 s at most while records flow.
-        value.first_unfinished_ms = first_unfinished
-            .get()
-            .map(|t| (t.max(0) as u64) / FIRST_UNFINISHED_STEP_MS * FIRST_UNFINISHED_STEP_MS);
+        let refresh_due = refreshed.is_none_or(|at| at.elapsed() >= UNFINISHED_REFRESH);
+        let next = next_report(
+            &published,
+            rounded(&first_unfinished.get()),
+            ok,
+            refresh_due,
+        );
+        if ok && next != published {
+            refreshed = Some(tokio::time::Instant::now());
+        }
+        published = next;
+        value.first_unfinished_ms = published.clone();
         if let Err(e) = coord
             .report_kafka_health(&source.name, &value, &mut written)
             .await
@@ -374,14 +469,26 @@ async fn lead(
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when (this instance's clock) each member has given its current answer.
-    let mut seen: std::collections::HashMap<MemberId, (bool, tokio::time::Instant)> =
-        Default::default();
+    let mut seen: HashMap<MemberId, (bool, tokio::time::Instant)> = Default::default();
+    // Every member's last times and when they were seen, kept by every instance (a new
+    // leader may have to switch): a member that died with the primary (one zone) takes
+    // its report with its lease, and nobody else could take its partitions over since.
+    let mut remembered: HashMap<MemberId, (Unfinished, tokio::time::Instant)> = Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
         }
         let view = coord.view();
+        if view.synced {
+            let now = tokio::time::Instant::now();
+            for ((s, member), h) in view.kafka_health.iter() {
+                if *s == source.name {
+                    remembered.insert(member.clone(), (h.first_unfinished_ms.clone(), now));
+                }
+            }
+            remembered.retain(|_, (_, at)| at.elapsed() < REMEMBER_DEPARTED);
+        }
         if !view.synced
             || view.leader.as_ref() != Some(coord.member_id())
             || coord.table().lease().valid_until().is_none()
@@ -419,7 +526,17 @@ async fn lead(
             continue;
         };
         tracing::warn!(source = %source.name, to = next.active.as_str(), reason = %next.reason, "switching the Kafka source's cluster");
-        if let Err(e) = switch(&coord, &source, next, revision, true).await {
+        let gone = remembered
+            .iter()
+            .filter(|(m, _)| {
+                !view
+                    .kafka_health
+                    .contains_key(&(source.name.clone(), (*m).clone()))
+            })
+            .fold(Unfinished::new(), |all, (_, (times, _))| {
+                earliest(all, times)
+            });
+        if let Err(e) = switch(&coord, &source, next, revision, true, &gone).await {
             tracing::warn!(source = %source.name, error = %e, "Kafka cluster switch failed; retrying");
         }
     }
@@ -487,9 +604,13 @@ async fn consume(
             0.0
         });
         tracing::info!(source = %source.name, side = side.active.as_str(), brokers = %options.brokers, "consuming");
-        let ingest = Ingest::new(options, dispatcher.clone(), &registry)
-            .with_status(status.clone())
-            .with_first_unfinished(first_unfinished.clone());
+        let mut ingest =
+            Ingest::new(options, dispatcher.clone(), &registry).with_status(status.clone());
+        // Only the primary's records matter to a switch to the standby; while the standby
+        // is read the last times stay (the primary's group resumes from there).
+        if side.active == KafkaSide::Primary {
+            ingest = ingest.with_first_unfinished(first_unfinished.clone());
+        }
         let abandon = ingest.abandon_switch();
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));
@@ -647,6 +768,91 @@ mod tests {
             since_ms,
             error: if ok { "" } else { "timed out" },
         }
+    }
+
+    fn times(entries: &[(&str, i32, u64)]) -> Unfinished {
+        let mut out = Unfinished::new();
+        for (topic, p, t) in entries {
+            out.entry((*topic).to_owned()).or_default().insert(*p, *t);
+        }
+        out
+    }
+
+    #[test]
+    fn reports_never_rise_nor_drop_partitions_while_the_primary_is_down() {
+        let published = times(&[("a", 0, 60_000), ("a", 1, 90_000)]);
+        // Down: the consumer lost partition 1 (revoked) and moved on on partition 0.
+        let now = times(&[("a", 0, 120_000), ("a", 2, 30_000)]);
+        assert_eq!(
+            next_report(&published, now.clone(), false, true),
+            times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 30_000)])
+        );
+        // Up: moving on waits for the refresh; an earlier time or a new partition does not.
+        let later = times(&[("a", 0, 120_000), ("a", 1, 90_000)]);
+        assert_eq!(
+            next_report(&published, later.clone(), true, false),
+            published
+        );
+        assert_eq!(next_report(&published, later.clone(), true, true), later);
+        let new_partition = times(&[("a", 0, 60_000), ("a", 1, 90_000), ("b", 0, 120_000)]);
+        assert_eq!(
+            next_report(&published, new_partition.clone(), true, false),
+            new_partition
+        );
+        let went_back = times(&[("a", 0, 30_000)]);
+        assert_eq!(
+            next_report(&published, went_back.clone(), true, false),
+            went_back
+        );
+    }
+
+    #[test]
+    fn a_consumers_times_are_rounded_down_per_partition() {
+        let mut raw = BTreeMap::new();
+        raw.insert(("a".to_owned(), 0), 59_999);
+        raw.insert(("a".to_owned(), 3), 60_000);
+        raw.insert(("b".to_owned(), 1), -5);
+        assert_eq!(
+            rounded(&raw),
+            times(&[("a", 0, 30_000), ("a", 3, 60_000), ("b", 1, 0)])
+        );
+    }
+
+    #[test]
+    fn only_partitions_behind_the_overlap_are_read_earlier_on_the_standby_topic() {
+        let mut source = SourceOptions {
+            name: "s".into(),
+            brokers: "p:9092".into(),
+            topics: vec!["orders".into(), "pay".into()],
+            group: "g".into(),
+            key: leasehold_kafka::KeySource::MessageKey,
+            dlq_topic: None,
+            on_failure: leasehold_kafka::OnFailure::Skip,
+            max_in_flight_per_partition: 1,
+            max_in_flight: 1,
+            retry_attempts: 1,
+            retry_backoff: Duration::from_millis(10),
+            commit_interval: Duration::from_secs(1),
+            properties: Default::default(),
+            cluster: String::new(),
+            claim_epoch: 0,
+            failover: None,
+        };
+        let mut f = policy();
+        f.topics = vec!["a.orders".into(), "a.pay".into()];
+        source.failover = Some(f.clone());
+        let reports = earliest(
+            times(&[("pay", 0, 50), ("pay", 1, 500), ("gone", 0, 1)]),
+            &times(&[("pay", 1, 40), ("orders", 2, 100)]),
+        );
+        let r = rewinds(&source, &f, &reports, 100);
+        let mut r: Vec<_> = r.into_iter().collect();
+        r.sort();
+        assert_eq!(
+            r,
+            [(("a.pay".to_owned(), 0), 50), (("a.pay".to_owned(), 1), 40)],
+            "later than the failure minus the overlap, or of a topic not read: left out"
+        );
     }
 
     #[test]
