@@ -1,5 +1,6 @@
 //! A load generator: many concurrent calls with random keys to random instances.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -10,9 +11,66 @@ use leasehold_proto::v1::CallRequest;
 use rand::Rng;
 use tonic::transport::Channel;
 
-/// The instances a load sends to; tests remove one before stopping it, as a load
-/// balancer would take a terminating pod out of its endpoints.
-pub type Targets = Arc<RwLock<Vec<(String, EntitiesClient<Channel>)>>>;
+/// The instances a load sends to; tests take one out before stopping it, as a load
+/// balancer takes a terminating pod out of its endpoints.
+pub type Targets = Arc<TargetSet>;
+
+/// The load's targets, and how many of its calls each one is running.
+#[derive(Default)]
+pub struct TargetSet {
+    list: RwLock<Vec<(String, EntitiesClient<Channel>)>>,
+    /// Calls started and not answered, by target (changed under `list`'s read lock, so
+    /// a target taken out under its write lock gets no call counted after that).
+    busy: Mutex<HashMap<String, usize>>,
+}
+
+impl TargetSet {
+    pub fn add(&self, name: String, client: EntitiesClient<Channel>) {
+        self.list.write().unwrap().push((name, client));
+    }
+
+    /// Sends no new call to `name`, then waits until the calls it was sent answered;
+    /// false if some still run after `timeout`.
+    pub async fn take_out(&self, name: &str, timeout: Duration) -> bool {
+        self.list.write().unwrap().retain(|(n, _)| n != name);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.busy.lock().unwrap().get(name).copied().unwrap_or(0) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A random target, counted busy until the returned guard is dropped.
+    fn pick(self: &Arc<Self>) -> (String, EntitiesClient<Channel>, Busy) {
+        let list = self.list.read().unwrap();
+        let (name, client) = list[rand::rng().random_range(0..list.len())].clone();
+        *self.busy.lock().unwrap().entry(name.clone()).or_default() += 1;
+        let busy = Busy {
+            set: self.clone(),
+            name: name.clone(),
+        };
+        (name, client, busy)
+    }
+}
+
+/// One call running at a target.
+struct Busy {
+    set: Arc<TargetSet>,
+    name: String,
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if let Some(n) = self.set.busy.lock().unwrap().get_mut(&self.name) {
+            *n -= 1;
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub struct Report {
@@ -80,16 +138,15 @@ pub async fn run(targets: Targets, load: Load, stop: Arc<AtomicBool>) -> Report 
                 let mut attempts = 0;
                 loop {
                     attempts += 1;
-                    let (name, mut client) = {
-                        let t = targets.read().unwrap();
-                        t[rand::rng().random_range(0..t.len())].clone()
-                    };
+                    let (name, mut client, busy) = targets.pick();
                     let mut req = tonic::Request::new(CallRequest {
                         key: key.clone(),
                         payload: payload.clone(),
                     });
                     req.set_timeout(load.timeout);
-                    match client.call(req).await {
+                    let result = client.call(req).await;
+                    drop(busy);
+                    match result {
                         Ok(_) => {
                             let mut r = report.lock().unwrap();
                             r.ok += 1;
@@ -118,9 +175,9 @@ pub async fn run(targets: Targets, load: Load, stop: Arc<AtomicBool>) -> Report 
 
 /// Clients for every instance of a cluster.
 pub async fn targets(instances: &[crate::Instance]) -> Targets {
-    let mut v = Vec::new();
+    let set = TargetSet::default();
     for i in instances {
-        v.push((i.id.clone(), i.client().await));
+        set.add(i.id.clone(), i.client().await);
     }
-    Arc::new(RwLock::new(v))
+    Arc::new(set)
 }

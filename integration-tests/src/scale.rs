@@ -206,8 +206,10 @@ pub async fn run() -> Vec<Figure> {
     let rolling = Instant::now();
     for i in 0..cluster.instances.len() {
         let id = cluster.instances[i].id.clone();
-        targets.write().unwrap().retain(|(name, _)| *name != id);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(
+            targets.take_out(&id, Duration::from_secs(10)).await,
+            "calls sent to {id} still ran 10 s after it was taken out"
+        );
         cluster.instances[i].signal("TERM");
         cluster.instances[i]
             .wait_exit(Duration::from_secs(60))
@@ -221,7 +223,7 @@ pub async fn run() -> Vec<Figure> {
         )
         .await;
         let client = instance.client().await;
-        targets.write().unwrap().push((id, client));
+        targets.add(id, client);
     }
     let ids: Vec<String> = cluster.instances.iter().map(|i| i.id.clone()).collect();
     wait_until(Duration::from_secs(120), "the cluster to settle", || {

@@ -270,15 +270,15 @@ fn background(
 }
 
 /// Takes an instance out of the load's targets, as a load balancer takes a terminating
-/// pod out of its endpoints, and gives the calls it accepted a grace period to finish
-/// (calls take milliseconds; the grace covers a slow CI machine: 300 ms once let three
-/// calls still be running when the instance was killed).
+/// pod out of its endpoints, and waits until the calls it accepted answered.
 async fn take_out(targets: &load::Targets, instance: &Instance) {
-    targets
-        .write()
-        .unwrap()
-        .retain(|(name, _)| *name != instance.id);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        targets
+            .take_out(&instance.id, Duration::from_secs(10))
+            .await,
+        "calls sent to {} still ran 10 s after it was taken out",
+        instance.id
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -635,8 +635,10 @@ async fn recovery_and_drain() -> Vec<Row> {
         };
         let loader = tokio::spawn(load::run(targets.clone(), spec, stop.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        targets.write().unwrap().retain(|(id, _)| *id != victim_id);
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            targets.take_out(&victim_id, Duration::from_secs(10)).await,
+            "calls sent to {victim_id} still ran 10 s after it was taken out"
+        );
         let t = Instant::now();
         cluster.instances[victim].signal(signal);
         let took = if signal == "KILL" {
