@@ -1228,6 +1228,14 @@ async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() 
     )
     .await;
 
+    let revokes = || -> usize {
+        cluster
+            .instances
+            .iter()
+            .map(|i| i.log_text().matches("partitions revoked").count())
+            .sum()
+    };
+    let revoked_before = revokes();
     primary.stop();
     let stopped = Instant::now();
     wait_until(Duration::from_secs(40), "the switch to the standby", || {
@@ -1238,6 +1246,11 @@ async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() 
         stopped.elapsed() > Duration::from_secs(8),
         "switched after {:?}, before the session timeout",
         stopped.elapsed()
+    );
+    // What this checks: the consumers' partitions (and their times) were gone by then.
+    assert!(
+        revokes() > revoked_before,
+        "the session timeout revoked no partition before the switch"
     );
     wait_until(
         Duration::from_secs(60),

@@ -202,7 +202,8 @@ pub struct KafkaSideValue {
     #[serde(default)]
     pub manual: bool,
     /// For the standby: the time its consumer group was positioned at (records from then
-    /// on are read).
+    /// on are read; earlier on partitions where the group had records not finished
+    /// before it, see `KafkaHealthValue::first_unfinished_ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub position_ms: Option<u64>,
     /// The epoch of the side's partition claims (see `claim_value`): set by the switch

@@ -24,13 +24,13 @@ impl Window {
     /// `timestamp`: until one starts, it is the first unfinished.
     pub fn read_from(timestamp: Option<i64>) -> Self {
         Self {
-            last_timestamp: timestamp.filter(|t| *t >= 0),
+            last_timestamp: timestamp.filter(|t| *t > 0),
             ..Self::default()
         }
     }
 
     pub fn start(&mut self, offset: i64, timestamp: Option<i64>) {
-        let timestamp = timestamp.filter(|t| *t >= 0);
+        let timestamp = timestamp.filter(|t| *t > 0);
         self.in_flight.insert(offset, timestamp);
         if self.next.is_none_or(|n| offset + 1 >= n) {
             self.next = Some(offset + 1);

@@ -475,7 +475,11 @@ async fn switch_kafka(
         value
     };
     use crate::failover::SwitchError;
-    crate::failover::switch(coord, &source, value, revision, false, &Default::default())
+    let remembered = status
+        .remembered(&source.name)
+        .map(|r| r.all())
+        .unwrap_or_default();
+    crate::failover::switch(coord, &source, value, revision, false, &remembered)
         .await
         .map_err(|e| match e {
             SwitchError::Conflict => SwitchRefused::Conflict(e.to_string()),

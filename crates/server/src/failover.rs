@@ -9,7 +9,7 @@
 //! stops consuming, so no member reads a side the cluster left.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use leasehold_coord::{Coord, KafkaHealthValue, KafkaSide, KafkaSideValue, MemberState};
@@ -146,10 +146,15 @@ pub type Unfinished = BTreeMap<String, BTreeMap<i32, u64>>;
 
 /// The granularity of the health reports' times.
 const UNFINISHED_STEP_MS: u64 = 30_000;
-/// While the primary is up, a report whose times only moved on (or lost partitions) is
-/// rewritten at most this often; an earlier time or a new partition is written at once.
+/// While the primary is up, a report's times are replaced by the consumer's (which may
+/// be later, or hold fewer partitions) at most this often; an earlier time or a new
+/// partition is added at once.
 const UNFINISHED_REFRESH: Duration = Duration::from_secs(60);
-/// How long the members keep a departed member's last times (see [`lead`]).
+/// And only once the primary has been up this long: after an outage the group's
+/// consumers rejoin and read their partitions again first.
+const UNFINISHED_SETTLE: Duration = Duration::from_secs(120);
+/// How long the members keep the times of a member whose report is gone, unless a
+/// member says the primary is down (see [`Remembered`]).
 const REMEMBER_DEPARTED: Duration = Duration::from_secs(600);
 
 /// A consumer's times, rounded down (earlier: more records read again, none missed).
@@ -175,32 +180,63 @@ fn earliest(mut a: Unfinished, b: &Unfinished) -> Unfinished {
     a
 }
 
-/// What a member publishes next, from what it published and its consumer's times now.
-/// While the primary is down nothing rises and nothing is dropped: the group's session
-/// timeout revokes the consumer's partitions (and a cut-off from etcd restarts the
-/// consumer) before the switch may read the report. While it is up, the current times,
-/// written at once when one went back or a partition appeared, else once `refresh_due`.
-fn next_report(
-    published: &Unfinished,
-    current: Unfinished,
-    primary_ok: bool,
-    refresh_due: bool,
-) -> Unfinished {
-    if !primary_ok {
-        return earliest(published.clone(), &current);
-    }
-    let sooner = current.iter().any(|(topic, parts)| {
-        parts.iter().any(|(p, t)| {
-            published
-                .get(topic)
-                .and_then(|was| was.get(p))
-                .is_none_or(|was| t < was)
-        })
-    });
-    if sooner || refresh_due {
+/// What a member publishes next, from what it published and its consumer's times now:
+/// the earlier of both for every partition either has, and the consumer's times alone
+/// only when `refresh_due` (the primary up and settled, see [`UNFINISHED_SETTLE`], and
+/// the last refresh [`UNFINISHED_REFRESH`] ago). Otherwise nothing rises and nothing is
+/// dropped: the group's session timeout revokes the consumer's partitions (and a cut-off
+/// from etcd restarts the consumer) before a switch may read the report, and after an
+/// outage they are read again only once the group rejoined.
+fn next_report(published: &Unfinished, current: Unfinished, refresh_due: bool) -> Unfinished {
+    if refresh_due {
         current
     } else {
-        published.clone()
+        earliest(published.clone(), &current)
+    }
+}
+
+/// Every member's last times of a source, kept by every instance (a new leader may have
+/// to switch, and an operator may switch on any instance): a member that died with the
+/// primary (one zone) takes its report with its lease, and one restarted while the
+/// primary is down reports nothing yet, and nobody could take their partitions over.
+#[derive(Debug, Clone, Default)]
+pub struct Remembered(Arc<Mutex<HashMap<MemberId, (Unfinished, tokio::time::Instant)>>>);
+
+impl Remembered {
+    /// Takes in the members' reports of `source`: a member's times are replaced while it
+    /// says the primary is up, else only lowered or added to. A member without a report
+    /// is forgotten after [`REMEMBER_DEPARTED`], unless a member says the primary is down.
+    pub fn observe(&self, view: &leasehold_coord::View, source: &str) {
+        let now = tokio::time::Instant::now();
+        let mut kept = self.0.lock().expect("remembered lock");
+        let mut down = false;
+        for ((s, member), h) in view.kafka_health.iter() {
+            if s != source {
+                continue;
+            }
+            down |= !h.primary_ok;
+            let entry = kept
+                .entry(member.clone())
+                .or_insert_with(|| (Unfinished::new(), now));
+            entry.0 = if h.primary_ok {
+                h.first_unfinished_ms.clone()
+            } else {
+                earliest(std::mem::take(&mut entry.0), &h.first_unfinished_ms)
+            };
+            entry.1 = now;
+        }
+        if !down {
+            kept.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_DEPARTED);
+        }
+    }
+
+    /// The earliest time kept for every partition.
+    pub fn all(&self) -> Unfinished {
+        self.0
+            .lock()
+            .expect("remembered lock")
+            .values()
+            .fold(Unfinished::new(), |all, (times, _)| earliest(all, times))
     }
 }
 
@@ -242,17 +278,16 @@ pub fn first_failure(coord: &Coord, source: &str) -> Option<u64> {
 /// Sets the side of `source` (the leader's decision when `as_leader`, else an
 /// operator's): positions the standby's consumer group first when switching to it (at
 /// `position_ms`, else the first reported failure of the primary, else now, minus the
-/// overlap; earlier on a partition where a member reported a record not finished before
-/// that, or `departed` — departed members' last reports — does), then writes the side
-/// if nobody switched since `expected`. Returns what it wrote and the etcd revision of
-/// the write.
+/// overlap; earlier on a partition where a member reported, or `remembered` keeps, a
+/// record not finished before that), then writes the side if nobody switched since
+/// `expected`. Returns what it wrote and the etcd revision of the write.
 pub async fn switch(
     coord: &Coord,
     source: &SourceOptions,
     mut value: KafkaSideValue,
     expected: i64,
     as_leader: bool,
-    departed: &Unfinished,
+    remembered: &Unfinished,
 ) -> Result<(KafkaSideValue, i64), SwitchError> {
     let failover = source.failover.clone().ok_or_else(|| {
         SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
@@ -286,7 +321,7 @@ pub async fn switch(
             .kafka_health
             .iter()
             .filter(|((s, _), _)| *s == source.name)
-            .fold(departed.clone(), |all, (_, h)| {
+            .fold(remembered.clone(), |all, (_, h)| {
                 earliest(all, &h.first_unfinished_ms)
             });
         let earlier = rewinds(source, &failover, &reports, from_failure);
@@ -337,6 +372,7 @@ pub async fn run(
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     status: StatusHandle,
+    remembered: Remembered,
     cancel: CancellationToken,
 ) -> Result<(), leasehold_kafka::Error> {
     let failover = source.failover.clone().expect("a failover source");
@@ -353,6 +389,7 @@ pub async fn run(
         source.clone(),
         failover.clone(),
         coord.clone(),
+        remembered,
         background.clone(),
     ));
     let result = consume(
@@ -385,9 +422,12 @@ async fn probe_primary(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<KafkaHealthValue> = None;
     let mut written = None;
-    // The consumer's times as published, and when they were last refreshed while the
-    // primary was up (see `next_report`).
+    // The consumer's times as published (see `next_report`), seeded from this member's
+    // report still in etcd (a restart while the primary is down); since when the
+    // primary has been up, and when the times were last replaced.
     let mut published = Unfinished::new();
+    let mut seeded = false;
+    let mut up_since: Option<tokio::time::Instant> = None;
     let mut refreshed: Option<tokio::time::Instant> = None;
     // One client for the probes while they succeed (see `Prober`).
     let mut prober: Option<Prober> = None;
@@ -425,7 +465,18 @@ async fn probe_primary(
             Err(e) => Err(e.to_string()),
         };
         let ok = result.is_ok();
+        if !seeded {
+            let view = coord.view();
+            if view.synced {
+                seeded = true;
+                let mine = (source.name.clone(), coord.member_id().clone());
+                if let Some(h) = view.kafka_health.get(&mine) {
+                    published = earliest(published, &h.first_unfinished_ms);
+                }
+            }
+        }
         if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
+            up_since = ok.then(tokio::time::Instant::now);
             let error = result.err().unwrap_or_default();
             if current.is_some() {
                 tracing::warn!(source = %source.name, reachable = ok, %error, "primary Kafka cluster reachability changed");
@@ -438,17 +489,12 @@ async fn probe_primary(
             });
         }
         let mut value = current.clone().expect("set above");
-        let refresh_due = refreshed.is_none_or(|at| at.elapsed() >= UNFINISHED_REFRESH);
-        let next = next_report(
-            &published,
-            rounded(&first_unfinished.get()),
-            ok,
-            refresh_due,
-        );
-        if ok && next != published {
+        let refresh_due = up_since.is_some_and(|at| at.elapsed() >= UNFINISHED_SETTLE)
+            && refreshed.is_none_or(|at| at.elapsed() >= UNFINISHED_REFRESH);
+        if refresh_due {
             refreshed = Some(tokio::time::Instant::now());
         }
-        published = next;
+        published = next_report(&published, rounded(&first_unfinished.get()), refresh_due);
         value.first_unfinished_ms = published.clone();
         if let Err(e) = coord
             .report_kafka_health(&source.name, &value, &mut written)
@@ -460,20 +506,18 @@ async fn probe_primary(
 }
 
 /// On the leader: switches the side when [`decide`] says so.
+/// On every instance, keeps the members' times in `remembered`.
 async fn lead(
     source: SourceOptions,
     failover: FailoverOptions,
     coord: Coord,
+    remembered: Remembered,
     cancel: CancellationToken,
 ) {
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Since when (this instance's clock) each member has given its current answer.
     let mut seen: HashMap<MemberId, (bool, tokio::time::Instant)> = Default::default();
-    // Every member's last times and when they were seen, kept by every instance (a new
-    // leader may have to switch): a member that died with the primary (one zone) takes
-    // its report with its lease, and nobody else could take its partitions over since.
-    let mut remembered: HashMap<MemberId, (Unfinished, tokio::time::Instant)> = Default::default();
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -481,13 +525,7 @@ async fn lead(
         }
         let view = coord.view();
         if view.synced {
-            let now = tokio::time::Instant::now();
-            for ((s, member), h) in view.kafka_health.iter() {
-                if *s == source.name {
-                    remembered.insert(member.clone(), (h.first_unfinished_ms.clone(), now));
-                }
-            }
-            remembered.retain(|_, (_, at)| at.elapsed() < REMEMBER_DEPARTED);
+            remembered.observe(&view, &source.name);
         }
         if !view.synced
             || view.leader.as_ref() != Some(coord.member_id())
@@ -526,17 +564,7 @@ async fn lead(
             continue;
         };
         tracing::warn!(source = %source.name, to = next.active.as_str(), reason = %next.reason, "switching the Kafka source's cluster");
-        let gone = remembered
-            .iter()
-            .filter(|(m, _)| {
-                !view
-                    .kafka_health
-                    .contains_key(&(source.name.clone(), (*m).clone()))
-            })
-            .fold(Unfinished::new(), |all, (_, (times, _))| {
-                earliest(all, times)
-            });
-        if let Err(e) = switch(&coord, &source, next, revision, true, &gone).await {
+        if let Err(e) = switch(&coord, &source, next, revision, true, &remembered.all()).await {
             tracing::warn!(source = %source.name, error = %e, "Kafka cluster switch failed; retrying");
         }
     }
@@ -779,31 +807,59 @@ mod tests {
     }
 
     #[test]
-    fn reports_never_rise_nor_drop_partitions_while_the_primary_is_down() {
+    fn reports_rise_or_drop_partitions_only_at_a_refresh() {
         let published = times(&[("a", 0, 60_000), ("a", 1, 90_000)]);
-        // Down: the consumer lost partition 1 (revoked) and moved on on partition 0.
+        // The consumer lost partition 1 (revoked), moved on on partition 0 and got 2.
         let now = times(&[("a", 0, 120_000), ("a", 2, 30_000)]);
         assert_eq!(
-            next_report(&published, now.clone(), false, true),
+            next_report(&published, now.clone(), false),
             times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 30_000)])
-        );
-        // Up: moving on waits for the refresh; an earlier time or a new partition does not.
-        let later = times(&[("a", 0, 120_000), ("a", 1, 90_000)]);
-        assert_eq!(
-            next_report(&published, later.clone(), true, false),
-            published
-        );
-        assert_eq!(next_report(&published, later.clone(), true, true), later);
-        let new_partition = times(&[("a", 0, 60_000), ("a", 1, 90_000), ("b", 0, 120_000)]);
-        assert_eq!(
-            next_report(&published, new_partition.clone(), true, false),
-            new_partition
         );
         let went_back = times(&[("a", 0, 30_000)]);
         assert_eq!(
-            next_report(&published, went_back.clone(), true, false),
-            went_back
+            next_report(&published, went_back, false),
+            times(&[("a", 0, 30_000), ("a", 1, 90_000)])
         );
+        assert_eq!(next_report(&published, now.clone(), true), now);
+    }
+
+    /// A member's times are replaced while it says the primary is up; while it says it
+    /// is down (a member restarted then reports nothing yet) they are only added to, and
+    /// a member whose report is gone is kept while any member says it is down.
+    #[test]
+    fn members_times_are_kept_through_an_outage() {
+        let report = |ok: bool, t: &[(&str, i32, u64)]| KafkaHealthValue {
+            primary_ok: ok,
+            since_ms: 1,
+            error: String::new(),
+            first_unfinished_ms: times(t),
+        };
+        let view = |reports: Vec<(&str, KafkaHealthValue)>| {
+            let mut v = leasehold_coord::View::empty(1);
+            v.kafka_health = Arc::new(
+                reports
+                    .into_iter()
+                    .map(|(m, h)| (("s".to_owned(), MemberId::new(m)), h))
+                    .collect(),
+            );
+            v
+        };
+        let r = Remembered::default();
+        r.observe(
+            &view(vec![
+                ("n1", report(true, &[("a", 0, 60_000)])),
+                ("n2", report(true, &[("a", 1, 90_000)])),
+            ]),
+            "s",
+        );
+        r.observe(&view(vec![("n1", report(true, &[("a", 0, 120_000)]))]), "s");
+        assert_eq!(r.all(), times(&[("a", 0, 120_000), ("a", 1, 90_000)]));
+        // The primary fails; n1 restarts and reports nothing yet; n2 is gone.
+        r.observe(&view(vec![("n1", report(false, &[]))]), "s");
+        assert_eq!(r.all(), times(&[("a", 0, 120_000), ("a", 1, 90_000)]));
+        // Up again: n1's own times replace its earlier ones.
+        r.observe(&view(vec![("n1", report(true, &[("a", 0, 150_000)]))]), "s");
+        assert_eq!(r.all(), times(&[("a", 0, 150_000), ("a", 1, 90_000)]));
     }
 
     #[test]

@@ -247,13 +247,15 @@ impl Instance {
                 if source.failover.is_some() {
                     let status = leasehold_kafka::StatusHandle::default();
                     self.status.add_kafka(status.clone());
-                    self.status.add_failover(source.clone());
+                    let remembered = crate::failover::Remembered::default();
+                    self.status.add_failover(source.clone(), remembered.clone());
                     Box::pin(crate::failover::run(
                         source.clone(),
                         self.coord.clone(),
                         dispatcher,
                         self.registry.clone(),
                         status,
+                        remembered,
                         cancel.clone(),
                     ))
                 } else {

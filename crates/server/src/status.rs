@@ -33,8 +33,14 @@ pub struct Move {
 #[derive(Default)]
 pub struct Status {
     kafka: Mutex<Vec<StatusHandle>>,
-    /// Sources with a standby cluster, by name (the admin surface switches them).
-    failover: Mutex<std::collections::BTreeMap<String, leasehold_kafka::SourceOptions>>,
+    /// Sources with a standby cluster, by name (the admin surface switches them), with
+    /// the members' times their switches read (see `failover::Remembered`).
+    failover: Mutex<
+        std::collections::BTreeMap<
+            String,
+            (leasehold_kafka::SourceOptions, crate::failover::Remembered),
+        >,
+    >,
     moves: Mutex<Moves>,
 }
 
@@ -50,11 +56,15 @@ impl Status {
         self.kafka.lock().expect("status lock").push(source);
     }
 
-    pub fn add_failover(&self, source: leasehold_kafka::SourceOptions) {
+    pub fn add_failover(
+        &self,
+        source: leasehold_kafka::SourceOptions,
+        remembered: crate::failover::Remembered,
+    ) {
         self.failover
             .lock()
             .expect("status lock")
-            .insert(source.name.clone(), source);
+            .insert(source.name.clone(), (source, remembered));
     }
 
     /// A source with a standby cluster, by name.
@@ -63,7 +73,16 @@ impl Status {
             .lock()
             .expect("status lock")
             .get(name)
-            .cloned()
+            .map(|(source, _)| source.clone())
+    }
+
+    /// The members' times a switch of source `name` reads.
+    pub fn remembered(&self, name: &str) -> Option<crate::failover::Remembered> {
+        self.failover
+            .lock()
+            .expect("status lock")
+            .get(name)
+            .map(|(_, remembered)| remembered.clone())
     }
 
     /// Names of the sources with a standby cluster.
