@@ -223,11 +223,12 @@ pub struct KafkaHealthValue {
     /// The last probe's error.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub error: String,
-    /// Per topic and partition this member's consumer of the primary holds, the time
-    /// (Unix ms, rounded down to 30 s) of the first record it read there and has not
-    /// finished: a switch reads the standby's partition from no later than this, so
+    /// Per topic and partition this member's consumer of the primary holds or held, the
+    /// time (Unix ms, rounded down to 30 s) of the first record it read there and has
+    /// not finished: a switch reads the standby's partition from no later than this, so
     /// records the group had not handled when the primary failed are read there too.
-    /// While the primary is down, no time rises and none is dropped.
+    /// Times only go back and partitions are only added, except at a refresh once most
+    /// members have reached the primary, and the consumer has run, for 2 minutes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub first_unfinished_ms: BTreeMap<String, BTreeMap<i32, u64>>,
 }

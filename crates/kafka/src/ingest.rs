@@ -379,15 +379,41 @@ pub struct Ingest {
 /// milliseconds: every record of the partition that is not done is at or after it.
 /// Refreshed every 5 s while [`Ingest::run`] runs, from this instance's own state.
 #[derive(Debug, Clone, Default)]
-pub struct FirstUnfinished(Arc<Mutex<BTreeMap<(String, i32), i64>>>);
+pub struct FirstUnfinished(Arc<Mutex<Progress>>);
+
+#[derive(Debug, Default)]
+struct Progress {
+    times: BTreeMap<(String, i32), i64>,
+    /// Since when [`Ingest::run`] runs; `None` when it does not.
+    running_since: Option<Instant>,
+}
 
 impl FirstUnfinished {
     pub fn get(&self) -> BTreeMap<(String, i32), i64> {
-        self.0.lock().expect("first unfinished lock").clone()
+        self.0.lock().expect("first unfinished lock").times.clone()
     }
 
-    fn set(&self, value: BTreeMap<(String, i32), i64>) {
-        *self.0.lock().expect("first unfinished lock") = value;
+    /// How long the consumer has been running; `None` when it is not.
+    pub fn running_for(&self) -> Option<Duration> {
+        let p = self.0.lock().expect("first unfinished lock");
+        p.running_since.map(|t| t.elapsed())
+    }
+
+    fn set(&self, times: BTreeMap<(String, i32), i64>) {
+        self.0.lock().expect("first unfinished lock").times = times;
+    }
+
+    fn set_running(&self, running: bool) {
+        self.0.lock().expect("first unfinished lock").running_since = running.then(Instant::now);
+    }
+}
+
+/// Marks the consumer stopped however [`Ingest::run`] ends.
+struct Running(FirstUnfinished);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.set_running(false);
     }
 }
 
@@ -484,6 +510,7 @@ impl Ingest {
     /// side of a failover), starting it afresh.
     pub fn with_first_unfinished(mut self, handle: FirstUnfinished) -> Self {
         handle.set(BTreeMap::new());
+        handle.set_running(false);
         self.first_unfinished = handle;
         self
     }
@@ -530,6 +557,8 @@ impl Ingest {
                 message: "on_failure = dead-letter needs a dead-letter topic".into(),
             });
         }
+        self.first_unfinished.set_running(true);
+        let _running = Running(self.first_unfinished.clone());
         let partitions: Partitions = Default::default();
         let (split_tx, mut splits) = mpsc::unbounded_channel();
         let readers_stop = CancellationToken::new();

@@ -150,11 +150,12 @@ const UNFINISHED_STEP_MS: u64 = 30_000;
 /// be later, or hold fewer partitions) at most this often; an earlier time or a new
 /// partition is added at once.
 const UNFINISHED_REFRESH: Duration = Duration::from_secs(60);
-/// And only once the primary has been up this long: after an outage the group's
+/// And only once most members have reached the primary, and this member's consumer of
+/// it has run, this long: after an outage (or a restart of the consumer) the group's
 /// consumers rejoin and read their partitions again first.
 const UNFINISHED_SETTLE: Duration = Duration::from_secs(120);
-/// How long the members keep the times of a member whose report is gone, unless a
-/// member says the primary is down (see [`Remembered`]).
+/// How long the members keep the times of a member whose report is gone, once the
+/// primary is back and settled (see [`Remembered`]).
 const REMEMBER_DEPARTED: Duration = Duration::from_secs(600);
 
 /// A consumer's times, rounded down (earlier: more records read again, none missed).
@@ -195,38 +196,74 @@ fn next_report(published: &Unfinished, current: Unfinished, refresh_due: bool) -
     }
 }
 
+/// Whether most members reporting on `source` reach its primary (the rule [`decide`]
+/// switches by, without its duration): one member whose own path to the primary fails
+/// does not make an outage.
+fn cluster_up(view: &leasehold_coord::View, source: &str) -> bool {
+    let (up, all) = view
+        .kafka_health
+        .iter()
+        .filter(|((s, _), _)| s == source)
+        .fold((0, 0), |(up, all), (_, h)| {
+            (up + usize::from(h.primary_ok), all + 1)
+        });
+    all > 0 && up * 2 > all
+}
+
 /// Every member's last times of a source, kept by every instance (a new leader may have
 /// to switch, and an operator may switch on any instance): a member that died with the
-/// primary (one zone) takes its report with its lease, and one restarted while the
-/// primary is down reports nothing yet, and nobody could take their partitions over.
+/// primary (one zone) takes its report with its lease, one restarted during an outage
+/// reports nothing of its earlier partitions, and nobody could take them over.
 #[derive(Debug, Clone, Default)]
-pub struct Remembered(Arc<Mutex<HashMap<MemberId, (Unfinished, tokio::time::Instant)>>>);
+pub struct Remembered(Arc<Mutex<Kept>>);
+
+#[derive(Debug, Default)]
+struct Kept {
+    /// Each member's times, and when its report was last seen.
+    members: HashMap<MemberId, (Unfinished, tokio::time::Instant)>,
+    /// Since when most members reach the primary.
+    up_since: Option<tokio::time::Instant>,
+}
 
 impl Remembered {
-    /// Takes in the members' reports of `source`: a member's times are replaced while it
-    /// says the primary is up, else only lowered or added to. A member without a report
-    /// is forgotten after [`REMEMBER_DEPARTED`], unless a member says the primary is down.
+    /// Takes in the members' reports of `source`. Until most members have reached the
+    /// primary for [`UNFINISHED_SETTLE`] + [`UNFINISHED_REFRESH`] (their own reports
+    /// refresh by then), a member's times are only lowered or added to, and a member
+    /// without a report is kept; after that its times are its report's, and a member
+    /// without one is forgotten [`REMEMBER_DEPARTED`] after it was last seen.
     pub fn observe(&self, view: &leasehold_coord::View, source: &str) {
         let now = tokio::time::Instant::now();
         let mut kept = self.0.lock().expect("remembered lock");
-        let mut down = false;
+        kept.up_since = if cluster_up(view, source) {
+            kept.up_since.or(Some(now))
+        } else {
+            None
+        };
+        let settled = kept
+            .up_since
+            .is_some_and(|t| now.duration_since(t) >= UNFINISHED_SETTLE + UNFINISHED_REFRESH);
         for ((s, member), h) in view.kafka_health.iter() {
             if s != source {
                 continue;
             }
-            down |= !h.primary_ok;
             let entry = kept
+                .members
                 .entry(member.clone())
                 .or_insert_with(|| (Unfinished::new(), now));
-            entry.0 = if h.primary_ok {
+            entry.0 = if settled {
                 h.first_unfinished_ms.clone()
             } else {
                 earliest(std::mem::take(&mut entry.0), &h.first_unfinished_ms)
             };
             entry.1 = now;
         }
-        if !down {
-            kept.retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_DEPARTED);
+        if settled {
+            kept.members
+                .retain(|_, (_, at)| now.duration_since(*at) < REMEMBER_DEPARTED);
+        } else {
+            for (_, at) in kept.members.values_mut() {
+                *at = now;
+            }
         }
     }
 
@@ -235,6 +272,7 @@ impl Remembered {
         self.0
             .lock()
             .expect("remembered lock")
+            .members
             .values()
             .fold(Unfinished::new(), |all, (times, _)| earliest(all, times))
     }
@@ -292,6 +330,12 @@ pub async fn switch(
     let failover = source.failover.clone().ok_or_else(|| {
         SwitchError::Failed(format!("source {:?} has no standby cluster", source.name))
     })?;
+    // The members' reports (where to read the standby from) are in the view.
+    if !coord.view().synced {
+        return Err(SwitchError::Failed(
+            "this instance's view of the cluster is not synced with etcd yet; retry".into(),
+        ));
+    }
     // Positioned only when the standby starts being read (not when an operator marks the
     // side it already reads as chosen).
     let (current, revision) = coord.view().kafka_side(&source.name);
@@ -423,8 +467,9 @@ async fn probe_primary(
     let mut current: Option<KafkaHealthValue> = None;
     let mut written = None;
     // The consumer's times as published (see `next_report`), seeded from this member's
-    // report still in etcd (a restart while the primary is down); since when the
-    // primary has been up, and when the times were last replaced.
+    // report still in etcd (a crash restarted within the lease's TTL, while the primary
+    // is down); since when most members have reached the primary, and when the times
+    // were last replaced.
     let mut published = Unfinished::new();
     let mut seeded = false;
     let mut up_since: Option<tokio::time::Instant> = None;
@@ -465,18 +510,21 @@ async fn probe_primary(
             Err(e) => Err(e.to_string()),
         };
         let ok = result.is_ok();
-        if !seeded {
-            let view = coord.view();
-            if view.synced {
-                seeded = true;
-                let mine = (source.name.clone(), coord.member_id().clone());
-                if let Some(h) = view.kafka_health.get(&mine) {
-                    published = earliest(published, &h.first_unfinished_ms);
-                }
+        let view = coord.view();
+        if !seeded && view.synced {
+            seeded = true;
+            let mine = (source.name.clone(), coord.member_id().clone());
+            if let Some(h) = view.kafka_health.get(&mine) {
+                published = earliest(published, &h.first_unfinished_ms);
             }
         }
+        up_since = if view.synced && cluster_up(&view, &source.name) {
+            up_since.or_else(|| Some(tokio::time::Instant::now()))
+        } else {
+            None
+        };
+        drop(view);
         if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
-            up_since = ok.then(tokio::time::Instant::now);
             let error = result.err().unwrap_or_default();
             if current.is_some() {
                 tracing::warn!(source = %source.name, reachable = ok, %error, "primary Kafka cluster reachability changed");
@@ -490,12 +538,19 @@ async fn probe_primary(
         }
         let mut value = current.clone().expect("set above");
         let refresh_due = up_since.is_some_and(|at| at.elapsed() >= UNFINISHED_SETTLE)
+            && first_unfinished
+                .running_for()
+                .is_some_and(|d| d >= UNFINISHED_SETTLE)
             && refreshed.is_none_or(|at| at.elapsed() >= UNFINISHED_REFRESH);
         if refresh_due {
             refreshed = Some(tokio::time::Instant::now());
         }
         published = next_report(&published, rounded(&first_unfinished.get()), refresh_due);
         value.first_unfinished_ms = published.clone();
+        // Not before this member's earlier report was read: it would be overwritten.
+        if !seeded {
+            continue;
+        }
         if let Err(e) = coord
             .report_kafka_health(&source.name, &value, &mut written)
             .await
@@ -823,11 +878,12 @@ mod tests {
         assert_eq!(next_report(&published, now.clone(), true), now);
     }
 
-    /// A member's times are replaced while it says the primary is up; while it says it
-    /// is down (a member restarted then reports nothing yet) they are only added to, and
-    /// a member whose report is gone is kept while any member says it is down.
-    #[test]
-    fn members_times_are_kept_through_an_outage() {
+    /// Until most members have reached the primary for a while, the members' times are
+    /// only lowered or added to (a member restarted during the outage reports nothing of
+    /// its earlier partitions) and a member whose report is gone is kept; after that,
+    /// each member's times are its own, and one gone 10 minutes is forgotten.
+    #[tokio::test(start_paused = true)]
+    async fn members_times_are_kept_through_an_outage_until_the_primary_settles() {
         let report = |ok: bool, t: &[(&str, i32, u64)]| KafkaHealthValue {
             primary_ok: ok,
             since_ms: 1,
@@ -844,22 +900,45 @@ mod tests {
             );
             v
         };
+        let settle = UNFINISHED_SETTLE + UNFINISHED_REFRESH;
         let r = Remembered::default();
+        // The primary fails; n2 dies; n1 restarts and reports nothing of its partition.
         r.observe(
             &view(vec![
-                ("n1", report(true, &[("a", 0, 60_000)])),
-                ("n2", report(true, &[("a", 1, 90_000)])),
+                ("n1", report(false, &[("a", 0, 60_000)])),
+                ("n2", report(false, &[("a", 1, 90_000)])),
             ]),
             "s",
         );
-        r.observe(&view(vec![("n1", report(true, &[("a", 0, 120_000)]))]), "s");
-        assert_eq!(r.all(), times(&[("a", 0, 120_000), ("a", 1, 90_000)]));
-        // The primary fails; n1 restarts and reports nothing yet; n2 is gone.
+        tokio::time::advance(REMEMBER_DEPARTED * 2).await;
         r.observe(&view(vec![("n1", report(false, &[]))]), "s");
-        assert_eq!(r.all(), times(&[("a", 0, 120_000), ("a", 1, 90_000)]));
-        // Up again: n1's own times replace its earlier ones.
-        r.observe(&view(vec![("n1", report(true, &[("a", 0, 150_000)]))]), "s");
-        assert_eq!(r.all(), times(&[("a", 0, 150_000), ("a", 1, 90_000)]));
+        assert_eq!(r.all(), times(&[("a", 0, 60_000), ("a", 1, 90_000)]));
+        // One member's own path to the primary works: not the cluster's view.
+        r.observe(
+            &view(vec![
+                ("n1", report(false, &[])),
+                ("n3", report(true, &[("a", 1, 200_000)])),
+            ]),
+            "s",
+        );
+        assert_eq!(r.all(), times(&[("a", 0, 60_000), ("a", 1, 90_000)]));
+        // Back, but not settled: still only lowered or added to.
+        let up = |t: &[(&str, i32, u64)]| view(vec![("n1", report(true, t))]);
+        r.observe(&up(&[("a", 2, 150_000)]), "s");
+        tokio::time::advance(settle / 2).await;
+        r.observe(&up(&[("a", 2, 150_000)]), "s");
+        assert_eq!(
+            r.all(),
+            times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 150_000)])
+        );
+        // Settled: n1's times are its own; n2 and n3, gone, are forgotten 10 minutes
+        // after they were last seen, counted from then.
+        tokio::time::advance(settle).await;
+        r.observe(&up(&[("a", 0, 180_000)]), "s");
+        assert_eq!(r.all(), times(&[("a", 0, 180_000), ("a", 1, 90_000)]));
+        tokio::time::advance(REMEMBER_DEPARTED).await;
+        r.observe(&up(&[("a", 0, 180_000)]), "s");
+        assert_eq!(r.all(), times(&[("a", 0, 180_000)]));
     }
 
     #[test]
