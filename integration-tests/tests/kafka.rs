@@ -869,7 +869,7 @@ fn side(instance: &leasehold_integration_tests::Instance) -> Option<serde_json::
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
-    let (mut primary, standby, checker) = two_clusters().await;
+    let (mut primary, standby, checker) = two_clusters(None).await;
     let dir = tempfile::tempdir().unwrap();
     let config = failover_config(
         dir.path(),
@@ -1132,14 +1132,8 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
 /// not drag the others back with it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() {
-    let mut primary = Kafka::start().await;
-    let standby = Kafka::start().await;
-    for k in [&primary, &standby] {
-        k.create_topic("pay", 3).await;
-        k.create_topic("pay-dlq", 1).await;
-    }
     // Records of `stuck-…` accounts are refused and retried: they stay unfinished.
-    let checker = Checker::start(Duration::ZERO, Some("stuck")).await;
+    let (mut primary, standby, checker) = two_clusters(Some("stuck")).await;
     let dir = tempfile::tempdir().unwrap();
     let config = failover_config(
         dir.path(),
@@ -1266,15 +1260,19 @@ async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() 
 }
 
 /// Two Kafka clusters with the topic `pay` (3 partitions) and its dead-letter topic, and
-/// the checker handler.
-async fn two_clusters() -> (Kafka, Kafka, Checker) {
+/// the checker handler (refusing keys that start with `fail_prefix`).
+async fn two_clusters(fail_prefix: Option<&str>) -> (Kafka, Kafka, Checker) {
     let primary = Kafka::start().await;
     let standby = Kafka::start().await;
     for k in [&primary, &standby] {
         k.create_topic("pay", 3).await;
         k.create_topic("pay-dlq", 1).await;
     }
-    (primary, standby, Checker::start(Duration::ZERO, None).await)
+    (
+        primary,
+        standby,
+        Checker::start(Duration::ZERO, fail_prefix).await,
+    )
 }
 
 /// Writes a failover source's configuration (primary and standby, `down_after` 3 s).
@@ -1301,7 +1299,7 @@ async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_
     use leasehold_integration_tests::proxy::Proxy;
     use leasehold_integration_tests::Etcd;
 
-    let (mut primary, standby, checker) = two_clusters().await;
+    let (mut primary, standby, checker) = two_clusters(None).await;
     let dir = tempfile::tempdir().unwrap();
     let config = failover_config(
         dir.path(),

@@ -1058,7 +1058,13 @@ impl Ingest {
             return;
         }
         let generation = crate::group::generation(state.consumer.as_ref());
-        let fresh = self.new_state(state, tp, (from, None), true, generation, part.split);
+        // Its first unfinished record is the old state's (re-read from `from`).
+        let first = part
+            .window
+            .lock()
+            .expect("window lock")
+            .first_unfinished_time();
+        let fresh = self.new_state(state, tp, (from, first), true, generation, part.split);
         map.insert(tp.clone(), fresh);
         drop(map);
         if let Err(e) = state.consumer.resume(&part.list()) {

@@ -196,6 +196,35 @@ fn next_report(published: &Unfinished, current: Unfinished, refresh_due: bool) -
     }
 }
 
+/// At a refresh, puts back into `next` (the consumer's own times) the partitions of
+/// `published` it no longer has that no other member reports yet (`elsewhere`): their
+/// new holder may not have read a record of them yet, and the primary may fail before it
+/// does. Each is kept at most [`REMEMBER_DEPARTED`] after it was first missing
+/// (`missing_since`, updated).
+fn keep_unclaimed(
+    next: &mut Unfinished,
+    published: &Unfinished,
+    elsewhere: impl Fn(&str, i32) -> bool,
+    missing_since: &mut HashMap<(String, i32), tokio::time::Instant>,
+    now: tokio::time::Instant,
+) {
+    let mut still = HashMap::new();
+    for (topic, parts) in published {
+        for (p, t) in parts {
+            if next.get(topic).is_some_and(|n| n.contains_key(p)) || elsewhere(topic, *p) {
+                continue;
+            }
+            let key = (topic.clone(), *p);
+            let since = missing_since.get(&key).copied().unwrap_or(now);
+            if now.duration_since(since) < REMEMBER_DEPARTED {
+                next.entry(topic.clone()).or_default().insert(*p, *t);
+                still.insert(key, since);
+            }
+        }
+    }
+    *missing_since = still;
+}
+
 /// Whether most members reporting on `source` reach its primary (the rule [`decide`]
 /// switches by, without its duration): one member whose own path to the primary fails
 /// does not make an outage.
@@ -227,10 +256,10 @@ struct Kept {
 
 impl Remembered {
     /// Takes in the members' reports of `source`. Until most members have reached the
-    /// primary for [`UNFINISHED_SETTLE`] + [`UNFINISHED_REFRESH`] (their own reports
+    /// primary for `UNFINISHED_SETTLE` + `UNFINISHED_REFRESH` (their own reports
     /// refresh by then), a member's times are only lowered or added to, and a member
     /// without a report is kept; after that its times are its report's, and a member
-    /// without one is forgotten [`REMEMBER_DEPARTED`] after it was last seen.
+    /// without one is forgotten `REMEMBER_DEPARTED` after it was last seen.
     pub fn observe(&self, view: &leasehold_coord::View, source: &str) {
         let now = tokio::time::Instant::now();
         let mut kept = self.0.lock().expect("remembered lock");
@@ -474,6 +503,7 @@ async fn probe_primary(
     let mut seeded = false;
     let mut up_since: Option<tokio::time::Instant> = None;
     let mut refreshed: Option<tokio::time::Instant> = None;
+    let mut missing_since = HashMap::new();
     // One client for the probes while they succeed (see `Prober`).
     let mut prober: Option<Prober> = None;
     loop {
@@ -523,6 +553,17 @@ async fn probe_primary(
         } else {
             None
         };
+        // The partitions other members report (see `keep_unclaimed`).
+        let elsewhere: std::collections::HashSet<(String, i32)> = view
+            .kafka_health
+            .iter()
+            .filter(|((s, m), _)| *s == source.name && m != coord.member_id())
+            .flat_map(|(_, h)| {
+                h.first_unfinished_ms
+                    .iter()
+                    .flat_map(|(t, parts)| parts.keys().map(|p| (t.clone(), *p)))
+            })
+            .collect();
         drop(view);
         if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
             let error = result.err().unwrap_or_default();
@@ -545,7 +586,17 @@ async fn probe_primary(
         if refresh_due {
             refreshed = Some(tokio::time::Instant::now());
         }
-        published = next_report(&published, rounded(&first_unfinished.get()), refresh_due);
+        let mut next = next_report(&published, rounded(&first_unfinished.get()), refresh_due);
+        if refresh_due {
+            keep_unclaimed(
+                &mut next,
+                &published,
+                |t, p| elsewhere.contains(&(t.to_owned(), p)),
+                &mut missing_since,
+                tokio::time::Instant::now(),
+            );
+        }
+        published = next;
         value.first_unfinished_ms = published.clone();
         // Not before this member's earlier report was read: it would be overwritten.
         if !seeded {
@@ -939,6 +990,47 @@ mod tests {
         tokio::time::advance(REMEMBER_DEPARTED).await;
         r.observe(&up(&[("a", 0, 180_000)]), "s");
         assert_eq!(r.all(), times(&[("a", 0, 180_000)]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_partition_no_longer_held_stays_until_another_member_reports_it() {
+        let published = times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 30_000)]);
+        let mut missing = HashMap::new();
+        // Refreshed: partition 0 is still held; 1 is reported by another member; 2 not.
+        let mut next = times(&[("a", 0, 120_000)]);
+        keep_unclaimed(
+            &mut next,
+            &published,
+            |t, p| (t, p) == ("a", 1),
+            &mut missing,
+            tokio::time::Instant::now(),
+        );
+        assert_eq!(next, times(&[("a", 0, 120_000), ("a", 2, 30_000)]));
+        // Still unclaimed at later refreshes: kept for 10 minutes from the first.
+        tokio::time::advance(REMEMBER_DEPARTED / 2).await;
+        let published = next;
+        let mut next = times(&[("a", 0, 150_000)]);
+        let nowhere = |_: &str, _: i32| false;
+        keep_unclaimed(
+            &mut next,
+            &published,
+            nowhere,
+            &mut missing,
+            tokio::time::Instant::now(),
+        );
+        assert_eq!(next, times(&[("a", 0, 150_000), ("a", 2, 30_000)]));
+        tokio::time::advance(REMEMBER_DEPARTED / 2).await;
+        let published = next;
+        let mut next = times(&[("a", 0, 150_000)]);
+        keep_unclaimed(
+            &mut next,
+            &published,
+            nowhere,
+            &mut missing,
+            tokio::time::Instant::now(),
+        );
+        assert_eq!(next, times(&[("a", 0, 150_000)]));
+        assert!(missing.is_empty());
     }
 
     #[test]
