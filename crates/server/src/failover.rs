@@ -74,12 +74,16 @@ pub fn decide(
             if down.len() < quorum {
                 return None;
             }
-            // The earliest failure by either clock: more overlap, never less.
-            let since = down
+            // When a majority had failed, each member's failure taken by the earlier of
+            // both clocks (more overlap, never less); not the earliest member's: one
+            // whose own path to the primary failed days ago would start the standby
+            // days back.
+            let mut failed: Vec<u64> = down
                 .iter()
                 .map(|o| o.since_ms.min(now_ms.saturating_sub(o.for_ms)))
-                .min()
-                .unwrap_or(now_ms);
+                .collect();
+            failed.sort_unstable();
+            let since = failed.get(quorum - 1).copied().unwrap_or(now_ms);
             let error = down
                 .iter()
                 .map(|o| o.error)
@@ -574,7 +578,8 @@ async fn probe_primary(
                 primary_ok: ok,
                 since_ms: now_ms(),
                 error,
-                first_unfinished_ms: published.clone(),
+                // Set below, at every probe.
+                first_unfinished_ms: Unfinished::new(),
             });
         }
         let mut value = current.clone().expect("set above");
@@ -1111,6 +1116,13 @@ mod tests {
         );
         // Members that did not report count as not agreeing.
         assert_eq!(decide(&primary, &[down_long], 3, now, &p), None);
+        // One member that has not reached the primary for a day (its own path): the
+        // standby starts from when a majority had failed, not from a day ago.
+        let now = 100_000_000;
+        let down_for_a_day = report(false, 86_400_000, now - 86_400_000);
+        let down_long = report(false, 11_000, now - 11_000);
+        let next = decide(&primary, &[down_for_a_day, down_long, up], 3, now, &p).unwrap();
+        assert_eq!(next.position_ms, Some(now - 11_000 - 60_000));
     }
 
     #[test]
