@@ -557,18 +557,6 @@ async fn probe_primary(
         } else {
             None
         };
-        // The partitions other members report (see `keep_unclaimed`).
-        let elsewhere: std::collections::HashSet<(String, i32)> = view
-            .kafka_health
-            .iter()
-            .filter(|((s, m), _)| *s == source.name && m != coord.member_id())
-            .flat_map(|(_, h)| {
-                h.first_unfinished_ms
-                    .iter()
-                    .flat_map(|(t, parts)| parts.keys().map(|p| (t.clone(), *p)))
-            })
-            .collect();
-        drop(view);
         if current.as_ref().is_none_or(|c| c.primary_ok != ok) {
             let error = result.err().unwrap_or_default();
             if current.is_some() {
@@ -588,19 +576,28 @@ async fn probe_primary(
                 .running_for()
                 .is_some_and(|d| d >= UNFINISHED_SETTLE)
             && refreshed.is_none_or(|at| at.elapsed() >= UNFINISHED_REFRESH);
-        if refresh_due {
-            refreshed = Some(tokio::time::Instant::now());
-        }
         let mut next = next_report(&published, rounded(&first_unfinished.get()), refresh_due);
         if refresh_due {
+            refreshed = Some(tokio::time::Instant::now());
+            // Reported by another member (see `keep_unclaimed`).
+            let elsewhere = |topic: &str, p: i32| {
+                view.kafka_health.iter().any(|((s, m), h)| {
+                    *s == source.name
+                        && m != coord.member_id()
+                        && h.first_unfinished_ms
+                            .get(topic)
+                            .is_some_and(|parts| parts.contains_key(&p))
+                })
+            };
             keep_unclaimed(
                 &mut next,
                 &published,
-                |t, p| elsewhere.contains(&(t.to_owned(), p)),
+                elsewhere,
                 &mut missing_since,
                 tokio::time::Instant::now(),
             );
         }
+        drop(view);
         published = next;
         value.first_unfinished_ms = published.clone();
         // Not before this member's earlier report was read: it would be overwritten.
@@ -999,41 +996,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_partition_no_longer_held_stays_until_another_member_reports_it() {
-        let published = times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 30_000)]);
         let mut missing = HashMap::new();
-        // Refreshed: partition 0 is still held; 1 is reported by another member; 2 not.
-        let mut next = times(&[("a", 0, 120_000)]);
-        keep_unclaimed(
-            &mut next,
-            &published,
-            |t, p| (t, p) == ("a", 1),
-            &mut missing,
-            tokio::time::Instant::now(),
-        );
+        // One refresh: the consumer's own times, and what `keep_unclaimed` puts back.
+        let mut refresh = |published: &Unfinished, held, elsewhere: &dyn Fn(&str, i32) -> bool| {
+            let mut next = held;
+            keep_unclaimed(
+                &mut next,
+                published,
+                elsewhere,
+                &mut missing,
+                tokio::time::Instant::now(),
+            );
+            next
+        };
+        let published = times(&[("a", 0, 60_000), ("a", 1, 90_000), ("a", 2, 30_000)]);
+        // Partition 0 is still held; 1 is reported by another member; 2 not.
+        let next = refresh(&published, times(&[("a", 0, 120_000)]), &|t, p| {
+            (t, p) == ("a", 1)
+        });
         assert_eq!(next, times(&[("a", 0, 120_000), ("a", 2, 30_000)]));
         // Still unclaimed at later refreshes: kept for 10 minutes from the first.
-        tokio::time::advance(REMEMBER_DEPARTED / 2).await;
-        let published = next;
-        let mut next = times(&[("a", 0, 150_000)]);
         let nowhere = |_: &str, _: i32| false;
-        keep_unclaimed(
-            &mut next,
-            &published,
-            nowhere,
-            &mut missing,
-            tokio::time::Instant::now(),
-        );
+        tokio::time::advance(REMEMBER_DEPARTED / 2).await;
+        let next = refresh(&next, times(&[("a", 0, 150_000)]), &nowhere);
         assert_eq!(next, times(&[("a", 0, 150_000), ("a", 2, 30_000)]));
         tokio::time::advance(REMEMBER_DEPARTED / 2).await;
-        let published = next;
-        let mut next = times(&[("a", 0, 150_000)]);
-        keep_unclaimed(
-            &mut next,
-            &published,
-            nowhere,
-            &mut missing,
-            tokio::time::Instant::now(),
-        );
+        let next = refresh(&next, times(&[("a", 0, 150_000)]), &nowhere);
         assert_eq!(next, times(&[("a", 0, 150_000)]));
         assert!(missing.is_empty());
     }
