@@ -1681,3 +1681,66 @@ async fn a_handler_that_panics_fails_only_its_call_on_every_path() {
         "calls the owner read from peer streams: {streamed}"
     );
 }
+
+/// Calls for one key entering both instances while its shard moves back and forth. A
+/// call that waits at the old owner for the move to end holds the key's turn there;
+/// calls forwarded to it from the new owner, each holding the key's turn at the new
+/// owner, must not wait behind it, or the two instances wait on each other until the
+/// deadline. Every call succeeds, one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn calls_for_one_key_entering_both_instances_survive_moves_of_its_shard() {
+    let checker = Checker::start(Duration::from_millis(1), None).await;
+    let flag = checker.handler_flag();
+    let cluster = Cluster::start(2, &ttl_args(&flag)).await;
+    let table = cluster.wait_balanced(Duration::from_secs(10)).await;
+    // The load's only key.
+    let shard = leasehold_types::shard_for_key(b"key-0", table.len() as u32).0;
+    let targets = load::targets(&cluster.instances).await;
+    let (stop, load) = background(targets.clone(), 1);
+    let path = format!("/v1/shards/{shard}/pin");
+    for round in 0..6 {
+        let owner = shard_table(&cluster.instances[0]).unwrap()[shard as usize]
+            .1
+            .clone()
+            .unwrap();
+        let to = if owner == "n0" { "n1" } else { "n0" };
+        // Some calls run under this placement before the move.
+        let before = checker.calls();
+        wait_until(Duration::from_secs(10), "calls running", || {
+            (checker.calls() >= before + 200).then_some(())
+        })
+        .await;
+        let body = format!(r#"{{"to": "{to}"}}"#);
+        let (status, answer) = admin_send(&cluster.instances[0], "POST", &path, Some(&body));
+        assert_eq!(status, 200, "round {round}: {answer}");
+        wait_until(Duration::from_secs(10), "the shard on its new owner", || {
+            cluster
+                .instances
+                .iter()
+                .all(|i| {
+                    shard_table(i).is_some_and(|t| t[shard as usize].1.as_deref() == Some(to))
+                })
+                .then_some(())
+        })
+        .await;
+    }
+    let before = checker.calls();
+    wait_until(Duration::from_secs(10), "calls running after the moves", || {
+        (checker.calls() >= before + 200).then_some(())
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let report = load.await.unwrap();
+    eprintln!(
+        "ok {} failed {} p99 {:?}",
+        report.ok,
+        report.failed.len(),
+        report.percentile(0.99)
+    );
+    assert!(
+        report.failed.is_empty(),
+        "failed calls: {:?}",
+        &report.failed[..report.failed.len().min(10)]
+    );
+    assert_eq!(checker.violations(), Vec::<String>::new());
+}

@@ -37,7 +37,7 @@ pub use crate::handler::{
     CallSource, EchoHandler, ErrorCode, GrpcHandler, HandleCall, HandleError, Handler,
     HandlerError, KafkaRecord, ShardEvent,
 };
-use crate::mailbox::{Mailboxes, Turn};
+use crate::mailbox::{Mailboxes, Turn, Waiting};
 use crate::peers::{Forwarded, PeerError, Peers};
 pub use crate::service::{parse_grpc_timeout, EntitiesService, PeerService};
 pub use crate::trace::CallMetadata;
@@ -332,6 +332,8 @@ struct Metrics {
     failed: Arc<Counter>,
     forwards: Arc<Counter>,
     not_owner_retries: Arc<Counter>,
+    /// Forwarded copies answered "not owner" while queued for their key's turn.
+    released_waiting: Arc<Counter>,
     held: Arc<Counter>,
     handler_latency: Arc<Histogram>,
     /// Calls run here per shard (series of shards no longer owned here are dropped).
@@ -422,6 +424,12 @@ const NOT_OWNER_FAST_TRIES: u32 = 8;
 
 /// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
 /// not run).
+fn queued_too_long(key: &str) -> CallError {
+    CallError::DeadlineExceeded(format!(
+        "deadline passed while queued behind earlier calls for key {key:?}"
+    ))
+}
+
 fn hook_pending(shard: ShardId) -> CallError {
     CallError::DeadlineExceeded(format!(
         "the handler's ShardAcquired hook for shard {shard} did not end before the call's deadline"
@@ -465,6 +473,10 @@ impl Router {
             not_owner_retries: registry.counter(
                 "leasehold_not_owner_retries_total",
                 "Forwards answered \"not owner\" and retried (after a short pause, or once the routing table changed).", &[],
+            ),
+            released_waiting: registry.counter(
+                "leasehold_forwarded_released_while_queued_total",
+                "Forwarded calls answered \"not owner\" while queued for their key's turn, because the shard left this instance meanwhile (their senders route them again).", &[],
             ),
             held: registry.counter(
                 "leasehold_held_calls_total",
@@ -789,14 +801,14 @@ impl Router {
         let this = self.clone();
         async move {
             let _pending = pending;
-            let turn = tokio::time::timeout_at(job.deadline.into(), waiting.turn())
-                .await
-                .map_err(|_| {
-                    CallError::DeadlineExceeded(format!(
-                        "deadline passed while queued behind earlier calls for key {:?}",
-                        job.key
-                    ))
-                })?;
+            let turn = match job.origin {
+                Origin::Forwarded { expected } => {
+                    this.forwarded_turn(&job, waiting, expected).await?
+                }
+                Origin::Entry => tokio::time::timeout_at(job.deadline.into(), waiting.turn())
+                    .await
+                    .map_err(|_| queued_too_long(&job.key))?,
+            };
             let forwarded = matches!(job.origin, Origin::Forwarded { .. });
             let span = tracing::debug_span!(
                 "call",
@@ -809,6 +821,73 @@ impl Router {
             trace::continue_trace(&span, &job.metadata);
             tracing::Instrument::instrument(this.route(&job, Arc::new(turn)), span).await
         }
+    }
+
+    /// Waits for a forwarded copy's turn for its key, and answers "not owner" as soon as
+    /// this instance stops owning the shard at the epoch its sender routed by.
+    ///
+    /// The sender holds the key's turn at its own instance while it waits for this
+    /// answer. A call queued here ahead of the copy may itself be waiting for the shard,
+    /// which moved to that sender: it forwards there and queues behind the sender's call.
+    /// Without this check the two instances wait on each other until the deadline (a
+    /// planned move under calls for one key entering both). Answering early changes
+    /// nothing else: at its turn the copy would get the same answer, and the sender keeps
+    /// its own turn, so calls that entered there after it still wait behind it.
+    async fn forwarded_turn(
+        &self,
+        job: &Job,
+        waiting: Waiting,
+        expected: Epoch,
+    ) -> Result<Turn, CallError> {
+        use futures::FutureExt as _;
+        let turn = waiting.turn();
+        tokio::pin!(turn);
+        // The usual case: first in line, nothing to watch.
+        if let Some(turn) = (&mut turn).now_or_never() {
+            return Ok(turn);
+        }
+        let table = self.inner.coord.table();
+        let mut changes = table.subscribe();
+        let deadline = tokio::time::sleep_until(job.deadline.into());
+        tokio::pin!(deadline);
+        let mut watching = true;
+        loop {
+            if watching {
+                changes.borrow_and_update();
+                if let Some(not_owner) = self.moved_away(job.shard, expected) {
+                    self.inner.metrics.released_waiting.inc();
+                    return Err(not_owner);
+                }
+            }
+            tokio::select! {
+                biased;
+                turn = &mut turn => return Ok(turn),
+                _ = &mut deadline => return Err(queued_too_long(&job.key)),
+                changed = changes.changed(), if watching => watching = changed.is_ok(),
+            }
+        }
+    }
+
+    /// "Not owner" for a forwarded copy routed to `shard` at `expected` when this
+    /// instance no longer owns it at that epoch (a shard being handed off still is: its
+    /// move ends once its running calls have).
+    fn moved_away(&self, shard: ShardId, expected: Epoch) -> Option<CallError> {
+        let coord = &self.inner.coord;
+        let gone = match coord.table().state(shard) {
+            LocalState::NotOwned => true,
+            LocalState::Owned(epoch) | LocalState::Moving(epoch) => {
+                expected != Epoch::NONE && epoch != expected
+            }
+        };
+        gone.then(|| {
+            let view = coord.view();
+            let owner = view.owner(shard);
+            CallError::NotOwner {
+                shard,
+                owner: owner.map(|o| o.owner.clone()),
+                epoch: owner.map_or(Epoch::NONE, |o| o.epoch),
+            }
+        })
     }
 
     async fn route(&self, job: &Job, turn: Arc<Turn>) -> Result<Reply, CallError> {
