@@ -599,6 +599,23 @@ async fn curl_reaches_entities_through_the_http_gateway() {
         ),
         (vec![url.clone()], 405, "UNIMPLEMENTED"),
         (vec![format!("{}/v1/nothing", gateway(0))], 404, "NOT_FOUND"),
+        // A form another site's page posts: refused, the handler not called (the count of
+        // calls answered 200 below stays 1).
+        (
+            vec![
+                "-X".into(),
+                "POST".into(),
+                "-H".into(),
+                "Origin: https://elsewhere.example".into(),
+                "-H".into(),
+                "Content-Type: application/x-www-form-urlencoded".into(),
+                "--data-binary".into(),
+                "balance=0".into(),
+                url.clone(),
+            ],
+            403,
+            "PERMISSION_DENIED",
+        ),
     ];
     for (args, want, code) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

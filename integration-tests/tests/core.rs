@@ -1713,21 +1713,27 @@ async fn calls_for_one_key_entering_both_instances_survive_moves_of_its_shard() 
         let body = format!(r#"{{"to": "{to}"}}"#);
         let (status, answer) = admin_send(&cluster.instances[0], "POST", &path, Some(&body));
         assert_eq!(status, 200, "round {round}: {answer}");
-        wait_until(Duration::from_secs(10), "the shard on its new owner", || {
-            cluster
-                .instances
-                .iter()
-                .all(|i| {
-                    shard_table(i).is_some_and(|t| t[shard as usize].1.as_deref() == Some(to))
-                })
-                .then_some(())
-        })
+        wait_until(
+            Duration::from_secs(10),
+            "the shard on its new owner",
+            || {
+                cluster
+                    .instances
+                    .iter()
+                    .all(|i| {
+                        shard_table(i).is_some_and(|t| t[shard as usize].1.as_deref() == Some(to))
+                    })
+                    .then_some(())
+            },
+        )
         .await;
     }
     let before = checker.calls();
-    wait_until(Duration::from_secs(10), "calls running after the moves", || {
-        (checker.calls() >= before + 200).then_some(())
-    })
+    wait_until(
+        Duration::from_secs(10),
+        "calls running after the moves",
+        || (checker.calls() >= before + 200).then_some(()),
+    )
     .await;
     stop.store(true, Ordering::Relaxed);
     let report = load.await.unwrap();

@@ -159,8 +159,23 @@ impl Admin {
         path: &str,
         token: Option<&str>,
     ) -> (u16, Value) {
+        self.request_with(method, inst, path, token, &[])
+    }
+
+    /// The same, with more headers.
+    fn request_with(
+        &self,
+        method: &str,
+        inst: &Instance,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         let url = format!("https://127.0.0.1:{}{path}", inst.admin_port);
         let mut req = self.agent.request(method, &url);
+        for (name, value) in headers {
+            req = req.set(name, value);
+        }
         if let Some(t) = token {
             req = req.set("Authorization", &format!("Bearer {t}"));
         }
@@ -664,6 +679,46 @@ async fn admin_needs_the_token(admin: &Admin, instances: &[Instance], pki: &Pki)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e}");
+    // Hot keys are the application's keys: protected like changes, reads open or not.
+    let (status, body) = admin.request("GET", n0, "/v1/hot-keys", None);
+    assert_eq!(status, 401, "{body}");
+    let (status, body) = admin.request("GET", n0, "/v1/hot-keys", Some(TOKEN));
+    assert_eq!(status, 200, "{body}");
+    // A change another site's page makes a browser send is refused, token or not.
+    for headers in [
+        &[("Origin", "https://elsewhere.example")][..],
+        &[("Sec-Fetch-Site", "cross-site")][..],
+    ] {
+        let (status, body) =
+            admin.request_with("POST", n0, "/v1/cluster/freeze", Some(TOKEN), headers);
+        assert_eq!(status, 403, "{headers:?}: {body}");
+        assert!(
+            body["error"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("another site"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        admin.get(n0, "/v1/placement").unwrap()["frozen"],
+        false,
+        "a refused freeze changed nothing"
+    );
+    // The admin plane reads small gRPC requests only (read before a method checks the
+    // token), and goes on serving.
+    let mut big = tonic::Request::new(leasehold_proto::v1::DrainRequest {
+        member: "n".repeat(100 * 1024),
+    });
+    big.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let e = grpc.drain(big).await.unwrap_err();
+    assert!(
+        e.message().contains("too large"),
+        "{:?}: {}",
+        e.code(),
+        e.message()
+    );
     // Reads are open, over gRPC too.
     let info = grpc
         .get_cluster(leasehold_proto::v1::GetClusterRequest {})

@@ -193,11 +193,26 @@ async fn require_token(
         return next.run(request).await;
     }
     let mutation = !matches!(*request.method(), Method::GET | Method::HEAD);
+    if mutation
+        && crate::security::from_another_site(
+            request.headers(),
+            request.uri().authority().map(|a| a.as_str()),
+        )
+    {
+        tracing::warn!(path, method = %request.method(), "admin request from another site's page refused");
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin changes are not taken from another site's page (its Origin or Sec-Fetch-Site says so); use the CLI, curl or the status page",
+        );
+    }
+    // Hot keys are the application's own keys (account ids, addresses): protected by the
+    // token as changes are, whatever it protects.
+    let protected = mutation || path == "/v1/hot-keys";
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match auth.check(authorization, mutation) {
+    match auth.check(authorization, protected) {
         Ok(()) => next.run(request).await,
         Err(denied) => {
             tracing::warn!(path, method = %request.method(), reason = %denied, "admin request refused");
@@ -223,6 +238,32 @@ fn authorize<T>(
         .and_then(|v| v.to_str().ok());
     auth.check(authorization, mutation)
         .map_err(|denied| tonic::Status::unauthenticated(denied.to_string()))
+}
+
+/// The largest Admin gRPC request read (its requests are a few names and numbers).
+/// Reading happens before a method checks a mutation's token, so this also bounds what a
+/// caller without one makes an instance buffer.
+pub const MAX_GRPC_REQUEST: usize = 64 * 1024;
+
+/// Concurrent HTTP/2 streams per admin connection: the same reason (an operator's tool or
+/// status page needs a few).
+pub const MAX_STREAMS: u32 = 32;
+
+/// The Admin gRPC service, checking the token a read needs from the request's headers
+/// before its body is read; each method checks a mutation's token as well.
+pub fn grpc_service(
+    service: AdminService,
+) -> tonic::service::interceptor::InterceptedService<
+    pb::admin_server::AdminServer<AdminService>,
+    impl tonic::service::Interceptor + Clone,
+> {
+    let auth = service.auth.clone();
+    let server =
+        pb::admin_server::AdminServer::new(service).max_decoding_message_size(MAX_GRPC_REQUEST);
+    tonic::service::interceptor::InterceptedService::new(
+        server,
+        move |request: tonic::Request<()>| authorize(&auth, &request, false).map(|()| request),
+    )
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {

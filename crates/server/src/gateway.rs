@@ -128,7 +128,30 @@ pub fn routes(router: Router, registry: &Registry) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(refuse_other_sites))
         .with_state(gateway)
+}
+
+/// Refuses calls another site's page makes a browser send (a form needs no token or
+/// preflight to post here): 403 with JSON, and nothing runs.
+async fn refuse_other_sites(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let authority = request.uri().authority().map(|a| a.as_str());
+    if request.method() != axum::http::Method::GET
+        && crate::security::from_another_site(request.headers(), authority)
+    {
+        tracing::warn!(
+            path = request.uri().path(),
+            "gateway call from another site's page refused"
+        );
+        return plain_error(
+            StatusCode::FORBIDDEN,
+            "calls are not taken from another site's page (its Origin or Sec-Fetch-Site says so)",
+        );
+    }
+    next.run(request).await
 }
 
 async fn not_found(State(g): State<Arc<Gateway>>) -> Response {
@@ -157,6 +180,7 @@ fn plain_error(status: StatusCode, message: impl Into<String>) -> Response {
         StatusCode::NOT_FOUND => "NOT_FOUND",
         StatusCode::METHOD_NOT_ALLOWED => "UNIMPLEMENTED",
         StatusCode::PAYLOAD_TOO_LARGE => "RESOURCE_EXHAUSTED",
+        StatusCode::FORBIDDEN => "PERMISSION_DENIED",
         _ => "INVALID_ARGUMENT",
     };
     (

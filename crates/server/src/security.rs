@@ -276,6 +276,36 @@ impl AdminAuthz {
     }
 }
 
+/// A browser request made by another site's page: cross-site request forgery when it
+/// changes something (a form posted to the admin plane's drain, or to the gateway, needs
+/// no token the page could not send). Browsers say where a request comes from in
+/// `Sec-Fetch-Site` and, on a `POST`, in `Origin`; tools (curl, the CLI, gRPC clients)
+/// send neither, and pass.
+pub fn from_another_site(headers: &axum::http::HeaderMap, authority: Option<&str>) -> bool {
+    use axum::http::header;
+    if let Some(site) = headers.get("sec-fetch-site") {
+        // `same-origin`, or `none` (typed into the address bar, a bookmark).
+        return !matches!(site.to_str(), Ok("same-origin" | "none"));
+    }
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return false;
+    };
+    // An opaque origin (`null`: a sandboxed frame, a redirect) or an unreadable one.
+    let Some(origin_host) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, host)| host)
+    else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or(authority);
+    host.is_none_or(|host| !host.eq_ignore_ascii_case(origin_host))
+}
+
 /// Compares without an early exit on the first differing byte (the time taken does not
 /// tell how much of a guess was right).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -288,6 +318,73 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_from_another_sites_page_are_told_apart_from_tools_and_the_same_page() {
+        use axum::http::HeaderMap;
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, v.parse().unwrap());
+            }
+            h
+        };
+        // Tools send neither header.
+        assert!(!from_another_site(
+            &headers(&[("host", "10.0.0.5:7071")]),
+            None
+        ));
+        assert!(!from_another_site(&headers(&[]), Some("10.0.0.5:7071")));
+        // The status page itself, and an address typed into the browser.
+        assert!(!from_another_site(
+            &headers(&[
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "http://10.0.0.5:7071")
+            ]),
+            None
+        ));
+        assert!(!from_another_site(
+            &headers(&[("sec-fetch-site", "none")]),
+            None
+        ));
+        // Another site's page, said by either header.
+        assert!(from_another_site(
+            &headers(&[("sec-fetch-site", "cross-site"), ("host", "10.0.0.5:7071")]),
+            None
+        ));
+        assert!(from_another_site(
+            &headers(&[("sec-fetch-site", "same-site")]),
+            None
+        ));
+        assert!(from_another_site(
+            &headers(&[
+                ("origin", "https://evil.example"),
+                ("host", "10.0.0.5:7071")
+            ]),
+            None
+        ));
+        assert!(from_another_site(
+            &headers(&[("origin", "null"), ("host", "10.0.0.5:7071")]),
+            None
+        ));
+        // Origin matching the address the request was sent to (HTTP/1 Host, or HTTP/2's
+        // authority), in any letter case.
+        assert!(!from_another_site(
+            &headers(&[
+                ("origin", "http://Leasehold:7071"),
+                ("host", "leasehold:7071")
+            ]),
+            None
+        ));
+        assert!(!from_another_site(
+            &headers(&[("origin", "https://leasehold:7071")]),
+            Some("leasehold:7071")
+        ));
+        assert!(from_another_site(
+            &headers(&[("origin", "https://leasehold:7071")]),
+            None
+        ));
+    }
 
     fn authz(mode: AdminAuth) -> (AdminAuthz, tempfile_path::Guard) {
         let guard = tempfile_path::Guard::new("s3cret\n");

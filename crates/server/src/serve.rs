@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use leasehold_coord::{Coord, CoordOptions};
 use leasehold_metrics::Registry;
-use leasehold_proto::v1::{
-    admin_server::AdminServer, entities_server::EntitiesServer, peer_server::PeerServer,
-};
+use leasehold_proto::v1::{entities_server::EntitiesServer, peer_server::PeerServer};
 use leasehold_router::{
     EchoHandler, EntitiesService, GrpcHandler, Handler, PeerService, Router, RouterOptions,
     ShardEvents,
@@ -548,12 +546,13 @@ impl Servers {
             instance.status.clone(),
             auth.clone(),
         ))
-        .add_service(AdminServer::new(AdminService {
+        .add_service(admin::grpc_service(AdminService {
             coord: instance.coord.clone(),
             auth,
             status: instance.status.clone(),
         }));
         let admin = server_builder(config)
+            .max_concurrent_streams(admin::MAX_STREAMS)
             .accept_http1(true)
             .layer(grpc_metrics.layer("admin"))
             .add_routes(admin_routes);
