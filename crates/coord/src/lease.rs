@@ -117,8 +117,7 @@ impl LeaseKeeper {
         inner.table.bump();
     }
 
-    /// Sends a keepalive every TTL/3 (or when the last one was answered, if that took
-    /// longer) and reads its answer, waiting up to TTL/2 for it. Returns when etcd reports the
+    /// Sends a keepalive every TTL/3 and reads its answer. Returns when etcd reports the
     /// lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the stream, as
     /// the lease may well survive a short etcd outage.
     ///
@@ -130,13 +129,6 @@ impl LeaseKeeper {
     /// an abandoned keepalive is ever read as the answer to a later one.
     async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
         let interval = (ttl / 3).max(Duration::from_millis(100));
-        // How long a keepalive's answer is waited for. Longer than the interval: an answer
-        // counts from when its keepalive was sent, so a late one is still good, and
-        // dropping the stream at TTL/3 made an etcd answering in TTL/3..TTL keep the
-        // lease alive (the reopen's keepalive renewed it) while this instance never saw
-        // it valid and served nothing. Short enough that a stream that went dead is
-        // reopened well before the lease ends.
-        let answer_wait = (ttl / 2).max(interval);
         let back = &self.coord.inner.etcd_back_to_keeper;
         let failing = || self.unheard.load(Ordering::Relaxed);
         let mut stream: Option<(KeepAliveSender, LeaseKeepAliveStream)> = None;
@@ -156,14 +148,7 @@ impl LeaseKeeper {
                     r = opened => r,
                 };
                 match opened {
-                    // Opening sent a keepalive and read etcd's answer (TTL > 0): the lease
-                    // was renewed after `sent`. Counted, so a slow etcd whose answers
-                    // keep missing the round's wait below still keeps the lease valid.
-                    Ok(s) => {
-                        stream = Some(s);
-                        self.heard();
-                        self.set_valid(sent, ttl);
-                    }
+                    Ok(s) => stream = Some(s),
                     // Opening sends a first keepalive; etcd answers TTL 0 for a lease it
                     // no longer has, which the client reports as "lease not found". That
                     // lease is gone for good (it expired while etcd was out of reach).
@@ -191,7 +176,7 @@ impl LeaseKeeper {
                         stream = None;
                         continue;
                     }
-                    r = tokio::time::timeout(answer_wait, round) => r,
+                    r = tokio::time::timeout(interval, round) => r,
                 };
                 match answer {
                     Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
