@@ -422,14 +422,15 @@ const NOT_OWNER_PAUSE_MIN: Duration = Duration::from_millis(5);
 const NOT_OWNER_PAUSE_MAX: Duration = Duration::from_millis(200);
 const NOT_OWNER_FAST_TRIES: u32 = 8;
 
-/// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
-/// not run).
+/// A call whose deadline passed while it waited for its key's turn (it did not run).
 fn queued_too_long(key: &str) -> CallError {
     CallError::DeadlineExceeded(format!(
         "deadline passed while queued behind earlier calls for key {key:?}"
     ))
 }
 
+/// A call whose ownership's ShardAcquired hook did not end before its deadline (it did
+/// not run).
 fn hook_pending(shard: ShardId) -> CallError {
     CallError::DeadlineExceeded(format!(
         "the handler's ShardAcquired hook for shard {shard} did not end before the call's deadline"
@@ -846,35 +847,39 @@ impl Router {
         if let Some(turn) = (&mut turn).now_or_never() {
             return Ok(turn);
         }
-        let table = self.inner.coord.table();
-        let mut changes = table.subscribe();
+        // The local table (ownership here) and the routing table (see `moved_away`).
+        let mut changes = self.inner.coord.table().subscribe();
+        let mut views = self.inner.coord.subscribe_view();
         let deadline = tokio::time::sleep_until(job.deadline.into());
         tokio::pin!(deadline);
-        let mut watching = true;
+        let (mut watching, mut viewing) = (true, true);
         loop {
-            if watching {
-                changes.borrow_and_update();
-                if let Some(not_owner) = self.moved_away(job.shard, expected) {
-                    self.inner.metrics.released_waiting.inc();
-                    return Err(not_owner);
-                }
+            changes.borrow_and_update();
+            views.borrow_and_update();
+            if let Some(not_owner) = self.moved_away(job.shard, expected) {
+                self.inner.metrics.released_waiting.inc();
+                return Err(not_owner);
             }
             tokio::select! {
                 biased;
                 turn = &mut turn => return Ok(turn),
                 _ = &mut deadline => return Err(queued_too_long(&job.key)),
                 changed = changes.changed(), if watching => watching = changed.is_ok(),
+                changed = views.changed(), if viewing => viewing = changed.is_ok(),
             }
         }
     }
 
     /// "Not owner" for a forwarded copy routed to `shard` at `expected` when this
     /// instance no longer owns it at that epoch (a shard being handed off still is: its
-    /// move ends once its running calls have).
+    /// move ends once its running calls have; so is one the routing table shows this
+    /// instance holding at that epoch while its own table has not recorded it yet).
     fn moved_away(&self, shard: ShardId, expected: Epoch) -> Option<CallError> {
         let coord = &self.inner.coord;
         let gone = match coord.table().state(shard) {
-            LocalState::NotOwned => true,
+            LocalState::NotOwned => !coord.view().owner(shard).is_some_and(|o| {
+                o.owner == *coord.member_id() && (expected == Epoch::NONE || o.epoch == expected)
+            }),
             LocalState::Owned(epoch) | LocalState::Moving(epoch) => {
                 expected != Epoch::NONE && epoch != expected
             }
