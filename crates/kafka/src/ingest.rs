@@ -15,7 +15,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -794,7 +794,7 @@ impl Ingest {
         partitions: &Partitions,
         splits: mpsc::UnboundedSender<Split>,
         readers_stop: CancellationToken,
-    ) -> Result<(Arc<StreamConsumer<Context>>, Option<FutureProducer>), Error> {
+    ) -> Result<(Arc<StreamConsumer<Context>>, Option<DeadLetterProducer>), Error> {
         let o = &self.opts;
         let kafka = |error| Error::Kafka {
             source_name: o.name.clone(),
@@ -863,16 +863,16 @@ impl Ingest {
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topics: Vec<&str> = o.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics).map_err(kafka)?;
-        let producer: Option<FutureProducer> = match &o.dlq_topic {
-            Some(_) if o.on_failure == OnFailure::DeadLetter => Some(
-                self.client_config()
+        let producer = match &o.dlq_topic {
+            Some(_) if o.on_failure == OnFailure::DeadLetter => {
+                let mut config = self.client_config();
+                config
                     .set("enable.idempotence", "true")
                     // One dead letter per batch (they are rare): a "too large" answer is
                     // then about that record alone, never a neighbour's.
-                    .set("batch.num.messages", "1")
-                    .create()
-                    .map_err(kafka)?,
-            ),
+                    .set("batch.num.messages", "1");
+                Some(DeadLetterProducer::new(config).map_err(kafka)?)
+            }
             _ => None,
         };
         Ok((consumer, producer))
@@ -1206,11 +1206,65 @@ impl Ingest {
 /// A partition's commit watermark and lag gauges.
 type Series = (Arc<Gauge>, Arc<Gauge>);
 
+/// The dead-letter producer, replaced when librdkafka reports it failed for good (a
+/// fatal error: the cluster refused the idempotent producer's id, or its sequence
+/// broke). Such a producer fails every later write, so the partitions waiting for a dead
+/// letter waited until the process restarted, even after the cause was fixed.
+#[derive(Clone)]
+struct DeadLetterProducer(Arc<DeadLetterInner>);
+
+struct DeadLetterInner {
+    config: ClientConfig,
+    /// The producer and how many times it was replaced.
+    current: Mutex<(u64, FutureProducer)>,
+}
+
+impl DeadLetterProducer {
+    fn new(config: ClientConfig) -> rdkafka::error::KafkaResult<Self> {
+        let producer = config.create()?;
+        Ok(Self(Arc::new(DeadLetterInner {
+            config,
+            current: Mutex::new((0, producer)),
+        })))
+    }
+
+    fn current(&self) -> (u64, FutureProducer) {
+        self.0
+            .current
+            .lock()
+            .expect("dead-letter producer lock")
+            .clone()
+    }
+
+    /// After a write through `producer` (the `generation`th) failed: replaces it when it
+    /// failed for good and nobody has yet. True when a newer producer is in place.
+    fn renew_if_fatal(&self, generation: u64, producer: &FutureProducer) -> bool {
+        let Some((code, reason)) = producer.client().fatal_error() else {
+            return false;
+        };
+        let mut current = self.0.current.lock().expect("dead-letter producer lock");
+        if current.0 != generation {
+            return true;
+        }
+        match self.0.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::warn!(error = ?code, reason, "the dead-letter producer failed for good; writing through a new one");
+                *current = (generation + 1, fresh);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the dead-letter producer failed for good and a new one could not be made; retrying");
+                false
+            }
+        }
+    }
+}
+
 /// What the consumer loop of one source (and its partitions' readers) hold while it runs.
 #[derive(Clone)]
 struct Consuming {
     consumer: Arc<StreamConsumer<Context>>,
-    producer: Option<FutureProducer>,
+    producer: Option<DeadLetterProducer>,
     partitions: Partitions,
     /// Gauges (commit watermark, lag) per partition ever assigned here.
     series: Arc<Mutex<HashMap<(String, i32), Series>>>,
@@ -1495,7 +1549,7 @@ struct Worker {
     group: Arc<str>,
     cluster: Arc<str>,
     dispatcher: Arc<dyn Dispatcher>,
-    producer: Option<FutureProducer>,
+    producer: Option<DeadLetterProducer>,
     consumer: Arc<StreamConsumer<Context>>,
     metrics: Arc<Metrics>,
     part: Arc<Partition>,
@@ -1734,7 +1788,7 @@ impl Worker {
     /// hold its partition for good. Stops when the partition is revoked (its next
     /// assignee reads the message again).
     async fn dead_letter(&self, r: &Record, reason: &str) {
-        let (Some(producer), Some(topic)) = (&self.producer, &self.opts.dlq_topic) else {
+        let (Some(dead_letters), Some(topic)) = (&self.producer, &self.opts.dlq_topic) else {
             unreachable!("on_failure = dead-letter is validated to have a dead-letter topic");
         };
         let partition = r.partition.to_string();
@@ -1812,6 +1866,7 @@ impl Worker {
             if let Some(k) = key {
                 record = record.key(k);
             }
+            let (generation, producer) = dead_letters.current();
             let sent = tokio::select! {
                 biased;
                 // The partition's next assignee reads the message again.
@@ -1832,6 +1887,8 @@ impl Worker {
                 }
                 Err((e, _)) => {
                     failures += 1;
+                    // Failed for good: the next try goes through a new producer.
+                    dead_letters.renew_if_fatal(generation, &producer);
                     if form == 2 {
                         // Nothing is dropped: the partition waits until the topic takes it.
                         tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, error = %e, "the dead-letter topic refuses even Leasehold's own headers for this message (is its max.message.bytes below 2 KB?); retrying");
@@ -1901,6 +1958,46 @@ impl Worker {
 mod tests {
     use super::*;
     use crate::KeySource;
+
+    /// Raises a fatal error in `producer` through librdkafka's own hook for tests.
+    #[allow(unsafe_code)]
+    fn fail_for_good(producer: &FutureProducer) {
+        use rdkafka::bindings as rd;
+        // SAFETY: the handle is the producer's own, alive while `producer` is; the reason
+        // is a NUL-terminated string librdkafka copies.
+        let raised = unsafe {
+            rd::rd_kafka_test_fatal_error(
+                producer.client().native_ptr(),
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER,
+                c"raised by the test".as_ptr(),
+            )
+        };
+        assert_eq!(raised, rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR);
+    }
+
+    #[tokio::test]
+    async fn a_dead_letter_producer_that_failed_for_good_is_replaced_once() {
+        let mut config = ClientConfig::new();
+        // No broker needed: the producer is made, never written through.
+        config
+            .set("bootstrap.servers", "127.0.0.1:1")
+            .set("enable.idempotence", "true");
+        let dead_letters = DeadLetterProducer::new(config).unwrap();
+        let (generation, producer) = dead_letters.current();
+        // A write that failed for another reason keeps the producer.
+        assert!(!dead_letters.renew_if_fatal(generation, &producer));
+        assert_eq!(dead_letters.current().0, generation);
+
+        fail_for_good(&producer);
+        assert!(producer.client().fatal_error().is_some());
+        assert!(dead_letters.renew_if_fatal(generation, &producer));
+        let (renewed, fresh) = dead_letters.current();
+        assert_eq!(renewed, generation + 1);
+        assert!(fresh.client().fatal_error().is_none());
+        // Another write that failed through the old one replaces nothing more.
+        assert!(dead_letters.renew_if_fatal(generation, &producer));
+        assert_eq!(dead_letters.current().0, renewed);
+    }
 
     /// A call path with a bug: every dispatch panics.
     struct Panics;
