@@ -627,6 +627,37 @@ async fn curl_reaches_entities_through_the_http_gateway() {
         assert_eq!(error["status"], want);
         assert!(!error["error"].as_str().unwrap().is_empty(), "{body}");
     }
+    // A page on another site can post a gRPC body as text/plain to the admin plane
+    // (it takes HTTP/1) without asking first: refused, and nothing changes.
+    let dir = tempfile::tempdir().unwrap();
+    let frame = dir.path().join("freeze");
+    // FreezeRequest { frozen: true } in one gRPC frame.
+    std::fs::write(&frame, [0u8, 0, 0, 0, 2, 8, 1]).unwrap();
+    let admin = cluster.instances[0].admin_url();
+    for content_type in ["text/plain", "application/x-www-form-urlencoded"] {
+        let (status, head, body) = curl(&[
+            "--http1.1",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Content-Type: {content_type}"),
+            "--data-binary",
+            &format!("@{}", frame.display()),
+            &format!("{admin}/leasehold.v1.Admin/Freeze"),
+        ]);
+        let grpc_status = header(&head, "grpc-status");
+        assert!(
+            status != 200 || grpc_status.is_some_and(|s| s != "0"),
+            "{content_type}: {status} {head}{body}"
+        );
+    }
+    let placement: serde_json::Value = ureq::get(&format!("{admin}/v1/placement"))
+        .call()
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(placement["frozen"], false, "{placement}");
+
     let metrics = ureq::get(&format!("{}/metrics", cluster.instances[0].admin_url()))
         .call()
         .unwrap()

@@ -1262,17 +1262,18 @@ async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() 
 /// Two Kafka clusters with the topic `pay` (3 partitions) and its dead-letter topic, and
 /// the checker handler (refusing keys that start with `fail_prefix`).
 async fn two_clusters(fail_prefix: Option<&str>) -> (Kafka, Kafka, Checker) {
+    two_clusters_with(fail_prefix, Duration::ZERO).await
+}
+
+/// The same, with a handler taking `delay` per call.
+async fn two_clusters_with(fail_prefix: Option<&str>, delay: Duration) -> (Kafka, Kafka, Checker) {
     let primary = Kafka::start().await;
     let standby = Kafka::start().await;
     for k in [&primary, &standby] {
         k.create_topic("pay", 3).await;
         k.create_topic("pay-dlq", 1).await;
     }
-    (
-        primary,
-        standby,
-        Checker::start(Duration::ZERO, fail_prefix).await,
-    )
+    (primary, standby, Checker::start(delay, fail_prefix).await)
 }
 
 /// Writes a failover source's configuration (primary and standby, `down_after` 3 s).
@@ -1381,4 +1382,103 @@ async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_
     .await;
     assert_first_handling_in_offset_order(&checker);
     drop(n1);
+}
+
+/// Going back to the primary while the standby still has records to drain, with a member
+/// that did not read the standby (here one started just then): it waits until the others
+/// have drained before it reads the primary. Claims fence by topic name (the same on both
+/// clusters here), so its claims on the primary used to fence the drain, and the
+/// standby's records not handled yet were left there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_member_reads_the_primary_while_another_drains_the_standby() {
+    // 50 ms per call, three keys: the standby's 1 500 records take about 25 s, longer
+    // than the new member takes to start reading.
+    let (primary, standby, checker) = two_clusters_with(None, Duration::from_millis(50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = failover_config(
+        dir.path(),
+        &checker.handler_flag(),
+        &primary.brokers(),
+        &standby.brokers(),
+    );
+    let cluster = Cluster::start(2, &["--config", &config]).await;
+    cluster.wait_balanced(Duration::from_secs(10)).await;
+    let n0 = &cluster.instances[0];
+    let post = |path: &str, body: &str| {
+        let r = ureq::post(&format!("{}{path}", n0.admin_url()))
+            .set("Content-Type", "application/json")
+            .send_string(body);
+        match r {
+            Ok(r) => r.status(),
+            Err(ureq::Error::Status(code, _)) => code,
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(post("/v1/kafka/pay/switch", r#"{"to": "standby"}"#), 200);
+    for i in &cluster.instances {
+        wait_until(
+            Duration::from_secs(20),
+            "every member on the standby",
+            || (side(i)?["active"] == "standby").then_some(()),
+        )
+        .await;
+    }
+    standby.produce("pay", &messages(1500, 3, 0)).await;
+    // The drain goes up to the ends the members' status shows: wait until it shows them.
+    let ends = |i: &Instance| -> Option<i64> {
+        let k = i.get("/v1/kafka")?;
+        k["sources"][0]["partitions"]
+            .as_array()?
+            .iter()
+            .map(|p| p["end"].as_i64())
+            .sum()
+    };
+    wait_until(Duration::from_secs(20), "the standby's ends known", || {
+        cluster
+            .instances
+            .iter()
+            .all(|i| ends(i) == Some(1500))
+            .then_some(())
+    })
+    .await;
+    let before = handled_on(&checker, "standby").len();
+    assert!(before < 1000, "the drain had little left: {before} handled");
+
+    // Back to the primary, a member that never read the standby joins, and the primary
+    // has records for it.
+    assert_eq!(post("/v1/kafka/pay/switch", r#"{"to": "primary"}"#), 200);
+    let n2 = Instance::start(&InstanceSpec {
+        id: "n2".into(),
+        etcd: cluster.etcd.endpoint(),
+        args: vec!["--config".into(), config.clone()],
+    });
+    primary.produce("pay", &messages(300, 3, 0)).await;
+    wait_until(
+        Duration::from_secs(90),
+        "every record of the standby handled",
+        || (handled_on(&checker, "standby").len() >= 1500).then_some(()),
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(90),
+        "the primary's records handled",
+        || (handled_on(&checker, "primary").len() >= 300).then_some(()),
+    )
+    .await;
+    assert!(
+        n2.log_text()
+            .contains("waiting for members draining the standby"),
+        "n2 did not wait for the drain"
+    );
+    let fenced: usize = cluster
+        .instances
+        .iter()
+        .map(|i| {
+            i.log_text()
+                .matches("partition claimed by another consumer")
+                .count()
+        })
+        .sum();
+    eprintln!("standby handled before the switch back: {before}; fenced partitions: {fenced}");
+    assert_first_handling_in_offset_order(&checker);
 }

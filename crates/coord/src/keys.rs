@@ -231,6 +231,15 @@ pub struct KafkaHealthValue {
     /// members have reached the primary, and the consumer has run, for 2 minutes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub first_unfinished_ms: BTreeMap<String, BTreeMap<i32, u64>>,
+    /// While this member drains the standby after a switch back to the primary: the
+    /// epoch of the standby side it reads (0: not draining). No member starts reading the
+    /// primary while another drains (its claims would fence the drain).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub draining: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Value of `config`: written once by the first instance, checked by every later one.

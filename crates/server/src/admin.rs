@@ -249,8 +249,9 @@ pub const MAX_GRPC_REQUEST: usize = 64 * 1024;
 /// status page needs a few).
 pub const MAX_STREAMS: u32 = 32;
 
-/// The Admin gRPC service, checking the token a read needs from the request's headers
-/// before its body is read; each method checks a mutation's token as well.
+/// The Admin gRPC service, checking the content type (see
+/// [`crate::security::grpc_content_type`]) and the token a read needs from the request's
+/// headers before its body is read; each method checks a mutation's token as well.
 pub fn grpc_service(
     service: AdminService,
 ) -> tonic::service::interceptor::InterceptedService<
@@ -262,7 +263,10 @@ pub fn grpc_service(
         pb::admin_server::AdminServer::new(service).max_decoding_message_size(MAX_GRPC_REQUEST);
     tonic::service::interceptor::InterceptedService::new(
         server,
-        move |request: tonic::Request<()>| authorize(&auth, &request, false).map(|()| request),
+        move |request: tonic::Request<()>| {
+            crate::security::grpc_content_type(&request)?;
+            authorize(&auth, &request, false).map(|()| request)
+        },
     )
 }
 
@@ -422,6 +426,7 @@ impl KafkaSourceView {
                             })
                         })
                         .collect(),
+                    draining: h.draining != 0,
                 })
                 .collect(),
         }
@@ -545,6 +550,7 @@ async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<Strin
                 "since_ms": h.since_ms,
                 "error": h.error,
                 "first_unfinished_ms": h.first_unfinished_ms,
+                "draining": h.draining != 0,
             })
         })
         .collect();

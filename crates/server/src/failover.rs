@@ -454,12 +454,12 @@ pub async fn run(
 ) -> Result<(), leasehold_kafka::Error> {
     let failover = source.failover.clone().expect("a failover source");
     let background = CancellationToken::new();
-    let first_unfinished = FirstUnfinished::default();
+    let reports = ConsumerReports::default();
     let prober = tokio::spawn(probe_primary(
         source.clone(),
         failover.clone(),
         coord.clone(),
-        first_unfinished.clone(),
+        reports.clone(),
         background.clone(),
     ));
     let decider = tokio::spawn(lead(
@@ -469,32 +469,50 @@ pub async fn run(
         remembered,
         background.clone(),
     ));
-    let result = consume(
-        source,
-        coord,
-        dispatcher,
-        registry,
-        status,
-        first_unfinished,
-        cancel,
-    )
-    .await;
+    let result = consume(source, coord, dispatcher, registry, status, reports, cancel).await;
     background.cancel();
     let _ = prober.await;
     let _ = decider.await;
     result
 }
 
+/// What this member's consumer tells its prober to publish with the health report.
+#[derive(Clone, Default)]
+struct ConsumerReports {
+    first_unfinished: FirstUnfinished,
+    draining: Draining,
+}
+
+/// The standby side's epoch while this member drains it (0: not draining), published
+/// with its health report at once when it changes (see `KafkaHealthValue::draining`).
+#[derive(Clone, Default)]
+struct Draining(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+
+impl Draining {
+    fn set(&self, epoch: u64) {
+        self.0 .0.store(epoch, std::sync::atomic::Ordering::Release);
+        self.0 .1.notify_one();
+    }
+
+    fn get(&self) -> u64 {
+        self.0 .0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// Probes the primary every `probe_interval` and publishes the answer, with the time of
-/// the first record this member's consumer has not finished, when either changes (or
-/// this member's lease did).
+/// the first record this member's consumer has not finished and whether it drains the
+/// standby, when any of them changes (or this member's lease did).
 async fn probe_primary(
     source: SourceOptions,
     failover: FailoverOptions,
     coord: Coord,
-    first_unfinished: FirstUnfinished,
+    reports: ConsumerReports,
     cancel: CancellationToken,
 ) {
+    let ConsumerReports {
+        first_unfinished,
+        draining,
+    } = reports;
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut current: Option<KafkaHealthValue> = None;
@@ -515,6 +533,8 @@ async fn probe_primary(
             // The prober closes its client off the async threads when dropped.
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+            // A drain began or ended: published now, not at the next tick.
+            _ = draining.0 .1.notified() => {}
         }
         let (brokers, properties, topics) = (
             source.brokers.clone(),
@@ -568,9 +588,11 @@ async fn probe_primary(
                 error,
                 // Set below, at every probe.
                 first_unfinished_ms: Unfinished::new(),
+                draining: 0,
             });
         }
         let mut value = current.clone().expect("set above");
+        value.draining = draining.get();
         let refresh_due = up_since.is_some_and(|at| at.elapsed() >= UNFINISHED_SETTLE)
             && first_unfinished
                 .running_for()
@@ -688,9 +710,13 @@ async fn consume(
     dispatcher: Arc<dyn Dispatcher>,
     registry: Registry,
     status: StatusHandle,
-    first_unfinished: FirstUnfinished,
+    reports: ConsumerReports,
     cancel: CancellationToken,
 ) -> Result<(), leasehold_kafka::Error> {
+    let ConsumerReports {
+        first_unfinished,
+        draining,
+    } = reports;
     let mut views = coord.subscribe_view();
     let reading_standby = registry.gauge(
         "leasehold_kafka_reading_standby",
@@ -701,6 +727,8 @@ async fn consume(
     // A member that missed the switch reads the old side until its lease lapses (it
     // stops then): the new side starts once that time has passed since the switch.
     let settle = coord.options().lease_ttl + Duration::from_secs(2);
+    // The side record this member saw last, and when (its own clock).
+    let mut first_seen: Option<(i64, tokio::time::Instant)> = None;
     loop {
         // Wait for a current view of the side.
         loop {
@@ -719,7 +747,13 @@ async fn consume(
         }
         let (side, revision) = coord.view().kafka_side(&source.name);
         if revision != 0 {
-            let age = Duration::from_millis(now_ms().saturating_sub(side.since_ms));
+            let seen_at = match first_seen {
+                Some((r, at)) if r == revision => at,
+                _ => first_seen.insert((revision, tokio::time::Instant::now())).1,
+            };
+            let age = switch_age(now_ms(), side.since_ms, seen_at.elapsed(), settle);
+            let window = settle + drain_limit(&failover);
+            let window_ends = tokio::time::Instant::now() + window.saturating_sub(age);
             if age < settle {
                 let wait = settle - age;
                 tracing::info!(source = %source.name, side = side.active.as_str(), ?wait, "waiting for every member to leave the previous side");
@@ -730,6 +764,27 @@ async fn consume(
                 if coord.view().kafka_side(&source.name).1 != revision {
                     continue; // switched again meanwhile
                 }
+            }
+            // Back on the primary: not while another member still drains the standby.
+            // Claims fence by topic name, so with the same names on both clusters this
+            // member's claims on the primary would fence the drain, and the standby's
+            // records not read yet would be left there.
+            if side.active == KafkaSide::Primary
+                && age < window
+                && !wait_for_drains(
+                    &source.name,
+                    &coord,
+                    side.epoch,
+                    revision,
+                    window_ends,
+                    &cancel,
+                )
+                .await
+            {
+                if cancel.is_cancelled() {
+                    return Ok(());
+                }
+                continue; // switched again meanwhile
             }
         }
         let mut options = source.on_side(side_of(side.active));
@@ -795,13 +850,10 @@ async fn consume(
         if drain && ended.is_none() {
             // Back to the primary: what the standby received until the switch is read
             // first (records produced there during the outage are not left behind).
-            drain_standby(
-                &source,
-                &status,
-                failover.fail_back_after.max(Duration::from_secs(30)),
-                &cancel,
-            )
-            .await;
+            // Published, so no member starts the primary meanwhile.
+            draining.set(side.epoch.max(1));
+            drain_standby(&source, &status, drain_limit(&failover), &cancel).await;
+            draining.set(0);
         }
         let result = match ended {
             Some(r) => r,
@@ -831,6 +883,86 @@ async fn consume(
         }
         if cancel.is_cancelled() {
             return Ok(());
+        }
+    }
+}
+
+/// How long ago a side was chosen, as far as waiting for the members to leave the
+/// previous side goes: since this member first saw it (`seen`, its own clock), not by
+/// the switcher's clock (`since_ms`), which may be behind this member's by more than the
+/// wait — it would start the new side while a member that missed the switch still reads
+/// the old one. Unless the switcher's clock says the switch is long past (more than 10
+/// minutes beyond the wait): a member started long after a switch does not wait.
+fn switch_age(now_ms: u64, since_ms: u64, seen: Duration, settle: Duration) -> Duration {
+    let by_clock = Duration::from_millis(now_ms.saturating_sub(since_ms));
+    if by_clock >= settle + Duration::from_secs(600) {
+        by_clock
+    } else {
+        seen
+    }
+}
+
+/// How long a member drains the standby after a switch back, at most.
+fn drain_limit(failover: &FailoverOptions) -> Duration {
+    failover.fail_back_after.max(Duration::from_secs(30))
+}
+
+/// Waits until no member reports draining a standby side older than `epoch` (the
+/// primary's), or `deadline`. False when the side changed from `revision` meanwhile, or
+/// on cancel.
+async fn wait_for_drains(
+    source: &str,
+    coord: &Coord,
+    epoch: u64,
+    revision: i64,
+    deadline: tokio::time::Instant,
+    cancel: &CancellationToken,
+) -> bool {
+    let mut views = coord.subscribe_view();
+    let mut logged = false;
+    loop {
+        let drainers: Vec<MemberId> = {
+            let view = views.borrow_and_update();
+            if view.kafka_side(source).1 != revision {
+                return false;
+            }
+            view.kafka_health
+                .iter()
+                .filter(|((s, m), h)| {
+                    s == source && m != coord.member_id() && h.draining != 0 && h.draining < epoch
+                })
+                .map(|((_, m), _)| m.clone())
+                .collect()
+        };
+        if drainers.is_empty() {
+            if logged {
+                tracing::info!(
+                    source,
+                    "every member has drained the standby; reading the primary"
+                );
+            }
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                source,
+                ?drainers,
+                "members still drain the standby; reading the primary anyway"
+            );
+            return true;
+        }
+        if !logged {
+            logged = true;
+            tracing::info!(
+                source,
+                ?drainers,
+                "waiting for members draining the standby before reading the primary"
+            );
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return false,
+            _ = views.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
         }
     }
 }
@@ -881,6 +1013,20 @@ async fn drain_standby(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_switch_is_as_old_as_this_member_has_seen_it_unless_long_past() {
+        let settle = Duration::from_secs(5);
+        let seen = Duration::from_secs(1);
+        // The switcher's clock behind this member's by a minute: still 1 s old here.
+        assert_eq!(switch_age(100_000, 40_000, seen, settle), seen);
+        // Ahead: the same.
+        assert_eq!(switch_age(100_000, 160_000, seen, settle), seen);
+        // Long past by the switcher's clock (a member started long after): no wait.
+        let old = switch_age(1_000_000, 100_000, seen, settle);
+        assert_eq!(old, Duration::from_secs(900));
+        assert!(old >= settle);
+    }
 
     fn policy() -> FailoverOptions {
         FailoverOptions {
@@ -942,6 +1088,7 @@ mod tests {
             since_ms: 1,
             error: String::new(),
             first_unfinished_ms: times(t),
+            draining: 0,
         };
         let view = |reports: Vec<(&str, KafkaHealthValue)>| {
             let mut v = leasehold_coord::View::empty(1);

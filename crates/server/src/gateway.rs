@@ -128,16 +128,21 @@ pub fn routes(router: Router, registry: &Registry) -> axum::Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
-        .layer(axum::middleware::from_fn(refuse_other_sites))
+        .layer(axum::middleware::from_fn_with_state(
+            gateway.clone(),
+            refuse_other_sites,
+        ))
         .with_state(gateway)
 }
 
 /// Refuses calls another site's page makes a browser send (a form needs no token or
 /// preflight to post here): 403 with JSON, and nothing runs.
 async fn refuse_other_sites(
+    State(g): State<Arc<Gateway>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let started = Instant::now();
     let authority = request.uri().authority().map(|a| a.as_str());
     if request.method() != axum::http::Method::GET
         && crate::security::from_another_site(request.headers(), authority)
@@ -146,10 +151,17 @@ async fn refuse_other_sites(
             path = request.uri().path(),
             "gateway call from another site's page refused"
         );
-        return plain_error(
+        let r = plain_error(
             StatusCode::FORBIDDEN,
             "calls are not taken from another site's page (its Origin or Sec-Fetch-Site says so)",
         );
+        let route = if request.uri().path().starts_with("/v1/entities/") {
+            "call"
+        } else {
+            "other"
+        };
+        g.metrics.record(route, r.status(), started.elapsed());
+        return r;
     }
     next.run(request).await
 }

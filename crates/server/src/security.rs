@@ -306,6 +306,26 @@ pub fn from_another_site(headers: &axum::http::HeaderMap, authority: Option<&str
     host.is_none_or(|host| !host.eq_ignore_ascii_case(origin_host))
 }
 
+/// Refuses a gRPC request whose content type is not gRPC's. A browser page may send any
+/// address a `POST` without asking first only as `text/plain` or a form; tonic serves a
+/// gRPC body whatever its content type, so a page could freeze placement through the
+/// admin plane's gRPC service (which takes HTTP/1) or run a call. `application/grpc`
+/// would need a preflight no plane answers.
+pub fn grpc_content_type(request: &tonic::Request<()>) -> Result<(), tonic::Status> {
+    let grpc = request
+        .metadata()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        Ok(())
+    } else {
+        Err(tonic::Status::invalid_argument(
+            "a gRPC request needs content-type application/grpc (requests a browser page sends are refused)",
+        ))
+    }
+}
+
 /// Compares without an early exit on the first differing byte (the time taken does not
 /// tell how much of a guess was right).
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

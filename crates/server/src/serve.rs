@@ -524,11 +524,14 @@ impl Servers {
         // Client-facing calls; per-key queues bound memory (RESOURCE_EXHAUSTED when full).
         let client = server_builder(config)
             .layer(grpc_metrics.layer("client"))
-            .add_service(
+            .add_service(tonic::service::interceptor::InterceptedService::new(
                 EntitiesServer::new(EntitiesService::new(instance.router.clone()))
                     .max_decoding_message_size(max_message)
                     .max_encoding_message_size(max_message),
-            )
+                |request: tonic::Request<()>| {
+                    crate::security::grpc_content_type(&request).map(|()| request)
+                },
+            ))
             // grpc.health.v1 and server reflection for tooling.
             .add_service(health_service)
             .add_service(reflection);
