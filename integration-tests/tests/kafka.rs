@@ -851,6 +851,14 @@ async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
 }
 
 /// Distinct (partition, offset) handled so far from one cluster of a failover source.
+/// Waits (at most `within`) until `n` distinct records of `cluster` were handled.
+async fn wait_handled_on(checker: &Checker, cluster: &str, n: usize, within: Duration, what: &str) {
+    wait_until(within, what, || {
+        (handled_on(checker, cluster).len() >= n).then_some(())
+    })
+    .await;
+}
+
 fn handled_on(checker: &Checker, cluster: &str) -> BTreeSet<(i32, i64)> {
     let state = checker.state.lock().unwrap();
     state
@@ -883,10 +891,12 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
 
     // The primary is read; every member reports it reachable.
     primary.produce("pay", &messages(300, 30, 0)).await;
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "primary",
+        300,
         Duration::from_secs(60),
         "the primary's records handled",
-        || (handled_on(&checker, "primary").len() >= 300).then_some(()),
     )
     .await;
     let s = wait_until(Duration::from_secs(10), "three healthy reports", || {
@@ -959,10 +969,12 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     standby.produce("pay", &messages(300, 30, 300)).await;
     // Read from the overlap on: the 60 recent records and the 300 new ones, not the 60
     // from before it.
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "standby",
+        360,
         Duration::from_secs(90),
         "the standby's records handled",
-        || (handled_on(&checker, "standby").len() >= 360).then_some(()),
     )
     .await;
     let end = standby.end_offsets("pay", 3);
@@ -993,10 +1005,12 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     .await;
     eprintln!("failed back after {:?}: {}", back.elapsed(), s["reason"]);
     primary.produce("pay", &messages(300, 30, 600)).await;
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "primary",
+        600,
         Duration::from_secs(90),
         "the primary's new records handled",
-        || (handled_on(&checker, "primary").len() >= 600).then_some(()),
     )
     .await;
     assert_first_handling_in_offset_order(&checker);
@@ -1358,10 +1372,12 @@ async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_
     })
     .await;
     standby.produce("pay", &messages(300, 30, 0)).await;
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "standby",
+        300,
         Duration::from_secs(90),
         "the standby's records handled",
-        || (handled_on(&checker, "standby").len() >= 300).then_some(()),
     )
     .await;
     assert!(
@@ -1453,16 +1469,20 @@ async fn no_member_reads_the_primary_while_another_drains_the_standby() {
         args: vec!["--config".into(), config.clone()],
     });
     primary.produce("pay", &messages(300, 3, 0)).await;
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "standby",
+        1500,
         Duration::from_secs(90),
         "every record of the standby handled",
-        || (handled_on(&checker, "standby").len() >= 1500).then_some(()),
     )
     .await;
-    wait_until(
+    wait_handled_on(
+        &checker,
+        "primary",
+        300,
         Duration::from_secs(90),
         "the primary's records handled",
-        || (handled_on(&checker, "primary").len() >= 300).then_some(()),
     )
     .await;
     assert!(

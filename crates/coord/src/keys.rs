@@ -231,11 +231,12 @@ pub struct KafkaHealthValue {
     /// members have reached the primary, and the consumer has run, for 2 minutes.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub first_unfinished_ms: BTreeMap<String, BTreeMap<i32, u64>>,
-    /// While this member drains the standby after a switch back to the primary: the
-    /// epoch of the standby side it reads (0: not draining). No member starts reading the
-    /// primary while another drains (its claims would fence the drain).
+    /// While this member reads the standby, and after a switch back until it has drained
+    /// it: the standby side's epoch (0: not reading it). No member starts reading the
+    /// primary while another reads an older standby side (its claims would fence the
+    /// drain).
     #[serde(default, skip_serializing_if = "is_zero")]
-    pub draining: u64,
+    pub reading_standby: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -1887,8 +1887,13 @@ impl Worker {
                 }
                 Err((e, _)) => {
                     failures += 1;
-                    // Failed for good: the next try goes through a new producer.
-                    dead_letters.renew_if_fatal(generation, &producer);
+                    // Failed for good: the next try goes through a new producer (after the
+                    // pause below, so a cause that persists makes one every few seconds).
+                    // Closing the old one blocks (its flush and destroy): off the async
+                    // threads.
+                    if dead_letters.renew_if_fatal(generation, &producer) {
+                        tokio::task::spawn_blocking(move || drop(producer));
+                    }
                     if form == 2 {
                         // Nothing is dropped: the partition waits until the topic takes it.
                         tracing::error!(source = %self.opts.name, topic = %r.topic, partition = r.partition, offset = r.offset, dlq = %topic, error = %e, "the dead-letter topic refuses even Leasehold's own headers for this message (is its max.message.bytes below 2 KB?); retrying");

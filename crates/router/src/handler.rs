@@ -460,7 +460,12 @@ impl Handler for GrpcHandler {
                         format!("handler at {url} unreachable: {}", s.message()),
                     ))
                 }
-                Err(s) if s.code() == tonic::Code::Unavailable && s.metadata().is_empty() => {
+                // Also an HTTP/2 error of the connection (tonic's INTERNAL without
+                // metadata, as when the handler's server stops while the call is sent).
+                Err(s)
+                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Internal)
+                        && s.metadata().is_empty() =>
+                {
                     Err(HandleError::transport_failure(
                         Transport::Lost,
                         format!(

@@ -426,7 +426,7 @@ impl KafkaSourceView {
                             })
                         })
                         .collect(),
-                    draining: h.draining != 0,
+                    reading_standby: h.reading_standby != 0,
                 })
                 .collect(),
         }
@@ -550,7 +550,7 @@ async fn get_kafka_source(State(s): State<Arc<AppState>>, Path(name): Path<Strin
                 "since_ms": h.since_ms,
                 "error": h.error,
                 "first_unfinished_ms": h.first_unfinished_ms,
-                "draining": h.draining != 0,
+                "reading_standby": h.reading_standby != 0,
             })
         })
         .collect();

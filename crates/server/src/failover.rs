@@ -480,15 +480,16 @@ pub async fn run(
 #[derive(Clone, Default)]
 struct ConsumerReports {
     first_unfinished: FirstUnfinished,
-    draining: Draining,
+    on_standby: StandbyEpoch,
 }
 
-/// The standby side's epoch while this member drains it (0: not draining), published
-/// with its health report at once when it changes (see `KafkaHealthValue::draining`).
+/// The standby side's epoch while this member reads it or drains it (0: neither),
+/// published with its health report at once when it changes (see
+/// `KafkaHealthValue::reading_standby`).
 #[derive(Clone, Default)]
-struct Draining(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+struct StandbyEpoch(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
 
-impl Draining {
+impl StandbyEpoch {
     fn set(&self, epoch: u64) {
         self.0 .0.store(epoch, std::sync::atomic::Ordering::Release);
         self.0 .1.notify_one();
@@ -500,7 +501,7 @@ impl Draining {
 }
 
 /// Probes the primary every `probe_interval` and publishes the answer, with the time of
-/// the first record this member's consumer has not finished and whether it drains the
+/// the first record this member's consumer has not finished and whether it reads the
 /// standby, when any of them changes (or this member's lease did).
 async fn probe_primary(
     source: SourceOptions,
@@ -511,7 +512,7 @@ async fn probe_primary(
 ) {
     let ConsumerReports {
         first_unfinished,
-        draining,
+        on_standby,
     } = reports;
     let mut tick = tokio::time::interval(failover.probe_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -533,8 +534,8 @@ async fn probe_primary(
             // The prober closes its client off the async threads when dropped.
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
-            // A drain began or ended: published now, not at the next tick.
-            _ = draining.0 .1.notified() => {}
+            // Reading the standby began or ended: published now, not at the next tick.
+            _ = on_standby.0 .1.notified() => {}
         }
         let (brokers, properties, topics) = (
             source.brokers.clone(),
@@ -588,11 +589,11 @@ async fn probe_primary(
                 error,
                 // Set below, at every probe.
                 first_unfinished_ms: Unfinished::new(),
-                draining: 0,
+                reading_standby: 0,
             });
         }
         let mut value = current.clone().expect("set above");
-        value.draining = draining.get();
+        value.reading_standby = on_standby.get();
         let refresh_due = up_since.is_some_and(|at| at.elapsed() >= UNFINISHED_SETTLE)
             && first_unfinished
                 .running_for()
@@ -715,7 +716,7 @@ async fn consume(
 ) -> Result<(), leasehold_kafka::Error> {
     let ConsumerReports {
         first_unfinished,
-        draining,
+        on_standby,
     } = reports;
     let mut views = coord.subscribe_view();
     let reading_standby = registry.gauge(
@@ -803,6 +804,11 @@ async fn consume(
             ingest = ingest.with_first_unfinished(first_unfinished.clone());
         }
         let abandon = ingest.abandon_switch();
+        // Reading the standby is published from the start (not only once a drain begins),
+        // so a member that sees the switch back sees it at once.
+        if side.active == KafkaSide::Standby {
+            on_standby.set(side.epoch.max(1));
+        }
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));
         let mut cut_off_since: Option<tokio::time::Instant> = None;
@@ -824,6 +830,7 @@ async fn consume(
             // one): the consumer's claims must carry the group's epoch.
             if now_revision != revision && (now.active != side.active || now.epoch != side.epoch) {
                 tracing::warn!(source = %source.name, from = side.active.as_str(), to = now.active.as_str(), epoch = now.epoch, "the cluster switched sides; restarting the consumer");
+                first_seen = Some((now_revision, tokio::time::Instant::now()));
                 drain = side.active == KafkaSide::Standby;
                 // Leaving the primary: its records not running yet must not start once
                 // the standby may have (its topics may have other names, and then no
@@ -849,11 +856,15 @@ async fn consume(
         };
         if drain && ended.is_none() {
             // Back to the primary: what the standby received until the switch is read
-            // first (records produced there during the outage are not left behind).
-            // Published, so no member starts the primary meanwhile.
-            draining.set(side.epoch.max(1));
-            drain_standby(&source, &status, drain_limit(&failover), &cancel).await;
-            draining.set(0);
+            // first (records produced there during the outage are not left behind). The
+            // published reading of the standby stays, so no member starts the primary
+            // meanwhile.
+            let drained =
+                drain_standby(&source, &coord, &status, drain_limit(&failover), &cancel).await;
+            if drained == Drained::CutOff {
+                stopped_because = Some("not consuming: this member is cut off from etcd (lease not valid or routing table not synced)");
+                abandon.store(true, std::sync::atomic::Ordering::Release);
+            }
         }
         let result = match ended {
             Some(r) => r,
@@ -862,6 +873,8 @@ async fn consume(
                 running.await
             }
         };
+        // Cleared once nothing of the standby runs here any more.
+        on_standby.set(0);
         reading_standby.set(0.0);
         if let Some(why) = stopped_because {
             // What /v1/kafka shows until a consumer runs again.
@@ -907,9 +920,9 @@ fn drain_limit(failover: &FailoverOptions) -> Duration {
     failover.fail_back_after.max(Duration::from_secs(30))
 }
 
-/// Waits until no member reports draining a standby side older than `epoch` (the
-/// primary's), or `deadline`. False when the side changed from `revision` meanwhile, or
-/// on cancel.
+/// Waits until no other member reports reading (or draining) a standby side older than
+/// `epoch` (the primary's), or `deadline`. False when the side changed from `revision`
+/// meanwhile, or on cancel.
 async fn wait_for_drains(
     source: &str,
     coord: &Coord,
@@ -929,7 +942,10 @@ async fn wait_for_drains(
             view.kafka_health
                 .iter()
                 .filter(|((s, m), h)| {
-                    s == source && m != coord.member_id() && h.draining != 0 && h.draining < epoch
+                    s == source
+                        && m != coord.member_id()
+                        && h.reading_standby != 0
+                        && h.reading_standby < epoch
                 })
                 .map(|((_, m), _)| m.clone())
                 .collect()
@@ -967,24 +983,63 @@ async fn wait_for_drains(
     }
 }
 
+/// How a drain of the standby ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    Done,
+    /// At the limit, or cancelled.
+    GaveUp,
+    /// This member was cut off from etcd (lease not valid or routing table not synced
+    /// for 1 s): it stops reading, as it would on any side.
+    CutOff,
+}
+
+/// The standby's partitions and their ends, from a status snapshot taken after `since_ms`
+/// that covers every partition with its end; `None` until there is one (a consumer just
+/// started has none, and one with an error may leave partitions out).
+fn drain_targets(status: &StatusHandle, since_ms: u64) -> Option<Vec<(String, i32, i64)>> {
+    let st = status.lock().expect("source status lock");
+    if st.error.is_some()
+        || st.updated_ms.is_none_or(|at| at < since_ms)
+        || st.partitions.is_empty()
+    {
+        return None;
+    }
+    st.partitions
+        .iter()
+        .map(|p| Some((p.topic.clone(), p.partition, p.end?)))
+        .collect()
+}
+
 /// Waits (at most `limit`) until the group's committed offsets on the standby reach the
-/// ends the source's status showed when the switch back was seen.
+/// ends a status snapshot taken after the switch back was seen shows.
 async fn drain_standby(
     source: &SourceOptions,
+    coord: &Coord,
     status: &StatusHandle,
     limit: Duration,
     cancel: &CancellationToken,
-) {
-    let targets: Vec<(String, i32, i64)> = status
-        .lock()
-        .expect("source status lock")
-        .partitions
-        .iter()
-        .filter_map(|p| Some((p.topic.clone(), p.partition, p.end?)))
-        .collect();
+) -> Drained {
+    let since_ms = now_ms();
     let started = tokio::time::Instant::now();
+    let mut targets = None;
+    let mut cut_off_since: Option<tokio::time::Instant> = None;
     loop {
-        let behind = {
+        let usable = coord.view().synced && coord.table().lease().valid_until().is_some();
+        if usable {
+            cut_off_since = None;
+        } else if cut_off_since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+            >= Duration::from_secs(1)
+        {
+            tracing::warn!(source = %source.name, "lease not valid or routing table not synced while draining the standby; this member stops consuming until both are");
+            return Drained::CutOff;
+        }
+        if targets.is_none() {
+            targets = drain_targets(status, since_ms);
+        }
+        let behind = targets.as_ref().map(|targets| {
             let st = status.lock().expect("source status lock");
             targets
                 .iter()
@@ -994,17 +1049,24 @@ async fn drain_standby(
                     })
                 })
                 .count()
-        };
-        if behind == 0 {
+        });
+        if behind == Some(0) {
             tracing::info!(source = %source.name, took = ?started.elapsed(), "standby drained up to the switch");
-            return;
+            return Drained::Done;
         }
         if started.elapsed() >= limit {
-            tracing::warn!(source = %source.name, behind, "standby not drained within {limit:?}; going back to the primary anyway");
-            return;
+            match behind {
+                Some(behind) => {
+                    tracing::warn!(source = %source.name, behind, "standby not drained within {limit:?}; going back to the primary anyway")
+                }
+                None => {
+                    tracing::warn!(source = %source.name, "no complete status of the standby within {limit:?} (its ends unknown); going back to the primary without draining it")
+                }
+            }
+            return Drained::GaveUp;
         }
         tokio::select! {
-            _ = cancel.cancelled() => return,
+            _ = cancel.cancelled() => return Drained::GaveUp,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
@@ -1013,6 +1075,53 @@ async fn drain_standby(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drain_targets_only_a_complete_status_taken_after_the_switch() {
+        let part = |partition, end| leasehold_kafka::PartitionStatus {
+            topic: "pay".into(),
+            partition,
+            end,
+            committed: None,
+            lag: None,
+            here: true,
+        };
+        let status = |updated_ms, error: Option<&str>, partitions| -> StatusHandle {
+            Arc::new(std::sync::Mutex::new(leasehold_kafka::SourceStatus {
+                updated_ms,
+                error: error.map(str::to_owned),
+                partitions,
+                ..Default::default()
+            }))
+        };
+        let complete = vec![part(0, Some(10)), part(1, Some(4))];
+        // A consumer just started (empty), one from before the switch, one with an error,
+        // one missing an end: not yet.
+        assert_eq!(drain_targets(&status(None, None, vec![]), 100), None);
+        assert_eq!(drain_targets(&status(Some(200), None, vec![]), 100), None);
+        assert_eq!(
+            drain_targets(&status(Some(99), None, complete.clone()), 100),
+            None
+        );
+        assert_eq!(
+            drain_targets(
+                &status(Some(200), Some("partitions left out"), complete.clone()),
+                100
+            ),
+            None
+        );
+        assert_eq!(
+            drain_targets(
+                &status(Some(200), None, vec![part(0, Some(10)), part(1, None)]),
+                100
+            ),
+            None
+        );
+        assert_eq!(
+            drain_targets(&status(Some(200), None, complete), 100),
+            Some(vec![("pay".into(), 0, 10), ("pay".into(), 1, 4)])
+        );
+    }
 
     #[test]
     fn a_switch_is_as_old_as_this_member_has_seen_it_unless_long_past() {
@@ -1088,7 +1197,7 @@ mod tests {
             since_ms: 1,
             error: String::new(),
             first_unfinished_ms: times(t),
-            draining: 0,
+            reading_standby: 0,
         };
         let view = |reports: Vec<(&str, KafkaHealthValue)>| {
             let mut v = leasehold_coord::View::empty(1);
