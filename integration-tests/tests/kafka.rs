@@ -850,7 +850,6 @@ async fn records_read_under_a_superseded_claim_of_their_partition_do_not_run() {
     assert!(fenced >= 1.0, "owner counts refused records: {metrics}");
 }
 
-/// Distinct (partition, offset) handled so far from one cluster of a failover source.
 /// Waits (at most `within`) until `n` distinct records of `cluster` were handled.
 async fn wait_handled_on(checker: &Checker, cluster: &str, n: usize, within: Duration, what: &str) {
     wait_until(within, what, || {
@@ -859,6 +858,7 @@ async fn wait_handled_on(checker: &Checker, cluster: &str, n: usize, within: Dur
     .await;
 }
 
+/// Distinct (partition, offset) handled so far from one cluster of a failover source.
 fn handled_on(checker: &Checker, cluster: &str) -> BTreeSet<(i32, i64)> {
     let state = checker.state.lock().unwrap();
     state

@@ -460,11 +460,13 @@ impl Handler for GrpcHandler {
                         format!("handler at {url} unreachable: {}", s.message()),
                     ))
                 }
-                // Also an HTTP/2 error of the connection (tonic's INTERNAL without
-                // metadata, as when the handler's server stops while the call is sent).
+                // Also an HTTP/2 error of the connection, which tonic reports as INTERNAL
+                // (as when the handler's server stops while the call is sent); not an
+                // INTERNAL the handler sent, or one about its answer's encoding.
                 Err(s)
-                    if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Internal)
-                        && s.metadata().is_empty() =>
+                    if s.metadata().is_empty()
+                        && (s.code() == tonic::Code::Unavailable
+                            || (s.code() == tonic::Code::Internal && connection_failed(&s))) =>
                 {
                     Err(HandleError::transport_failure(
                         Transport::Lost,
@@ -486,6 +488,21 @@ impl Handler for GrpcHandler {
     fn shard_released(&self, event: ShardEvent) -> BoxFuture<'static, Result<(), HandleError>> {
         self.notify(false, event)
     }
+}
+
+/// A status tonic made from a failure of the connection (a hyper error in its source
+/// chain), not one the handler sent: those carry no source, and neither do tonic's own
+/// errors about a response it could not decode.
+fn connection_failed(s: &tonic::Status) -> bool {
+    use std::error::Error as _;
+    let mut source = s.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 impl GrpcHandler {

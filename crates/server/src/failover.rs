@@ -996,20 +996,30 @@ enum Drained {
 
 /// The standby's partitions and their ends, from a status snapshot taken after `since_ms`
 /// that covers every partition with its end; `None` until there is one (a consumer just
-/// started has none, and one with an error may leave partitions out).
-fn drain_targets(status: &StatusHandle, since_ms: u64) -> Option<Vec<(String, i32, i64)>> {
+/// started has none, and one with an error may leave partitions out). With `partial`,
+/// also from one that leaves some out (a source whose ends never all arrive within a
+/// refresh's budget): the partitions it has.
+fn drain_targets(
+    status: &StatusHandle,
+    since_ms: u64,
+    partial: bool,
+) -> Option<Vec<(String, i32, i64)>> {
     let st = status.lock().expect("source status lock");
-    if st.error.is_some()
-        || st.updated_ms.is_none_or(|at| at < since_ms)
-        || st.partitions.is_empty()
-    {
+    if st.updated_ms.is_none_or(|at| at < since_ms) {
         return None;
     }
-    st.partitions
+    let targets: Vec<_> = st
+        .partitions
         .iter()
-        .map(|p| Some((p.topic.clone(), p.partition, p.end?)))
-        .collect()
+        .filter_map(|p| Some((p.topic.clone(), p.partition, p.end?)))
+        .collect();
+    let complete = st.error.is_none() && targets.len() == st.partitions.len();
+    (!targets.is_empty() && (complete || partial)).then_some(targets)
 }
+
+/// How long a drain waits for a complete status of the standby before it takes the
+/// partitions a partial one has.
+const DRAIN_COMPLETE_WAIT: Duration = Duration::from_secs(15);
 
 /// Waits (at most `limit`) until the group's committed offsets on the standby reach the
 /// ends a status snapshot taken after the switch back was seen shows.
@@ -1037,7 +1047,7 @@ async fn drain_standby(
             return Drained::CutOff;
         }
         if targets.is_none() {
-            targets = drain_targets(status, since_ms);
+            targets = drain_targets(status, since_ms, started.elapsed() >= DRAIN_COMPLETE_WAIT);
         }
         let behind = targets.as_ref().map(|targets| {
             let st = status.lock().expect("source status lock");
@@ -1095,31 +1105,30 @@ mod tests {
             }))
         };
         let complete = vec![part(0, Some(10)), part(1, Some(4))];
-        // A consumer just started (empty), one from before the switch, one with an error,
-        // one missing an end: not yet.
-        assert_eq!(drain_targets(&status(None, None, vec![]), 100), None);
-        assert_eq!(drain_targets(&status(Some(200), None, vec![]), 100), None);
+        let both = Some(vec![("pay".into(), 0, 10), ("pay".into(), 1, 4)]);
+        for partial in [false, true] {
+            // A consumer just started (empty), or one from before the switch: never.
+            assert_eq!(
+                drain_targets(&status(None, None, vec![]), 100, partial),
+                None
+            );
+            let empty = status(Some(200), None, vec![]);
+            assert_eq!(drain_targets(&empty, 100, partial), None);
+            let old = status(Some(99), None, complete.clone());
+            assert_eq!(drain_targets(&old, 100, partial), None);
+            // Complete: at once.
+            let fresh = status(Some(200), None, complete.clone());
+            assert_eq!(drain_targets(&fresh, 100, partial), both);
+        }
+        // With an error, or an end missing: not yet; later, what it has.
+        let failed = status(Some(200), Some("partitions left out"), complete.clone());
+        assert_eq!(drain_targets(&failed, 100, false), None);
+        assert_eq!(drain_targets(&failed, 100, true), both);
+        let short = status(Some(200), None, vec![part(0, Some(10)), part(1, None)]);
+        assert_eq!(drain_targets(&short, 100, false), None);
         assert_eq!(
-            drain_targets(&status(Some(99), None, complete.clone()), 100),
-            None
-        );
-        assert_eq!(
-            drain_targets(
-                &status(Some(200), Some("partitions left out"), complete.clone()),
-                100
-            ),
-            None
-        );
-        assert_eq!(
-            drain_targets(
-                &status(Some(200), None, vec![part(0, Some(10)), part(1, None)]),
-                100
-            ),
-            None
-        );
-        assert_eq!(
-            drain_targets(&status(Some(200), None, complete), 100),
-            Some(vec![("pay".into(), 0, 10), ("pay".into(), 1, 4)])
+            drain_targets(&short, 100, true),
+            Some(vec![("pay".into(), 0, 10)])
         );
     }
 
