@@ -878,13 +878,7 @@ fn side(instance: &leasehold_integration_tests::Instance) -> Option<serde_json::
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     let (mut primary, standby, checker) = two_clusters(None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = failover_config(
-        dir.path(),
-        &checker.handler_flag(),
-        &primary.brokers(),
-        &standby.brokers(),
-    );
+    let (_dir, config) = failover_setup(&checker, &primary, &standby);
     let cluster = Cluster::start(3, &["--config", &config]).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0];
@@ -1148,13 +1142,7 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
 async fn the_standby_is_read_from_the_first_record_the_group_had_not_finished() {
     // Records of `stuck-…` accounts are refused and retried: they stay unfinished.
     let (mut primary, standby, checker) = two_clusters(Some("stuck")).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = failover_config(
-        dir.path(),
-        &checker.handler_flag(),
-        &primary.brokers(),
-        &standby.brokers(),
-    );
+    let (_dir, config) = failover_setup(&checker, &primary, &standby);
     // The switch comes after the group's session timeout (6 s) revoked the partitions.
     let text = std::fs::read_to_string(&config)
         .unwrap()
@@ -1290,6 +1278,23 @@ async fn two_clusters_with(fail_prefix: Option<&str>, delay: Duration) -> (Kafka
     (primary, standby, Checker::start(delay, fail_prefix).await)
 }
 
+/// A failover source's configuration for `checker`'s handler on the two clusters, in a
+/// directory that lives as long as the returned handle.
+fn failover_setup(
+    checker: &Checker,
+    primary: &Kafka,
+    standby: &Kafka,
+) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = failover_config(
+        dir.path(),
+        &checker.handler_flag(),
+        &primary.brokers(),
+        &standby.brokers(),
+    );
+    (dir, config)
+}
+
 /// Writes a failover source's configuration (primary and standby, `down_after` 3 s).
 fn failover_config(dir: &std::path::Path, handler: &str, primary: &str, standby: &str) -> String {
     let config = dir.join("leasehold.toml");
@@ -1315,13 +1320,7 @@ async fn a_member_cut_off_from_etcd_stops_consuming_and_follows_the_switch_when_
     use leasehold_integration_tests::Etcd;
 
     let (mut primary, standby, checker) = two_clusters(None).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = failover_config(
-        dir.path(),
-        &checker.handler_flag(),
-        &primary.brokers(),
-        &standby.brokers(),
-    );
+    let (_dir, config) = failover_setup(&checker, &primary, &standby);
     let etcd = Etcd::start().await;
     let proxy = Proxy::start(etcd.client_port).await;
     let start = |id: &str, endpoint: String| {
@@ -1410,13 +1409,7 @@ async fn no_member_reads_the_primary_while_another_drains_the_standby() {
     // 50 ms per call, three keys: the standby's 1 500 records take about 25 s, longer
     // than the new member takes to start reading.
     let (primary, standby, checker) = two_clusters_with(None, Duration::from_millis(50)).await;
-    let dir = tempfile::tempdir().unwrap();
-    let config = failover_config(
-        dir.path(),
-        &checker.handler_flag(),
-        &primary.brokers(),
-        &standby.brokers(),
-    );
+    let (_dir, config) = failover_setup(&checker, &primary, &standby);
     let cluster = Cluster::start(2, &["--config", &config]).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0];
