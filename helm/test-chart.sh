@@ -223,6 +223,18 @@ for name in all-options dev-etcd-hpa tls-secrets; do
   check "$name: the ServiceMonitor selects the -peers Service (each pod once, ready or not)" \
     selects_peers "$work/$name/manifests.yaml" "$fullname"
 done
+# no_admin_on_clients FILE FULLNAME: the client Service (a LoadBalancer, maybe) has no
+# admin port; the -peers Service has it.
+no_admin_on_clients() {
+  local service
+  service=$(doc Service "$2" "$1") && grep -qx '    - name: grpc' <<<"$service" &&
+    ! grep -q 'name: admin' <<<"$service"
+}
+for name in default all-options; do
+  fullname=t-leasehold
+  [ "$name" = all-options ] && fullname=orders
+  check "$name: the client Service has no admin port" no_admin_on_clients "$work/$name/manifests.yaml" "$fullname"
+done
 no_monitoring() { ! has_doc ConfigMap t-leasehold-dashboard "$1" && ! grep -q '^kind: PrometheusRule$' "$1"; }
 check "default: no Grafana dashboard ConfigMap and no PrometheusRule" no_monitoring "$work/default/manifests.yaml"
 
