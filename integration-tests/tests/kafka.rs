@@ -1018,16 +1018,7 @@ async fn a_source_reads_the_standby_cluster_only_while_the_primary_is_down() {
     );
 
     // An operator forces a side, then hands the choice back.
-    let post = |path: &str, body: &str| {
-        let r = ureq::post(&format!("{}{path}", n0.admin_url()))
-            .set("Content-Type", "application/json")
-            .send_string(body);
-        match r {
-            Ok(r) => (r.status(), r.into_json::<serde_json::Value>().unwrap()),
-            Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let post = |path: &str, body: &str| admin_post(n0, path, body);
     let (code, answer) = post("/v1/kafka/pay/switch", r#"{"to": "standby"}"#);
     assert_eq!(
         (code, &answer["active"], &answer["manual"]),
@@ -1413,16 +1404,7 @@ async fn no_member_reads_the_primary_while_another_drains_the_standby() {
     let cluster = Cluster::start(2, &["--config", &config]).await;
     cluster.wait_balanced(Duration::from_secs(10)).await;
     let n0 = &cluster.instances[0];
-    let post = |path: &str, body: &str| {
-        let r = ureq::post(&format!("{}{path}", n0.admin_url()))
-            .set("Content-Type", "application/json")
-            .send_string(body);
-        match r {
-            Ok(r) => r.status(),
-            Err(ureq::Error::Status(code, _)) => code,
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let post = |path: &str, body: &str| admin_post(n0, path, body).0;
     assert_eq!(post("/v1/kafka/pay/switch", r#"{"to": "standby"}"#), 200);
     for i in &cluster.instances {
         wait_until(
@@ -1494,4 +1476,17 @@ async fn no_member_reads_the_primary_while_another_drains_the_standby() {
         .sum();
     eprintln!("standby handled before the switch back: {before}; fenced partitions: {fenced}");
     assert_first_handling_in_offset_order(&checker);
+}
+
+/// POSTs a JSON `body` to `instance`'s admin `path`: the status and the JSON answer (null
+/// when it has none).
+fn admin_post(instance: &Instance, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let r = ureq::post(&format!("{}{path}", instance.admin_url()))
+        .set("Content-Type", "application/json")
+        .send_string(body);
+    match r {
+        Ok(r) => (r.status(), r.into_json().unwrap_or_default()),
+        Err(ureq::Error::Status(code, r)) => (code, r.into_json().unwrap_or_default()),
+        Err(e) => panic!("{e}"),
+    }
 }

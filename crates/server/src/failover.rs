@@ -483,20 +483,57 @@ struct ConsumerReports {
     on_standby: StandbyEpoch,
 }
 
+/// Why a member cut off from etcd does not consume (the source's status says it).
+const CUT_OFF: &str =
+    "not consuming: this member is cut off from etcd (lease not valid or routing table not synced)";
+
+/// Tells when this member has been cut off from etcd (its lease not valid or its routing
+/// table not synced) for a second: the cluster may then switch sides without it.
+#[derive(Default)]
+struct CutOff {
+    since: Option<tokio::time::Instant>,
+}
+
+impl CutOff {
+    fn for_a_second(&mut self, coord: &Coord) -> bool {
+        if coord.view().synced && coord.table().lease().valid_until().is_some() {
+            self.since = None;
+            return false;
+        }
+        self.since
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+            >= Duration::from_secs(1)
+    }
+}
+
 /// The standby side's epoch while this member reads it or drains it (0: neither),
 /// published with its health report at once when it changes (see
 /// `KafkaHealthValue::reading_standby`).
 #[derive(Clone, Default)]
-struct StandbyEpoch(Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>);
+struct StandbyEpoch(Arc<StandbyEpochInner>);
+
+#[derive(Default)]
+struct StandbyEpochInner {
+    epoch: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::Notify,
+}
 
 impl StandbyEpoch {
     fn set(&self, epoch: u64) {
-        self.0 .0.store(epoch, std::sync::atomic::Ordering::Release);
-        self.0 .1.notify_one();
+        self.0
+            .epoch
+            .store(epoch, std::sync::atomic::Ordering::Release);
+        self.0.changed.notify_one();
     }
 
     fn get(&self) -> u64 {
-        self.0 .0.load(std::sync::atomic::Ordering::Acquire)
+        self.0.epoch.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Resolves at the next `set` (or at once, if one came since the last wait).
+    async fn changed(&self) {
+        self.0.changed.notified().await
     }
 }
 
@@ -535,7 +572,7 @@ async fn probe_primary(
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
             // Reading the standby began or ended: published now, not at the next tick.
-            _ = on_standby.0 .1.notified() => {}
+            _ = on_standby.changed() => {}
         }
         let (brokers, properties, topics) = (
             source.brokers.clone(),
@@ -811,7 +848,7 @@ async fn consume(
         }
         let stop = cancel.child_token();
         let mut running = tokio::spawn(ingest.run(stop.clone()));
-        let mut cut_off_since: Option<tokio::time::Instant> = None;
+        let mut cut_off = CutOff::default();
         let mut stopped_because = None;
         let mut drain = false;
         let ended = loop {
@@ -842,16 +879,11 @@ async fn consume(
                 break None;
             }
             // A member cut off from etcd stops reading: the cluster may switch without it.
-            if !view.synced || coord.table().lease().valid_until().is_none() {
-                let since = *cut_off_since.get_or_insert_with(tokio::time::Instant::now);
-                if since.elapsed() >= Duration::from_secs(1) {
-                    tracing::warn!(source = %source.name, "lease not valid or routing table not synced; this member stops consuming until both are");
-                    stopped_because = Some("not consuming: this member is cut off from etcd (lease not valid or routing table not synced)");
-                    abandon.store(true, std::sync::atomic::Ordering::Release);
-                    break None;
-                }
-            } else {
-                cut_off_since = None;
+            if cut_off.for_a_second(&coord) {
+                tracing::warn!(source = %source.name, "lease not valid or routing table not synced; this member stops consuming until both are");
+                stopped_because = Some(CUT_OFF);
+                abandon.store(true, std::sync::atomic::Ordering::Release);
+                break None;
             }
         };
         if drain && ended.is_none() {
@@ -862,7 +894,7 @@ async fn consume(
             let drained =
                 drain_standby(&source, &coord, &status, drain_limit(&failover), &cancel).await;
             if drained == Drained::CutOff {
-                stopped_because = Some("not consuming: this member is cut off from etcd (lease not valid or routing table not synced)");
+                stopped_because = Some(CUT_OFF);
                 abandon.store(true, std::sync::atomic::Ordering::Release);
             }
         }
@@ -1033,16 +1065,9 @@ async fn drain_standby(
     let since_ms = now_ms();
     let started = tokio::time::Instant::now();
     let mut targets = None;
-    let mut cut_off_since: Option<tokio::time::Instant> = None;
+    let mut cut_off = CutOff::default();
     loop {
-        let usable = coord.view().synced && coord.table().lease().valid_until().is_some();
-        if usable {
-            cut_off_since = None;
-        } else if cut_off_since
-            .get_or_insert_with(tokio::time::Instant::now)
-            .elapsed()
-            >= Duration::from_secs(1)
-        {
+        if cut_off.for_a_second(coord) {
             tracing::warn!(source = %source.name, "lease not valid or routing table not synced while draining the standby; this member stops consuming until both are");
             return Drained::CutOff;
         }
