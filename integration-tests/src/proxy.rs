@@ -20,6 +20,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: u16) -> Proxy {
+        Self::start_delayed(target, std::time::Duration::ZERO).await
+    }
+
+    /// The same, holding every byte from `target` back for `delay` (a slow server, or a
+    /// slow path back from it; bytes keep their order, and throughput is not limited).
+    pub async fn start_delayed(target: u16, delay: std::time::Duration) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let (cut, _) = watch::channel(0u64);
@@ -46,7 +52,13 @@ impl Proxy {
                         };
                         let (mut a, mut b) = (inbound, outbound);
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = async {
+                                if delay.is_zero() {
+                                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                                } else {
+                                    copy_delayed(a, b, delay).await;
+                                }
+                            } => {}
                             _ = async {
                                 loop {
                                     if cuts.changed().await.is_err() || *cuts.borrow() != born {
@@ -84,6 +96,44 @@ impl Proxy {
         self.is_cut.store(false, Ordering::Release);
         let g = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
         self.cut.send_replace(g);
+    }
+}
+
+/// Copies `client` → `server` as it comes, and `server` → `client` `delay` later.
+async fn copy_delayed(client: TcpStream, server: TcpStream, delay: std::time::Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_in, mut client_out) = client.into_split();
+    let (mut server_in, mut server_out) = server.into_split();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let read_back = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match server_in.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due = tokio::time::Instant::now() + delay;
+                    if tx.send((due, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let write_back = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if client_out.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+    };
+    let forward = async move {
+        let _ = tokio::io::copy(&mut client_in, &mut server_out).await;
+    };
+    // Ends when the server's side ends (its bytes all written back) or the client's.
+    tokio::select! {
+        _ = async { tokio::join!(read_back, write_back) } => {}
+        _ = forward => {}
     }
 }
 

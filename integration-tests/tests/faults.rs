@@ -622,3 +622,53 @@ async fn a_forged_kafka_fence_neither_runs_nor_fences_real_records() {
         "a forged record ran"
     );
 }
+
+/// An etcd answering slowly: every answer reaches the instance 1.75 s late, more than a
+/// third of its 5 s TTL (and less than the etcd client's 2 s HTTP/2 ping timeout, whose
+/// acknowledgements come as late). Keepalives go every TTL/3 whatever their answers, each counted
+/// from when it was sent, so the lease stays valid and the instance serves. It used to
+/// wait TTL/3 for each answer and then reopen the stream: etcd kept the lease alive (each
+/// reopen renewed it) while the instance saw it invalid and held every call until its
+/// deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_whose_etcd_answers_slowly_keeps_its_lease_and_serves() {
+    let checker = Checker::start(Duration::ZERO, None).await;
+    let etcd = Etcd::start().await;
+    let proxy = Proxy::start_delayed(etcd.client_port, Duration::from_millis(1750)).await;
+    let flag = checker.handler_flag();
+    let a = start(
+        "a",
+        proxy.url(),
+        ["--lease-ttl", "5s", "--shards", "64", "--handler", &flag]
+            .map(String::from)
+            .to_vec(),
+    );
+    wait_until(
+        Duration::from_secs(60),
+        "a ready, owning every shard",
+        || {
+            a.ready().then_some(())?;
+            let t = shard_table(&a)?;
+            t.iter().all(|s| s.1.as_deref() == Some("a")).then_some(())
+        },
+    )
+    .await;
+    // Calls for 12 s (several TTLs): every one answered within 1 s (a call waits while
+    // the lease is not valid here).
+    let until = Instant::now() + Duration::from_secs(12);
+    let mut calls = 0;
+    while Instant::now() < until {
+        let key = format!("slow-{calls}");
+        let answer = call_ok(&a, &key, Duration::from_secs(1)).await;
+        assert!(answer.is_ok(), "call {calls}: {answer:?}");
+        calls += 1;
+    }
+    let log = a.log_text();
+    assert!(!log.contains("lease expired"), "a lost its lease");
+    assert!(
+        !log.contains("keepalive unanswered"),
+        "a took a slow stream for a silent one"
+    );
+    assert!(a.ready(), "a not ready");
+    assert_eq!(checker.violations(), Vec::<String>::new());
+}

@@ -1,9 +1,11 @@
 //! The lease keeper: one etcd lease per instance, kept alive by hand.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use etcd_client::{LeaseKeepAliveStream, LeaseKeeper as KeepAliveSender};
+use etcd_client::{LeaseKeepAliveResponse, LeaseKeepAliveStream, LeaseKeeper as KeepAliveSender};
+use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -117,99 +119,246 @@ impl LeaseKeeper {
         inner.table.bump();
     }
 
-    /// Sends a keepalive every TTL/3 and reads its answer. Returns when etcd reports the
-    /// lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the stream, as
-    /// the lease may well survive a short etcd outage.
+    /// Sends a keepalive every TTL/3 without waiting for the earlier ones' answers (up to
+    /// `MAX_UNANSWERED` on a stream), and counts each answer from its own keepalive's send
+    /// time: an etcd whose answers take up to
+    /// TTL − TTL/3 − the safety margin keeps the lease valid here too. Returns when etcd
+    /// reports the lease expired (TTL ≤ 0) or on cancel; transport errors only reopen the
+    /// stream, as the lease may well survive a short etcd outage.
     ///
-    /// When the watcher finds etcd reachable again while keepalives are failing here, a
-    /// pending attempt (sent while etcd was out of reach, it may hang until its timeout) is
-    /// dropped and the stream reopened at once: a lease that expired meanwhile is found
-    /// gone, and re-granted, up to a keepalive interval sooner. A stream that answers is
-    /// never dropped for it. Dropping a round always drops its stream too, so no answer to
-    /// an abandoned keepalive is ever read as the answer to a later one.
+    /// etcd answers a stream's keepalives one by one, in order, so each answer belongs to
+    /// the oldest unanswered send of its stream. A stream whose oldest keepalive has been
+    /// unanswered for TTL/3 (or half as long again as its slowest recent answer took, at
+    /// most until a keepalive sent an interval later could no longer answer in time) is
+    /// silent: another is opened to replace it, and the silent one is still read until
+    /// its answers could no longer extend the lease. An opening's own keepalive counts
+    /// too, from the opening's start (etcd renews a lease to its granted TTL).
+    ///
+    /// When the watcher finds etcd reachable again while keepalives are failing here,
+    /// another stream is opened at once (a pending opening, sent while etcd was out of
+    /// reach, may hang until its timeout): a lease that expired meanwhile is found gone,
+    /// and re-granted, up to a keepalive interval sooner. The streams already open stay.
     async fn keep_alive(&self, id: i64, ttl: Duration, cancel: &CancellationToken) -> End {
         let interval = (ttl / 3).max(Duration::from_millis(100));
+        // An answer to a keepalive sent longer ago than this no longer extends the lease.
+        let useful = ttl.saturating_sub(self.coord.inner.opts.safety_margin());
+        // How long a keepalive may stay unanswered before its stream counts as silent:
+        // not past `useful` − an interval (the next keepalive, an interval later, must be
+        // able to answer in time on a new stream), not below an interval.
+        let patience = |latency: Duration| {
+            (latency * 3 / 2)
+                .min(useful.saturating_sub(interval))
+                .max(interval)
+        };
         let back = &self.coord.inner.etcd_back_to_keeper;
         let failing = || self.unheard.load(Ordering::Relaxed);
-        let mut stream: Option<(KeepAliveSender, LeaseKeepAliveStream)> = None;
+        let open = || async {
+            let client = self.coord.client()?;
+            self.coord.etcd(client.lease_client().keep_alive(id)).await
+        };
+        // Where keepalives are sent, and the stream it replaced while its answers may
+        // still count.
+        let mut current: Option<Lane> = None;
+        let mut previous: Option<Lane> = None;
+        let mut opening = Some((Instant::now(), Box::pin(open())));
+        // The latest keepalive sent (an opening's included); the next is due an interval
+        // later, or as soon as a stream is open if that has passed.
+        let mut last_sent = Instant::now();
         loop {
-            let sent = Instant::now();
-            if stream.is_none() {
-                let opened = async {
-                    let client = self.coord.client()?;
-                    self.coord.etcd(client.lease_client().keep_alive(id)).await
-                };
-                let opened = tokio::select! {
-                    _ = cancel.cancelled() => return End::Cancelled,
-                    _ = back.notified(), if failing() => {
-                        tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
-                        continue;
-                    }
-                    r = opened => r,
-                };
-                match opened {
-                    Ok(s) => stream = Some(s),
-                    // Opening sends a first keepalive; etcd answers TTL 0 for a lease it
-                    // no longer has, which the client reports as "lease not found". That
-                    // lease is gone for good (it expired while etcd was out of reach).
-                    Err(Error::Etcd(etcd_client::Error::LeaseKeepAliveError(e)))
-                        if e.contains("not found") =>
-                    {
-                        self.heard();
-                        return End::Expired;
-                    }
-                    Err(e) => {
-                        self.unheard.store(true, Ordering::Relaxed);
-                        tracing::warn!(lease = id, error = %e, "keepalive stream failed to open")
-                    }
-                }
+            if previous.as_ref().is_some_and(|l| l.spent(useful)) {
+                previous = None;
             }
-            if let Some((keeper, answers)) = stream.as_mut() {
-                let round = async {
-                    keeper.keep_alive().await?;
-                    answers.message().await
-                };
-                let answer = tokio::select! {
-                    _ = cancel.cancelled() => return End::Cancelled,
-                    _ = back.notified(), if failing() => {
-                        tracing::info!(lease = id, "etcd reachable again; reopening the keepalive stream");
-                        stream = None;
-                        continue;
-                    }
-                    r = tokio::time::timeout(interval, round) => r,
-                };
-                match answer {
-                    Ok(Ok(Some(resp))) if resp.ttl() > 0 => {
-                        self.heard();
-                        self.set_valid(sent, Duration::from_secs(resp.ttl() as u64));
-                    }
-                    Ok(Ok(Some(_))) => {
-                        self.heard();
-                        return End::Expired;
-                    }
-                    Ok(Ok(None)) => {
-                        tracing::warn!(lease = id, "keepalive stream closed");
-                        stream = None;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(lease = id, error = %e, "keepalive failed");
-                        stream = None;
-                    }
-                    Err(_) => {
-                        tracing::warn!(lease = id, "keepalive unanswered");
-                        stream = None;
-                    }
-                }
-                if stream.is_none() {
-                    self.unheard.store(true, Ordering::Relaxed);
-                }
-            }
-            let next = sent + interval;
+            let due = last_sent + interval;
+            let silent_at = current
+                .as_ref()
+                .filter(|l| !l.silent)
+                .and_then(|l| l.silent_at(patience(l.latency)));
             tokio::select! {
                 _ = cancel.cancelled() => return End::Cancelled,
-                _ = back.notified(), if stream.is_none() && failing() => {}
-                _ = tokio::time::sleep_until(next.into()) => {}
+                _ = back.notified(), if failing() => {
+                    // An opening sent while etcd was out of reach may hang until its
+                    // timeout: another goes now, unless the pending one is younger than an
+                    // interval (wake-ups coming faster than an opening is answered would
+                    // otherwise never let one finish). The streams stay (one may still
+                    // answer).
+                    if opening.as_ref().is_none_or(|(sent, _)| sent.elapsed() >= interval) {
+                        tracing::info!(lease = id, "etcd reachable again; opening a keepalive stream");
+                        opening = Some((Instant::now(), Box::pin(open())));
+                    }
+                }
+                opened = async { opening.as_mut().expect("guarded").1.as_mut().await }, if opening.is_some() => {
+                    let (sent, _) = opening.take().expect("guarded");
+                    match opened {
+                        Ok((sender, answers)) => {
+                            self.heard();
+                            self.set_valid(sent, ttl);
+                            if current.as_ref().is_some_and(|l| !l.unanswered.is_empty()) {
+                                previous = current.take();
+                            }
+                            current = Some(Lane::new(sender, answers, sent.elapsed()));
+                        }
+                        // Opening sends a first keepalive; etcd answers TTL 0 for a lease
+                        // it no longer has, which the client reports as "lease not found".
+                        // That lease is gone for good (it expired while etcd was out of
+                        // reach).
+                        Err(Error::Etcd(etcd_client::Error::LeaseKeepAliveError(e)))
+                            if e.contains("not found") =>
+                        {
+                            self.heard();
+                            return End::Expired;
+                        }
+                        Err(e) => {
+                            if current.as_ref().is_none_or(|l| l.silent) {
+                                self.unheard.store(true, Ordering::Relaxed);
+                            }
+                            tracing::warn!(lease = id, error = %e, "keepalive stream failed to open");
+                        }
+                    }
+                }
+                answer = Lane::next(&mut current) => {
+                    if let Some(end) = self.answered(id, &mut current, answer) {
+                        return end;
+                    }
+                    if current.is_none() {
+                        // Its stream failed: another at once (each opening waits for an
+                        // answer from etcd, so this cannot spin).
+                        self.unheard.store(true, Ordering::Relaxed);
+                        if opening.is_none() {
+                            opening = Some((Instant::now(), Box::pin(open())));
+                        }
+                    }
+                }
+                answer = Lane::next(&mut previous) => {
+                    if let Some(end) = self.answered(id, &mut previous, answer) {
+                        return end;
+                    }
+                }
+                _ = tokio::time::sleep_until(silent_at.unwrap_or(due).into()), if silent_at.is_some() => {
+                    let lane = current.as_mut().expect("guarded");
+                    lane.silent = true;
+                    self.unheard.store(true, Ordering::Relaxed);
+                    tracing::warn!(lease = id, unanswered = lane.unanswered.len(), "keepalive unanswered; opening another stream beside it");
+                    if opening.is_none() {
+                        opening = Some((Instant::now(), Box::pin(open())));
+                    }
+                }
+                _ = tokio::time::sleep_until(due.into()), if current.is_some() || opening.is_none() => {
+                    last_sent = Instant::now();
+                    // A stream with this many unanswered is silent; more keepalives there
+                    // add nothing.
+                    if let Some(lane) = current.as_mut().filter(|l| l.unanswered.len() < MAX_UNANSWERED) {
+                        if lane.sender.keep_alive().await.is_ok() {
+                            lane.unanswered.push_back(last_sent);
+                        } else {
+                            tracing::warn!(lease = id, "keepalive stream ended");
+                            self.unheard.store(true, Ordering::Relaxed);
+                            current = None;
+                        }
+                    }
+                    // No stream, or a silent one whose replacement failed to open: try
+                    // again.
+                    if opening.is_none() && current.as_ref().is_none_or(|l| l.silent) {
+                        opening = Some((last_sent, Box::pin(open())));
+                    }
+                }
             }
         }
+    }
+
+    /// Applies an answer read on `lane`: moves the lease's validity, or ends the stream.
+    /// Returns `Some(End::Expired)` when etcd says the lease is gone.
+    fn answered(
+        &self,
+        id: i64,
+        lane: &mut Option<Lane>,
+        answer: Option<Result<LeaseKeepAliveResponse, etcd_client::Error>>,
+    ) -> Option<End> {
+        match answer {
+            Some(Ok(resp)) if resp.ttl() > 0 => {
+                self.heard();
+                let l = lane.as_mut().expect("read from an open stream");
+                match l.unanswered.pop_front() {
+                    Some(sent) => {
+                        // Slow answers count at once, fast ones bring it down gradually:
+                        // an etcd whose answers vary is not taken for silent each time
+                        // one is slower than the last.
+                        l.latency = sent.elapsed().max(l.latency * 3 / 4);
+                        self.set_valid(sent, Duration::from_secs(resp.ttl() as u64));
+                    }
+                    // Never sent here: nothing says when etcd renewed the lease.
+                    None => {
+                        tracing::warn!(lease = id, "keepalive answer without a keepalive; ignored")
+                    }
+                }
+                None
+            }
+            Some(Ok(_)) => {
+                self.heard();
+                Some(End::Expired)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(lease = id, error = %e, "keepalive failed");
+                *lane = None;
+                None
+            }
+            None => {
+                tracing::warn!(lease = id, "keepalive stream closed");
+                *lane = None;
+                None
+            }
+        }
+    }
+}
+
+/// At most this many keepalives wait for an answer on one stream. They go an interval
+/// (TTL/3) apart and a stream is silent once its oldest has waited at most
+/// 2 × interval − margin, so by the fourth a replacement is already opening.
+const MAX_UNANSWERED: usize = 3;
+
+/// One keepalive stream and the send times of its unanswered keepalives, oldest first.
+struct Lane {
+    sender: KeepAliveSender,
+    answers: LeaseKeepAliveStream,
+    unanswered: VecDeque<Instant>,
+    /// Found silent: another stream is opened to replace it (it is still read).
+    silent: bool,
+    /// How long its answers (and its opening) took: the slowest recent one.
+    latency: Duration,
+}
+
+impl Lane {
+    fn new(sender: KeepAliveSender, answers: LeaseKeepAliveStream, latency: Duration) -> Self {
+        Lane {
+            sender,
+            answers,
+            unanswered: VecDeque::new(),
+            silent: false,
+            latency,
+        }
+    }
+
+    /// The next answer on `lane`; never, without one.
+    async fn next(
+        lane: &mut Option<Lane>,
+    ) -> Option<Result<LeaseKeepAliveResponse, etcd_client::Error>> {
+        match lane {
+            Some(l) => l.answers.next().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// When it counts as silent: a keepalive unanswered for `patience`, even while the
+    /// ones before it were answered (an etcd renewing slowly answers each in turn, later
+    /// and later, while the lease lapses here; a new stream's opening counts at once).
+    fn silent_at(&self, patience: Duration) -> Option<Instant> {
+        Some(*self.unanswered.front()? + patience)
+    }
+
+    /// Nothing left to wait for: every keepalive answered, or the oldest sent so long ago
+    /// that its answer would no longer extend the lease.
+    fn spent(&self, useful: Duration) -> bool {
+        self.unanswered
+            .front()
+            .is_none_or(|sent| sent.elapsed() >= useful)
     }
 }
