@@ -21,6 +21,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A connection that sends nothing (no HTTP/2 preface, no HTTP/1 request) for this long
 /// after it was accepted is closed: idle connections must not hold the plane's slots.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections from one address that have not finished their handshake or sent a byte
+/// yet, at most (loopback excepted). A stranger holding connections open without a word
+/// (or in a handshake that never ends) holds these, not the plane's slots: each lasts up
+/// to the timeouts above, and one address could otherwise fill every slot of the plane
+/// and keep members and clients out. Members and clients finish both in milliseconds.
+pub const PENDING_PER_ADDRESS: usize = 64;
 
 /// What a service learns about the connection a request came on (tonic puts it in the
 /// request's extensions).
@@ -43,17 +49,25 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     /// Until the first byte arrives: when it fires, reads fail and the server closes.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counts it among its address's pending connections until the first byte arrives.
+    pending: Option<PendingGuard>,
     /// Bytes read to tell the protocol apart, served again before the socket's.
     prefix: Vec<u8>,
 }
 
 impl Conn {
-    fn new(io: Io, info: ConnInfo, slot: OwnedSemaphorePermit) -> Self {
+    fn new(
+        io: Io,
+        info: ConnInfo,
+        slot: OwnedSemaphorePermit,
+        pending: Option<PendingGuard>,
+    ) -> Self {
         Self {
             io,
             info,
             _slot: slot,
             first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+            pending,
             prefix: Vec::new(),
         }
     }
@@ -105,7 +119,10 @@ impl AsyncRead for Conn {
         };
         if let Some(timer) = this.first_byte.as_mut() {
             match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_byte = None,
+                Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                    this.first_byte = None;
+                    this.pending = None;
+                }
                 Poll::Pending if timer.as_mut().poll(cx).is_ready() => {
                     tracing::debug!(remote = %this.info.remote, "connection sent nothing within {FIRST_BYTE_TIMEOUT:?}; closed");
                     return Poll::Ready(Err(io::Error::new(
@@ -207,10 +224,60 @@ async fn route(mut conn: Conn, alongside: Option<&Alongside>, tx: &mpsc::Sender<
     }
 }
 
+/// The connections from each address that have not finished their handshake or sent a
+/// byte yet (see [`PENDING_PER_ADDRESS`]).
+#[derive(Clone)]
+struct Pending {
+    by_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    limit: usize,
+    /// Whether loopback addresses are counted (not in service: sidecar proxies and local
+    /// tools all come from there).
+    loopback_too: bool,
+}
+
+/// One pending connection of an address; its count goes down when this is dropped.
+struct PendingGuard {
+    pending: Pending,
+    address: std::net::IpAddr,
+}
+
+impl Pending {
+    /// A guard for a new connection from `address`, or `Err` when it has too many pending.
+    fn enter(&self, address: std::net::IpAddr) -> Result<Option<PendingGuard>, usize> {
+        if address.is_loopback() && !self.loopback_too {
+            return Ok(None);
+        }
+        let mut by_address = self.by_address.lock().expect("pending lock");
+        let count = by_address.entry(address).or_insert(0);
+        if *count >= self.limit {
+            return Err(*count);
+        }
+        *count += 1;
+        Ok(Some(PendingGuard {
+            pending: self.clone(),
+            address,
+        }))
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut by_address = self.pending.by_address.lock().expect("pending lock");
+        if let Some(count) = by_address.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
+}
+
 /// Accepts on `listener` until `cancel`: at most `max_connections` open at once (further
-/// ones wait in the kernel's backlog), `TCP_NODELAY`, and with `tls` a handshake per
-/// connection in its own task. Failed handshakes are logged and dropped. With
-/// `alongside`, connections are told apart by their first bytes (in a task of their own).
+/// ones wait in the kernel's backlog), at most [`PENDING_PER_ADDRESS`] from one address
+/// before their handshake and first byte (further ones are closed at once),
+/// `TCP_NODELAY`, and with `tls` a handshake per connection in its own task. Failed
+/// handshakes are logged and dropped. With `alongside`, connections are told apart by
+/// their first bytes (in a task of their own).
 pub fn incoming(
     plane: &'static str,
     listener: TcpListener,
@@ -219,10 +286,36 @@ pub fn incoming(
     cancel: CancellationToken,
     alongside: Option<Alongside>,
 ) -> Incoming {
+    let pending = Pending {
+        by_address: Default::default(),
+        limit: PENDING_PER_ADDRESS,
+        loopback_too: false,
+    };
+    accept_loop(
+        plane,
+        listener,
+        tls,
+        max_connections,
+        cancel,
+        alongside,
+        pending,
+    )
+}
+
+fn accept_loop(
+    plane: &'static str,
+    listener: TcpListener,
+    tls: Option<Arc<Reloading<rustls::ServerConfig>>>,
+    max_connections: usize,
+    cancel: CancellationToken,
+    alongside: Option<Alongside>,
+    pending: Pending,
+) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(max_connections));
     tokio::spawn(async move {
         let mut full_logged = false;
+        let mut refused_logged: Option<tokio::time::Instant> = None;
         loop {
             let slot = match slots.clone().try_acquire_owned() {
                 Ok(s) => {
@@ -256,13 +349,24 @@ pub fn incoming(
                     }
                 },
             };
+            let guard = match pending.enter(remote.ip()) {
+                Ok(guard) => guard,
+                Err(count) => {
+                    // Closed at once; its slot is free again. Logged once in 10 s.
+                    if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                        tracing::warn!(plane, %remote, pending = count, "too many connections from one address still in their handshake or silent; new ones from it are closed");
+                        refused_logged = Some(tokio::time::Instant::now());
+                    }
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let Some(tls) = tls.clone() else {
                 let info = ConnInfo {
                     remote,
                     peer_cert: None,
                 };
-                let conn = Conn::new(Io::Plain(tcp), info, slot);
+                let conn = Conn::new(Io::Plain(tcp), info, slot, guard);
                 if alongside.is_none() {
                     if tx.send(conn).await.is_err() {
                         return;
@@ -286,7 +390,7 @@ pub fn incoming(
                             .and_then(|c| CertInfo::parse(c))
                             .map(Arc::new);
                         let info = ConnInfo { remote, peer_cert };
-                        let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot);
+                        let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot, guard);
                         route(conn, alongside.as_ref(), &tx).await;
                     }
                     Ok(Err(e)) => {
@@ -314,6 +418,42 @@ mod tests {
     use super::*;
     use futures::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn an_address_with_too_many_silent_connections_gets_no_more_until_one_speaks() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let pending = Pending {
+            by_address: Default::default(),
+            limit: 2,
+            loopback_too: true,
+        };
+        let cancel = CancellationToken::new();
+        let mut incoming = accept_loop("test", listener, None, 8, cancel.clone(), None, pending);
+
+        // Two that say nothing: taken (the plane has slots), and pending.
+        let mut first = TcpStream::connect(address).await.unwrap();
+        let _second = TcpStream::connect(address).await.unwrap();
+        let mut first_conn = incoming.next().await.unwrap().unwrap();
+        let _second_conn = incoming.next().await.unwrap().unwrap();
+        // A third from the same address: closed at once, never handed on.
+        let mut third = TcpStream::connect(address).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte))
+            .await
+            .expect("the third connection is closed, not left waiting");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+
+        // Once the first has spoken, the address has room again.
+        first.write_all(b"x").await.unwrap();
+        first_conn.read_exact(&mut byte).await.unwrap();
+        let _fourth = TcpStream::connect(address).await.unwrap();
+        let fourth_conn = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("a fourth connection is taken once the first has spoken");
+        assert!(fourth_conn.unwrap().is_ok());
+        cancel.cancel();
+    }
 
     #[tokio::test]
     async fn connections_are_told_apart_by_their_first_bytes() {
