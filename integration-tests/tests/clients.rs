@@ -651,6 +651,56 @@ async fn curl_reaches_entities_through_the_http_gateway() {
             "{content_type}: {status} {head}{body}"
         );
     }
+    // A page that made its own name resolve to 127.0.0.1 (DNS rebinding) is the same
+    // origin to the browser, which then reads the answers: its requests name its host,
+    // and listeners bound to loopback refuse them. Addressed to localhost, they are served.
+    let rebound = "Host: rebind.example";
+    let location = format!("{}/v1/entities/{key}/location", gateway(0));
+    for args in [
+        vec![
+            "-X",
+            "POST",
+            "-H",
+            rebound,
+            "--data-binary",
+            "x",
+            url.as_str(),
+        ],
+        vec!["-H", rebound, location.as_str()],
+    ] {
+        let (status, _, body) = curl(&args);
+        assert_eq!(status, 403, "gateway {args:?}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(error["code"], "PERMISSION_DENIED", "{body}");
+        assert!(body.contains("loopback"), "{body}");
+    }
+    let cluster_url = format!("{admin}/v1/cluster");
+    let (status, _, body) = curl(&["-H", rebound, &cluster_url]);
+    assert_eq!(status, 403, "admin: {body}");
+    assert!(body.contains("loopback"), "{body}");
+    let (status, _, body) = curl(&["-H", "Host: localhost", &cluster_url]);
+    assert_eq!(status, 200, "admin addressed to localhost: {body}");
+    let (status, _, body) = curl(&["-H", "Host: localhost", &location]);
+    assert_eq!(status, 200, "gateway addressed to localhost: {body}");
+    // The Admin gRPC service over HTTP/1 (what a browser speaks), as gRPC, to the page's
+    // host: refused before the body is read.
+    let (status, head, body) = curl(&[
+        "--http1.1",
+        "-X",
+        "POST",
+        "-H",
+        rebound,
+        "-H",
+        "Content-Type: application/grpc",
+        "--data-binary",
+        &format!("@{}", frame.display()),
+        &format!("{admin}/leasehold.v1.Admin/Freeze"),
+    ]);
+    assert_eq!(
+        (status, header(&head, "grpc-status")),
+        (200, Some("7")),
+        "{head}{body}"
+    );
     let placement: serde_json::Value = ureq::get(&format!("{admin}/v1/placement"))
         .call()
         .unwrap()

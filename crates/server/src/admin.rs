@@ -188,6 +188,15 @@ async fn require_token(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path();
+    let host = crate::security::request_host(request.headers(), request.uri());
+    if !auth.hosts.allow(host) {
+        tracing::warn!(
+            path,
+            host,
+            "admin request addressed to another host refused"
+        );
+        return error(StatusCode::FORBIDDEN, crate::security::Hosts::refusal(host));
+    }
     // Probes, and the status page itself (its data endpoints ask for the token).
     if path == "/healthz" || path == "/readyz" || path == "/" {
         return next.run(request).await;
@@ -250,8 +259,10 @@ pub const MAX_GRPC_REQUEST: usize = 64 * 1024;
 pub const MAX_STREAMS: u32 = 32;
 
 /// The Admin gRPC service, checking the content type (see
-/// [`crate::security::grpc_content_type`]) and the token a read needs from the request's
-/// headers before its body is read; each method checks a mutation's token as well.
+/// [`crate::security::grpc_content_type`]), the host an HTTP/1 request names (see
+/// [`crate::security::Hosts`]; a browser's requests are HTTP/1 here) and the token a read
+/// needs from the request's headers before its body is read; each method checks a
+/// mutation's token as well.
 pub fn grpc_service(
     service: AdminService,
 ) -> tonic::service::interceptor::InterceptedService<
@@ -265,6 +276,12 @@ pub fn grpc_service(
         server,
         move |request: tonic::Request<()>| {
             crate::security::grpc_content_type(&request)?;
+            let host = request.metadata().get("host").and_then(|h| h.to_str().ok());
+            if !auth.hosts.allow(host) {
+                return Err(tonic::Status::permission_denied(
+                    crate::security::Hosts::refusal(host),
+                ));
+            }
             authorize(&auth, &request, false).map(|()| request)
         },
     )

@@ -21,6 +21,8 @@ use leasehold_router::{CallError, CallMetadata, CallSource, Router};
 use leasehold_types::shard_for_key;
 use tonic::Code;
 
+use crate::security::Hosts;
+
 /// Headers of a successful call: who ran it.
 pub const SHARD_HEADER: &str = "leasehold-shard";
 pub const EPOCH_HEADER: &str = "leasehold-epoch";
@@ -113,14 +115,16 @@ impl Metrics {
 struct Gateway {
     router: Router,
     metrics: Metrics,
+    hosts: Hosts,
 }
 
 /// The gateway's routes; bodies above `max_payload` are refused with 413.
-pub fn routes(router: Router, registry: &Registry) -> axum::Router {
+pub fn routes(router: Router, registry: &Registry, hosts: Hosts) -> axum::Router {
     let limit = router.options().max_payload;
     let gateway = Arc::new(Gateway {
         router,
         metrics: Metrics::new(registry),
+        hosts,
     });
     axum::Router::new()
         .route("/v1/entities/{key}", post(call))
@@ -136,7 +140,8 @@ pub fn routes(router: Router, registry: &Registry) -> axum::Router {
 }
 
 /// Refuses calls another site's page makes a browser send (a form needs no token or
-/// preflight to post here): 403 with JSON, and nothing runs.
+/// preflight to post here), and on a loopback listener requests addressed to another host
+/// (see [`Hosts`]): 403 with JSON, and nothing runs.
 async fn refuse_other_sites(
     State(g): State<Arc<Gateway>>,
     request: axum::extract::Request,
@@ -144,17 +149,30 @@ async fn refuse_other_sites(
 ) -> Response {
     let started = Instant::now();
     let authority = request.uri().authority().map(|a| a.as_str());
-    if request.method() != axum::http::Method::GET
+    let host = crate::security::request_host(request.headers(), request.uri());
+    let refused = if !g.hosts.allow(host) {
+        tracing::warn!(
+            path = request.uri().path(),
+            host,
+            "gateway request addressed to another host refused"
+        );
+        Some(Hosts::refusal(host))
+    } else if request.method() != axum::http::Method::GET
         && crate::security::from_another_site(request.headers(), authority)
     {
         tracing::warn!(
             path = request.uri().path(),
             "gateway call from another site's page refused"
         );
-        let r = plain_error(
-            StatusCode::FORBIDDEN,
-            "calls are not taken from another site's page (its Origin or Sec-Fetch-Site says so)",
-        );
+        Some(
+            "calls are not taken from another site's page (its Origin or Sec-Fetch-Site says so)"
+                .to_owned(),
+        )
+    } else {
+        None
+    };
+    if let Some(why) = refused {
+        let r = plain_error(StatusCode::FORBIDDEN, why);
         let route = if request.uri().path().starts_with("/v1/entities/") {
             "call"
         } else {

@@ -202,6 +202,7 @@ impl Security {
             admin_auth: Arc::new(AdminAuthz {
                 token,
                 mode: c.admin_auth,
+                hosts: Hosts::for_listener(c.admin_listen),
             }),
             reloadable,
         })
@@ -230,10 +231,12 @@ impl<T: Send + Sync + 'static> PinIdentity for Reloading<T> {
 }
 
 /// Who may use the admin plane: with a token configured, requests it protects must carry
-/// `Authorization: Bearer <token>`.
+/// `Authorization: Bearer <token>`; on a loopback listener, every request must name a
+/// loopback host (see [`Hosts`]).
 pub struct AdminAuthz {
     token: Option<Arc<Reloading<String>>>,
     mode: AdminAuth,
+    pub hosts: Hosts,
 }
 
 /// Why an admin request was refused.
@@ -251,6 +254,7 @@ impl AdminAuthz {
         Self {
             token: None,
             mode: AdminAuth::Mutations,
+            hosts: Hosts::Any,
         }
     }
 
@@ -304,6 +308,78 @@ pub fn from_another_site(headers: &axum::http::HeaderMap, authority: Option<&str
         .and_then(|h| h.to_str().ok())
         .or(authority);
     host.is_none_or(|host| !host.eq_ignore_ascii_case(origin_host))
+}
+
+/// Which hosts a plane's HTTP requests may be addressed to (their `Host`, else their
+/// URI's authority).
+///
+/// A page whose own name an attacker makes resolve to 127.0.0.1 (DNS rebinding) reaches a
+/// listener bound to loopback as its own origin: the browser sends neither a foreign
+/// `Origin` nor `Sec-Fetch-Site: cross-site`, and reads the answers. On a machine running
+/// an instance without an admin token (a developer's), such a page could read the cluster
+/// and drain or freeze it, or run calls through the gateway. The page's requests name its
+/// own host, though, so a loopback listener answers only requests addressed to
+/// `localhost` (or a name under it, which browsers resolve to loopback themselves) or to
+/// an IP address. Listeners on other addresses are meant to be reached by whatever names
+/// the network gives them and take any host (the admin token guards those).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hosts {
+    Any,
+    Loopback,
+}
+
+impl Hosts {
+    pub fn for_listener(address: std::net::SocketAddr) -> Self {
+        if address.ip().is_loopback() {
+            Hosts::Loopback
+        } else {
+            Hosts::Any
+        }
+    }
+
+    /// Whether a request addressed to `host` (`name[:port]`; none: not a browser's) is
+    /// taken.
+    pub fn allow(self, host: Option<&str>) -> bool {
+        let (Hosts::Loopback, Some(host)) = (self, host) else {
+            return true;
+        };
+        let name = match host.strip_prefix('[') {
+            // An IPv6 literal: `[::1]:7071`.
+            Some(rest) => {
+                return rest
+                    .split_once(']')
+                    .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
+            }
+            None => match host.rsplit_once(':') {
+                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+                _ => host,
+            },
+        };
+        let name = name.to_ascii_lowercase();
+        name == "localhost"
+            || name.ends_with(".localhost")
+            || name.parse::<std::net::IpAddr>().is_ok()
+    }
+
+    /// Why a request was refused (for its error answer).
+    pub fn refusal(host: Option<&str>) -> String {
+        format!(
+            "this listener is bound to loopback and answers only requests addressed to localhost or an IP address, not to {:?} (a page that made its name resolve here is refused)",
+            host.unwrap_or_default()
+        )
+    }
+}
+
+/// The host an HTTP request is addressed to: its `Host` header, else its URI's authority
+/// (HTTP/2).
+pub fn request_host<'a>(
+    headers: &'a axum::http::HeaderMap,
+    uri: &'a axum::http::Uri,
+) -> Option<&'a str> {
+    headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(|a| a.as_str()))
 }
 
 /// Refuses a gRPC request whose content type is not gRPC's. A browser page may send any
@@ -420,6 +496,7 @@ mod tests {
             AdminAuthz {
                 token: Some(token),
                 mode,
+                hosts: Hosts::Any,
             },
             guard,
         )
@@ -465,6 +542,39 @@ mod tests {
         assert_eq!(a.check(None, false), Err(Denied::Missing));
         assert_eq!(a.check(Some("Bearer s3cret"), false), Ok(()));
         assert_eq!(AdminAuthz::open().check(None, true), Ok(()));
+    }
+
+    #[test]
+    fn a_loopback_listener_takes_loopback_names_and_addresses_only() {
+        let loopback = Hosts::for_listener("127.0.0.1:7071".parse().unwrap());
+        assert_eq!(loopback, Hosts::Loopback);
+        for host in [
+            "localhost",
+            "localhost:7071",
+            "LocalHost:7071",
+            "status.localhost:7071",
+            "127.0.0.1:7071",
+            "127.0.0.2",
+            "[::1]:7071",
+            "10.0.0.5:7071",
+        ] {
+            assert!(loopback.allow(Some(host)), "{host}");
+        }
+        for host in [
+            "rebind.example:7071",
+            "rebind.example",
+            "localhost.rebind.example:7071",
+            "127.0.0.1.nip.io:7071",
+            "[not-an-ip]:7071",
+            "localhost.:7071",
+            "",
+        ] {
+            assert!(!loopback.allow(Some(host)), "{host}");
+        }
+        assert!(loopback.allow(None), "no host: not a browser's request");
+        let any = Hosts::for_listener("0.0.0.0:7071".parse().unwrap());
+        assert_eq!(any, Hosts::Any);
+        assert!(any.allow(Some("rebind.example:7071")));
     }
 
     #[test]

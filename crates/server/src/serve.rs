@@ -583,6 +583,10 @@ impl Servers {
             ),
         ];
         if let Some(listener) = listeners.http {
+            let hosts = listener.local_addr().map_or(
+                crate::security::Hosts::Loopback,
+                crate::security::Hosts::for_listener,
+            );
             // Counted by its own HTTP metrics, not the gRPC layer's.
             let gateway =
                 server_builder(config)
@@ -590,6 +594,7 @@ impl Servers {
                     .add_routes(tonic::service::Routes::from(crate::gateway::routes(
                         instance.router.clone(),
                         &instance.registry,
+                        hosts,
                     )));
             let incoming = incoming("http", listener, &security.http, None);
             let stop = stop.clone();
