@@ -18,14 +18,21 @@ use crate::{CertInfo, Reloading};
 
 /// A TLS handshake that has not finished in this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection that sends nothing (no HTTP/2 preface, no HTTP/1 request) for this long
+/// A connection that has not sent its opening bytes (see [`OPENING_BYTES`]) this long
 /// after it was accepted is closed: idle connections must not hold the plane's slots.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections from one address that have not finished their handshake or sent a byte
-/// yet, at most (loopback excepted). A stranger holding connections open without a word
-/// (or in a handshake that never ends) holds these, not the plane's slots: each lasts up
-/// to the timeouts above, and one address could otherwise fill every slot of the plane
-/// and keep members and clients out. Members and clients finish both in milliseconds.
+/// What every protocol a plane speaks opens with at least: HTTP/2's preface and the peer
+/// frames' magic are 24 bytes, an HTTP/1 request line and its `Host` more. Until they have
+/// arrived, the first-byte timeout runs and the connection counts as pending (one byte,
+/// then silence, would otherwise hold a slot for good: the HTTP/2 server waits for the
+/// rest of the preface without a timer).
+const OPENING_BYTES: usize = 24;
+/// Connections from one address that have not finished their handshake or sent their
+/// opening bytes yet, at most (loopback excepted; IPv6 addresses count by their /64). A
+/// stranger holding connections open without a word (or in a handshake that never ends)
+/// holds these, not the plane's slots: each lasts up to the timeouts above, and one
+/// address could otherwise fill every slot of the plane and keep members and clients
+/// out. Members and clients finish both in milliseconds.
 pub const PENDING_PER_ADDRESS: usize = 64;
 
 /// What a service learns about the connection a request came on (tonic puts it in the
@@ -33,6 +40,8 @@ pub const PENDING_PER_ADDRESS: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
     /// The client certificate the TLS handshake verified (mutual TLS only).
     pub peer_cert: Option<Arc<CertInfo>>,
 }
@@ -47,9 +56,12 @@ pub struct Conn {
     io: Io,
     info: ConnInfo,
     _slot: OwnedSemaphorePermit,
-    /// Until the first byte arrives: when it fires, reads fail and the server closes.
+    /// Until the opening bytes have arrived: when it fires, reads fail and the server
+    /// closes.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// Counts it among its address's pending connections until the first byte arrives.
+    /// Bytes received so far, until [`OPENING_BYTES`].
+    opened: usize,
+    /// Counts it among its address's pending connections until the opening bytes arrive.
     pending: Option<PendingGuard>,
     /// Bytes read to tell the protocol apart, served again before the socket's.
     prefix: Vec<u8>,
@@ -67,6 +79,7 @@ impl Conn {
             info,
             _slot: slot,
             first_byte: Some(Box::pin(tokio::time::sleep(FIRST_BYTE_TIMEOUT))),
+            opened: 0,
             pending,
             prefix: Vec::new(),
         }
@@ -120,11 +133,14 @@ impl AsyncRead for Conn {
         if let Some(timer) = this.first_byte.as_mut() {
             match &read {
                 Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                    this.first_byte = None;
-                    this.pending = None;
+                    this.opened += buf.filled().len() - before;
+                    if this.opened >= OPENING_BYTES {
+                        this.first_byte = None;
+                        this.pending = None;
+                    }
                 }
                 Poll::Pending if timer.as_mut().poll(cx).is_ready() => {
-                    tracing::debug!(remote = %this.info.remote, "connection sent nothing within {FIRST_BYTE_TIMEOUT:?}; closed");
+                    tracing::debug!(remote = %this.info.remote, "connection sent too little within {FIRST_BYTE_TIMEOUT:?}; closed");
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
                         "no request within the first-byte timeout",
@@ -244,9 +260,18 @@ struct PendingGuard {
 impl Pending {
     /// A guard for a new connection from `address`, or `Err` when it has too many pending.
     fn enter(&self, address: std::net::IpAddr) -> Result<Option<PendingGuard>, usize> {
+        // IPv4 on a dual-stack listener comes as `::ffff:a.b.c.d`.
+        let address = address.to_canonical();
         if address.is_loopback() && !self.loopback_too {
             return Ok(None);
         }
+        let address = match address {
+            // One holder of a /64 has all of it.
+            std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+            v4 => v4,
+        };
         let mut by_address = self.by_address.lock().expect("pending lock");
         let count = by_address.entry(address).or_insert(0);
         if *count >= self.limit {
@@ -274,7 +299,7 @@ impl Drop for PendingGuard {
 
 /// Accepts on `listener` until `cancel`: at most `max_connections` open at once (further
 /// ones wait in the kernel's backlog), at most [`PENDING_PER_ADDRESS`] from one address
-/// before their handshake and first byte (further ones are closed at once),
+/// before their handshake and opening bytes (further ones are closed at once),
 /// `TCP_NODELAY`, and with `tls` a handshake per connection in its own task. Failed
 /// handshakes are logged and dropped. With `alongside`, connections are told apart by
 /// their first bytes (in a task of their own).
@@ -364,6 +389,7 @@ fn accept_loop(
             let Some(tls) = tls.clone() else {
                 let info = ConnInfo {
                     remote,
+                    tls: false,
                     peer_cert: None,
                 };
                 let conn = Conn::new(Io::Plain(tcp), info, slot, guard);
@@ -389,7 +415,11 @@ fn accept_loop(
                             .and_then(|c| c.first())
                             .and_then(|c| CertInfo::parse(c))
                             .map(Arc::new);
-                        let info = ConnInfo { remote, peer_cert };
+                        let info = ConnInfo {
+                            remote,
+                            tls: true,
+                            peer_cert,
+                        };
                         let conn = Conn::new(Io::Tls(Box::new(stream)), info, slot, guard);
                         route(conn, alongside.as_ref(), &tx).await;
                     }
@@ -419,6 +449,36 @@ mod tests {
     use futures::StreamExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
+    #[test]
+    fn an_ipv6_64_counts_as_one_address_and_mapped_loopback_as_loopback() {
+        let pending = Pending {
+            by_address: Default::default(),
+            limit: 1,
+            loopback_too: false,
+        };
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(pending.enter(ip("::ffff:127.0.0.1")).unwrap().is_none());
+        assert!(pending.enter(ip("::1")).unwrap().is_none());
+        let held = pending.enter(ip("2001:db8:1:2::10")).unwrap();
+        assert!(held.is_some());
+        assert_eq!(pending.enter(ip("2001:db8:1:2:ffff::99")).err(), Some(1));
+        assert!(pending
+            .enter(ip("2001:db8:1:3::10"))
+            .unwrap()
+            .is_some_and(|g| {
+                drop(g);
+                true
+            }));
+        // IPv4 on a dual-stack listener counts with its plain form.
+        let v4 = pending.enter(ip("10.0.0.7")).unwrap();
+        assert_eq!(pending.enter(ip("::ffff:10.0.0.7")).err(), Some(1));
+        drop((held, v4));
+        assert!(
+            pending.by_address.lock().unwrap().is_empty(),
+            "counts go back to nothing"
+        );
+    }
+
     #[tokio::test]
     async fn an_address_with_too_many_silent_connections_gets_no_more_until_one_speaks() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -437,21 +497,29 @@ mod tests {
         let mut first_conn = incoming.next().await.unwrap().unwrap();
         let _second_conn = incoming.next().await.unwrap().unwrap();
         // A third from the same address: closed at once, never handed on.
-        let mut third = TcpStream::connect(address).await.unwrap();
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut byte))
-            .await
-            .expect("the third connection is closed, not left waiting");
-        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        let refused = |mut stream: TcpStream| async move {
+            let mut byte = [0u8; 1];
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut byte))
+                .await
+                .expect("closed, not left waiting");
+            assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        };
+        refused(TcpStream::connect(address).await.unwrap()).await;
 
-        // Once the first has spoken, the address has room again.
-        first.write_all(b"x").await.unwrap();
-        first_conn.read_exact(&mut byte).await.unwrap();
-        let _fourth = TcpStream::connect(address).await.unwrap();
-        let fourth_conn = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+        // One byte is not enough (the HTTP/2 server would wait for the rest of its preface
+        // without a timer).
+        first.write_all(b"P").await.unwrap();
+        let mut read = [0u8; OPENING_BYTES];
+        first_conn.read_exact(&mut read[..1]).await.unwrap();
+        refused(TcpStream::connect(address).await.unwrap()).await;
+        // Once the first has sent its opening bytes, the address has room again.
+        first.write_all(&[b'x'; OPENING_BYTES - 1]).await.unwrap();
+        first_conn.read_exact(&mut read[1..]).await.unwrap();
+        let _fifth = TcpStream::connect(address).await.unwrap();
+        let fifth_conn = tokio::time::timeout(Duration::from_secs(5), incoming.next())
             .await
-            .expect("a fourth connection is taken once the first has spoken");
-        assert!(fourth_conn.unwrap().is_ok());
+            .expect("another connection is taken once the first has sent its opening bytes");
+        assert!(fifth_conn.unwrap().is_ok());
         cancel.cancel();
     }
 
