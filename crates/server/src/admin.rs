@@ -12,6 +12,7 @@ use leasehold_coord::{Coord, MemberState, View};
 use leasehold_metrics::Registry;
 use leasehold_proto::v1 as pb;
 use leasehold_router::Router;
+use leasehold_tls::ConnInfo;
 use leasehold_types::{MemberId, ShardId};
 use serde::Serialize;
 
@@ -189,13 +190,16 @@ async fn require_token(
 ) -> Response {
     let path = request.uri().path();
     let host = crate::security::request_host(request.headers(), request.uri());
-    if !auth.hosts.allow(host) {
+    if crate::security::misaddressed(request.extensions().get::<ConnInfo>(), host) {
         tracing::warn!(
             path,
             host,
             "admin request addressed to another host refused"
         );
-        return error(StatusCode::FORBIDDEN, crate::security::Hosts::refusal(host));
+        return error(
+            StatusCode::FORBIDDEN,
+            crate::security::misaddressed_refusal(host),
+        );
     }
     // Probes, and the status page itself (its data endpoints ask for the token).
     if path == "/healthz" || path == "/readyz" || path == "/" {
@@ -260,7 +264,7 @@ pub const MAX_STREAMS: u32 = 32;
 
 /// The Admin gRPC service, checking the content type (see
 /// [`crate::security::grpc_content_type`]), the host an HTTP/1 request names (see
-/// [`crate::security::Hosts`]; a browser's requests are HTTP/1 here) and the token a read
+/// [`crate::security::misaddressed`]; a browser's requests are HTTP/1 here) and the token a read
 /// needs from the request's headers before its body is read; each method checks a
 /// mutation's token as well.
 pub fn grpc_service(
@@ -276,10 +280,13 @@ pub fn grpc_service(
         server,
         move |request: tonic::Request<()>| {
             crate::security::grpc_content_type(&request)?;
-            let host = request.metadata().get("host").and_then(|h| h.to_str().ok());
-            if !auth.hosts.allow(host) {
+            let host = request
+                .metadata()
+                .get("host")
+                .map(|h| h.to_str().unwrap_or(crate::security::NOT_ASCII));
+            if crate::security::misaddressed(request.extensions().get::<ConnInfo>(), host) {
                 return Err(tonic::Status::permission_denied(
-                    crate::security::Hosts::refusal(host),
+                    crate::security::misaddressed_refusal(host),
                 ));
             }
             authorize(&auth, &request, false).map(|()| request)

@@ -21,8 +21,6 @@ use leasehold_router::{CallError, CallMetadata, CallSource, Router};
 use leasehold_types::shard_for_key;
 use tonic::Code;
 
-use crate::security::Hosts;
-
 /// Headers of a successful call: who ran it.
 pub const SHARD_HEADER: &str = "leasehold-shard";
 pub const EPOCH_HEADER: &str = "leasehold-epoch";
@@ -115,16 +113,14 @@ impl Metrics {
 struct Gateway {
     router: Router,
     metrics: Metrics,
-    hosts: Hosts,
 }
 
 /// The gateway's routes; bodies above `max_payload` are refused with 413.
-pub fn routes(router: Router, registry: &Registry, hosts: Hosts) -> axum::Router {
+pub fn routes(router: Router, registry: &Registry) -> axum::Router {
     let limit = router.options().max_payload;
     let gateway = Arc::new(Gateway {
         router,
         metrics: Metrics::new(registry),
-        hosts,
     });
     axum::Router::new()
         .route("/v1/entities/{key}", post(call))
@@ -140,8 +136,8 @@ pub fn routes(router: Router, registry: &Registry, hosts: Hosts) -> axum::Router
 }
 
 /// Refuses calls another site's page makes a browser send (a form needs no token or
-/// preflight to post here), and on a loopback listener requests addressed to another host
-/// (see [`Hosts`]): 403 with JSON, and nothing runs.
+/// preflight to post here), and requests a page on this machine addressed to its own name
+/// (see [`crate::security::misaddressed`]): 403 with JSON, and nothing runs.
 async fn refuse_other_sites(
     State(g): State<Arc<Gateway>>,
     request: axum::extract::Request,
@@ -150,13 +146,14 @@ async fn refuse_other_sites(
     let started = Instant::now();
     let authority = request.uri().authority().map(|a| a.as_str());
     let host = crate::security::request_host(request.headers(), request.uri());
-    let refused = if !g.hosts.allow(host) {
+    let conn = request.extensions().get::<leasehold_tls::ConnInfo>();
+    let refused = if crate::security::misaddressed(conn, host) {
         tracing::warn!(
             path = request.uri().path(),
             host,
             "gateway request addressed to another host refused"
         );
-        Some(Hosts::refusal(host))
+        Some(crate::security::misaddressed_refusal(host))
     } else if request.method() != axum::http::Method::GET
         && crate::security::from_another_site(request.headers(), authority)
     {

@@ -202,7 +202,6 @@ impl Security {
             admin_auth: Arc::new(AdminAuthz {
                 token,
                 mode: c.admin_auth,
-                hosts: Hosts::for_listener(c.admin_listen),
             }),
             reloadable,
         })
@@ -231,12 +230,10 @@ impl<T: Send + Sync + 'static> PinIdentity for Reloading<T> {
 }
 
 /// Who may use the admin plane: with a token configured, requests it protects must carry
-/// `Authorization: Bearer <token>`; on a loopback listener, every request must name a
-/// loopback host (see [`Hosts`]).
+/// `Authorization: Bearer <token>`.
 pub struct AdminAuthz {
     token: Option<Arc<Reloading<String>>>,
     mode: AdminAuth,
-    pub hosts: Hosts,
 }
 
 /// Why an admin request was refused.
@@ -254,7 +251,6 @@ impl AdminAuthz {
         Self {
             token: None,
             mode: AdminAuth::Mutations,
-            hosts: Hosts::Any,
         }
     }
 
@@ -310,77 +306,66 @@ pub fn from_another_site(headers: &axum::http::HeaderMap, authority: Option<&str
     host.is_none_or(|host| !host.eq_ignore_ascii_case(origin_host))
 }
 
-/// Which hosts a plane's HTTP requests may be addressed to (their `Host`, else their
-/// URI's authority).
+/// Whether a request is addressed to a host a browser page on this machine may have made
+/// resolve to it (DNS rebinding): on a plaintext connection from loopback, a `Host`
+/// (else URI authority) that is neither `localhost` nor an IP address.
 ///
-/// A page whose own name an attacker makes resolve to 127.0.0.1 (DNS rebinding) reaches a
-/// listener bound to loopback as its own origin: the browser sends neither a foreign
-/// `Origin` nor `Sec-Fetch-Site: cross-site`, and reads the answers. On a machine running
-/// an instance without an admin token (a developer's), such a page could read the cluster
-/// and drain or freeze it, or run calls through the gateway. The page's requests name its
-/// own host, though, so a loopback listener answers only requests addressed to
-/// `localhost` (or a name under it, which browsers resolve to loopback themselves) or to
-/// an IP address. Listeners on other addresses are meant to be reached by whatever names
-/// the network gives them and take any host (the admin token guards those).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Hosts {
-    Any,
-    Loopback,
+/// Such a page reaches an instance's loopback address as its own origin: the browser
+/// sends neither a foreign `Origin` nor `Sec-Fetch-Site: cross-site`, and lets it read the
+/// answers. On a machine running an instance without an admin token (a developer's, or
+/// a `kubectl port-forward` to a pod), it could read the cluster and drain or freeze it,
+/// or run calls through the gateway. Its requests name its own host, though. Connections
+/// from other addresses are reached by whatever names the network gives (Services, load
+/// balancers) and take any host (the admin token guards those); over TLS the browser
+/// checks the certificate against the page's name, and a rebound page fails there. No
+/// connection information (a service not behind the accept loop): not refused.
+pub fn misaddressed(conn: Option<&leasehold_tls::ConnInfo>, host: Option<&str>) -> bool {
+    let Some(conn) = conn else {
+        return false;
+    };
+    if conn.tls || !conn.remote.ip().to_canonical().is_loopback() {
+        return false;
+    }
+    let Some(host) = host else {
+        return false; // HTTP/1.0 without Host: not a browser's
+    };
+    let name = match host.strip_prefix('[') {
+        // An IPv6 literal: `[::1]:7071`.
+        Some(rest) => {
+            return rest
+                .split_once(']')
+                .is_none_or(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_err())
+        }
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    !(name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok())
 }
 
-impl Hosts {
-    pub fn for_listener(address: std::net::SocketAddr) -> Self {
-        if address.ip().is_loopback() {
-            Hosts::Loopback
-        } else {
-            Hosts::Any
-        }
-    }
-
-    /// Whether a request addressed to `host` (`name[:port]`; none: not a browser's) is
-    /// taken.
-    pub fn allow(self, host: Option<&str>) -> bool {
-        let (Hosts::Loopback, Some(host)) = (self, host) else {
-            return true;
-        };
-        let name = match host.strip_prefix('[') {
-            // An IPv6 literal: `[::1]:7071`.
-            Some(rest) => {
-                return rest
-                    .split_once(']')
-                    .is_some_and(|(ip, _)| ip.parse::<std::net::Ipv6Addr>().is_ok())
-            }
-            None => match host.rsplit_once(':') {
-                Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-                _ => host,
-            },
-        };
-        let name = name.to_ascii_lowercase();
-        name == "localhost"
-            || name.ends_with(".localhost")
-            || name.parse::<std::net::IpAddr>().is_ok()
-    }
-
-    /// Why a request was refused (for its error answer).
-    pub fn refusal(host: Option<&str>) -> String {
-        format!(
-            "this listener is bound to loopback and answers only requests addressed to localhost or an IP address, not to {:?} (a page that made its name resolve here is refused)",
-            host.unwrap_or_default()
-        )
-    }
+/// Why a request was refused as [`misaddressed`] (for its error answer).
+pub fn misaddressed_refusal(host: Option<&str>) -> String {
+    format!(
+        "a plaintext request from this machine must be addressed to localhost or an IP address, not to {:?} (a page that made its own name resolve here is refused)",
+        host.unwrap_or_default()
+    )
 }
 
 /// The host an HTTP request is addressed to: its `Host` header, else its URI's authority
-/// (HTTP/2).
+/// (HTTP/2). A `Host` that is not ASCII is returned as a name no check takes.
 pub fn request_host<'a>(
     headers: &'a axum::http::HeaderMap,
     uri: &'a axum::http::Uri,
 ) -> Option<&'a str> {
-    headers
-        .get(axum::http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(|a| a.as_str()))
+    match headers.get(axum::http::header::HOST) {
+        Some(h) => Some(h.to_str().unwrap_or(NOT_ASCII)),
+        None => uri.authority().map(|a| a.as_str()),
+    }
 }
+
+/// Stands for a header value that is not ASCII.
+pub const NOT_ASCII: &str = "(not ASCII)";
 
 /// Refuses a gRPC request whose content type is not gRPC's. A browser page may send any
 /// address a `POST` without asking first only as `text/plain` or a form; tonic serves a
@@ -496,7 +481,6 @@ mod tests {
             AdminAuthz {
                 token: Some(token),
                 mode,
-                hosts: Hosts::Any,
             },
             guard,
         )
@@ -545,36 +529,48 @@ mod tests {
     }
 
     #[test]
-    fn a_loopback_listener_takes_loopback_names_and_addresses_only() {
-        let loopback = Hosts::for_listener("127.0.0.1:7071".parse().unwrap());
-        assert_eq!(loopback, Hosts::Loopback);
+    fn plaintext_from_loopback_must_name_localhost_or_an_address() {
+        let conn = |remote: &str, tls| leasehold_tls::ConnInfo {
+            remote: remote.parse().unwrap(),
+            tls,
+            peer_cert: None,
+        };
+        let local = conn("127.0.0.1:50000", false);
         for host in [
             "localhost",
             "localhost:7071",
             "LocalHost:7071",
-            "status.localhost:7071",
             "127.0.0.1:7071",
             "127.0.0.2",
             "[::1]:7071",
             "10.0.0.5:7071",
         ] {
-            assert!(loopback.allow(Some(host)), "{host}");
+            assert!(!misaddressed(Some(&local), Some(host)), "{host}");
         }
         for host in [
             "rebind.example:7071",
             "rebind.example",
+            "status.localhost:7071",
             "localhost.rebind.example:7071",
             "127.0.0.1.nip.io:7071",
             "[not-an-ip]:7071",
             "localhost.:7071",
+            NOT_ASCII,
             "",
         ] {
-            assert!(!loopback.allow(Some(host)), "{host}");
+            assert!(misaddressed(Some(&local), Some(host)), "{host}");
         }
-        assert!(loopback.allow(None), "no host: not a browser's request");
-        let any = Hosts::for_listener("0.0.0.0:7071".parse().unwrap());
-        assert_eq!(any, Hosts::Any);
-        assert!(any.allow(Some("rebind.example:7071")));
+        assert!(
+            !misaddressed(Some(&local), None),
+            "no host: not a browser's request"
+        );
+        let mapped = conn("[::ffff:127.0.0.1]:50000", false);
+        assert!(misaddressed(Some(&mapped), Some("rebind.example")));
+        // From elsewhere, or over TLS (the browser checks the name), or not known: any.
+        for other in [conn("10.0.0.9:50000", false), conn("127.0.0.1:50000", true)] {
+            assert!(!misaddressed(Some(&other), Some("rebind.example:7071")));
+        }
+        assert!(!misaddressed(None, Some("rebind.example:7071")));
     }
 
     #[test]

@@ -583,10 +583,6 @@ impl Servers {
             ),
         ];
         if let Some(listener) = listeners.http {
-            let hosts = listener.local_addr().map_or(
-                crate::security::Hosts::Loopback,
-                crate::security::Hosts::for_listener,
-            );
             // Counted by its own HTTP metrics, not the gRPC layer's.
             let gateway =
                 server_builder(config)
@@ -594,7 +590,6 @@ impl Servers {
                     .add_routes(tonic::service::Routes::from(crate::gateway::routes(
                         instance.router.clone(),
                         &instance.registry,
-                        hosts,
                     )));
             let incoming = incoming("http", listener, &security.http, None);
             let stop = stop.clone();
