@@ -307,23 +307,28 @@ pub fn from_another_site(headers: &axum::http::HeaderMap, authority: Option<&str
 }
 
 /// Whether a request is addressed to a host a browser page on this machine may have made
-/// resolve to it (DNS rebinding): on a plaintext connection from loopback, a `Host`
-/// (else URI authority) that is neither `localhost` nor an IP address.
+/// resolve to it (DNS rebinding): on a plaintext connection made to a loopback address, a
+/// `Host` (else URI authority) that is neither `localhost` nor an IP address.
 ///
 /// Such a page reaches an instance's loopback address as its own origin: the browser
 /// sends neither a foreign `Origin` nor `Sec-Fetch-Site: cross-site`, and lets it read the
 /// answers. On a machine running an instance without an admin token (a developer's, or
 /// a `kubectl port-forward` to a pod), it could read the cluster and drain or freeze it,
 /// or run calls through the gateway. Its requests name its own host, though. Connections
-/// from other addresses are reached by whatever names the network gives (Services, load
-/// balancers) and take any host (the admin token guards those); over TLS the browser
-/// checks the certificate against the page's name, and a rebound page fails there. No
-/// connection information (a service not behind the accept loop): not refused.
+/// made to other addresses are reached by whatever names the network gives (Services,
+/// load balancers) and take any host (the admin token guards those) — also when they come
+/// from loopback, as a service mesh's sidecar forwards them (to the pod's address, with
+/// the Service's name); over TLS the browser checks the certificate against the page's
+/// name, and a rebound page fails there. No connection information (a service not behind
+/// the accept loop): not refused.
 pub fn misaddressed(conn: Option<&leasehold_tls::ConnInfo>, host: Option<&str>) -> bool {
     let Some(conn) = conn else {
         return false;
     };
-    if conn.tls || !conn.remote.ip().to_canonical().is_loopback() {
+    let to_loopback = conn
+        .local
+        .is_some_and(|local| local.ip().to_canonical().is_loopback());
+    if conn.tls || !to_loopback {
         return false;
     }
     let Some(host) = host else {
@@ -530,12 +535,13 @@ mod tests {
 
     #[test]
     fn plaintext_from_loopback_must_name_localhost_or_an_address() {
-        let conn = |remote: &str, tls| leasehold_tls::ConnInfo {
-            remote: remote.parse().unwrap(),
+        let conn = |local: &str, tls| leasehold_tls::ConnInfo {
+            remote: "127.0.0.1:50000".parse().unwrap(),
+            local: Some(local.parse().unwrap()),
             tls,
             peer_cert: None,
         };
-        let local = conn("127.0.0.1:50000", false);
+        let local = conn("127.0.0.1:7071", false);
         for host in [
             "localhost",
             "localhost:7071",
@@ -564,10 +570,11 @@ mod tests {
             !misaddressed(Some(&local), None),
             "no host: not a browser's request"
         );
-        let mapped = conn("[::ffff:127.0.0.1]:50000", false);
+        let mapped = conn("[::ffff:127.0.0.1]:7071", false);
         assert!(misaddressed(Some(&mapped), Some("rebind.example")));
-        // From elsewhere, or over TLS (the browser checks the name), or not known: any.
-        for other in [conn("10.0.0.9:50000", false), conn("127.0.0.1:50000", true)] {
+        // Made to the pod's address (a sidecar forwards from loopback to it), over TLS (the
+        // browser checks the name), or not known: any.
+        for other in [conn("10.0.0.9:7071", false), conn("127.0.0.1:7071", true)] {
             assert!(!misaddressed(Some(&other), Some("rebind.example:7071")));
         }
         assert!(!misaddressed(None, Some("rebind.example:7071")));

@@ -28,18 +28,20 @@ const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// rest of the preface without a timer).
 const OPENING_BYTES: usize = 24;
 /// Connections from one address that have not finished their handshake or sent their
-/// opening bytes yet, at most (loopback excepted; IPv6 addresses count by their /64). A
+/// opening bytes yet, at most (loopback excepted). A
 /// stranger holding connections open without a word (or in a handshake that never ends)
 /// holds these, not the plane's slots: each lasts up to the timeouts above, and one
 /// address could otherwise fill every slot of the plane and keep members and clients
 /// out. Members and clients finish both in milliseconds.
-pub const PENDING_PER_ADDRESS: usize = 64;
+const PENDING_PER_ADDRESS: usize = 64;
 
 /// What a service learns about the connection a request came on (tonic puts it in the
 /// request's extensions).
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
+    /// The address the connection was made to (this instance's side).
+    pub local: Option<SocketAddr>,
     /// Whether the connection is TLS.
     pub tls: bool,
     /// The client certificate the TLS handshake verified (mutual TLS only).
@@ -240,8 +242,8 @@ async fn route(mut conn: Conn, alongside: Option<&Alongside>, tx: &mpsc::Sender<
     }
 }
 
-/// The connections from each address that have not finished their handshake or sent a
-/// byte yet (see [`PENDING_PER_ADDRESS`]).
+/// The connections from each address that have not finished their handshake or sent their
+/// opening bytes yet (see [`PENDING_PER_ADDRESS`]).
 #[derive(Clone)]
 struct Pending {
     by_address: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
@@ -265,13 +267,6 @@ impl Pending {
         if address.is_loopback() && !self.loopback_too {
             return Ok(None);
         }
-        let address = match address {
-            // One holder of a /64 has all of it.
-            std::net::IpAddr::V6(v6) => std::net::IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-            v4 => v4,
-        };
         let mut by_address = self.by_address.lock().expect("pending lock");
         let count = by_address.entry(address).or_insert(0);
         if *count >= self.limit {
@@ -298,7 +293,7 @@ impl Drop for PendingGuard {
 }
 
 /// Accepts on `listener` until `cancel`: at most `max_connections` open at once (further
-/// ones wait in the kernel's backlog), at most [`PENDING_PER_ADDRESS`] from one address
+/// ones wait in the kernel's backlog), at most 64 (`PENDING_PER_ADDRESS`) from one address
 /// before their handshake and opening bytes (further ones are closed at once),
 /// `TCP_NODELAY`, and with `tls` a handshake per connection in its own task. Failed
 /// handshakes are logged and dropped. With `alongside`, connections are told apart by
@@ -379,16 +374,18 @@ fn accept_loop(
                 Err(count) => {
                     // Closed at once; its slot is free again. Logged once in 10 s.
                     if refused_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
-                        tracing::warn!(plane, %remote, pending = count, "too many connections from one address still in their handshake or silent; new ones from it are closed");
+                        tracing::warn!(plane, %remote, pending = count, "too many connections from one address still in their handshake or short of their opening bytes; new ones from it are closed");
                         refused_logged = Some(tokio::time::Instant::now());
                     }
                     continue;
                 }
             };
             let _ = tcp.set_nodelay(true);
+            let local = tcp.local_addr().ok();
             let Some(tls) = tls.clone() else {
                 let info = ConnInfo {
                     remote,
+                    local,
                     tls: false,
                     peer_cert: None,
                 };
@@ -417,6 +414,7 @@ fn accept_loop(
                             .map(Arc::new);
                         let info = ConnInfo {
                             remote,
+                            local,
                             tls: true,
                             peer_cert,
                         };
@@ -450,7 +448,7 @@ mod tests {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
     #[test]
-    fn an_ipv6_64_counts_as_one_address_and_mapped_loopback_as_loopback() {
+    fn mapped_addresses_count_in_their_plain_form() {
         let pending = Pending {
             by_address: Default::default(),
             limit: 1,
@@ -459,20 +457,14 @@ mod tests {
         let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
         assert!(pending.enter(ip("::ffff:127.0.0.1")).unwrap().is_none());
         assert!(pending.enter(ip("::1")).unwrap().is_none());
-        let held = pending.enter(ip("2001:db8:1:2::10")).unwrap();
-        assert!(held.is_some());
-        assert_eq!(pending.enter(ip("2001:db8:1:2:ffff::99")).err(), Some(1));
-        assert!(pending
-            .enter(ip("2001:db8:1:3::10"))
-            .unwrap()
-            .is_some_and(|g| {
-                drop(g);
-                true
-            }));
         // IPv4 on a dual-stack listener counts with its plain form.
         let v4 = pending.enter(ip("10.0.0.7")).unwrap();
+        assert!(v4.is_some());
         assert_eq!(pending.enter(ip("::ffff:10.0.0.7")).err(), Some(1));
-        drop((held, v4));
+        let v6 = pending.enter(ip("2001:db8:1:2::10")).unwrap();
+        assert_eq!(pending.enter(ip("2001:db8:1:2::10")).err(), Some(1));
+        assert!(pending.enter(ip("2001:db8:1:2::11")).unwrap().is_some());
+        drop((v4, v6));
         assert!(
             pending.by_address.lock().unwrap().is_empty(),
             "counts go back to nothing"
