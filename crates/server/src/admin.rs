@@ -264,9 +264,9 @@ pub const MAX_STREAMS: u32 = 32;
 
 /// The Admin gRPC service, checking the content type (see
 /// [`crate::security::grpc_content_type`]), the host an HTTP/1 request names (see
-/// [`crate::security::misaddressed`]; a browser's requests are HTTP/1 here) and the token a read
-/// needs from the request's headers before its body is read; each method checks a
-/// mutation's token as well.
+/// [`crate::security::misaddressed`]; a browser's requests are HTTP/1 here) and the
+/// token a read needs from the request's headers before its body is read; each method
+/// checks a mutation's token as well.
 pub fn grpc_service(
     service: AdminService,
 ) -> tonic::service::interceptor::InterceptedService<

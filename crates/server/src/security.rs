@@ -352,7 +352,7 @@ pub fn misaddressed(conn: Option<&leasehold_tls::ConnInfo>, host: Option<&str>) 
 /// Why a request was refused as [`misaddressed`] (for its error answer).
 pub fn misaddressed_refusal(host: Option<&str>) -> String {
     format!(
-        "a plaintext request from this machine must be addressed to localhost or an IP address, not to {:?} (a page that made its own name resolve here is refused)",
+        "a plaintext request to a loopback address must be addressed to localhost or an IP address, not to {:?} (a page that made its own name resolve here is refused)",
         host.unwrap_or_default()
     )
 }

@@ -28,11 +28,11 @@ const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// rest of the preface without a timer).
 const OPENING_BYTES: usize = 24;
 /// Connections from one address that have not finished their handshake or sent their
-/// opening bytes yet, at most (loopback excepted). A
-/// stranger holding connections open without a word (or in a handshake that never ends)
-/// holds these, not the plane's slots: each lasts up to the timeouts above, and one
-/// address could otherwise fill every slot of the plane and keep members and clients
-/// out. Members and clients finish both in milliseconds.
+/// opening bytes yet, at most (loopback excepted). A stranger holding connections open
+/// without a word (or in a handshake that never ends) holds these, not the plane's slots:
+/// each lasts up to the timeouts above, and one address could otherwise fill every slot
+/// of the plane and keep members and clients out. Members and clients finish both in
+/// milliseconds.
 const PENDING_PER_ADDRESS: usize = 64;
 
 /// What a service learns about the connection a request came on (tonic puts it in the
